@@ -1,0 +1,35 @@
+//! Authentication: `Authorization: Bearer KEY` maps to a tenant. With no keys configured,
+//! every caller is the tenant `default`. A missing or unknown key is a 401 `invalid_api_key`.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::header::AUTHORIZATION;
+
+use super::AppState;
+use crate::error::ApiError;
+
+pub const DEFAULT_TENANT: &str = "default";
+
+/// The tenant making the call; every store call of a handler is scoped to it.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub String);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Self::Rejection> {
+        if !st.cfg.auth_enabled() {
+            return Ok(Tenant(DEFAULT_TENANT.into()));
+        }
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let Some(key) = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))) else {
+            return Err(ApiError::unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            ));
+        };
+        match st.cfg.api_keys.get(key.trim()) {
+            Some(t) => Ok(Tenant(t.clone())),
+            None => Err(ApiError::unauthorized("Incorrect API key provided.")),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! `/v1/batches`: create, retrieve, list, cancel, and the per-request lookup extension.
+//!
+//! Create checks every parameter (naming the bad one), returns `validating` at once and wakes
+//! the engine; validation itself runs in the engine. A retried create with the same
+//! `Idempotency-Key` returns the batch the first call created.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::extract::{JsonObject, Query};
+use super::files::{cursor_error, expiry, not_found_as, parse_limit};
+use super::{AppState, Tenant};
+use crate::error::{ApiError, ApiResult};
+use crate::store::{BatchRecord, BatchStatus, Usage};
+use crate::wire;
+
+pub const ENDPOINTS: [&str; 5] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"];
+const MAX_PRIORITY: i64 = 8;
+
+fn no_such_batch(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such Batch object: {id}")).param("id")
+}
+
+fn render(st: &AppState, b: &BatchRecord) -> Value {
+    let progress = match b.status {
+        BatchStatus::InProgress | BatchStatus::Finalizing | BatchStatus::Cancelling => {
+            let p = st.engine.progress(&b.id, b.total - b.completed - b.failed);
+            Some(serde_json::to_value(p).unwrap_or(Value::Null))
+        }
+        _ => None,
+    };
+    wire::batch_object(b, progress)
+}
+
+fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
+    match body.get(name) {
+        None | Some(Value::Null) => Err(ApiError::missing(name)),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be a string."))),
+    }
+}
+
+pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
+    let input_file_id = string_param(&body, "input_file_id")?;
+    let endpoint = string_param(&body, "endpoint")?;
+    if !ENDPOINTS.contains(&endpoint.as_str()) {
+        return Err(ApiError::invalid("endpoint", format!("Unsupported endpoint {endpoint:?}; supported: {}.", ENDPOINTS.join(", "))));
+    }
+    let window = string_param(&body, "completion_window")?;
+    let Some((_, duration)) = st.cfg.completion_windows.iter().find(|(w, _)| *w == window) else {
+        let allowed: Vec<&str> = st.cfg.completion_windows.iter().map(|(w, _)| w.as_str()).collect();
+        return Err(ApiError::invalid("completion_window", format!("Unsupported completion_window {window:?}; allowed: {}.", allowed.join(", "))));
+    };
+    let metadata = check_metadata(body.get("metadata"))?;
+    let output_expires_after = check_output_expiry(body.get("output_expires_after"))?;
+    let priority = check_priority(body.get("priority"))?;
+    let file = st
+        .store
+        .get_file(&tenant, &input_file_id, crate::now_unix())
+        .await
+        .map_err(|e| not_found_as(e, || ApiError::not_found(format!("No such File object: {input_file_id}")).param("input_file_id")))?;
+    if file.purpose != "batch" {
+        return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
+    }
+    let now = crate::now_unix();
+    let record = new_batch(tenant, input_file_id, endpoint, window, metadata, now, now + duration.as_secs() as i64, priority, output_expires_after);
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
+    let b = st.store.insert_batch(&record, key).await?;
+    st.engine.wake();
+    Ok(Json(render(&st, &b)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_batch(tenant: String, input_file_id: String, endpoint: String, window: String, metadata: Option<Map<String, Value>>, now: i64, expires_at: i64, priority: i64, output_expires_after: Option<i64>) -> BatchRecord {
+    BatchRecord {
+        id: crate::ids::batch_id(),
+        tenant,
+        endpoint,
+        input_file_id,
+        completion_window: window,
+        metadata,
+        model: None,
+        status: BatchStatus::Validating,
+        output_file_id: None,
+        error_file_id: None,
+        errors: None,
+        created_at: now,
+        in_progress_at: None,
+        expires_at: Some(expires_at),
+        finalizing_at: None,
+        completed_at: None,
+        failed_at: None,
+        expired_at: None,
+        cancelling_at: None,
+        cancelled_at: None,
+        total: 0,
+        completed: 0,
+        failed: 0,
+        usage: Usage::default(),
+        priority,
+        input_format: None,
+        output_expires_after,
+        finalize_as: None,
+    }
+}
+
+/// OpenAI's limits: at most 16 keys, keys up to 64 characters, string values up to 512.
+fn check_metadata(v: Option<&Value>) -> ApiResult<Option<Map<String, Value>>> {
+    let m = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(ApiError::invalid("metadata", "metadata must be an object of string values.")),
+    };
+    if m.len() > 16 {
+        return Err(ApiError::invalid("metadata", format!("metadata has {} keys; at most 16 are allowed.", m.len())));
+    }
+    for (k, v) in m {
+        if k.chars().count() > 64 {
+            return Err(ApiError::invalid("metadata", format!("metadata key {k:?} is longer than 64 characters.")));
+        }
+        match v {
+            Value::String(s) if s.chars().count() <= 512 => {}
+            Value::String(_) => return Err(ApiError::invalid("metadata", format!("metadata value of {k:?} is longer than 512 characters."))),
+            _ => return Err(ApiError::invalid("metadata", format!("metadata value of {k:?} must be a string."))),
+        }
+    }
+    Ok(Some(m.clone()))
+}
+
+fn check_output_expiry(v: Option<&Value>) -> ApiResult<Option<i64>> {
+    let m = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(ApiError::invalid("output_expires_after", "output_expires_after must be an object with anchor and seconds.")),
+    };
+    let anchor = m.get("anchor").and_then(Value::as_str).map(str::to_owned);
+    let seconds = m.get("seconds").map(|s| s.to_string());
+    expiry(anchor, seconds, "output_expires_after")
+}
+
+/// The `priority` extension: an integer share from 1 (default) to 8.
+fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
+    match v {
+        None | Some(Value::Null) => Ok(1),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|p| (1..=MAX_PRIORITY).contains(&p)) => Ok(n.as_i64().unwrap_or(1)),
+        Some(_) => Err(ApiError::invalid("priority", format!("priority must be an integer from 1 to {MAX_PRIORITY}."))),
+    }
+}
+
+pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    Ok(Json(render(&st, &b)))
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+pub async fn list(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<ListParams>) -> ApiResult<Json<Value>> {
+    let limit = parse_limit(p.limit.as_deref(), 20, 100)?;
+    let page = st.store.list_batches(&tenant, limit, p.after.as_deref()).await.map_err(|e| cursor_error(e, "after"))?;
+    let items = page.items.iter().map(|b| (b.id.clone(), render(&st, b))).collect();
+    Ok(Json(wire::list(items, page.has_more)))
+}
+
+pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let b = st.store.request_cancel(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    if b.status == BatchStatus::Cancelling {
+        st.engine.cancel(&id);
+    }
+    Ok(Json(render(&st, &b)))
+}
+
+/// Extension: the result line of one request, by `custom_id`, as soon as it is durable.
+pub async fn request_result(State(st): State<AppState>, Tenant(tenant): Tenant, Path((id, custom_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let r = st
+        .store
+        .result_by_custom_id(&id, &custom_id)
+        .await
+        .map_err(|e| not_found_as(e, || ApiError::not_found(format!("No result yet for custom_id {custom_id:?} in {id}.")).param("custom_id")))?;
+    let mut v: Value = serde_json::from_str(&r.record).map_err(ApiError::internal)?;
+    v["line"] = r.line.into();
+    Ok(Json(v))
+}

@@ -1,0 +1,74 @@
+//! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`).
+//!
+//! One file per resource. Handlers check their input, call the store, blob and engine, and
+//! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
+//! including malformed JSON or multipart, unknown routes and panics.
+
+mod auth;
+mod batches;
+mod extract;
+mod files;
+mod models;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::blob::Blob;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::store::Store;
+
+pub use auth::Tenant;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub blob: Blob,
+    pub engine: Engine,
+    pub router: Arc<crate::upstream::Router>,
+    pub cfg: Arc<Config>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/files", post(files::create).get(files::list))
+        .route("/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/files/{id}/content", get(files::content))
+        .route("/batches", post(batches::create).get(batches::list))
+        .route("/batches/{id}", get(batches::retrieve))
+        .route("/batches/{id}/cancel", post(batches::cancel))
+        .route("/batches/{id}/requests/{custom_id}", get(batches::request_result))
+        .route("/models", get(models::list))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.engine.metrics_text())
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("Unknown request URL: {}. Please check the URL for typos.", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let mut e = ApiError::bad_request(format!("{method} is not supported on {}.", uri.path()));
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e
+}

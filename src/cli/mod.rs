@@ -1,0 +1,69 @@
+//! The `batchd` command line: `serve`, `mock-upstream`, and the commands built on the engine.
+//!
+//! Exit codes: 0 success; 1 failure (a bad configuration, an error talking to a server);
+//! 2 bad usage (clap); 3 the input has validation errors (`validate`, `run`).
+
+mod client;
+mod progress;
+mod retry;
+mod run;
+mod serve;
+mod validate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "batchd", version, about = "Self-hosted, OpenAI-compatible Batch API server", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the API server and the engine (embedded SQLite + local files by default).
+    #[command(after_help = serve::EXAMPLES)]
+    Serve(serve::ServeArgs),
+    /// Run the project's mock OpenAI-compatible upstream (for tests, benchmarks, the quickstart).
+    #[command(after_help = "Examples:\n  batchd mock-upstream --listen 127.0.0.1:8000\n  batchd mock-upstream --latency-ms 200 --rate-429 0.05 --error-rate 0.05")]
+    MockUpstream(crate::mock::MockArgs),
+    /// Run a JSONL file through an upstream in-process, with progress and resume; no server.
+    #[command(after_help = run::EXAMPLES)]
+    Run(run::RunArgs),
+    /// Check an input file without sending anything.
+    #[command(after_help = validate::EXAMPLES)]
+    Validate(validate::ValidateArgs),
+    /// Write a new input file of exactly the lines that failed.
+    #[command(after_help = retry::EXAMPLES)]
+    Retry(retry::RetryArgs),
+    /// Upload a file and create a batch on a server.
+    #[command(after_help = client::EXAMPLES)]
+    Submit(client::SubmitArgs),
+    /// Show a batch (with --watch, follow it live).
+    #[command(after_help = client::EXAMPLES)]
+    Status(client::StatusArgs),
+    /// Download a batch's output and error files.
+    #[command(after_help = client::EXAMPLES)]
+    Download(client::DownloadArgs),
+    /// Cancel a batch.
+    #[command(after_help = client::EXAMPLES)]
+    Cancel(client::IdArgs),
+    /// List batches, newest first.
+    #[command(after_help = client::EXAMPLES)]
+    List(client::ListArgs),
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(a) => serve::run(a).await.map(|()| 0),
+        Command::MockUpstream(a) => crate::mock::run(a).await.map(|()| 0),
+        Command::Run(a) => run::run(a).await,
+        Command::Validate(a) => validate::run(a).await,
+        Command::Retry(a) => retry::run(a),
+        Command::Submit(a) => client::submit(a).await,
+        Command::Status(a) => client::status(a).await,
+        Command::Download(a) => client::download(a).await,
+        Command::Cancel(a) => client::cancel(a).await,
+        Command::List(a) => client::list(a).await,
+    }
+}

@@ -1,0 +1,257 @@
+//! `batchd run`: one JSONL file to output and error files, in-process, with progress.
+//!
+//! The run lives in a state directory (an embedded store and blob directory, `--state` or
+//! `<output>.batchd/`). The input file and the batch get ids derived from the input's path,
+//! size, modification time and endpoint, so running the same command again finds the same
+//! batch and resumes it from its durable results; nothing that finished is sent again.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use tokio::io::AsyncReadExt;
+
+use super::progress::{Display, Snapshot};
+use crate::blob::Blob;
+use crate::config::RawConfig;
+use crate::engine::Engine;
+use crate::store::{BatchRecord, BatchStatus, FileRecord, Store, Usage};
+use crate::upstream::Router;
+
+pub const EXAMPLES: &str = "Examples:
+  batchd run prompts.jsonl --upstream http://127.0.0.1:8000/v1
+  batchd run prompts.jsonl --upstream http://127.0.0.1:11434/v1 -o answers.jsonl --concurrency 8
+  batchd run docs.jsonl --endpoint /v1/embeddings --config batchd.toml --rpm 3000 --tpm 1000000
+
+Input lines are full batch requests ({\"custom_id\",\"method\",\"url\",\"body\"}) or bare request
+bodies ({\"model\": ..., \"messages\": ...}); bare line N gets custom_id \"line-N\".
+Ctrl-C stops cleanly; run the same command again to resume.
+
+Exit codes: 0 every line succeeded; 1 error; 3 the input failed validation;
+4 finished, but some lines are in the errors file; 130 interrupted (resumable).";
+
+const TENANT: &str = "local";
+/// `batchd run` has no deadline; its batches expire after this long.
+const RUN_WINDOW_S: i64 = 365 * 86_400;
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The input JSONL file.
+    pub input: PathBuf,
+    /// Upstream base URL (ending in /v1) for every model.
+    #[arg(long, env = "BATCHD_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Output file [default: INPUT with .output.jsonl].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Errors file [default: INPUT with .errors.jsonl].
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
+    /// Endpoint of every line (bare lines use it as their url).
+    #[arg(long, default_value = "/v1/chat/completions")]
+    pub endpoint: String,
+    /// Configuration file (upstreams, aliases, limits).
+    #[arg(long, env = "BATCHD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Max concurrent requests per upstream.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Requests per minute per upstream (0 = unlimited).
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute per upstream (0 = unlimited).
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// State directory [default: OUTPUT.batchd next to the output].
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// No progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+pub fn with_suffix(input: &Path, suffix: &str) -> PathBuf {
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "batch".into());
+    input.with_file_name(format!("{stem}{suffix}"))
+}
+
+impl RunArgs {
+    fn raw_config(&self) -> anyhow::Result<RawConfig> {
+        let mut raw = RawConfig::load(self.config.as_deref())?.with_catch_all_upstream(self.upstream.clone(), self.concurrency);
+        for u in &mut raw.upstreams {
+            u.rpm = self.rpm.or(u.rpm);
+            u.tpm = self.tpm.or(u.tpm);
+        }
+        if raw.upstreams.is_empty() {
+            anyhow::bail!("no upstream: pass --upstream URL (an OpenAI-compatible base URL ending in /v1) or --config FILE");
+        }
+        Ok(raw)
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let cfg = Arc::new(args.raw_config()?.resolve()?);
+    let output = args.output.clone().unwrap_or_else(|| with_suffix(&args.input, ".output.jsonl"));
+    let errors = args.errors.clone().unwrap_or_else(|| with_suffix(&args.input, ".errors.jsonl"));
+    let state = args.state.clone().unwrap_or_else(|| with_suffix(&output, ".batchd"));
+    let (store, blob, _lock) = crate::server::open_data_dir(&state).await?;
+    let batch = open_batch(&*store, &blob, &args).await?;
+    if !args.quiet {
+        eprintln!("batch {} · state in {}", batch.id, state.display());
+    }
+    let router = Arc::new(Router::new(&cfg.upstreams)?);
+    let engine = Engine::start(store.clone(), blob.clone(), router, cfg, true).await?;
+    let watched = tokio::select! {
+        r = watch(&*store, &engine, &batch.id, args.quiet) => Some(r?),
+        _ = crate::server::shutdown_signal() => None,
+    };
+    engine.shutdown(Duration::from_secs(5)).await;
+    let Some(b) = watched else {
+        let b = store.get_batch(None, &batch.id).await?;
+        eprintln!(
+            "\ninterrupted: {} of {} lines are done and saved in {}.\nrun the same command again to resume; finished lines are not sent again.",
+            b.completed + b.failed, b.total, state.display()
+        );
+        return Ok(130);
+    };
+    conclude(&*store, &blob, &b, &output, &errors, args.quiet).await
+}
+
+/// Finds the batch of this input (same path, size, mtime and endpoint) or creates it.
+async fn open_batch(store: &dyn Store, blob: &Blob, args: &RunArgs) -> anyhow::Result<BatchRecord> {
+    let path = std::fs::canonicalize(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let meta = std::fs::metadata(&path)?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let key = format!("run:{}:{}:{mtime}:{}", path.display(), meta.len(), args.endpoint);
+    let file_id = crate::ids::batch_output_file_id(&key, "input");
+    let now = crate::now_unix();
+    if store.get_file(TENANT, &file_id, now).await.is_err() {
+        let bytes = copy_into_blob(&path, blob, &format!("files/{file_id}")).await?;
+        let filename = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let rec = FileRecord { id: file_id.clone(), tenant: TENANT.into(), bytes: bytes as i64, created_at: now, filename, purpose: "batch".into(), expires_at: None, blob_key: format!("files/{file_id}") };
+        store.insert_file(&rec).await?;
+    }
+    let b = BatchRecord {
+        id: crate::ids::batch_id(),
+        tenant: TENANT.into(),
+        endpoint: args.endpoint.clone(),
+        input_file_id: file_id,
+        completion_window: "365d".into(),
+        metadata: None,
+        model: None,
+        status: BatchStatus::Validating,
+        output_file_id: None,
+        error_file_id: None,
+        errors: None,
+        created_at: now,
+        in_progress_at: None,
+        expires_at: Some(now + RUN_WINDOW_S),
+        finalizing_at: None,
+        completed_at: None,
+        failed_at: None,
+        expired_at: None,
+        cancelling_at: None,
+        cancelled_at: None,
+        total: 0,
+        completed: 0,
+        failed: 0,
+        usage: Usage::default(),
+        priority: 1,
+        input_format: None,
+        output_expires_after: None,
+        finalize_as: None,
+    };
+    Ok(store.insert_batch(&b, Some(&key)).await?)
+}
+
+async fn copy_into_blob(path: &Path, blob: &Blob, key: &str) -> anyhow::Result<u64> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut w = blob.writer(key);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        w.write(&buf[..n]).await?;
+    }
+    Ok(w.finish().await?)
+}
+
+/// Shows progress until the batch is final.
+async fn watch(store: &dyn Store, engine: &Engine, id: &str, quiet: bool) -> anyhow::Result<BatchRecord> {
+    let mut display = Display::new(quiet);
+    let mut tokens = (Instant::now(), engine.stats().output_tokens.load(Ordering::Relaxed), 0.0);
+    loop {
+        let b = store.get_batch(None, id).await?;
+        let snap = snapshot(&b, engine, &mut tokens);
+        if b.status.is_final() {
+            display.finish(&snap);
+            return Ok(b);
+        }
+        display.update(&snap);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) -> Snapshot {
+    let now_tokens = engine.stats().output_tokens.load(Ordering::Relaxed);
+    let dt = tokens.0.elapsed().as_secs_f64();
+    if dt >= 1.0 {
+        tokens.2 = (now_tokens - tokens.1) as f64 / dt;
+        *tokens = (Instant::now(), now_tokens, tokens.2);
+    }
+    let progress = engine.progress(&b.id, b.total - b.completed - b.failed);
+    Snapshot {
+        status: b.status.as_str().into(),
+        total: b.total as u64,
+        completed: b.completed as u64,
+        failed: b.failed as u64,
+        requests_per_second: progress.as_ref().map_or(0.0, |p| p.requests_per_second),
+        tokens_per_second: tokens.2,
+        eta_seconds: progress.and_then(|p| p.eta_seconds),
+        retries_waiting: engine.stats().retries_waiting.load(Ordering::Relaxed),
+    }
+}
+
+async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path, errors: &Path, quiet: bool) -> anyhow::Result<i32> {
+    if b.status == BatchStatus::Failed {
+        eprintln!("the input failed validation:");
+        for e in b.errors.iter().flatten() {
+            eprintln!("  {}", super::validate::describe(e));
+        }
+        return Ok(3);
+    }
+    save(store, blob, &b.tenant, b.output_file_id.as_deref(), output).await?;
+    save(store, blob, &b.tenant, b.error_file_id.as_deref(), errors).await?;
+    if !quiet {
+        eprintln!(
+            "{}: {} succeeded → {}; {} failed → {}; tokens in {} out {}",
+            b.status.as_str(), b.completed, output.display(), b.failed, errors.display(), b.usage.input_tokens, b.usage.output_tokens
+        );
+    }
+    Ok(if b.failed > 0 { 4 } else { 0 })
+}
+
+/// Writes a result file (empty when the batch has none), atomically.
+async fn save(store: &dyn Store, blob: &Blob, tenant: &str, file_id: Option<&str>, to: &Path) -> anyhow::Result<()> {
+    let tmp = to.with_extension("jsonl.partial");
+    let mut out = tokio::fs::File::create(&tmp).await.with_context(|| format!("writing {}", tmp.display()))?;
+    if let Some(id) = file_id {
+        let f = store.get_file(tenant, id, 0).await?;
+        let mut s = blob.get_stream(&f.blob_key).await?;
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = s.next().await {
+            out.write_all(&chunk?).await?;
+        }
+        out.flush().await?;
+    }
+    out.sync_all().await?;
+    drop(out);
+    tokio::fs::rename(&tmp, to).await?;
+    Ok(())
+}

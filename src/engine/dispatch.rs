@@ -1,0 +1,242 @@
+//! One line's journey upstream: attempts with back-off, and the result record it ends in.
+//!
+//! Retryable outcomes (connect errors, timeouts, 408/409/429/5xx) are tried again after
+//! full-jitter exponential back-off, never sooner than the upstream's `Retry-After`, on the
+//! pool with the most free capacity (another pool than the one that failed, when there is
+//! one). The concurrency slot is given back while waiting. Other answers are final.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{count, Inner};
+use crate::store::{ResultRecord, Usage};
+use crate::upstream::{Answer, Outcome, Permit, Pool, Route};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// A line ready to send.
+pub struct Prepared {
+    pub batch_id: Arc<str>,
+    pub line: u64,
+    pub unit_idx: i64,
+    pub custom_id: String,
+    pub request_id: String,
+    /// The request body as the user wrote it.
+    pub body: Bytes,
+    pub model: String,
+    pub path: Arc<str>,
+    pub est_tokens: u64,
+}
+
+/// Runs every attempt of one line, starting with a slot already taken on `pool`.
+pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<Pool>, mut target: Arc<str>, mut permit: Permit) -> ResultRecord {
+    let max_attempts = pool.cfg.max_attempts;
+    let mut attempt = 1;
+    loop {
+        let body = body_for(&p.body, &p.model, &target);
+        count(&inner.stats.sent, 1);
+        let outcome = pool.send(&p.path, body, &p.request_id).await;
+        drop(permit);
+        if outcome.is_overload() {
+            pool.limiter.on_overload();
+        } else if !outcome.is_retryable() {
+            pool.limiter.on_success();
+        }
+        if !outcome.is_retryable() || attempt >= max_attempts {
+            return record(p, &pool, outcome, inner);
+        }
+        let wait = backoff(attempt, retry_after(&outcome));
+        tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, wait_ms = wait.as_millis() as u64, "retrying");
+        count(&inner.stats.retries_total, 1);
+        count(&inner.stats.retries_waiting, 1);
+        tokio::time::sleep(wait).await;
+        inner.stats.retries_waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let (next_pool, next_target) = route.pick(Some(&pool.cfg.name)).clone();
+        (pool, target) = (next_pool, next_target);
+        permit = pool.limiter.acquire(p.est_tokens).await;
+        attempt += 1;
+    }
+}
+
+fn retry_after(o: &Outcome) -> Option<Duration> {
+    match o {
+        Outcome::Answer(a) => a.retry_after,
+        Outcome::Transport(_) => None,
+    }
+}
+
+/// Full-jitter exponential back-off, but never sooner than the upstream asked.
+pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1 << attempt.min(16).saturating_sub(1)).min(BACKOFF_CAP);
+    let jitter = Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=ceiling.as_secs_f64()));
+    retry_after.map_or(jitter, |r| r.max(jitter.min(r + BACKOFF_BASE)))
+}
+
+/// The body to send: unchanged unless an alias resolved the model to another id.
+fn body_for(body: &Bytes, model: &str, target: &str) -> Bytes {
+    if model == target {
+        return body.clone();
+    }
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(mut m) => {
+            m.insert("model".into(), target.into());
+            Bytes::from(serde_json::to_vec(&m).unwrap_or_else(|_| body.to_vec()))
+        }
+        Err(_) => body.clone(),
+    }
+}
+
+/// The upstream's `usage`, in any of the shapes OpenAI-compatible servers report.
+#[derive(Deserialize, Default)]
+struct UsageIn {
+    #[serde(default)]
+    prompt_tokens: i64,
+    #[serde(default)]
+    completion_tokens: i64,
+    #[serde(default)]
+    input_tokens: i64,
+    #[serde(default)]
+    output_tokens: i64,
+    #[serde(default)]
+    total_tokens: i64,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default, alias = "output_tokens_details")]
+    completion_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: i64,
+    #[serde(default)]
+    reasoning_tokens: i64,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<UsageIn>,
+}
+
+fn usage_of(body: &RawValue) -> Usage {
+    let u = serde_json::from_str::<WithUsage>(body.get()).ok().and_then(|w| w.usage).unwrap_or_default();
+    let input = u.prompt_tokens.max(u.input_tokens);
+    let output = u.completion_tokens.max(u.output_tokens);
+    Usage {
+        input_tokens: input,
+        cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+        output_tokens: output,
+        reasoning_tokens: u.completion_tokens_details.map_or(0, |d| d.reasoning_tokens),
+        total_tokens: u.total_tokens.max(input + output),
+    }
+}
+
+/// A JSON body fit for one JSONL line: compact, or `None` when it is not JSON.
+fn json_body(body: &[u8]) -> Option<Box<RawValue>> {
+    let raw: Box<RawValue> = serde_json::from_slice(body).ok()?;
+    if memchr::memchr(b'\n', raw.get().as_bytes()).is_none() {
+        return Some(raw);
+    }
+    let v: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+    serde_json::value::to_raw_value(&v).ok()
+}
+
+fn record(p: &Prepared, pool: &Pool, outcome: Outcome, inner: &Inner) -> ResultRecord {
+    match outcome {
+        Outcome::Answer(a) => answer_record(p, pool, a, inner),
+        Outcome::Transport(e) => error_record(p, e.code(), e.message()),
+    }
+}
+
+fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultRecord {
+    let request_id = a.request_id.clone().unwrap_or_else(|| p.request_id.clone());
+    let (ok, body, usage) = match json_body(&a.body) {
+        Some(raw) => {
+            let usage = usage_of(&raw);
+            ((200..300).contains(&a.status), raw, usage)
+        }
+        None => {
+            let text = String::from_utf8_lossy(&a.body);
+            let msg = if text.trim().is_empty() { format!("upstream answered {} with an empty body", a.status) } else { text.into_owned() };
+            let v = serde_json::json!({"error": {"message": msg}});
+            (false, serde_json::value::to_raw_value(&v).expect("a JSON value serializes"), Usage::default())
+        }
+    };
+    pool.limiter.settle_tokens(p.est_tokens, usage.total_tokens.max(0) as u64);
+    count(&inner.stats.output_tokens, usage.output_tokens.max(0) as u64);
+    let line = serde_json::json!({
+        "id": p.request_id,
+        "custom_id": p.custom_id,
+        "response": {"status_code": a.status, "request_id": request_id, "body": body},
+        "error": null,
+    });
+    ResultRecord { batch_id: p.batch_id.to_string(), line: p.line, unit_idx: p.unit_idx, custom_id: p.custom_id.clone(), ok, record: line.to_string(), usage }
+}
+
+/// A line with no HTTP answer: transport failure, or a batch that ended before it ran.
+pub fn error_record(p: &Prepared, code: &str, message: &str) -> ResultRecord {
+    let line = serde_json::json!({
+        "id": p.request_id,
+        "custom_id": p.custom_id,
+        "response": null,
+        "error": {"code": code, "message": message},
+    });
+    ResultRecord {
+        batch_id: p.batch_id.to_string(),
+        line: p.line,
+        unit_idx: p.unit_idx,
+        custom_id: p.custom_id.clone(),
+        ok: false,
+        record: line.to_string(),
+        usage: Usage::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_honours_retry_after() {
+        for _ in 0..100 {
+            assert!(backoff(1, None) <= Duration::from_millis(500));
+            assert!(backoff(4, None) <= Duration::from_secs(4));
+            assert!(backoff(30, None) <= BACKOFF_CAP);
+            let b = backoff(1, Some(Duration::from_secs(3)));
+            assert!(b >= Duration::from_secs(3) && b <= Duration::from_millis(3500));
+        }
+    }
+
+    #[test]
+    fn alias_rewrites_only_the_model() {
+        let body = Bytes::from_static(br#"{"model":"alias","messages":[{"role":"user","content":"hi"}]}"#);
+        assert_eq!(body_for(&body, "m", "m"), body);
+        let v: serde_json::Value = serde_json::from_slice(&body_for(&body, "alias", "real")).unwrap();
+        assert_eq!(v["model"], "real");
+        assert_eq!(v["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn usage_shapes() {
+        let chat = serde_json::from_str::<Box<RawValue>>(r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#).unwrap();
+        assert_eq!(usage_of(&chat), Usage { input_tokens: 3, cached_tokens: 1, output_tokens: 4, reasoning_tokens: 0, total_tokens: 7 });
+        let resp = serde_json::from_str::<Box<RawValue>>(r#"{"usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"output_tokens_details":{"reasoning_tokens":1}}}"#).unwrap();
+        assert_eq!(usage_of(&resp).reasoning_tokens, 1);
+        let emb = serde_json::from_str::<Box<RawValue>>(r#"{"usage":{"prompt_tokens":9,"total_tokens":9}}"#).unwrap();
+        assert_eq!(usage_of(&emb).total_tokens, 9);
+    }
+
+    #[test]
+    fn pretty_bodies_become_one_line() {
+        let raw = json_body(b"{\n  \"a\": 1\n}").unwrap();
+        assert_eq!(raw.get(), r#"{"a":1}"#);
+        assert!(json_body(b"<html>").is_none());
+    }
+}

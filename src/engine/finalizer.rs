@@ -1,0 +1,96 @@
+//! Finalization: the result log becomes the output file (2xx answers) and the error file
+//! (everything else), streamed in constant memory.
+//!
+//! For a cancelled or expired batch, lines that never got a result are first recorded as
+//! `batch_cancelled` / `batch_expired` errors, so every input line appears exactly once across
+//! the two files. File ids derive from the batch id, so a finalization cut short by a crash is
+//! simply done again; the files and the final status appear in one store transaction.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use super::dispatch::error_record;
+use super::runner::unit_lines;
+use super::Inner;
+use crate::blob::BlobWriter;
+use crate::store::{BatchRecord, BatchStatus, FileRecord, Finish, InputFormat};
+
+pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) -> anyhow::Result<()> {
+    match status {
+        BatchStatus::Cancelled => fill_missing(inner, b, "batch_cancelled", "The batch was cancelled before this request ran.").await?,
+        BatchStatus::Expired => fill_missing(inner, b, "batch_expired", "The batch expired before this request completed.").await?,
+        _ => {}
+    }
+    let (output_file, error_file) = write_files(inner, b).await?;
+    let finish = Finish { status, at: crate::now_unix(), output_file, error_file };
+    inner.store.finish_batch(&b.id, &finish).await?;
+    tracing::info!(batch = %b.id, status = status.as_str(), "batch finished");
+    Ok(())
+}
+
+/// Records an error result for every line that has none.
+async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str) -> anyhow::Result<()> {
+    let units = inner.store.units(&b.id).await?;
+    if units.is_empty() {
+        return Ok(());
+    }
+    let file = inner.store.get_file(&b.tenant, &b.input_file_id, 0).await?;
+    let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
+    let format = b.input_format.unwrap_or(InputFormat::Full);
+    for unit in units {
+        let done: std::collections::HashSet<u64> = inner.store.done_lines(&b.id, &unit).await?.into_iter().collect();
+        if done.len() as u64 >= unit.line_count {
+            continue;
+        }
+        let lines = unit_lines(&inner.blob, &file.blob_key, &unit, format, &batch_id, &path).await?;
+        let records: Vec<_> = lines.iter().filter(|p| !done.contains(&p.line)).map(|p| error_record(p, code, message)).collect();
+        inner.store.commit_results(&records).await?;
+    }
+    Ok(())
+}
+
+/// Writes the output and error files; a file that would be empty is not created.
+async fn write_files(inner: &Inner, b: &BatchRecord) -> anyhow::Result<(Option<FileRecord>, Option<FileRecord>)> {
+    let out_id = crate::ids::batch_output_file_id(&b.id, "output");
+    let err_id = crate::ids::batch_output_file_id(&b.id, "error");
+    let mut out = inner.blob.writer(&format!("files/{out_id}"));
+    let mut err = inner.blob.writer(&format!("files/{err_id}"));
+    let mut results = inner.store.stream_results(&b.id);
+    let (mut out_buf, mut err_buf) = (Vec::with_capacity(1 << 16), Vec::with_capacity(1 << 16));
+    while let Some(r) = results.next().await {
+        let r = r?;
+        let (w, buf) = if r.ok { (&mut out, &mut out_buf) } else { (&mut err, &mut err_buf) };
+        buf.extend_from_slice(r.record.as_bytes());
+        buf.push(b'\n');
+        if buf.len() >= 1 << 16 {
+            w.write(buf).await?;
+            buf.clear();
+        }
+    }
+    drop(results);
+    out.write(&out_buf).await?;
+    err.write(&err_buf).await?;
+    let now = crate::now_unix();
+    let output = close(out, &out_id, b, "output", now).await?;
+    let error = close(err, &err_id, b, "error", now).await?;
+    Ok((output, error))
+}
+
+async fn close(w: BlobWriter, id: &str, b: &BatchRecord, kind: &str, now: i64) -> anyhow::Result<Option<FileRecord>> {
+    if w.written() == 0 {
+        w.abort().await;
+        return Ok(None);
+    }
+    let bytes = w.finish().await?;
+    Ok(Some(FileRecord {
+        id: id.to_string(),
+        tenant: b.tenant.clone(),
+        bytes: bytes as i64,
+        created_at: now,
+        filename: format!("{}_{kind}.jsonl", b.id),
+        purpose: "batch_output".into(),
+        expires_at: b.output_expires_after.map(|s| now + s),
+        blob_key: format!("files/{id}"),
+    }))
+}

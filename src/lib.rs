@@ -1,0 +1,37 @@
+//! batchd — a self-hosted, OpenAI-compatible Batch API server.
+//!
+//! A map of the crate, in the order a request travels:
+//!
+//! - [`config`]: layered configuration (defaults < `batchd.toml` < `BATCHD_*` < flags),
+//!   validated once into a ready-to-use [`config::Config`].
+//! - [`api`]: the HTTP front door (`/v1/files`, `/v1/batches`, `/v1/models`, `/healthz`);
+//!   every error leaves through [`error::ApiError`] in OpenAI's envelope.
+//! - [`store`]: metadata (files, batches, work units, results) behind the [`store::Store`]
+//!   trait; SQLite is the embedded default.
+//! - [`blob`]: file bytes behind [`object_store`]; a local directory is the embedded default.
+//! - [`engine`]: validator → scheduler (leases work units) → dispatcher (per-upstream limits,
+//!   retries) → result writer (group commit) → finalizer (output and error files).
+//! - [`upstream`]: routing of models to upstream pools, the HTTP client, error classification.
+//! - [`mock`]: an OpenAI-compatible mock upstream for tests, benchmarks and the quickstart.
+//! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
+
+pub mod api;
+pub mod blob;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod ids;
+pub mod mock;
+pub mod server;
+pub mod store;
+pub mod upstream;
+pub mod wire;
+
+/// Seconds since the Unix epoch, the unit of every timestamp on the wire.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

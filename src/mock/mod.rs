@@ -1,0 +1,218 @@
+//! Mock LLM upstream: a small OpenAI-compatible HTTP server for tests and
+//! benchmarks (`batchd mock-upstream`).
+//!
+//! It answers `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+//! `/v1/responses` and `/v1/moderations` with realistic OpenAI-shaped bodies
+//! whose text is `"echo: "` + the first 40 characters of the request's last
+//! message / prompt / input, and usage with prompt tokens = body bytes / 4.
+//! `GET /v1/models` lists a few models. Every answer carries `x-request-id`
+//! (the request's, echoed, or a generated one).
+//!
+//! It can simulate, randomly (seeded) per request: base and per-token latency,
+//! 500s, 429s with `retry-after` / `retry-after-ms`, and hangs (never
+//! answering until the client gives up), plus an `api_key` check (401).
+//! A request whose body holds a top-level `"mock"` object is deterministic
+//! instead (no random faults): `status`, `latency_ms`, `hang`,
+//! `retry_after_s`, `fail_times` (fail the first N attempts with the same
+//! `x-request-id`, or the same body when it has none), `body_text`,
+//! `completion_tokens`.
+//!
+//! Admin endpoints: `GET|POST /config` (live behaviour), `GET /stats?window_ms=N&ids=1`
+//! and `POST /stats/reset` (see [`Stats`]).
+
+mod bodies;
+mod handlers;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, MethodRouter};
+use axum::serve::ListenerExt;
+use axum::Router;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use bodies::Endpoint;
+pub use state::{Behaviour, Stats};
+
+use state::Shared;
+
+/// Run a mock OpenAI-compatible LLM upstream (for tests and benchmarks).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MockArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: String,
+    /// Base latency of every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Extra latency per completion token of a successful answer, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub per_token_ms: f64,
+    /// Completion tokens per generated answer.
+    #[arg(long, default_value_t = 16)]
+    pub completion_tokens: u32,
+    /// Fraction of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Fraction of requests answered 429.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_429: f64,
+    /// Retry-After sent with 429s, in seconds (`retry-after` rounded up, `retry-after-ms` exact).
+    #[arg(long, default_value_t = 1.0)]
+    pub retry_after_s: f64,
+    /// Fraction of requests that never answer (until the client gives up).
+    #[arg(long, default_value_t = 0.0)]
+    pub hang_rate: f64,
+    /// Seed of the random fault decisions (default: from entropy).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// If set, require `Authorization: Bearer KEY` on `/v1/*`, else answer 401.
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+impl Default for MockArgs {
+    fn default() -> Self {
+        MockArgs {
+            listen: "127.0.0.1:8000".into(),
+            latency_ms: 0,
+            per_token_ms: 0.0,
+            completion_tokens: 16,
+            error_rate: 0.0,
+            rate_429: 0.0,
+            retry_after_s: 1.0,
+            hang_rate: 0.0,
+            seed: None,
+            api_key: None,
+        }
+    }
+}
+
+/// A running mock upstream; stops on [`MockServer::shutdown`] (or when dropped).
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// How long `shutdown` waits for in-flight answers before aborting the server.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl MockServer {
+    /// Binds, starts serving in a background tokio task, returns at once.
+    pub async fn start(args: MockArgs) -> std::io::Result<MockServer> {
+        Behaviour::from_args(&args).validate().map_err(std::io::Error::other)?;
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::new(&args, stop_rx.clone()));
+        let app = router(shared.clone());
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        let task = tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!("mock upstream server error: {e}");
+            }
+        });
+        Ok(MockServer { addr, shared, stop, task })
+    }
+
+    /// The bound address (the real port when listening on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR/v1`, the base URL to configure clients with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Current counters, as `GET /stats` (60 s window, no id map).
+    pub fn stats(&self) -> Stats {
+        self.shared.stats(Duration::from_millis(60_000), false)
+    }
+
+    /// Counters with a custom arrival window, optionally with `request_id_counts`.
+    pub fn stats_with(&self, window: Duration, with_ids: bool) -> Stats {
+        self.shared.stats(window, with_ids)
+    }
+
+    /// Zeroes the counters, as `POST /stats/reset`.
+    pub fn reset_stats(&self) {
+        self.shared.reset();
+    }
+
+    /// The live behaviour settings, as `GET /config`.
+    pub fn behaviour(&self) -> Behaviour {
+        self.shared.behaviour()
+    }
+
+    /// Stops accepting, ends hanging requests (503), waits briefly for the rest.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+fn endpoint(ep: Endpoint) -> MethodRouter<Arc<Shared>> {
+    post(move |s, h, b| handlers::handle(ep, s, h, b))
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", endpoint(Endpoint::Chat))
+        .route("/v1/completions", endpoint(Endpoint::Completions))
+        .route("/v1/embeddings", endpoint(Endpoint::Embeddings))
+        .route("/v1/responses", endpoint(Endpoint::Responses))
+        .route("/v1/moderations", endpoint(Endpoint::Moderations))
+        .route("/v1/models", get(handlers::models))
+        .route("/config", get(handlers::get_config).post(handlers::set_config))
+        .route("/stats", get(handlers::get_stats))
+        .route("/stats/reset", post(handlers::reset_stats))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::disable())
+        .with_state(shared)
+}
+
+/// CLI entry: start, print `mock-upstream listening on http://ADDR`, serve until ctrl-c/SIGTERM.
+pub async fn run(args: MockArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let server = MockServer::start(args).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "mock-upstream listening on http://{}", server.addr())?;
+    out.flush()?;
+    drop(out);
+    stop_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

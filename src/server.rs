@@ -1,0 +1,118 @@
+//! Assembling and running a batchd node: data directory, store, blob store, router, engine
+//! and HTTP server, with graceful shutdown.
+//!
+//! [`App::build`] binds the listener (port 0 is fine) and starts the engine; [`App::run`]
+//! serves until the shutdown future resolves, then stops in order: stop accepting, let
+//! in-flight HTTP calls finish, stop leasing, give in-flight lines a grace period, flush the
+//! result writer, release leases.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::blob::Blob;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::upstream::Router;
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub struct App {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    _lock: DataDirLock,
+}
+
+impl App {
+    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        if !cfg.auth_enabled() && !cfg.listen.ip().is_loopback() && !cfg.insecure_no_auth {
+            anyhow::bail!(
+                "refusing to listen on {} without API keys: configure [[tenants]] with api_keys in batchd.toml, \
+                 or pass --insecure-no-auth to serve without authentication",
+                cfg.listen
+            );
+        }
+        let cfg = Arc::new(cfg);
+        let (store, blob, lock) = open_data_dir(&cfg.data_dir).await?;
+        let router = Arc::new(Router::new(&cfg.upstreams).context("building upstream clients")?);
+        if cfg.upstreams.is_empty() {
+            tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
+        }
+        let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), true).await?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+        let state = AppState { store, blob, engine, router, cfg };
+        Ok(App { listener, state, _lock: lock })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.state.engine
+    }
+
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let engine = self.state.engine.clone();
+        let app = api::router(self.state);
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        tracing::info!("HTTP server stopped; stopping the engine");
+        engine.shutdown(SHUTDOWN_GRACE).await;
+        Ok(())
+    }
+}
+
+/// Opens the embedded store (`batchd.db`) and blob directory (`blobs/`) of a data directory,
+/// holding an exclusive lock on it for the life of the process.
+pub async fn open_data_dir(dir: &Path) -> anyhow::Result<(Arc<dyn Store>, Blob, DataDirLock)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    let lock = DataDirLock::acquire(dir)?;
+    let store = SqliteStore::open(&dir.join("batchd.db")).await.context("opening the SQLite store")?;
+    let blob = Blob::local(&dir.join("blobs")).context("opening the blob directory")?;
+    Ok((Arc::new(store), blob, lock))
+}
+
+/// An exclusive advisory lock on the data directory: two processes never share one.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join("batchd.lock");
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        // SAFETY: flock on a file descriptor we own; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            anyhow::bail!("the data directory {} is in use by another batchd process", dir.display());
+        }
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,191 @@
+//! The records the store keeps, independent of any backend or wire format.
+
+use serde::{Deserialize, Serialize};
+
+/// A stored file's metadata; its bytes live in the blob store under `blob_key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRecord {
+    pub id: String,
+    pub tenant: String,
+    pub bytes: i64,
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+    pub expires_at: Option<i64>,
+    pub blob_key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl BatchStatus {
+    pub const ALL: [BatchStatus; 8] = [
+        BatchStatus::Validating,
+        BatchStatus::Failed,
+        BatchStatus::InProgress,
+        BatchStatus::Finalizing,
+        BatchStatus::Completed,
+        BatchStatus::Expired,
+        BatchStatus::Cancelling,
+        BatchStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchStatus::Validating => "validating",
+            BatchStatus::Failed => "failed",
+            BatchStatus::InProgress => "in_progress",
+            BatchStatus::Finalizing => "finalizing",
+            BatchStatus::Completed => "completed",
+            BatchStatus::Expired => "expired",
+            BatchStatus::Cancelling => "cancelling",
+            BatchStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BatchStatus> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, BatchStatus::Completed | BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled)
+    }
+}
+
+/// Token usage, summed from upstream `usage` objects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: i64,
+    pub cached_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub total_tokens: i64,
+}
+
+impl Usage {
+    pub fn add(&mut self, o: &Usage) {
+        self.input_tokens += o.input_tokens;
+        self.cached_tokens += o.cached_tokens;
+        self.output_tokens += o.output_tokens;
+        self.reasoning_tokens += o.reasoning_tokens;
+        self.total_tokens += o.total_tokens;
+    }
+}
+
+/// One validation problem, as reported in `errors.data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+    pub line: Option<u64>,
+}
+
+/// How the input lines are written: full batch lines, or bare request bodies (extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    Full,
+    Bare,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRecord {
+    pub id: String,
+    pub tenant: String,
+    pub endpoint: String,
+    pub input_file_id: String,
+    pub completion_window: String,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub model: Option<String>,
+    pub status: BatchStatus,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub errors: Option<Vec<LineError>>,
+    pub created_at: i64,
+    pub in_progress_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub finalizing_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub failed_at: Option<i64>,
+    pub expired_at: Option<i64>,
+    pub cancelling_at: Option<i64>,
+    pub cancelled_at: Option<i64>,
+    pub total: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub usage: Usage,
+    /// Share of the upstream capacity relative to other batches (1 = normal).
+    pub priority: i64,
+    pub input_format: Option<InputFormat>,
+    /// Seconds after creation at which output/error files expire (`output_expires_after`).
+    pub output_expires_after: Option<i64>,
+    /// While `finalizing`: the final status finalization will set.
+    pub finalize_as: Option<BatchStatus>,
+}
+
+/// A range of input lines, leased and run as one piece of work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkUnit {
+    pub batch_id: String,
+    pub idx: i64,
+    /// Physical 1-based number of the unit's first line.
+    pub first_line: u64,
+    /// Physical 1-based number one past the unit's last line.
+    pub end_line: u64,
+    /// Number of request lines (blank lines excluded) in the unit.
+    pub line_count: u64,
+    pub byte_offset: u64,
+    pub byte_len: u64,
+}
+
+/// What validation found for a good file.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub total: u64,
+    pub model: Option<String>,
+    pub format: InputFormat,
+    pub units: Vec<WorkUnit>,
+}
+
+/// One final answer for one line, as it goes into the output or error file.
+#[derive(Debug, Clone)]
+pub struct ResultRecord {
+    pub batch_id: String,
+    pub line: u64,
+    pub unit_idx: i64,
+    pub custom_id: String,
+    /// True for a 2xx answer (output file), false for everything else (error file).
+    pub ok: bool,
+    /// The whole output/error line as compact JSON, without a newline.
+    pub record: String,
+    pub usage: Usage,
+}
+
+/// A result as read back from the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResult {
+    pub line: u64,
+    pub custom_id: String,
+    pub ok: bool,
+    pub record: String,
+}
+
+/// How a batch ends: its final status and the files finalization wrote.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: BatchStatus,
+    pub at: i64,
+    pub output_file: Option<FileRecord>,
+    pub error_file: Option<FileRecord>,
+}

@@ -1,0 +1,281 @@
+//! Test helpers: start the real `batchd` binary on a random port with a temporary data dir,
+//! talk to it with the HTTP shapes the openai SDK sends, and build input files.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub use batchd::mock::{MockArgs, MockServer};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_batchd");
+
+/// A running `batchd serve` child process.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub extra_args: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server with `config` (TOML) in a fresh temporary directory.
+    pub fn start(config: &str) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        std::fs::write(dir.join("batchd.toml"), config).unwrap();
+        let mut s = Server { child: None, url: String::new(), dir, _tmp: Some(tmp), extra_args: vec![] };
+        s.spawn();
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--config")
+            .arg(self.dir.join("batchd.toml"))
+            .args(&self.extra_args)
+            .env("BATCHD_LOG", "batchd=debug")
+            .stdout(Stdio::piped())
+            .stderr(log_file(&self.dir));
+        let mut child = cmd.spawn().expect("spawn batchd");
+        self.url = read_listen_line(&mut child, "batchd listening on ", &self.dir);
+        self.child = Some(child);
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url, None)
+    }
+
+    pub fn api_with_key(&self, key: &str) -> Api {
+        Api::new(&self.url, Some(key))
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns whether it exited 0.
+    pub fn sigterm(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                c.kill().unwrap();
+                panic!("batchd did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("batchd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn log_file(dir: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join("batchd.log")).unwrap()
+}
+
+/// Reads the child's stdout until its "listening on" line; keeps draining it afterwards.
+pub fn read_listen_line(child: &mut Child, prefix: &str, dir: &Path) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = prefix.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(u) = line.strip_prefix(&prefix) {
+                    let _ = tx.send(u.trim().to_string());
+                    sent = true;
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(u) => u,
+        Err(_) => {
+            let log = std::fs::read_to_string(dir.join("batchd.log")).unwrap_or_default();
+            panic!("batchd did not report its address; log:\n{log}");
+        }
+    }
+}
+
+/// A small OpenAI-shaped HTTP client.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    key: Option<String>,
+}
+
+impl Api {
+    pub fn new(url: &str, key: Option<&str>) -> Api {
+        Api { http: reqwest::Client::new(), base: format!("{url}/v1"), key: key.map(str::to_owned) }
+    }
+
+    fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.auth(self.http.get(format!("{}{path}", self.base))).send().await.unwrap();
+        status_json(r).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.auth(self.http.post(format!("{}{path}", self.base))).json(body).send().await.unwrap();
+        status_json(r).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self.auth(self.http.delete(format!("{}{path}", self.base))).send().await.unwrap();
+        status_json(r).await
+    }
+
+    pub async fn upload_as(&self, bytes: Vec<u8>, purpose: &str, filename: &str) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", purpose.to_string())
+            .part("file", reqwest::multipart::Part::bytes(bytes).file_name(filename.to_string()));
+        let r = self.auth(self.http.post(format!("{}/files", self.base))).multipart(form).send().await.unwrap();
+        status_json(r).await
+    }
+
+    /// Uploads `lines` as a batch input and returns the file id.
+    pub async fn upload(&self, lines: &[String]) -> String {
+        let (st, v) = self.upload_as(jsonl(lines).into_bytes(), "batch", "input.jsonl").await;
+        assert_eq!(st, 200, "upload failed: {v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn create_batch(&self, file_id: &str, extra: Value) -> Value {
+        let mut body = json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            body[k] = v;
+        }
+        let (st, v) = self.post("/batches", &body).await;
+        assert_eq!(st, 200, "create failed: {v}");
+        v
+    }
+
+    /// Uploads and creates in one go.
+    pub async fn submit(&self, lines: &[String]) -> String {
+        let f = self.upload(lines).await;
+        self.create_batch(&f, json!({})).await["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn batch(&self, id: &str) -> Value {
+        let (st, v) = self.get(&format!("/batches/{id}")).await;
+        assert_eq!(st, 200, "{v}");
+        v
+    }
+
+    /// Polls until the batch is in one of `statuses`.
+    pub async fn wait_for(&self, id: &str, statuses: &[&str], timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let b = self.batch(id).await;
+            if statuses.contains(&b["status"].as_str().unwrap_or_default()) {
+                return b;
+            }
+            assert!(Instant::now() < deadline, "batch {id} never reached {statuses:?}; last: {b}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn content(&self, file_id: &str) -> String {
+        let r = self.auth(self.http.get(format!("{}/files/{file_id}/content", self.base))).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.text().await.unwrap()
+    }
+
+    /// Output and error lines of a final batch, parsed.
+    pub async fn results(&self, batch: &Value) -> (Vec<Value>, Vec<Value>) {
+        let mut out = (vec![], vec![]);
+        for (key, dst) in [("output_file_id", &mut out.0), ("error_file_id", &mut out.1)] {
+            if let Some(id) = batch[key].as_str() {
+                *dst = self.content(id).await.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            }
+        }
+        out
+    }
+}
+
+async fn status_json(r: reqwest::Response) -> (u16, Value) {
+    let st = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("status {st}: body is not JSON: {text:?}"));
+    (st, v)
+}
+
+pub fn jsonl(lines: &[String]) -> String {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
+}
+
+/// A full chat line; `mock` (if any) steers the mock upstream for this line.
+pub fn chat_line(custom_id: &str, model: &str, mock: Option<Value>) -> String {
+    let mut body = json!({"model": model, "messages": [{"role": "user", "content": format!("hello from {custom_id}")}]});
+    if let Some(m) = mock {
+        body["mock"] = m;
+    }
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string()
+}
+
+pub fn chat_lines(n: usize, model: &str) -> Vec<String> {
+    (0..n).map(|i| chat_line(&format!("req-{i}"), model, None)).collect()
+}
+
+/// A config with one upstream at `base_url` serving every model.
+pub fn config(base_url: &str, extra_upstream: &str, extra: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"mock\"\nbase_url = \"{base_url}\"\nmodels = [\"*\"]\n{extra_upstream}\n\n[batches]\ncompletion_windows = [\"24h\", \"1h\", \"3s\"]\n\n{extra}\n"
+    )
+}
+
+pub async fn mock(args: MockArgs) -> MockServer {
+    MockServer::start(MockArgs { listen: "127.0.0.1:0".into(), ..args }).await.unwrap()
+}
+
+/// Asserts that every custom_id appears exactly once across output and error lines.
+pub fn assert_exactly_once(out: &[Value], err: &[Value], expected: usize) {
+    let mut seen = std::collections::HashMap::new();
+    for l in out.iter().chain(err) {
+        *seen.entry(l["custom_id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "custom_ids appear more than once: {dups:?}");
+    assert_eq!(seen.len(), expected, "every line must appear exactly once");
+}

@@ -279,3 +279,55 @@ pub fn assert_exactly_once(out: &[Value], err: &[Value], expected: usize) {
     assert!(dups.is_empty(), "custom_ids appear more than once: {dups:?}");
     assert_eq!(seen.len(), expected, "every line must appear exactly once");
 }
+
+// ---- helpers added for tests/engine.rs and tests/crash.rs ----
+
+/// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An `http://127.0.0.1:PORT/v1` URL on which nothing listens (connections are refused).
+pub fn dead_base_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("http://127.0.0.1:{port}/v1")
+}
+
+/// Downloads the files of a final batch and checks the invariants every final batch keeps:
+/// every custom_id exactly once across output and error, `request_counts` add up to `total`
+/// and match the line counts of the files, output lines are 2xx, ids are stable line ids.
+pub async fn final_results(api: &Api, b: &Value, total: usize) -> (Vec<Value>, Vec<Value>) {
+    let (out, err) = api.results(b).await;
+    assert_exactly_once(&out, &err, total);
+    let rc = &b["request_counts"];
+    assert_eq!(rc["total"].as_u64(), Some(total as u64), "request_counts.total: {b}");
+    assert_eq!(rc["completed"].as_u64(), Some(out.len() as u64), "request_counts.completed == output lines: {b}");
+    assert_eq!(rc["failed"].as_u64(), Some(err.len() as u64), "request_counts.failed == error lines: {b}");
+    for l in &out {
+        let st = l["response"]["status_code"].as_u64().unwrap_or(0);
+        assert!((200..300).contains(&st), "output line is not 2xx: {l}");
+        assert!(l["error"].is_null(), "{l}");
+    }
+    for l in out.iter().chain(&err) {
+        assert!(l["id"].as_str().is_some_and(|i| i.starts_with("batch_req_")), "{l}");
+    }
+    (out, err)
+}
+
+/// custom_id → line id (`batch_req_…`, the `x-request-id` sent upstream).
+pub fn ids_by_custom_id(lines: &[Value]) -> std::collections::HashMap<String, String> {
+    lines.iter().map(|l| (l["custom_id"].as_str().unwrap().to_string(), l["id"].as_str().unwrap().to_string())).collect()
+}

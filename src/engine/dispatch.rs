@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::{count, Inner};
 use crate::store::{ResultRecord, Usage};
@@ -125,27 +124,31 @@ struct WithUsage {
     usage: Option<UsageIn>,
 }
 
-fn usage_of(body: &RawValue) -> Usage {
-    let u = serde_json::from_str::<WithUsage>(body.get()).ok().and_then(|w| w.usage).unwrap_or_default();
-    let input = u.prompt_tokens.max(u.input_tokens);
-    let output = u.completion_tokens.max(u.output_tokens);
-    Usage {
-        input_tokens: input,
-        cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
-        output_tokens: output,
-        reasoning_tokens: u.completion_tokens_details.map_or(0, |d| d.reasoning_tokens),
-        total_tokens: u.total_tokens.max(input + output),
+impl UsageIn {
+    fn into_usage(self) -> Usage {
+        let input = self.prompt_tokens.max(self.input_tokens);
+        let output = self.completion_tokens.max(self.output_tokens);
+        Usage {
+            input_tokens: input,
+            cached_tokens: self.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            output_tokens: output,
+            reasoning_tokens: self.completion_tokens_details.map_or(0, |d| d.reasoning_tokens),
+            total_tokens: self.total_tokens.max(input + output),
+        }
     }
 }
 
-/// A JSON body fit for one JSONL line: compact, or `None` when it is not JSON.
-fn json_body(body: &[u8]) -> Option<Box<RawValue>> {
-    let raw: Box<RawValue> = serde_json::from_slice(body).ok()?;
-    if memchr::memchr(b'\n', raw.get().as_bytes()).is_none() {
-        return Some(raw);
+/// An upstream body checked in one pass: valid JSON (an object, as every OpenAI answer is)
+/// made fit for one JSONL line, with its usage; `None` when it is not a JSON object.
+fn parse_body(body: &[u8]) -> Option<(std::borrow::Cow<'_, str>, Usage)> {
+    let head: WithUsage = serde_json::from_slice(body).ok()?;
+    let usage = head.usage.map(UsageIn::into_usage).unwrap_or_default();
+    let text = std::str::from_utf8(body).ok()?.trim();
+    if memchr::memchr(b'\n', text.as_bytes()).is_none() {
+        return Some((text.into(), usage));
     }
-    let v: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
-    serde_json::value::to_raw_value(&v).ok()
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some((v.to_string().into(), usage))
 }
 
 fn record(p: &Prepared, pool: &Pool, outcome: Outcome, inner: &Inner) -> ResultRecord {
@@ -155,29 +158,40 @@ fn record(p: &Prepared, pool: &Pool, outcome: Outcome, inner: &Inner) -> ResultR
     }
 }
 
+fn push_str(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+}
+
+/// `{"id","custom_id","response":{"status_code","request_id","body"},"error":null}`, with the
+/// body copied verbatim (it was checked by `parse_body`).
+fn answer_line(p: &Prepared, status: u16, request_id: &str, body: &str) -> String {
+    let mut out = String::with_capacity(body.len() + p.custom_id.len() + 160);
+    out.push_str("{\"id\":");
+    push_str(&mut out, &p.request_id);
+    out.push_str(",\"custom_id\":");
+    push_str(&mut out, &p.custom_id);
+    out.push_str(&format!(",\"response\":{{\"status_code\":{status},\"request_id\":"));
+    push_str(&mut out, request_id);
+    out.push_str(",\"body\":");
+    out.push_str(body);
+    out.push_str("},\"error\":null}");
+    out
+}
+
 fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultRecord {
-    let request_id = a.request_id.clone().unwrap_or_else(|| p.request_id.clone());
-    let (ok, body, usage) = match json_body(&a.body) {
-        Some(raw) => {
-            let usage = usage_of(&raw);
-            ((200..300).contains(&a.status), raw, usage)
-        }
+    let request_id = a.request_id.as_deref().unwrap_or(&p.request_id);
+    let (ok, line, usage) = match parse_body(&a.body) {
+        Some((body, usage)) => ((200..300).contains(&a.status), answer_line(p, a.status, request_id, &body), usage),
         None => {
             let text = String::from_utf8_lossy(&a.body);
             let msg = if text.trim().is_empty() { format!("upstream answered {} with an empty body", a.status) } else { text.into_owned() };
-            let v = serde_json::json!({"error": {"message": msg}});
-            (false, serde_json::value::to_raw_value(&v).expect("a JSON value serializes"), Usage::default())
+            let body = serde_json::json!({"error": {"message": msg}}).to_string();
+            (false, answer_line(p, a.status, request_id, &body), Usage::default())
         }
     };
     pool.limiter.settle_tokens(p.est_tokens, usage.total_tokens.max(0) as u64);
     count(&inner.stats.output_tokens, usage.output_tokens.max(0) as u64);
-    let line = serde_json::json!({
-        "id": p.request_id,
-        "custom_id": p.custom_id,
-        "response": {"status_code": a.status, "request_id": request_id, "body": body},
-        "error": null,
-    });
-    ResultRecord { batch_id: p.batch_id.to_string(), line: p.line, unit_idx: p.unit_idx, custom_id: p.custom_id.clone(), ok, record: line.to_string(), usage }
+    ResultRecord { batch_id: p.batch_id.to_string(), line: p.line, unit_idx: p.unit_idx, custom_id: p.custom_id.clone(), ok, record: line, usage }
 }
 
 /// A line with no HTTP answer: transport failure, or a batch that ended before it ran.
@@ -223,20 +237,33 @@ mod tests {
         assert_eq!(v["messages"][0]["content"], "hi");
     }
 
-    #[test]
-    fn usage_shapes() {
-        let chat = serde_json::from_str::<Box<RawValue>>(r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#).unwrap();
-        assert_eq!(usage_of(&chat), Usage { input_tokens: 3, cached_tokens: 1, output_tokens: 4, reasoning_tokens: 0, total_tokens: 7 });
-        let resp = serde_json::from_str::<Box<RawValue>>(r#"{"usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"output_tokens_details":{"reasoning_tokens":1}}}"#).unwrap();
-        assert_eq!(usage_of(&resp).reasoning_tokens, 1);
-        let emb = serde_json::from_str::<Box<RawValue>>(r#"{"usage":{"prompt_tokens":9,"total_tokens":9}}"#).unwrap();
-        assert_eq!(usage_of(&emb).total_tokens, 9);
+    fn usage_of(body: &str) -> Usage {
+        parse_body(body.as_bytes()).unwrap().1
     }
 
     #[test]
-    fn pretty_bodies_become_one_line() {
-        let raw = json_body(b"{\n  \"a\": 1\n}").unwrap();
-        assert_eq!(raw.get(), r#"{"a":1}"#);
-        assert!(json_body(b"<html>").is_none());
+    fn usage_shapes() {
+        let chat = r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#;
+        assert_eq!(usage_of(chat), Usage { input_tokens: 3, cached_tokens: 1, output_tokens: 4, reasoning_tokens: 0, total_tokens: 7 });
+        let resp = r#"{"usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"output_tokens_details":{"reasoning_tokens":1}}}"#;
+        assert_eq!(usage_of(resp).reasoning_tokens, 1);
+        assert_eq!(usage_of(r#"{"usage":{"prompt_tokens":9,"total_tokens":9}}"#).total_tokens, 9);
+        assert_eq!(usage_of(r#"{"id":"x"}"#), Usage::default());
+    }
+
+    #[test]
+    fn bodies_become_one_valid_line() {
+        assert_eq!(parse_body(b"{\n  \"a\": 1\n}\n").unwrap().0, r#"{"a":1}"#);
+        assert!(parse_body(b"<html>").is_none());
+        assert!(parse_body(b"{\"a\":").is_none());
+        let p = Prepared {
+            batch_id: "b".into(), line: 1, unit_idx: 0, custom_id: "c\"1".into(), request_id: "batch_req_1".into(),
+            body: Bytes::new(), model: "m".into(), path: "/x".into(), est_tokens: 0,
+        };
+        let line = answer_line(&p, 200, "rid", r#"{"ok":true}"#);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["custom_id"], "c\"1");
+        assert_eq!(v["response"]["body"]["ok"], true);
+        assert!(v["error"].is_null());
     }
 }

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# batchd benchmark suite: measures the performance budgets of DESIGN.md and prints a table.
+#
+#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches), ~5-10 minutes
+#   bench/run.sh --quick    smaller sizes, under ~2 minutes (figures are indicative only)
+#
+# Options:
+#   --quick         smaller sizes
+#   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
+#   --only LIST     comma list of dispatch,saturation,big
+#   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
+#   --json FILE     also write the results as JSON (default: bench/.last-run.json)
+#   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)
+#
+# It builds batchd in release mode (a no-op when up to date), installs wrk with apt-get when
+# it is missing and this is root (else uses oha if present, else reports the baseline n/a),
+# then runs bench/bench.py. Everything listens on 127.0.0.1 only; every process it starts is
+# killed on exit, however it exits. Exit code: 0 when every figure was measured, PASS or
+# MISS alike (benchmarks report, tests assert); 1 when a figure could not be measured
+# (ERROR in the table) or the harness failed; 2 for bad usage.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+QUICK=""
+BUILD=1
+KEEP=0
+ONLY=""
+JSON="$HERE/.last-run.json"
+
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK="--quick" ;;
+    --no-build) BUILD=0 ;;
+    --keep) KEEP=1 ;;
+    --only) ONLY="${2:?--only needs a list}"; shift ;;
+    --json) JSON="${2:?--json needs a file}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+BIN="${BATCHD_BIN:-$REPO/target/release/batchd}"
+if [ -n "${BATCHD_BIN:-}" ]; then BUILD=0; fi
+
+if [ "$BUILD" = 1 ]; then
+  echo "== cargo build --release --bin batchd"
+  if ! (cd "$REPO" && cargo build --release --bin batchd); then
+    if [ -x "$BIN" ]; then
+      echo "WARNING: the build failed; benchmarking the existing binary $BIN (built $(date -r "$BIN" '+%F %T'))" >&2
+    else
+      echo "error: the build failed and there is no $BIN" >&2
+      exit 1
+    fi
+  fi
+fi
+if [ ! -x "$BIN" ]; then
+  echo "error: no batchd binary at $BIN (run without --no-build, or set BATCHD_BIN)" >&2
+  exit 1
+fi
+
+if ! command -v wrk >/dev/null 2>&1 && ! command -v oha >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing wrk (apt-get install -y wrk)"
+    (apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }) \
+      || echo "WARNING: could not install wrk; the dispatch baseline will be n/a" >&2
+  else
+    echo "WARNING: neither wrk nor oha is installed; the dispatch baseline will be n/a" >&2
+  fi
+fi
+
+PY="python3"
+if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/batchd-bench.XXXXXX")"
+PIDFILE="$WORK/pids"
+: >"$PIDFILE"
+PYPID=""
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM HUP
+  if [ -n "$PYPID" ] && kill -0 "$PYPID" 2>/dev/null; then
+    kill -TERM "$PYPID" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$PYPID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$PYPID" 2>/dev/null || true
+  fi
+  # Anything bench.py started and did not reap (it writes each child's pid here).
+  while read -r pid; do
+    [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
+  done <"$PIDFILE"
+  if [ "$KEEP" = 1 ]; then
+    echo "scratch directory kept: $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+ARGS=(--bin "$BIN" --work "$WORK" --pidfile "$PIDFILE" --json "$JSON")
+[ -n "$QUICK" ] && ARGS+=("$QUICK")
+[ -n "$ONLY" ] && ARGS+=(--only "$ONLY")
+
+echo "== bench/bench.py ${QUICK:-(full)}"
+# In the background, so that a signal reaches the trap at once instead of after python exits.
+"$PY" "$HERE/bench.py" "${ARGS[@]}" &
+PYPID=$!
+set +e
+wait "$PYPID"
+RC=$?
+set -e
+PYPID=""
+echo "results also in $JSON"
+exit "$RC"

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -56,7 +57,7 @@ FULL = {
     "timeout_s": 300,
 }
 QUICK = {
-    "dispatch_lines": 5_000,
+    "dispatch_lines": 10_000,
     "dispatch_concurrency": 64,
     "wrk_seconds": 5,
     "sat_lines": 5_120,  # 4 s at the ideal 1,280 req/s
@@ -321,6 +322,16 @@ def write_big(path: Path, n: int, total_bytes: int) -> int:
 # ------------------------------------------------------------------------------ measuring
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def proc_status(pid: int) -> dict[str, int]:
     out = {}
     try:
@@ -343,18 +354,18 @@ class RssSampler(threading.Thread):
         self.phase = "idle"
         self.peaks: dict[str, int] = {}
         self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             kb = proc_status(self.pid).get("VmRSS")
             if kb is not None:
                 self.samples += 1
                 self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), kb)
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join(2)
 
 
@@ -402,16 +413,20 @@ def follow(api: Client, batch_id: str, t_create: float, timeout: float, sampler:
     return {"seen": seen, "batch": last, "counts_done_at": counts_done_at}
 
 
-def run_batch(api: Client, mock: Client, path: Path, lines: int, timeout: float, sampler: RssSampler | None = None) -> dict:
-    """Uploads, creates, follows one batch; returns timings, counts, metrics deltas and mock stats."""
+def run_batch(api: Client, mock: Client, path: Path, lines: int, timeout: float, pids: tuple[int, int],
+              sampler: RssSampler | None = None) -> dict:
+    """Uploads, creates, follows one batch; returns timings, counts, metrics deltas, mock stats and
+    the CPU seconds that batchd and the mock (`pids`) spent from create to completed."""
     if sampler is not None:
         sampler.phase = "upload"
     file_id, up_s = upload(api.host + ":" + str(api.port), path)
     mock.request("POST", "/stats/reset")
     m0 = read_metrics(api)
+    cpu0 = [cpu_seconds(p) for p in pids]
     t_create = time.perf_counter()
     b = create_batch(api, file_id)
     r = follow(api, b["id"], t_create, timeout, sampler, fast_poll_validating=True)
+    cpu1 = [cpu_seconds(p) for p in pids]
     m1 = read_metrics(api)
     st = json.loads(mock.request("GET", "/stats")[1])
     b = r["batch"]
@@ -427,7 +442,7 @@ def run_batch(api: Client, mock: Client, path: Path, lines: int, timeout: float,
         validate_s=seen["in_progress"] - seen["created"],
         engine_s=(r["counts_done_at"] or seen["completed"]) - seen["in_progress"],
         finalize_s=seen["completed"] - seen.get("finalizing", seen["completed"]),
-        mock=st, metrics=(m0, m1),
+        mock=st, metrics=(m0, m1), cpu_batchd=cpu1[0] - cpu0[0], cpu_mock=cpu1[1] - cpu0[1],
     )
     return r
 
@@ -460,7 +475,7 @@ def find_loadgen() -> str | None:
     return None
 
 
-def loadgen(tool: str, mock_addr: str, body: bytes, conns: int, seconds: int, work: Path) -> dict:
+def loadgen(tool: str, mock_addr: str, mock_pid: int, body: bytes, conns: int, seconds: int, work: Path) -> dict:
     url = f"http://{mock_addr}{CHAT}"
     if tool == "wrk":
         lua = work / "chat.lua"
@@ -471,20 +486,29 @@ def loadgen(tool: str, mock_addr: str, body: bytes, conns: int, seconds: int, wo
     else:
         cmd = ["oha", "--no-tui", "-z", f"{seconds}s", "-c", str(conns), "-m", "POST", "-T", "application/json",
                "-d", body.decode(), url]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    mock_cpu0 = cpu_seconds(mock_pid)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     _register(p)
     try:
         out, _ = p.communicate(timeout=seconds + 30)
     finally:
         stop_proc(p)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gen_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    mock_cpu = cpu_seconds(mock_pid) - mock_cpu0
     text = out.decode(errors="replace")
     m = re.search(r"Requests/sec:\s*([\d.]+)", text)
     if not m:
         raise RuntimeError(f"cannot read {tool}'s output:\n{text}")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
     errors = re.search(r"Socket errors:.*", text)
-    return {"rps": float(m.group(1)), "non2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": errors.group(0) if errors else "", "cmd": " ".join(cmd)}
+    rps = float(m.group(1))
+    total = rps * seconds
+    return {"rps": rps, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(0) if errors else "", "cmd": " ".join(cmd),
+            "cpu_us_per_req_gen": gen_cpu * 1e6 / total if total else 0.0,
+            "cpu_us_per_req_mock": mock_cpu * 1e6 / total if total else 0.0}
 
 
 # ------------------------------------------------------------------------------ the figures
@@ -546,22 +570,26 @@ class Bench:
         gen = []
         try:
             if tool:
-                gen.append(loadgen(tool, self.mock.addr, body, c, s["wrk_seconds"], self.work))
-                self.note(f"{tool} before batchd: {gen[-1]['rps']:,.0f} req/s ({gen[-1]['cmd']})")
+                gen.append(loadgen(tool, self.mock.addr, self.mock.pid, body, c, s["wrk_seconds"], self.work))
+                self.note(f"{tool} before batchd: {gen[-1]['rps']:,.0f} req/s; CPU per request: {tool} "
+                          f"{gen[-1]['cpu_us_per_req_gen']:.0f} µs, mock {gen[-1]['cpu_us_per_req_mock']:.0f} µs ({gen[-1]['cmd']})")
             srv, api = self.serve("dispatch", c)
             try:
-                r = run_batch(api, self.mock_api, path, n, s["timeout_s"])
+                r = run_batch(api, self.mock_api, path, n, s["timeout_s"], (srv.pid, self.mock.pid))
             finally:
                 srv.stop()
             if tool:
-                gen.append(loadgen(tool, self.mock.addr, body, c, s["wrk_seconds"], self.work))
-                self.note(f"{tool} after batchd:  {gen[-1]['rps']:,.0f} req/s")
+                gen.append(loadgen(tool, self.mock.addr, self.mock.pid, body, c, s["wrk_seconds"], self.work))
+                self.note(f"{tool} after batchd:  {gen[-1]['rps']:,.0f} req/s; CPU per request: {tool} "
+                          f"{gen[-1]['cpu_us_per_req_gen']:.0f} µs, mock {gen[-1]['cpu_us_per_req_mock']:.0f} µs")
         except Exception as e:
             self.error(fig, target, e)
             return
         self.note(f"batchd: {r['throughput']:,.0f} req/s (in_progress→completed {r['run_s']:.2f}s; lines durable after "
                   f"{r['engine_s']:.2f}s, finalizing {r['finalize_s']:.2f}s; validating {r['validate_s']:.2f}s); "
-                  f"mock saw {r['mock']['requests']:,} requests, peak in flight {r['mock']['peak_in_flight']}")
+                  f"mock saw {r['mock']['requests']:,} requests, peak in flight {r['mock']['peak_in_flight']}; "
+                  f"CPU per request (create→completed): batchd {r['cpu_batchd'] * 1e6 / n:.0f} µs, "
+                  f"mock {r['cpu_mock'] * 1e6 / n:.0f} µs")
         for g in gen:
             if g["non2xx"] or g["socket_errors"]:
                 self.note(f"{tool} reported non-2xx={g['non2xx']} {g['socket_errors']}")
@@ -589,7 +617,7 @@ class Bench:
             self.set_latency(lat)
             srv, api = self.serve("saturation", c)
             try:
-                r = run_batch(api, self.mock_api, path, n, s["timeout_s"])
+                r = run_batch(api, self.mock_api, path, n, s["timeout_s"], (srv.pid, self.mock.pid))
             finally:
                 srv.stop()
                 self.set_latency(0)
@@ -622,7 +650,7 @@ class Bench:
             sampler = RssSampler(srv.pid)
             sampler.start()
             try:
-                r = run_batch(api, self.mock_api, path, n, s["timeout_s"], sampler)
+                r = run_batch(api, self.mock_api, path, n, s["timeout_s"], (srv.pid, self.mock.pid), sampler)
                 hwm = proc_status(srv.pid).get("VmHWM", 0)
             finally:
                 sampler.stop()
@@ -636,7 +664,8 @@ class Bench:
         self.note(f"RSS: idle {idle / 1024:.1f} MB; VmHWM at the end {peak_mb:.1f} MB; sampled peaks (MB, every 50 ms, "
                   f"{sampler.samples} samples) by phase: {phases}")
         self.note(f"upload {size / MB / r['upload_s']:,.0f} MB/s ({r['upload_s']:.2f}s); run {r['throughput']:,.0f} req/s "
-                  f"(in_progress→completed {r['run_s']:.2f}s, finalizing {r['finalize_s']:.2f}s)")
+                  f"(in_progress→completed {r['run_s']:.2f}s, finalizing {r['finalize_s']:.2f}s); CPU per request: "
+                  f"batchd {r['cpu_batchd'] * 1e6 / n:.0f} µs, mock {r['cpu_mock'] * 1e6 / n:.0f} µs")
         run_peak = max((v for k, v in sampler.peaks.items() if k not in ("idle", "upload")), default=0) / 1024
         self.figures.append({"figure": fig_rss, "measured": f"{peak_mb:.1f} MB (VmHWM)",
                              "baseline": f"{idle / 1024:.1f} MB idle; {run_peak:.1f} MB sampled after upload",

@@ -59,6 +59,19 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub engine: RawEngine,
+    /// Prices per model (or alias), for cost estimates: `[prices."gpt-4o-mini"]`.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+}
+
+/// Dollars (or any currency) per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    #[serde(default)]
+    pub input_per_million: f64,
+    #[serde(default)]
+    pub output_per_million: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -133,6 +146,7 @@ pub struct Config {
     pub finish_in_flight_on_cancel: bool,
     pub limits: Limits,
     pub engine: EngineConfig,
+    pub prices: BTreeMap<String, Price>,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +271,7 @@ impl RawConfig {
             finish_in_flight_on_cancel: self.batches.finish_in_flight_on_cancel.unwrap_or(false),
             limits: resolve_limits(&self.limits)?,
             engine: resolve_engine(&self.engine)?,
+            prices: self.prices.clone(),
         })
     }
 }

@@ -16,6 +16,9 @@ pub const EXAMPLES: &str = "Examples:
   batchd validate prompts.jsonl --config batchd.toml        # also checks models and aliases
   batchd validate docs.jsonl --endpoint /v1/embeddings
 
+With [prices.\"MODEL\"] input_per_million / output_per_million in the config, the summary
+also estimates the cost.
+
 Exit codes: 0 the file is valid; 3 it has errors (each printed with its line number); 1 the
 file could not be read.";
 
@@ -64,10 +67,18 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<i32> {
         InputFormat::Bare => "bare request bodies (custom_id line-N)",
     };
     println!("{} requests · {} bytes · {format} · endpoint {endpoint}", report.validated.total, size);
-    for (m, n) in &report.models {
-        println!("  model {m}: {n} requests");
+    let mut cost = None;
+    for (m, sum) in &report.models {
+        println!("  model {m}: {} requests, ~{} input tokens, ≤{} output tokens (max_tokens)", sum.requests, sum.input_tokens, sum.max_output_tokens);
+        if let Some(p) = cfg.prices.get(m) {
+            let c = (sum.input_tokens as f64 * p.input_per_million + sum.max_output_tokens as f64 * p.output_per_million) / 1e6;
+            *cost.get_or_insert(0.0) += c;
+        }
     }
-    println!("estimated input tokens: {} (bytes/4 plus max_tokens)", report.estimated_input_tokens);
+    println!("estimated input tokens: {} (bytes/4)", report.estimated_input_tokens);
+    if let Some(c) = cost {
+        println!("estimated cost: {c:.4} (configured [prices]; output at most max_tokens)");
+    }
     if !models_checked {
         println!("models were not checked: pass --config with [[upstreams]] to check them");
     }

@@ -24,9 +24,18 @@ const MAX_UNIT_BYTES: u64 = 4 << 20;
 pub struct Report {
     pub errors: Vec<LineError>,
     pub validated: Validated,
-    /// Requests per model, as written in the lines.
-    pub models: BTreeMap<String, u64>,
+    /// Requests and token estimates per model, as named in the lines.
+    pub models: BTreeMap<String, ModelSummary>,
     pub estimated_input_tokens: u64,
+}
+
+/// What a file asks of one model: requests, input tokens estimated as bytes/4, and output
+/// tokens bounded by the lines' `max_tokens` (0 where a line sets none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelSummary {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub max_output_tokens: u64,
 }
 
 pub struct Validator<'a> {
@@ -40,7 +49,7 @@ pub struct Validator<'a> {
     seen: HashMap<u128, u64>,
     bare_lines: Vec<u64>,
     full_lines: Vec<u64>,
-    models: BTreeMap<String, u64>,
+    models: BTreeMap<String, ModelSummary>,
     tokens: u64,
     requests: u64,
     units: Vec<WorkUnit>,
@@ -118,7 +127,11 @@ impl<'a> Validator<'a> {
             self.check_envelope(no, p);
         }
         self.check_body(no, p);
-        self.tokens += len / 4 + p.max_tokens.unwrap_or(0);
+        self.tokens += len / 4;
+        if let Some(m) = p.model.as_str().and_then(|m| self.models.get_mut(m)) {
+            m.input_tokens += len / 4;
+            m.max_output_tokens += p.max_tokens.unwrap_or(0);
+        }
     }
 
     fn check_envelope(&mut self, no: u64, p: &ParsedLine<'_>) {
@@ -173,9 +186,9 @@ impl<'a> Validator<'a> {
             return self.push(err("model_not_found", Some(no), Some("body.model"), m));
         }
         match self.models.get_mut(model) {
-            Some(n) => *n += 1,
+            Some(m) => m.requests += 1,
             None => {
-                self.models.insert(model.to_string(), 1);
+                self.models.insert(model.to_string(), ModelSummary { requests: 1, ..Default::default() });
             }
         }
     }
@@ -306,6 +319,8 @@ mod tests {
         let r = run(&text, Limits::default());
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(r.validated.total, 3);
+        assert_eq!(r.models["m1"].requests, 2);
+        assert_eq!(r.models["m1"].input_tokens, (line("a", "m1").len() / 4 * 2) as u64);
         let u = &r.validated.units;
         assert_eq!(u.len(), 2);
         assert_eq!((u[0].first_line, u[0].end_line, u[0].line_count, u[0].byte_offset), (1, 4, 2, 0));

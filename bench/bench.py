@@ -379,6 +379,7 @@ def follow(api: Client, batch_id: str, t_create: float, timeout: float, sampler:
     seen: dict[str, float] = {"created": t_create}
     last: dict = {}
     counts_done_at = None
+    in_flight: list[float] = []  # batchd_upstream_in_flight, sampled at each poll while in_progress
     deadline = t_create + timeout
     while True:
         now = time.perf_counter()
@@ -396,6 +397,11 @@ def follow(api: Client, batch_id: str, t_create: float, timeout: float, sampler:
             seen[st] = t
         if sampler is not None:
             sampler.phase = st
+        if st == "in_progress":
+            m = read_metrics(api)
+            v = counter(m, "batchd_upstream_in_flight") if m else None
+            if v is not None:
+                in_flight.append(v)
         rc = b.get("request_counts") or {}
         if counts_done_at is None and rc.get("total") and rc.get("completed", 0) + rc.get("failed", 0) >= rc["total"]:
             counts_done_at = t
@@ -410,7 +416,7 @@ def follow(api: Client, batch_id: str, t_create: float, timeout: float, sampler:
             later = [seen[o] for o in order[i + 1:] if o in seen]
             if later:
                 seen[s] = min(later)
-    return {"seen": seen, "batch": last, "counts_done_at": counts_done_at}
+    return {"seen": seen, "batch": last, "counts_done_at": counts_done_at, "in_flight": in_flight}
 
 
 def run_batch(api: Client, mock: Client, path: Path, lines: int, timeout: float, pids: tuple[int, int],
@@ -445,6 +451,14 @@ def run_batch(api: Client, mock: Client, path: Path, lines: int, timeout: float,
         mock=st, metrics=(m0, m1), cpu_batchd=cpu1[0] - cpu0[0], cpu_mock=cpu1[1] - cpu0[1],
     )
     return r
+
+
+def in_flight_text(r: dict, limit: int) -> str:
+    v = r.get("in_flight") or []
+    if not v:
+        return "batchd in-flight gauge: n/a"
+    return (f"batchd upstream in flight (sampled every poll, {len(v)} samples): mean {sum(v) / len(v):.0f}, "
+            f"max {max(v):.0f} of {limit}")
 
 
 def commits_figure(name: str, metrics) -> dict:
@@ -590,6 +604,7 @@ class Bench:
                   f"mock saw {r['mock']['requests']:,} requests, peak in flight {r['mock']['peak_in_flight']}; "
                   f"CPU per request (create→completed): batchd {r['cpu_batchd'] * 1e6 / n:.0f} µs, "
                   f"mock {r['cpu_mock'] * 1e6 / n:.0f} µs")
+        self.note(in_flight_text(r, c))
         for g in gen:
             if g["non2xx"] or g["socket_errors"]:
                 self.note(f"{tool} reported non-2xx={g['non2xx']} {g['socket_errors']}")
@@ -628,6 +643,7 @@ class Bench:
         self.note(f"batchd: {r['throughput']:,.0f} req/s (in_progress→completed {r['run_s']:.2f}s, ideal {n / ideal:.2f}s; "
                   f"lines durable after {r['engine_s']:.2f}s = {n / r['engine_s']:,.0f} req/s; finalizing {r['finalize_s']:.2f}s); "
                   f"mock peak in flight {r['mock']['peak_in_flight']} of {c}")
+        self.note(in_flight_text(r, c))
         self.figures.append({"figure": fig, "measured": f"{r['throughput']:,.0f} req/s", "baseline": f"{ideal:,.0f} req/s (C/L)",
                              "ratio": ratio, "target": target, "result": "PASS" if ratio >= 0.95 else "MISS"})
         self.figures.append(commits_figure("saturation run", r["metrics"]))

@@ -79,3 +79,51 @@ async fn every_endpoint_answers_bad_input_with_the_envelope_and_harms_nothing() 
     let (_, list) = api.get("/files").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1, "no half-uploaded file was listed: {list}");
 }
+
+/// Every kind of malformed input file fails validation with its line number, sends nothing
+/// upstream, and leaves what was stored before untouched.
+#[tokio::test]
+async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
+    let m = mock(MockArgs::default()).await;
+    let limits = "[limits]\nmax_lines = 5\nmax_line_bytes = 2000\nmax_file_bytes = 20000";
+    let s = Server::start(&config(&m.base_url(), "", limits));
+    let api = s.api();
+    let good = api.submit(&chat_lines(3, "m")).await;
+    let good = api.wait_for(&good, &["completed"], Duration::from_secs(20)).await;
+    let good_output = api.content(good["output_file_id"].as_str().unwrap()).await;
+    m.reset_stats();
+
+    let ok = chat_line("ok", "m", None);
+    let cases: Vec<(&str, Vec<u8>, Vec<(&str, Option<u64>)>)> = vec![
+        ("truncated JSON", format!("{ok}\n{}\n", &ok[..ok.len() / 2]).into_bytes(), vec![("invalid_json_line", Some(2))]),
+        ("wrong types", format!("{ok}\n{}\n", r#"{"custom_id":7,"method":"POST","url":"/v1/chat/completions","body":"x"}"#).into_bytes(),
+            vec![("invalid_value", Some(2)), ("invalid_value", Some(2))]),
+        ("huge line", format!("{ok}\n{}\n", chat_line("big", &"m".repeat(3000), None)).into_bytes(), vec![("line_too_large", Some(2))]),
+        ("invalid UTF-8", [ok.as_bytes(), b"\n{\"custom_id\":\"\xff\xfe\",\"method\":\"POST\"}\n"].concat(), vec![("invalid_json_line", Some(2))]),
+        ("empty file", vec![], vec![("empty_file", None)]),
+        ("only blank lines", b"\n  \n\r\n".to_vec(), vec![("empty_file", None)]),
+        ("duplicate ids", format!("{ok}\n\n{ok}\n").into_bytes(), vec![("duplicate_custom_id", Some(3))]),
+        ("one line over the limit", jsonl(&chat_lines(6, "m")).into_bytes(), vec![("too_many_requests", Some(6))]),
+        ("file over the byte limit", jsonl(&(0..200).map(|i| chat_line(&format!("{i}"), "m", None)).collect::<Vec<_>>()).into_bytes(), vec![("file_too_large", None)]),
+        ("a JSON array line", format!("{ok}\n[1,2]\n").into_bytes(), vec![("invalid_json_line", Some(2))]),
+    ];
+    for (what, bytes, want) in cases {
+        let (st, f) = api.upload_as(bytes, "batch", "bad.jsonl").await;
+        assert_eq!(st, 200, "{what}: {f}");
+        let b = api.create_batch(f["id"].as_str().unwrap(), json!({})).await;
+        let b = api.wait_for(b["id"].as_str().unwrap(), &["failed", "completed"], Duration::from_secs(20)).await;
+        assert_eq!(b["status"], "failed", "{what}: {b}");
+        assert!(b["failed_at"].is_i64(), "{what}");
+        let got: Vec<(String, Option<u64>)> = b["errors"]["data"].as_array().unwrap().iter()
+            .map(|e| (e["code"].as_str().unwrap().to_string(), e["line"].as_u64())).collect();
+        let want: Vec<(String, Option<u64>)> = want.into_iter().map(|(c, l)| (c.to_string(), l)).collect();
+        assert_eq!(got, want, "{what}: {b}");
+        for e in b["errors"]["data"].as_array().unwrap() {
+            assert!(!e["message"].as_str().unwrap().is_empty(), "{what}: every error says what is wrong");
+        }
+    }
+    assert_eq!(m.stats().requests, 0, "nothing is sent upstream for a failed batch");
+    let after = api.batch(good["id"].as_str().unwrap()).await;
+    assert_eq!(after, good, "a finished batch is unchanged");
+    assert_eq!(api.content(good["output_file_id"].as_str().unwrap()).await, good_output);
+}

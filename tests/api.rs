@@ -94,7 +94,8 @@ async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
     m.reset_stats();
 
     let ok = chat_line("ok", "m", None);
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, Option<u64>)>)> = vec![
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, Option<u64>)>);
+    let cases: Vec<Case> = vec![
         ("truncated JSON", format!("{ok}\n{}\n", &ok[..ok.len() / 2]).into_bytes(), vec![("invalid_json_line", Some(2))]),
         ("wrong types", format!("{ok}\n{}\n", r#"{"custom_id":7,"method":"POST","url":"/v1/chat/completions","body":"x"}"#).into_bytes(),
             vec![("invalid_value", Some(2)), ("invalid_value", Some(2))]),

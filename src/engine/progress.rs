@@ -17,9 +17,12 @@ pub struct Progress {
     pub eta_seconds: Option<u64>,
 }
 
+/// (when, durable results so far) readings of one batch, oldest first.
+type Samples = VecDeque<(Instant, u64)>;
+
 #[derive(Clone, Default)]
 pub struct ProgressBook {
-    samples: Arc<Mutex<HashMap<String, VecDeque<(Instant, u64)>>>>,
+    samples: Arc<Mutex<HashMap<String, Samples>>>,
 }
 
 impl ProgressBook {

@@ -128,3 +128,46 @@ async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
     assert_eq!(after, good, "a finished batch is unchanged");
     assert_eq!(api.content(good["output_file_id"].as_str().unwrap()).await, good_output);
 }
+
+/// Extensions: partial results while the batch runs, per-request lookup, live progress.
+#[tokio::test]
+async fn partial_results_and_request_lookup_while_running() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let mut lines = chat_lines(5, "m");
+    lines.push(chat_line("slow", "m", Some(json!({"latency_ms": 3000}))));
+    lines.push(chat_line("bad", "m", Some(json!({"status": 400}))));
+    let id = api.submit(&lines).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let b = loop {
+        let b = api.batch(&id).await;
+        if b["request_counts"]["completed"] == 5 && b["request_counts"]["failed"] == 1 {
+            break b;
+        }
+        assert!(std::time::Instant::now() < deadline, "fast lines never became durable: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(b["status"], "in_progress", "the slow line is still running");
+    assert!(b["progress"].is_object(), "progress extension while running: {b}");
+    let text = |kind: &'static str| {
+        let api = api.clone();
+        let id = id.clone();
+        async move { api.http.get(format!("{}/batches/{id}/results?kind={kind}", api.base)).send().await.unwrap().text().await.unwrap() }
+    };
+    let out = text("output").await;
+    assert_eq!(out.lines().count(), 5);
+    assert!(!out.contains("\"slow\"") && !out.contains("\"bad\""));
+    assert_eq!(text("errors").await.lines().count(), 1);
+    assert_eq!(text("all").await.lines().count(), 6);
+    let (st, one) = api.get(&format!("/batches/{id}/requests/req-3")).await;
+    assert_eq!(st, 200);
+    assert_eq!((one["custom_id"].as_str(), one["line"].as_u64()), (Some("req-3"), Some(4)));
+    let (st, e) = api.get(&format!("/batches/{id}/requests/slow")).await;
+    assert_eq!(st, 404, "no result yet: {e}");
+    let (st, _) = api.get(&format!("/batches/{id}/results?kind=nope")).await;
+    assert_eq!(st, 400);
+    let done = api.wait_for(&id, &["completed"], Duration::from_secs(20)).await;
+    assert_eq!(done["request_counts"], json!({"total": 7, "completed": 6, "failed": 1}));
+    assert!(done.get("progress").is_none(), "no progress once final");
+}

@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/batches/{id}/requests/{custom_id}", get(batches::request_result))
+        .route("/batches/{id}/results", get(batches::partial_results))
         .route("/models", get(models::list))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()

@@ -1,3 +1,870 @@
+//! Black-box tests of the `batchd` command line: the real binary against the project's mock
+//! upstream (in-process) and, for the client commands, against a spawned `batchd serve`.
+
 mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------- helpers
+
+/// Environment variables that would change what a command does; removed from every child.
+const AMBIENT: [&str; 12] = [
+    "BATCHD_SERVER",
+    "BATCHD_API_KEY",
+    "BATCHD_UPSTREAM",
+    "BATCHD_CONFIG",
+    "BATCHD_LISTEN",
+    "BATCHD_DATA_DIR",
+    "BATCHD_CONCURRENCY",
+    "BATCHD_INSECURE_NO_AUTH",
+    "BATCHD_LOG",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+    "NO_COLOR",
+];
+
+/// `batchd` in `dir` (so no stray ./batchd.toml is read), with a clean environment.
+fn cmd(dir: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir);
+    for k in AMBIENT {
+        c.env_remove(k);
+    }
+    c
+}
+
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Spawns `c` with piped output and waits for it, at most `timeout`.
+fn finish(mut c: Command, timeout: Duration) -> Out {
+    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn batchd");
+    wait_out(child, timeout)
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    })
+}
+
+/// Waits for a child spawned with piped stdout/stderr; kills it after `timeout`.
+fn wait_out(mut child: Child, timeout: Duration) -> Out {
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let code = wait_code(&mut child, timeout);
+    Out { code, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// The exit code (-SIGNAL when killed by a signal); panics after `timeout`.
+fn wait_code(child: &mut Child, timeout: Duration) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or_else(|| -st.signal().unwrap_or(0));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("batchd did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn batchd(dir: &Path, args: &[&str]) -> Out {
+    let mut c = cmd(dir);
+    c.args(args);
+    finish(c, Duration::from_secs(60))
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, jsonl(lines)).unwrap();
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect()
+}
+
+fn ids(lines: &[Value]) -> BTreeSet<String> {
+    lines.iter().map(|l| l["custom_id"].as_str().unwrap().to_string()).collect()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A bare request body (no custom_id/method/url).
+fn bare_line(text: &str, mock: Option<Value>) -> String {
+    let mut body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": text}]});
+    if let Some(m) = mock {
+        body["mock"] = m;
+    }
+    body.to_string()
+}
+
+/// The answer text of an output line.
+fn content(l: &Value) -> &str {
+    l["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or_default()
+}
+
+/// Polls `f` until it holds, at most `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The batch id from `run`'s first stderr line, "batch batch_X · state in DIR".
+fn run_batch_id(stderr: &str) -> String {
+    stderr.lines().find_map(|l| l.strip_prefix("batch ")).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no batch line in {stderr:?}")).to_string()
+}
+
+// ---------------------------------------------------------------- batchd run
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_full_format_writes_openai_lines_and_exit_code_tells_success_or_failure() {
+    let m = mock(MockArgs { latency_ms: 5, ..Default::default() }).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+
+    // 10 lines, lines req-3 and req-7 answered 400 by the mock: exit 4.
+    let lines: Vec<String> = (0..10)
+        .map(|i| chat_line(&format!("req-{i}"), "gpt-test", (i == 3 || i == 7).then(|| json!({"status": 400}))))
+        .collect();
+    write_lines(&d.join("in.jsonl"), &lines);
+    let (out, err) = (d.join("out.jsonl"), d.join("err.jsonl"));
+    let r = batchd(d, &["run", "in.jsonl", "--upstream", &m.base_url(), "-o", p(&out), "--errors", p(&err)]);
+    assert_eq!(r.code, 4, "some lines failed → exit 4: {r:?}");
+    let (o, e) = (read_jsonl(&out), read_jsonl(&err));
+    assert_exactly_once(&o, &e, 10);
+    assert_eq!(ids(&e), BTreeSet::from(["req-3".to_string(), "req-7".to_string()]));
+    for l in &o {
+        let cid = l["custom_id"].as_str().unwrap();
+        assert!(l["id"].as_str().unwrap().starts_with("batch_req_"), "{l}");
+        assert_eq!(l["response"]["status_code"], 200, "{l}");
+        assert!(l["response"]["request_id"].is_string(), "{l}");
+        assert_eq!(l["response"]["body"]["object"], "chat.completion", "{l}");
+        assert!(l["error"].is_null(), "{l}");
+        assert_eq!(content(l), format!("echo: hello from {cid}"), "each answer belongs to its line");
+    }
+    for l in &e {
+        assert_eq!(l["response"]["status_code"], 400, "{l}");
+        assert!(l["response"]["body"]["error"]["message"].is_string(), "{l}");
+    }
+    // stderr is a pipe: plain progress lines, no escape codes, and a summary.
+    assert!(r.stderr.lines().any(|l| l.starts_with("progress: 10/10 ")), "plain progress lines: {}", r.stderr);
+    assert!(!r.stderr.contains('\x1b'), "no ANSI escapes when stderr is not a terminal: {:?}", r.stderr);
+    assert!(r.stderr.contains("8 succeeded") && r.stderr.contains("2 failed"), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "run writes nothing on stdout: {:?}", r.stdout);
+
+    // Every line succeeds: exit 0 and an empty (but present) errors file.
+    write_lines(&d.join("ok.jsonl"), &chat_lines(5, "gpt-test"));
+    let (out2, err2) = (d.join("ok_out.jsonl"), d.join("ok_err.jsonl"));
+    let r = batchd(d, &["run", "ok.jsonl", "--upstream", &m.base_url(), "-o", p(&out2), "--errors", p(&err2)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(read_jsonl(&out2).len(), 5);
+    assert_eq!(std::fs::read_to_string(&err2).unwrap(), "", "errors file exists and is empty");
+    assert_eq!(m.stats().requests, 15, "each line sent once");
+
+    // Running a finished command again sends nothing and writes the same results.
+    let r = batchd(d, &["run", "ok.jsonl", "--upstream", &m.base_url(), "-o", p(&out2), "--errors", p(&err2), "-q"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stderr, "", "--quiet prints nothing");
+    assert_eq!(read_jsonl(&out2).len(), 5);
+    assert_eq!(m.stats().requests, 15, "a finished run is not sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_bare_format_numbers_lines_physically_and_a_mixed_file_exits_3() {
+    let m = mock(MockArgs::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Physical lines: 1 bare, 2 blank, 3 bare, 4 bare (fails 400), 5 blank, 6 bare.
+    let text = format!(
+        "{}\n\n{}\n{}\n   \n{}\n",
+        bare_line("first", None),
+        bare_line("third", None),
+        bare_line("fourth", Some(json!({"status": 400}))),
+        bare_line("sixth", None)
+    );
+    std::fs::write(d.join("bare.jsonl"), text).unwrap();
+    let r = batchd(d, &["run", "bare.jsonl", "--upstream", &m.base_url(), "-o", "out.jsonl", "--errors", "err.jsonl"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    let (o, e) = (read_jsonl(&d.join("out.jsonl")), read_jsonl(&d.join("err.jsonl")));
+    assert_exactly_once(&o, &e, 4);
+    let got: BTreeMap<String, String> = o.iter().map(|l| (l["custom_id"].as_str().unwrap().to_string(), content(l).to_string())).collect();
+    let want: BTreeMap<String, String> =
+        [("line-1", "echo: first"), ("line-3", "echo: third"), ("line-6", "echo: sixth")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    assert_eq!(got, want, "bare line N gets custom_id line-N (physical line numbers, blank lines counted)");
+    assert_eq!(ids(&e), BTreeSet::from(["line-4".to_string()]));
+    assert_eq!(e[0]["response"]["status_code"], 400);
+
+    // Mixed formats: validation fails, nothing is sent, the line number is printed.
+    let before = m.stats().requests;
+    let mixed = [bare_line("a", None), chat_line("full-one", "gpt-test", None), bare_line("c", None)];
+    write_lines(&d.join("mixed.jsonl"), &mixed);
+    let r = batchd(d, &["run", "mixed.jsonl", "--upstream", &m.base_url(), "-o", "mout.jsonl", "--errors", "merr.jsonl"]);
+    assert_eq!(r.code, 3, "validation errors → exit 3: {r:?}");
+    assert!(r.stderr.contains("line 2:"), "the offending line number is printed: {}", r.stderr);
+    assert!(r.stderr.contains("invalid_value"), "{}", r.stderr);
+    assert!(!r.stderr.contains("line 1:") && !r.stderr.contains("line 3:"), "only the minority line is blamed: {}", r.stderr);
+    assert_eq!(m.stats().requests, before, "nothing is sent for an invalid file");
+    assert!(!d.join("mout.jsonl").exists(), "no output file for an invalid input");
+
+    // No upstream at all: a clear error, exit 1.
+    let r = batchd(d, &["run", "bare.jsonl", "-o", "x.jsonl"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("--upstream"), "{}", r.stderr);
+}
+
+/// `batchd run in.jsonl` against `m` with concurrency 4 (the command the resume tests repeat).
+fn slow_run(d: &Path, m: &MockServer) -> Command {
+    let mut c = cmd(d);
+    c.args(["run", "in.jsonl", "--upstream", &m.base_url(), "-o", "out.jsonl", "--errors", "err.jsonl", "--concurrency", "4"]);
+    c
+}
+
+/// Interrupts a run part-way with `interrupt`, runs the same command again, checks the
+/// resume: every line exactly once, and at most `max_resent` lines sent a second time, each
+/// of them one the first run had already sent.
+async fn interrupted_run_resumes(interrupt: impl FnOnce(&mut Child), want_code: i32, max_resent: u64) -> (Out, Out) {
+    const N: usize = 80;
+    let m = mock(MockArgs { latency_ms: 120, ..Default::default() }).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_lines(&d.join("in.jsonl"), &chat_lines(N, "gpt-test"));
+
+    let mut child = slow_run(d, &m).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until("20 requests at the mock", Duration::from_secs(30), || m.stats().requests >= 20);
+    interrupt(&mut child);
+    let first = wait_out(child, Duration::from_secs(30));
+    assert_eq!(first.code, want_code, "{first:?}");
+    let before = m.stats_with(Duration::from_secs(60), true);
+    let sent_first: BTreeSet<String> = before.request_id_counts.clone().unwrap_or_default().into_keys().collect();
+    assert!(before.requests < N as u64, "the run was interrupted part-way ({} sent)", before.requests);
+    assert!(!d.join("out.jsonl").exists(), "an interrupted run writes no output file yet");
+
+    let second = finish(slow_run(d, &m), Duration::from_secs(60));
+    assert_eq!(second.code, 0, "the resumed run completes: {second:?}");
+    assert_eq!(run_batch_id(&first.stderr), run_batch_id(&second.stderr), "the same batch is resumed");
+    let (o, e) = (read_jsonl(&d.join("out.jsonl")), read_jsonl(&d.join("err.jsonl")));
+    assert!(e.is_empty(), "{e:?}");
+    assert_exactly_once(&o, &e, N);
+    for l in &o {
+        assert_eq!(content(l), format!("echo: hello from {}", l["custom_id"].as_str().unwrap()));
+    }
+    let s = m.stats_with(Duration::from_secs(60), true);
+    let resent: Vec<String> = s.request_id_counts.unwrap_or_default().into_iter().filter(|(_, n)| *n > 1).map(|(id, _)| id).collect();
+    assert!(
+        resent.len() as u64 <= max_resent,
+        "at most {max_resent} lines may be sent again, {} were ({} sent before the interruption)",
+        resent.len(),
+        before.requests
+    );
+    assert!(resent.iter().all(|id| sent_first.contains(id)), "only lines the first run had started are sent again");
+    assert_eq!(s.duplicate_request_ids, resent.len() as u64, "none more than twice");
+    assert_eq!(s.unique_request_ids, N as u64, "every line was sent");
+    assert_eq!(s.requests, N as u64 + s.duplicate_request_ids, "nothing else was sent again");
+    eprintln!("resume: {} sent before the interruption, {} re-sent", before.requests, resent.len());
+    (first, second)
+}
+
+const CONCURRENCY: u64 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_interrupted_by_ctrl_c_exits_130_and_resumes_without_resending() {
+    // Ctrl-C stops cleanly: the lines in flight (120 ms each) finish within the grace period
+    // and are saved, so the resumed run sends no line twice.
+    let (first, _) = interrupted_run_resumes(
+        |c| {
+            // SAFETY: sending a signal to our own child process.
+            assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGINT) }, 0);
+        },
+        130,
+        0,
+    )
+    .await;
+    assert!(first.stderr.contains("interrupted"), "{}", first.stderr);
+    assert!(first.stderr.contains("run the same command again"), "says how to resume: {}", first.stderr);
+    assert!(first.stderr.contains("lines are done and saved"), "{}", first.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_killed_with_sigkill_mid_request_resends_at_most_the_lines_in_flight() {
+    // Killed ~50 ms into a 120 ms round: the previous round's answers are durable (the
+    // writer commits every 20 ms), only the 4 lines in flight are sent again.
+    interrupted_run_resumes(
+        |c| {
+            std::thread::sleep(Duration::from_millis(50));
+            c.kill().unwrap()
+        },
+        -libc::SIGKILL,
+        CONCURRENCY,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_killed_with_sigkill_right_after_answers_resends_at_most_one_commit_group_more() {
+    // Killed the moment the mock sees a new round: the previous round's answers arrived
+    // (their permits freed the slots) but are not durable yet (group commit, 20 ms), so
+    // they are sent again too: in flight + answered-but-unsaved ≤ 2 × concurrency.
+    interrupted_run_resumes(|c| c.kill().unwrap(), -libc::SIGKILL, 2 * CONCURRENCY).await;
+}
+
+// ---------------------------------------------------------------- batchd validate
+
 #[test]
-fn placeholder() {}
+fn validate_prints_each_error_with_its_line_and_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let full = |id: &str, model: &str, extra: Value| {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string()
+    };
+    let lines = [
+        "this is not json".to_string(),                   // 1: invalid_json_line
+        full("a", "gpt-a", json!({"max_tokens": 1000})),  // 2: ok
+        full("a", "gpt-a", json!({})),                    // 3: duplicate_custom_id
+        String::new(),                                    // 4: blank
+        full("s", "gpt-b", json!({"stream": true})),      // 5: unsupported stream
+        full("c", "gpt-b", json!({"max_tokens": 500})),   // 6: ok
+    ];
+    write_lines(&d.join("bad.jsonl"), &lines);
+    let r = batchd(d, &["validate", "bad.jsonl"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    let errs: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("line ")).collect();
+    let blamed: BTreeSet<&str> = errs.iter().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(blamed, BTreeSet::from(["line 1", "line 3", "line 5"]), "every error with its line number: {}", r.stdout);
+    assert!(errs.iter().any(|l| l.contains("[invalid_json_line]")), "{}", r.stdout);
+    assert!(errs.iter().any(|l| l.starts_with("line 3:") && l.contains("[duplicate_custom_id]")), "{}", r.stdout);
+    assert!(errs.iter().any(|l| l.starts_with("line 5:") && l.contains("stream")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("{} errors", errs.len())), "{}", r.stdout);
+    assert!(!r.stdout.lines().any(|l| l == "valid"), "{}", r.stdout);
+
+    // A valid file: summary with request count, models and a token estimate; exit 0.
+    let good = [full("a", "gpt-a", json!({"max_tokens": 1000})), full("b", "gpt-a", json!({})), full("c", "gpt-b", json!({"max_tokens": 500}))];
+    write_lines(&d.join("good.jsonl"), &good);
+    let r = batchd(d, &["validate", "good.jsonl"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("3 requests"), "{}", r.stdout);
+    assert!(r.stdout.contains("model gpt-a: 2 requests") && r.stdout.contains("model gpt-b: 1 requests"), "{}", r.stdout);
+    let est: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("estimated input tokens: "))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token estimate: {}", r.stdout));
+    let bytes = std::fs::metadata(d.join("good.jsonl")).unwrap().len();
+    assert!(est <= bytes / 4 && est + 6 >= bytes / 4, "input tokens are estimated as bytes/4 ({bytes} bytes): {est}");
+    assert!(r.stdout.lines().any(|l| l.contains("model gpt-a:") && l.contains("1000")), "max_tokens bound shown per model: {}", r.stdout);
+    assert!(r.stdout.lines().any(|l| l == "valid"), "{}", r.stdout);
+    assert!(r.stdout.contains("models were not checked"), "without --config models are not checked: {}", r.stdout);
+
+    // With a config whose upstream lists models, an unknown model is an error naming the known ones.
+    std::fs::write(d.join("batchd.toml.test"), "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"gpt-a\", \"gpt-b\"]\n").unwrap();
+    let r = batchd(d, &["validate", "good.jsonl", "--config", "batchd.toml.test"]);
+    assert_eq!(r.code, 0, "known models are fine: {r:?}");
+    assert!(!r.stdout.contains("models were not checked"), "{}", r.stdout);
+    let unknown = [full("a", "gpt-a", json!({})), full("b", "llama-9000", json!({}))];
+    write_lines(&d.join("unknown.jsonl"), &unknown);
+    let r = batchd(d, &["validate", "unknown.jsonl", "--config", "batchd.toml.test"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    let l = r.stdout.lines().find(|l| l.starts_with("line 2:")).unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(l.contains("[model_not_found]") && l.contains("llama-9000"), "{l}");
+    assert!(l.contains("gpt-a") && l.contains("gpt-b"), "lists the known models: {l}");
+    assert!(!r.stdout.contains("line 1:"), "{}", r.stdout);
+
+    // Bare and mixed files.
+    std::fs::write(d.join("bare.jsonl"), format!("{}\n{}\n", bare_line("x", None), bare_line("y", None))).unwrap();
+    let r = batchd(d, &["validate", "bare.jsonl"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("2 requests") && r.stdout.contains("bare"), "{}", r.stdout);
+    write_lines(&d.join("mixed.jsonl"), &[bare_line("a", None), bare_line("b", None), full("z", "gpt-a", json!({}))]);
+    let r = batchd(d, &["validate", "mixed.jsonl"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stdout.lines().any(|l| l.starts_with("line 3:")), "{}", r.stdout);
+
+    // A file that cannot be read: exit 1.
+    let r = batchd(d, &["validate", "missing.jsonl"]);
+    assert_eq!(r.code, 1, "{r:?}");
+}
+
+// ---------------------------------------------------------------- batchd retry
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_writes_exactly_the_failed_lines_filtered_by_status_or_code() {
+    let m = mock(MockArgs::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // One attempt, short timeout: a 500 and a hang fail at once instead of being retried.
+    std::fs::write(
+        d.join("cfg.toml"),
+        format!("[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\nmodels = [\"*\"]\nmax_attempts = 1\ntimeout_s = 0.5\n", m.base_url()),
+    )
+    .unwrap();
+    let lines = vec![
+        chat_line("ok-1", "gpt-test", None),
+        chat_line("bad-400", "gpt-test", Some(json!({"status": 400}))),
+        chat_line("ok-2", "gpt-test", None),
+        chat_line("bad-500", "gpt-test", Some(json!({"status": 500}))),
+        chat_line("hang", "gpt-test", Some(json!({"hang": true}))),
+        chat_line("ok-3", "gpt-test", None),
+    ];
+    write_lines(&d.join("in.jsonl"), &lines);
+    let r = batchd(d, &["run", "in.jsonl", "--config", "cfg.toml", "-o", "out.jsonl", "--errors", "err.jsonl"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    let e = read_jsonl(&d.join("err.jsonl"));
+    assert_eq!(ids(&e), BTreeSet::from(["bad-400", "bad-500", "hang"].map(String::from)), "{e:?}");
+    let hang = e.iter().find(|l| l["custom_id"] == "hang").unwrap();
+    assert_eq!(hang["error"]["code"], "request_timeout", "{hang}");
+
+    let retry = |name: &str, filter: &[&str]| -> Vec<String> {
+        let mut args = vec!["retry", "err.jsonl", "--input", "in.jsonl", "-o", name];
+        args.extend_from_slice(filter);
+        let r = batchd(d, &args);
+        assert_eq!(r.code, 0, "{r:?}");
+        std::fs::read_to_string(d.join(name)).unwrap().lines().map(str::to_owned).collect()
+    };
+    assert_eq!(retry("all.jsonl", &[]), vec![lines[1].clone(), lines[3].clone(), lines[4].clone()], "every failed line, verbatim, in input order");
+    assert_eq!(retry("s400.jsonl", &["--status", "400"]), vec![lines[1].clone()]);
+    assert_eq!(retry("s5xx.jsonl", &["--status", "500,503"]), vec![lines[3].clone()]);
+    assert_eq!(retry("s429.jsonl", &["--status", "429"]), Vec::<String>::new(), "no line answered 429");
+    assert_eq!(retry("timeout.jsonl", &["--code", "request_timeout"]), vec![lines[4].clone()]);
+    assert_eq!(retry("either.jsonl", &["--status", "400", "--code", "request_timeout"]), vec![lines[1].clone(), lines[4].clone()]);
+
+    // Bare input: retry lines are full lines that keep custom_id line-N.
+    let bare = format!(
+        "{}\n\n{}\n{}\n",
+        bare_line("one", None),
+        bare_line("three", Some(json!({"status": 400}))),
+        bare_line("four", None)
+    );
+    std::fs::write(d.join("bare.jsonl"), &bare).unwrap();
+    let r = batchd(d, &["run", "bare.jsonl", "--config", "cfg.toml", "-o", "bout.jsonl", "--errors", "berr.jsonl"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    let got = retry_bare(d);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let original: Value = serde_json::from_str(bare.lines().nth(2).unwrap()).unwrap();
+    assert_eq!(got[0], json!({"custom_id": "line-3", "method": "POST", "url": "/v1/chat/completions", "body": original}));
+    let r = batchd(d, &["validate", "bretry.jsonl"]);
+    assert_eq!(r.code, 0, "the retry file is a valid input: {r:?}");
+    assert!(r.stdout.contains("full batch requests"), "{}", r.stdout);
+}
+
+fn retry_bare(d: &Path) -> Vec<Value> {
+    let r = batchd(d, &["retry", "berr.jsonl", "--input", "bare.jsonl", "-o", "bretry.jsonl"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    read_jsonl(&d.join("bretry.jsonl"))
+}
+
+// ---------------------------------------------------------------- client commands
+
+const KEY: &str = "sk-team-cli";
+
+/// A client command with `BATCHD_SERVER` / `BATCHD_API_KEY` from the environment.
+fn client(d: &Path, s: &Server, args: &[&str]) -> Out {
+    let mut c = cmd(d);
+    c.args(args).env("BATCHD_SERVER", &s.url).env("BATCHD_API_KEY", KEY);
+    finish(c, Duration::from_secs(60))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_submit_status_download_cancel_list() {
+    let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
+    let s = Server::start(&config(&m.base_url(), "", &format!("[[tenants]]\nname = \"team\"\napi_keys = [\"{KEY}\"]")));
+    let api = s.api_with_key(KEY);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lines: Vec<String> =
+        (0..12).map(|i| chat_line(&format!("req-{i}"), "gpt-test", (i == 5).then(|| json!({"status": 400})))).collect();
+    write_lines(&d.join("in.jsonl"), &lines);
+
+    // Auth: a wrong key (from the environment) is refused with the server's message.
+    let mut c = cmd(d);
+    c.args(["submit", "in.jsonl"]).env("BATCHD_SERVER", &s.url).env("BATCHD_API_KEY", "sk-wrong");
+    let r = finish(c, Duration::from_secs(30));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("401") && r.stderr.contains("Incorrect API key"), "the server's message: {}", r.stderr);
+    assert!(r.stdout.is_empty(), "{r:?}");
+    // Flags win over the environment.
+    let mut c = cmd(d);
+    c.args(["list", "--server", &s.url, "--api-key", "sk-wrong"]).env("BATCHD_API_KEY", KEY);
+    let r = finish(c, Duration::from_secs(30));
+    assert_eq!(r.code, 1, "--api-key overrides BATCHD_API_KEY: {r:?}");
+    assert!(r.stderr.contains("Incorrect API key"), "{}", r.stderr);
+    let mut c = cmd(d);
+    c.args(["list", "--server", &s.url]).env("BATCHD_SERVER", "http://127.0.0.1:9").env("BATCHD_API_KEY", KEY);
+    let r = finish(c, Duration::from_secs(30));
+    assert_eq!(r.code, 0, "--server overrides BATCHD_SERVER: {r:?}");
+    // No server there: exit 1 with a message naming it.
+    let mut c = cmd(d);
+    c.args(["list", "--server", "http://127.0.0.1:9"]).env("BATCHD_API_KEY", KEY);
+    let r = finish(c, Duration::from_secs(30));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("cannot reach the server"), "{}", r.stderr);
+
+    // submit prints exactly the batch id on stdout.
+    let r = client(d, &s, &["submit", "in.jsonl", "--metadata", "project=cli-test"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = r.stdout.trim().to_string();
+    assert!(id.starts_with("batch_") && !id.contains(char::is_whitespace), "stdout is the id alone: {:?}", r.stdout);
+    let b = api.batch(&id).await;
+    assert_eq!(b["metadata"]["project"], "cli-test", "{b}");
+
+    // status --watch follows until the end, with plain progress on stderr (not a terminal).
+    let r = client(d, &s, &["status", &id, "--watch"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains(&id) && r.stdout.contains("completed") && r.stdout.contains("12/12 done, 1 failed"), "{}", r.stdout);
+    assert!(r.stderr.contains("progress: 12/12"), "{}", r.stderr);
+    let b = api.batch(&id).await;
+    assert_eq!(b["status"], "completed", "--watch returned only when the batch ended");
+
+    // status, and status --json (the Batch object).
+    let r = client(d, &s, &["status", &id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with(&id) && r.stdout.contains(b["output_file_id"].as_str().unwrap()), "{}", r.stdout);
+    let r = client(d, &s, &["status", &id, "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("--json prints JSON: {e}: {}", r.stdout));
+    assert_eq!(j["id"], id.as_str());
+    assert_eq!(j["object"], "batch");
+    assert_eq!(j["request_counts"], json!({"total": 12, "completed": 11, "failed": 1}));
+
+    // download writes <id>_output.jsonl and <id>_errors.jsonl, byte for byte.
+    let r = client(d, &s, &["download", &id, "-o", "results"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let (out, err) = (d.join("results").join(format!("{id}_output.jsonl")), d.join("results").join(format!("{id}_errors.jsonl")));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), api.content(b["output_file_id"].as_str().unwrap()).await);
+    assert_eq!(std::fs::read_to_string(&err).unwrap(), api.content(b["error_file_id"].as_str().unwrap()).await);
+    let (o, e) = (read_jsonl(&out), read_jsonl(&err));
+    assert_exactly_once(&o, &e, 12);
+    assert_eq!(ids(&e), BTreeSet::from(["req-5".to_string()]));
+    assert!(r.stdout.contains(&format!("{id}_output.jsonl")), "prints the paths written: {}", r.stdout);
+
+    // cancel a batch whose lines never answer; --watch ends at cancelled.
+    let hanging: Vec<String> = (0..6).map(|i| chat_line(&format!("slow-{i}"), "gpt-test", Some(json!({"hang": true})))).collect();
+    write_lines(&d.join("slow.jsonl"), &hanging);
+    let r = client(d, &s, &["submit", "slow.jsonl"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let slow = r.stdout.trim().to_string();
+    api.wait_for(&slow, &["in_progress"], Duration::from_secs(20)).await;
+    let r = client(d, &s, &["cancel", &slow]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains(&slow) && (r.stdout.contains("cancelling") || r.stdout.contains("cancelled")), "{}", r.stdout);
+    let r = client(d, &s, &["status", &slow, "--watch"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("cancelled"), "{}", r.stdout);
+    let r = client(d, &s, &["download", &slow, "-o", "results"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let e = read_jsonl(&d.join("results").join(format!("{slow}_errors.jsonl")));
+    assert_eq!(e.len(), 6, "every cancelled line is in the errors file: {e:?}");
+    assert!(e.iter().all(|l| l["error"]["code"] == "batch_cancelled"), "{e:?}");
+
+    // A batch that failed validation: errors without a line number print without "line null".
+    std::fs::write(d.join("empty.jsonl"), "\n\n").unwrap();
+    let r = client(d, &s, &["submit", "empty.jsonl"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let empty = r.stdout.trim().to_string();
+    api.wait_for(&empty, &["failed"], Duration::from_secs(20)).await;
+    let r = client(d, &s, &["status", &empty]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("[empty_file]"), "{}", r.stdout);
+    assert!(!r.stdout.contains("null"), "no \"line null\" for a file-level error: {}", r.stdout);
+    // ... and download says there is nothing to download.
+    let r = client(d, &s, &["download", &empty, "-o", "results"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no result files"), "{}", r.stderr);
+
+    // list: newest first, --limit honoured.
+    let r = client(d, &s, &["list"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let listed: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("batch_")).map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(listed, vec![empty.as_str(), slow.as_str(), id.as_str()], "{}", r.stdout);
+    let r = client(d, &s, &["list", "--limit", "1"]);
+    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("batch_")).count(), 1, "{}", r.stdout);
+
+    // Unknown batch: exit 1 and the server's message.
+    let r = client(d, &s, &["status", "batch_doesnotexist"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("404") && r.stderr.contains("batch_doesnotexist"), "{}", r.stderr);
+    m.shutdown().await;
+}
+
+// ---------------------------------------------------------------- --help
+
+#[test]
+fn help_of_every_subcommand_has_examples_and_exit_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // (subcommand, strings its help must contain beyond "Examples:")
+    let cases: [(&str, &[&str]); 10] = [
+        ("serve", &[]),
+        ("mock-upstream", &[]),
+        ("run", &["Exit codes", "130", "resume", "line-N"]),
+        ("validate", &["Exit codes", "3 it has errors"]),
+        ("retry", &["Exit codes", "--status", "--code"]),
+        ("submit", &["Exit codes"]),
+        ("status", &["Exit codes", "--watch"]),
+        ("download", &["Exit codes"]),
+        ("cancel", &["Exit codes"]),
+        ("list", &["Exit codes"]),
+    ];
+    for (sub, wants) in cases {
+        let r = batchd(tmp.path(), &[sub, "--help"]);
+        assert_eq!(r.code, 0, "{sub} --help: {r:?}");
+        assert!(r.stdout.contains("Examples:"), "{sub} --help has Examples:\n{}", r.stdout);
+        assert!(r.stdout.contains(&format!("batchd {sub} ")), "{sub}'s examples use it:\n{}", r.stdout);
+        for w in wants {
+            assert!(r.stdout.contains(w), "{sub} --help mentions {w:?}:\n{}", r.stdout);
+        }
+    }
+    let r = batchd(tmp.path(), &["run", "--help"]);
+    for code in ["0 ", "1 ", "3 ", "4 ", "130 "] {
+        assert!(r.stdout.contains(code), "run documents exit code {code}:\n{}", r.stdout);
+    }
+    let r = batchd(tmp.path(), &["frobnicate"]);
+    assert_eq!(r.code, 2, "bad usage is exit 2: {r:?}");
+}
+
+// ---------------------------------------------------------------- the progress bar on a terminal
+
+const PTY_COLS: u16 = 200;
+
+/// A very small terminal, `PTY_COLS` wide with auto-wrap: enough of VT100 to show what
+/// indicatif draws.
+struct Screen {
+    rows: Vec<Vec<char>>,
+    row: usize,
+    col: usize,
+}
+
+impl Screen {
+    fn render(bytes: &[u8]) -> Screen {
+        let text = String::from_utf8_lossy(bytes);
+        let mut s = Screen { rows: vec![vec![]], row: 0, col: 0 };
+        let mut it = text.chars().peekable();
+        while let Some(c) = it.next() {
+            match c {
+                '\x1b' => {
+                    if it.peek() == Some(&'[') {
+                        it.next();
+                        let mut params = String::new();
+                        let mut fin = ' ';
+                        for c in it.by_ref() {
+                            if ('\x40'..='\x7e').contains(&c) {
+                                fin = c;
+                                break;
+                            }
+                            params.push(c);
+                        }
+                        s.csi(&params, fin);
+                    } else {
+                        it.next();
+                    }
+                }
+                '\r' => s.col = 0,
+                '\n' => s.newline(),
+                c if c.is_control() => {}
+                c => {
+                    if s.col >= PTY_COLS as usize {
+                        // Deferred wrap: a character after the last column starts the next row.
+                        s.newline();
+                        s.col = 0;
+                    }
+                    let line = &mut s.rows[s.row];
+                    if line.len() <= s.col {
+                        line.resize(s.col + 1, ' ');
+                    }
+                    line[s.col] = c;
+                    s.col += 1;
+                }
+            }
+        }
+        s
+    }
+
+    fn newline(&mut self) {
+        self.row += 1;
+        if self.rows.len() <= self.row {
+            self.rows.push(vec![]);
+        }
+    }
+
+    fn csi(&mut self, params: &str, fin: char) {
+        let n = params.trim_start_matches('?').parse::<usize>().unwrap_or(0);
+        match fin {
+            'A' => self.row = self.row.saturating_sub(n.max(1)),
+            'B' => {
+                self.row += n.max(1);
+                while self.rows.len() <= self.row {
+                    self.rows.push(vec![]);
+                }
+            }
+            'G' => self.col = n.saturating_sub(1),
+            'C' => self.col += n.max(1),
+            'K' => {
+                let line = &mut self.rows[self.row];
+                match n {
+                    0 => line.truncate(self.col),
+                    1 => line.iter_mut().take(self.col + 1).for_each(|c| *c = ' '),
+                    _ => line.clear(),
+                }
+            }
+            'J' if n == 0 => {
+                self.rows[self.row].truncate(self.col);
+                self.rows.truncate(self.row + 1);
+            }
+            _ => {}
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.rows.iter().map(|r| r.iter().collect::<String>().trim_end().to_string()).filter(|l| !l.is_empty()).collect()
+    }
+}
+
+/// What a progress line shows: done/total.
+fn counts(line: &str) -> Option<(u64, u64)> {
+    line.split_whitespace().find_map(|w| {
+        let (a, b) = w.split_once('/')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    })
+}
+
+/// The child's terminal output, collected by a reader thread.
+struct Pty {
+    buf: Arc<Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Pty {
+    /// Spawns `c` with a new pseudo-terminal (`PTY_COLS` x 50) as stdin, stdout and stderr.
+    fn spawn(mut c: Command) -> (Child, Pty) {
+        let (mut master, mut slave) = (0, 0);
+        let ws = libc::winsize { ws_row: 50, ws_col: PTY_COLS, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: openpty writes two fresh descriptors we then own.
+        let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: the descriptors are ours alone, each wrapped once.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        c.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave).env("TERM", "xterm-256color");
+        let child = c.spawn().expect("spawn batchd on a pty");
+        drop(c); // closes our copies of the slave: the master reads EOF/EIO when the child is gone
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let mut master = std::fs::File::from(master);
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = master.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (child, Pty { buf, reader })
+    }
+
+    fn raw(&self) -> Vec<u8> {
+        self.buf.lock().unwrap().clone()
+    }
+
+    fn screen(&self) -> Vec<String> {
+        Screen::render(&self.raw()).lines()
+    }
+
+    /// The last rendered progress line, if any.
+    fn bar(&self) -> Option<String> {
+        self.screen().into_iter().rev().find(|l| counts(l).is_some() && l.contains("ETA"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_bar_on_a_terminal_shows_counts_rate_and_eta_and_moves() {
+    const N: usize = 300;
+    let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lines: Vec<String> = (0..N).map(|i| bare_line(&format!("q{i}"), None)).collect();
+    write_lines(&d.join("in.jsonl"), &lines);
+    let mut c = cmd(d);
+    c.args(["run", "in.jsonl", "--upstream", &m.base_url(), "-o", "out.jsonl", "--errors", "err.jsonl", "--concurrency", "4"]);
+    let (mut child, pty) = Pty::spawn(c);
+
+    // First snapshot: the run is under way.
+    let mut first = String::new();
+    wait_until("a progress bar with some lines done", Duration::from_secs(30), || {
+        first = pty.bar().unwrap_or_default();
+        counts(&first).is_some_and(|(done, _)| done >= 10)
+    });
+    let (done1, total1) = counts(&first).unwrap();
+    // Second snapshot, a second later: the counts moved, on the same screen line.
+    std::thread::sleep(Duration::from_millis(1000));
+    let screen = pty.screen();
+    let second = pty.bar().unwrap();
+    let (done2, total2) = counts(&second).unwrap();
+    assert_eq!((total1, total2), (N as u64, N as u64), "the bar shows done/total: {first:?} {second:?}");
+    assert!(done2 > done1, "the counts move: {first:?} then {second:?}");
+    assert!(done2 < N as u64, "the run is still going (else this test learns nothing): {second:?}");
+    assert!(second.contains(&format!("done {done2}")), "{second:?}");
+    let rate: f64 = second
+        .split(" · ")
+        .find_map(|p| p.strip_suffix(" req/s"))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("req/s on the bar: {second:?}"));
+    assert!(rate > 0.0, "a real rate mid-run: {second:?}");
+    let eta = second.split(" · ").find_map(|p| p.strip_prefix("ETA ")).unwrap_or_else(|| panic!("ETA on the bar: {second:?}"));
+    assert!(eta.ends_with('s') && eta[..eta.len() - 1].chars().any(|c| c.is_ascii_digit()), "an ETA in time units mid-run: {second:?}");
+    eprintln!("snapshot 1: {first}\nsnapshot 2: {second}");
+    let bars = screen.iter().filter(|l| counts(l).is_some() && l.contains("ETA")).count();
+    assert_eq!(bars, 1, "the bar redraws in place, it does not scroll:\n{}", screen.join("\n"));
+    assert_eq!(screen.len(), 2, "mid-run the screen is the batch line and the bar:\n{}", screen.join("\n"));
+    assert!(screen[0].starts_with("batch batch_"), "{screen:?}");
+
+    let code = wait_code(&mut child, Duration::from_secs(60));
+    pty.reader.join().unwrap();
+    assert_eq!(code, 0);
+    let raw = String::from_utf8_lossy(&pty.buf.lock().unwrap()).into_owned();
+    assert!(raw.contains('\x1b'), "a terminal gets escape codes (a live bar)");
+    assert!(!raw.contains("progress: "), "no plain progress lines on a terminal");
+    // Every frame drawn: a full bar only when every line is done (no flash of a full bar
+    // while the total is still unknown).
+    for frame in raw.split('\r').map(|f| Screen::render(f.as_bytes()).lines().join(" ")) {
+        if frame.contains(&"=".repeat(30)) {
+            assert_eq!(counts(&frame), Some((N as u64, N as u64)), "a full bar before the end: {frame:?}");
+        }
+    }
+    let screen = Screen::render(raw.as_bytes()).lines();
+    eprintln!("final screen:\n{}", screen.join("\n"));
+    let last = screen.iter().rev().find(|l| counts(l).is_some()).unwrap_or_else(|| panic!("final bar:\n{}", screen.join("\n")));
+    assert_eq!(counts(last), Some((N as u64, N as u64)), "the final screen shows the total done:\n{}", screen.join("\n"));
+    assert!(last.contains(&format!("done {N}")) && last.contains("completed"), "{last:?}");
+    assert_eq!(screen.len(), 3, "the final screen is the batch line, the finished bar and the summary:\n{}", screen.join("\n"));
+    assert_eq!(&screen[1], last);
+    assert!(screen[2].starts_with(&format!("completed: {N} succeeded")), "summary on its own line:\n{}", screen.join("\n"));
+    assert_eq!(read_jsonl(&d.join("out.jsonl")).len(), N);
+}

@@ -156,7 +156,9 @@ fn print_batch(b: &Value, as_json: bool) {
     println!("{}  {}  {}/{} done, {} failed  output {}  errors {}", b["id"].as_str().unwrap_or_default(), s.status, s.completed + s.failed, s.total, s.failed,
         b["output_file_id"].as_str().unwrap_or("-"), b["error_file_id"].as_str().unwrap_or("-"));
     for e in b["errors"]["data"].as_array().into_iter().flatten() {
-        println!("  line {}: [{}] {}", e["line"], e["code"].as_str().unwrap_or_default(), e["message"].as_str().unwrap_or_default());
+        // File-level errors (empty_file, too_many_errors, ...) have `"line": null`.
+        let at = e["line"].as_u64().map(|l| format!("line {l}: ")).unwrap_or_default();
+        println!("  {at}[{}] {}", e["code"].as_str().unwrap_or_default(), e["message"].as_str().unwrap_or_default());
     }
 }
 

@@ -30,7 +30,9 @@ impl Display {
         if quiet {
             Display::Quiet
         } else if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
+            // Length 1, not 0: indicatif draws 0/0 as a full bar, which would flash "done"
+            // before the first update (`update` also keeps the length at least 1).
+            let bar = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr_with_hz(4));
             bar.set_style(
                 ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg}")
                     .expect("a valid template")

@@ -97,8 +97,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let output = args.output.clone().unwrap_or_else(|| with_suffix(&args.input, ".output.jsonl"));
     let errors = args.errors.clone().unwrap_or_else(|| with_suffix(&args.input, ".errors.jsonl"));
     let state = args.state.clone().unwrap_or_else(|| with_suffix(&output, ".batchd"));
+    let interrupted = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let t = interrupted.clone();
+        async move {
+            crate::server::shutdown_signal().await;
+            t.cancel();
+        }
+    });
     let (store, blob, _lock) = crate::server::open_data_dir(&state).await?;
-    let batch = open_batch(&*store, &blob, &args).await?;
+    let batch = tokio::select! {
+        b = open_batch(&*store, &blob, &args) => b?,
+        _ = interrupted.cancelled() => {
+            eprintln!("interrupted before the run started; nothing was sent. Run the same command again to start.");
+            return Ok(130);
+        }
+    };
     if !args.quiet {
         eprintln!("batch {} · state in {}", batch.id, state.display());
     }
@@ -106,7 +120,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let engine = Engine::start(store.clone(), blob.clone(), router, cfg, true).await?;
     let watched = tokio::select! {
         r = watch(&*store, &engine, &batch.id, args.quiet) => Some(r?),
-        _ = crate::server::shutdown_signal() => None,
+        _ = interrupted.cancelled() => None,
     };
     engine.shutdown(Duration::from_secs(5)).await;
     let Some(b) = watched else {
@@ -205,12 +219,16 @@ fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) 
         *tokens = (Instant::now(), now_tokens, tokens.2);
     }
     let progress = engine.progress(&b.id, b.total - b.completed - b.failed);
+    let average = match (b.in_progress_at, b.completed_at.or(b.cancelled_at).or(b.expired_at)) {
+        (Some(start), Some(end)) => (b.completed + b.failed) as f64 / (end - start).max(1) as f64,
+        _ => 0.0,
+    };
     Snapshot {
         status: b.status.as_str().into(),
         total: b.total as u64,
         completed: b.completed as u64,
         failed: b.failed as u64,
-        requests_per_second: progress.as_ref().map_or(0.0, |p| p.requests_per_second),
+        requests_per_second: progress.as_ref().map_or(average, |p| p.requests_per_second),
         tokens_per_second: tokens.2,
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         retries_waiting: engine.stats().retries_waiting.load(Ordering::Relaxed),

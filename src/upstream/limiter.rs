@@ -23,6 +23,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::UpstreamConfig;
 
 const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
+/// Longest a bucket waiter sleeps before looking again, so that tokens credited back by
+/// [`Limiter::settle_tokens`] (an estimate larger than the real usage) are seen promptly.
+const MAX_BUCKET_SLEEP: Duration = Duration::from_millis(50);
 
 pub struct Limiter {
     sem: Arc<Semaphore>,
@@ -179,7 +182,7 @@ impl Bucket {
                 }
                 Duration::from_secs_f64(((need - b.tokens) / b.per_sec).max(0.001))
             };
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(wait.min(MAX_BUCKET_SLEEP)).await;
         }
     }
 }
@@ -214,6 +217,24 @@ mod tests {
         }
         assert_eq!(l.window(), 8.0);
         assert_eq!(l.free(), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tpm_waiter_sees_tokens_credited_back() {
+        let raw = crate::config::RawUpstream { name: "t".into(), base_url: "http://127.0.0.1:9/v1".into(), tpm: Some(6100), ..Default::default() };
+        let cfg = crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap().upstreams.remove(0);
+        let l = Arc::new(Limiter::new(&cfg));
+        drop(l.acquire(1000).await);
+        let start = tokio::time::Instant::now();
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { drop(l.acquire(50).await) }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        l.settle_tokens(1000, 40);
+        waiter.await.unwrap();
+        let took = start.elapsed().as_secs_f64();
+        assert!(took < 1.0, "an estimate of 1000 corrected to 40 lets the next request go within a second, took {took}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # batchd benchmark suite: measures the performance budgets of DESIGN.md and prints a table.
 #
-#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches), ~5-10 minutes
-#   bench/run.sh --quick    smaller sizes, under ~2 minutes (figures are indicative only)
+#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches), about 1.5-3 minutes
+#   bench/run.sh --quick    smaller sizes, about 30 s (figures are indicative only)
+# (plus the release build when it is not up to date: about 3 minutes from scratch on 2 cores)
 #
 # Options:
 #   --quick         smaller sizes
@@ -28,7 +29,7 @@ KEEP=0
 ONLY=""
 JSON="$HERE/.last-run.json"
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -128,6 +128,7 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawEngine {
     pub commit_interval_ms: Option<u64>,
+    pub commit_min_results: Option<usize>,
     pub commit_max_results: Option<usize>,
     pub unit_lines: Option<u64>,
     pub lease_ttl_s: Option<u64>,
@@ -173,7 +174,10 @@ pub struct Limits {
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
+    /// Longest a result waits before its group is committed.
     pub commit_interval: Duration,
+    /// A group is committed as soon as it holds this many results.
+    pub commit_min_results: usize,
     pub commit_max_results: usize,
     pub unit_lines: u64,
     pub lease_ttl: Duration,
@@ -193,8 +197,9 @@ impl Default for Limits {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            commit_interval: Duration::from_millis(20),
-            commit_max_results: 1000,
+            commit_interval: Duration::from_millis(150),
+            commit_min_results: 128,
+            commit_max_results: 2000,
             unit_lines: 500,
             lease_ttl: Duration::from_secs(30),
         }
@@ -356,6 +361,7 @@ fn resolve_engine(e: &RawEngine) -> Result<EngineConfig, ConfigError> {
     let d = EngineConfig::default();
     let cfg = EngineConfig {
         commit_interval: e.commit_interval_ms.map(Duration::from_millis).unwrap_or(d.commit_interval),
+        commit_min_results: e.commit_min_results.unwrap_or(d.commit_min_results).max(1),
         commit_max_results: e.commit_max_results.unwrap_or(d.commit_max_results).max(1),
         unit_lines: e.unit_lines.unwrap_or(d.unit_lines).max(1),
         lease_ttl: e.lease_ttl_s.map(Duration::from_secs).unwrap_or(d.lease_ttl),

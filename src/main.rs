@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// mimalloc: less CPU per allocation than glibc's malloc on the dispatch path, and memory that
+/// is returned instead of fragmenting across per-thread arenas.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = batchd::cli::Cli::parse();
     let default_filter = match cli.command {

@@ -247,7 +247,9 @@ fn slow_run(d: &Path, m: &MockServer) -> Command {
 /// Interrupts a run part-way with `interrupt`, runs the same command again, checks the
 /// resume: every line exactly once, and at most `max_resent` lines sent a second time, each
 /// of them one the first run had already sent.
-async fn interrupted_run_resumes(interrupt: impl FnOnce(&mut Child), want_code: i32, max_resent: u64) -> (Out, Out) {
+/// `None` for `max_resent` asks for the durability contract's bound: only lines without a
+/// durable result at the interruption may be sent again.
+async fn interrupted_run_resumes(interrupt: impl FnOnce(&mut Child), want_code: i32, max_resent: Option<u64>) -> (Out, Out) {
     const N: usize = 80;
     let m = mock(MockArgs { latency_ms: 120, ..Default::default() }).await;
     let tmp = tempfile::tempdir().unwrap();
@@ -260,6 +262,10 @@ async fn interrupted_run_resumes(interrupt: impl FnOnce(&mut Child), want_code: 
     let first = wait_out(child, Duration::from_secs(30));
     assert_eq!(first.code, want_code, "{first:?}");
     let before = m.stats_with(Duration::from_secs(60), true);
+    let max_resent = match max_resent {
+        Some(n) => n,
+        None => before.unique_request_ids - durable_results(&d.join("out.batchd")).await,
+    };
     let sent_first: BTreeSet<String> = before.request_id_counts.clone().unwrap_or_default().into_keys().collect();
     assert!(before.requests < N as u64, "the run was interrupted part-way ({} sent)", before.requests);
     assert!(!d.join("out.jsonl").exists(), "an interrupted run writes no output file yet");
@@ -289,8 +295,6 @@ async fn interrupted_run_resumes(interrupt: impl FnOnce(&mut Child), want_code: 
     (first, second)
 }
 
-const CONCURRENCY: u64 = 4;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_interrupted_by_ctrl_c_exits_130_and_resumes_without_resending() {
     // Ctrl-C stops cleanly: the lines in flight (120 ms each) finish within the grace period
@@ -301,7 +305,7 @@ async fn run_interrupted_by_ctrl_c_exits_130_and_resumes_without_resending() {
             assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGINT) }, 0);
         },
         130,
-        0,
+        Some(0),
     )
     .await;
     assert!(first.stderr.contains("interrupted"), "{}", first.stderr);
@@ -310,26 +314,26 @@ async fn run_interrupted_by_ctrl_c_exits_130_and_resumes_without_resending() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_killed_with_sigkill_mid_request_resends_at_most_the_lines_in_flight() {
-    // Killed ~50 ms into a 120 ms round: the previous round's answers are durable (the
-    // writer commits every 20 ms), only the 4 lines in flight are sent again.
+async fn run_killed_with_sigkill_mid_request_resends_only_lines_without_a_durable_result() {
+    // Killed ~50 ms into a 120 ms round: the lines in flight, and any answered line whose
+    // group was not committed yet, are sent again; no line with a durable result is.
     interrupted_run_resumes(
         |c| {
             std::thread::sleep(Duration::from_millis(50));
             c.kill().unwrap()
         },
         -libc::SIGKILL,
-        CONCURRENCY,
+        None,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_killed_with_sigkill_right_after_answers_resends_at_most_one_commit_group_more() {
+async fn run_killed_with_sigkill_right_after_answers_resends_only_lines_without_a_durable_result() {
     // Killed the moment the mock sees a new round: the previous round's answers arrived
-    // (their permits freed the slots) but are not durable yet (group commit, 20 ms), so
-    // they are sent again too: in flight + answered-but-unsaved ≤ 2 × concurrency.
-    interrupted_run_resumes(|c| c.kill().unwrap(), -libc::SIGKILL, 2 * CONCURRENCY).await;
+    // (their permits freed the slots) but their group may not be committed yet, so they
+    // may be sent again too — and nothing else.
+    interrupted_run_resumes(|c| c.kill().unwrap(), -libc::SIGKILL, None).await;
 }
 
 // ---------------------------------------------------------------- batchd validate
@@ -867,4 +871,12 @@ async fn progress_bar_on_a_terminal_shows_counts_rate_and_eta_and_moves() {
     assert_eq!(&screen[1], last);
     assert!(screen[2].starts_with(&format!("completed: {N} succeeded")), "summary on its own line:\n{}", screen.join("\n"));
     assert_eq!(read_jsonl(&d.join("out.jsonl")).len(), N);
+}
+
+/// Results durable in a `batchd run` state directory (read after the process is gone).
+async fn durable_results(state: &Path) -> u64 {
+    use batchd::store::{BatchStatus, Store};
+    let store = batchd::store::sqlite::SqliteStore::open(&state.join("batchd.db")).await.unwrap();
+    let batches = store.batches_in(&BatchStatus::ALL).await.unwrap();
+    batches.iter().map(|b| (b.completed + b.failed) as u64).sum()
 }

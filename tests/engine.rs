@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const SECS: fn(u64) -> Duration = Duration::from_secs;
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
 
 /// A chat line with `extra` merged into its body.
 fn line_with(custom_id: &str, model: &str, extra: Value) -> String {
@@ -31,12 +33,11 @@ fn done(b: &Value) -> u64 {
 }
 
 async fn wait_idle(m: &MockServer, timeout: Duration, what: &str) {
-    let m = m;
     eventually(what, timeout, || async move { (m.stats().in_flight == 0).then_some(()) }).await;
 }
 
 fn id_counts(m: &MockServer) -> std::collections::BTreeMap<String, u64> {
-    m.stats_with(SECS(60), true).request_id_counts.unwrap_or_default()
+    m.stats_with(secs(60), true).request_id_counts.unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ async fn concurrency_limit_is_reached_and_never_exceeded() {
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(60, "m")).await;
-    let b = api.wait_for(&id, &["completed"], SECS(30)).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
     let took = t0.elapsed();
     let st = m.stats();
     assert_eq!(st.peak_in_flight, 4, "max_concurrency = 4 must be reached and never exceeded: {st:?}");
@@ -70,7 +71,7 @@ async fn rpm_limit_spaces_requests() {
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(8, "m")).await;
-    let b = api.wait_for(&id, &["completed"], SECS(30)).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
     let took = t0.elapsed();
     final_results(&api, &b, 8).await;
     let st = m.stats_with(Duration::from_millis(1000), false);
@@ -93,7 +94,7 @@ async fn tpm_limit_spaces_requests() {
         (0..4).map(|i| line_with(&format!("t-{i}"), "m", json!({"max_tokens": 100, "mock": {"completion_tokens": 100}}))).collect();
     let t0 = Instant::now();
     let id = api.submit(&lines).await;
-    let b = api.wait_for(&id, &["completed"], SECS(30)).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
     let took = t0.elapsed();
     final_results(&api, &b, 4).await;
     let st = m.stats_with(Duration::from_millis(1000), false);
@@ -117,7 +118,7 @@ async fn retry_after_is_honoured() {
     let line = chat_line("ra", "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 2})));
     let t0 = Instant::now();
     let id = api.submit(&[line]).await;
-    let b = api.wait_for(&id, &["completed", "failed"], SECS(30)).await;
+    let b = api.wait_for(&id, &["completed", "failed"], secs(30)).await;
     let took = t0.elapsed();
     let (out, _) = final_results(&api, &b, 1).await;
     assert_eq!(out.len(), 1, "the line succeeds on its second attempt: {b}");
@@ -126,7 +127,7 @@ async fn retry_after_is_honoured() {
     assert_eq!(st.requests, 2);
     assert_eq!(st.by_status.get("429"), Some(&1));
     assert_eq!(st.max_in_window, 1, "the retry came sooner than Retry-After (2 s) after the 429");
-    assert!(took >= SECS(2), "{took:?}");
+    assert!(took >= secs(2), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +142,7 @@ async fn max_attempts_is_respected_and_4xx_is_final() {
         chat_line("ok", "m", None),
     ];
     let id = api.submit(&lines).await;
-    let b = api.wait_for(&id, &["completed"], SECS(30)).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
     let (out, err) = final_results(&api, &b, 4).await;
     let ids = ids_by_custom_id(&[out.clone(), err.clone()].concat());
     let counts = id_counts(&m);
@@ -178,7 +179,7 @@ async fn hanging_request_is_cut_at_timeout_and_retried() {
     let lines = vec![chat_line("hang", "m", Some(json!({"hang": true}))), chat_line("ok", "m", None)];
     let t0 = Instant::now();
     let id = api.submit(&lines).await;
-    let b = api.wait_for(&id, &["completed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
     let took = t0.elapsed();
     let (out, err) = final_results(&api, &b, 2).await;
     assert_eq!((out.len(), err.len()), (1, 1));
@@ -189,9 +190,9 @@ async fn hanging_request_is_cut_at_timeout_and_retried() {
     assert!(e["error"]["message"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(id_counts(&m)[e["id"].as_str().unwrap()], 2, "timed out twice with max_attempts = 2");
     assert_eq!(m.stats().hangs, 2);
-    assert!(took >= SECS(2), "two attempts of 1 s each: {took:?}");
-    assert!(took < SECS(10), "timeout_s = 1 must cut the hanging request: {took:?}");
-    wait_idle(&m, SECS(5), "the mock sees the hung connections closed").await;
+    assert!(took >= secs(2), "two attempts of 1 s each: {took:?}");
+    assert!(took < secs(10), "timeout_s = 1 must cut the hanging request: {took:?}");
+    wait_idle(&m, secs(5), "the mock sees the hung connections closed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +206,7 @@ async fn non_json_upstream_body_becomes_an_error_message() {
         chat_line("empty-502", "m", Some(json!({"status": 502, "body_text": ""}))),
     ];
     let id = api.submit(&lines).await;
-    let b = api.wait_for(&id, &["completed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
     let (out, err) = final_results(&api, &b, 2).await;
     assert!(out.is_empty());
     let by_cid: HashMap<&str, &Value> = err.iter().map(|l| (l["custom_id"].as_str().unwrap(), l)).collect();
@@ -237,10 +238,10 @@ async fn soak_with_random_faults_is_exactly_once() {
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(N, "m")).await;
-    let b = api.wait_for(&id, &["completed"], SECS(60)).await;
+    let b = api.wait_for(&id, &["completed"], secs(60)).await;
     let took = t0.elapsed();
     let (out, err) = final_results(&api, &b, N).await;
-    let st = m.stats_with(SECS(60), true);
+    let st = m.stats_with(secs(60), true);
     let counts = st.request_id_counts.clone().unwrap();
     println!(
         "soak: {took:?}, {} requests, {} hangs, statuses {:?}, {} ok, {} errors",
@@ -248,7 +249,7 @@ async fn soak_with_random_faults_is_exactly_once() {
     );
     assert_eq!(st.unique_request_ids, N as u64, "every line reached the upstream under its own id");
     assert_eq!(counts.values().sum::<u64>(), st.requests);
-    assert!(st.hangs > 0 && st.by_status.get("429").is_some() && st.by_status.get("500").is_some(), "faults were injected: {st:?}");
+    assert!(st.hangs > 0 && st.by_status.contains_key("429") && st.by_status.contains_key("500"), "faults were injected: {st:?}");
     let answered: u64 = st.by_status.values().sum();
     assert_eq!(answered + st.hangs, st.requests);
     assert!(counts.values().all(|&n| n <= 6), "no line was tried more than max_attempts = 6 times");
@@ -273,7 +274,7 @@ async fn cancel_mid_run_aborts_in_flight_and_keeps_finished_lines() {
     let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(N, "m")).await;
-    eventually("the batch runs with ≥ 1 finished line", SECS(20), || {
+    eventually("the batch runs with ≥ 1 finished line", secs(20), || {
         let (api, id) = (api.clone(), id.clone());
         async move {
             let b = api.batch(&id).await;
@@ -281,17 +282,19 @@ async fn cancel_mid_run_aborts_in_flight_and_keeps_finished_lines() {
         }
     })
     .await;
+    let in_flight = m.stats().in_flight;
     let (st, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(st, 200, "{c}");
+    assert!(in_flight > 0, "test premise: calls were in flight at the cancel");
     assert!(c["status"] == "cancelling" || c["status"] == "cancelled", "{c}");
     assert!(c["cancelling_at"].is_i64(), "{c}");
     let t_cancel = Instant::now();
-    wait_idle(&m, SECS(2), "in-flight calls are aborted within 2 s").await;
+    wait_idle(&m, secs(2), "in-flight calls are aborted within 2 s").await;
     println!("in-flight calls aborted {:?} after cancel", t_cancel.elapsed());
     let before = m.stats().requests;
-    tokio::time::sleep(SECS(1)).await;
+    tokio::time::sleep(secs(1)).await;
     assert_eq!(m.stats().requests, before, "no request may be sent after a cancel");
-    let b = api.wait_for(&id, &["cancelled"], SECS(10)).await;
+    let b = api.wait_for(&id, &["cancelled"], secs(10)).await;
     assert!(b["cancelled_at"].is_i64() && b["cancelling_at"].is_i64(), "{b}");
     assert!(b["completed_at"].is_null() && b["expired_at"].is_null(), "{b}");
     let (out, err) = final_results(&api, &b, N).await;
@@ -313,7 +316,7 @@ async fn cancelling_a_completed_batch_returns_it_unchanged() {
     let s = Server::start(&config(&m.base_url(), "", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(3, "m")).await;
-    let b = api.wait_for(&id, &["completed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
     let (st, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(st, 200, "{c}");
     assert_eq!(c, b, "a final batch never changes");
@@ -332,7 +335,7 @@ async fn expiry_keeps_finished_lines_and_marks_the_rest_expired() {
     let created = api.create_batch(&f, json!({"completion_window": "3s"})).await;
     let id = created["id"].as_str().unwrap().to_string();
     assert_eq!(created["expires_at"].as_i64().unwrap() - created["created_at"].as_i64().unwrap(), 3);
-    let b = api.wait_for(&id, &["expired", "completed", "cancelled", "failed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["expired", "completed", "cancelled", "failed"], secs(20)).await;
     println!("expired after {:?}", t0.elapsed());
     assert_eq!(b["status"], "expired", "{b}");
     assert!(b["expired_at"].is_i64() && b["finalizing_at"].is_i64(), "{b}");
@@ -344,7 +347,7 @@ async fn expiry_keeps_finished_lines_and_marks_the_rest_expired() {
         assert!(l["response"].is_null(), "{l}");
         assert_eq!(l["error"]["code"], "batch_expired", "{l}");
     }
-    wait_idle(&m, SECS(3), "in-flight calls are aborted at expiry").await;
+    wait_idle(&m, secs(3), "in-flight calls are aborted at expiry").await;
     let before = m.stats().requests;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(m.stats().requests, before, "nothing is sent after expiry");
@@ -360,15 +363,19 @@ async fn small_batch_is_not_stuck_behind_a_big_one() {
     let s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
     let api = s.api();
     let big = api.submit(&chat_lines(3000, "m")).await;
-    api.wait_for(&big, &["in_progress"], SECS(20)).await;
+    eventually("the big batch is under way", secs(20), || {
+        let (api, big) = (api.clone(), big.clone());
+        async move { (done(&api.batch(&big).await) >= 100).then_some(()) }
+    })
+    .await;
     let t0 = Instant::now();
     let small = api.submit(&chat_lines(10, "m")).await;
-    let sb = api.wait_for(&small, &["completed"], SECS(20)).await;
+    let sb = api.wait_for(&small, &["completed"], secs(20)).await;
     let took = t0.elapsed();
     let bb = api.batch(&big).await;
     println!("small batch done in {took:?}; big batch at {}/3000", done(&bb));
     final_results(&api, &sb, 10).await;
-    assert!(took < SECS(4), "a 10-line batch must not wait behind a 3000-line one: {took:?}");
+    assert!(took < secs(4), "a 10-line batch must not wait behind a 3000-line one: {took:?}");
     assert!(done(&bb) < 1500, "the big batch was still far from done: {bb}");
     assert_eq!(bb["status"], "in_progress");
 }
@@ -382,9 +389,9 @@ async fn priority_gets_a_larger_share() {
     let f2 = api.upload(&chat_lines(1500, "m")).await;
     let low = api.create_batch(&f1, json!({})).await["id"].as_str().unwrap().to_string();
     let high = api.create_batch(&f2, json!({"priority": 4})).await["id"].as_str().unwrap().to_string();
-    api.wait_for(&low, &["in_progress"], SECS(20)).await;
-    api.wait_for(&high, &["in_progress"], SECS(20)).await;
-    tokio::time::sleep(SECS(3)).await;
+    api.wait_for(&low, &["in_progress"], secs(20)).await;
+    api.wait_for(&high, &["in_progress"], secs(20)).await;
+    tokio::time::sleep(secs(3)).await;
     let (l, h) = (api.batch(&low).await, api.batch(&high).await);
     let (dl, dh) = (done(&l), done(&h));
     println!("after 3 s: low {dl}, high (priority 4) {dh}");
@@ -416,7 +423,7 @@ async fn models_route_to_their_upstream_with_aliases_rewritten() {
     let mut lines: Vec<String> = (0..10).map(|i| chat_line(&format!("a-{i}"), "a", None)).collect();
     lines.extend((0..10).map(|i| chat_line(&format!("b-{i}"), "m-b", None)));
     let id = api.submit(&lines).await;
-    let b = api.wait_for(&id, &["completed", "failed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["completed", "failed"], secs(20)).await;
     assert_eq!(b["status"], "completed", "{b}");
     let (out, _) = final_results(&api, &b, 20).await;
     assert!(b["model"].is_null(), "mixed models: batch.model is null: {b}");
@@ -448,7 +455,7 @@ async fn upstreams_serving_one_model_share_the_load() {
     let s = Server::start(&cfg);
     let api = s.api();
     let id = api.submit(&chat_lines(40, "m")).await;
-    let b = api.wait_for(&id, &["completed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
     final_results(&api, &b, 40).await;
     let (r1, r2) = (m1.stats().requests, m2.stats().requests);
     println!("load split: {r1} / {r2}");
@@ -469,7 +476,7 @@ async fn lines_fail_over_from_a_dead_upstream() {
         let s = Server::start(&cfg);
         let api = s.api();
         let id = api.submit(&chat_lines(30, "m")).await;
-        let b = api.wait_for(&id, &["completed"], SECS(30)).await;
+        let b = api.wait_for(&id, &["completed"], secs(30)).await;
         let (out, _) = final_results(&api, &b, 30).await;
         assert_eq!(out.len(), 30, "every line fails over to the live upstream: {b}");
         assert_eq!(live.stats().unique_request_ids, 30);
@@ -492,10 +499,10 @@ async fn request_id_and_api_key_are_sent_and_the_key_never_leaks() {
     let mut lines = chat_lines(20, "m");
     lines.push(chat_line("fails", "m", Some(json!({"status": 400}))));
     let id = api.submit(&lines).await;
-    let b = api.wait_for(&id, &["completed"], SECS(20)).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
     let (out, err) = final_results(&api, &b, 21).await;
     assert_eq!(out.len(), 20, "the key was accepted by the upstream (no 401): {err:?}");
-    let st = m.stats_with(SECS(60), true);
+    let st = m.stats_with(secs(60), true);
     assert_eq!(st.by_status.get("401"), None);
     let sent: BTreeSet<String> = st.request_id_counts.unwrap().into_keys().collect();
     let ids: BTreeSet<String> = out.iter().chain(&err).map(|l| l["id"].as_str().unwrap().to_string()).collect();
@@ -519,7 +526,7 @@ async fn request_counts_and_progress_are_live() {
     let api = s.api();
     let id = api.submit(&chat_lines(N, "m")).await;
     let (mut increases, mut last, mut rps_seen, mut eta_seen) = (0, 0, 0.0f64, false);
-    let deadline = Instant::now() + SECS(30);
+    let deadline = Instant::now() + secs(30);
     let b = loop {
         let b = api.batch(&id).await;
         let d = done(&b);
@@ -544,4 +551,247 @@ async fn request_counts_and_progress_are_live() {
     assert!(increases >= 3, "completed grows while running, not all at the end ({increases} increases)");
     assert!(rps_seen > 0.0, "progress.requests_per_second > 0 while running");
     assert!(eta_seen, "progress.eta_seconds is given once there is a rate");
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. more engine behaviour
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_estimate_is_corrected_by_actual_usage() {
+    // tpm 6100 → 100 tokens/s. Each line is estimated at ~1040 tokens (max_tokens 1000) but
+    // really uses ~50. Once the first answer has corrected the estimate, the next line may go
+    // within about a second; 6 lines should take a few seconds, not 6 × 10 s.
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "tpm = 6100", ""));
+    let api = s.api();
+    let lines: Vec<String> = (0..6).map(|i| line_with(&format!("t-{i}"), "m", json!({"max_tokens": 1000}))).collect();
+    let t0 = Instant::now();
+    let id = api.submit(&lines).await;
+    let b = api.wait_for(&id, &["completed"], secs(40)).await;
+    let took = t0.elapsed();
+    final_results(&api, &b, 6).await;
+    let st = m.stats();
+    let used = st.prompt_tokens + st.completion_tokens;
+    println!("6 lines using {used} tokens in all took {took:?} at tpm 6100");
+    assert!(used < 600, "test premise: the lines really use few tokens ({used})");
+    assert!(took < secs(12), "the TPM bucket must credit back the unused estimate: 6 lines using {used} tokens took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_second_upstream_does_not_stall_a_fast_one() {
+    let fast = mock(MockArgs { latency_ms: 10, ..Default::default() }).await;
+    let slow = mock(MockArgs { latency_ms: 500, ..Default::default() }).await;
+    let cfg = upstream("fast", &fast.base_url(), "models = [\"m\"]\nmax_concurrency = 2")
+        + &upstream("slow", &slow.base_url(), "models = [\"m\"]\nmax_concurrency = 2")
+        + WINDOWS;
+    let s = Server::start(&cfg);
+    let api = s.api();
+    let t0 = Instant::now();
+    let id = api.submit(&chat_lines(60, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    let took = t0.elapsed();
+    final_results(&api, &b, 60).await;
+    println!("60 lines took {took:?}: fast {} / slow {}", fast.stats().requests, slow.stats().requests);
+    // The fast upstream alone would need 60 × 10 ms / 2 = 0.3 s.
+    assert!(took < secs(3), "lines waited for the slow upstream while the fast one was idle: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_lines_with_blank_lines_and_crlf_are_sent_as_written() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let body = |t: &str| json!({"model": "m", "messages": [{"role": "user", "content": t}]}).to_string();
+    let text = format!("{}\r\n\r\n{}\r\n   \n{}", body("first"), body("third"), body("fifth"));
+    let (st, f) = api.upload_as(text.into_bytes(), "batch", "bare.jsonl").await;
+    assert_eq!(st, 200, "{f}");
+    let b = api.create_batch(f["id"].as_str().unwrap(), json!({})).await;
+    let b = api.wait_for(b["id"].as_str().unwrap(), &["completed", "failed"], secs(20)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (out, _) = final_results(&api, &b, 3).await;
+    let got: HashMap<&str, &str> = out
+        .iter()
+        .map(|l| (l["custom_id"].as_str().unwrap(), l["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap()))
+        .collect();
+    let want = HashMap::from([("line-1", "echo: first"), ("line-3", "echo: third"), ("line-5", "echo: fifth")]);
+    assert_eq!(got, want, "physical line numbers name bare lines; each answer belongs to its line");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_and_responses_go_to_their_paths_with_usage_summed() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    for (endpoint, body) in [
+        ("/v1/embeddings", json!({"model": "e", "input": "some text to embed"})),
+        ("/v1/responses", json!({"model": "r", "input": "say hi", "mock": {"completion_tokens": 7}})),
+    ] {
+        let lines: Vec<String> =
+            (0..5).map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": endpoint, "body": body}).to_string()).collect();
+        let f = api.upload(&lines).await;
+        let b = api.create_batch(&f, json!({"endpoint": endpoint})).await;
+        let b = api.wait_for(b["id"].as_str().unwrap(), &["completed", "failed"], secs(20)).await;
+        assert_eq!(b["status"], "completed", "{b}");
+        let (out, _) = final_results(&api, &b, 5).await;
+        let u = &b["usage"];
+        let sum = |f: &dyn Fn(&Value) -> i64| out.iter().map(|l| f(&l["response"]["body"]["usage"])).sum::<i64>();
+        if endpoint == "/v1/embeddings" {
+            assert_eq!(out[0]["response"]["body"]["object"], "list");
+            assert_eq!(u["input_tokens"].as_i64(), Some(sum(&|u| u["prompt_tokens"].as_i64().unwrap())), "{b}");
+            assert_eq!(u["output_tokens"], 0);
+        } else {
+            assert_eq!(out[0]["response"]["body"]["object"], "response");
+            assert_eq!(u["input_tokens"].as_i64(), Some(sum(&|u| u["input_tokens"].as_i64().unwrap())), "{b}");
+            assert_eq!(u["output_tokens"], 35, "{b}");
+        }
+        assert_eq!(u["total_tokens"].as_i64(), Some(u["input_tokens"].as_i64().unwrap() + u["output_tokens"].as_i64().unwrap()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_line_json_answers_stay_one_jsonl_line() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_attempts = 1", ""));
+    let api = s.api();
+    let pretty = "{\n  \"id\": \"x\",\n  \"note\": \"line\\nbreak\",\n  \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 4, \"total_tokens\": 7}\n}";
+    let lines = vec![
+        chat_line("pretty-200", "m", Some(json!({"status": 200, "body_text": pretty}))),
+        chat_line("pretty-500", "m", Some(json!({"status": 500, "body_text": pretty}))),
+        chat_line("plain", "m", None),
+    ];
+    let id = api.submit(&lines).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
+    let (out, err) = final_results(&api, &b, 3).await;
+    let p = out.iter().find(|l| l["custom_id"] == "pretty-200").expect("a 2xx JSON answer goes to the output file");
+    assert_eq!(p["response"]["body"], serde_json::from_str::<Value>(pretty).unwrap());
+    assert_eq!(err[0]["response"]["body"], serde_json::from_str::<Value>(pretty).unwrap());
+    assert!(b["usage"]["total_tokens"].as_i64().unwrap() >= 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gives_upstream_unavailable_after_max_attempts() {
+    let s = Server::start(&config(&dead_base_url(), "max_attempts = 2", ""));
+    let api = s.api();
+    let id = api.submit(&chat_lines(3, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
+    let (_, err) = final_results(&api, &b, 3).await;
+    for l in &err {
+        assert!(l["response"].is_null(), "{l}");
+        assert_eq!(l["error"]["code"], "upstream_unavailable", "{l}");
+        let msg = l["error"]["message"].as_str().unwrap();
+        assert!(!msg.contains("127.0.0.1"), "no upstream address in user-visible errors: {msg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_can_let_in_flight_lines_finish() {
+    const N: usize = 40;
+    let m = mock(MockArgs { latency_ms: 1000, ..Default::default() }).await;
+    // `extra` lands in the [batches] table that `config` ends with.
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", "finish_in_flight_on_cancel = true"));
+    let api = s.api();
+    let id = api.submit(&chat_lines(N, "m")).await;
+    api.wait_for(&id, &["in_progress"], secs(20)).await;
+    let mr = &m;
+    eventually("calls in flight", secs(10), || async move { (mr.stats().in_flight == 4).then_some(()) }).await;
+    let sent = m.stats().requests;
+    let (_, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(c["status"], "cancelling", "{c}");
+    let b = api.wait_for(&id, &["cancelled"], secs(10)).await;
+    let (out, err) = final_results(&api, &b, N).await;
+    assert_eq!(m.stats().requests, sent, "nothing new is sent after the cancel");
+    assert_eq!(out.len() as u64, sent, "every call in flight at the cancel finished and was kept: {b}");
+    assert!(err.iter().all(|l| l["error"]["code"] == "batch_cancelled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_window_recovers_after_429s() {
+    let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
+    let api = s.api();
+    let storm: Vec<String> =
+        (0..24).map(|i| chat_line(&format!("s-{i}"), "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 0.05})))).collect();
+    let id = api.submit(&storm).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    let (out, _) = final_results(&api, &b, 24).await;
+    assert_eq!(out.len(), 24);
+    assert_eq!(m.stats().by_status.get("429"), Some(&24));
+    m.reset_stats();
+    let id = api.submit(&chat_lines(300, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    final_results(&api, &b, 300).await;
+    let st = m.stats();
+    assert_eq!(st.peak_in_flight, 8, "after the 429s the window grows back to max_concurrency (no slot is lost): {st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_bytes_pass_through_unchanged() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let body = format!(r#"{{ "model" : "m",{}"messages":[{{"role":"user","content":"caf\u00e9 \ud83d\ude00"}}] , "temperature":1.50 }}"#, " ".repeat(400));
+    let line = format!(r#"{{"custom_id":"w","method":"POST","url":"/v1/chat/completions","body":{body}}}"#);
+    let id = api.submit(&[line]).await;
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
+    let (out, _) = final_results(&api, &b, 1).await;
+    assert_eq!(out[0]["response"]["body"]["choices"][0]["message"]["content"], "echo: café 😀");
+    assert_eq!(m.stats().prompt_tokens, body.len() as u64 / 4, "the upstream got the body's bytes as written, not re-serialized JSON");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_completion_never_ends_completed() {
+    // Cancels land at random moments around the end of 1-line batches. Whatever wins, a
+    // batch whose cancel was acknowledged (`cancelling`) must end `cancelled`: the state
+    // machine has no cancelling → completed edge.
+    let m = mock(MockArgs { latency_ms: 60, ..Default::default() }).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let f = api.upload(&chat_lines(1, "m")).await;
+    // Calibrate: how long a 1-line batch takes from create to final, here and now.
+    let mut took = vec![];
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let id = api.create_batch(&f, json!({})).await["id"].as_str().unwrap().to_string();
+        loop {
+            if api.batch(&id).await["status"] == "completed" {
+                break;
+            }
+            assert!(t0.elapsed() < secs(10));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    let typical = took[2].as_millis() as u64;
+    // Cancels spread over the ~60 ms before the typical completion, when the runner concludes.
+    let mut tasks = vec![];
+    for i in 0..60u64 {
+        let api = api.clone();
+        let id = api.create_batch(&f, json!({})).await["id"].as_str().unwrap().to_string();
+        let delay = Duration::from_millis((typical + 10).saturating_sub(i));
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let (_, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
+            (id, c["status"].as_str().unwrap().to_string())
+        }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut bad = vec![];
+    let mut seen = HashMap::<String, u32>::new();
+    for t in tasks {
+        let (id, answered) = t.await.unwrap();
+        let b = api.wait_for(&id, &["completed", "cancelled", "failed", "expired"], secs(20)).await;
+        let fin = b["status"].as_str().unwrap().to_string();
+        *seen.entry(format!("{answered} → {fin}")).or_default() += 1;
+        if answered == "cancelling" && fin != "cancelled" {
+            bad.push(b.clone());
+        }
+        if fin == "completed" {
+            assert!(b["finalizing_at"].is_i64(), "completed without finalizing: {b}");
+        }
+        final_results(&api, &b, if b["request_counts"]["total"] == 0 { 0 } else { 1 }).await;
+    }
+    println!("typical 1-line batch: {typical} ms; cancel answer → final status: {seen:?}");
+    assert!(bad.is_empty(), "acknowledged cancels that did not end cancelled: {bad:#?}");
 }

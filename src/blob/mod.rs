@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -45,6 +45,11 @@ impl From<std::io::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Size of one ranged read when streaming an object.
+pub const READ_CHUNK: u64 = 1 << 20;
+/// Buffer of a streaming upload before a part is sent.
+pub const WRITE_BUFFER: usize = 5 << 20;
+
 #[derive(Clone)]
 pub struct Blob {
     store: Arc<dyn ObjectStore>,
@@ -61,9 +66,11 @@ impl Blob {
         Blob { store }
     }
 
-    /// A streaming writer; nothing is visible under `key` until `finish`.
+    /// A streaming writer; nothing is visible under `key` until `finish`. It buffers at most
+    /// [`WRITE_BUFFER`] bytes, with at most two parts in flight.
     pub fn writer(&self, key: &str) -> BlobWriter {
-        BlobWriter { inner: BufWriter::new(self.store.clone(), ObjectPath::from(key)), written: 0 }
+        let inner = BufWriter::with_capacity(self.store.clone(), ObjectPath::from(key), WRITE_BUFFER).with_max_concurrency(2);
+        BlobWriter { inner, written: 0 }
     }
 
     /// Writes a whole object at once.
@@ -74,15 +81,28 @@ impl Blob {
 
     /// Streams an object's bytes.
     pub async fn get_stream(&self, key: &str) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let r = self.store.get(&ObjectPath::from(key)).await?;
-        Ok(r.into_stream().map_err(Error::from).boxed())
+        let size = self.size(key).await?;
+        Ok(self.chunks(key, 0..size))
     }
 
     /// Streams a byte range of an object.
     pub async fn get_range_stream(&self, key: &str, range: Range<u64>) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let opts = object_store::GetOptions { range: Some(range.into()), ..Default::default() };
-        let r = self.store.get_opts(&ObjectPath::from(key), opts).await?;
-        Ok(r.into_stream().map_err(Error::from).boxed())
+        Ok(self.chunks(key, range))
+    }
+
+    /// Reads a range as [`READ_CHUNK`]-sized ranged reads, two in flight: large reads keep
+    /// a local disk or an object store busy without holding more than two chunks.
+    fn chunks(&self, key: &str, range: Range<u64>) -> BoxStream<'static, Result<Bytes>> {
+        let (store, path) = (self.store.clone(), ObjectPath::from(key));
+        let starts = (range.start..range.end).step_by(READ_CHUNK as usize);
+        futures::stream::iter(starts)
+            .map(move |start| {
+                let (store, path) = (store.clone(), path.clone());
+                let end = (start + READ_CHUNK).min(range.end);
+                async move { store.get_range(&path, start..end).await.map_err(Error::from) }
+            })
+            .buffered(2)
+            .boxed()
     }
 
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
@@ -135,6 +155,7 @@ impl BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::TryStreamExt;
 
     #[tokio::test]
     async fn write_read_range_delete() {
@@ -149,6 +170,13 @@ mod tests {
         assert_eq!(&blob.get_range("files/a", 6..11).await.unwrap()[..], b"world");
         let all: Vec<Bytes> = blob.get_stream("files/a").await.unwrap().try_collect().await.unwrap();
         assert_eq!(all.concat(), b"hello world");
+        let big: Vec<u8> = (0..(READ_CHUNK * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        blob.put("files/big", Bytes::from(big.clone())).await.unwrap();
+        let got: Vec<Bytes> = blob.get_stream("files/big").await.unwrap().try_collect().await.unwrap();
+        assert_eq!(got.len(), 3, "read in chunks");
+        assert_eq!(got.concat(), big);
+        let part: Vec<Bytes> = blob.get_range_stream("files/big", 5..READ_CHUNK + 9).await.unwrap().try_collect().await.unwrap();
+        assert_eq!(part.concat(), &big[5..(READ_CHUNK + 9) as usize]);
         blob.delete("files/a").await.unwrap();
         blob.delete("files/a").await.unwrap();
         assert!(matches!(blob.get_stream("files/a").await, Err(Error::NotFound(_))));

@@ -56,9 +56,7 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         count(&inner.stats.retries_waiting, 1);
         tokio::time::sleep(wait).await;
         inner.stats.retries_waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let (next_pool, next_target) = route.pick(Some(&pool.cfg.name)).clone();
-        (pool, target) = (next_pool, next_target);
-        permit = pool.limiter.acquire(p.est_tokens).await;
+        (pool, target, permit) = route.acquire(p.est_tokens, Some(&pool.cfg.name)).await;
         attempt += 1;
     }
 }

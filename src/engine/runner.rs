@@ -142,7 +142,13 @@ async fn conclude(inner: &Arc<Inner>, id: &str, expired: bool) -> anyhow::Result
     };
     inner.store.begin_finalizing(id, outcome, now).await?;
     let b = inner.store.get_batch(None, id).await?;
-    finalizer::finish(inner, &b, outcome).await
+    match b.status {
+        BatchStatus::Finalizing => finalizer::finish(inner, &b, outcome).await,
+        // A cancel landed after the first read (so `begin_finalizing` did nothing): the batch
+        // is `cancelling`, and cancelling only ever leads to `cancelled`.
+        BatchStatus::Cancelling => finalizer::finish(inner, &b, BatchStatus::Cancelled).await,
+        _ => Ok(()),
+    }
 }
 
 /// Leases units one after another and dispatches their lines, until none is left or the
@@ -181,9 +187,8 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, routes: &mut HashMap<Stri
             inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;
             continue;
         };
-        let (pool, target) = route.pick(None).clone();
-        let permit = tokio::select! {
-            permit = pool.limiter.acquire(p.est_tokens) => permit,
+        let (pool, target, permit) = tokio::select! {
+            got = route.acquire(p.est_tokens, None) => got,
             _ = ctx.h.stop.cancelled() => return Ok(()),
         };
         let ctx2 = ctx.clone();

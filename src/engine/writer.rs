@@ -1,10 +1,12 @@
 //! The result writer: makes results durable in groups.
 //!
-//! Finished lines arrive on a bounded channel. The writer commits whatever arrived within
-//! `commit_interval` (or `commit_max_results`, whichever comes first) in one store
-//! transaction, so durability costs one commit per many results, never one per request. A
-//! flush barrier lets a runner wait until everything it sent is durable. A failed commit is
-//! retried with back-off; results are never dropped while the process lives.
+//! Finished lines arrive on a bounded channel. The writer commits a group in one store
+//! transaction once it holds `commit_min_results`, or once its oldest result has waited
+//! `commit_interval`, taking everything already queued (up to `commit_max_results`). So the
+//! number of commits follows the number of results, not the clock: about one per
+//! `commit_min_results` results under load, and a result waits at most `commit_interval`.
+//! A flush barrier lets a runner wait until everything it sent is durable. A failed commit
+//! is retried with back-off; results are never dropped while the process lives.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +57,16 @@ async fn run(store: Arc<dyn Store>, cfg: EngineConfig, progress: ProgressBook, s
     while let Some(first) = rx.recv().await {
         take(first, &mut group, &mut waiters);
         let deadline = tokio::time::Instant::now() + cfg.commit_interval;
-        while group.len() < cfg.commit_max_results && waiters.is_empty() {
+        loop {
+            while group.len() < cfg.commit_max_results {
+                match rx.try_recv() {
+                    Ok(m) => take(m, &mut group, &mut waiters),
+                    Err(_) => break,
+                }
+            }
+            if group.len() >= cfg.commit_min_results || group.len() >= cfg.commit_max_results || !waiters.is_empty() {
+                break;
+            }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(m)) => take(m, &mut group, &mut waiters),
                 _ => break,

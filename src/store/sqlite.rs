@@ -44,7 +44,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
-            .pragma("cache_size", "-4000");
+            .pragma("cache_size", "-2000");
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(db_err)?;
         let store = SqliteStore { pool, commits: AtomicU64::new(0) };
         store.migrate().await?;

@@ -69,12 +69,14 @@ CREATE TABLE units (
     PRIMARY KEY (batch_id, idx)
 );
 
+-- A rowid table: records are large (a whole output line), which WITHOUT ROWID handles badly.
 CREATE TABLE results (
+    id        INTEGER PRIMARY KEY,
     batch_id  TEXT NOT NULL,
     line      INTEGER NOT NULL,
     custom_id TEXT NOT NULL,
     ok        INTEGER NOT NULL,
     record    TEXT NOT NULL,
-    PRIMARY KEY (batch_id, line)
-) WITHOUT ROWID;
+    UNIQUE (batch_id, line)
+);
 CREATE INDEX results_by_custom_id ON results (batch_id, custom_id);

@@ -30,15 +30,26 @@ pub struct Route {
 }
 
 impl Route {
-    /// The target with the most free capacity, avoiding `avoid` (a pool that just failed)
-    /// when another exists.
-    pub fn pick(&self, avoid: Option<&str>) -> &(Arc<Pool>, Arc<str>) {
-        let ok = |t: &&(Arc<Pool>, Arc<str>)| avoid.is_none_or(|a| t.0.cfg.name != a) || self.targets.len() == 1;
-        self.targets
-            .iter()
-            .filter(ok)
-            .max_by_key(|(p, _)| p.limiter.free())
-            .unwrap_or(&self.targets[0])
+    /// The targets to use, leaving out `avoid` (a pool that just failed) when another exists.
+    fn candidates(&self, avoid: Option<&str>) -> Vec<&(Arc<Pool>, Arc<str>)> {
+        let others: Vec<_> = self.targets.iter().filter(|t| avoid.is_none_or(|a| t.0.cfg.name != a)).collect();
+        if others.is_empty() { self.targets.iter().collect() } else { others }
+    }
+
+    /// Takes a slot on a pool that serves the route: the one with the most free capacity when
+    /// any has a slot free, else whichever frees one first, so a saturated slow pool never
+    /// holds lines back from an idle fast one.
+    pub async fn acquire(&self, est_tokens: u64, avoid: Option<&str>) -> (Arc<Pool>, Arc<str>, Permit) {
+        let cands = self.candidates(avoid);
+        let best = cands.iter().max_by_key(|(p, _)| p.limiter.free()).expect("a route has a target");
+        if cands.len() == 1 || best.0.limiter.free() > 0 {
+            let permit = best.0.limiter.acquire(est_tokens).await;
+            return (best.0.clone(), best.1.clone(), permit);
+        }
+        let waits = cands.into_iter().map(|(p, m)| {
+            Box::pin(async move { (p.clone(), m.clone(), p.limiter.acquire(est_tokens).await) })
+        });
+        futures::future::select_all(waits).await.0
     }
 }
 
@@ -142,8 +153,10 @@ mod tests {
         assert_eq!(r.resolve("m1").unwrap().targets.len(), 2, "two pools serve m1");
         assert!(r.resolve("m3").is_none());
         assert_eq!(r.known_models(), ["fast", "m1", "m2"]);
-        let picked = r.resolve("m1").unwrap();
-        assert_eq!(picked.pick(Some("a")).0.cfg.name, "b", "failover avoids the pool that failed");
+        let route = r.resolve("m1").unwrap();
+        let names = |avoid| route.candidates(avoid).iter().map(|t| t.0.cfg.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(Some("a")), ["b"], "failover avoids the pool that failed");
+        assert_eq!(names(Some("zzz")), ["a", "b"]);
     }
 
     #[test]

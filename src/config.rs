@@ -199,8 +199,8 @@ impl Default for EngineConfig {
         EngineConfig {
             commit_interval: Duration::from_millis(150),
             commit_min_results: 128,
-            commit_max_results: 2000,
-            unit_lines: 500,
+            commit_max_results: 1000,
+            unit_lines: 2000,
             lease_ttl: Duration::from_secs(30),
         }
     }

@@ -22,6 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod ids;
+pub mod memory;
 pub mod mock;
 pub mod server;
 pub mod store;

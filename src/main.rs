@@ -2,12 +2,9 @@
 
 use clap::Parser;
 
-/// mimalloc: less CPU per allocation than glibc's malloc on the dispatch path, and memory that
-/// is returned instead of fragmenting across per-thread arenas.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    batchd::memory::limit_arenas();
     let cli = batchd::cli::Cli::parse();
     let default_filter = match cli.command {
         batchd::cli::Command::Serve(_) | batchd::cli::Command::MockUpstream(_) => "batchd=info,tower_http=warn",

@@ -62,6 +62,7 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> anyhow::Result<()> {
     let stream = inner.blob.get_stream(&file.blob_key).await?;
     let v = Validator::new(&b.id, &b.endpoint, &inner.router, inner.cfg.limits, inner.cfg.engine.unit_lines);
     let report = validate_stream(stream, file.bytes as u64, v).await?;
+    crate::memory::release_free_memory();
     let now = crate::now_unix();
     if report.errors.is_empty() {
         inner.store.mark_validated(&b.id, &report.validated, now).await?;

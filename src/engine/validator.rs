@@ -17,7 +17,7 @@ use crate::upstream::Router;
 pub const MAX_ERRORS: usize = 1000;
 const MAX_CUSTOM_ID: usize = 512;
 /// A unit also ends when it reaches this many bytes, so a feeder's buffer stays bounded.
-const MAX_UNIT_BYTES: u64 = 4 << 20;
+const MAX_UNIT_BYTES: u64 = 2 << 20;
 
 /// What validation found, good or bad.
 #[derive(Debug, Clone)]

@@ -46,7 +46,7 @@ impl WriterHandle {
 }
 
 pub fn spawn(store: Arc<dyn Store>, cfg: EngineConfig, progress: ProgressBook, stats: Arc<EngineStats>) -> WriterHandle {
-    let (tx, rx) = mpsc::channel(cfg.commit_max_results * 4);
+    let (tx, rx) = mpsc::channel(cfg.commit_max_results.min(1024));
     tokio::spawn(run(store, cfg, progress, stats, rx));
     WriterHandle { tx }
 }

@@ -363,7 +363,7 @@ impl Store for SqliteStore {
                     .push_bind(u.byte_offset as i64)
                     .push_bind(u.byte_len as i64);
             });
-            b.build().execute(&mut *tx).await.map_err(db_err)?;
+            b.build().persistent(false).execute(&mut *tx).await.map_err(db_err)?;
         }
         let r = tx.commit().await.map_err(db_err);
         self.counted(r).map(|_| true)
@@ -515,7 +515,9 @@ impl Store for SqliteStore {
                 row.push_bind(&r.batch_id).push_bind(r.line as i64).push_bind(&r.custom_id).push_bind(r.ok).push_bind(&r.record);
             });
             b.push(" ON CONFLICT DO NOTHING RETURNING batch_id, line");
-            let rows = b.build().fetch_all(&mut *tx).await.map_err(db_err)?;
+            // Not cached: a cached statement would keep its last bound records alive, one
+            // statement per distinct group size.
+            let rows = b.build().persistent(false).fetch_all(&mut *tx).await.map_err(db_err)?;
             let by_key: HashMap<(&str, u64), &ResultRecord> =
                 chunk.iter().map(|r| ((r.batch_id.as_str(), r.line), r)).collect();
             for row in rows {

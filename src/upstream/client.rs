@@ -80,7 +80,10 @@ pub(super) fn build(cfg: &UpstreamConfig) -> Result<reqwest::Client, reqwest::Er
 impl Pool {
     /// POSTs `body` to `base_url` + `path` (the line's url without its `/v1` prefix).
     pub async fn send(&self, path: &str, body: Bytes, request_id: &str) -> Outcome {
-        let url = format!("{}{}", self.cfg.base_url, path);
+        let url = match self.url(path) {
+            Ok(u) => u,
+            Err(e) => return Outcome::Transport(TransportError::Unavailable(format!("upstream {:?}: bad URL: {e}", self.cfg.name))),
+        };
         let mut req = self.http.post(url).header(CONTENT_TYPE, "application/json").header("x-request-id", request_id).body(body);
         if let Some(key) = &self.cfg.api_key {
             req = req.bearer_auth(key.expose());
@@ -96,6 +99,17 @@ impl Pool {
             Ok(body) => Outcome::Answer(Answer { status, body, request_id, retry_after }),
             Err(e) => Outcome::Transport(transport_error(&self.cfg.name, e)),
         }
+    }
+}
+
+impl Pool {
+    fn url(&self, path: &str) -> Result<reqwest::Url, url::ParseError> {
+        if let Some(u) = self.urls.read().expect("not poisoned").get(path) {
+            return Ok(u.clone());
+        }
+        let u = reqwest::Url::parse(&format!("{}{}", self.cfg.base_url, path))?;
+        self.urls.write().expect("not poisoned").insert(path.to_string(), u.clone());
+        Ok(u)
     }
 }
 

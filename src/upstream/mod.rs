@@ -20,6 +20,8 @@ use crate::config::UpstreamConfig;
 pub struct Pool {
     pub cfg: UpstreamConfig,
     http: reqwest::Client,
+    /// Parsed URLs of the paths sent so far (parsing one per request is measurable).
+    urls: std::sync::RwLock<std::collections::HashMap<String, reqwest::Url>>,
     pub limiter: Arc<Limiter>,
 }
 
@@ -63,7 +65,7 @@ impl Router {
             .iter()
             .map(|c| {
                 let http = client::build(c)?;
-                Ok(Arc::new(Pool { limiter: Arc::new(Limiter::new(c)), http, cfg: c.clone() }))
+                Ok(Arc::new(Pool { limiter: Arc::new(Limiter::new(c)), http, urls: Default::default(), cfg: c.clone() }))
             })
             .collect::<Result<Vec<_>, reqwest::Error>>()?;
         Ok(Router { pools })

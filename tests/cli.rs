@@ -880,3 +880,28 @@ async fn durable_results(state: &Path) -> u64 {
     let batches = store.batches_in(&BatchStatus::ALL).await.unwrap();
     batches.iter().map(|b| (b.completed + b.failed) as u64).sum()
 }
+
+#[test]
+fn validate_estimates_cost_from_configured_prices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let body = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "x".repeat(396)}], "max_tokens": 100});
+    let lines: Vec<String> = (0..10).map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body("priced")}).to_string()).collect();
+    write_lines(&d.join("in.jsonl"), &lines);
+    let per_line_input = lines[0].len() as f64 / 4.0;
+    std::fs::write(
+        d.join("prices.toml"),
+        "[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"priced\"]\n\n[prices.priced]\ninput_per_million = 1000.0\noutput_per_million = 2000.0\n",
+    )
+    .unwrap();
+    let r = batchd(d, &["validate", "in.jsonl", "--config", "prices.toml"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("model priced: 10 requests"), "{}", r.stdout);
+    assert!(r.stdout.contains("≤1000 output tokens"), "max_tokens are summed: {}", r.stdout);
+    let want = (10.0 * per_line_input.floor() * 1000.0 + 1000.0 * 2000.0) / 1e6;
+    let line = r.stdout.lines().find(|l| l.starts_with("estimated cost:")).unwrap_or_else(|| panic!("no cost line: {}", r.stdout));
+    let got: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((got - want).abs() < 0.01, "cost {got} != {want}");
+    let without = batchd(d, &["validate", "in.jsonl"]);
+    assert!(!without.stdout.contains("estimated cost"), "no prices, no cost: {}", without.stdout);
+}

@@ -14,7 +14,7 @@ use super::extract::{JsonObject, Query};
 use super::files::{cursor_error, expiry, not_found_as, parse_limit};
 use super::{AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{BatchRecord, BatchStatus, Usage};
+use crate::store::{BatchRecord, BatchStatus};
 use crate::wire;
 
 pub const ENDPOINTS: [&str; 5] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"];
@@ -66,45 +66,14 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
         return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
     }
     let now = crate::now_unix();
-    let record = new_batch(tenant, input_file_id, endpoint, window, metadata, now, now + duration.as_secs() as i64, priority, output_expires_after);
+    let mut record = BatchRecord::new(crate::ids::batch_id(), tenant, input_file_id, endpoint, window, now, now + duration.as_secs() as i64);
+    record.metadata = metadata;
+    record.priority = priority;
+    record.output_expires_after = output_expires_after;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
     let b = st.store.insert_batch(&record, key).await?;
     st.engine.wake();
     Ok(Json(render(&st, &b)))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn new_batch(tenant: String, input_file_id: String, endpoint: String, window: String, metadata: Option<Map<String, Value>>, now: i64, expires_at: i64, priority: i64, output_expires_after: Option<i64>) -> BatchRecord {
-    BatchRecord {
-        id: crate::ids::batch_id(),
-        tenant,
-        endpoint,
-        input_file_id,
-        completion_window: window,
-        metadata,
-        model: None,
-        status: BatchStatus::Validating,
-        output_file_id: None,
-        error_file_id: None,
-        errors: None,
-        created_at: now,
-        in_progress_at: None,
-        expires_at: Some(expires_at),
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        total: 0,
-        completed: 0,
-        failed: 0,
-        usage: Usage::default(),
-        priority,
-        input_format: None,
-        output_expires_after,
-        finalize_as: None,
-    }
 }
 
 /// OpenAI's limits: at most 16 keys, keys up to 64 characters, string values up to 512.

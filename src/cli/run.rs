@@ -18,7 +18,7 @@ use super::progress::{Display, Snapshot};
 use crate::blob::Blob;
 use crate::config::RawConfig;
 use crate::engine::Engine;
-use crate::store::{BatchRecord, BatchStatus, FileRecord, Store, Usage};
+use crate::store::{BatchRecord, BatchStatus, FileRecord, Store};
 use crate::upstream::Router;
 
 pub const EXAMPLES: &str = "Examples:
@@ -148,36 +148,7 @@ async fn open_batch(store: &dyn Store, blob: &Blob, args: &RunArgs) -> anyhow::R
         let rec = FileRecord { id: file_id.clone(), tenant: TENANT.into(), bytes: bytes as i64, created_at: now, filename, purpose: "batch".into(), expires_at: None, blob_key: format!("files/{file_id}") };
         store.insert_file(&rec).await?;
     }
-    let b = BatchRecord {
-        id: crate::ids::batch_id(),
-        tenant: TENANT.into(),
-        endpoint: args.endpoint.clone(),
-        input_file_id: file_id,
-        completion_window: "365d".into(),
-        metadata: None,
-        model: None,
-        status: BatchStatus::Validating,
-        output_file_id: None,
-        error_file_id: None,
-        errors: None,
-        created_at: now,
-        in_progress_at: None,
-        expires_at: Some(now + RUN_WINDOW_S),
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        total: 0,
-        completed: 0,
-        failed: 0,
-        usage: Usage::default(),
-        priority: 1,
-        input_format: None,
-        output_expires_after: None,
-        finalize_as: None,
-    };
+    let b = BatchRecord::new(crate::ids::batch_id(), TENANT.into(), file_id, args.endpoint.clone(), "365d".into(), now, now + RUN_WINDOW_S);
     Ok(store.insert_batch(&b, Some(&key)).await?)
 }
 

@@ -19,36 +19,7 @@ pub fn sample_file(tenant: &str, id: &str) -> FileRecord {
 }
 
 pub fn sample_batch(tenant: &str, id: &str, input: &str) -> BatchRecord {
-    BatchRecord {
-        id: id.into(),
-        tenant: tenant.into(),
-        endpoint: "/v1/chat/completions".into(),
-        input_file_id: input.into(),
-        completion_window: "24h".into(),
-        metadata: None,
-        model: None,
-        status: BatchStatus::Validating,
-        output_file_id: None,
-        error_file_id: None,
-        errors: None,
-        created_at: 1_000,
-        in_progress_at: None,
-        expires_at: Some(1_000 + 86_400),
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        total: 0,
-        completed: 0,
-        failed: 0,
-        usage: Usage::default(),
-        priority: 1,
-        input_format: None,
-        output_expires_after: None,
-        finalize_as: None,
-    }
+    BatchRecord::new(id.into(), tenant.into(), input.into(), "/v1/chat/completions".into(), "24h".into(), 1_000, 1_000 + 86_400)
 }
 
 fn units(batch: &str, n: i64, lines_per_unit: u64) -> Vec<WorkUnit> {

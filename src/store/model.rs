@@ -134,6 +134,42 @@ pub struct BatchRecord {
     pub finalize_as: Option<BatchStatus>,
 }
 
+impl BatchRecord {
+    /// A batch just created: `validating`, nothing counted, every optional field unset.
+    pub fn new(id: String, tenant: String, input_file_id: String, endpoint: String, completion_window: String, created_at: i64, expires_at: i64) -> Self {
+        BatchRecord {
+            id,
+            tenant,
+            endpoint,
+            input_file_id,
+            completion_window,
+            metadata: None,
+            model: None,
+            status: BatchStatus::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            errors: None,
+            created_at,
+            in_progress_at: None,
+            expires_at: Some(expires_at),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            total: 0,
+            completed: 0,
+            failed: 0,
+            usage: Usage::default(),
+            priority: 1,
+            input_format: None,
+            output_expires_after: None,
+            finalize_as: None,
+        }
+    }
+}
+
 /// A range of input lines, leased and run as one piece of work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkUnit {

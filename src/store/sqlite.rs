@@ -141,6 +141,24 @@ fn unit_from_row(r: &SqliteRow) -> WorkUnit {
     }
 }
 
+const INSERT_FILE: &str = "INSERT INTO files (id, tenant, bytes, created_at, filename, purpose, expires_at, blob_key)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+const INSERT_FILE_IF_NEW: &str = "INSERT INTO files (id, tenant, bytes, created_at, filename, purpose, expires_at, blob_key)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING";
+
+/// `INSERT` of a file row (`sql` is [`INSERT_FILE`] or [`INSERT_FILE_IF_NEW`]).
+fn insert_file_query<'a>(f: &'a FileRecord, sql: &'static str) -> sqlx::query::Query<'a, Sqlite, sqlx::sqlite::SqliteArguments<'a>> {
+    sqlx::query(sql)
+        .bind(&f.id)
+        .bind(&f.tenant)
+        .bind(f.bytes)
+        .bind(f.created_at)
+        .bind(&f.filename)
+        .bind(&f.purpose)
+        .bind(f.expires_at)
+        .bind(&f.blob_key)
+}
+
 /// The column that records when a batch entered `status`.
 fn timestamp_column(status: BatchStatus) -> &'static str {
     match status {
@@ -171,20 +189,7 @@ fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_file(&self, f: &FileRecord) -> Result<()> {
-        let r = sqlx::query(
-            "INSERT INTO files (id, tenant, bytes, created_at, filename, purpose, expires_at, blob_key)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&f.id)
-        .bind(&f.tenant)
-        .bind(f.bytes)
-        .bind(f.created_at)
-        .bind(&f.filename)
-        .bind(&f.purpose)
-        .bind(f.expires_at)
-        .bind(&f.blob_key)
-        .execute(&self.pool)
-        .await;
+        let r = insert_file_query(f, INSERT_FILE).execute(&self.pool).await;
         self.counted(r.map(|_| ()).map_err(db_err))
     }
 
@@ -397,21 +402,7 @@ impl Store for SqliteStore {
     async fn finish_batch(&self, id: &str, f: &Finish) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         for file in [&f.output_file, &f.error_file].into_iter().flatten() {
-            sqlx::query(
-                "INSERT INTO files (id, tenant, bytes, created_at, filename, purpose, expires_at, blob_key)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(&file.id)
-            .bind(&file.tenant)
-            .bind(file.bytes)
-            .bind(file.created_at)
-            .bind(&file.filename)
-            .bind(&file.purpose)
-            .bind(file.expires_at)
-            .bind(&file.blob_key)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            insert_file_query(file, INSERT_FILE_IF_NEW).execute(&mut *tx).await.map_err(db_err)?;
         }
         let col = timestamp_column(f.status);
         let sql = format!(

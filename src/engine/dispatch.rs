@@ -53,11 +53,29 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         let wait = backoff(attempt, retry_after(&outcome));
         tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, wait_ms = wait.as_millis() as u64, "retrying");
         count(&inner.stats.retries_total, 1);
-        count(&inner.stats.retries_waiting, 1);
-        tokio::time::sleep(wait).await;
-        inner.stats.retries_waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let _waiting = Waiting::new(&inner.stats.retries_waiting);
+            tokio::time::sleep(wait).await;
+        }
         (pool, target, permit) = route.acquire(p.est_tokens, Some(&pool.cfg.name)).await;
         attempt += 1;
+    }
+}
+
+/// Counts one retry waiting for its back-off, for as long as it lives (an aborted line
+/// drops it mid-sleep).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a std::sync::atomic::AtomicU64) -> Self {
+        count(gauge, 1);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -6,8 +6,14 @@
 
 use std::time::Duration;
 
+use axum::http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{Request, Uri};
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, CONTENT_TYPE};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
 use super::Pool;
 use crate::config::UpstreamConfig;
@@ -67,61 +73,93 @@ impl Outcome {
     }
 }
 
-pub(super) fn build(cfg: &UpstreamConfig) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+/// The HTTP client of one pool: hyper's pooled client (HTTP/1.1 keep-alive; TLS by rustls
+/// with the webpki roots for `https://` upstreams). Measured against reqwest on the same
+/// mock, it costs about half the CPU per request, which is most of batchd's own overhead.
+pub(super) type Http = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+pub(super) fn build(cfg: &UpstreamConfig) -> Http {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(Duration::from_secs(10).min(cfg.timeout)));
+    let tls = hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().wrap_connector(tcp);
+    Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(cfg.max_concurrency.max(16))
         .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10).min(cfg.timeout))
-        .timeout(cfg.timeout)
-        .build()
+        .build(tls)
+}
+
+/// The `Authorization` header of an upstream key, marked sensitive (never logged).
+pub(super) fn auth_header(key: &crate::config::Secret) -> Result<HeaderValue, super::BuildError> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+        .map_err(|_| super::BuildError("an upstream API key has characters not allowed in an HTTP header".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 impl Pool {
-    /// POSTs `body` to `base_url` + `path` (the line's url without its `/v1` prefix).
+    /// POSTs `body` to `base_url` + `path` (the line's url without its `/v1` prefix); the
+    /// whole exchange, answer body included, is cut off at the upstream's timeout.
     pub async fn send(&self, path: &str, body: Bytes, request_id: &str) -> Outcome {
-        let url = match self.url(path) {
+        let uri = match self.uri(path) {
             Ok(u) => u,
             Err(e) => return Outcome::Transport(TransportError::Unavailable(format!("upstream {:?}: bad URL: {e}", self.cfg.name))),
         };
-        let mut req = self.http.post(url).header(CONTENT_TYPE, "application/json").header("x-request-id", request_id).body(body);
-        if let Some(key) = &self.cfg.api_key {
-            req = req.bearer_auth(key.expose());
+        let mut req = Request::post(uri).header(CONTENT_TYPE, "application/json");
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            req = req.header("x-request-id", id);
         }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => return Outcome::Transport(transport_error(&self.cfg.name, e)),
-        };
-        let status = resp.status().as_u16();
-        let retry_after = retry_after(resp.headers(), status);
-        let request_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        match resp.bytes().await {
-            Ok(body) => Outcome::Answer(Answer { status, body, request_id, retry_after }),
-            Err(e) => Outcome::Transport(transport_error(&self.cfg.name, e)),
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let req = req.body(Full::new(body)).expect("a request of valid parts builds");
+        match tokio::time::timeout(self.cfg.timeout, self.exchange(req)).await {
+            Ok(Ok(answer)) => Outcome::Answer(answer),
+            Ok(Err(e)) => Outcome::Transport(e),
+            Err(_) => Outcome::Transport(TransportError::Timeout(format!("upstream {:?} did not answer in time", self.cfg.name))),
         }
     }
-}
 
-impl Pool {
-    fn url(&self, path: &str) -> Result<reqwest::Url, url::ParseError> {
-        if let Some(u) = self.urls.read().expect("not poisoned").get(path) {
+    async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Answer, TransportError> {
+        let name = &self.cfg.name;
+        let resp = self.http.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                TransportError::Unavailable(format!("could not connect to upstream {name:?}"))
+            } else {
+                TransportError::Unavailable(format!("upstream {name:?} failed: {}", error_chain(&e)))
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}")))?
+            .to_bytes();
+        let status = parts.status.as_u16();
+        let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok(Answer { status, retry_after: retry_after(&parts.headers, status), request_id, body })
+    }
+
+    fn uri(&self, path: &str) -> Result<Uri, axum::http::uri::InvalidUri> {
+        if let Some(u) = self.uris.read().expect("not poisoned").get(path) {
             return Ok(u.clone());
         }
-        let u = reqwest::Url::parse(&format!("{}{}", self.cfg.base_url, path))?;
-        self.urls.write().expect("not poisoned").insert(path.to_string(), u.clone());
+        let u: Uri = format!("{}{}", self.cfg.base_url, path).parse()?;
+        self.uris.write().expect("not poisoned").insert(path.to_string(), u.clone());
         Ok(u)
     }
 }
 
-/// Describes a transport failure without the URL's query or any header (no secret leaks).
-fn transport_error(upstream: &str, e: reqwest::Error) -> TransportError {
-    if e.is_timeout() {
-        TransportError::Timeout(format!("upstream {upstream:?} did not answer in time"))
-    } else if e.is_connect() {
-        TransportError::Unavailable(format!("could not connect to upstream {upstream:?}"))
-    } else {
-        TransportError::Unavailable(format!("upstream {upstream:?} failed: {}", e.without_url()))
+/// An error and its causes, without any URL or header (no secret can leak).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out += &format!(": {c}");
+        cause = c.source();
     }
+    out
 }
 
 /// The wait an upstream asks for: `retry-after-ms`, then `retry-after` (seconds), then on a

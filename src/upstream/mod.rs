@@ -19,11 +19,18 @@ use crate::config::UpstreamConfig;
 /// One upstream: its configuration, a pooled HTTP client and its limiter.
 pub struct Pool {
     pub cfg: UpstreamConfig,
-    http: reqwest::Client,
-    /// Parsed URLs of the paths sent so far (parsing one per request is measurable).
-    urls: std::sync::RwLock<std::collections::HashMap<String, reqwest::Url>>,
+    http: client::Http,
+    /// `Authorization: Bearer …`, marked sensitive.
+    auth: Option<axum::http::HeaderValue>,
+    /// Parsed URIs of the paths sent so far (parsing one per request is measurable).
+    uris: std::sync::RwLock<std::collections::HashMap<String, axum::http::Uri>>,
     pub limiter: Arc<Limiter>,
 }
+
+/// An upstream that cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
 
 /// A model's resolution: the pools that serve it, each with the model id it expects.
 #[derive(Clone)]
@@ -60,14 +67,15 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(cfgs: &[UpstreamConfig]) -> Result<Router, reqwest::Error> {
+    pub fn new(cfgs: &[UpstreamConfig]) -> Result<Router, BuildError> {
         let pools = cfgs
             .iter()
             .map(|c| {
-                let http = client::build(c)?;
-                Ok(Arc::new(Pool { limiter: Arc::new(Limiter::new(c)), http, urls: Default::default(), cfg: c.clone() }))
+                let auth = c.api_key.as_ref().map(client::auth_header).transpose()?;
+                let pool = Pool { limiter: Arc::new(Limiter::new(c)), http: client::build(c), auth, uris: Default::default(), cfg: c.clone() };
+                Ok(Arc::new(pool))
             })
-            .collect::<Result<Vec<_>, reqwest::Error>>()?;
+            .collect::<Result<Vec<_>, BuildError>>()?;
         Ok(Router { pools })
     }
 

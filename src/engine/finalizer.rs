@@ -8,8 +8,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
-
 use super::dispatch::error_record;
 use super::runner::unit_lines;
 use super::Inner;
@@ -53,29 +51,26 @@ async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str)
 
 /// Writes the output and error files; a file that would be empty is not created.
 async fn write_files(inner: &Inner, b: &BatchRecord) -> anyhow::Result<(Option<FileRecord>, Option<FileRecord>)> {
-    let out_id = crate::ids::batch_output_file_id(&b.id, "output");
-    let err_id = crate::ids::batch_output_file_id(&b.id, "error");
-    let mut out = inner.blob.writer(&format!("files/{out_id}"));
-    let mut err = inner.blob.writer(&format!("files/{err_id}"));
-    let mut results = inner.store.stream_results(&b.id);
-    let (mut out_buf, mut err_buf) = (Vec::with_capacity(1 << 16), Vec::with_capacity(1 << 16));
-    while let Some(r) = results.next().await {
-        let r = r?;
-        let (w, buf) = if r.ok { (&mut out, &mut out_buf) } else { (&mut err, &mut err_buf) };
-        buf.extend_from_slice(r.record.as_bytes());
-        buf.push(b'\n');
-        if buf.len() >= 1 << 16 {
-            w.write(buf).await?;
-            buf.clear();
-        }
-    }
-    drop(results);
-    out.write(&out_buf).await?;
-    err.write(&err_buf).await?;
     let now = crate::now_unix();
-    let output = close(out, &out_id, b, "output", now).await?;
-    let error = close(err, &err_id, b, "error", now).await?;
+    let output = write_file(inner, b, true, now).await?;
+    let error = write_file(inner, b, false, now).await?;
     Ok((output, error))
+}
+
+/// Records read from the log per store call while writing a file.
+const CHUNK_RECORDS: u32 = 2000;
+
+/// Streams the 2xx (`ok`) or the other results into one file.
+async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> anyhow::Result<Option<FileRecord>> {
+    let kind = if ok { "output" } else { "error" };
+    let id = crate::ids::batch_output_file_id(&b.id, kind);
+    let mut w = inner.blob.writer(&format!("files/{id}"));
+    let mut after = 0;
+    while let Some((chunk, last)) = inner.store.results_chunk(&b.id, ok, after, CHUNK_RECORDS).await? {
+        w.write(chunk.as_bytes()).await?;
+        after = last;
+    }
+    close(w, &id, b, kind, now).await
 }
 
 async fn close(w: BlobWriter, id: &str, b: &BatchRecord, kind: &str, now: i64) -> anyhow::Result<Option<FileRecord>> {

@@ -1,6 +1,6 @@
 //! A batch's life on this node: validate, run, then hand over to the finalizer.
 //!
-//! Running: `priority` feeders lease work units and wait, one line at a time, in the FIFO
+//! Running: `2 × priority` feeders lease work units and wait, one line at a time, in the FIFO
 //! queue of the pool that serves the line's model; every batch waiting there gets its turn,
 //! so a 10-line batch is not stuck behind a 50,000-line one, and a batch with priority 3
 //! gets three turns for one. Each line then runs as its own task (see `dispatch`) and its
@@ -22,7 +22,10 @@ use super::{finalizer, Active, Inner};
 use crate::store::{BatchRecord, BatchStatus, InputFormat, WorkUnit};
 use crate::upstream::Route;
 
-const MAX_FEEDERS: i64 = 8;
+/// Feeders per unit of priority: two, so that one keeps lines flowing while the other
+/// leases and reads its next unit.
+const FEEDERS_PER_PRIORITY: i64 = 2;
+const MAX_PRIORITY: i64 = 8;
 
 pub async fn handle_batch(inner: Arc<Inner>, b: BatchRecord, h: Active) {
     let id = b.id.clone();
@@ -98,7 +101,8 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> anyhow::Result<
     });
     let expiry = expiry_sleep(b.expires_at);
     tokio::pin!(expiry);
-    let feeders = futures::future::join_all((0..b.priority.clamp(1, MAX_FEEDERS)).map(|_| feed(ctx.clone())));
+    let n = b.priority.clamp(1, MAX_PRIORITY) * FEEDERS_PER_PRIORITY;
+    let feeders = futures::future::join_all((0..n).map(|_| feed(ctx.clone())));
     let mut expired = tokio::select! {
         _ = feeders => false,
         _ = h.stop.cancelled() => false,
@@ -179,10 +183,13 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, routes: &mut HashMap<Stri
     let inner = &ctx.inner;
     let done: HashSet<u64> = inner.store.done_lines(&ctx.batch_id, unit).await?.into_iter().collect();
     for p in unit_lines(&inner.blob, &ctx.blob_key, unit, ctx.format, &ctx.batch_id, &ctx.path).await? {
-        if done.contains(&p.line) {
+        if !done.is_empty() && done.contains(&p.line) {
             continue;
         }
-        let route = routes.entry(p.model.clone()).or_insert_with(|| inner.router.resolve(&p.model)).clone();
+        if !routes.contains_key(&p.model) {
+            routes.insert(p.model.clone(), inner.router.resolve(&p.model));
+        }
+        let route = routes[&p.model].clone();
         let Some(route) = route else {
             let msg = format!("no upstream serves the model {:?} any more", p.model);
             inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;

@@ -214,6 +214,12 @@ pub async fn results_idempotent(store: &dyn Store) {
     use futures::StreamExt;
     let lines: Vec<u64> = store.stream_results("batch_rs").map(|r| r.unwrap().line).collect().await;
     assert_eq!(lines, (1..=20).collect::<Vec<_>>(), "the log streams in line order");
+    let (chunk, last) = store.results_chunk("batch_rs", false, 0, 3).await.unwrap().unwrap();
+    assert_eq!((chunk.as_str(), last), ("{\"custom_id\":\"c3\"}\n{\"custom_id\":\"c6\"}\n{\"custom_id\":\"c9\"}\n", 9), "failed lines, in order");
+    let (chunk, last) = store.results_chunk("batch_rs", false, 9, 100).await.unwrap().unwrap();
+    assert_eq!((chunk.lines().count(), last), (5, 20), "after line 9: 16..=20");
+    assert!(store.results_chunk("batch_rs", false, 20, 100).await.unwrap().is_none());
+    assert_eq!(store.results_chunk("batch_rs", true, 0, 1000).await.unwrap().unwrap().0.lines().count(), 12);
     assert_eq!(store.result_by_custom_id("batch_rs", "c7").await.unwrap().line, 7);
 }
 

@@ -533,6 +533,23 @@ impl Store for SqliteStore {
             .boxed()
     }
 
+    async fn results_chunk(&self, batch_id: &str, ok: bool, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
+        let row = sqlx::query(
+            "SELECT group_concat(record || char(10), '') AS chunk, max(line) AS last FROM (
+                 SELECT record, line FROM results WHERE batch_id = ? AND line > ? AND ok = ? ORDER BY line LIMIT ?)",
+        )
+        .bind(batch_id)
+        .bind(after_line as i64)
+        .bind(ok)
+        .bind(limit as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let chunk: Option<String> = row.get("chunk");
+        let last: Option<i64> = row.get("last");
+        Ok(chunk.zip(last).map(|(c, l)| (c, l as u64)))
+    }
+
     async fn result_by_custom_id(&self, batch_id: &str, custom_id: &str) -> Result<StoredResult> {
         sqlx::query("SELECT line, custom_id, ok, record FROM results WHERE batch_id = ? AND custom_id = ?")
             .bind(batch_id)

@@ -49,6 +49,9 @@ impl Route {
     /// any has a slot free, else whichever frees one first, so a saturated slow pool never
     /// holds lines back from an idle fast one.
     pub async fn acquire(&self, est_tokens: u64, avoid: Option<&str>) -> (Arc<Pool>, Arc<str>, Permit) {
+        if let [(pool, model)] = self.targets.as_slice() {
+            return (pool.clone(), model.clone(), pool.limiter.acquire(est_tokens).await);
+        }
         let cands = self.candidates(avoid);
         let best = cands.iter().max_by_key(|(p, _)| p.limiter.free()).expect("a route has a target");
         if cands.len() == 1 || best.0.limiter.free() > 0 {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """batchd benchmark harness (stdlib only). Normally started by bench/run.sh.
 
-Measures the performance budgets of /work/shared/DESIGN.md ("Performance budgets") and prints
+Measures the performance budgets of shared/DESIGN.md ("Performance budgets") and prints
 one table. Every figure is compared with a baseline measured in the same run, because the
 machine (2 cores, shared with compilers and other agents) is noisy.
 

@@ -14,6 +14,9 @@
 //! - [`upstream`]: routing of models to upstream pools, the HTTP client, error classification.
 //! - [`mock`]: an OpenAI-compatible mock upstream for tests, benchmarks and the quickstart.
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
+//! - [`server`] assembles a node (data directory, store, blob, engine, HTTP) and stops it
+//!   gracefully; [`wire`] renders OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the
+//!   allocator's footprint small.
 
 pub mod api;
 pub mod blob;

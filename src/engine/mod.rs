@@ -6,12 +6,12 @@
 //!                            finalizer ◄── writer (group commit) ◄┘
 //! ```
 //! - [`validator`] streams the input once and cuts it into work units;
-//! - [`runner`] leases units and feeds their lines to the upstream pools; batches share a
+//! - `runner` leases units and feeds their lines to the upstream pools; batches share a
 //!   pool fairly because each batch waits in the pool's FIFO queue with `priority` feeders;
-//! - [`dispatch`] runs one line's attempts with back-off and turns the answer into a result;
-//! - [`writer`] makes results durable in groups (one commit per many results) — a result is
+//! - `dispatch` runs one line's attempts with back-off and turns the answer into a result;
+//! - `writer` makes results durable in groups (one commit per many results) — a result is
 //!   counted only once its group is committed;
-//! - [`finalizer`] streams the result log into the output and error files.
+//! - `finalizer` streams the result log into the output and error files.
 //!
 //! Cancel and expiry are signals: a per-batch token stops the feeders at once and aborts
 //! in-flight calls. A `kill -9` is safe at any instant: on restart a unit resumes at the

@@ -501,14 +501,19 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut inserted: Vec<&ResultRecord> = Vec::with_capacity(results.len());
         for chunk in results.chunks(ROWS_PER_INSERT) {
-            let mut b = QueryBuilder::<Sqlite>::new("INSERT INTO results (batch_id, line, custom_id, ok, record) ");
-            b.push_values(chunk, |mut row, r| {
-                row.push_bind(&r.batch_id).push_bind(r.line as i64).push_bind(&r.custom_id).push_bind(r.ok).push_bind(&r.record);
-            });
-            b.push(" ON CONFLICT DO NOTHING RETURNING batch_id, line");
-            // Not cached: a cached statement would keep its last bound records alive, one
-            // statement per distinct group size.
-            let rows = b.build().persistent(false).fetch_all(&mut *tx).await.map_err(db_err)?;
+            // Fast path: every row is new (no RETURNING to decode). A line already recorded
+            // (only after a crash) rolls the chunk back to learn exactly which rows are new.
+            let mut sp = sqlx::Connection::begin(&mut *tx).await.map_err(db_err)?;
+            let mut insert = insert_results(chunk, "");
+            let done = insert.build().persistent(false).execute(&mut *sp).await.map_err(db_err)?.rows_affected();
+            if done == chunk.len() as u64 {
+                sp.commit().await.map_err(db_err)?;
+                inserted.extend(chunk);
+                continue;
+            }
+            sp.rollback().await.map_err(db_err)?;
+            let mut insert = insert_results(chunk, " RETURNING batch_id, line");
+            let rows = insert.build().persistent(false).fetch_all(&mut *tx).await.map_err(db_err)?;
             let by_key: HashMap<(&str, u64), &ResultRecord> =
                 chunk.iter().map(|r| ((r.batch_id.as_str(), r.line), r)).collect();
             for row in rows {
@@ -572,6 +577,18 @@ fn stored_from_row(row: &SqliteRow) -> StoredResult {
         ok: row.get("ok"),
         record: row.get("record"),
     }
+}
+
+/// A multi-row insert of results that skips lines already recorded, with `tail` appended.
+/// Build it with `persistent(false)`: a cached statement would keep its last bound records
+/// alive, one statement per distinct group size.
+fn insert_results<'a>(chunk: &'a [ResultRecord], tail: &str) -> QueryBuilder<'a, Sqlite> {
+    let mut b = QueryBuilder::<Sqlite>::new("INSERT INTO results (batch_id, line, custom_id, ok, record) ");
+    b.push_values(chunk, |mut row, r| {
+        row.push_bind(&r.batch_id).push_bind(r.line as i64).push_bind(&r.custom_id).push_bind(r.ok).push_bind(&r.record);
+    });
+    b.push(" ON CONFLICT DO NOTHING").push(tail);
+    b
 }
 
 /// Adds newly inserted results to their batches' counts and usage and their units' progress.

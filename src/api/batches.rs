@@ -163,34 +163,28 @@ pub struct ResultsParams {
     kind: Option<String>,
 }
 
+/// Results read from the log per store call while streaming partial results.
+const CHUNK_RECORDS: u32 = 2000;
+
 /// Extension: the durable results so far as JSONL, at any time (partial results).
 /// `kind=output` (2xx lines, default), `kind=errors`, or `kind=all`.
 pub async fn partial_results(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, Query(p): Query<ResultsParams>) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
-    use futures::StreamExt;
-    let want: fn(bool) -> bool = match p.kind.as_deref() {
-        None | Some("output") => |ok| ok,
-        Some("errors") => |ok| !ok,
-        Some("all") => |_| true,
+    let ok = match p.kind.as_deref() {
+        None | Some("output") => Some(true),
+        Some("errors") => Some(false),
+        Some("all") => None,
         Some(_) => return Err(ApiError::invalid("kind", "kind must be output, errors or all.")),
     };
     st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
-    let store = st.store.clone();
-    tokio::spawn(async move {
-        let mut results = store.stream_results(&id);
-        while let Some(r) = results.next().await {
-            let item = match r {
-                Ok(r) if want(r.ok) => Ok(bytes::Bytes::from(r.record + "\n")),
-                Ok(_) => continue,
+    let chunks = futures::stream::try_unfold(0u64, move |after| {
+        let (store, id) = (st.store.clone(), id.clone());
+        async move {
+            match store.results_chunk(&id, ok, after, CHUNK_RECORDS).await {
+                Ok(chunk) => Ok(chunk.map(|(text, last)| (bytes::Bytes::from(text), last))),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
             }
         }
     });
-    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) }));
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], body).into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], axum::body::Body::from_stream(chunks)).into_response())
 }

@@ -66,7 +66,7 @@ async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> anyho
     let id = crate::ids::batch_output_file_id(&b.id, kind);
     let mut w = inner.blob.writer(&format!("files/{id}"));
     let mut after = 0;
-    while let Some((chunk, last)) = inner.store.results_chunk(&b.id, ok, after, CHUNK_RECORDS).await? {
+    while let Some((chunk, last)) = inner.store.results_chunk(&b.id, Some(ok), after, CHUNK_RECORDS).await? {
         w.write(chunk.as_bytes()).await?;
         after = last;
     }

@@ -211,15 +211,16 @@ pub async fn results_idempotent(store: &dyn Store) {
     let unit = &store.units("batch_rs").await.unwrap()[0];
     assert_eq!(store.done_lines("batch_rs", unit).await.unwrap(), (1..=10).collect::<Vec<_>>());
     assert!(store.lease_unit("batch_rs", "n", 10, 9_000).await.unwrap().is_none(), "done units are not leased");
-    use futures::StreamExt;
-    let lines: Vec<u64> = store.stream_results("batch_rs").map(|r| r.unwrap().line).collect().await;
-    assert_eq!(lines, (1..=20).collect::<Vec<_>>(), "the log streams in line order");
-    let (chunk, last) = store.results_chunk("batch_rs", false, 0, 3).await.unwrap().unwrap();
+    let (all, last) = store.results_chunk("batch_rs", None, 0, 100).await.unwrap().unwrap();
+    let ids: Vec<String> = all.lines().map(str::to_owned).collect();
+    let want: Vec<String> = (1..=20).map(|l| format!("{{\"custom_id\":\"c{l}\"}}")).collect();
+    assert_eq!((ids, last), (want, 20), "the log reads in line order");
+    let (chunk, last) = store.results_chunk("batch_rs", Some(false), 0, 3).await.unwrap().unwrap();
     assert_eq!((chunk.as_str(), last), ("{\"custom_id\":\"c3\"}\n{\"custom_id\":\"c6\"}\n{\"custom_id\":\"c9\"}\n", 9), "failed lines, in order");
-    let (chunk, last) = store.results_chunk("batch_rs", false, 9, 100).await.unwrap().unwrap();
+    let (chunk, last) = store.results_chunk("batch_rs", Some(false), 9, 100).await.unwrap().unwrap();
     assert_eq!((chunk.lines().count(), last), (5, 20), "after line 9: 16..=20");
-    assert!(store.results_chunk("batch_rs", false, 20, 100).await.unwrap().is_none());
-    assert_eq!(store.results_chunk("batch_rs", true, 0, 1000).await.unwrap().unwrap().0.lines().count(), 12);
+    assert!(store.results_chunk("batch_rs", Some(false), 20, 100).await.unwrap().is_none());
+    assert_eq!(store.results_chunk("batch_rs", Some(true), 0, 1000).await.unwrap().unwrap().0.lines().count(), 12);
     assert_eq!(store.result_by_custom_id("batch_rs", "c7").await.unwrap().line, 7);
 }
 

@@ -18,7 +18,6 @@ mod model;
 pub mod sqlite;
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
 
 pub use model::*;
 
@@ -112,12 +111,11 @@ pub trait Store: Send + Sync + 'static {
     async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>>;
     /// Appends results in one transaction, counting only lines not recorded before.
     async fn commit_results(&self, results: &[ResultRecord]) -> Result<CommitOutcome>;
-    /// The result log of a batch in line order (partial results).
-    fn stream_results<'a>(&'a self, batch_id: &'a str) -> BoxStream<'a, Result<StoredResult>>;
-    /// Up to `limit` results with `ok` and a line after `after_line`, in line order, as one
-    /// JSONL chunk (each record followed by a newline) and the last line it holds; `None`
-    /// when there are no more. The finalizer reads the log this way, many records a call.
-    async fn results_chunk(&self, batch_id: &str, ok: bool, after_line: u64, limit: u32) -> Result<Option<(String, u64)>>;
+    /// Reads the result log in line order: up to `limit` results after `after_line` (only
+    /// those whose `ok` equals `ok`, when given), as one JSONL chunk (each record followed by
+    /// a newline) and the last line it holds; `None` when there are no more. The finalizer
+    /// and the partial-results endpoint page through the log this way, many records a call.
+    async fn results_chunk(&self, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>>;
     /// One result by `custom_id` (per-request lookup).
     async fn result_by_custom_id(&self, batch_id: &str, custom_id: &str) -> Result<StoredResult>;
     /// Number of write transactions committed since start (for the durability budget).

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, StreamExt};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
@@ -530,21 +529,15 @@ impl Store for SqliteStore {
         Ok(CommitOutcome { inserted: n, duplicates: results.len() as u64 - n })
     }
 
-    fn stream_results<'a>(&'a self, batch_id: &'a str) -> BoxStream<'a, Result<StoredResult>> {
-        sqlx::query("SELECT line, custom_id, ok, record FROM results WHERE batch_id = ? ORDER BY line")
-            .bind(batch_id)
-            .fetch(&self.pool)
-            .map(|r| r.map(|row| stored_from_row(&row)).map_err(db_err))
-            .boxed()
-    }
-
-    async fn results_chunk(&self, batch_id: &str, ok: bool, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
+    async fn results_chunk(&self, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
         let row = sqlx::query(
             "SELECT group_concat(record || char(10), '') AS chunk, max(line) AS last FROM (
-                 SELECT record, line FROM results WHERE batch_id = ? AND line > ? AND ok = ? ORDER BY line LIMIT ?)",
+                 SELECT record, line FROM results WHERE batch_id = ? AND line > ? AND (? IS NULL OR ok = ?)
+                 ORDER BY line LIMIT ?)",
         )
         .bind(batch_id)
         .bind(after_line as i64)
+        .bind(ok)
         .bind(ok)
         .bind(limit as i64)
         .fetch_one(&self.pool)

@@ -7,7 +7,7 @@
 //! ```
 //! - [`validator`] streams the input once and cuts it into work units;
 //! - `runner` leases units and feeds their lines to the upstream pools; batches share a
-//!   pool fairly because each batch waits in the pool's FIFO queue with `priority` feeders;
+//!   pool fairly because each batch waits in the pool's FIFO queue with `2 × priority` feeders;
 //! - `dispatch` runs one line's attempts with back-off and turns the answer into a result;
 //! - `writer` makes results durable in groups (one commit per many results) — a result is
 //!   counted only once its group is committed;

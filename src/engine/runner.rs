@@ -186,10 +186,10 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, routes: &mut HashMap<Stri
         if !done.is_empty() && done.contains(&p.line) {
             continue;
         }
-        if !routes.contains_key(&p.model) {
-            routes.insert(p.model.clone(), inner.router.resolve(&p.model));
-        }
-        let route = routes[&p.model].clone();
+        let route = match routes.get(&p.model) {
+            Some(r) => r.clone(),
+            None => routes.entry(p.model.clone()).or_insert(inner.router.resolve(&p.model)).clone(),
+        };
         let Some(route) = route else {
             let msg = format!("no upstream serves the model {:?} any more", p.model);
             inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;

@@ -75,7 +75,7 @@ impl Outcome {
 
 /// The HTTP client of one pool: hyper's pooled client (HTTP/1.1 keep-alive; TLS by rustls
 /// with the webpki roots for `https://` upstreams). Measured against reqwest on the same
-/// mock, it costs about half the CPU per request, which is most of batchd's own overhead.
+/// mock, it costs about half the CPU per request (14 against 21–29 µs).
 pub(super) type Http = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub(super) fn build(cfg: &UpstreamConfig) -> Http {

@@ -20,6 +20,8 @@ pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) ->
         BatchStatus::Expired => fill_missing(inner, b, "batch_expired", "The batch expired before this request completed.").await?,
         _ => {}
     }
+    // Re-read: the counts must include the lines just filled in.
+    let b = &inner.store.get_batch(None, &b.id).await?;
     let (output_file, error_file) = write_files(inner, b).await?;
     let finish = Finish { status, at: crate::now_unix(), output_file, error_file };
     inner.store.finish_batch(&b.id, &finish).await?;
@@ -60,9 +62,13 @@ async fn write_files(inner: &Inner, b: &BatchRecord) -> anyhow::Result<(Option<F
 /// Records read from the log per store call while writing a file.
 const CHUNK_RECORDS: u32 = 2000;
 
-/// Streams the 2xx (`ok`) or the other results into one file.
+/// Streams the 2xx (`ok`) or the other results into one file. The batch's durable counts
+/// say when a file would be empty, which spares reading the whole log for nothing.
 async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> anyhow::Result<Option<FileRecord>> {
     let kind = if ok { "output" } else { "error" };
+    if (if ok { b.completed } else { b.failed }) == 0 {
+        return Ok(None);
+    }
     let id = crate::ids::batch_output_file_id(&b.id, kind);
     let mut w = inner.blob.writer(&format!("files/{id}"));
     let mut after = 0;

@@ -6,6 +6,7 @@
 //! and fails over between them on retries. Keys live only inside [`Pool`]s and never print.
 
 mod client;
+mod conn;
 mod limiter;
 
 use std::collections::BTreeSet;
@@ -19,7 +20,7 @@ use crate::config::UpstreamConfig;
 /// One upstream: its configuration, a pooled HTTP client and its limiter.
 pub struct Pool {
     pub cfg: UpstreamConfig,
-    http: client::Http,
+    conns: conn::Connections,
     /// `Authorization: Bearer …`, marked sensitive.
     auth: Option<axum::http::HeaderValue>,
     /// Parsed URIs of the paths sent so far (parsing one per request is measurable).
@@ -75,7 +76,7 @@ impl Router {
             .iter()
             .map(|c| {
                 let auth = c.api_key.as_ref().map(client::auth_header).transpose()?;
-                let pool = Pool { limiter: Arc::new(Limiter::new(c)), http: client::build(c), auth, uris: Default::default(), cfg: c.clone() };
+                let pool = Pool { limiter: Arc::new(Limiter::new(c)), conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone() };
                 Ok(Arc::new(pool))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;

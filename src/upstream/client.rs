@@ -135,7 +135,7 @@ impl Pool {
             .await
             .map_err(|e| TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}")))?
             .to_bytes();
-        self.conns.put_back(conn).await;
+        self.conns.put_back(conn);
         let status = parts.status.as_u16();
         let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         Ok(Answer { status, retry_after: retry_after(&parts.headers, status), request_id, body })

@@ -4,11 +4,13 @@
 //! It replaces hyper-util's general-purpose pooled client, which per request hashes a pool
 //! key, races a lazy connect against the checkout and spawns a task to return the
 //! connection once the answer's body is read. Here a request pops an idle sender, and the
-//! caller hands it back with [`Connections::put_back`] after reading the body: no extra task,
-//! no lock held across an await. A request that a stale connection never sent is sent again
-//! on a fresh one, so a server closing idle connections costs nothing but a reconnect.
+//! caller hands it back with [`Connections::put_back`] after reading the body; only when the
+//! connection is not ready for another request yet (rare once the body is read) does a task
+//! wait for it, a bounded time. No lock is held across an await. A request that a stale
+//! connection never sent is sent again on a fresh one, so a server closing idle connections
+//! costs nothing but a reconnect.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderValue, Request, Response, Uri};
@@ -37,9 +39,19 @@ pub struct Connections {
     origin: Uri,
     /// The `Host` header every request carries.
     host: HeaderValue,
-    idle: Mutex<Vec<Idle>>,
+    idle: Arc<Mutex<Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
+}
+
+/// How long a returned connection may take to become ready for another request.
+const READY_WAIT: Duration = Duration::from_secs(5);
+
+fn keep(idle: &Mutex<Vec<Idle>>, max_idle: usize, sender: SendRequest<Full<Bytes>>) {
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    if idle.len() < max_idle {
+        idle.push(Idle { sender, since: Instant::now() });
+    }
 }
 
 struct Idle {
@@ -54,7 +66,7 @@ impl Connections {
     pub fn new(connector: Connector, origin: Uri, max_idle: usize, idle_timeout: Duration) -> Result<Connections, String> {
         let authority = origin.authority().ok_or("the upstream URL has no host")?;
         let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
-        Ok(Connections { connector, origin, host, idle: Mutex::new(Vec::new()), max_idle, idle_timeout })
+        Ok(Connections { connector, origin, host, idle: Arc::default(), max_idle, idle_timeout })
     }
 
     pub fn host(&self) -> &HeaderValue {
@@ -78,15 +90,22 @@ impl Connections {
         Ok((resp, Lent(sender)))
     }
 
-    /// Keeps a connection for the next request once its answer has been read in full.
-    pub async fn put_back(&self, Lent(mut sender): Lent) {
-        if sender.ready().await.is_err() {
+    /// Keeps a connection for the next request once its answer has been read in full. It
+    /// never waits: a connection still busy (say, writing a body the server answered early)
+    /// is watched by a task for at most [`READY_WAIT`], then dropped.
+    pub fn put_back(&self, Lent(mut sender): Lent) {
+        if sender.is_ready() {
+            return keep(&self.idle, self.max_idle, sender);
+        }
+        if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
-        }
+        let (idle, max_idle) = (self.idle.clone(), self.max_idle);
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                keep(&idle, max_idle, sender);
+            }
+        });
     }
 
     /// The most recently used idle connection still open and not idle for too long.
@@ -174,7 +193,7 @@ mod tests {
         let (resp, lent) = c.send(req).await?;
         let status = resp.status().as_u16();
         http_body_util::BodyExt::collect(resp.into_body()).await?;
-        c.put_back(lent).await;
+        c.put_back(lent);
         Ok(status)
     }
 

@@ -198,7 +198,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             commit_interval: Duration::from_millis(150),
-            commit_min_results: 128,
+            commit_min_results: 512,
             commit_max_results: 1000,
             unit_lines: 2000,
             lease_ttl: Duration::from_secs(30),

@@ -541,8 +541,9 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert_eq!(b["metadata"]["project"], "cli-test", "{b}");
 
     // status --watch follows until the end, with plain progress on stderr (not a terminal).
+    // It exits 4: the batch completed, but one line is in the errors file.
     let r = client(d, &s, &["status", &id, "--watch"]);
-    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.code, 4, "{r:?}");
     assert!(r.stdout.contains(&id) && r.stdout.contains("completed") && r.stdout.contains("12/12 done, 1 failed"), "{}", r.stdout);
     assert!(r.stderr.contains("progress: 12/12"), "{}", r.stderr);
     let b = api.batch(&id).await;
@@ -581,7 +582,7 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains(&slow) && (r.stdout.contains("cancelling") || r.stdout.contains("cancelled")), "{}", r.stdout);
     let r = client(d, &s, &["status", &slow, "--watch"]);
-    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.code, 4, "a cancelled batch is not a success: {r:?}");
     assert!(r.stdout.contains("cancelled"), "{}", r.stdout);
     let r = client(d, &s, &["download", &slow, "-o", "results"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -598,6 +599,8 @@ async fn client_commands_submit_status_download_cancel_list() {
     let r = client(d, &s, &["status", &empty]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("[empty_file]"), "{}", r.stdout);
+    let r = client(d, &s, &["status", &empty, "--watch"]);
+    assert_eq!(r.code, 4, "a batch that failed validation is not a success: {r:?}");
     assert!(!r.stdout.contains("null"), "no \"line null\" for a file-level error: {}", r.stdout);
     // ... and download says there is nothing to download.
     let r = client(d, &s, &["download", &empty, "-o", "results"]);
@@ -611,6 +614,14 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert_eq!(listed, vec![empty.as_str(), slow.as_str(), id.as_str()], "{}", r.stdout);
     let r = client(d, &s, &["list", "--limit", "1"]);
     assert_eq!(r.stdout.lines().filter(|l| l.starts_with("batch_")).count(), 1, "{}", r.stdout);
+
+    // Every line answered 2xx: --watch exits 0.
+    write_lines(&d.join("good.jsonl"), &lines[..5]);
+    let r = client(d, &s, &["submit", "good.jsonl"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = client(d, &s, &["status", r.stdout.trim(), "--watch"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("5/5 done, 0 failed"), "{}", r.stdout);
 
     // Unknown batch: exit 1 and the server's message.
     let r = client(d, &s, &["status", "batch_doesnotexist"]);

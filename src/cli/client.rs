@@ -26,7 +26,9 @@ pub const EXAMPLES: &str = "Examples:
   batchd cancel batch_abc123
   BATCHD_SERVER=http://gpu-box:8080 BATCHD_API_KEY=sk-team-a batchd list
 
-Exit codes: 0 success; 1 error (the server's message is printed).";
+Exit codes: 0 success; 1 error (the server's message is printed); 4 `status --watch`
+followed the batch to its end, but not every line succeeded (some are in the errors file, or
+the batch ended failed, expired or cancelled).";
 
 struct Client {
     http: reqwest::Client,
@@ -140,7 +142,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
         if FINAL.contains(&s.status.as_str()) {
             display.finish(&s);
             print_batch(&b, a.json);
-            return Ok(0);
+            return Ok(if s.status == "completed" && s.failed == 0 { 0 } else { 4 });
         }
         display.update(&s);
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,7 +1,9 @@
 //! The `batchd` command line: `serve`, `mock-upstream`, and the commands built on the engine.
 //!
 //! Exit codes: 0 success; 1 failure (a bad configuration, an error talking to a server);
-//! 2 bad usage (clap); 3 the input has validation errors (`validate`, `run`).
+//! 2 bad usage (clap); 3 the input has validation errors (`validate`, `run`); 4 a batch that
+//! `run` or `status --watch` followed ended with lines in the errors file (or failed, expired,
+//! cancelled); 130 `run` interrupted.
 
 mod client;
 mod progress;

@@ -164,15 +164,21 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The wait an upstream asks for: `retry-after-ms`, then `retry-after` (seconds), then on a
-/// 429 the larger of the `x-ratelimit-reset-requests` / `-tokens` durations.
+/// The wait an upstream asks for: `retry-after-ms`, then `retry-after` (seconds or an HTTP
+/// date), then on a 429 the larger of the `x-ratelimit-reset-requests` / `-tokens` durations.
 pub fn retry_after(h: &HeaderMap, status: u16) -> Option<Duration> {
     let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         return secs(ms / 1000.0);
     }
-    if let Some(s) = get("retry-after").and_then(|v| v.parse::<f64>().ok()) {
-        return secs(s);
+    if let Some(v) = get("retry-after") {
+        if let Ok(s) = v.parse::<f64>() {
+            return secs(s);
+        }
+        if let Ok(at) = httpdate::parse_http_date(v) {
+            let wait = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            return secs(wait.as_secs_f64());
+        }
     }
     if status != 429 {
         return None;
@@ -231,5 +237,18 @@ mod tests {
         h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
         assert_eq!(retry_after(&h, 429), Some(Duration::from_secs(360)));
         assert_eq!(retry_after(&h, 500), None, "reset headers only steer 429s");
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        let mut h = HeaderMap::new();
+        let at = std::time::SystemTime::now() + Duration::from_secs(30);
+        h.insert("retry-after", httpdate::fmt_http_date(at).parse().unwrap());
+        let wait = retry_after(&h, 503).unwrap();
+        assert!(wait > Duration::from_secs(28) && wait <= Duration::from_secs(30), "{wait:?}");
+        h.insert("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h, 503), Some(Duration::ZERO), "a date in the past means now");
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h, 503), None, "an unreadable value is ignored");
     }
 }

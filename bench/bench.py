@@ -642,6 +642,12 @@ class Bench:
             self.note("ratios per batch (÷ mean of the wrk runs around it): " + ", ".join(f"{x:.2f}" for x in ratios))
             ratio = median(ratios)
             base = median([g["rps"] for g in gen])
+            # The same comparison in CPU time, which the machine's speed of the moment moves far
+            # less than throughput: what the ratio would be if both kept the two cores equally busy.
+            b_us, bm_us = median([r["cpu_batchd"] * 1e6 / n for r in runs]), median([r["cpu_mock"] * 1e6 / n for r in runs])
+            g_us, gm_us = median([g["cpu_us_per_req_gen"] for g in gen]), median([g["cpu_us_per_req_mock"] for g in gen])
+            self.note(f"CPU per request (medians): batchd {b_us:.0f} µs + mock {bm_us:.0f} µs against {tool} {g_us:.0f} µs + "
+                      f"mock {gm_us:.0f} µs; CPU-cost ratio ({tool} + mock) ÷ (batchd + mock) = {(g_us + gm_us) / (b_us + bm_us):.2f}")
             self.figures.append({"figure": fig, "measured": f"{tput:,.0f} req/s ({how})",
                                  "baseline": f"{base:,.0f} req/s ({tool} -c {c}, median of {len(gen)})", "ratio": ratio,
                                  "ratio_note": "(median)" if reps > 1 else "",

@@ -17,7 +17,7 @@ pub use limiter::{Limiter, Permit};
 
 use crate::config::UpstreamConfig;
 
-/// One upstream: its configuration, a pooled HTTP client and its limiter.
+/// One upstream: its configuration, its keep-alive connections and its limiter.
 pub struct Pool {
     pub cfg: UpstreamConfig,
     conns: conn::Connections,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,13 +18,24 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use super::*;
 
 /// Each entry migrates the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql"), include_str!("sqlite_schema_v2.sql")];
 const FINAL: &str = "('completed','failed','expired','cancelled')";
 const ROWS_PER_INSERT: usize = 400;
 
 pub struct SqliteStore {
     pool: SqlitePool,
     commits: AtomicU64,
+    /// `batches.seq` by batch id (immutable once created): the high half of result keys.
+    seqs: Mutex<HashMap<String, i64>>,
+}
+
+/// A result's key: its batch's `seq` and its line, packed (lines are below 2^32).
+fn result_key(seq: i64, line: u64) -> i64 {
+    (seq << 32) | line as i64
+}
+
+fn key_line(key: i64) -> u64 {
+    (key & 0xffff_ffff) as u64
 }
 
 fn db_err(e: sqlx::Error) -> Error {
@@ -45,7 +57,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(30))
             .pragma("cache_size", "-2000");
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(db_err)?;
-        let store = SqliteStore { pool, commits: AtomicU64::new(0) };
+        let store = SqliteStore { pool, commits: AtomicU64::new(0), seqs: Mutex::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -61,6 +73,16 @@ impl SqliteStore {
             tracing::info!(version = i + 1, "migrated the SQLite schema");
         }
         Ok(())
+    }
+
+    /// The `seq` of a batch, from the cache or the store.
+    async fn seq(&self, batch_id: &str) -> Result<i64> {
+        if let Some(s) = self.seqs.lock().unwrap_or_else(|p| p.into_inner()).get(batch_id) {
+            return Ok(*s);
+        }
+        let seq: i64 = sqlx::query_scalar("SELECT seq FROM batches WHERE id = ?").bind(batch_id).fetch_one(&self.pool).await.map_err(db_err)?;
+        self.seqs.lock().unwrap_or_else(|p| p.into_inner()).insert(batch_id.to_string(), seq);
+        Ok(seq)
     }
 
     fn counted<T>(&self, r: Result<T>) -> Result<T> {
@@ -482,24 +504,30 @@ impl Store for SqliteStore {
     }
 
     async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>> {
-        let lines: Vec<i64> =
-            sqlx::query_scalar("SELECT line FROM results WHERE batch_id = ? AND line >= ? AND line < ? ORDER BY line")
-                .bind(batch_id)
-                .bind(unit.first_line as i64)
-                .bind(unit.end_line as i64)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err)?;
-        Ok(lines.into_iter().map(|l| l as u64).collect())
+        let seq = self.seq(batch_id).await?;
+        let keys: Vec<i64> = sqlx::query_scalar("SELECT key FROM results WHERE key >= ? AND key < ? ORDER BY key")
+            .bind(result_key(seq, unit.first_line))
+            .bind(result_key(seq, unit.end_line))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(keys.into_iter().map(key_line).collect())
     }
 
     async fn commit_results(&self, results: &[ResultRecord]) -> Result<CommitOutcome> {
         if results.is_empty() {
             return Ok(CommitOutcome::default());
         }
+        let mut seqs: HashMap<&str, i64> = HashMap::new();
+        for r in results {
+            if !seqs.contains_key(r.batch_id.as_str()) {
+                seqs.insert(&r.batch_id, self.seq(&r.batch_id).await?);
+            }
+        }
+        let keyed: Vec<(i64, &ResultRecord)> = results.iter().map(|r| (result_key(seqs[r.batch_id.as_str()], r.line), r)).collect();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut inserted: Vec<&ResultRecord> = Vec::with_capacity(results.len());
-        for chunk in results.chunks(ROWS_PER_INSERT) {
+        for chunk in keyed.chunks(ROWS_PER_INSERT) {
             // Fast path: every row is new (no RETURNING to decode). A line already recorded
             // (only after a crash) rolls the chunk back to learn exactly which rows are new.
             let mut sp = sqlx::Connection::begin(&mut *tx).await.map_err(db_err)?;
@@ -507,17 +535,15 @@ impl Store for SqliteStore {
             let done = insert.build().persistent(false).execute(&mut *sp).await.map_err(db_err)?.rows_affected();
             if done == chunk.len() as u64 {
                 sp.commit().await.map_err(db_err)?;
-                inserted.extend(chunk);
+                inserted.extend(chunk.iter().map(|(_, r)| *r));
                 continue;
             }
             sp.rollback().await.map_err(db_err)?;
-            let mut insert = insert_results(chunk, " RETURNING batch_id, line");
+            let mut insert = insert_results(chunk, " RETURNING key");
             let rows = insert.build().persistent(false).fetch_all(&mut *tx).await.map_err(db_err)?;
-            let by_key: HashMap<(&str, u64), &ResultRecord> =
-                chunk.iter().map(|r| ((r.batch_id.as_str(), r.line), r)).collect();
+            let by_key: HashMap<i64, &ResultRecord> = chunk.iter().copied().collect();
             for row in rows {
-                let (bid, line): (String, i64) = (row.get(0), row.get(1));
-                if let Some(r) = by_key.get(&(bid.as_str(), line as u64)) {
+                if let Some(r) = by_key.get(&row.get::<i64, _>(0)) {
                     inserted.push(r);
                 }
             }
@@ -533,10 +559,11 @@ impl Store for SqliteStore {
         // Two statements rather than `(? IS NULL OR ok = ?)`, which costs a quarter more per row.
         let filter = if ok.is_some() { "AND ok = ?" } else { "" };
         let sql = format!(
-            "SELECT group_concat(record, char(10)) AS chunk, max(line) AS last FROM (
-                 SELECT record, line FROM results WHERE batch_id = ? AND line > ? {filter} ORDER BY line LIMIT ?)"
+            "SELECT group_concat(record, char(10)) AS chunk, max(key) AS last FROM (
+                 SELECT record, key FROM results WHERE key > ? AND key < ? {filter} ORDER BY key LIMIT ?)"
         );
-        let mut q = sqlx::query(&sql).bind(batch_id).bind(after_line as i64);
+        let seq = self.seq(batch_id).await?;
+        let mut q = sqlx::query(&sql).bind(result_key(seq, after_line)).bind(result_key(seq + 1, 0));
         if let Some(ok) = ok {
             q = q.bind(ok);
         }
@@ -546,13 +573,14 @@ impl Store for SqliteStore {
         let last: Option<i64> = row.get("last");
         Ok(chunk.zip(last).map(|(mut c, l)| {
             c.push('\n');
-            (c, l as u64)
+            (c, key_line(l))
         }))
     }
 
     async fn result_by_custom_id(&self, batch_id: &str, custom_id: &str) -> Result<StoredResult> {
-        sqlx::query("SELECT line, custom_id, ok, record FROM results WHERE batch_id = ? AND custom_id = ?")
-            .bind(batch_id)
+        let seq = self.seq(batch_id).await?;
+        sqlx::query("SELECT key, custom_id, ok, record FROM results WHERE key >> 32 = ? AND custom_id = ?")
+            .bind(seq)
             .bind(custom_id)
             .fetch_one(&self.pool)
             .await
@@ -567,7 +595,7 @@ impl Store for SqliteStore {
 
 fn stored_from_row(row: &SqliteRow) -> StoredResult {
     StoredResult {
-        line: row.get::<i64, _>("line") as u64,
+        line: key_line(row.get::<i64, _>("key")),
         custom_id: row.get("custom_id"),
         ok: row.get("ok"),
         record: row.get("record"),
@@ -577,10 +605,10 @@ fn stored_from_row(row: &SqliteRow) -> StoredResult {
 /// A multi-row insert of results that skips lines already recorded, with `tail` appended.
 /// Build it with `persistent(false)`: a cached statement would keep its last bound records
 /// alive, one statement per distinct group size.
-fn insert_results<'a>(chunk: &'a [ResultRecord], tail: &str) -> QueryBuilder<'a, Sqlite> {
-    let mut b = QueryBuilder::<Sqlite>::new("INSERT INTO results (batch_id, line, custom_id, ok, record) ");
-    b.push_values(chunk, |mut row, r| {
-        row.push_bind(&r.batch_id).push_bind(r.line as i64).push_bind(&r.custom_id).push_bind(r.ok).push_bind(&r.record);
+fn insert_results<'a>(chunk: &[(i64, &'a ResultRecord)], tail: &str) -> QueryBuilder<'a, Sqlite> {
+    let mut b = QueryBuilder::<Sqlite>::new("INSERT INTO results (key, custom_id, ok, record) ");
+    b.push_values(chunk.iter().copied(), |mut row, (key, r)| {
+        row.push_bind(key).push_bind(&r.custom_id).push_bind(r.ok).push_bind(&r.record);
     });
     b.push(" ON CONFLICT DO NOTHING").push(tail);
     b
@@ -652,5 +680,61 @@ mod tests {
         }
         let s = SqliteStore::open(&path).await.unwrap();
         assert_eq!(s.get_file("t", "file-keep", 0).await.unwrap().id, "file-keep");
+    }
+
+    /// A data directory written by schema version 1 (results keyed by batch id and line)
+    /// opens with every result readable, findable and still counted once.
+    #[tokio::test]
+    async fn version_1_results_survive_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("batchd.db");
+        {
+            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap().create_if_missing(true);
+            let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
+            sqlx::raw_sql(MIGRATIONS[0]).execute(&pool).await.unwrap();
+            sqlx::raw_sql("PRAGMA user_version = 1").execute(&pool).await.unwrap();
+            for b in ["batch_a", "batch_b"] {
+                sqlx::query(
+                    "INSERT INTO batches (id, tenant, endpoint, input_file_id, completion_window, status, created_at, total)
+                     VALUES (?, 't', '/v1/chat/completions', 'file-x', '24h', 'in_progress', 1, 3)",
+                )
+                .bind(b)
+                .execute(&pool)
+                .await
+                .unwrap();
+                sqlx::query("INSERT INTO units (batch_id, idx, first_line, end_line, line_count, byte_offset, byte_len) VALUES (?, 0, 1, 4, 3, 0, 10)")
+                    .bind(b)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            // Interleaved, as two running batches write them; line 2 of batch_a never ran.
+            for (b, line, ok) in [("batch_b", 1, true), ("batch_a", 3, false), ("batch_a", 1, true), ("batch_b", 2, true)] {
+                sqlx::query("INSERT INTO results (batch_id, line, custom_id, ok, record) VALUES (?, ?, ?, ?, ?)")
+                    .bind(b)
+                    .bind(line)
+                    .bind(format!("c{line}"))
+                    .bind(ok)
+                    .bind(format!("{{\"b\":\"{b}\",\"line\":{line}}}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        let s = SqliteStore::open(&path).await.unwrap();
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&s.pool).await.unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let (all, last) = s.results_chunk("batch_a", None, 0, 100).await.unwrap().unwrap();
+        assert_eq!((all.as_str(), last), ("{\"b\":\"batch_a\",\"line\":1}\n{\"b\":\"batch_a\",\"line\":3}\n", 3));
+        let (errors, _) = s.results_chunk("batch_a", Some(false), 0, 100).await.unwrap().unwrap();
+        assert_eq!(errors, "{\"b\":\"batch_a\",\"line\":3}\n");
+        let found = s.result_by_custom_id("batch_b", "c1").await.unwrap();
+        assert_eq!((found.line, found.record.as_str()), (1, "{\"b\":\"batch_b\",\"line\":1}"), "the same custom_id in another batch is not mixed up");
+        let unit = &s.units("batch_a").await.unwrap()[0];
+        assert_eq!(s.done_lines("batch_a", unit).await.unwrap(), [1, 3]);
+        let again = conformance::result("batch_a", 1, true);
+        let fresh = conformance::result("batch_a", 2, true);
+        let out = s.commit_results(&[again, fresh]).await.unwrap();
+        assert_eq!((out.inserted, out.duplicates), (1, 1), "a line recorded before the migration is not recorded twice");
     }
 }

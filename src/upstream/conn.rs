@@ -24,6 +24,9 @@ use tower_service::Service;
 
 type Connector = HttpsConnector<HttpConnector>;
 
+/// How long a returned connection may take to become ready for another request.
+const READY_WAIT: Duration = Duration::from_secs(5);
+
 /// Why no answer came back.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -42,16 +45,6 @@ pub struct Connections {
     idle: Arc<Mutex<Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
-}
-
-/// How long a returned connection may take to become ready for another request.
-const READY_WAIT: Duration = Duration::from_secs(5);
-
-fn keep(idle: &Mutex<Vec<Idle>>, max_idle: usize, sender: SendRequest<Full<Bytes>>) {
-    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
-    if idle.len() < max_idle {
-        idle.push(Idle { sender, since: Instant::now() });
-    }
 }
 
 struct Idle {
@@ -128,6 +121,14 @@ impl Connections {
             }
         });
         Ok(sender)
+    }
+}
+
+/// Adds a ready connection to the idle ones, unless enough are kept already.
+fn keep(idle: &Mutex<Vec<Idle>>, max_idle: usize, sender: SendRequest<Full<Bytes>>) {
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    if idle.len() < max_idle {
+        idle.push(Idle { sender, since: Instant::now() });
     }
 }
 

@@ -105,6 +105,9 @@ pub struct RawUpstream {
     pub tpm: Option<u64>,
     pub timeout_s: Option<f64>,
     pub max_attempts: Option<u32>,
+    /// PEM file of extra certificate authorities to trust for an `https://` upstream (an
+    /// internal CA, a self-signed server), besides the public (webpki) roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -162,6 +165,7 @@ pub struct UpstreamConfig {
     pub tpm: u64,
     pub timeout: Duration,
     pub max_attempts: u32,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +321,9 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             return Err(bad(format!("alias {alias:?} points to {target:?}, which is not in its models")));
         }
     }
+    if u.ca_file.is_some() && !u.base_url.starts_with("https://") {
+        return Err(bad("ca_file is only used with an https:// base_url".into()));
+    }
     let timeout_s = u.timeout_s.unwrap_or(600.0);
     if !(timeout_s > 0.0 && timeout_s.is_finite()) {
         return Err(bad("timeout_s must be positive".into()));
@@ -332,6 +339,7 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         tpm: u.tpm.unwrap_or(0),
         timeout: Duration::from_secs_f64(timeout_s),
         max_attempts: u.max_attempts.unwrap_or(5).max(1),
+        ca_file: u.ca_file.clone(),
     })
 }
 
@@ -480,6 +488,8 @@ mod tests {
         )
         .unwrap();
         assert!(missing_env.resolve().unwrap_err().to_string().contains("BATCHD_TEST_SURELY_UNSET"));
+        let ca_on_http: RawConfig = toml::from_str("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nca_file='ca.pem'").unwrap();
+        assert!(ca_on_http.resolve().unwrap_err().to_string().contains("ca_file is only used with an https://"));
     }
 
     #[test]

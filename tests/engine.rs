@@ -681,6 +681,7 @@ async fn unreachable_upstream_gives_upstream_unavailable_after_max_attempts() {
         assert_eq!(l["error"]["code"], "upstream_unavailable", "{l}");
         let msg = l["error"]["message"].as_str().unwrap();
         assert!(!msg.contains("127.0.0.1"), "no upstream address in user-visible errors: {msg}");
+        assert!(msg.contains("refused"), "the cause is named: {msg}");
     }
 }
 
@@ -794,4 +795,107 @@ async fn a_cancel_racing_completion_never_ends_completed() {
     }
     println!("typical 1-line batch: {typical} ms; cancel answer → final status: {seen:?}");
     assert!(bad.is_empty(), "acknowledged cancels that did not end cancelled: {bad:#?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. TLS upstreams
+// ---------------------------------------------------------------------------------------
+
+/// A TLS front for `backend` (plain HTTP): a certificate for `localhost` signed by a fresh CA.
+/// Returns the front's port and the CA certificate as PEM.
+async fn tls_front(backend: std::net::SocketAddr) -> (u16, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that rejects the certificate ends the handshake: nothing to serve.
+                let Ok(mut tls) = acceptor.accept(sock).await else { return };
+                let mut plain = tokio::net::TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, ca.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_a_private_ca_is_trusted_only_through_ca_file() {
+    let m = mock(MockArgs::default()).await;
+    let (port, ca_pem) = tls_front(m.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let url = format!("https://localhost:{port}/v1");
+
+    // With the CA in ca_file: every line runs over TLS, on kept-alive connections.
+    let s = Server::start(&config(&url, &format!("max_concurrency = 4\nca_file = {:?}", ca_file.display().to_string()), ""));
+    let api = s.api();
+    let id = api.submit(&chat_lines(20, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    let (out, _) = final_results(&api, &b, 20).await;
+    assert_eq!(out.len(), 20, "{b}");
+    assert_eq!(m.stats().unique_request_ids, 20, "every line reached the upstream through TLS");
+    drop(s);
+
+    // Without it the server's certificate is not trusted: no line reaches the upstream, and
+    // the error says why.
+    m.reset_stats();
+    let s = Server::start(&config(&url, "max_attempts = 1", ""));
+    let api = s.api();
+    let id = api.submit(&chat_lines(2, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    let (_, err) = final_results(&api, &b, 2).await;
+    for l in &err {
+        let msg = l["error"]["message"].as_str().unwrap();
+        assert_eq!(l["error"]["code"], "upstream_unavailable", "{l}");
+        assert!(msg.contains("certificate"), "the TLS failure is named: {msg}");
+    }
+    assert_eq!(m.stats().requests, 0, "nothing was sent over an untrusted connection");
+
+    // A ca_file that holds no certificate is refused at start, with its name.
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let bad_cfg = config(&url, &format!("ca_file = {:?}", dir.path().join("empty.pem").display().to_string()), "");
+    std::fs::write(dir.path().join("bad.toml"), bad_cfg).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(dir.path().join("bad.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("a server with a bad ca_file kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("ca_file") && stderr.contains("empty.pem"), "{stderr}");
 }

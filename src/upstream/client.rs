@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use super::conn::{ConnError, Connections};
+use super::conn::{error_chain, ConnError, Connections};
 use super::Pool;
 use crate::config::UpstreamConfig;
 
@@ -80,7 +80,7 @@ pub(super) fn build(cfg: &UpstreamConfig) -> Result<Connections, super::BuildErr
     tcp.set_nodelay(true);
     tcp.enforce_http(false);
     tcp.set_connect_timeout(Some(Duration::from_secs(10).min(cfg.timeout)));
-    let tls = hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().wrap_connector(tcp);
+    let tls = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_config(cfg)?).https_or_http().enable_http1().wrap_connector(tcp);
     let bad = |e: String| super::BuildError(format!("upstream {:?}: bad base_url: {e}", cfg.name));
     let base: Uri = cfg.base_url.parse().map_err(|e: axum::http::uri::InvalidUri| bad(e.to_string()))?;
     let origin = Uri::builder()
@@ -90,6 +90,33 @@ pub(super) fn build(cfg: &UpstreamConfig) -> Result<Connections, super::BuildErr
         .build()
         .map_err(|e| bad(e.to_string()))?;
     Connections::new(tls, origin, cfg.max_concurrency.max(16), Duration::from_secs(90)).map_err(bad)
+}
+
+/// TLS for `https://` upstreams: rustls trusting the public (webpki) roots and, when the
+/// upstream names a `ca_file`, the certificates in it.
+fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, super::BuildError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = &cfg.ca_file {
+        let bad = |e: String| super::BuildError(format!("upstream {:?}: ca_file {}: {e}", cfg.name, path.display()));
+        let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
+        let mut added = 0;
+        for cert in certs {
+            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad("no PEM certificate in it".into()));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| super::BuildError(format!("TLS setup failed: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
 }
 
 /// The `Authorization` header of an upstream key, marked sensitive (never logged).
@@ -126,7 +153,7 @@ impl Pool {
     async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Answer, TransportError> {
         let name = &self.cfg.name;
         let (resp, conn) = self.conns.send(req).await.map_err(|e| match e {
-            ConnError::Connect(_) => TransportError::Unavailable(format!("could not connect to upstream {name:?}")),
+            ConnError::Connect(cause) => TransportError::Unavailable(format!("could not connect to upstream {name:?}: {cause}")),
             ConnError::Http(e) => TransportError::Unavailable(format!("upstream {name:?} failed: {}", error_chain(&e))),
         })?;
         let (parts, body) = resp.into_parts();
@@ -153,16 +180,6 @@ impl Pool {
     }
 }
 
-/// An error and its causes, without any URL or header (no secret can leak).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out += &format!(": {c}");
-        cause = c.source();
-    }
-    out
-}
 
 /// The wait an upstream asks for: `retry-after-ms`, then `retry-after` (seconds or an HTTP
 /// date), then on a 429 the larger of the `x-ratelimit-reset-requests` / `-tokens` durations.

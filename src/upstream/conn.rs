@@ -113,7 +113,7 @@ impl Connections {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ConnError> {
-        let io = self.connector.clone().call(self.origin.clone()).await.map_err(|e| ConnError::Connect(e.to_string()))?;
+        let io = self.connector.clone().call(self.origin.clone()).await.map_err(|e| ConnError::Connect(error_chain(&*e)))?;
         let (sender, conn) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -122,6 +122,18 @@ impl Connections {
         });
         Ok(sender)
     }
+}
+
+/// An error and its causes (a TLS failure hides its reason in a source), without any URL or
+/// header, so no secret can leak.
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out += &format!(": {c}");
+        cause = c.source();
+    }
+    out
 }
 
 /// Adds a ready connection to the idle ones, unless enough are kept already.

@@ -251,6 +251,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_before_the_body_is_sent_is_returned_at_once() {
+        // The server answers 413 after the head and never reads the 8 MB body: the answer
+        // must come back at once, and the busy connection must not be reused.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap()).parse().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            sock.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\n{}").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let c = connections(origin);
+        let body = Bytes::from(vec![b'x'; 8 << 20]);
+        let req = Request::post("/v1/files").header("host", c.host().clone()).body(Full::new(body)).unwrap();
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            let (resp, lent) = c.send(req).await.unwrap();
+            let status = resp.status().as_u16();
+            http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+            c.put_back(lent);
+            status
+        })
+        .await
+        .expect("the early answer came back");
+        assert_eq!(answer, 413);
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(c.idle.lock().unwrap().is_empty(), "a connection still writing is not idle");
+    }
+
+    #[tokio::test]
     async fn an_unreachable_upstream_is_a_connect_error() {
         let port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
         let c = connections(format!("http://127.0.0.1:{port}/").parse().unwrap());

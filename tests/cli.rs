@@ -42,52 +42,6 @@ fn cmd(dir: &Path) -> Command {
     c
 }
 
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Spawns `c` with piped output and waits for it, at most `timeout`.
-fn finish(mut c: Command, timeout: Duration) -> Out {
-    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn batchd");
-    wait_out(child, timeout)
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = r.read_to_end(&mut v);
-        String::from_utf8_lossy(&v).into_owned()
-    })
-}
-
-/// Waits for a child spawned with piped stdout/stderr; kills it after `timeout`.
-fn wait_out(mut child: Child, timeout: Duration) -> Out {
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let code = wait_code(&mut child, timeout);
-    Out { code, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
-}
-
-/// The exit code (-SIGNAL when killed by a signal); panics after `timeout`.
-fn wait_code(child: &mut Child, timeout: Duration) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st.code().unwrap_or_else(|| -st.signal().unwrap_or(0));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("batchd did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn batchd(dir: &Path, args: &[&str]) -> Out {
     let mut c = cmd(dir);
     c.args(args);

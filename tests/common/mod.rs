@@ -2,7 +2,7 @@
 //! talk to it with the HTTP shapes the openai SDK sends, and build input files.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -330,4 +330,53 @@ pub async fn final_results(api: &Api, b: &Value, total: usize) -> (Vec<Value>, V
 /// custom_id → line id (`batch_req_…`, the `x-request-id` sent upstream).
 pub fn ids_by_custom_id(lines: &[Value]) -> std::collections::HashMap<String, String> {
     lines.iter().map(|l| (l["custom_id"].as_str().unwrap().to_string(), l["id"].as_str().unwrap().to_string())).collect()
+}
+
+// ---- child processes ----
+
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Spawns `c` with piped output and waits for it, at most `timeout`.
+pub fn finish(mut c: Command, timeout: Duration) -> Out {
+    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn batchd");
+    wait_out(child, timeout)
+}
+
+/// Reads a pipe to its end on a thread (so a full pipe never blocks the child).
+pub fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    })
+}
+
+/// Waits for a child spawned with piped stdout/stderr; kills it after `timeout`.
+pub fn wait_out(mut child: Child, timeout: Duration) -> Out {
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let code = wait_code(&mut child, timeout);
+    Out { code, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// The exit code (-SIGNAL when killed by a signal); panics after `timeout`.
+pub fn wait_code(child: &mut Child, timeout: Duration) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or_else(|| -st.signal().unwrap_or(0));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("batchd did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -36,6 +36,7 @@ struct UploadForm {
 }
 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, mp: Result<Multipart, MultipartRejection>) -> ApiResult<Json<FileObject>> {
+    st.writable()?;
     let limit = st.cfg.limits.max_upload_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit + MULTIPART_SLACK) {

@@ -126,10 +126,7 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
             inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;
             continue;
         };
-        let (pool, target, permit) = tokio::select! {
-            got = route.acquire(p.est_tokens, None) => got,
-            _ = token.cancelled() => return Ok(()),
-        };
+        let Some((pool, target, permit)) = acquire_writable(inner, &route, p.est_tokens, token).await else { return Ok(()) };
         let ctx2 = ctx.clone();
         ctx.lines.spawn(async move {
             let run = dispatch::run_line(&ctx2.inner, &p, &route, pool, target, permit);
@@ -142,6 +139,25 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
         });
     }
     Ok(())
+}
+
+/// A slot on a pool serving `route`, taken while the store takes writes (the gate may close
+/// while a feeder waits for the slot); `None` when `stop` fires first.
+async fn acquire_writable(inner: &Inner, route: &Route, est_tokens: u64, stop: &CancellationToken) -> Option<(Arc<crate::upstream::Pool>, Arc<str>, crate::upstream::Permit)> {
+    loop {
+        let got = tokio::select! {
+            got = route.acquire(est_tokens, None) => got,
+            _ = stop.cancelled() => return None,
+        };
+        if inner.health.is_writable() {
+            return Some(got);
+        }
+        drop(got);
+        tokio::select! {
+            _ = inner.health.writable() => {}
+            _ = stop.cancelled() => return None,
+        }
+    }
 }
 
 /// Reads a unit's bytes and prepares its request lines (blank lines skipped).

@@ -155,9 +155,14 @@ impl Engine {
             live_nodes: AtomicUsize::new(1),
             failures: Mutex::default(),
         });
+        if exclusive {
+            // Before any step runs: a finalization restarted meanwhile could otherwise have
+            // its freshly written file taken for debris.
+            janitor::sweep_debris(&inner, Duration::ZERO).await;
+        }
         inner.tasks.spawn(supervisor::supervise(inner.clone()));
         inner.tasks.spawn(cluster::heartbeat(inner.clone()));
-        inner.tasks.spawn(janitor::janitor(inner.clone(), exclusive));
+        inner.tasks.spawn(janitor::janitor(inner.clone()));
         Ok(Engine { inner })
     }
 

@@ -141,7 +141,11 @@ impl Batches for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        let items = rows.iter().map(batch_from_row).collect::<Result<Vec<_>>>()?;
+        // A row that cannot be read is left out (and logged) rather than failing the list.
+        let items = rows
+            .iter()
+            .filter_map(|r| batch_from_row(r).map_err(|e| tracing::error!(error = %e, "a batch row cannot be read; listing the others")).ok())
+            .collect();
         Ok(page(items, limit))
     }
 

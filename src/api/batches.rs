@@ -27,7 +27,7 @@ fn no_such_batch(id: &str) -> ApiError {
 fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
         BatchStatus::InProgress | BatchStatus::Finalizing | BatchStatus::Cancelling => {
-            let p = st.engine.progress(&b.id, b.total - b.completed - b.failed);
+            let p = st.engine.progress(b);
             Some(serde_json::to_value(p).unwrap_or(Value::Null))
         }
         _ => None,

@@ -36,6 +36,7 @@ mod janitor;
 pub mod lines;
 mod progress;
 mod runner;
+mod scheduler;
 mod supervisor;
 pub mod validator;
 mod writer;
@@ -104,6 +105,7 @@ pub(crate) struct Inner {
     live_nodes: AtomicUsize,
     /// Consecutive failed steps per batch (see `supervisor`).
     failures: Mutex<HashMap<String, u32>>,
+    scheduler: scheduler::Scheduler,
 }
 
 /// A handle on the running engine; cheap to clone.
@@ -154,6 +156,7 @@ impl Engine {
             held,
             live_nodes: AtomicUsize::new(1),
             failures: Mutex::default(),
+            scheduler: scheduler::Scheduler::default(),
         });
         if exclusive {
             // Before any step runs: a finalization restarted meanwhile could otherwise have
@@ -162,6 +165,7 @@ impl Engine {
         }
         inner.tasks.spawn(supervisor::supervise(inner.clone()));
         inner.tasks.spawn(cluster::heartbeat(inner.clone()));
+        inner.tasks.spawn(scheduler::run(inner.clone()));
         inner.tasks.spawn(janitor::janitor(inner.clone()));
         Ok(Engine { inner })
     }
@@ -182,9 +186,9 @@ impl Engine {
         self.wake();
     }
 
-    /// Live throughput and ETA of a running batch (the `progress` extension).
-    pub fn progress(&self, batch_id: &str, remaining: i64) -> Option<Progress> {
-        self.inner.progress.get(batch_id, remaining)
+    /// Live throughput, ETA and deadline risk of a running batch (the `progress` extension).
+    pub fn progress(&self, b: &crate::store::BatchRecord) -> Option<Progress> {
+        self.inner.progress.get(&b.id, b.total - b.completed - b.failed, b.expires_at)
     }
 
     /// Lines of a batch in flight or waiting on a retry on this node.

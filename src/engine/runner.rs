@@ -95,19 +95,23 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {
         Err(crate::store::Error::NotFound) => return Err(Error::permanent("input_unavailable", "the batch's input file was deleted")),
         other => other.ctx("reading the input file record")?,
     };
+    let batch_id: Arc<str> = b.id.as_str().into();
+    let remaining = (b.total - b.completed - b.failed).max(0) as u64;
+    let (turns, _membership) = inner.scheduler.join(&batch_id, b.priority, b.expires_at, remaining, &inner.progress);
     let ctx = Arc::new(RunCtx {
         inner: inner.clone(),
-        batch_id: b.id.as_str().into(),
+        batch_id,
         blob_key: file.blob_key,
         format: b.input_format.unwrap_or(InputFormat::Full),
         path: b.endpoint.strip_prefix("/v1").unwrap_or(&b.endpoint).into(),
         h: h.clone(),
         lines: TaskTracker::new(),
+        turns,
     });
     let expiry = expiry_sleep(b.expires_at);
     tokio::pin!(expiry);
     let (fed, mut expired) = tokio::select! {
-        r = feeder::feed_all(ctx.clone(), b.priority) => (r, false),
+        r = feeder::feed_all(ctx.clone()) => (r, false),
         _ = h.stop.cancelled() => (Ok(()), false),
         _ = &mut expiry => (Ok(()), true),
     };

@@ -132,6 +132,9 @@ pub struct BatchRecord {
     pub output_expires_after: Option<i64>,
     /// While `finalizing`: the final status finalization will set.
     pub finalize_as: Option<BatchStatus>,
+    /// Hash of the create request, stored with its idempotency key: a later create with the
+    /// same key and another hash is refused.
+    pub idempotency_hash: Option<String>,
 }
 
 impl BatchRecord {
@@ -166,6 +169,7 @@ impl BatchRecord {
             input_format: None,
             output_expires_after: None,
             finalize_as: None,
+            idempotency_hash: None,
         }
     }
 }

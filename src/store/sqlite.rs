@@ -18,7 +18,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use super::*;
 
 /// Each entry migrates the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql"), include_str!("sqlite_schema_v2.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql"), include_str!("sqlite_schema_v2.sql"), include_str!("sqlite_schema_v3.sql")];
 const FINAL: &str = "('completed','failed','expired','cancelled')";
 const ROWS_PER_INSERT: usize = 400;
 
@@ -147,6 +147,7 @@ fn batch_from_row(r: &SqliteRow) -> Result<BatchRecord> {
         input_format: r.get::<Option<String>, _>("input_format").and_then(|s| serde_json::from_value(s.into()).ok()),
         output_expires_after: r.get("output_expires_after"),
         finalize_as: r.get::<Option<String>, _>("finalize_as").and_then(|s| BatchStatus::parse(&s)),
+        idempotency_hash: r.get("idempotency_hash"),
     })
 }
 
@@ -274,8 +275,8 @@ impl Store for SqliteStore {
     async fn insert_batch(&self, b: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord> {
         let r = sqlx::query(
             "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-                 metadata, status, created_at, expires_at, priority, output_expires_after)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(&b.id)
@@ -290,6 +291,7 @@ impl Store for SqliteStore {
         .bind(b.expires_at)
         .bind(b.priority)
         .bind(b.output_expires_after)
+        .bind(&b.idempotency_hash)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;

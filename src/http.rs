@@ -2,7 +2,8 @@
 //! timeouts and graceful shutdown (what `axum::serve` leaves open).
 //!
 //! - At most `max_connections` connections are open at once. The loop takes a slot before it
-//!   accepts, so further clients wait in the kernel's backlog instead of costing memory here.
+//!   accepts, so further clients wait in the kernel's backlog ([`LISTEN_BACKLOG`]) instead of
+//!   costing memory here.
 //! - A request's head must arrive within `header_read_timeout`, counted from the first read of
 //!   a new connection and from the moment a kept-alive connection goes idle (hyper's timer):
 //!   a client sending its headers byte by byte is cut off.
@@ -46,6 +47,18 @@ const LINGER_QUIET: Duration = Duration::from_millis(250);
 const LINGER_BYTES: u64 = 64 << 20;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections the kernel completes and queues while all slots are taken.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listener with a [`LISTEN_BACKLOG`]-deep accept queue (the standard library's 128
+/// drops clients as soon as the connection cap is reached under load).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops as the module doc says.
 pub async fn serve(listener: TcpListener, app: axum::Router, limits: HttpLimits, shutdown: impl Future<Output = ()>, grace: Duration) {

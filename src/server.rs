@@ -46,7 +46,7 @@ impl App {
             tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
         }
         let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), true).await?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+        let listener = crate::http::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let state = AppState { store, blob, engine, router, cfg };
         Ok(App { listener, state, _lock: lock })
     }

@@ -208,7 +208,11 @@ pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| range_of(r, size)) {
         None | Some(Ranged::Whole) => None,
         Some(Ranged::Part(r)) => Some(r),
-        Some(Ranged::Unsatisfiable) => return Err(ApiError::range_not_satisfiable(size)),
+        Some(Ranged::Unsatisfiable) => {
+            let mut resp = ApiError::range_not_satisfiable(size).into_response();
+            resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+            return Ok(resp);
+        }
     };
     let (status, stream, len) = match &range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, st.blob.get_range_stream(&f.blob_key, r.clone()).await?, r.end - r.start),

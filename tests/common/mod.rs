@@ -89,6 +89,11 @@ impl Server {
         self.spawn();
     }
 
+    /// The process id of the running child.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("batchd.log")).unwrap_or_default()
     }

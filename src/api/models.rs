@@ -44,6 +44,8 @@ pub async fn list(State(st): State<AppState>, Extension(catalog): Extension<Arc<
 /// The model lists of the catch-all upstreams, fetched on demand and cached.
 pub struct Catalog {
     sources: Vec<Source>,
+    ttl: Duration,
+    retry_after: Duration,
 }
 
 struct Source {
@@ -63,13 +65,17 @@ struct Cached {
 
 impl Catalog {
     pub fn new(upstreams: &[UpstreamConfig]) -> Catalog {
+        Self::with_timing(upstreams, LIST_TTL, RETRY_AFTER)
+    }
+
+    fn with_timing(upstreams: &[UpstreamConfig], ttl: Duration, retry_after: Duration) -> Catalog {
         let sources = upstreams.iter().filter(|u| u.models.iter().any(|m| m == "*")).filter_map(Source::new).collect();
-        Catalog { sources }
+        Catalog { sources, ttl, retry_after }
     }
 
     /// (id, owner) of every model the catch-all upstreams list, in their order.
     pub async fn fetched(&self) -> Vec<(String, String)> {
-        let lists = futures::future::join_all(self.sources.iter().map(Source::models)).await;
+        let lists = futures::future::join_all(self.sources.iter().map(|s| s.models(self.ttl, self.retry_after))).await;
         lists.into_iter().flatten().collect()
     }
 }
@@ -87,17 +93,17 @@ impl Source {
         Some(Source { name: u.name.clone(), url: format!("{}/models", u.base_url), key: u.api_key.clone(), client, cache: Mutex::default() })
     }
 
-    async fn models(&self) -> Vec<(String, String)> {
+    async fn models(&self, ttl: Duration, retry_after: Duration) -> Vec<(String, String)> {
         let mut c = self.cache.lock().await;
         if c.refresh_at.is_none_or(|t| Instant::now() >= t) {
             match self.fetch().await {
                 Ok(models) => {
                     c.models = models;
-                    c.refresh_at = Some(Instant::now() + LIST_TTL);
+                    c.refresh_at = Some(Instant::now() + ttl);
                 }
                 Err(e) => {
                     tracing::warn!(upstream = %self.name, error = %e, "listing the upstream's models failed; serving the last list");
-                    c.refresh_at = Some(Instant::now() + RETRY_AFTER);
+                    c.refresh_at = Some(Instant::now() + retry_after);
                 }
             }
         }
@@ -142,6 +148,50 @@ fn parse_list(body: &[u8], upstream: &str) -> Result<Vec<(String, String)>, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An upstream whose `/v1/models` counts its calls and fails while `failing` is set.
+    async fn upstream(calls: Arc<AtomicUsize>, failing: Arc<AtomicBool>) -> String {
+        let app = axum::Router::new().route(
+            "/v1/models",
+            axum::routing::get(move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                if failing.load(Ordering::SeqCst) {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+                }
+                Json(json!({"data": [{"id": "up-1", "owned_by": "acme"}, {"id": "up-2"}]})).into_response()
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        url
+    }
+
+    fn cfg(url: &str, models: &[&str]) -> Vec<UpstreamConfig> {
+        let raw = crate::config::RawUpstream { name: "u".into(), base_url: url.into(), models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() };
+        crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap().upstreams
+    }
+
+    #[tokio::test]
+    async fn lists_are_cached_refreshed_and_kept_through_failures() {
+        let (calls, failing) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let url = upstream(calls.clone(), failing.clone()).await;
+        let want = vec![("up-1".to_string(), "acme".to_string()), ("up-2".to_string(), "u".to_string())];
+        let c = Catalog::with_timing(&cfg(&url, &["*"]), Duration::from_millis(300), Duration::from_millis(300));
+        assert_eq!(c.fetched().await, want);
+        assert_eq!(c.fetched().await, want);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "cached within the TTL");
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(c.fetched().await, want, "a failed refresh serves the last list");
+        assert_eq!(c.fetched().await, want);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "a failed fetch is not retried at once");
+        assert!(Catalog::new(&cfg(&url, &["only-this"])).fetched().await.is_empty(), "only catch-all upstreams are asked");
+        let fresh = Catalog::new(&cfg(&url, &["*"]));
+        assert!(fresh.fetched().await.is_empty(), "a failing upstream lists nothing, and no error");
+    }
 
     #[test]
     fn lists_are_read_leniently() {

@@ -66,6 +66,12 @@ impl Serialize for Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
 impl std::borrow::Borrow<str> for Secret {
     fn borrow(&self) -> &str {
         &self.0

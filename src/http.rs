@@ -9,9 +9,11 @@
 //!   a client sending its headers byte by byte is cut off.
 //! - A connection on which no byte moves in either direction for `idle_timeout` is closed: an
 //!   idle keep-alive connection, a body upload that stalled, a client that stopped reading.
-//! - When hyper ends a connection itself (say after answering 413 without reading a large
-//!   body), the socket lingers briefly, draining what the client still sends, so the client
-//!   can read the answer instead of a connection reset.
+//! - An answer to a request whose body was not read to its end (say a 413 for a body over a
+//!   limit) says `Connection: close`, so the client does not send its next request on a
+//!   connection about to close. When hyper then ends the connection, the socket lingers
+//!   briefly, draining what the client still sends, so that the client can read the answer
+//!   instead of a connection reset.
 //! - On shutdown: stop accepting, let every connection finish its current exchange and close,
 //!   and wait at most `grace` for them.
 //!
@@ -21,13 +23,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use hyper::body::Incoming;
+use axum::http::header::CONNECTION;
+use axum::http::HeaderValue;
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -101,7 +105,15 @@ async fn connection(stream: TcpStream, app: axum::Router, limits: HttpLimits, st
     let io = TokioIo::new(Watched { inner: stream, activity: activity.clone() });
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| -> BoxedResponse {
         let mut app = app.clone();
-        Box::pin(async move { app.call(req.map(Body::new)).await })
+        let unread = Arc::new(AtomicBool::new(!req.body().is_end_stream()));
+        let req = req.map(|inner| Body::new(Tracked { inner, unread: unread.clone() }));
+        Box::pin(async move {
+            let mut resp = app.call(req).await?;
+            if unread.load(Ordering::Relaxed) {
+                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(resp)
+        })
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
@@ -143,6 +155,33 @@ async fn linger(mut stream: TcpStream) {
             Ok(Ok(n)) if n > 0 => drained += n as u64,
             _ => break,
         }
+    }
+}
+
+/// A request body that notes when it has been read to its end.
+struct Tracked {
+    inner: Incoming,
+    unread: Arc<AtomicBool>,
+}
+
+impl HttpBody for Tracked {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.unread.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

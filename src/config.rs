@@ -151,6 +151,8 @@ pub struct RawUpstream {
     /// PEM file of extra certificate authorities to trust for an `https://` upstream (an
     /// internal CA, a self-signed server), besides the public (webpki) roots.
     pub ca_file: Option<PathBuf>,
+    /// Largest answer body accepted; a larger one is an error line `response_too_large`.
+    pub max_response_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -230,6 +232,7 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub ca_file: Option<PathBuf>,
+    pub max_response_bytes: u64,
     /// The environment variable the key was read from (printed by `--print-config`).
     pub api_key_env: Option<String>,
 }
@@ -256,6 +259,8 @@ pub struct EngineConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "batchd-data";
 pub const DEFAULT_CONCURRENCY: usize = 64;
+/// 32 MB: far above any chat or embeddings answer, far below what would hurt memory.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
 const MB: u64 = 1_000_000;
 
 impl Default for Limits {
@@ -407,6 +412,7 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         timeout: Duration::from_secs_f64(timeout_s),
         max_attempts: u.max_attempts.unwrap_or(5).max(1),
         ca_file: u.ca_file.clone(),
+        max_response_bytes: u.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES).max(1024),
         api_key_env: u.api_key_env.clone(),
     })
 }
@@ -563,6 +569,7 @@ impl UpstreamConfig {
             timeout_s: Some(self.timeout.as_secs_f64()),
             max_attempts: Some(self.max_attempts),
             ca_file: self.ca_file.clone(),
+            max_response_bytes: Some(self.max_response_bytes),
         }
     }
 }

@@ -83,6 +83,14 @@ impl ApiError {
         e
     }
 
+    /// 507: the server cannot store anything right now (its disk is full); reads still work.
+    pub fn insufficient_storage() -> Self {
+        let mut e = Self::new(StatusCode::INSUFFICIENT_STORAGE, "server_error", "The server is out of storage space; nothing was stored. Retry later.")
+            .code("insufficient_storage");
+        e.retry_after = Some(5);
+        e
+    }
+
     /// 500 with a generic message; `cause` is logged, never sent.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -105,6 +113,10 @@ impl From<store::Error> for ApiError {
                 tracing::error!(error = %m, "store unavailable");
                 ApiError::unavailable("The service is temporarily unavailable; retry shortly.")
             }
+            store::Error::Full(m) => {
+                tracing::error!(error = %m, "store out of space");
+                ApiError::insufficient_storage()
+            }
             store::Error::Other(m) => ApiError::internal(m),
         }
     }
@@ -117,6 +129,10 @@ impl From<blob::Error> for ApiError {
             blob::Error::Unavailable(m) => {
                 tracing::error!(error = %m, "blob store unavailable");
                 ApiError::unavailable("The service is temporarily unavailable; retry shortly.")
+            }
+            blob::Error::Full(m) => {
+                tracing::error!(error = %m, "blob store out of space");
+                ApiError::insufficient_storage()
             }
             blob::Error::Other(m) => ApiError::internal(m),
         }

@@ -153,7 +153,7 @@ async fn huge_bodies_are_refused_without_buffering() {
         assert!(sent < total / 4, "{what}: the server read {sent} of {total} bytes before refusing");
         eprintln!("{what}: 413 after {} ms, {} MiB let through", t.elapsed().as_millis(), sent / MB);
     }
-    let peak = proc_mb(s.pid(), "VmHWM:");
+    let peak = proc_mb(s.pid().unwrap(), "VmHWM:");
     eprintln!("server peak RSS (VmHWM): {peak} MiB");
     assert!(peak < 100, "peak RSS {peak} MiB: a body was buffered");
     let (_, list) = api.get("/files").await;
@@ -237,7 +237,7 @@ async fn held_open(addr: String, wait: Duration, slow_head: bool) -> Option<Dura
 async fn slowloris_and_idle_crowds_are_closed_and_cost_little() {
     let m = mock(MockArgs::default()).await;
     let mut s = Server::start(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 1\nidle_timeout_s = 3"));
-    let (pid, addr) = (s.pid(), host(&s));
+    let (pid, addr) = (s.pid().unwrap(), host(&s));
     let (rss0, fds0) = (proc_mb(pid, "VmRSS:"), open_fds(pid));
     let t = Instant::now();
     let mut tasks = Vec::new();

@@ -54,6 +54,7 @@ fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
 }
 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
+    st.writable()?;
     let input_file_id = string_param(&body, "input_file_id")?;
     let endpoint = string_param(&body, "endpoint")?;
     if !ENDPOINTS.contains(&endpoint.as_str()) {

@@ -39,6 +39,7 @@ struct UploadForm {
 }
 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, req: Request) -> ApiResult<Json<FileObject>> {
+    st.writable()?;
     let limit = st.cfg.limits.max_upload_bytes;
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit + SLACK) {

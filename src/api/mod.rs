@@ -41,6 +41,19 @@ pub struct AppState {
     pub cfg: Arc<Config>,
 }
 
+impl AppState {
+    /// Refuses a write the store could not finish: while the engine cannot commit results
+    /// (the disk is full, the database unreachable), new files and batches are refused with
+    /// 507 and `Retry-After` instead of being half accepted. Reads go on.
+    pub fn writable(&self) -> Result<(), ApiError> {
+        if self.engine.store_writable() {
+            Ok(())
+        } else {
+            Err(ApiError::insufficient_storage())
+        }
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/files", post(files::create).get(files::list))

@@ -24,6 +24,9 @@ pub enum Error {
     NotFound(String),
     #[error("blob store unavailable: {0}")]
     Unavailable(String),
+    /// The blob store cannot write because its disk is full.
+    #[error("blob store is out of space: {0}")]
+    Full(String),
     #[error("blob store error: {0}")]
     Other(String),
 }
@@ -32,6 +35,7 @@ impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         match e {
             object_store::Error::NotFound { path, .. } => Error::NotFound(path),
+            other if out_of_space(&other) => Error::Full(other.to_string()),
             other => Error::Other(other.to_string()),
         }
     }
@@ -39,8 +43,23 @@ impl From<object_store::Error> for Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull || out_of_space(&e) {
+            return Error::Full(e.to_string());
+        }
         Error::Unavailable(e.to_string())
     }
+}
+
+/// Whether an error's cause chain holds an I/O error for a full disk (ENOSPC).
+fn out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull) {
+            return true;
+        }
+        cur = err.source();
+    }
+    e.to_string().contains("No space left on device")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -53,17 +72,59 @@ pub const WRITE_BUFFER: usize = 5 << 20;
 #[derive(Clone)]
 pub struct Blob {
     store: Arc<dyn ObjectStore>,
+    /// The directory of a local blob store (where interrupted uploads leave staging files).
+    local_root: Option<Arc<Path>>,
+}
+
+/// A stored object: its key and when it was last written.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub modified: std::time::SystemTime,
+    pub size: u64,
 }
 
 impl Blob {
     /// A blob store in a local directory, created if missing.
     pub fn local(dir: &Path) -> Result<Blob> {
         std::fs::create_dir_all(dir)?;
-        Ok(Blob::new(Arc::new(LocalFileSystem::new_with_prefix(dir)?)))
+        let root: Arc<Path> = std::fs::canonicalize(dir)?.into();
+        Ok(Blob { store: Arc::new(LocalFileSystem::new_with_prefix(&root)?), local_root: Some(root) })
     }
 
     pub fn new(store: Arc<dyn ObjectStore>) -> Blob {
-        Blob { store }
+        Blob { store, local_root: None }
+    }
+
+    /// Every object under `prefix` (listing pages through the store; each entry is small).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        use futures::TryStreamExt;
+        let metas: Vec<_> = self.store.list(Some(&ObjectPath::from(prefix))).try_collect().await?;
+        Ok(metas.into_iter().map(|m| ObjectInfo { key: m.location.to_string(), modified: m.last_modified.into(), size: m.size }).collect())
+    }
+
+    /// Removes what interrupted uploads left behind in a local blob directory: the staging
+    /// files `NAME#N` of uploads that never finished (a crash mid-upload or mid-finalization),
+    /// older than `min_age` (zero at the start of a process that owns the directory). An S3
+    /// store keeps no such files here; its unfinished multipart uploads are removed by the
+    /// bucket's `AbortIncompleteMultipartUpload` lifecycle rule (docs/deploy.md). Returns the
+    /// bytes removed.
+    pub fn sweep_staging(&self, min_age: std::time::Duration) -> Result<u64> {
+        let Some(root) = &self.local_root else { return Ok(0) };
+        let mut freed = 0;
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    dirs.push(entry.path());
+                } else if is_staging(&entry.file_name().to_string_lossy()) && age(&meta) >= min_age && std::fs::remove_file(entry.path()).is_ok() {
+                    freed += meta.len();
+                }
+            }
+        }
+        Ok(freed)
     }
 
     /// A streaming writer; nothing is visible under `key` until `finish`. It buffers at most
@@ -120,6 +181,15 @@ impl Blob {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// `NAME#DIGITS`: the staging file of an unfinished local upload (object_store's naming).
+fn is_staging(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(head, n)| !head.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn age(meta: &std::fs::Metadata) -> std::time::Duration {
+    meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default()
 }
 
 /// A streaming upload. Dropping it without `finish` leaves nothing under the key.
@@ -180,6 +250,27 @@ mod tests {
         blob.delete("files/a").await.unwrap();
         blob.delete("files/a").await.unwrap();
         assert!(matches!(blob.get_stream("files/a").await, Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn staging_files_of_unfinished_uploads_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = Blob::local(dir.path()).unwrap();
+        blob.put("files/kept", Bytes::from_static(b"x")).await.unwrap();
+        // What a crash mid-upload leaves: a staging file next to where the object would be.
+        let mut w = blob.writer("files/crashed");
+        w.write(&vec![1u8; WRITE_BUFFER + 10]).await.unwrap();
+        std::mem::forget(w);
+        std::fs::write(dir.path().join("files/other#12"), b"0123456789").unwrap();
+        std::fs::write(dir.path().join("files/name#not-staging"), b"z").unwrap();
+        assert_eq!(blob.sweep_staging(std::time::Duration::from_secs(3600)).unwrap(), 0, "recent staging files are kept");
+        let freed = blob.sweep_staging(std::time::Duration::ZERO).unwrap();
+        assert!(freed >= 10, "freed {freed}");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("files")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["kept", "name#not-staging"]);
+        let listed: Vec<String> = blob.list("files").await.unwrap().into_iter().map(|o| o.key).collect();
+        assert!(listed.contains(&"files/kept".to_string()));
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::{count, Inner};
 use crate::store::{ResultRecord, Usage};
@@ -24,6 +25,8 @@ pub struct Prepared {
     pub batch_id: Arc<str>,
     pub line: u64,
     pub unit_idx: i64,
+    /// The lease epoch of the unit the line was fed under.
+    pub epoch: Option<i64>,
     pub custom_id: String,
     pub request_id: String,
     /// The request body as the user wrote it.
@@ -55,7 +58,9 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         count(&inner.stats.retries_total, 1);
         {
             let _waiting = Waiting::new(&inner.stats.retries_waiting);
+            let _retrying = inner.book.retrying(&p.batch_id);
             tokio::time::sleep(wait).await;
+            inner.health.writable().await;
         }
         (pool, target, permit) = route.acquire(p.est_tokens, Some(&pool.cfg.name)).await;
         attempt += 1;
@@ -107,64 +112,57 @@ fn body_for(body: &Bytes, model: &str, target: &str) -> Bytes {
     }
 }
 
-/// The upstream's `usage`, in any of the shapes OpenAI-compatible servers report.
-#[derive(Deserialize, Default)]
-struct UsageIn {
-    #[serde(default)]
-    prompt_tokens: i64,
-    #[serde(default)]
-    completion_tokens: i64,
-    #[serde(default)]
-    input_tokens: i64,
-    #[serde(default)]
-    output_tokens: i64,
-    #[serde(default)]
-    total_tokens: i64,
-    #[serde(default, alias = "input_tokens_details")]
-    prompt_tokens_details: Option<Details>,
-    #[serde(default, alias = "output_tokens_details")]
-    completion_tokens_details: Option<Details>,
+/// A usage number read leniently: an integer, a float (truncated), a string of digits; a
+/// null, a missing key or anything else reads as 0. Clamped to `[0, i64::MAX]`, so a buggy or
+/// hostile upstream can never make a stored sum overflow or go negative.
+fn count_of(v: Option<&Value>) -> i64 {
+    let clamp = |f: f64| if f.is_nan() { 0 } else { f.clamp(0.0, i64::MAX as f64) as i64 };
+    match v {
+        Some(Value::Number(n)) => n.as_i64().map(|i| i.max(0)).or_else(|| n.as_u64().map(|u| u.min(i64::MAX as u64) as i64)).unwrap_or_else(|| clamp(n.as_f64().unwrap_or(0.0))),
+        Some(Value::String(s)) => s.trim().parse::<f64>().map(clamp).unwrap_or(0),
+        _ => 0,
+    }
 }
 
-#[derive(Deserialize, Default)]
-struct Details {
-    #[serde(default)]
-    cached_tokens: i64,
-    #[serde(default)]
-    reasoning_tokens: i64,
+/// The upstream's `usage`, in any of the shapes OpenAI-compatible servers report (chat and
+/// completions: `prompt_tokens`/`completion_tokens`; responses: `input_tokens`/
+/// `output_tokens`; embeddings: `prompt_tokens` only), read leniently (see [`count_of`]).
+pub fn usage_of(usage: &Value) -> Usage {
+    let get = |k: &str| count_of(usage.get(k));
+    let detail = |outer: &[&str], k: &str| outer.iter().map(|o| count_of(usage.get(*o).and_then(|d| d.get(k)))).max().unwrap_or(0);
+    let input = get("prompt_tokens").max(get("input_tokens"));
+    let output = get("completion_tokens").max(get("output_tokens"));
+    Usage {
+        input_tokens: input,
+        cached_tokens: detail(&["prompt_tokens_details", "input_tokens_details"], "cached_tokens"),
+        output_tokens: output,
+        reasoning_tokens: detail(&["completion_tokens_details", "output_tokens_details"], "reasoning_tokens"),
+        total_tokens: get("total_tokens").max(input.saturating_add(output)),
+    }
 }
 
 #[derive(Deserialize)]
 struct WithUsage {
     #[serde(default)]
-    usage: Option<UsageIn>,
+    usage: Option<Value>,
 }
 
-impl UsageIn {
-    fn into_usage(self) -> Usage {
-        let input = self.prompt_tokens.max(self.input_tokens);
-        let output = self.completion_tokens.max(self.output_tokens);
-        Usage {
-            input_tokens: input,
-            cached_tokens: self.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
-            output_tokens: output,
-            reasoning_tokens: self.completion_tokens_details.map_or(0, |d| d.reasoning_tokens),
-            total_tokens: self.total_tokens.max(input + output),
-        }
-    }
-}
-
-/// An upstream body checked in one pass: valid JSON (an object, as every OpenAI answer is)
-/// made fit for one JSONL line, with its usage; `None` when it is not a JSON object.
-fn parse_body(body: &[u8]) -> Option<(std::borrow::Cow<'_, str>, Usage)> {
-    let head: WithUsage = serde_json::from_slice(body).ok()?;
-    let usage = head.usage.map(UsageIn::into_usage).unwrap_or_default();
+/// An upstream body checked in one pass: a JSON object (as every OpenAI answer is), made
+/// fit for one JSONL line without re-serializing it, with its usage; `None` when it is not a
+/// JSON object. Raw `\n`/`\r` bytes can only be whitespace between tokens in valid JSON (inside
+/// strings they are escaped), so turning them into spaces is the only change: every other
+/// byte of the upstream's answer is kept as it came.
+pub fn parse_body(body: &[u8]) -> Option<(std::borrow::Cow<'_, str>, Usage)> {
     let text = std::str::from_utf8(body).ok()?.trim();
-    if memchr::memchr(b'\n', text.as_bytes()).is_none() {
+    if !text.starts_with('{') {
+        return None;
+    }
+    let head: WithUsage = serde_json::from_str(text).ok()?;
+    let usage = head.usage.as_ref().map(usage_of).unwrap_or_default();
+    if memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_none() {
         return Some((text.into(), usage));
     }
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    Some((v.to_string().into(), usage))
+    Some((text.replace(['\n', '\r'], " ").into(), usage))
 }
 
 fn record(p: &Prepared, pool: &Pool, outcome: Outcome, inner: &Inner) -> ResultRecord {
@@ -207,7 +205,17 @@ fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultR
     };
     pool.limiter.settle_tokens(p.est_tokens, usage.total_tokens.max(0) as u64);
     count(&inner.stats.output_tokens, usage.output_tokens.max(0) as u64);
-    ResultRecord { batch_id: p.batch_id.to_string(), line: p.line, unit_idx: p.unit_idx, custom_id: p.custom_id.clone(), ok, record: line, usage }
+    ResultRecord {
+        batch_id: p.batch_id.to_string(),
+        line: p.line,
+        unit_idx: p.unit_idx,
+        custom_id: p.custom_id.clone(),
+        ok,
+        record: line,
+        usage,
+        model: p.model.clone(),
+        epoch: p.epoch,
+    }
 }
 
 /// A line with no HTTP answer: transport failure, or a batch that ended before it ran.
@@ -226,6 +234,8 @@ pub fn error_record(p: &Prepared, code: &str, message: &str) -> ResultRecord {
         ok: false,
         record: line.to_string(),
         usage: Usage::default(),
+        model: p.model.clone(),
+        epoch: p.epoch,
     }
 }
 
@@ -253,27 +263,45 @@ mod tests {
         assert_eq!(v["messages"][0]["content"], "hi");
     }
 
-    fn usage_of(body: &str) -> Usage {
+    fn usage_in(body: &str) -> Usage {
         parse_body(body.as_bytes()).unwrap().1
     }
 
     #[test]
     fn usage_shapes() {
         let chat = r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#;
-        assert_eq!(usage_of(chat), Usage { input_tokens: 3, cached_tokens: 1, output_tokens: 4, reasoning_tokens: 0, total_tokens: 7 });
+        assert_eq!(usage_in(chat), Usage { input_tokens: 3, cached_tokens: 1, output_tokens: 4, reasoning_tokens: 0, total_tokens: 7 });
         let resp = r#"{"usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"output_tokens_details":{"reasoning_tokens":1}}}"#;
-        assert_eq!(usage_of(resp).reasoning_tokens, 1);
-        assert_eq!(usage_of(r#"{"usage":{"prompt_tokens":9,"total_tokens":9}}"#).total_tokens, 9);
-        assert_eq!(usage_of(r#"{"id":"x"}"#), Usage::default());
+        assert_eq!(usage_in(resp).reasoning_tokens, 1);
+        assert_eq!(usage_in(r#"{"usage":{"prompt_tokens":9,"total_tokens":9}}"#).total_tokens, 9);
+        assert_eq!(usage_in(r#"{"id":"x"}"#), Usage::default());
     }
 
     #[test]
-    fn bodies_become_one_valid_line() {
-        assert_eq!(parse_body(b"{\n  \"a\": 1\n}\n").unwrap().0, r#"{"a":1}"#);
+    fn usage_is_read_leniently_and_clamped() {
+        let nulls = r#"{"usage":{"prompt_tokens":3,"completion_tokens":null,"total_tokens":null,"completion_tokens_details":{"reasoning_tokens":null}}}"#;
+        assert_eq!(usage_in(nulls), Usage { input_tokens: 3, total_tokens: 3, ..Default::default() });
+        let odd = r#"{"usage":{"prompt_tokens":"12","completion_tokens":4.9,"total_tokens":"lots","prompt_tokens_details":null}}"#;
+        assert_eq!(usage_in(odd), Usage { input_tokens: 12, output_tokens: 4, total_tokens: 16, ..Default::default() });
+        let hostile = r#"{"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":18446744073709551615,"total_tokens":-5,"prompt_tokens_details":{"cached_tokens":1e300}}}"#;
+        let u = usage_in(hostile);
+        assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens, u.cached_tokens), (i64::MAX, i64::MAX, i64::MAX, i64::MAX));
+        assert_eq!(usage_in(r#"{"usage":"none"}"#), Usage::default());
+        assert_eq!(usage_in(r#"{"usage":[1,2]}"#), Usage::default());
+        assert_eq!(usage_in(r#"{"usage":{"prompt_tokens":-3}}"#).input_tokens, 0);
+    }
+
+    #[test]
+    fn bodies_pass_through_byte_for_byte() {
+        let body = r#"{"z":1,"a":1.50,"big":123456789012345678901234567890,"e":1E+2,"s":"caf\u00e9 \n","usage":{"prompt_tokens":null}}"#;
+        assert_eq!(parse_body(body.as_bytes()).unwrap().0, body, "key order, number text and escapes are kept");
+        assert_eq!(parse_body(b"{\n  \"a\": 1\r\n}\n").unwrap().0, "{   \"a\": 1  }", "only raw newlines (whitespace) change");
         assert!(parse_body(b"<html>").is_none());
         assert!(parse_body(b"{\"a\":").is_none());
+        assert!(parse_body(b"[1,2]").is_none(), "an answer is a JSON object");
+        assert!(parse_body(b"\xff{}").is_none());
         let p = Prepared {
-            batch_id: "b".into(), line: 1, unit_idx: 0, custom_id: "c\"1".into(), request_id: "batch_req_1".into(),
+            batch_id: "b".into(), line: 1, unit_idx: 0, epoch: None, custom_id: "c\"1".into(), request_id: "batch_req_1".into(),
             body: Bytes::new(), model: "m".into(), path: "/x".into(), est_tokens: 0,
         };
         let line = answer_line(&p, 200, "rid", r#"{"ok":true}"#);

@@ -9,50 +9,55 @@
 use std::sync::Arc;
 
 use super::dispatch::error_record;
-use super::runner::unit_lines;
+use super::error::{Context, Result};
+use super::feeder::unit_lines;
 use super::Inner;
 use crate::blob::BlobWriter;
-use crate::store::{BatchRecord, BatchStatus, FileRecord, Finish, InputFormat};
+use crate::store::{BatchRecord, BatchStatus, FileRecord, Finish, InputFormat, ResultRecord};
 
-pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) -> anyhow::Result<()> {
+pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) -> Result<()> {
     match status {
         BatchStatus::Cancelled => fill_missing(inner, b, "batch_cancelled", "The batch was cancelled before this request ran.").await?,
         BatchStatus::Expired => fill_missing(inner, b, "batch_expired", "The batch expired before this request completed.").await?,
         _ => {}
     }
     // Re-read: the counts must include the lines just filled in.
-    let b = &inner.store.get_batch(None, &b.id).await?;
+    let b = &inner.store.get_batch(None, &b.id).await.ctx("reading the batch")?;
     let (output_file, error_file) = write_files(inner, b).await?;
     let finish = Finish { status, at: crate::now_unix(), output_file, error_file };
-    inner.store.finish_batch(&b.id, &finish).await?;
+    inner.store.finish_batch(&b.id, &finish).await.ctx("recording the final status")?;
     crate::memory::release_free_memory();
     tracing::info!(batch = %b.id, status = status.as_str(), "batch finished");
     Ok(())
 }
 
 /// Records an error result for every line that has none.
-async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str) -> anyhow::Result<()> {
-    let units = inner.store.units(&b.id).await?;
+async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str) -> Result<()> {
+    let units = inner.store.units(&b.id).await.ctx("reading the work units")?;
     if units.is_empty() {
         return Ok(());
     }
-    let file = inner.store.get_file(&b.tenant, &b.input_file_id, 0).await?;
+    let file = inner.store.get_file(&b.tenant, &b.input_file_id, 0).await.ctx("reading the input file record")?;
     let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
     let format = b.input_format.unwrap_or(InputFormat::Full);
     for unit in units {
-        let done: std::collections::HashSet<u64> = inner.store.done_lines(&b.id, &unit).await?.into_iter().collect();
+        let done: std::collections::HashSet<u64> = inner.store.done_lines(&b.id, &unit).await.ctx("reading finished lines")?.into_iter().collect();
         if done.len() as u64 >= unit.line_count {
             continue;
         }
         let lines = unit_lines(&inner.blob, &file.blob_key, &unit, format, &batch_id, &path).await?;
-        let records: Vec<_> = lines.iter().filter(|p| !done.contains(&p.line)).map(|p| error_record(p, code, message)).collect();
-        inner.store.commit_results(&records).await?;
+        let records: Vec<_> = lines
+            .iter()
+            .filter(|p| !done.contains(&p.line))
+            .map(|p| ResultRecord { epoch: None, ..error_record(p, code, message) })
+            .collect();
+        inner.store.commit_results(&inner.node, &records).await.ctx("recording the unfinished lines")?;
     }
     Ok(())
 }
 
 /// Writes the output and error files; a file that would be empty is not created.
-async fn write_files(inner: &Inner, b: &BatchRecord) -> anyhow::Result<(Option<FileRecord>, Option<FileRecord>)> {
+async fn write_files(inner: &Inner, b: &BatchRecord) -> Result<(Option<FileRecord>, Option<FileRecord>)> {
     let now = crate::now_unix();
     let output = write_file(inner, b, true, now).await?;
     let error = write_file(inner, b, false, now).await?;
@@ -64,7 +69,7 @@ const CHUNK_RECORDS: u32 = 2000;
 
 /// Streams the 2xx (`ok`) or the other results into one file. The batch's durable counts
 /// say when a file would be empty, which spares reading the whole log for nothing.
-async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> anyhow::Result<Option<FileRecord>> {
+async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> Result<Option<FileRecord>> {
     let kind = if ok { "output" } else { "error" };
     if (if ok { b.completed } else { b.failed }) == 0 {
         return Ok(None);
@@ -72,19 +77,30 @@ async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> anyho
     let id = crate::ids::batch_output_file_id(&b.id, kind);
     let mut w = inner.blob.writer(&format!("files/{id}"));
     let mut after = 0;
-    while let Some((chunk, last)) = inner.store.results_chunk(&b.id, Some(ok), after, CHUNK_RECORDS).await? {
-        w.write(chunk.as_bytes()).await?;
-        after = last;
+    loop {
+        let chunk = match inner.store.results_chunk(&b.id, Some(ok), after, CHUNK_RECORDS).await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                w.abort().await;
+                return Err(e).ctx("reading the result log");
+            }
+        };
+        if let Err(e) = w.write(chunk.0.as_bytes()).await {
+            w.abort().await;
+            return Err(e).ctx("writing the output file");
+        }
+        after = chunk.1;
     }
     close(w, &id, b, kind, now).await
 }
 
-async fn close(w: BlobWriter, id: &str, b: &BatchRecord, kind: &str, now: i64) -> anyhow::Result<Option<FileRecord>> {
+async fn close(w: BlobWriter, id: &str, b: &BatchRecord, kind: &str, now: i64) -> Result<Option<FileRecord>> {
     if w.written() == 0 {
         w.abort().await;
         return Ok(None);
     }
-    let bytes = w.finish().await?;
+    let bytes = w.finish().await.ctx("writing the output file")?;
     Ok(Some(FileRecord {
         id: id.to_string(),
         tenant: b.tenant.clone(),

@@ -5,28 +5,43 @@
 //!                                                              │
 //!                            finalizer ◄── writer (group commit) ◄┘
 //! ```
+//! - `supervisor` finds batches with work and runs each one's steps, turning every failure
+//!   into a typed [`Error`]: it waits out an unavailable store, retries the unexpected a few
+//!   times, and fails the one batch whose step cannot succeed; it never stops itself;
 //! - [`validator`] streams the input once and cuts it into work units;
 //! - `runner` leases units and feeds their lines to the upstream pools; batches share a
 //!   pool fairly because each batch waits in the pool's FIFO queue with `2 × priority` feeders;
 //! - `dispatch` runs one line's attempts with back-off and turns the answer into a result;
 //! - `writer` makes results durable in groups (one commit per many results) — a result is
-//!   counted only once its group is committed;
-//! - `finalizer` streams the result log into the output and error files.
+//!   counted only once its group is committed; while the store cannot write, the
+//!   [`health`] gate holds every new upstream call;
+//! - `finalizer` streams the result log into the output and error files;
+//! - `cluster` keeps this node's heartbeat, leases and claims alive and stops the feeders
+//!   of units it lost; `janitor` removes expired files and crash debris.
 //!
-//! Cancel and expiry are signals: a per-batch token stops the feeders at once and aborts
-//! in-flight calls. A `kill -9` is safe at any instant: on restart a unit resumes at the
-//! lines that have no durable result, so only calls in flight at the crash are repeated.
+//! Steps one node does alone (validation, finalization) are claimed on the batch; units are
+//! leased with an epoch, so a node that lost a lease learns it at its next commit or
+//! heartbeat. Cancel and expiry are signals: a per-batch token stops the feeders at once and
+//! aborts in-flight calls. A `kill -9` is safe at any instant: on restart a unit resumes at
+//! the lines that have no durable result, so only calls in flight at the crash are repeated.
 
+mod book;
+mod cluster;
 mod dispatch;
+pub mod error;
+mod feeder;
 mod finalizer;
+pub mod health;
+mod janitor;
 pub mod lines;
 mod progress;
 mod runner;
+mod supervisor;
 pub mod validator;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,9 +51,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::blob::Blob;
 use crate::config::Config;
-use crate::store::{BatchStatus, Store};
+use crate::store::{Store, UnitKey};
 use crate::upstream::Router;
 
+pub use book::LineCounts;
+pub use error::Error;
 pub use progress::Progress;
 
 /// Live counters of the engine, for progress displays and metrics.
@@ -49,6 +66,8 @@ pub struct EngineStats {
     pub retries_total: AtomicU64,
     pub output_tokens: AtomicU64,
     pub results_committed: AtomicU64,
+    /// Batches failed by the engine because a step could not succeed.
+    pub batches_failed: AtomicU64,
 }
 
 /// Cancellation handles of one batch the engine is working on.
@@ -60,12 +79,16 @@ struct Active {
     abort: CancellationToken,
 }
 
+/// The units this node holds a lease on, each with the token that stops its feeder.
+pub(crate) type Held = Arc<Mutex<HashMap<UnitKey, CancellationToken>>>;
+
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
     blob: Blob,
     router: Arc<Router>,
     cfg: Arc<Config>,
     node: String,
+    started_at: i64,
     writer: writer::WriterHandle,
     active: Mutex<HashMap<String, Active>>,
     wake: Notify,
@@ -74,6 +97,13 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     progress: progress::ProgressBook,
     stats: Arc<EngineStats>,
+    health: health::Health,
+    book: book::Book,
+    held: Held,
+    /// Live nodes sharing the store, as of the last heartbeat (1 for an embedded store).
+    live_nodes: AtomicUsize,
+    /// Consecutive failed steps per batch (see `supervisor`).
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 /// A handle on the running engine; cheap to clone.
@@ -83,33 +113,56 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine's tasks. An embedded store belongs to this process alone, so leases
-    /// left by a previous (crashed) process are released first.
+    /// Starts the engine's tasks. An embedded store belongs to this process alone
+    /// (`exclusive`), so leases and claims left by a previous (crashed) process are released
+    /// first, and crash debris in the blob store is swept.
     pub async fn start(store: Arc<dyn Store>, blob: Blob, router: Arc<Router>, cfg: Arc<Config>, exclusive: bool) -> crate::store::Result<Engine> {
         if exclusive {
             store.release_leases(None).await?;
         }
-        let progress = progress::ProgressBook::default();
-        let stats = Arc::new(EngineStats::default());
-        let writer = writer::spawn(store.clone(), cfg.engine, progress.clone(), stats.clone());
+        let node = format!("node-{}", crate::ids::batch_id().trim_start_matches("batch_"));
+        let (progress, stats, health, book, held) = Default::default();
+        let hard_stop = CancellationToken::new();
+        let writer = writer::spawn(writer::WriterCtx {
+            store: store.clone(),
+            cfg: cfg.engine,
+            node: node.clone(),
+            progress: ProgressBook::clone(&progress),
+            stats: Arc::clone(&stats),
+            health: health::Health::clone(&health),
+            book: book::Book::clone(&book),
+            held: Held::clone(&held),
+            hard_stop: hard_stop.clone(),
+        });
         let inner = Arc::new(Inner {
             store,
             blob,
             router,
             cfg,
-            node: format!("node-{}", crate::ids::batch_id().trim_start_matches("batch_")),
+            node,
+            started_at: crate::now_unix(),
             writer,
             active: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             soft_stop: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
             tasks: TaskTracker::new(),
             progress,
             stats,
+            health,
+            book,
+            held,
+            live_nodes: AtomicUsize::new(1),
+            failures: Mutex::default(),
         });
-        inner.tasks.spawn(supervise(inner.clone()));
-        inner.tasks.spawn(heartbeat(inner.clone()));
-        inner.tasks.spawn(janitor(inner.clone()));
+        if exclusive {
+            // Before any step runs: a finalization restarted meanwhile could otherwise have
+            // its freshly written file taken for debris.
+            janitor::sweep_debris(&inner, Duration::ZERO).await;
+        }
+        inner.tasks.spawn(supervisor::supervise(inner.clone()));
+        inner.tasks.spawn(cluster::heartbeat(inner.clone()));
+        inner.tasks.spawn(janitor::janitor(inner.clone()));
         Ok(Engine { inner })
     }
 
@@ -134,6 +187,24 @@ impl Engine {
         self.inner.progress.get(batch_id, remaining)
     }
 
+    /// Lines of a batch in flight or waiting on a retry on this node.
+    pub fn line_counts(&self, batch_id: &str) -> LineCounts {
+        self.inner.book.counts(batch_id)
+    }
+
+    /// Whether the store takes writes (false while it is out of space or unreachable).
+    pub fn store_writable(&self) -> bool {
+        self.inner.health.is_writable()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node
+    }
+
+    pub fn live_nodes(&self) -> usize {
+        self.inner.live_nodes.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.inner.stats
     }
@@ -156,6 +227,8 @@ impl Engine {
         put("batchd_retries_total", "counter", "Upstream attempts that were retried.", get(&s.retries_total));
         put("batchd_retries_waiting", "gauge", "Retries waiting for their back-off.", get(&s.retries_waiting));
         put("batchd_output_tokens_total", "counter", "Output tokens reported by upstreams.", get(&s.output_tokens));
+        put("batchd_batches_failed_by_engine_total", "counter", "Batches failed because a step could not succeed.", get(&s.batches_failed));
+        put("batchd_store_writable", "gauge", "1 while the store takes writes, 0 while it is full or unreachable.", self.store_writable() as u64);
         for p in self.inner.router.pools() {
             let n = &p.cfg.name;
             out += &format!("batchd_upstream_in_flight{{upstream=\"{n}\"}} {}\n", p.limiter.in_flight());
@@ -165,7 +238,8 @@ impl Engine {
     }
 
     /// Graceful stop: no new lines; in-flight lines get `grace` to finish; durable results
-    /// are flushed; leases are released.
+    /// are flushed (for at most `grace` more: a store that cannot write does not hold the
+    /// process); leases and claims are handed back.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         inner.soft_stop.cancel();
@@ -175,87 +249,17 @@ impl Engine {
             inner.hard_stop.cancel();
             inner.tasks.wait().await;
         }
-        inner.writer.flush().await;
-        if let Err(e) = inner.store.release_leases(Some(&inner.node)).await {
-            tracing::warn!(error = %e, "could not release leases at shutdown; they will expire");
+        if tokio::time::timeout(grace, inner.writer.flush()).await.is_err() {
+            tracing::warn!("results could not be made durable within the grace period; their lines run again after restart");
+            inner.hard_stop.cancel();
+        }
+        if let Err(e) = inner.store.leave(&inner.node).await {
+            tracing::warn!(error = %e, "could not hand back leases at shutdown; they will expire");
         }
     }
 }
 
-const WORK_STATUSES: [BatchStatus; 4] =
-    [BatchStatus::Validating, BatchStatus::InProgress, BatchStatus::Cancelling, BatchStatus::Finalizing];
-
-/// Finds batches that need work and starts a task for each one not already handled here.
-async fn supervise(inner: Arc<Inner>) {
-    loop {
-        match inner.store.batches_in(&WORK_STATUSES).await {
-            Ok(batches) => {
-                for b in batches {
-                    start_batch(&inner, b);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot list batches to run; retrying"),
-        }
-        tokio::select! {
-            _ = inner.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = inner.soft_stop.cancelled() => return,
-        }
-    }
-}
-
-fn start_batch(inner: &Arc<Inner>, b: crate::store::BatchRecord) {
-    let mut active = inner.active.lock().unwrap();
-    if let Some(a) = active.get(&b.id) {
-        if b.status == BatchStatus::Cancelling && !a.stop.is_cancelled() {
-            a.stop.cancel();
-            if !inner.cfg.finish_in_flight_on_cancel {
-                a.abort.cancel();
-            }
-        }
-        return;
-    }
-    let handles = Active { stop: inner.soft_stop.child_token(), abort: inner.hard_stop.child_token() };
-    active.insert(b.id.clone(), handles.clone());
-    let inner2 = inner.clone();
-    inner.tasks.spawn(async move {
-        let id = b.id.clone();
-        runner::handle_batch(inner2.clone(), b, handles).await;
-        inner2.active.lock().unwrap().remove(&id);
-        inner2.progress.forget(&id);
-    });
-}
-
-async fn heartbeat(inner: Arc<Inner>) {
-    let ttl = inner.cfg.engine.lease_ttl;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(ttl / 3) => {}
-            _ = inner.soft_stop.cancelled() => return,
-        }
-        if let Err(e) = inner.store.renew_leases(&inner.node, ttl.as_secs() as i64, crate::now_unix()).await {
-            tracing::warn!(error = %e, "lease renewal failed");
-        }
-    }
-}
-
-/// Removes files past their `expires_at`: the row first, then the bytes.
-async fn janitor(inner: Arc<Inner>) {
-    loop {
-        if let Ok(files) = inner.store.expired_files(crate::now_unix(), 100).await {
-            for f in files {
-                if inner.store.purge_file(&f.id).await.is_ok() {
-                    let _ = inner.blob.delete(&f.blob_key).await;
-                    tracing::info!(file = %f.id, "expired file removed");
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            _ = inner.soft_stop.cancelled() => return,
-        }
-    }
-}
+use progress::ProgressBook;
 
 pub(crate) fn count(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);

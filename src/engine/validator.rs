@@ -202,6 +202,7 @@ impl<'a> Validator<'a> {
             line_count: 0,
             byte_offset: l.offset,
             byte_len: 0,
+            epoch: 0,
         });
         unit.end_line = l.no + 1;
         unit.byte_len = l.offset + l.len - unit.byte_offset;
@@ -250,7 +251,7 @@ impl<'a> Validator<'a> {
         let model = (self.models.len() == 1).then(|| self.models.keys().next().cloned()).flatten();
         Report {
             errors: self.errors,
-            validated: Validated { total: self.requests, model, format, units: self.units },
+            validated: Validated { total: self.requests, model, format, units: self.units, est_tokens: self.tokens },
             models: self.models,
             estimated_input_tokens: self.tokens,
         }

@@ -5,16 +5,26 @@
 //! `commit_interval`, taking everything already queued (up to `commit_max_results`). So the
 //! number of commits follows the number of results, not the clock: about one per
 //! `commit_min_results` results under load, and a result waits at most `commit_interval`.
-//! A flush barrier lets a runner wait until everything it sent is durable. A failed commit
-//! is retried with back-off; results are never dropped while the process lives.
+//! A flush barrier lets a runner wait until everything it sent is durable.
+//!
+//! A commit that fails because the store is unavailable or full closes the [`Health`] gate
+//! (no new upstream calls) and is retried with back-off until it succeeds; only a hard stop
+//! gives it up (those results were in flight, and a restart sends them again). A commit that
+//! fails for another reason is split per batch, so that one batch's bad result never blocks
+//! the others: the results of a batch that still cannot be committed are dropped from memory
+//! (their lines run again later). Units whose lease the commit reports lost are stopped.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
+use super::book::Book;
+use super::health::Health;
 use super::progress::ProgressBook;
-use super::EngineStats;
+use super::{EngineStats, Held};
 use crate::config::EngineConfig;
 use crate::store::{ResultRecord, Store};
 
@@ -36,7 +46,8 @@ impl WriterHandle {
         }
     }
 
-    /// Returns once every result sent before this call is durable.
+    /// Returns once every result sent before this call is durable (or given up at a hard
+    /// stop).
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Flush(tx)).await.is_ok() {
@@ -45,13 +56,28 @@ impl WriterHandle {
     }
 }
 
-pub fn spawn(store: Arc<dyn Store>, cfg: EngineConfig, progress: ProgressBook, stats: Arc<EngineStats>) -> WriterHandle {
-    let (tx, rx) = mpsc::channel(cfg.commit_max_results.min(1024));
-    tokio::spawn(run(store, cfg, progress, stats, rx));
+/// What the writer shares with the rest of the engine.
+pub struct WriterCtx {
+    pub store: Arc<dyn Store>,
+    pub cfg: EngineConfig,
+    pub node: String,
+    pub progress: ProgressBook,
+    pub stats: Arc<EngineStats>,
+    pub health: Health,
+    pub book: Book,
+    pub held: Held,
+    /// Gives up retrying a commit (the process is going down hard).
+    pub hard_stop: CancellationToken,
+}
+
+pub fn spawn(ctx: WriterCtx) -> WriterHandle {
+    let (tx, rx) = mpsc::channel(ctx.cfg.commit_max_results.min(1024));
+    tokio::spawn(run(ctx, rx));
     WriterHandle { tx }
 }
 
-async fn run(store: Arc<dyn Store>, cfg: EngineConfig, progress: ProgressBook, stats: Arc<EngineStats>, mut rx: mpsc::Receiver<Msg>) {
+async fn run(ctx: WriterCtx, mut rx: mpsc::Receiver<Msg>) {
+    let cfg = ctx.cfg;
     let mut group = Vec::with_capacity(cfg.commit_max_results);
     let mut waiters = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -72,9 +98,10 @@ async fn run(store: Arc<dyn Store>, cfg: EngineConfig, progress: ProgressBook, s
                 _ => break,
             }
         }
-        let inserted = commit(&*store, &group, &progress).await;
-        super::count(&stats.results_committed, inserted);
-        group.clear();
+        commit(&ctx, &group).await;
+        for r in group.drain(..) {
+            ctx.book.release(&r.batch_id, r.line);
+        }
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
@@ -88,28 +115,72 @@ fn take(m: Msg, group: &mut Vec<ResultRecord>, waiters: &mut Vec<oneshot::Sender
     }
 }
 
-/// Commits a group, retrying until it is durable; returns how many results were new.
-async fn commit(store: &dyn Store, group: &[ResultRecord], progress: &ProgressBook) -> u64 {
+/// Commits a group (see the module doc for what happens when that fails).
+async fn commit(ctx: &WriterCtx, group: &[ResultRecord]) {
     if group.is_empty() {
-        return 0;
+        return;
     }
-    let mut delay = Duration::from_millis(50);
-    let inserted = loop {
-        match store.commit_results(group).await {
-            Ok(o) => break o.inserted,
-            Err(e) => {
-                tracing::error!(error = %e, results = group.len(), "committing results failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+    match commit_retrying(ctx, group).await {
+        Ok(()) => {}
+        Err(e) if e.is_transient() => {}
+        Err(e) => {
+            tracing::warn!(error = %e, results = group.len(), "a group commit failed; committing batch by batch");
+            let mut per_batch: HashMap<&str, Vec<ResultRecord>> = HashMap::new();
+            for r in group {
+                per_batch.entry(&r.batch_id).or_default().push(r.clone());
+            }
+            for (batch, results) in per_batch {
+                if let Err(e) = commit_retrying(ctx, &results).await {
+                    tracing::error!(batch, error = %e, results = results.len(), "results of this batch cannot be committed; they will run again");
+                }
             }
         }
-    };
-    let mut per_batch: std::collections::HashMap<&str, u64> = Default::default();
+    }
+}
+
+/// Commits one group, retrying while the store is unavailable or full (the gate stays closed
+/// meanwhile) until it succeeds or a hard stop; returns other errors at once.
+async fn commit_retrying(ctx: &WriterCtx, group: &[ResultRecord]) -> crate::store::Result<()> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match ctx.store.commit_results(&ctx.node, group).await {
+            Ok(o) => {
+                ctx.health.set_writable(true);
+                super::count(&ctx.stats.results_committed, o.inserted);
+                record_progress(ctx, group);
+                for key in &o.lost {
+                    if let Some(token) = ctx.held.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
+                        tracing::warn!(batch = %key.batch_id, unit = key.idx, "the lease on this unit was lost; stopping its feeder");
+                        token.cancel();
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => {
+                if ctx.health.is_writable() {
+                    tracing::error!(error = %e, results = group.len(), "the store cannot take results; pausing upstream calls until it can");
+                }
+                ctx.health.set_writable(false);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.hard_stop.cancelled() => {
+                        tracing::warn!(results = group.len(), "stopping with results that could not be stored; their lines run again after restart");
+                        return Err(e);
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn record_progress(ctx: &WriterCtx, group: &[ResultRecord]) {
+    let mut per_batch: HashMap<&str, u64> = HashMap::new();
     for r in group {
         *per_batch.entry(&r.batch_id).or_default() += 1;
     }
     for (b, n) in per_batch {
-        progress.record(b, n);
+        ctx.progress.record(b, n);
     }
-    inserted
 }

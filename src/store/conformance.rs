@@ -1,9 +1,17 @@
 //! Behaviour every [`Store`] backend must show, as `pub async fn` checks over `&dyn Store`.
 //!
 //! Each backend's test module builds its store and calls [`run_all`]; the checks are never
-//! forked per backend. They panic with a message naming the broken rule.
+//! forked per backend. They panic with a message naming the broken rule. Every check uses
+//! its own tenant and batch ids, so they can run one after another on one store.
+
+use std::time::Duration;
 
 use super::*;
+
+const NODE: &str = "node-a";
+const LONG: Duration = Duration::from_secs(60);
+/// A lease or claim that has expired by the time anyone looks.
+const GONE: Duration = Duration::ZERO;
 
 pub fn sample_file(tenant: &str, id: &str) -> FileRecord {
     FileRecord {
@@ -32,6 +40,7 @@ fn units(batch: &str, n: i64, lines_per_unit: u64) -> Vec<WorkUnit> {
             line_count: lines_per_unit,
             byte_offset: i as u64 * 100,
             byte_len: 100,
+            epoch: 0,
         })
         .collect()
 }
@@ -45,13 +54,24 @@ pub fn result(batch: &str, line: u64, ok: bool) -> ResultRecord {
         ok,
         record: format!("{{\"custom_id\":\"c{line}\"}}"),
         usage: Usage { input_tokens: 2, output_tokens: 3, total_tokens: 5, ..Default::default() },
+        model: "m".into(),
+        epoch: None,
     }
+}
+
+/// Results of lines `lines` run under `unit`'s lease.
+fn leased(unit: &WorkUnit, lines: impl Iterator<Item = u64>) -> Vec<ResultRecord> {
+    lines.map(|l| ResultRecord { unit_idx: unit.idx, epoch: Some(unit.epoch), ..result(&unit.batch_id, l, true) }).collect()
+}
+
+fn validated(total: u64, units: Vec<WorkUnit>) -> Validated {
+    Validated { total, model: Some("m".into()), format: InputFormat::Full, units, est_tokens: total * 10 }
 }
 
 async fn running_batch(store: &dyn Store, tenant: &str, id: &str, n_units: i64) {
     store.insert_file(&sample_file(tenant, &format!("file-{id}"))).await.unwrap();
     store.insert_batch(&sample_batch(tenant, id, &format!("file-{id}")), None).await.unwrap();
-    let v = Validated { total: n_units as u64 * 10, model: Some("m".into()), format: InputFormat::Full, units: units(id, n_units, 10) };
+    let v = validated(n_units as u64 * 10, units(id, n_units, 10));
     assert!(store.mark_validated(id, &v, 1_001).await.unwrap(), "validating batch must be markable");
 }
 
@@ -65,8 +85,17 @@ pub async fn run_all(store: &dyn Store) {
     cancel_transitions(store).await;
     lease_is_exclusive(store).await;
     expired_lease_is_taken_over(store).await;
+    lease_epochs_fence_commits(store).await;
+    claims_are_exclusive(store).await;
     results_idempotent(store).await;
+    sums_saturate_and_stay_readable(store).await;
     finish_is_final_and_atomic(store).await;
+    late_results_never_change_a_final_batch(store).await;
+    fail_batch_from_any_live_status(store).await;
+    status_events_follow_every_transition(store).await;
+    webhook_deliveries_are_durable_and_claimed(store).await;
+    nodes_heartbeat_and_leave(store).await;
+    usage_per_model_and_hour(store).await;
 }
 
 pub async fn files_roundtrip_and_isolation(store: &dyn Store) {
@@ -155,8 +184,7 @@ pub async fn cancel_transitions(store: &dyn Store) {
     assert!(matches!(store.request_cancel("cx-other", "batch_cx", 5).await, Err(Error::NotFound)));
     let b = store.request_cancel("cx", "batch_cx", 5).await.unwrap();
     assert_eq!((b.status, b.cancelling_at), (BatchStatus::Cancelling, Some(5)));
-    let v = Validated { total: 1, model: None, format: InputFormat::Full, units: vec![] };
-    assert!(!store.mark_validated("batch_cx", &v, 6).await.unwrap(), "validation must not undo a cancel");
+    assert!(!store.mark_validated("batch_cx", &validated(1, vec![]), 6).await.unwrap(), "validation must not undo a cancel");
     assert!(!store.mark_failed("batch_cx", &[], 6).await.unwrap());
     let fin = Finish { status: BatchStatus::Cancelled, at: 7, output_file: None, error_file: None };
     store.finish_batch("batch_cx", &fin).await.unwrap();
@@ -168,7 +196,7 @@ pub async fn lease_is_exclusive(store: &dyn Store) {
     running_batch(store, "ls", "batch_ls", 20).await;
     let tasks = (0..8).map(|n| async move {
         let mut got = vec![];
-        while let Some(u) = store.lease_unit("batch_ls", &format!("node{n}"), 30, 2_000).await.unwrap() {
+        while let Some(u) = store.lease_unit("batch_ls", &format!("node{n}"), LONG).await.unwrap() {
             got.push(u.idx);
         }
         got
@@ -179,31 +207,71 @@ pub async fn lease_is_exclusive(store: &dyn Store) {
 }
 
 pub async fn expired_lease_is_taken_over(store: &dyn Store) {
-    running_batch(store, "lx", "batch_lx", 2).await;
-    let a = store.lease_unit("batch_lx", "dead", 10, 3_000).await.unwrap().unwrap();
-    store.lease_unit("batch_lx", "dead", 10, 3_000).await.unwrap().unwrap();
-    assert!(store.lease_unit("batch_lx", "live", 10, 3_005).await.unwrap().is_none(), "live leases hold");
-    let b = store.lease_unit("batch_lx", "live", 10, 3_011).await.unwrap().unwrap();
-    assert_eq!(a.idx, b.idx, "an expired lease is taken over, lowest unit first");
-    store.renew_leases("live", 100, 3_011).await.unwrap();
-    let c = store.lease_unit("batch_lx", "third", 10, 3_050).await.unwrap().unwrap();
-    assert_ne!(c.idx, b.idx, "a renewed lease holds");
+    running_batch(store, "lx", "batch_lx", 3).await;
+    let a = store.lease_unit("batch_lx", "dead", GONE).await.unwrap().unwrap();
+    let live = store.lease_unit("batch_lx", "live", LONG).await.unwrap().unwrap();
+    assert_eq!((a.idx, live.idx), (0, 0), "an expired lease is taken over, lowest unit first");
+    assert_eq!(live.epoch, a.epoch + 1, "each lease raises the epoch");
+    let b = store.lease_unit("batch_lx", "live", LONG).await.unwrap().unwrap();
+    let c = store.lease_unit("batch_lx", "third", LONG).await.unwrap().unwrap();
+    assert_eq!((b.idx, c.idx), (1, 2));
+    assert!(store.lease_unit("batch_lx", "fourth", LONG).await.unwrap().is_none(), "live leases hold");
+    let mut held = store.renew_leases("live", LONG).await.unwrap();
+    held.sort();
+    assert_eq!(held, [live.key(), b.key()], "renewal returns the units still held");
+    assert!(store.renew_leases("dead", LONG).await.unwrap().is_empty(), "a lease taken over is not renewed");
     store.release_batch_leases("batch_lx", "third").await.unwrap();
-    assert_eq!(store.lease_unit("batch_lx", "fourth", 10, 3_050).await.unwrap().unwrap().idx, c.idx);
+    assert_eq!(store.lease_unit("batch_lx", "fourth", LONG).await.unwrap().unwrap().idx, c.idx);
     store.release_leases(Some("live")).await.unwrap();
-    assert_eq!(store.lease_unit("batch_lx", "third", 10, 3_050).await.unwrap().unwrap().idx, b.idx);
+    assert_eq!(store.lease_unit("batch_lx", "third", LONG).await.unwrap().unwrap().idx, 0);
+}
+
+pub async fn lease_epochs_fence_commits(store: &dyn Store) {
+    running_batch(store, "lf", "batch_lf", 2).await;
+    let old = store.lease_unit("batch_lf", "slow", GONE).await.unwrap().unwrap();
+    let new = store.lease_unit("batch_lf", "fast", LONG).await.unwrap().unwrap();
+    assert_eq!(old.idx, new.idx);
+    let out = store.commit_results("slow", &leased(&old, 1..=4)).await.unwrap();
+    assert_eq!(out.inserted, 4, "a late node's answers are still recorded once");
+    assert_eq!(out.lost, [old.key()], "but it learns that it lost the unit");
+    let out = store.commit_results("fast", &leased(&new, 3..=6)).await.unwrap();
+    assert_eq!((out.inserted, out.duplicates), (2, 2));
+    assert!(out.lost.is_empty(), "the current holder keeps its lease");
+    let unfenced = store.commit_results("anyone", &[result("batch_lf", 15, false)]).await.unwrap();
+    assert!(unfenced.lost.is_empty(), "records written outside a lease are not fenced");
+    assert_eq!(store.get_batch(None, "batch_lf").await.unwrap().completed, 6);
+}
+
+pub async fn claims_are_exclusive(store: &dyn Store) {
+    running_batch(store, "cl", "batch_cl", 1).await;
+    assert!(store.claim_batch("batch_cl", "a", LONG).await.unwrap());
+    assert!(!store.claim_batch("batch_cl", "b", LONG).await.unwrap(), "a live claim holds");
+    assert!(store.claim_batch("batch_cl", "a", LONG).await.unwrap(), "the holder may claim again");
+    store.release_claim("batch_cl", "b").await.unwrap();
+    assert!(!store.claim_batch("batch_cl", "b", LONG).await.unwrap(), "only the holder releases");
+    store.release_claim("batch_cl", "a").await.unwrap();
+    assert!(store.claim_batch("batch_cl", "b", GONE).await.unwrap());
+    assert!(store.claim_batch("batch_cl", "c", LONG).await.unwrap(), "an expired claim is taken over");
+    let racing = (0..6).map(|n| async move { store.claim_batch("batch_cl", &format!("r{n}"), LONG).await.unwrap() });
+    assert!(!futures::future::join_all(racing).await.into_iter().any(|x| x), "nobody takes a live claim");
+    store.release_leases(Some("c")).await.unwrap();
+    let racing = (0..6).map(|n| async move { store.claim_batch("batch_cl", &format!("r{n}"), LONG).await.unwrap() });
+    assert_eq!(futures::future::join_all(racing).await.into_iter().filter(|x| *x).count(), 1, "one racer wins a free claim");
+    let fin = Finish { status: BatchStatus::Completed, at: 2_000, output_file: None, error_file: None };
+    store.finish_batch("batch_cl", &fin).await.unwrap();
+    assert!(!store.claim_batch("batch_cl", "z", LONG).await.unwrap(), "a final batch cannot be claimed");
 }
 
 pub async fn results_idempotent(store: &dyn Store) {
     running_batch(store, "rs", "batch_rs", 2).await;
     let first: Vec<_> = (1..=10).map(|l| result("batch_rs", l, l % 3 != 0)).collect();
-    assert_eq!(store.commit_results(&first).await.unwrap().inserted, 10);
+    assert_eq!(store.commit_results(NODE, &first).await.unwrap().inserted, 10);
     let overlap: Vec<_> = (6..=15).map(|l| result("batch_rs", l, true)).collect();
-    let out = store.commit_results(&overlap).await.unwrap();
+    let out = store.commit_results(NODE, &overlap).await.unwrap();
     assert_eq!((out.inserted, out.duplicates), (5, 5), "already recorded lines are not counted again");
     let racing = (0..4).map(|_| {
         let recs: Vec<_> = (16..=20).map(|l| result("batch_rs", l, false)).collect();
-        async move { store.commit_results(&recs).await.unwrap().inserted }
+        async move { store.commit_results(NODE, &recs).await.unwrap().inserted }
     });
     let inserted: u64 = futures::future::join_all(racing).await.into_iter().sum();
     assert_eq!(inserted, 5, "racing commits of the same lines count them once");
@@ -212,7 +280,7 @@ pub async fn results_idempotent(store: &dyn Store) {
     assert_eq!(b.usage.total_tokens, 100);
     let unit = &store.units("batch_rs").await.unwrap()[0];
     assert_eq!(store.done_lines("batch_rs", unit).await.unwrap(), (1..=10).collect::<Vec<_>>());
-    assert!(store.lease_unit("batch_rs", "n", 10, 9_000).await.unwrap().is_none(), "done units are not leased");
+    assert!(store.lease_unit("batch_rs", "n", LONG).await.unwrap().is_none(), "done units are not leased");
     let (all, last) = store.results_chunk("batch_rs", None, 0, 100).await.unwrap().unwrap();
     let ids: Vec<String> = all.lines().map(str::to_owned).collect();
     let want: Vec<String> = (1..=20).map(|l| format!("{{\"custom_id\":\"c{l}\"}}")).collect();
@@ -245,4 +313,151 @@ pub async fn finish_is_final_and_atomic(store: &dyn Store) {
     store.begin_finalizing("batch_fin", BatchStatus::Expired, 1_800).await.unwrap();
     let b = store.get_batch(Some("fin"), "batch_fin").await.unwrap();
     assert_eq!((b.status, b.cancelled_at), (BatchStatus::Completed, None), "a final batch never changes");
+}
+
+pub async fn sums_saturate_and_stay_readable(store: &dyn Store) {
+    running_batch(store, "sat", "batch_sat", 1).await;
+    let huge = Usage { input_tokens: i64::MAX - 5, output_tokens: i64::MAX, total_tokens: i64::MAX, cached_tokens: 7, reasoning_tokens: 0 };
+    let recs: Vec<_> = (1..=3).map(|l| ResultRecord { usage: huge, ..result("batch_sat", l, true) }).collect();
+    store.commit_results(NODE, &recs[..1]).await.unwrap();
+    store.commit_results(NODE, &recs[1..]).await.unwrap();
+    let b = store.get_batch(Some("sat"), "batch_sat").await.unwrap();
+    assert_eq!((b.usage.input_tokens, b.usage.total_tokens, b.usage.cached_tokens), (MAX_COUNT, MAX_COUNT, 21), "sums saturate");
+    assert_eq!(store.list_batches("sat", 10, None).await.unwrap().items.len(), 1, "the row still lists");
+    let per_model = store.batch_usage("batch_sat").await.unwrap();
+    assert_eq!((per_model[0].requests, per_model[0].usage.output_tokens), (3, MAX_COUNT));
+}
+
+pub async fn late_results_never_change_a_final_batch(store: &dyn Store) {
+    running_batch(store, "late", "batch_late", 1).await;
+    store.commit_results(NODE, &[result("batch_late", 1, true)]).await.unwrap();
+    let fin = Finish { status: BatchStatus::Cancelled, at: 2_000, output_file: None, error_file: None };
+    store.finish_batch("batch_late", &fin).await.unwrap();
+    let out = store.commit_results(NODE, &[result("batch_late", 2, true), result("batch_late", 3, false)]).await.unwrap();
+    assert_eq!((out.inserted, out.duplicates), (0, 2), "a final batch takes no more results");
+    let b = store.get_batch(None, "batch_late").await.unwrap();
+    assert_eq!((b.completed, b.failed), (1, 0));
+    assert_eq!(store.results_chunk("batch_late", None, 0, 100).await.unwrap().unwrap().0.lines().count(), 1);
+}
+
+pub async fn fail_batch_from_any_live_status(store: &dyn Store) {
+    running_batch(store, "fb", "batch_fb", 1).await;
+    store.lease_unit("batch_fb", NODE, LONG).await.unwrap().unwrap();
+    let why = LineError { code: "input_unreadable".into(), message: "gone".into(), param: None, line: None };
+    assert!(store.fail_batch("batch_fb", std::slice::from_ref(&why), 3_000).await.unwrap());
+    let b = store.get_batch(None, "batch_fb").await.unwrap();
+    assert_eq!((b.status, b.failed_at, b.errors.as_deref()), (BatchStatus::Failed, Some(3_000), Some(&[why.clone()][..])));
+    assert!(!store.fail_batch("batch_fb", &[why], 3_001).await.unwrap(), "a final batch is not failed again");
+    assert_eq!(store.get_batch(None, "batch_fb").await.unwrap().failed_at, Some(3_000));
+}
+
+fn kinds(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value = serde_json::from_str(&e.data).expect("event data is JSON");
+            (e.kind.clone(), v["status"].as_str().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+pub async fn status_events_follow_every_transition(store: &dyn Store) {
+    let mine = EventFilter { tenant: Some("ev".into()), batch_id: None };
+    let start = store.events_after(&EventFilter::default(), 0, 100_000).await.unwrap().last().map_or(0, |e| e.id);
+    running_batch(store, "ev", "batch_ev", 1).await;
+    let recs: Vec<_> = (1..=4).map(|l| result("batch_ev", l, true)).collect();
+    store.commit_results(NODE, &recs[..2]).await.unwrap();
+    store.commit_results(NODE, &recs[2..]).await.unwrap();
+    store.begin_finalizing("batch_ev", BatchStatus::Completed, 1_200).await.unwrap();
+    store.begin_finalizing("batch_ev", BatchStatus::Completed, 1_201).await.unwrap();
+    let fin = Finish { status: BatchStatus::Completed, at: 1_300, output_file: None, error_file: None };
+    store.finish_batch("batch_ev", &fin).await.unwrap();
+    store.finish_batch("batch_ev", &fin).await.unwrap();
+    let evs = store.events_after(&mine, start, 100).await.unwrap();
+    let want = [("batch.status", "validating"), ("batch.status", "in_progress"), ("batch.progress", ""), ("batch.status", "finalizing"), ("batch.status", "completed")];
+    let want: Vec<(String, String)> = want.iter().map(|(k, s)| (k.to_string(), s.to_string())).collect();
+    assert_eq!(kinds(&evs), want, "one event per transition, progress at most once a second");
+    assert!(evs.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    let progress: serde_json::Value = serde_json::from_str(&evs[2].data).unwrap();
+    assert_eq!(progress["request_counts"]["completed"], 2, "progress tells the durable counts");
+    let done: serde_json::Value = serde_json::from_str(&evs[4].data).unwrap();
+    assert_eq!(done["request_counts"]["completed"], 4);
+    let after = store.events_after(&mine, evs[1].id, 100).await.unwrap();
+    assert_eq!(after.len(), 3, "reading resumes after a cursor without a gap");
+    let other = EventFilter { tenant: Some("ev-other".into()), batch_id: None };
+    assert!(store.events_after(&other, start, 100).await.unwrap().is_empty(), "another tenant sees none");
+    let one = EventFilter { tenant: Some("ev".into()), batch_id: Some("batch_nope".into()) };
+    assert!(store.events_after(&one, start, 100).await.unwrap().is_empty());
+    let stalled = store.append_event("batch_ev", "batch.stalled", r#"{"reason":"x"}"#, 1_400).await.unwrap();
+    assert!(stalled > evs[4].id);
+    assert!(store.prune_events(i64::MAX).await.unwrap() >= 1, "progress events of final batches are pruned");
+    assert_eq!(store.events_after(&mine, start, 100).await.unwrap().len(), 5);
+}
+
+pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
+    let start = store.events_after(&EventFilter::default(), 0, 100_000).await.unwrap().last().map_or(0, |e| e.id);
+    // Drain what earlier checks queued, so that only this check's delivery is due.
+    loop {
+        let due = store.due_deliveries("drain", 100, LONG).await.unwrap();
+        if due.is_empty() {
+            break;
+        }
+        for d in due {
+            let a = DeliveryAttempt { event_id: d.event.id, status: Some(200), error: None, duration_ms: 1, at: 1, retry_at_ms: None, delivered: true };
+            store.record_delivery(&a).await.unwrap();
+        }
+    }
+    running_batch(store, "wh", "batch_wh", 1).await;
+    assert!(store.due_deliveries("n1", 10, LONG).await.unwrap().is_empty(), "nothing is queued before a batch is final");
+    let fin = Finish { status: BatchStatus::Expired, at: 5_000, output_file: None, error_file: None };
+    store.finish_batch("batch_wh", &fin).await.unwrap();
+    let due = store.due_deliveries("n1", 10, LONG).await.unwrap();
+    assert_eq!(due.len(), 1, "the final status queued one delivery");
+    let d = &due[0];
+    assert!(d.event.id > start && d.event.batch_id == "batch_wh" && d.event.kind == "batch.status" && d.attempts == 0);
+    assert!(store.due_deliveries("n2", 10, LONG).await.unwrap().is_empty(), "a claimed delivery is not handed out twice");
+    let failed = DeliveryAttempt { event_id: d.event.id, status: Some(500), error: Some("boom".into()), duration_ms: 3, at: 5_001, retry_at_ms: Some(0), delivered: false };
+    store.record_delivery(&failed).await.unwrap();
+    let again = store.due_deliveries("n2", 10, LONG).await.unwrap();
+    assert_eq!((again.len(), again[0].attempts), (1, 1), "a failed attempt is due again when its retry time comes");
+    let later = DeliveryAttempt { retry_at_ms: Some(i64::MAX / 2), ..failed.clone() };
+    store.record_delivery(&later).await.unwrap();
+    assert!(store.due_deliveries("n3", 10, LONG).await.unwrap().is_empty(), "not before its retry time");
+    let ok = DeliveryAttempt { status: Some(204), error: None, retry_at_ms: None, delivered: true, ..failed.clone() };
+    store.record_delivery(&ok).await.unwrap();
+    let attempts = store.delivery_attempts(d.event.id).await.unwrap();
+    let statuses: Vec<_> = attempts.iter().map(|a| (a.status, a.delivered)).collect();
+    assert_eq!(statuses, [(Some(500), false), (Some(500), false), (Some(204), true)], "every attempt is recorded");
+}
+
+pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
+    let ids = |nodes: Vec<NodeInfo>| nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
+    ids(store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap());
+    let both = ids(store.heartbeat("hb-2", 20, LONG, r#"{"x":1}"#).await.unwrap());
+    assert_eq!(both, ["hb-1", "hb-2"], "live nodes, oldest first");
+    store.heartbeat("hb-1", 10, GONE, "{}").await.unwrap();
+    assert_eq!(ids(store.heartbeat("hb-2", 20, LONG, "{}").await.unwrap()), ["hb-2"], "a lapsed node is forgotten");
+    running_batch(store, "hb", "batch_hb", 1).await;
+    store.lease_unit("batch_hb", "hb-2", LONG).await.unwrap().unwrap();
+    store.claim_batch("batch_hb", "hb-2", LONG).await.unwrap();
+    store.leave("hb-2").await.unwrap();
+    assert!(store.lease_unit("batch_hb", "hb-3", LONG).await.unwrap().is_some(), "a leaving node hands its leases back");
+    assert!(store.claim_batch("batch_hb", "hb-3", LONG).await.unwrap(), "and its claims");
+    assert!(ids(store.heartbeat("hb-3", 30, LONG, "{}").await.unwrap()).iter().all(|i| i != "hb-2"));
+    store.leave("hb-3").await.unwrap();
+}
+
+pub async fn usage_per_model_and_hour(store: &dyn Store) {
+    running_batch(store, "use", "batch_use", 1).await;
+    let recs: Vec<_> = (1..=5).map(|l| ResultRecord { model: if l <= 3 { "a".into() } else { "b".into() }, ..result("batch_use", l, l != 5) }).collect();
+    store.commit_results(NODE, &recs).await.unwrap();
+    let per_model = store.batch_usage("batch_use").await.unwrap();
+    let got: Vec<_> = per_model.iter().map(|u| (u.model.as_str(), u.requests, u.usage.total_tokens)).collect();
+    assert_eq!(got, [("a", 3, 15), ("b", 2, 10)], "failed lines count as requests too");
+    let now = crate::now_unix();
+    let rows = store.usage("use", now - 7_200, now + 7_200).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 5);
+    assert!(rows.iter().all(|r| r.hour % 3600 == 0 && r.hour <= now));
+    assert!(store.usage("use-other", now - 7_200, now + 7_200).await.unwrap().is_empty(), "per tenant");
+    assert!(store.usage("use", now + 3_600, now + 7_200).await.unwrap().is_empty(), "per time range");
 }

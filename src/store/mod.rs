@@ -9,17 +9,32 @@
 //! - a final batch (`completed`, `failed`, `expired`, `cancelled`) never changes again;
 //! - the output and error files of a batch appear in the same transaction that makes it final.
 //!
+//! - a work unit's lease carries an epoch raised at each lease; lease and claim expiry are
+//!   judged by the store's own clock, never a node's, so nodes with skewed clocks agree;
+//! - every change of a batch's status appends a `batch.status` event to the outbox in the same
+//!   transaction, and the change that makes a batch final also queues its webhook delivery;
+//!   commits append `batch.progress` at most once a second per batch;
+//! - counters saturate: no value an upstream reports can overflow a stored sum.
+//!
 //! API calls pass a tenant and never see another tenant's rows (`NotFound`, as for a missing id).
-//! Engine calls are tenant-blind. Backends: [`sqlite`] (embedded default). The conformance
-//! checks in [`conformance`] run against every backend.
+//! Engine calls are tenant-blind. The trait is split by concern ([`Files`], [`Batches`],
+//! [`Work`], [`Cluster`], [`Outbox`]); [`Store`] is all of them. Backends: [`sqlite`]
+//! (embedded default). The conformance checks in [`conformance`] run against every backend.
 
 pub mod conformance;
 mod model;
 pub mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 pub use model::*;
+
+/// The store traits, for code that calls them on a concrete backend.
+pub mod prelude {
+    pub use super::{Batches, Cluster, Files, Outbox, Store, Work};
+}
 
 /// A backend-neutral store error.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +45,9 @@ pub enum Error {
     Conflict(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store cannot write because its disk is full; reads still work.
+    #[error("store is out of space: {0}")]
+    Full(String),
     #[error("store error: {0}")]
     Other(String),
 }
@@ -56,12 +74,27 @@ pub struct FileQuery {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommitOutcome {
     pub inserted: u64,
+    /// Lines already recorded (or of a batch already final), ignored.
     pub duplicates: u64,
+    /// Units whose lease the committing node no longer holds (another epoch or owner): its
+    /// results were still recorded (they are final answers, and a line is recorded once),
+    /// but the node must stop feeding those units.
+    pub lost: Vec<UnitKey>,
 }
 
+impl Error {
+    /// Whether trying again later may succeed (the store is down or full), as opposed to a
+    /// problem with the data itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Full(_))
+    }
+}
+
+/// Largest value a stored counter takes; sums saturate here.
+pub const MAX_COUNT: i64 = i64::MAX;
+
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    // ---- files (tenant-scoped) ----
+pub trait Files: Send + Sync {
     async fn insert_file(&self, file: &FileRecord) -> Result<()>;
     /// A live (not deleted, not expired at `now`) file of the tenant.
     async fn get_file(&self, tenant: &str, id: &str, now: i64) -> Result<FileRecord>;
@@ -71,8 +104,12 @@ pub trait Store: Send + Sync + 'static {
     /// Files past their `expires_at`, for the janitor to remove (row first, then bytes).
     async fn expired_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>>;
     async fn purge_file(&self, id: &str) -> Result<()>;
+    /// Which of `ids` have a file row (expired or not): the janitor deletes blobs with none.
+    async fn existing_file_ids(&self, ids: &[String]) -> Result<Vec<String>>;
+}
 
-    // ---- batches (tenant-scoped) ----
+#[async_trait]
+pub trait Batches: Send + Sync {
     /// Inserts a new batch. With an idempotency key already used by the tenant, returns the
     /// batch created then instead (and inserts nothing).
     async fn insert_batch(&self, batch: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord>;
@@ -82,15 +119,25 @@ pub trait Store: Send + Sync + 'static {
     async fn list_batches(&self, tenant: &str, limit: u32, after: Option<&str>) -> Result<Page<BatchRecord>>;
     /// `validating`/`in_progress` → `cancelling`; any other status is returned unchanged.
     async fn request_cancel(&self, tenant: &str, id: &str, now: i64) -> Result<BatchRecord>;
+    /// Ids and statuses of the batches in any of `statuses`, oldest first. Only these two
+    /// columns are read, so one unreadable row can never hide the others.
+    async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<(String, BatchStatus)>>;
+    /// Usage per model and hour of one tenant's batches, hours in `[start, end)`.
+    async fn usage(&self, tenant: &str, start: i64, end: i64) -> Result<Vec<UsageRow>>;
+    /// Usage per model of one batch (all hours summed; `hour` is 0).
+    async fn batch_usage(&self, batch_id: &str) -> Result<Vec<UsageRow>>;
+}
 
-    // ---- engine ----
-    /// Batches in any of `statuses`, oldest first.
-    async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<BatchRecord>>;
+#[async_trait]
+pub trait Work: Send + Sync {
     /// `validating` → `in_progress` with its work units. `false` when the batch left
     /// `validating` meanwhile (a cancel), in which case nothing is written.
     async fn mark_validated(&self, id: &str, v: &Validated, now: i64) -> Result<bool>;
     /// `validating` → `failed` with `errors`. `false` when it left `validating` meanwhile.
     async fn mark_failed(&self, id: &str, errors: &[LineError], now: i64) -> Result<bool>;
+    /// Any status that is not final → `failed` with `errors` (a batch the engine cannot go on
+    /// with: its input vanished, its stored state is unreadable). `false` if already final.
+    async fn fail_batch(&self, id: &str, errors: &[LineError], now: i64) -> Result<bool>;
     /// `in_progress` → `finalizing`, recording the final status it will end in (`completed`
     /// or `expired`) so that a restart mid-finalization ends it the same way. `finalizing_at`
     /// is set once. No-op for a batch in any other status.
@@ -98,19 +145,29 @@ pub trait Store: Send + Sync + 'static {
     /// Makes a batch final together with its output and error file records.
     async fn finish_batch(&self, id: &str, finish: &Finish) -> Result<()>;
 
+    /// Claims a batch that is not final for a step one node does alone (validation,
+    /// finalization): `true` when `node` holds the claim now (newly or again). A claim
+    /// expires `ttl` after it was taken or renewed, by the store's clock.
+    async fn claim_batch(&self, id: &str, node: &str, ttl: Duration) -> Result<bool>;
+    async fn release_claim(&self, id: &str, node: &str) -> Result<()>;
+
     /// Leases the next unit of the batch that still has lines without results and no live
-    /// lease. Exclusive: two callers never get the same unit.
-    async fn lease_unit(&self, batch_id: &str, node: &str, ttl_s: i64, now: i64) -> Result<Option<WorkUnit>>;
-    async fn renew_leases(&self, node: &str, ttl_s: i64, now: i64) -> Result<()>;
-    /// Releases the leases of `node`, or every lease when `None` (an embedded store at start).
+    /// lease, raising its epoch. Exclusive: two callers never get the same unit.
+    async fn lease_unit(&self, batch_id: &str, node: &str, ttl: Duration) -> Result<Option<WorkUnit>>;
+    /// Extends every lease and claim `node` holds; returns the units it still holds.
+    async fn renew_leases(&self, node: &str, ttl: Duration) -> Result<Vec<UnitKey>>;
+    /// Releases the leases and claims of `node`, or all of them when `None` (an embedded
+    /// store at start).
     async fn release_leases(&self, node: Option<&str>) -> Result<()>;
     /// Releases the leases `node` holds on one batch's units.
     async fn release_batch_leases(&self, batch_id: &str, node: &str) -> Result<()>;
     async fn units(&self, batch_id: &str) -> Result<Vec<WorkUnit>>;
     /// Line numbers of the unit that already have a durable result.
     async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>>;
-    /// Appends results in one transaction, counting only lines not recorded before.
-    async fn commit_results(&self, results: &[ResultRecord]) -> Result<CommitOutcome>;
+    /// Appends results in one transaction, counting only lines not recorded before and
+    /// ignoring lines of batches already final; checks each leased unit's epoch and owner
+    /// against `node` (see [`CommitOutcome::lost`]).
+    async fn commit_results(&self, node: &str, results: &[ResultRecord]) -> Result<CommitOutcome>;
     /// Reads the result log in line order: up to `limit` results after `after_line` (only
     /// those whose `ok` equals `ok`, when given), as one JSONL chunk (each record followed by
     /// a newline) and the last line it holds; `None` when there are no more. The finalizer
@@ -118,6 +175,38 @@ pub trait Store: Send + Sync + 'static {
     async fn results_chunk(&self, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>>;
     /// One result by `custom_id` (per-request lookup).
     async fn result_by_custom_id(&self, batch_id: &str, custom_id: &str) -> Result<StoredResult>;
+}
+
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// Records that `node` is alive until `ttl` from now (store clock), with what it
+    /// publishes (`info`, JSON text); forgets nodes whose heartbeat lapsed; returns the live
+    /// nodes, `node` included.
+    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Vec<NodeInfo>>;
+    /// A node leaving gracefully: its row, leases and claims go at once.
+    async fn leave(&self, node: &str) -> Result<()>;
+}
+
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Events after `after` (an event id) matching `filter`, oldest first.
+    async fn events_after(&self, filter: &EventFilter, after: i64, limit: u32) -> Result<Vec<Event>>;
+    /// Appends an event the engine observed (a stall); the store appends status and progress
+    /// events itself.
+    async fn append_event(&self, batch_id: &str, kind: &str, data: &str, now: i64) -> Result<i64>;
+    /// Deletes `batch.progress` events of final batches created before `before`.
+    async fn prune_events(&self, before: i64) -> Result<u64>;
+    /// Webhook deliveries due now, claimed by `node` for `lease` (another node does not take
+    /// them meanwhile).
+    async fn due_deliveries(&self, node: &str, limit: u32, lease: Duration) -> Result<Vec<Delivery>>;
+    /// Records one attempt and what comes next (see [`DeliveryAttempt`]).
+    async fn record_delivery(&self, attempt: &DeliveryAttempt) -> Result<()>;
+    /// Every attempt made for an event, oldest first: (at, status, error).
+    async fn delivery_attempts(&self, event_id: i64) -> Result<Vec<DeliveryAttempt>>;
+}
+
+/// Everything a node needs from its metadata store.
+pub trait Store: Files + Batches + Work + Cluster + Outbox + 'static {
     /// Number of write transactions committed since start (for the durability budget).
     fn commits(&self) -> u64;
 }

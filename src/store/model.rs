@@ -73,12 +73,14 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Adds `o`, saturating: no upstream answer, however large or negative its numbers, can
+    /// overflow a sum (negative counts were already clamped to 0 when parsed).
     pub fn add(&mut self, o: &Usage) {
-        self.input_tokens += o.input_tokens;
-        self.cached_tokens += o.cached_tokens;
-        self.output_tokens += o.output_tokens;
-        self.reasoning_tokens += o.reasoning_tokens;
-        self.total_tokens += o.total_tokens;
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens.max(0));
+        self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens.max(0));
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens.max(0));
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(o.reasoning_tokens.max(0));
+        self.total_tokens = self.total_tokens.saturating_add(o.total_tokens.max(0));
     }
 }
 
@@ -132,6 +134,8 @@ pub struct BatchRecord {
     pub output_expires_after: Option<i64>,
     /// While `finalizing`: the final status finalization will set.
     pub finalize_as: Option<BatchStatus>,
+    /// Estimated input tokens of the whole input (bytes / 4), known once validated.
+    pub est_tokens: i64,
     /// Hash of the create request, stored with its idempotency key: a later create with the
     /// same key and another hash is refused.
     pub idempotency_hash: Option<String>,
@@ -169,6 +173,7 @@ impl BatchRecord {
             input_format: None,
             output_expires_after: None,
             finalize_as: None,
+            est_tokens: 0,
             idempotency_hash: None,
         }
     }
@@ -187,6 +192,22 @@ pub struct WorkUnit {
     pub line_count: u64,
     pub byte_offset: u64,
     pub byte_len: u64,
+    /// Lease epoch: raised by one each time the unit is leased, so a commit can tell whether
+    /// the lease it worked under is still the current one (0: never leased).
+    pub epoch: i64,
+}
+
+impl WorkUnit {
+    pub fn key(&self) -> UnitKey {
+        UnitKey { batch_id: self.batch_id.clone(), idx: self.idx }
+    }
+}
+
+/// Names one work unit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnitKey {
+    pub batch_id: String,
+    pub idx: i64,
 }
 
 /// What validation found for a good file.
@@ -196,6 +217,8 @@ pub struct Validated {
     pub model: Option<String>,
     pub format: InputFormat,
     pub units: Vec<WorkUnit>,
+    /// Estimated input tokens of the whole file (bytes / 4), for quotas.
+    pub est_tokens: u64,
 }
 
 /// One final answer for one line, as it goes into the output or error file.
@@ -210,6 +233,11 @@ pub struct ResultRecord {
     /// The whole output/error line as compact JSON, without a newline.
     pub record: String,
     pub usage: Usage,
+    /// The model the line named (before aliases), for usage per model.
+    pub model: String,
+    /// The lease epoch of the unit the line ran under; `None` for records written outside a
+    /// lease (the finalizer's `batch_cancelled` / `batch_expired` lines).
+    pub epoch: Option<i64>,
 }
 
 /// A result as read back from the log.
@@ -228,4 +256,69 @@ pub struct Finish {
     pub at: i64,
     pub output_file: Option<FileRecord>,
     pub error_file: Option<FileRecord>,
+}
+
+/// One entry of the event outbox: written in the same transaction as the change it tells of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Increasing in commit order within one store; the SSE `id` and the resume cursor.
+    pub id: i64,
+    pub tenant: String,
+    pub batch_id: String,
+    /// `batch.status`, `batch.progress`, `batch.stalled`, …
+    pub kind: String,
+    /// A JSON object, as text.
+    pub data: String,
+    pub created_at: i64,
+}
+
+/// Which events a reader wants: one tenant's, optionally one batch's (`None`: every tenant,
+/// for the engine's own readers).
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub tenant: Option<String>,
+    pub batch_id: Option<String>,
+}
+
+/// A webhook delivery waiting to be made (the event it carries is final-status).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub event: Event,
+    /// Attempts made so far.
+    pub attempts: i64,
+}
+
+/// What one delivery attempt did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryAttempt {
+    pub event_id: i64,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+    pub at: i64,
+    /// `Some(unix ms)`: try again then; `None`: done (delivered, or given up when not 2xx).
+    pub retry_at_ms: Option<i64>,
+    pub delivered: bool,
+}
+
+/// A live node, as its last heartbeat described it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub started_at: i64,
+    /// What the node published with its heartbeat (JSON text): live per-batch and
+    /// per-upstream state that only it knows.
+    pub info: String,
+}
+
+/// Usage of one model within one batch during one hour.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub batch_id: String,
+    pub model: String,
+    /// Unix seconds of the hour's start.
+    pub hour: i64,
+    pub requests: i64,
+    pub usage: Usage,
 }

@@ -1,0 +1,82 @@
+//! This node's place among the nodes sharing the store: a heartbeat every second (with the
+//! live state only this node knows), lease and claim renewal every third of `lease_ttl`.
+//!
+//! Renewal returns the units the node still holds; the feeder of any other unit it thinks it
+//! holds is stopped at once (another node took the unit over after this node's lease
+//! lapsed). When renewal keeps failing for a whole `lease_ttl`, the leases must be presumed
+//! lost, so every feeder stops until renewal works again. The number of live nodes is kept
+//! for dividing cluster-wide upstream limits.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::Inner;
+use crate::store::UnitKey;
+
+const BEAT: Duration = Duration::from_secs(1);
+
+pub async fn heartbeat(inner: Arc<Inner>) {
+    let ttl = inner.cfg.engine.lease_ttl;
+    let mut last_renewal = Instant::now();
+    let mut renewed_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(BEAT) => {}
+            _ = inner.soft_stop.cancelled() => return,
+        }
+        beat(&inner, ttl).await;
+        if last_renewal.elapsed() < ttl / 3 {
+            continue;
+        }
+        last_renewal = Instant::now();
+        // Units leased after this snapshot may be missing from the renewal's answer; only
+        // those leased before it can be judged.
+        let before: Vec<UnitKey> = inner.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        match inner.store.renew_leases(&inner.node, ttl).await {
+            Ok(held) => {
+                renewed_ok = Instant::now();
+                let held: HashSet<UnitKey> = held.into_iter().collect();
+                stop_lost(&inner, before.iter().filter(|k| !held.contains(*k)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease renewal failed");
+                if renewed_ok.elapsed() >= ttl {
+                    tracing::error!("leases could not be renewed for a whole lease_ttl; stopping every feeder (other nodes may take the units)");
+                    stop_lost(&inner, before.iter());
+                }
+            }
+        }
+    }
+}
+
+/// Publishes this node's live state and learns how many nodes are alive.
+async fn beat(inner: &Inner, ttl: Duration) {
+    let batches: serde_json::Map<String, serde_json::Value> =
+        inner.book.all_counts().into_iter().map(|(id, c)| (id.to_string(), json!({"in_flight": c.in_flight, "retrying": c.retrying}))).collect();
+    let info = json!({"batches": batches, "store_writable": inner.health.is_writable()}).to_string();
+    match inner.store.heartbeat(&inner.node, inner.started_at, ttl, &info).await {
+        Ok(nodes) => {
+            let n = nodes.len().max(1);
+            let before = inner.live_nodes.swap(n, Ordering::Relaxed);
+            if before != n {
+                tracing::info!(live_nodes = n, "the number of live nodes changed");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+    }
+}
+
+/// Stops the feeders of units this node no longer holds.
+fn stop_lost<'a>(inner: &Inner, lost: impl Iterator<Item = &'a UnitKey>) {
+    let map = inner.held.lock().unwrap_or_else(|p| p.into_inner());
+    for key in lost {
+        if let Some(token) = map.get(key).filter(|t| !t.is_cancelled()) {
+            tracing::warn!(batch = %key.batch_id, unit = key.idx, "the lease on this unit was lost; stopping its feeder");
+            token.cancel();
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Feeders: lease a batch's units one after another and hand their lines to the upstreams.
+//!
+//! A batch runs `2 × priority` feeders; each waits, one line at a time, in the FIFO queue of
+//! the pool that serves the line's model, so every batch waiting there gets its turn (a
+//! 10-line batch is not stuck behind a 50,000-line one; priority 3 gets three turns for one).
+//! Before each line a feeder waits at the health gate (no call whose answer could not be
+//! stored), skips lines already durable or already owned by this node (see `book`), and
+//! stops when its unit's lease is lost. Each line then runs as its own task (`dispatch`) and
+//! its result goes to the writer.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::dispatch::{self, Prepared};
+use super::error::{Context, Error, Result};
+use super::lines::{LineSplitter, ParsedLine};
+use super::{Active, Inner};
+use crate::store::{InputFormat, WorkUnit};
+use crate::upstream::Route;
+
+/// Feeders per unit of priority: two, so that one keeps lines flowing while the other
+/// leases and reads its next unit.
+const FEEDERS_PER_PRIORITY: i64 = 2;
+const MAX_PRIORITY: i64 = 8;
+/// Unexpected failures a feeder retries before it gives the error to the runner.
+const FEEDER_RETRIES: u32 = 3;
+
+/// What one run of a batch needs, shared by its feeders and line tasks.
+pub struct RunCtx {
+    pub inner: Arc<Inner>,
+    pub batch_id: Arc<str>,
+    pub blob_key: String,
+    pub format: InputFormat,
+    pub path: Arc<str>,
+    pub h: Active,
+    pub lines: TaskTracker,
+}
+
+/// Runs the batch's feeders until no unit is left to lease here, the batch stops, or one of
+/// them meets an error it cannot get past (the others are then dropped mid-wait).
+pub async fn feed_all(ctx: Arc<RunCtx>, priority: i64) -> Result<()> {
+    let n = priority.clamp(1, MAX_PRIORITY) * FEEDERS_PER_PRIORITY;
+    futures::future::try_join_all((0..n).map(|_| feed(ctx.clone()))).await.map(|_| ())
+}
+
+/// Leases units one after another and dispatches their lines.
+async fn feed(ctx: Arc<RunCtx>) -> Result<()> {
+    let inner = &ctx.inner;
+    let mut routes: HashMap<String, Option<Route>> = HashMap::new();
+    let mut failures = 0;
+    while !ctx.h.stop.is_cancelled() {
+        inner.health.writable().await;
+        let unit = match inner.store.lease_unit(&ctx.batch_id, &inner.node, inner.cfg.engine.lease_ttl).await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                pause_or_fail(&ctx, Error::from(e).context("leasing a unit"), &mut failures).await?;
+                continue;
+            }
+        };
+        let token = hold(inner, &unit, &ctx.h);
+        let fed = feed_unit(&ctx, &unit, &token, &mut routes).await;
+        inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&unit.key());
+        match fed {
+            Ok(()) => failures = 0,
+            Err(e) => pause_or_fail(&ctx, e.context(&format!("feeding unit {}", unit.idx)), &mut failures).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Registers a freshly leased unit with the token that stops its feeding (a child of the
+/// batch's stop token); a feeder still holding the same unit under an older lease stops.
+fn hold(inner: &Inner, unit: &WorkUnit, h: &Active) -> CancellationToken {
+    let token = h.stop.child_token();
+    if let Some(old) = inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(unit.key(), token.clone()) {
+        old.cancel();
+    }
+    token
+}
+
+/// Waits after a failed lease or unit: unavailability as long as it lasts, the unexpected a
+/// few times; a permanent error (or too many) goes back to the runner.
+async fn pause_or_fail(ctx: &RunCtx, e: Error, failures: &mut u32) -> Result<()> {
+    match e {
+        Error::Unavailable(ref m) => tracing::warn!(batch = %ctx.batch_id, error = %m, "the store is unavailable; feeding waits"),
+        Error::Retry(ref m) if *failures < FEEDER_RETRIES => {
+            *failures += 1;
+            tracing::warn!(batch = %ctx.batch_id, error = %m, "feeding failed; retrying");
+        }
+        e => return Err(e),
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(1)) => Ok(()),
+        _ = ctx.h.stop.cancelled() => Ok(()),
+    }
+}
+
+async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
+    let inner = &ctx.inner;
+    let done: HashSet<u64> = inner.store.done_lines(&ctx.batch_id, unit).await.ctx("reading the unit's finished lines")?.into_iter().collect();
+    for p in unit_lines(&inner.blob, &ctx.blob_key, unit, ctx.format, &ctx.batch_id, &ctx.path).await? {
+        if done.contains(&p.line) {
+            continue;
+        }
+        tokio::select! {
+            _ = inner.health.writable() => {}
+            _ = token.cancelled() => return Ok(()),
+        }
+        if token.is_cancelled() {
+            return Ok(());
+        }
+        let Some(owned) = inner.book.take(&ctx.batch_id, p.line) else { continue };
+        let route = match routes.get(&p.model) {
+            Some(r) => r.clone(),
+            None => routes.entry(p.model.clone()).or_insert(inner.router.resolve(&p.model)).clone(),
+        };
+        let Some(route) = route else {
+            let msg = format!("no upstream serves the model {:?} any more", p.model);
+            owned.hand_to_writer();
+            inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;
+            continue;
+        };
+        let Some((pool, target, permit)) = acquire_writable(inner, &route, p.est_tokens, token).await else { return Ok(()) };
+        let ctx2 = ctx.clone();
+        ctx.lines.spawn(async move {
+            let run = dispatch::run_line(&ctx2.inner, &p, &route, pool, target, permit);
+            let rec = tokio::select! {
+                r = run => r,
+                _ = ctx2.h.abort.cancelled() => return,
+            };
+            owned.hand_to_writer();
+            ctx2.inner.writer.send(rec).await;
+        });
+    }
+    Ok(())
+}
+
+/// A slot on a pool serving `route`, taken while the store takes writes (the gate may close
+/// while a feeder waits for the slot); `None` when `stop` fires first.
+async fn acquire_writable(inner: &Inner, route: &Route, est_tokens: u64, stop: &CancellationToken) -> Option<(Arc<crate::upstream::Pool>, Arc<str>, crate::upstream::Permit)> {
+    loop {
+        let got = tokio::select! {
+            got = route.acquire(est_tokens, None) => got,
+            _ = stop.cancelled() => return None,
+        };
+        if inner.health.is_writable() {
+            return Some(got);
+        }
+        drop(got);
+        tokio::select! {
+            _ = inner.health.writable() => {}
+            _ = stop.cancelled() => return None,
+        }
+    }
+}
+
+/// Reads a unit's bytes and prepares its request lines (blank lines skipped).
+pub(super) async fn unit_lines(blob: &crate::blob::Blob, key: &str, unit: &WorkUnit, format: InputFormat, batch_id: &Arc<str>, path: &Arc<str>) -> Result<Vec<Prepared>> {
+    let bytes = blob.get_range(key, unit.byte_offset..unit.byte_offset + unit.byte_len).await.ctx("reading the input file")?;
+    let mut out = Vec::with_capacity(unit.line_count as usize);
+    let mut splitter = LineSplitter::new(usize::MAX, unit.first_line, 0);
+    let mut spans = Vec::with_capacity(unit.line_count as usize);
+    let mut keep = |l: super::lines::RawLine<'_>| {
+        if !l.is_blank() {
+            spans.push((l.no, l.offset as usize, l.bytes.len()));
+        }
+    };
+    splitter.feed(&bytes, &mut keep);
+    splitter.finish(&mut keep);
+    let epoch = (unit.epoch > 0).then_some(unit.epoch);
+    for (no, off, len) in spans {
+        let line = bytes.slice(off..off + len);
+        out.push(prepare(line, no, unit.idx, epoch, format, batch_id, path));
+    }
+    Ok(out)
+}
+
+fn prepare(line: Bytes, no: u64, unit_idx: i64, epoch: Option<i64>, format: InputFormat, batch_id: &Arc<str>, path: &Arc<str>) -> Prepared {
+    let mut p = Prepared {
+        batch_id: batch_id.clone(),
+        line: no,
+        unit_idx,
+        epoch,
+        custom_id: format!("line-{no}"),
+        request_id: crate::ids::request_id(batch_id, no),
+        body: Bytes::new(),
+        model: String::new(),
+        path: path.clone(),
+        est_tokens: line.len() as u64 / 4,
+    };
+    if let Ok(parsed) = ParsedLine::parse(&line) {
+        if format == InputFormat::Full {
+            p.custom_id = parsed.custom_id.as_str().unwrap_or_default().to_string();
+        }
+        if let Some(Ok(body)) = parsed.body {
+            p.body = if parsed.bare { line.clone() } else { line.slice_ref(body.get().as_bytes()) };
+        }
+        p.model = parsed.model.as_str().unwrap_or_default().to_string();
+        p.est_tokens += parsed.max_tokens.unwrap_or(0);
+    }
+    p
+}

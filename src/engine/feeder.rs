@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
@@ -64,7 +65,8 @@ async fn feed(ctx: Arc<RunCtx>) -> Result<()> {
             }
         };
         let token = hold(inner, &unit, &ctx.h);
-        let fed = feed_unit(&ctx, &unit, &token, &mut routes).await;
+        let span = tracing::info_span!("unit", batch_id = %ctx.batch_id, idx = unit.idx, lines = unit.line_count, epoch = unit.epoch);
+        let fed = feed_unit(&ctx, &unit, &token, &mut routes).instrument(span).await;
         inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&unit.key());
         match fed {
             Ok(()) => failures = 0,
@@ -128,7 +130,8 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
         };
         let Some((pool, target, permit)) = acquire_writable(inner, &route, p.est_tokens, token).await else { return Ok(()) };
         let ctx2 = ctx.clone();
-        ctx.lines.spawn(async move {
+        let span = tracing::debug_span!("line", line = p.line);
+        let task = async move {
             let run = dispatch::run_line(&ctx2.inner, &p, &route, pool, target, permit);
             let rec = tokio::select! {
                 r = run => r,
@@ -136,7 +139,8 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
             };
             owned.hand_to_writer();
             ctx2.inner.writer.send(rec).await;
-        });
+        };
+        ctx.lines.spawn(task.instrument(span));
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::store::{BatchRecord, BatchStatus, InputFormat, LineError};
 /// Runs the step the batch's status calls for.
 pub async fn handle_batch(inner: &Arc<Inner>, id: &str, h: &Active) -> Result<()> {
     let b = load(inner, id).await?;
+    tracing::Span::current().record("tenant", b.tenant.as_str());
     match b.status {
         BatchStatus::Validating => {
             if claim(inner, id).await? {

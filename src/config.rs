@@ -24,8 +24,10 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A secret string (an API key): its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
+/// A secret string (an API key): its `Debug`, `Display` and `Serialize` never show the value.
+/// It deserializes from a plain string, so config files hold keys as before.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -35,11 +37,44 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Compares with `candidate` in time independent of where they differ.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
+        let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        diff == 0 && a.len() == b.len()
+    }
 }
+
+pub const REDACTED: &str = "<redacted>";
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"<redacted>\"")
+        write!(f, "\"{REDACTED}\"")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::borrow::Borrow<str> for Secret {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -60,7 +95,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub engine: RawEngine,
     /// Prices per model (or alias), for cost estimates: `[prices."gpt-4o-mini"]`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, Price>,
 }
 
@@ -80,6 +115,14 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub insecure_no_auth: Option<bool>,
+    /// Seconds a client has to send a request's head (also bounds a keep-alive wait).
+    pub header_read_timeout_s: Option<f64>,
+    /// Seconds without a byte in either direction after which a connection is closed.
+    pub idle_timeout_s: Option<f64>,
+    /// Seconds a request may take to be answered (uploads and downloads excepted).
+    pub request_timeout_s: Option<f64>,
+    /// Open client connections at most; more wait to be accepted.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -87,7 +130,7 @@ pub struct RawServer {
 pub struct RawTenant {
     pub name: String,
     #[serde(default)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -146,13 +189,34 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub insecure_no_auth: bool,
     /// API key → tenant name. Empty: no authentication, every call is tenant `default`.
-    pub api_keys: BTreeMap<String, String>,
+    pub api_keys: BTreeMap<Secret, String>,
     pub upstreams: Vec<UpstreamConfig>,
     pub completion_windows: Vec<(String, Duration)>,
     pub finish_in_flight_on_cancel: bool,
     pub limits: Limits,
     pub engine: EngineConfig,
     pub prices: BTreeMap<String, Price>,
+    pub http: HttpLimits,
+}
+
+/// How long and how many client connections the HTTP server keeps (see [`crate::http`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +233,8 @@ pub struct UpstreamConfig {
     pub max_attempts: u32,
     pub ca_file: Option<PathBuf>,
     pub max_response_bytes: u64,
+    /// The environment variable the key was read from (printed by `--print-config`).
+    pub api_key_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -286,18 +352,19 @@ impl RawConfig {
             limits: resolve_limits(&self.limits)?,
             engine: resolve_engine(&self.engine)?,
             prices: self.prices.clone(),
+            http: resolve_http(&self.server)?,
         })
     }
 }
 
-fn resolve_tenants(tenants: &[RawTenant]) -> Result<BTreeMap<String, String>, ConfigError> {
+fn resolve_tenants(tenants: &[RawTenant]) -> Result<BTreeMap<Secret, String>, ConfigError> {
     let mut keys = BTreeMap::new();
     for t in tenants {
         if t.name.trim().is_empty() {
             return Err(ConfigError::Invalid("a tenant has an empty name".into()));
         }
         for k in &t.api_keys {
-            if k.is_empty() {
+            if k.expose().is_empty() {
                 return Err(ConfigError::Invalid(format!("tenant {:?} has an empty API key", t.name)));
             }
             if keys.insert(k.clone(), t.name.clone()).is_some() {
@@ -346,6 +413,7 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         max_attempts: u.max_attempts.unwrap_or(5).max(1),
         ca_file: u.ca_file.clone(),
         max_response_bytes: u.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES).max(1024),
+        api_key_env: u.api_key_env.clone(),
     })
 }
 
@@ -386,6 +454,25 @@ fn resolve_engine(e: &RawEngine) -> Result<EngineConfig, ConfigError> {
     Ok(cfg)
 }
 
+fn resolve_http(s: &RawServer) -> Result<HttpLimits, ConfigError> {
+    let d = HttpLimits::default();
+    let secs = |v: Option<f64>, name: &str, default: Duration| match v {
+        None => Ok(default),
+        Some(x) if x > 0.0 && x.is_finite() && x < 1e9 => Ok(Duration::from_secs_f64(x)),
+        Some(_) => Err(ConfigError::Invalid(format!("server.{name} must be a positive number of seconds"))),
+    };
+    let http = HttpLimits {
+        header_read_timeout: secs(s.header_read_timeout_s, "header_read_timeout_s", d.header_read_timeout)?,
+        idle_timeout: secs(s.idle_timeout_s, "idle_timeout_s", d.idle_timeout)?,
+        request_timeout: secs(s.request_timeout_s, "request_timeout_s", d.request_timeout)?,
+        max_connections: s.max_connections.unwrap_or(d.max_connections),
+    };
+    if http.max_connections == 0 {
+        return Err(ConfigError::Invalid("server.max_connections must be at least 1".into()));
+    }
+    Ok(http)
+}
+
 /// Parses a completion window such as `24h`, `90m`, `30s` or `7d`.
 pub fn parse_window(w: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::Invalid(format!("completion window {w:?} is not like 24h, 90m, 30s or 7d"));
@@ -410,33 +497,80 @@ impl Config {
         !self.api_keys.is_empty()
     }
 
-    /// The effective configuration as TOML, secrets redacted (for `--print-config`).
+    /// The tenant whose key `key` is, comparing every key in constant time.
+    pub fn tenant_for_key(&self, key: &str) -> Option<&str> {
+        let mut found = None;
+        for (k, tenant) in &self.api_keys {
+            if k.matches(key) {
+                found = Some(tenant.as_str());
+            }
+        }
+        found
+    }
+
+    /// The effective configuration as TOML, secrets redacted (for `--print-config`): the
+    /// resolved values in the layout of `batchd.toml`, serialized by serde.
     pub fn redacted_toml(&self) -> String {
-        let mut tenants: BTreeMap<&str, usize> = BTreeMap::new();
-        for t in self.api_keys.values() {
-            *tenants.entry(t).or_default() += 1;
+        toml::to_string(&self.effective()).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
+    /// The resolved configuration as a [`RawConfig`] (every field set, keys as [`Secret`]s).
+    pub fn effective(&self) -> RawConfig {
+        let mut tenants: BTreeMap<&str, Vec<Secret>> = BTreeMap::new();
+        for (key, t) in &self.api_keys {
+            tenants.entry(t).or_default().push(key.clone());
         }
-        let mut out = format!(
-            "[server]\nlisten = \"{}\"\ndata_dir = {:?}\ninsecure_no_auth = {}\n",
-            self.listen, self.data_dir, self.insecure_no_auth
-        );
-        for (name, n) in tenants {
-            out += &format!("\n[[tenants]]\nname = {name:?}\napi_keys = [{}]\n", vec!["\"<redacted>\""; n].join(", "));
+        let h = &self.http;
+        RawConfig {
+            server: RawServer {
+                listen: Some(self.listen.to_string()),
+                data_dir: Some(self.data_dir.clone()),
+                insecure_no_auth: Some(self.insecure_no_auth),
+                header_read_timeout_s: Some(h.header_read_timeout.as_secs_f64()),
+                idle_timeout_s: Some(h.idle_timeout.as_secs_f64()),
+                request_timeout_s: Some(h.request_timeout.as_secs_f64()),
+                max_connections: Some(h.max_connections),
+            },
+            tenants: tenants.into_iter().map(|(name, api_keys)| RawTenant { name: name.into(), api_keys }).collect(),
+            upstreams: self.upstreams.iter().map(UpstreamConfig::effective).collect(),
+            batches: RawBatches {
+                completion_windows: Some(self.completion_windows.iter().map(|(w, _)| w.clone()).collect()),
+                finish_in_flight_on_cancel: Some(self.finish_in_flight_on_cancel),
+            },
+            limits: RawLimits {
+                max_lines: Some(self.limits.max_lines),
+                max_file_bytes: Some(self.limits.max_file_bytes),
+                max_upload_bytes: Some(self.limits.max_upload_bytes),
+                max_line_bytes: Some(self.limits.max_line_bytes),
+            },
+            engine: RawEngine {
+                commit_interval_ms: Some(self.engine.commit_interval.as_millis() as u64),
+                commit_min_results: Some(self.engine.commit_min_results),
+                commit_max_results: Some(self.engine.commit_max_results),
+                unit_lines: Some(self.engine.unit_lines),
+                lease_ttl_s: Some(self.engine.lease_ttl.as_secs()),
+            },
+            prices: self.prices.clone(),
         }
-        for u in &self.upstreams {
-            out += &format!(
-                "\n[[upstreams]]\nname = {:?}\nbase_url = {:?}\napi_key = {}\nmodels = {:?}\naliases = {:?}\nmax_concurrency = {}\nrpm = {}\ntpm = {}\ntimeout_s = {}\nmax_attempts = {}\n",
-                u.name, u.base_url, if u.api_key.is_some() { "\"<redacted>\"" } else { "\"<none>\"" },
-                u.models, u.aliases, u.max_concurrency, u.rpm, u.tpm, u.timeout.as_secs_f64(), u.max_attempts
-            );
+    }
+}
+
+impl UpstreamConfig {
+    fn effective(&self) -> RawUpstream {
+        RawUpstream {
+            name: self.name.clone(),
+            base_url: self.base_url.clone(),
+            api_key_env: self.api_key_env.clone(),
+            models: self.models.clone(),
+            aliases: self.aliases.clone(),
+            max_concurrency: Some(self.max_concurrency),
+            rpm: Some(self.rpm),
+            tpm: Some(self.tpm),
+            timeout_s: Some(self.timeout.as_secs_f64()),
+            max_attempts: Some(self.max_attempts),
+            ca_file: self.ca_file.clone(),
+            max_response_bytes: Some(self.max_response_bytes),
         }
-        let windows: Vec<&str> = self.completion_windows.iter().map(|(w, _)| w.as_str()).collect();
-        out += &format!(
-            "\n[batches]\ncompletion_windows = {windows:?}\nfinish_in_flight_on_cancel = {}\n\n[limits]\nmax_lines = {}\nmax_file_bytes = {}\nmax_upload_bytes = {}\nmax_line_bytes = {}\n",
-            self.finish_in_flight_on_cancel, self.limits.max_lines, self.limits.max_file_bytes,
-            self.limits.max_upload_bytes, self.limits.max_line_bytes
-        );
-        out
     }
 }
 
@@ -502,5 +636,37 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("sk-very-secret");
         assert!(!format!("{s:?}").contains("very-secret"));
+        assert!(!format!("{s}").contains("very-secret"));
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
+        assert!(s.matches("sk-very-secret") && !s.matches("sk-very-secreT") && !s.matches("sk-very") && !s.matches(""));
+    }
+
+    /// `--print-config` is TOML that loads back as the same configuration, keys redacted.
+    #[test]
+    fn print_config_is_redacted_toml_that_loads_back() {
+        std::env::set_var("BATCHD_TEST_PRINT_KEY", "sk-upstream-secret");
+        let raw: RawConfig = toml::from_str(
+            "[server]\nidle_timeout_s = 5\n[[tenants]]\nname = 'a'\napi_keys = ['sk-tenant-secret-1', 'sk-tenant-secret-2']\n\
+             [[upstreams]]\nname = 'u'\nbase_url = 'http://x/v1'\napi_key_env = 'BATCHD_TEST_PRINT_KEY'\naliases = { a = 'm' }\nmodels = ['m']\n\
+             [prices.m]\ninput_per_million = 1.5",
+        )
+        .unwrap();
+        let debug = format!("{raw:?}");
+        assert!(!debug.contains("sk-tenant-secret"), "{debug}");
+        let cfg = raw.resolve().unwrap();
+        assert!(!format!("{cfg:?}").contains("secret"), "Debug of Config shows no key");
+        assert_eq!(cfg.tenant_for_key("sk-tenant-secret-2"), Some("a"));
+        assert_eq!(cfg.tenant_for_key("sk-tenant-secret-3"), None);
+        let text = cfg.redacted_toml();
+        assert!(!text.contains("secret-1") && !text.contains("sk-upstream-secret"), "{text}");
+        assert!(text.contains("api_keys = [\"<redacted>\", \"<redacted>\"]"), "{text}");
+        assert!(text.contains("[server]") && text.contains("[[upstreams]]") && text.contains("idle_timeout_s = 5.0"), "{text}");
+        let mut back: RawConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back.tenants[0].api_keys.len(), 2);
+        back.tenants[0].api_keys.pop(); // two redacted keys would be one key used twice
+        let again = back.resolve().unwrap();
+        assert_eq!(again.redacted_toml(), text.replacen(", \"<redacted>\"", "", 1), "printing is stable");
+        assert_eq!(again.http, cfg.http);
+        assert_eq!(again.upstreams[0].aliases, cfg.upstreams[0].aliases);
     }
 }

@@ -59,8 +59,14 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
     }
 
+    /// 409; answered with `x-should-retry: false` (retrying cannot help).
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "invalid_request_error", message).code("conflict")
+    }
+
+    /// 408: the server did not answer in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message).code("request_timeout")
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
@@ -149,6 +155,9 @@ impl IntoResponse for ApiError {
         }
         if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
+        }
+        if self.status == StatusCode::CONFLICT {
+            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
     }

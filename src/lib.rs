@@ -15,8 +15,8 @@
 //! - [`mock`]: an OpenAI-compatible mock upstream for tests, benchmarks and the quickstart.
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`server`] assembles a node (data directory, store, blob, engine, HTTP) and stops it
-//!   gracefully; [`wire`] renders OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the
-//!   allocator's footprint small.
+//!   gracefully; [`http`] serves its connections (connection cap, timeouts); [`wire`] renders
+//!   OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the allocator's footprint small.
 
 pub mod api;
 pub mod blob;
@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod ids;
 pub mod memory;
 pub mod mock;

@@ -2,7 +2,8 @@
 //!
 //! Create checks every parameter (naming the bad one), returns `validating` at once and wakes
 //! the engine; validation itself runs in the engine. A retried create with the same
-//! `Idempotency-Key` returns the batch the first call created.
+//! `Idempotency-Key` returns the batch the first call created; the same key with another
+//! request (compared by a hash of its canonical JSON) is a 409 `idempotency_key_reused`.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -17,7 +18,16 @@ use crate::error::{ApiError, ApiResult};
 use crate::store::{BatchRecord, BatchStatus};
 use crate::wire;
 
-pub const ENDPOINTS: [&str; 5] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"];
+pub const ENDPOINTS: [&str; 8] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+];
 const MAX_PRIORITY: i64 = 8;
 
 fn no_such_batch(id: &str) -> ApiError {
@@ -72,9 +82,55 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     record.priority = priority;
     record.output_expires_after = output_expires_after;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
+    record.idempotency_hash = key.map(|_| request_hash(&body));
     let b = st.store.insert_batch(&record, key).await?;
+    if b.id != record.id && b.idempotency_hash.is_some() && b.idempotency_hash != record.idempotency_hash {
+        return Err(ApiError::conflict(format!(
+            "The Idempotency-Key {:?} was already used with a different request (batch {}); use a new key for a new request.",
+            key.unwrap_or_default(),
+            b.id
+        ))
+        .code("idempotency_key_reused"));
+    }
     st.engine.wake();
     Ok(Json(render(&st, &b)))
+}
+
+/// A hash of the request's canonical JSON (keys sorted at every depth, no spaces): two
+/// requests that mean the same have the same hash.
+fn request_hash(body: &Map<String, Value>) -> String {
+    fn canonical(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(&Value::Object(body.clone()), &mut text);
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
 
 /// OpenAI's limits: at most 16 keys, keys up to 64 characters, string values up to 512.
@@ -188,4 +244,20 @@ pub async fn partial_results(State(st): State<AppState>, Tenant(tenant): Tenant,
         }
     });
     Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], axum::body::Body::from_stream(chunks)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_hash_ignores_key_order_and_spacing_only() {
+        let a = serde_json::json!({"endpoint": "/v1/embeddings", "metadata": {"a": "1", "b": "2"}, "input_file_id": "f"});
+        let b: Value = serde_json::from_str(r#"{ "input_file_id":"f", "metadata":{"b":"2","a":"1"}, "endpoint":"/v1/embeddings" }"#).unwrap();
+        let c = serde_json::json!({"endpoint": "/v1/embeddings", "metadata": {"a": "1", "b": "3"}, "input_file_id": "f"});
+        let h = |v: &Value| request_hash(v.as_object().unwrap());
+        assert_eq!(h(&a), h(&b));
+        assert_ne!(h(&a), h(&c));
+        assert_ne!(h(&serde_json::json!({"a": [1, 2]})), h(&serde_json::json!({"a": [2, 1]})));
+    }
 }

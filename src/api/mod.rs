@@ -2,13 +2,17 @@
 //!
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
-//! including malformed JSON or multipart, unknown routes and panics.
+//! including malformed JSON or multipart, unknown routes, panics and timeouts. Every body is
+//! bounded before it is read (see [`extract`] and [`multipart`]); every response carries an
+//! `x-request-id` ([`layers`]).
 
 mod auth;
 mod batches;
 mod extract;
 mod files;
+pub mod layers;
 mod models;
+mod multipart;
 
 use std::sync::Arc;
 
@@ -69,7 +73,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(state.cfg.http.request_timeout, layers::timeout))
+        .layer(TraceLayer::new_for_http().make_span_with(layers::span).on_response(layers::on_response))
+        .layer(axum::middleware::from_fn(layers::request_id))
+        .layer(axum::Extension(Arc::new(models::Catalog::new(&state.cfg.upstreams))))
         .with_state(state)
 }
 

@@ -8,6 +8,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::progress::{Display, Snapshot};
+use crate::config::Secret;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServerArgs {
@@ -16,7 +17,7 @@ pub struct ServerArgs {
     pub server: String,
     /// API key, when the server has tenants configured.
     #[arg(long, env = "BATCHD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 pub const EXAMPLES: &str = "Examples:
@@ -33,7 +34,7 @@ the batch ended failed, expired or cancelled).";
 struct Client {
     http: reqwest::Client,
     base: String,
-    key: Option<String>,
+    key: Option<Secret>,
 }
 
 impl Client {
@@ -44,7 +45,7 @@ impl Client {
     fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(m, format!("{}{path}", self.base));
         match &self.key {
-            Some(k) => r.bearer_auth(k),
+            Some(k) => r.bearer_auth(k.expose()),
             None => r,
         }
     }

@@ -157,9 +157,11 @@ pub async fn delete_conflicts_while_running(store: &dyn Store) {
 
 pub async fn batch_idempotency_and_pagination(store: &dyn Store) {
     store.insert_file(&sample_file("bp", "file-bp")).await.unwrap();
-    let first = store.insert_batch(&sample_batch("bp", "batch_bp1", "file-bp"), Some("key-1")).await.unwrap();
-    let again = store.insert_batch(&sample_batch("bp", "batch_bp2", "file-bp"), Some("key-1")).await.unwrap();
+    let hashed = |id: &str, hash: &str| BatchRecord { idempotency_hash: Some(hash.into()), ..sample_batch("bp", id, "file-bp") };
+    let first = store.insert_batch(&hashed("batch_bp1", "hash-1"), Some("key-1")).await.unwrap();
+    let again = store.insert_batch(&hashed("batch_bp2", "hash-2"), Some("key-1")).await.unwrap();
     assert_eq!(first.id, again.id, "same idempotency key returns the first batch");
+    assert_eq!(again.idempotency_hash.as_deref(), Some("hash-1"), "with the hash of the first request");
     assert!(matches!(store.get_batch(None, "batch_bp2").await, Err(Error::NotFound)));
     let other = store.insert_batch(&sample_batch("bp-other", "batch_bp3", "file-bp"), Some("key-1")).await.unwrap();
     assert_eq!(other.id, "batch_bp3", "idempotency keys are per tenant");

@@ -51,6 +51,7 @@ pub(super) fn batch_from_row(r: &SqliteRow) -> Result<BatchRecord> {
         output_expires_after: opt_int(r, "output_expires_after"),
         finalize_as: r.get::<Option<String>, _>("finalize_as").and_then(|s| BatchStatus::parse(&s)),
         est_tokens: int(r, "est_tokens"),
+        idempotency_hash: r.try_get("idempotency_hash").unwrap_or(None),
     })
 }
 
@@ -85,8 +86,8 @@ impl Batches for SqliteStore {
         let mut tx = self.write_tx().await.map_err(db_err)?;
         let r = sqlx::query(
             "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-                 metadata, status, created_at, expires_at, priority, output_expires_after)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(&b.id)
@@ -101,6 +102,7 @@ impl Batches for SqliteStore {
         .bind(b.expires_at)
         .bind(b.priority)
         .bind(b.output_expires_after)
+        .bind(&b.idempotency_hash)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;

@@ -61,6 +61,12 @@ impl App {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let engine = self.state.engine.clone();
         let app = api::router(self.state);
+        // Event streams never end by themselves: end them when shutdown starts.
+        let streams = engine.streams_stop();
+        let shutdown = async move {
+            shutdown.await;
+            streams.cancel();
+        };
         axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
         tracing::info!("HTTP server stopped; stopping the engine");
         engine.shutdown(SHUTDOWN_GRACE).await;

@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub tokens_per_second: f64,
     pub eta_seconds: Option<u64>,
     pub retries_waiting: u64,
+    /// Shown after the figures (a stall and its reason).
+    pub note: Option<String>,
 }
 
 pub enum Display {
@@ -77,8 +79,9 @@ impl Display {
 
 fn message(s: &Snapshot) -> String {
     let eta = s.eta_seconds.map_or("--".to_string(), |e| human(Duration::from_secs(e)));
+    let note = s.note.as_ref().map(|n| format!(" · {n}")).unwrap_or_default();
     format!(
-        "{} · done {} · failed {} · {:.1} req/s · {:.0} tok/s · retries {} · ETA {}",
+        "{} · done {} · failed {} · {:.1} req/s · {:.0} tok/s · retries {} · ETA {}{note}",
         s.status, s.completed, s.failed, s.requests_per_second, s.tokens_per_second, s.retries_waiting, eta
     )
 }

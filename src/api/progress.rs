@@ -28,7 +28,7 @@ pub async fn progress(State(st): State<AppState>, Tenant(tenant): Tenant, Path(i
 /// The progress object (see PLAN.md for its shape).
 pub fn render(st: &AppState, b: &BatchRecord, events: &[crate::store::Event]) -> Value {
     let now = crate::now_unix_f64();
-    let r = batch_rates(b, events, now);
+    let r = st.engine.refine(&b.id, batch_rates(b, events, now));
     let live = if b.status.is_final() { LineCounts::default() } else { st.engine.live_counts(&b.id) };
     let done = b.completed.saturating_add(b.failed);
     let remaining = (b.total - done).max(0);

@@ -23,7 +23,7 @@ pub struct Snapshot {
 
 pub enum Display {
     Bar(ProgressBar),
-    Plain { every: Duration, last: Option<Instant> },
+    Plain { every: Duration, last: Option<Instant>, note: Option<String> },
     Quiet,
 }
 
@@ -43,7 +43,7 @@ impl Display {
             bar.enable_steady_tick(Duration::from_millis(250));
             Display::Bar(bar)
         } else {
-            Display::Plain { every: Duration::from_secs(2), last: None }
+            Display::Plain { every: Duration::from_secs(2), last: None, note: None }
         }
     }
 
@@ -54,9 +54,11 @@ impl Display {
                 bar.set_position(s.completed + s.failed);
                 bar.set_message(message(s));
             }
-            Display::Plain { every, last } => {
-                if last.is_none_or(|t| t.elapsed() >= *every) {
+            Display::Plain { every, last, note } => {
+                // Every `every`, and at once when the note (a stall) changes.
+                if last.is_none_or(|t| t.elapsed() >= *every) || *note != s.note {
                     *last = Some(Instant::now());
+                    note.clone_from(&s.note);
                     eprintln!("progress: {}/{} {}", s.completed + s.failed, s.total, message(s));
                 }
             }

@@ -92,6 +92,21 @@ impl Engine {
         sum
     }
 
+    /// Unix seconds (with a fraction) of this node's last commit of results of `batch_id`:
+    /// finer than the outbox's progress events (whole seconds, at most one a second).
+    pub fn last_result_at(&self, batch_id: &str) -> Option<f64> {
+        let at = self.inner.progress.last(batch_id)?;
+        Some(crate::now_unix_f64() - at.elapsed().as_secs_f64())
+    }
+
+    /// `r` with this node's own, finer, time of the last result.
+    pub fn refine(&self, batch_id: &str, mut r: super::rates::Rates) -> super::rates::Rates {
+        if let Some(local) = self.last_result_at(batch_id) {
+            r.last_result_at = Some(r.last_result_at.map_or(local, |e| e.max(local)));
+        }
+        r
+    }
+
     /// Whether the store takes writes, as this node and every other live node see it.
     pub fn cluster_store_writable(&self) -> bool {
         self.store_writable() && self.others().iter().all(|p| p.store_writable)

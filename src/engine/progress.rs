@@ -48,6 +48,11 @@ impl ProgressBook {
         Some(Progress { requests_per_second: (rate * 10.0).round() / 10.0, eta_seconds: eta })
     }
 
+    /// When this node last made results of `batch_id` durable.
+    pub fn last(&self, batch_id: &str) -> Option<Instant> {
+        self.samples.lock().unwrap().get(batch_id).and_then(|q| q.back()).map(|s| s.0)
+    }
+
     pub fn forget(&self, batch_id: &str) {
         self.samples.lock().unwrap().remove(batch_id);
     }

@@ -104,7 +104,8 @@ async fn look(engine: &Engine, id: &str, known: &mut HashMap<String, bool>) -> c
     let filter = EventFilter { tenant: None, batch_id: Some(id.to_string()) };
     let events = inner.store.latest_events(&filter, Some("batch.progress"), 1).await?;
     let now = crate::now_unix_f64();
-    let since = stalled_since(&b, &batch_rates(&b, &events, now), now, inner.cfg.stall_after.as_secs_f64());
+    let r = engine.refine(id, batch_rates(&b, &events, now));
+    let since = stalled_since(&b, &r, now, inner.cfg.stall_after.as_secs_f64());
     let was = known.get(id).copied();
     if was == Some(since.is_some()) {
         return Ok(());

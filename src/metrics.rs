@@ -114,6 +114,20 @@ pub fn outcome_class(o: &Outcome) -> &'static str {
 }
 
 impl Metrics {
+    /// Creates the labelled series of every upstream and webhook outcome at zero, so that
+    /// every family is present from the first scrape (and rates start from a known 0).
+    pub fn prime<'a>(&self, upstreams: impl IntoIterator<Item = &'a str>) {
+        for name in upstreams {
+            let _ = self.retries.get_or_create(&upstream(name));
+            let _ = self.rate_limited.get_or_create(&upstream(name));
+            let _ = self.upstream_latency.get_or_create(&upstream(name));
+            let _ = self.upstream_requests.get_or_create(&vec![("upstream", name.to_string()), ("outcome", "2xx".to_string())]);
+        }
+        for outcome in ["delivered", "retrying", "given_up", "no_webhook"] {
+            let _ = self.webhook_deliveries.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
+    }
+
     /// Records one call to `name` that ended with `o` after `took`.
     pub fn upstream_call(&self, name: &str, o: &Outcome, took: Duration) {
         let class = outcome_class(o);

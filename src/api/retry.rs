@@ -49,7 +49,7 @@ fn retry_record(b: &BatchRecord, input_file_id: &str) -> BatchRecord {
     let mut metadata = b.metadata.clone().unwrap_or_default();
     if metadata.len() >= 16 && !metadata.contains_key("retry_of") {
         // OpenAI allows 16 keys: make room for retry_of rather than refuse the retry.
-        let drop = metadata.keys().last().cloned().unwrap_or_default();
+        let drop = metadata.keys().next_back().cloned().unwrap_or_default();
         metadata.remove(&drop);
     }
     metadata.insert("retry_of".into(), Value::String(b.id.clone()));

@@ -32,6 +32,13 @@ impl Default for Live {
 }
 
 impl Live {
+    /// The engine's live state, with a metric series for each of `router`'s upstreams.
+    pub fn for_router(router: &crate::upstream::Router) -> Live {
+        let live = Live::default();
+        live.metrics.prime(router.pools().iter().map(|p| p.cfg.name.as_str()));
+        live
+    }
+
     /// This node appended to the outbox (or changed something that did).
     pub fn outbox_changed(&self) {
         self.outbox.send_modify(|n| *n = n.wrapping_add(1));

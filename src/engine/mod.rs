@@ -131,7 +131,7 @@ impl Engine {
         }
         let node = format!("node-{}", crate::ids::batch_id().trim_start_matches("batch_"));
         let (progress, stats, health, book, held) = Default::default();
-        let live = Arc::new(Live::default());
+        let live = Arc::new(Live::for_router(&router));
         let hard_stop = CancellationToken::new();
         let writer = writer::spawn(writer::WriterCtx {
             store: store.clone(),

@@ -89,6 +89,7 @@ async fn a_stalled_batch_says_why_and_recovers_when_its_upstream_returns() {
     let reason = p["stalled"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("upstream unreachable: mock"), "the reason names the upstream: {p}");
     assert!(p["stalled"]["since"].as_i64().unwrap() <= crate_now(), "{p}");
+    assert!(p["eta_seconds"].is_null(), "no ETA while stalled: {p}");
     assert_eq!(p["counts"]["retrying"].as_i64().unwrap() + p["counts"]["in_flight"].as_i64().unwrap() + p["counts"]["pending"].as_i64().unwrap(), 6, "{p}");
     let (_, q) = api.get("/quota").await;
     assert_eq!(q["queued"]["requests"], 6, "{q}");

@@ -33,14 +33,18 @@ pub fn render(st: &AppState, b: &BatchRecord, events: &[crate::store::Event]) ->
     let done = b.completed.saturating_add(b.failed);
     let remaining = (b.total - done).max(0);
     let (retrying, in_flight) = ((live.retrying as i64).min(remaining), (live.in_flight as i64).min(remaining));
-    let eta = (r.requests_per_second > 0.0 && !b.status.is_final()).then(|| (remaining as f64 / r.requests_per_second).ceil() as i64);
-    let projected = eta.map(|e| now as i64 + e);
-    let stalled = stalled_since(b, &r, now, st.cfg.stall_after.as_secs_f64())
+    let stall_after = st.cfg.stall_after.as_secs_f64();
+    let stalled = stalled_since(b, &r, now, stall_after)
         .map(|since| json!({"since": since as i64, "reason": st.engine.stall_reason(b, live, now - since)}));
-    // At risk: it will not finish before it expires at the current rate (or has no rate and
-    // is stalled).
-    let late = b.expires_at.is_some_and(|exp| projected.is_some_and(|p| p > exp));
-    let at_risk = !b.status.is_final() && remaining > 0 && b.expires_at.is_some() && (late || (eta.is_none() && stalled.is_some()));
+    // No ETA while stalled: the last minute's rate no longer tells when it ends.
+    let moving = r.requests_per_second > 0.0 && !b.status.is_final() && stalled.is_none();
+    let eta = moving.then(|| (remaining as f64 / r.requests_per_second).ceil() as i64);
+    let projected = eta.map(|e| now as i64 + e);
+    // At risk: at the current rate it ends after it expires, or it is stalled within ten
+    // stall periods of its expiry.
+    let at_risk = !b.status.is_final()
+        && remaining > 0
+        && b.expires_at.is_some_and(|exp| projected.is_some_and(|p| p > exp) || (stalled.is_some() && (exp as f64 - now) < 10.0 * stall_after));
     json!({
         "object": "batch.progress",
         "id": b.id,

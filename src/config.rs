@@ -201,6 +201,23 @@ pub struct TenantConfig {
     pub max_queued_tokens: Option<u64>,
 }
 
+impl TenantConfig {
+    /// The tenant's webhook (secret redacted) and quotas, as TOML lines.
+    fn redacted_toml(&self) -> String {
+        let mut out = String::new();
+        if let Some(w) = &self.webhook {
+            out += &format!("webhook_url = {:?}\nwebhook_secret = \"<redacted>\"\n", w.url);
+        }
+        if let Some(n) = self.max_queued_requests {
+            out += &format!("max_queued_requests = {n}\n");
+        }
+        if let Some(n) = self.max_queued_tokens {
+            out += &format!("max_queued_tokens = {n}\n");
+        }
+        out
+    }
+}
+
 /// A webhook endpoint and the key its deliveries are signed with.
 #[derive(Debug, Clone)]
 pub struct Webhook {
@@ -531,8 +548,15 @@ impl Config {
             "[server]\nlisten = \"{}\"\ndata_dir = {:?}\ninsecure_no_auth = {}\n",
             self.listen, self.data_dir, self.insecure_no_auth
         );
-        for (name, n) in tenants {
+        let mut names: std::collections::BTreeSet<&str> = tenants.keys().copied().collect();
+        names.extend(self.tenants.keys().map(String::as_str));
+        for name in names {
+            let n = tenants.get(name).copied().unwrap_or(0);
             out += &format!("\n[[tenants]]\nname = {name:?}\napi_keys = [{}]\n", vec!["\"<redacted>\""; n].join(", "));
+            out += &self.tenants.get(name).map(TenantConfig::redacted_toml).unwrap_or_default();
+        }
+        if let Some(w) = &self.webhook {
+            out += &format!("\n[webhooks]\nurl = {:?}\nsecret = \"<redacted>\"\n", w.url);
         }
         for u in &self.upstreams {
             out += &format!(
@@ -543,8 +567,8 @@ impl Config {
         }
         let windows: Vec<&str> = self.completion_windows.iter().map(|(w, _)| w.as_str()).collect();
         out += &format!(
-            "\n[batches]\ncompletion_windows = {windows:?}\nfinish_in_flight_on_cancel = {}\n\n[limits]\nmax_lines = {}\nmax_file_bytes = {}\nmax_upload_bytes = {}\nmax_line_bytes = {}\n",
-            self.finish_in_flight_on_cancel, self.limits.max_lines, self.limits.max_file_bytes,
+            "\n[batches]\ncompletion_windows = {windows:?}\nfinish_in_flight_on_cancel = {}\nstall_after_s = {}\n\n[limits]\nmax_lines = {}\nmax_file_bytes = {}\nmax_upload_bytes = {}\nmax_line_bytes = {}\n",
+            self.finish_in_flight_on_cancel, self.stall_after.as_secs_f64(), self.limits.max_lines, self.limits.max_file_bytes,
             self.limits.max_upload_bytes, self.limits.max_line_bytes
         );
         out
@@ -617,6 +641,7 @@ mod tests {
         let c = raw.resolve().unwrap();
         assert!(!format!("{c:?}").contains("c2VjcmV0"), "webhook keys never print");
         assert!(!c.redacted_toml().contains("c2VjcmV0"));
+        assert!(c.redacted_toml().contains("webhook_url = \"http://h/x\"\nwebhook_secret = \"<redacted>\""), "{}", c.redacted_toml());
     }
 
     #[test]

@@ -66,6 +66,11 @@ fn yes() -> bool {
     true
 }
 
+/// `own` plus what the other nodes published for `batch_id`.
+fn sum_counts(own: LineCounts, others: &[Published], batch_id: &str) -> LineCounts {
+    others.iter().filter_map(|p| p.batches.get(batch_id)).fold(own, |a, c| LineCounts { in_flight: a.in_flight + c.in_flight, retrying: a.retrying + c.retrying })
+}
+
 impl Engine {
     pub fn metrics(&self) -> &Metrics {
         &self.inner.live.metrics
@@ -89,14 +94,7 @@ impl Engine {
     /// Lines of a batch in flight or waiting on a retry on every live node: this node's own
     /// counts now, the others' as of their last heartbeat.
     pub fn live_counts(&self, batch_id: &str) -> LineCounts {
-        let mut sum = self.inner.book.counts(batch_id);
-        for p in self.others() {
-            if let Some(c) = p.batches.get(batch_id) {
-                sum.in_flight += c.in_flight;
-                sum.retrying += c.retrying;
-            }
-        }
-        sum
+        sum_counts(self.inner.book.counts(batch_id), &self.others(), batch_id)
     }
 
     /// Unix seconds (with a fraction) of this node's last commit of results of `batch_id`:
@@ -154,4 +152,21 @@ impl Engine {
 /// [`UpstreamGauges`] and fill the new fields here.
 fn pool_gauges(p: &crate::upstream::Pool) -> UpstreamGauges {
     UpstreamGauges { name: p.cfg.name.clone(), in_flight: p.limiter.in_flight() as i64, window: p.limiter.window(), limit: p.cfg.max_concurrency as i64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_nodes_counts_add_up_from_what_their_heartbeat_publishes() {
+        // The shape `cluster::beat` publishes.
+        let a: Published = serde_json::from_str(r#"{"batches": {"batch_x": {"in_flight": 3, "retrying": 2}}, "store_writable": false}"#).unwrap();
+        let b: Published = serde_json::from_str(r#"{"batches": {"batch_x": {"in_flight": 1, "retrying": 0}, "batch_y": {"in_flight": 9, "retrying": 9}}}"#).unwrap();
+        assert!(!a.store_writable && b.store_writable, "a node that says nothing is taken as writable");
+        let own = LineCounts { in_flight: 4, retrying: 1 };
+        assert_eq!(sum_counts(own, &[a, b], "batch_x"), LineCounts { in_flight: 8, retrying: 3 });
+        let odd: Published = serde_json::from_str("not json").unwrap_or_default();
+        assert_eq!(sum_counts(own, &[odd], "batch_x"), own, "an unreadable heartbeat adds nothing");
+    }
 }

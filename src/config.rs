@@ -97,6 +97,10 @@ pub struct RawConfig {
     /// Prices per model (or alias), for cost estimates: `[prices."gpt-4o-mini"]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, Price>,
+    /// The webhook of the tenant `default` (no tenants configured), and of any tenant that
+    /// sets none itself.
+    #[serde(default)]
+    pub webhooks: RawWebhook,
 }
 
 /// Dollars (or any currency) per million tokens.
@@ -107,6 +111,26 @@ pub struct Price {
     pub input_per_million: f64,
     #[serde(default)]
     pub output_per_million: f64,
+    /// Share taken off for batch work: 0.5 means half price, as the hosted Batch API charges.
+    #[serde(default)]
+    pub batch_discount: f64,
+}
+
+impl Price {
+    /// The cost of `input` and `output` tokens at this price, batch discount applied.
+    pub fn cost(&self, input: i64, output: i64) -> f64 {
+        let full = input.max(0) as f64 * self.input_per_million + output.max(0) as f64 * self.output_per_million;
+        full / 1e6 * (1.0 - self.batch_discount)
+    }
+}
+
+/// Where a tenant's batch events are POSTed (Standard Webhooks), as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: Option<String>,
+    /// `whsec_` + base64 of the key, as OpenAI issues them (another string is the key itself).
+    pub secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -131,6 +155,12 @@ pub struct RawTenant {
     pub name: String,
     #[serde(default)]
     pub api_keys: Vec<Secret>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Secret>,
+    /// Most lines without a result this tenant may have queued; a create beyond it is a 429.
+    pub max_queued_requests: Option<u64>,
+    /// Most estimated input tokens of lines without a result this tenant may have queued.
+    pub max_queued_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -161,6 +191,8 @@ pub struct RawBatches {
     pub completion_windows: Option<Vec<String>>,
     /// Whether cancel lets in-flight requests finish (true) or aborts them (false, default).
     pub finish_in_flight_on_cancel: Option<bool>,
+    /// Seconds without a new result (while lines remain) after which a batch is stalled.
+    pub stall_after_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -197,6 +229,12 @@ pub struct Config {
     pub engine: EngineConfig,
     pub prices: BTreeMap<String, Price>,
     pub http: HttpLimits,
+    /// Per tenant: webhook and quotas (a tenant without an entry has neither, except the
+    /// `[webhooks]` fallback).
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// `[webhooks]`: the webhook of tenants that set none.
+    pub webhook: Option<Webhook>,
+    pub stall_after: Duration,
 }
 
 /// How long and how many client connections the HTTP server keeps (see [`crate::http`]).
@@ -216,6 +254,30 @@ impl Default for HttpLimits {
             request_timeout: Duration::from_secs(60),
             max_connections: 1024,
         }
+    }
+}
+
+/// A tenant's own settings besides its keys.
+#[derive(Debug, Clone, Default)]
+pub struct TenantConfig {
+    pub webhook: Option<Webhook>,
+    pub max_queued_requests: Option<u64>,
+    pub max_queued_tokens: Option<u64>,
+}
+
+/// A webhook endpoint and the key its deliveries are signed with.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    /// The HMAC key: the base64-decoded part of a `whsec_…` secret.
+    pub key: Secret,
+    /// The secret as written (shown redacted by `--print-config`).
+    pub secret: Secret,
+}
+
+impl Webhook {
+    fn effective(&self) -> RawWebhook {
+        RawWebhook { url: Some(self.url.clone()), secret: Some(self.secret.clone()) }
     }
 }
 
@@ -351,10 +413,64 @@ impl RawConfig {
             finish_in_flight_on_cancel: self.batches.finish_in_flight_on_cancel.unwrap_or(false),
             limits: resolve_limits(&self.limits)?,
             engine: resolve_engine(&self.engine)?,
-            prices: self.prices.clone(),
+            prices: resolve_prices(&self.prices)?,
             http: resolve_http(&self.server)?,
+            tenants: self.tenants.iter().map(|t| Ok((t.name.clone(), resolve_tenant(t)?))).collect::<Result<_, ConfigError>>()?,
+            webhook: resolve_webhook("[webhooks]", &self.webhooks)?,
+            stall_after: resolve_stall(self.batches.stall_after_s)?,
         })
     }
+}
+
+fn resolve_prices(prices: &BTreeMap<String, Price>) -> Result<BTreeMap<String, Price>, ConfigError> {
+    for (model, p) in prices {
+        if !(0.0..=1.0).contains(&p.batch_discount) || p.input_per_million < 0.0 || p.output_per_million < 0.0 {
+            return Err(ConfigError::Invalid(format!("[prices.{model:?}]: prices must be >= 0 and batch_discount within 0..=1")));
+        }
+    }
+    Ok(prices.clone())
+}
+
+fn resolve_tenant(t: &RawTenant) -> Result<TenantConfig, ConfigError> {
+    let raw = RawWebhook { url: t.webhook_url.clone(), secret: t.webhook_secret.clone() };
+    Ok(TenantConfig {
+        webhook: resolve_webhook(&format!("tenant {:?}", t.name), &raw)?,
+        max_queued_requests: t.max_queued_requests,
+        max_queued_tokens: t.max_queued_tokens,
+    })
+}
+
+/// A webhook needs both a URL and a secret; a `whsec_` secret must be valid base64.
+fn resolve_webhook(whose: &str, w: &RawWebhook) -> Result<Option<Webhook>, ConfigError> {
+    use base64::Engine as _;
+    let bad = |what: &str| ConfigError::Invalid(format!("{whose}: {what}"));
+    let (url, secret) = match (&w.url, &w.secret) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(s)) => (u, s),
+        _ => return Err(bad("a webhook needs both a URL and a secret")),
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("the webhook URL must start with http:// or https://"));
+    }
+    let written = secret.clone();
+    let secret = secret.expose();
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad("the webhook secret after whsec_ is not base64"))?,
+        None => secret.as_bytes().to_vec(),
+    };
+    if key.is_empty() {
+        return Err(bad("the webhook secret is empty"));
+    }
+    // The key is kept as text (base64) inside the redacting Secret.
+    Ok(Some(Webhook { url: url.clone(), key: Secret::new(base64::engine::general_purpose::STANDARD.encode(key)), secret: written }))
+}
+
+fn resolve_stall(s: Option<f64>) -> Result<Duration, ConfigError> {
+    let s = s.unwrap_or(120.0);
+    if !(s.is_finite() && s >= 0.5) {
+        return Err(ConfigError::Invalid("batches.stall_after_s must be at least 0.5".into()));
+    }
+    Ok(Duration::from_secs_f64(s))
 }
 
 fn resolve_tenants(tenants: &[RawTenant]) -> Result<BTreeMap<Secret, String>, ConfigError> {
@@ -492,6 +608,11 @@ pub fn parse_window(w: &str) -> Result<Duration, ConfigError> {
 }
 
 impl Config {
+    /// The webhook a tenant's events go to: its own, else `[webhooks]`.
+    pub fn webhook_for(&self, tenant: &str) -> Option<&Webhook> {
+        self.tenants.get(tenant).and_then(|t| t.webhook.as_ref()).or(self.webhook.as_ref())
+    }
+
     /// Whether calls must carry an API key.
     pub fn auth_enabled(&self) -> bool {
         !self.api_keys.is_empty()
@@ -514,6 +635,27 @@ impl Config {
         toml::to_string(&self.effective()).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
+    /// Every tenant, with its keys (`keys`, by tenant), webhook and quotas.
+    fn effective_tenants(&self, mut keys: BTreeMap<&str, Vec<Secret>>) -> Vec<RawTenant> {
+        let mut names: std::collections::BTreeSet<&str> = keys.keys().copied().collect();
+        names.extend(self.tenants.keys().map(String::as_str));
+        names
+            .into_iter()
+            .map(|name| {
+                let t = self.tenants.get(name).cloned().unwrap_or_default();
+                let webhook = t.webhook.as_ref().map(Webhook::effective).unwrap_or_default();
+                RawTenant {
+                    name: name.into(),
+                    api_keys: keys.remove(name).unwrap_or_default(),
+                    webhook_url: webhook.url,
+                    webhook_secret: webhook.secret,
+                    max_queued_requests: t.max_queued_requests,
+                    max_queued_tokens: t.max_queued_tokens,
+                }
+            })
+            .collect()
+    }
+
     /// The resolved configuration as a [`RawConfig`] (every field set, keys as [`Secret`]s).
     pub fn effective(&self) -> RawConfig {
         let mut tenants: BTreeMap<&str, Vec<Secret>> = BTreeMap::new();
@@ -531,11 +673,12 @@ impl Config {
                 request_timeout_s: Some(h.request_timeout.as_secs_f64()),
                 max_connections: Some(h.max_connections),
             },
-            tenants: tenants.into_iter().map(|(name, api_keys)| RawTenant { name: name.into(), api_keys }).collect(),
+            tenants: self.effective_tenants(tenants),
             upstreams: self.upstreams.iter().map(UpstreamConfig::effective).collect(),
             batches: RawBatches {
                 completion_windows: Some(self.completion_windows.iter().map(|(w, _)| w.clone()).collect()),
                 finish_in_flight_on_cancel: Some(self.finish_in_flight_on_cancel),
+                stall_after_s: Some(self.stall_after.as_secs_f64()),
             },
             limits: RawLimits {
                 max_lines: Some(self.limits.max_lines),
@@ -551,6 +694,7 @@ impl Config {
                 lease_ttl_s: Some(self.engine.lease_ttl.as_secs()),
             },
             prices: self.prices.clone(),
+            webhooks: self.webhook.as_ref().map(Webhook::effective).unwrap_or_default(),
         }
     }
 }
@@ -668,5 +812,49 @@ mod tests {
         assert_eq!(again.redacted_toml(), text.replacen(", \"<redacted>\"", "", 1), "printing is stable");
         assert_eq!(again.http, cfg.http);
         assert_eq!(again.upstreams[0].aliases, cfg.upstreams[0].aliases);
+        let raw: RawConfig = toml::from_str("[[tenants]]\nname='a'\nwebhook_url='http://h/x'\nwebhook_secret='whsec_c2VjcmV0LWtleQ=='").unwrap();
+        let c = raw.resolve().unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0"), "webhook keys never print");
+        assert!(!c.redacted_toml().contains("c2VjcmV0"));
+        assert!(c.redacted_toml().contains("webhook_url = \"http://h/x\"\nwebhook_secret = \"<redacted>\""), "{}", c.redacted_toml());
+        let back: RawConfig = toml::from_str(&c.redacted_toml()).unwrap();
+        assert_eq!(back.tenants[0].webhook_url.as_deref(), Some("http://h/x"), "the webhook loads back");
+    }
+
+    #[test]
+    fn webhooks_quotas_and_prices_resolve() {
+        let raw: RawConfig = toml::from_str(
+            r#"
+            [[tenants]]
+            name = "a"
+            api_keys = ["k"]
+            webhook_url = "http://127.0.0.1:9/hook"
+            webhook_secret = "whsec_c2VjcmV0LWtleQ=="
+            max_queued_requests = 10
+            [[tenants]]
+            name = "b"
+            api_keys = ["k2"]
+            [webhooks]
+            url = "http://127.0.0.1:9/ops"
+            secret = "plain-key"
+            [batches]
+            stall_after_s = 2
+            [prices."m"]
+            input_per_million = 2.0
+            output_per_million = 8.0
+            batch_discount = 0.5
+            "#,
+        )
+        .unwrap();
+        let c = raw.resolve().unwrap();
+        assert_eq!(c.webhook_for("a").unwrap().url, "http://127.0.0.1:9/hook");
+        assert_eq!(c.webhook_for("b").unwrap().url, "http://127.0.0.1:9/ops", "[webhooks] serves tenants without one");
+        assert_eq!(c.tenants["a"].max_queued_requests, Some(10));
+        assert_eq!(c.stall_after, Duration::from_secs(2));
+        assert!((c.prices["m"].cost(1_000_000, 1_000_000) - 5.0).abs() < 1e-9, "(2 + 8) at half price");
+        let half: RawConfig = toml::from_str("[webhooks]\nurl='http://x'").unwrap();
+        assert!(half.resolve().unwrap_err().to_string().contains("both a URL and a secret"));
+        let bad: RawConfig = toml::from_str("[webhooks]\nurl='http://x'\nsecret='whsec_***'").unwrap();
+        assert!(bad.resolve().unwrap_err().to_string().contains("not base64"));
     }
 }

@@ -91,6 +91,13 @@ impl ApiError {
         e
     }
 
+    /// 429: the tenant's queue is over one of its quotas (the message says which).
+    pub fn quota_exceeded(message: impl Into<String>, retry_after_s: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).code("quota_exceeded");
+        e.retry_after = Some(retry_after_s);
+        e
+    }
+
     /// 500 with a generic message; `cause` is logged, never sent.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

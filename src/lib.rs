@@ -16,7 +16,8 @@
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`server`] assembles a node (data directory, store, blob, engine, HTTP) and stops it
 //!   gracefully; [`http`] serves its connections (connection cap, timeouts); [`wire`] renders
-//!   OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the allocator's footprint small.
+//!   OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the allocator's footprint small;
+//!   [`metrics`] keeps the Prometheus families.
 
 pub mod api;
 pub mod blob;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod http;
 pub mod ids;
 pub mod memory;
+pub mod metrics;
 pub mod mock;
 pub mod server;
 pub mod store;
@@ -39,4 +41,9 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, with a fraction (for rates and ages).
+pub fn now_unix_f64() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

@@ -63,6 +63,12 @@ impl App {
         let engine = self.state.engine.clone();
         let limits = self.state.cfg.http;
         let app = api::router(self.state);
+        // Event streams never end by themselves: end them when shutdown starts.
+        let streams = engine.streams_stop();
+        let shutdown = async move {
+            shutdown.await;
+            streams.cancel();
+        };
         crate::http::serve(self.listener, app, limits, shutdown, SHUTDOWN_GRACE).await;
         tracing::info!("HTTP server stopped; stopping the engine");
         engine.shutdown(SHUTDOWN_GRACE).await;

@@ -30,11 +30,11 @@ pub const ENDPOINTS: [&str; 8] = [
 ];
 const MAX_PRIORITY: i64 = 8;
 
-fn no_such_batch(id: &str) -> ApiError {
+pub fn no_such_batch(id: &str) -> ApiError {
     ApiError::not_found(format!("No such Batch object: {id}")).param("id")
 }
 
-fn render(st: &AppState, b: &BatchRecord) -> Value {
+pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
         BatchStatus::InProgress | BatchStatus::Finalizing | BatchStatus::Cancelling => {
             let p = st.engine.progress(b);
@@ -42,7 +42,9 @@ fn render(st: &AppState, b: &BatchRecord) -> Value {
         }
         _ => None,
     };
-    wire::batch_object(b, progress)
+    let mut v = wire::batch_object(b, progress);
+    v["cost"] = super::usage::batch_cost(st, &b.id).await.map_or(Value::Null, Value::from);
+    v
 }
 
 fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
@@ -76,6 +78,7 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     if file.purpose != "batch" {
         return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
     }
+    super::quota::check(&st, &tenant, super::quota::lines_of(&st, &tenant, &file).await?, file.bytes / 4).await?;
     let now = crate::now_unix();
     let mut record = BatchRecord::new(crate::ids::batch_id(), tenant, input_file_id, endpoint, window, now, now + duration.as_secs() as i64);
     record.metadata = metadata;
@@ -93,7 +96,8 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
         .code("idempotency_key_reused"));
     }
     st.engine.wake();
-    Ok(Json(render(&st, &b)))
+    st.engine.outbox_changed();
+    Ok(Json(render(&st, &b).await))
 }
 
 /// A hash of the request's canonical JSON (keys sorted at every depth, no spaces): two
@@ -178,7 +182,7 @@ fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
 
 pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
-    Ok(Json(render(&st, &b)))
+    Ok(Json(render(&st, &b).await))
 }
 
 #[derive(Deserialize)]
@@ -190,7 +194,10 @@ pub struct ListParams {
 pub async fn list(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<ListParams>) -> ApiResult<Json<Value>> {
     let limit = parse_limit(p.limit.as_deref(), 20, 100)?;
     let page = st.store.list_batches(&tenant, limit, p.after.as_deref()).await.map_err(|e| cursor_error(e, "after"))?;
-    let items = page.items.iter().map(|b| (b.id.clone(), render(&st, b))).collect();
+    let mut items = Vec::with_capacity(page.items.len());
+    for b in &page.items {
+        items.push((b.id.clone(), render(&st, b).await));
+    }
     Ok(Json(wire::list(items, page.has_more)))
 }
 
@@ -198,8 +205,9 @@ pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
     let b = st.store.request_cancel(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
     if b.status == BatchStatus::Cancelling {
         st.engine.cancel(&id);
+        st.engine.outbox_changed();
     }
-    Ok(Json(render(&st, &b)))
+    Ok(Json(render(&st, &b).await))
 }
 
 /// Extension: the result line of one request, by `custom_id`, as soon as it is durable.

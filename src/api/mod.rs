@@ -1,4 +1,6 @@
-//! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`).
+//! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`),
+//! and the extensions that tell what a batch is doing: progress, event streams, retry,
+//! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`).
 //!
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
@@ -8,11 +10,16 @@
 
 mod auth;
 mod batches;
+mod events;
 mod extract;
 mod files;
 pub mod layers;
 mod models;
 mod multipart;
+mod progress;
+mod quota;
+mod retry;
+mod usage;
 
 use std::sync::Arc;
 
@@ -64,6 +71,12 @@ pub fn router(state: AppState) -> Router {
         .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/batches/{id}/requests/{custom_id}", get(batches::request_result))
         .route("/batches/{id}/results", get(batches::partial_results))
+        .route("/batches/{id}/progress", get(progress::progress))
+        .route("/batches/{id}/events", get(events::batch_events))
+        .route("/batches/{id}/retry", post(retry::retry))
+        .route("/events", get(events::tenant_events))
+        .route("/usage", get(usage::get))
+        .route("/quota", get(quota::get))
         .route("/models", get(models::list))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
@@ -81,7 +94,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.engine.metrics_text())
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], st.engine.metrics_text().await)
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -203,6 +203,7 @@ fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) 
         tokens_per_second: tokens.2,
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         retries_waiting: engine.stats().retries_waiting.load(Ordering::Relaxed),
+        note: None,
     }
 }
 

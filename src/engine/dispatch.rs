@@ -43,7 +43,9 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
     loop {
         let body = body_for(&p.body, &p.model, &target);
         count(&inner.stats.sent, 1);
+        let sent_at = std::time::Instant::now();
         let outcome = pool.send(&p.path, body, &p.request_id).await;
+        inner.live.metrics.upstream_call(&pool.cfg.name, &outcome, sent_at.elapsed());
         drop(permit);
         if outcome.is_overload() {
             pool.limiter.on_overload();
@@ -56,6 +58,7 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         let wait = backoff(attempt, retry_after(&outcome));
         tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, wait_ms = wait.as_millis() as u64, "retrying");
         count(&inner.stats.retries_total, 1);
+        inner.live.metrics.retry(&pool.cfg.name);
         {
             let _waiting = Waiting::new(&inner.stats.retries_waiting);
             let _retrying = inner.book.retrying(&p.batch_id);

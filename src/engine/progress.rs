@@ -79,6 +79,11 @@ impl ProgressBook {
         (last.1 - before) as f64 / secs
     }
 
+    /// When this node last made results of `batch_id` durable.
+    pub fn last(&self, batch_id: &str) -> Option<Instant> {
+        self.samples.lock().unwrap().get(batch_id).and_then(|q| q.back()).map(|s| s.0)
+    }
+
     pub fn forget(&self, batch_id: &str) {
         self.samples.lock().unwrap().remove(batch_id);
     }

@@ -86,6 +86,7 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> Result<()> {
         inner.store.mark_failed(&b.id, &report.errors, now).await.ctx("recording the validation errors")?;
         tracing::info!(batch = %b.id, errors = report.errors.len(), "batch failed validation");
     }
+    inner.live.outbox_changed();
     Ok(())
 }
 
@@ -154,6 +155,7 @@ async fn conclude(inner: &Arc<Inner>, id: &str, expired: bool) -> Result<()> {
         return Ok(());
     };
     inner.store.begin_finalizing(id, outcome, now).await.ctx("starting finalization")?;
+    inner.live.outbox_changed();
     let b = load(inner, id).await?;
     match b.status {
         BatchStatus::Finalizing => finalize(inner, &b, b.finalize_as.unwrap_or(outcome)).await,

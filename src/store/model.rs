@@ -322,3 +322,15 @@ pub struct UsageRow {
     pub requests: i64,
     pub usage: Usage,
 }
+
+/// What a tenant (or everyone) has queued: see [`super::Batches::queued`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queued {
+    /// Batches `validating` or `in_progress`.
+    pub batches: i64,
+    /// Lines of running batches without a durable result (a validating batch counts 0: its
+    /// lines are not known yet).
+    pub requests: i64,
+    /// Estimated input tokens of those lines.
+    pub tokens: i64,
+}

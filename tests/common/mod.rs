@@ -162,6 +162,11 @@ impl Api {
         }
     }
 
+    /// A request to `path` (under `/v1`) with the key, to send as it is.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.auth(self.http.request(method, format!("{}{path}", self.base)))
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self.auth(self.http.get(format!("{}{path}", self.base))).send().await.unwrap();
         status_json(r).await

@@ -200,4 +200,22 @@ impl Batches for SqliteStore {
         let rows = sqlx::query(&sql).bind(batch_id).fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(usage_from_row).collect())
     }
+
+    async fn queued(&self, tenant: Option<&str>) -> Result<Queued> {
+        // Sums as floats (`total()`), cast back: SQLite clamps the cast to the integer range.
+        let row = sqlx::query(
+            "SELECT count(*) AS batches,
+                 CAST(total(CASE WHEN status = 'in_progress' THEN max(total - completed - failed, 0) ELSE 0 END) AS INTEGER) AS requests,
+                 CAST(total(CASE WHEN status = 'in_progress'
+                     THEN est_tokens * (max(total - completed - failed, 0) * 1.0 / max(total, 1))
+                     ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END) AS INTEGER) AS tokens
+             FROM batches b WHERE status IN ('validating', 'in_progress') AND (? IS NULL OR tenant = ?)",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
+    }
 }

@@ -108,6 +108,29 @@ pub struct RawUpstream {
     /// PEM file of extra certificate authorities to trust for an `https://` upstream (an
     /// internal CA, a self-signed server), besides the public (webpki) roots.
     pub ca_file: Option<PathBuf>,
+    /// `throughput` (default): take all the upstream will give. `standby`: keep its latency
+    /// near the knee, yielding to online traffic.
+    pub mode: Option<UpstreamMode>,
+    /// vLLM's or SGLang's Prometheus `/metrics`: queued requests there also slow standby.
+    pub metrics_url: Option<String>,
+}
+
+/// How an upstream is shared (see `upstream::control`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    #[default]
+    Throughput,
+    Standby,
+}
+
+impl UpstreamMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamMode::Throughput => "throughput",
+            UpstreamMode::Standby => "standby",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -166,6 +189,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub ca_file: Option<PathBuf>,
+    pub mode: UpstreamMode,
+    pub metrics_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -315,11 +340,10 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             _ => return Err(bad(format!("environment variable {var} (api_key_env) is not set"))),
         },
     };
-    let models = if u.models.is_empty() { vec!["*".to_string()] } else { u.models.clone() };
-    for (alias, target) in &u.aliases {
-        if !models.iter().any(|m| m == "*" || m == target) {
-            return Err(bad(format!("alias {alias:?} points to {target:?}, which is not in its models")));
-        }
+    // An alias routes by itself; its target is routable by its own id only when listed.
+    let models = if u.models.is_empty() && u.aliases.is_empty() { vec!["*".to_string()] } else { u.models.clone() };
+    if let Some(url) = u.metrics_url.as_deref().filter(|m| !(m.starts_with("http://") || m.starts_with("https://"))) {
+        return Err(bad(format!("metrics_url {url:?} must start with http:// or https://")));
     }
     if u.ca_file.is_some() && !u.base_url.starts_with("https://") {
         return Err(bad("ca_file is only used with an https:// base_url".into()));
@@ -340,6 +364,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         timeout: Duration::from_secs_f64(timeout_s),
         max_attempts: u.max_attempts.unwrap_or(5).max(1),
         ca_file: u.ca_file.clone(),
+        mode: u.mode.unwrap_or_default(),
+        metrics_url: u.metrics_url.clone(),
     })
 }
 
@@ -419,9 +445,9 @@ impl Config {
         }
         for u in &self.upstreams {
             out += &format!(
-                "\n[[upstreams]]\nname = {:?}\nbase_url = {:?}\napi_key = {}\nmodels = {:?}\naliases = {:?}\nmax_concurrency = {}\nrpm = {}\ntpm = {}\ntimeout_s = {}\nmax_attempts = {}\n",
+                "\n[[upstreams]]\nname = {:?}\nbase_url = {:?}\napi_key = {}\nmodels = {:?}\naliases = {:?}\nmax_concurrency = {}\nrpm = {}\ntpm = {}\ntimeout_s = {}\nmax_attempts = {}\nmode = {:?}\n",
                 u.name, u.base_url, if u.api_key.is_some() { "\"<redacted>\"" } else { "\"<none>\"" },
-                u.models, u.aliases, u.max_concurrency, u.rpm, u.tpm, u.timeout.as_secs_f64(), u.max_attempts
+                u.models, u.aliases, u.max_concurrency, u.rpm, u.tpm, u.timeout.as_secs_f64(), u.max_attempts, u.mode.as_str()
             );
         }
         let windows: Vec<&str> = self.completion_windows.iter().map(|(w, _)| w.as_str()).collect();
@@ -474,11 +500,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_a_reason() {
-        let alias_to_unknown: RawConfig = toml::from_str(
-            "[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nmodels=['m']\naliases={ x = 'other' }",
-        )
-        .unwrap();
-        assert!(alias_to_unknown.resolve().unwrap_err().to_string().contains("alias"));
+        let bad_mode = toml::from_str::<RawConfig>("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nmode='fast'");
+        assert!(bad_mode.unwrap_err().to_string().contains("standby"), "the modes are named");
         assert!(parse_window("24x").is_err());
         assert!(parse_window("0h").is_err());
         let unknown_key = toml::from_str::<RawConfig>("[server]\nlisen = '1'");

@@ -134,6 +134,11 @@ impl Engine {
         self.inner.progress.get(batch_id, remaining)
     }
 
+    /// What each pool serving `model` has learned (every pool for a batch of mixed models).
+    pub fn upstreams(&self, model: Option<&str>) -> Vec<crate::upstream::UpstreamState> {
+        self.inner.router.states_for(model)
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.inner.stats
     }
@@ -156,12 +161,7 @@ impl Engine {
         put("batchd_retries_total", "counter", "Upstream attempts that were retried.", get(&s.retries_total));
         put("batchd_retries_waiting", "gauge", "Retries waiting for their back-off.", get(&s.retries_waiting));
         put("batchd_output_tokens_total", "counter", "Output tokens reported by upstreams.", get(&s.output_tokens));
-        for p in self.inner.router.pools() {
-            let n = &p.cfg.name;
-            out += &format!("batchd_upstream_in_flight{{upstream=\"{n}\"}} {}\n", p.limiter.in_flight());
-            out += &format!("batchd_upstream_window{{upstream=\"{n}\"}} {}\n", p.limiter.window());
-        }
-        out
+        out + &self.inner.router.metrics_text()
     }
 
     /// Graceful stop: no new lines; in-flight lines get `grace` to finish; durable results

@@ -181,7 +181,7 @@ async fn slow_down_429s_cost_no_attempt_but_500s_do() {
     let b = api.wait_for(&id, &["completed"], secs(30)).await;
     let (out, err) = final_results(&api, &b, 6).await;
     let counts = m.stats_with(secs(60), true).request_id_counts.unwrap();
-    assert_eq!(out.len(), 5, "six 429s in a row with max_attempts = 2, and still a success: {err:?}");
+    assert_eq!(out.len(), 5, "six 429s in a row with max_attempts = 2, and still a success: {err:?} {counts:?}");
     assert!(out.iter().all(|l| counts[l["id"].as_str().unwrap()] == 7), "each slow-down line was sent 7 times: {counts:?}");
     assert_eq!(err.len(), 1);
     assert_eq!(counts[err[0]["id"].as_str().unwrap()], 2, "a 500 still uses up max_attempts = 2");
@@ -391,7 +391,13 @@ async fn standby_backs_off_while_the_upstream_reports_a_queue() {
     let mr = &m;
     eventually("standby grows while latency is flat", secs(10), || async move { (mr.stats().in_flight >= 12).then_some(()) }).await;
     set(&m, json!({"extra_waiting": 6})).await;
-    tokio::time::sleep(secs(2)).await;
+    let t0 = Instant::now();
+    let sr = &s;
+    eventually("standby backs off to one request in flight", secs(10), || async move {
+        (gauge(&metrics(sr).await, "batchd_upstream_window", "mock")? <= 1.5).then_some(())
+    })
+    .await;
+    let backed_off = t0.elapsed();
     let mut queued_peak = 0;
     for _ in 0..20 {
         queued_peak = queued_peak.max(m.stats().in_flight);
@@ -404,8 +410,8 @@ async fn standby_backs_off_while_the_upstream_reports_a_queue() {
     })
     .await;
     let _ = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
-    println!("standby with a reported queue: peak in flight {queued_peak} while queued, {back} after");
-    assert!(queued_peak <= 3, "a reported queue keeps standby near one request in flight: {queued_peak}");
+    println!("standby with a reported queue: window 1 after {backed_off:?}, then peak in flight {queued_peak}; {back} after");
+    assert!(queued_peak <= 2, "while the queue lasts standby stays at one request in flight: {queued_peak}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -80,11 +80,13 @@ async fn process(ep: Endpoint, sh: &Shared, headers: &HeaderMap, body: &Bytes, s
     if let Some(refused) = refuse(sh, &cfg, body.len(), &mut limit_headers) {
         return Some(refused);
     }
-    let _slot = {
+    let _slot = if cfg.slots > 0 {
         sh.queued.fetch_add(1, Relaxed);
         let slot = sh.limits.slot().await;
         sh.queued.fetch_sub(1, Relaxed);
         slot
+    } else {
+        None
     };
     let id_header = ctl.as_ref().and_then(|c| c.id_header.clone());
     let mut resp = serve(ep, sh, headers, body, seen, req, ctl, cfg).await?;
@@ -101,8 +103,9 @@ fn refuse(sh: &Shared, cfg: &Behaviour, body_len: usize, limit_headers: &mut Hea
         let body = bodies::error_envelope(msg, "insufficient_quota", Some("insufficient_quota"));
         return Some(json_response(StatusCode::TOO_MANY_REQUESTS, &body));
     }
+    let limited = cfg.rpm > 0.0 || cfg.tpm > 0.0 || cfg.limit_rps > 0.0;
     let tokens = (body_len / 4) as f64 + cfg.completion_tokens as f64;
-    match sh.limits.admit(tokens, limit_headers) {
+    match if limited { sh.limits.admit(tokens, limit_headers) } else { Ok(()) } {
         Ok(()) => {}
         Err(Refusal::Nginx) => return Some((StatusCode::TOO_MANY_REQUESTS, [(header::CONTENT_TYPE, "text/html")], NGINX_429).into_response()),
         Err(Refusal::RateLimited { wait }) => {

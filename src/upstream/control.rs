@@ -105,7 +105,7 @@ impl Signal {
 }
 
 /// The rate-limit headers of one answer (OpenAI's names, or LiteLLM's `llm_provider-` copies).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RateHeaders {
     pub requests: Dimension,
     pub tokens: Dimension,

@@ -225,9 +225,10 @@ impl Pool {
     /// outcome meant.
     pub fn settle(&self, permit: Permit, outcome: &Outcome) -> Signal {
         let signal = signals::classify(outcome);
-        let detail = signals::describe(outcome);
+        // Words are for failures only (last_error, pause details): a success costs none.
+        let detail = if matches!(signal, Signal::Ok | Signal::Neutral) { String::new() } else { signals::describe(outcome) };
         let headers = match outcome {
-            Outcome::Answer(a) => a.rate_limits.clone(),
+            Outcome::Answer(a) => a.rate_limits,
             Outcome::Transport(_) => Default::default(),
         };
         let obs = control::Observation { signal, retry_after: outcome.retry_after(), headers: &headers, detail: &detail };

@@ -17,18 +17,33 @@ const MAX_HEADER_WAIT: Duration = Duration::from_secs(3600);
 /// Error bodies larger than this are not searched for an error type.
 const MAX_ERROR_BODY: usize = 64 << 10;
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// A header under its own name, or under LiteLLM's copy of it (`[name, llm_provider-name]`).
+fn header<'a>(h: &'a HeaderMap, names: [&str; 2]) -> Option<&'a str> {
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
-    get(name).or_else(|| get(&format!("llm_provider-{name}")))
+    get(names[0]).or_else(|| get(names[1]))
 }
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, each with its LiteLLM name.
+const RATE_HEADERS: [[[&str; 2]; 3]; 2] = [
+    [
+        ["x-ratelimit-limit-requests", "llm_provider-x-ratelimit-limit-requests"],
+        ["x-ratelimit-remaining-requests", "llm_provider-x-ratelimit-remaining-requests"],
+        ["x-ratelimit-reset-requests", "llm_provider-x-ratelimit-reset-requests"],
+    ],
+    [
+        ["x-ratelimit-limit-tokens", "llm_provider-x-ratelimit-limit-tokens"],
+        ["x-ratelimit-remaining-tokens", "llm_provider-x-ratelimit-remaining-tokens"],
+        ["x-ratelimit-reset-tokens", "llm_provider-x-ratelimit-reset-tokens"],
+    ],
+];
 
 /// The wait an upstream asks for: `retry-after-ms`, then `retry-after` (seconds or an HTTP
 /// date), each also under LiteLLM's `llm_provider-` prefix.
 pub fn retry_after(h: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = header(h, "retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+    if let Some(ms) = header(h, ["retry-after-ms", "llm_provider-retry-after-ms"]).and_then(|v| v.parse::<f64>().ok()) {
         return secs(ms / 1000.0);
     }
-    let v = header(h, "retry-after")?;
+    let v = header(h, ["retry-after", "llm_provider-retry-after"])?;
     if let Ok(s) = v.parse::<f64>() {
         return secs(s);
     }
@@ -38,16 +53,16 @@ pub fn retry_after(h: &HeaderMap) -> Option<Duration> {
 
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
 pub fn rate_headers(h: &HeaderMap) -> RateHeaders {
-    let dim = |kind: &str| Dimension {
-        limit: number(h, &format!("x-ratelimit-limit-{kind}")),
-        remaining: number(h, &format!("x-ratelimit-remaining-{kind}")),
-        reset: header(h, &format!("x-ratelimit-reset-{kind}")).and_then(parse_reset),
+    let dim = |[limit, remaining, reset]: [[&str; 2]; 3]| Dimension {
+        limit: number(h, limit),
+        remaining: number(h, remaining),
+        reset: header(h, reset).and_then(parse_reset),
     };
-    RateHeaders { requests: dim("requests"), tokens: dim("tokens") }
+    RateHeaders { requests: dim(RATE_HEADERS[0]), tokens: dim(RATE_HEADERS[1]) }
 }
 
-fn number(h: &HeaderMap, name: &str) -> Option<f64> {
-    header(h, name).and_then(|v| v.parse::<f64>().ok()).filter(|n| n.is_finite() && *n >= 0.0)
+fn number(h: &HeaderMap, names: [&str; 2]) -> Option<f64> {
+    header(h, names).and_then(|v| v.parse::<f64>().ok()).filter(|n| n.is_finite() && *n >= 0.0)
 }
 
 /// A reset as providers write it: a Go duration (`6m0s`, `20ms`, `1.5s`), plain seconds,

@@ -182,7 +182,7 @@ impl Sim {
         let mut due: Vec<_> = Vec::new();
         self.in_flight.retain(|x| {
             if x.0 <= now {
-                due.push((x.1, x.2.signal, x.2.retry_after, x.2.headers.clone()));
+                due.push((x.1, x.2.signal, x.2.retry_after, x.2.headers));
                 false
             } else {
                 true

@@ -275,7 +275,7 @@ async fn out_of_quota_alone_the_batch_waits_and_status_and_run_say_why() {
     let err = stderr.join().unwrap();
     println!("{err}");
     assert_eq!(code, 130, "interrupted: {err}");
-    assert!(err.contains("paused: out of quota by default, "), "the progress line says why nothing moves: {err}");
+    assert!(err.contains("paused: default out of quota, "), "the progress line says why nothing moves: {err}");
     let _ = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
 }
 

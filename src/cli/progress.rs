@@ -93,10 +93,10 @@ fn message(s: &Snapshot) -> String {
 pub fn paused_words(upstreams: &serde_json::Value) -> Option<String> {
     let words: Vec<String> = upstreams.as_array()?.iter().filter_map(|u| {
         let until = u["paused_until_ms"].as_u64()?;
-        let reason = u["pause_reason"].as_str()?.replace('_', " ").replace("quota exhausted", "out of quota");
+        let reason = crate::upstream::PauseReason::parse(u["pause_reason"].as_str()?)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let left = Duration::from_millis(until.saturating_sub(now)).as_secs_f64();
-        Some(format!("{reason} by {}, {:.0} s", u["name"].as_str().unwrap_or("?"), left.ceil()))
+        let left = crate::upstream::human(Duration::from_millis(until.saturating_sub(now)));
+        Some(format!("{}, {left}", reason.words(u["name"].as_str().unwrap_or("?"))))
     }).collect();
     (!words.is_empty()).then(|| words.join("; "))
 }

@@ -140,13 +140,20 @@ pub enum PauseReason {
 }
 
 impl PauseReason {
-    pub fn words(self) -> &'static str {
+    /// "rate limited by local-vllm", "local-vllm out of quota".
+    pub fn words(self, upstream: &str) -> String {
         match self {
-            PauseReason::RateLimited => "rate limited",
-            PauseReason::Overloaded => "overloaded",
-            PauseReason::QuotaExhausted => "out of quota",
-            PauseReason::Unreachable => "unreachable",
+            PauseReason::RateLimited => format!("rate limited by {upstream}"),
+            PauseReason::Overloaded => format!("{upstream} overloaded"),
+            PauseReason::QuotaExhausted => format!("{upstream} out of quota"),
+            PauseReason::Unreachable => format!("{upstream} unreachable"),
         }
+    }
+
+    pub fn parse(s: &str) -> Option<PauseReason> {
+        [PauseReason::RateLimited, PauseReason::Overloaded, PauseReason::QuotaExhausted, PauseReason::Unreachable]
+            .into_iter()
+            .find(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(|x| x == s)).unwrap_or(false))
     }
 }
 
@@ -771,13 +778,15 @@ fn median(v: &mut [f64]) -> f64 {
     *v.select_nth_unstable_by(mid, |a, b| a.total_cmp(b)).1
 }
 
-/// `2 s`, `250 ms`, `1.5 s`.
+/// `2 s`, `250 ms`, `1.5 s`, `240 s`.
 pub fn human(d: Duration) -> String {
     let s = d.as_secs_f64();
-    if s < 1.0 {
-        format!("{} ms", (s * 1000.0).round())
-    } else if s < 10.0 && s.fract() > 0.05 {
-        format!("{s:.1} s")
+    if s < 0.95 {
+        return format!("{} ms", (s * 1000.0).round());
+    }
+    let tenths = (s * 10.0).round() / 10.0;
+    if s < 10.0 && tenths.fract() != 0.0 {
+        format!("{tenths:.1} s")
     } else {
         format!("{} s", s.round())
     }

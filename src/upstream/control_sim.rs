@@ -409,5 +409,7 @@ fn pace_formatting() {
     assert_eq!(human(Duration::from_millis(250)), "250 ms");
     assert_eq!(human(Duration::from_secs(2)), "2 s");
     assert_eq!(human(Duration::from_millis(1500)), "1.5 s");
+    assert_eq!(human(Duration::from_millis(1999)), "2 s");
+    assert_eq!(human(Duration::from_millis(239_700)), "240 s");
 }
 

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Once};
 
 pub use client::{Answer, Outcome, TransportError};
-pub use control::{PauseReason, Signal};
+pub use control::{human, PauseReason, Signal};
 pub use limiter::{Limiter, Permit};
 
 use crate::config::{UpstreamConfig, UpstreamMode};
@@ -216,7 +216,7 @@ impl UpstreamState {
     pub fn pause_words(&self) -> Option<String> {
         let (reason, until) = (self.pause_reason?, self.paused_until_ms?);
         let left = until.saturating_sub(now_unix_ms());
-        Some(format!("{} by {}, {}", reason.words(), self.name, control::human(std::time::Duration::from_millis(left))))
+        Some(format!("{}, {}", reason.words(&self.name), control::human(std::time::Duration::from_millis(left))))
     }
 }
 
@@ -346,6 +346,15 @@ mod tests {
         assert!(m.contains("batchd_upstream_window{upstream=\"a\"} 64"), "{m}");
         assert!(m.contains("batchd_upstream_paused{upstream=\"b\"} 0"), "{m}");
         assert!(!m.contains("batchd_upstream_learned_rpm{"), "no rate learned, no sample: {m}");
+        let paused = UpstreamState {
+            name: "local-vllm".into(),
+            paused: true,
+            paused_until_ms: Some(now_unix_ms() + 2000),
+            pause_reason: Some(PauseReason::RateLimited),
+            ..s[0].clone()
+        };
+        assert_eq!(paused.pause_words().as_deref(), Some("rate limited by local-vllm, 2 s"));
+        assert_eq!(s[0].pause_words(), None);
     }
 
     #[test]

@@ -80,6 +80,10 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub insecure_no_auth: Option<bool>,
+    /// `postgres://…` or `sqlite://PATH` (default: SQLite in the data directory).
+    pub database: Option<String>,
+    /// `s3://BUCKET/PREFIX` or `file://PATH` (default: `blobs/` in the data directory).
+    pub blob: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -143,6 +147,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub insecure_no_auth: bool,
+    /// The metadata store; `None`: embedded SQLite in `data_dir` (see [`crate::backend`]).
+    pub database: Option<crate::backend::DatabaseUrl>,
+    /// The blob store; `None`: a directory in `data_dir`.
+    pub blob: Option<crate::blob::BlobUrl>,
     /// API key → tenant name. Empty: no authentication, every call is tenant `default`.
     pub api_keys: BTreeMap<String, String>,
     pub upstreams: Vec<UpstreamConfig>,
@@ -274,6 +282,8 @@ impl RawConfig {
             listen,
             data_dir: self.server.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             insecure_no_auth: self.server.insecure_no_auth.unwrap_or(false),
+            database: self.server.database.as_deref().filter(|u| !u.is_empty()).map(str::parse).transpose().map_err(ConfigError::Invalid)?,
+            blob: self.server.blob.as_deref().filter(|u| !u.is_empty()).map(str::parse).transpose().map_err(ConfigError::Invalid)?,
             api_keys,
             upstreams,
             completion_windows,
@@ -414,6 +424,11 @@ impl Config {
             "[server]\nlisten = \"{}\"\ndata_dir = {:?}\ninsecure_no_auth = {}\n",
             self.listen, self.data_dir, self.insecure_no_auth
         );
+        for (key, url) in [("database", self.database.as_ref().map(|d| d.to_string())), ("blob", self.blob.as_ref().map(|b| b.to_string()))] {
+            if let Some(url) = url {
+                out += &format!("{key} = {url:?}\n");
+            }
+        }
         for (name, n) in tenants {
             out += &format!("\n[[tenants]]\nname = {name:?}\napi_keys = [{}]\n", vec!["\"<redacted>\""; n].join(", "));
         }

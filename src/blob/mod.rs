@@ -1,9 +1,12 @@
 //! File bytes: inputs, outputs and error files, behind [`object_store`].
 //!
-//! [`Blob`] is a thin wrapper over `Arc<dyn ObjectStore>` chosen at boot (a local directory
-//! by default; an S3-compatible store slots in through the same constructor). Writes are
-//! streamed and become visible only when [`BlobWriter::finish`] completes, so a crash or an
-//! abort never leaves a half-written object under its key.
+//! [`Blob`] is a thin wrapper over `Arc<dyn ObjectStore>` chosen at boot from a
+//! [`BlobUrl`]: a local directory by default, or an S3-compatible bucket (`s3://bucket/prefix`,
+//! configured by the usual `AWS_*` environment). The rest of the program never learns which.
+//! Writes are streamed (multipart uploads on S3) and become visible only when
+//! [`BlobWriter::finish`] completes, so a crash or an abort never leaves a half-written object
+//! under its key; reads are ranged, [`READ_CHUNK`] at a time. Behaviour every backend shows
+//! is checked by [`conformance`].
 
 use std::ops::Range;
 use std::path::Path;
@@ -16,6 +19,11 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use tokio::io::AsyncWriteExt;
+
+pub mod conformance;
+mod backend;
+
+pub use backend::BlobUrl;
 
 /// A backend-neutral blob error.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +44,7 @@ impl From<object_store::Error> for Error {
         match e {
             object_store::Error::NotFound { path, .. } => Error::NotFound(path),
             other if out_of_space(&other) => Error::Full(other.to_string()),
+            other if backend::is_transient(&other) => Error::Unavailable(other.to_string()),
             other => Error::Other(other.to_string()),
         }
     }
@@ -94,6 +103,14 @@ impl Blob {
 
     pub fn new(store: Arc<dyn ObjectStore>) -> Blob {
         Blob { store, local_root: None }
+    }
+
+    /// The blob store a URL names (see [`BlobUrl`]).
+    pub fn open(url: &BlobUrl) -> Result<Blob> {
+        match url {
+            BlobUrl::Local(dir) => Blob::local(dir),
+            BlobUrl::S3 { bucket, prefix } => Ok(Blob::new(backend::s3(bucket, prefix, object_store::aws::AmazonS3Builder::from_env())?)),
+        }
     }
 
     /// Every object under `prefix` (listing pages through the store; each entry is small).

@@ -84,6 +84,18 @@ pub(super) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
                 return true;
             }
         }
+        // object_store's request error is transparent: its source is the HTTP client's error.
+        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
+            if r.is_connect() || r.is_timeout() || r.is_request() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(io.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | TimedOut | BrokenPipe | UnexpectedEof) {
+                return true;
+            }
+        }
         let text = err.to_string();
         if let Some(code) = text.split("status code: ").nth(1) {
             if code.starts_with('5') || code.starts_with("429") {

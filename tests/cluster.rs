@@ -297,7 +297,7 @@ async fn migrate_moves_an_embedded_install_with_its_running_batch() {
 
     let node = shared.node(&cfg);
     let api = node.api();
-    let b = api.batch(&finished["id"].as_str().unwrap()).await;
+    let b = api.batch(finished["id"].as_str().unwrap()).await;
     assert_eq!((b["status"].as_str(), done(&b)), (Some("completed"), 20), "the finished batch came along: {b}");
     let (out_after, _) = api.results(&b).await;
     assert_eq!(out_after, out_before, "its output file reads back the same");

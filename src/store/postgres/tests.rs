@@ -64,7 +64,8 @@ async fn outbox_cursor_sees_every_event_under_concurrent_writers() {
         .collect();
     let filter = EventFilter { tenant: Some("ob".into()), batch_id: None };
     let (mut seen, mut cursor) = (Vec::new(), 0);
-    while seen.len() < 204 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 204 && std::time::Instant::now() < deadline {
         for e in store.events_after(&filter, cursor, 7).await.unwrap() {
             cursor = e.id;
             seen.push(e.id);

@@ -24,8 +24,10 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A secret string (an API key): its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
+/// A secret string (an API key): its `Debug`, `Display` and `Serialize` never show the value.
+/// It deserializes from a plain string, so config files hold keys as before.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -35,11 +37,44 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Compares with `candidate` in time independent of where they differ.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
+        let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        diff == 0 && a.len() == b.len()
+    }
 }
+
+pub const REDACTED: &str = "<redacted>";
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"<redacted>\"")
+        write!(f, "\"{REDACTED}\"")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::borrow::Borrow<str> for Secret {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -60,8 +95,12 @@ pub struct RawConfig {
     #[serde(default)]
     pub engine: RawEngine,
     /// Prices per model (or alias), for cost estimates: `[prices."gpt-4o-mini"]`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, Price>,
+    /// The webhook of the tenant `default` (no tenants configured), and of any tenant that
+    /// sets none itself.
+    #[serde(default)]
+    pub webhooks: RawWebhook,
 }
 
 /// Dollars (or any currency) per million tokens.
@@ -72,6 +111,26 @@ pub struct Price {
     pub input_per_million: f64,
     #[serde(default)]
     pub output_per_million: f64,
+    /// Share taken off for batch work: 0.5 means half price, as the hosted Batch API charges.
+    #[serde(default)]
+    pub batch_discount: f64,
+}
+
+impl Price {
+    /// The cost of `input` and `output` tokens at this price, batch discount applied.
+    pub fn cost(&self, input: i64, output: i64) -> f64 {
+        let full = input.max(0) as f64 * self.input_per_million + output.max(0) as f64 * self.output_per_million;
+        full / 1e6 * (1.0 - self.batch_discount)
+    }
+}
+
+/// Where a tenant's batch events are POSTed (Standard Webhooks), as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: Option<String>,
+    /// `whsec_` + base64 of the key, as OpenAI issues them (another string is the key itself).
+    pub secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -84,6 +143,14 @@ pub struct RawServer {
     pub database: Option<String>,
     /// `s3://BUCKET/PREFIX` or `file://PATH` (default: `blobs/` in the data directory).
     pub blob: Option<String>,
+    /// Seconds a client has to send a request's head (also bounds a keep-alive wait).
+    pub header_read_timeout_s: Option<f64>,
+    /// Seconds without a byte in either direction after which a connection is closed.
+    pub idle_timeout_s: Option<f64>,
+    /// Seconds a request may take to be answered (uploads and downloads excepted).
+    pub request_timeout_s: Option<f64>,
+    /// Open client connections at most; more wait to be accepted.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -91,7 +158,13 @@ pub struct RawServer {
 pub struct RawTenant {
     pub name: String,
     #[serde(default)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Secret>,
+    /// Most lines without a result this tenant may have queued; a create beyond it is a 429.
+    pub max_queued_requests: Option<u64>,
+    /// Most estimated input tokens of lines without a result this tenant may have queued.
+    pub max_queued_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -112,6 +185,8 @@ pub struct RawUpstream {
     /// PEM file of extra certificate authorities to trust for an `https://` upstream (an
     /// internal CA, a self-signed server), besides the public (webpki) roots.
     pub ca_file: Option<PathBuf>,
+    /// Largest answer body accepted; a larger one is an error line `response_too_large`.
+    pub max_response_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -120,6 +195,8 @@ pub struct RawBatches {
     pub completion_windows: Option<Vec<String>>,
     /// Whether cancel lets in-flight requests finish (true) or aborts them (false, default).
     pub finish_in_flight_on_cancel: Option<bool>,
+    /// Seconds without a new result (while lines remain) after which a batch is stalled.
+    pub stall_after_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -152,13 +229,64 @@ pub struct Config {
     /// The blob store; `None`: a directory in `data_dir`.
     pub blob: Option<crate::blob::BlobUrl>,
     /// API key → tenant name. Empty: no authentication, every call is tenant `default`.
-    pub api_keys: BTreeMap<String, String>,
+    pub api_keys: BTreeMap<Secret, String>,
     pub upstreams: Vec<UpstreamConfig>,
     pub completion_windows: Vec<(String, Duration)>,
     pub finish_in_flight_on_cancel: bool,
     pub limits: Limits,
     pub engine: EngineConfig,
     pub prices: BTreeMap<String, Price>,
+    pub http: HttpLimits,
+    /// Per tenant: webhook and quotas (a tenant without an entry has neither, except the
+    /// `[webhooks]` fallback).
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// `[webhooks]`: the webhook of tenants that set none.
+    pub webhook: Option<Webhook>,
+    pub stall_after: Duration,
+}
+
+/// How long and how many client connections the HTTP server keeps (see [`crate::http`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// A tenant's own settings besides its keys.
+#[derive(Debug, Clone, Default)]
+pub struct TenantConfig {
+    pub webhook: Option<Webhook>,
+    pub max_queued_requests: Option<u64>,
+    pub max_queued_tokens: Option<u64>,
+}
+
+/// A webhook endpoint and the key its deliveries are signed with.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    /// The HMAC key: the base64-decoded part of a `whsec_…` secret.
+    pub key: Secret,
+    /// The secret as written (shown redacted by `--print-config`).
+    pub secret: Secret,
+}
+
+impl Webhook {
+    fn effective(&self) -> RawWebhook {
+        RawWebhook { url: Some(self.url.clone()), secret: Some(self.secret.clone()) }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +302,9 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub ca_file: Option<PathBuf>,
+    pub max_response_bytes: u64,
+    /// The environment variable the key was read from (printed by `--print-config`).
+    pub api_key_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +329,8 @@ pub struct EngineConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "batchd-data";
 pub const DEFAULT_CONCURRENCY: usize = 64;
+/// 32 MB: far above any chat or embeddings answer, far below what would hurt memory.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
 const MB: u64 = 1_000_000;
 
 impl Default for Limits {
@@ -290,19 +423,74 @@ impl RawConfig {
             finish_in_flight_on_cancel: self.batches.finish_in_flight_on_cancel.unwrap_or(false),
             limits: resolve_limits(&self.limits)?,
             engine: resolve_engine(&self.engine)?,
-            prices: self.prices.clone(),
+            prices: resolve_prices(&self.prices)?,
+            http: resolve_http(&self.server)?,
+            tenants: self.tenants.iter().map(|t| Ok((t.name.clone(), resolve_tenant(t)?))).collect::<Result<_, ConfigError>>()?,
+            webhook: resolve_webhook("[webhooks]", &self.webhooks)?,
+            stall_after: resolve_stall(self.batches.stall_after_s)?,
         })
     }
 }
 
-fn resolve_tenants(tenants: &[RawTenant]) -> Result<BTreeMap<String, String>, ConfigError> {
+fn resolve_prices(prices: &BTreeMap<String, Price>) -> Result<BTreeMap<String, Price>, ConfigError> {
+    for (model, p) in prices {
+        if !(0.0..=1.0).contains(&p.batch_discount) || p.input_per_million < 0.0 || p.output_per_million < 0.0 {
+            return Err(ConfigError::Invalid(format!("[prices.{model:?}]: prices must be >= 0 and batch_discount within 0..=1")));
+        }
+    }
+    Ok(prices.clone())
+}
+
+fn resolve_tenant(t: &RawTenant) -> Result<TenantConfig, ConfigError> {
+    let raw = RawWebhook { url: t.webhook_url.clone(), secret: t.webhook_secret.clone() };
+    Ok(TenantConfig {
+        webhook: resolve_webhook(&format!("tenant {:?}", t.name), &raw)?,
+        max_queued_requests: t.max_queued_requests,
+        max_queued_tokens: t.max_queued_tokens,
+    })
+}
+
+/// A webhook needs both a URL and a secret; a `whsec_` secret must be valid base64.
+fn resolve_webhook(whose: &str, w: &RawWebhook) -> Result<Option<Webhook>, ConfigError> {
+    use base64::Engine as _;
+    let bad = |what: &str| ConfigError::Invalid(format!("{whose}: {what}"));
+    let (url, secret) = match (&w.url, &w.secret) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(s)) => (u, s),
+        _ => return Err(bad("a webhook needs both a URL and a secret")),
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("the webhook URL must start with http:// or https://"));
+    }
+    let written = secret.clone();
+    let secret = secret.expose();
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad("the webhook secret after whsec_ is not base64"))?,
+        None => secret.as_bytes().to_vec(),
+    };
+    if key.is_empty() {
+        return Err(bad("the webhook secret is empty"));
+    }
+    // The key is kept as text (base64) inside the redacting Secret.
+    Ok(Some(Webhook { url: url.clone(), key: Secret::new(base64::engine::general_purpose::STANDARD.encode(key)), secret: written }))
+}
+
+fn resolve_stall(s: Option<f64>) -> Result<Duration, ConfigError> {
+    let s = s.unwrap_or(120.0);
+    if !(s.is_finite() && s >= 0.5) {
+        return Err(ConfigError::Invalid("batches.stall_after_s must be at least 0.5".into()));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn resolve_tenants(tenants: &[RawTenant]) -> Result<BTreeMap<Secret, String>, ConfigError> {
     let mut keys = BTreeMap::new();
     for t in tenants {
         if t.name.trim().is_empty() {
             return Err(ConfigError::Invalid("a tenant has an empty name".into()));
         }
         for k in &t.api_keys {
-            if k.is_empty() {
+            if k.expose().is_empty() {
                 return Err(ConfigError::Invalid(format!("tenant {:?} has an empty API key", t.name)));
             }
             if keys.insert(k.clone(), t.name.clone()).is_some() {
@@ -350,6 +538,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         timeout: Duration::from_secs_f64(timeout_s),
         max_attempts: u.max_attempts.unwrap_or(5).max(1),
         ca_file: u.ca_file.clone(),
+        max_response_bytes: u.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES).max(1024),
+        api_key_env: u.api_key_env.clone(),
     })
 }
 
@@ -390,6 +580,25 @@ fn resolve_engine(e: &RawEngine) -> Result<EngineConfig, ConfigError> {
     Ok(cfg)
 }
 
+fn resolve_http(s: &RawServer) -> Result<HttpLimits, ConfigError> {
+    let d = HttpLimits::default();
+    let secs = |v: Option<f64>, name: &str, default: Duration| match v {
+        None => Ok(default),
+        Some(x) if x > 0.0 && x.is_finite() && x < 1e9 => Ok(Duration::from_secs_f64(x)),
+        Some(_) => Err(ConfigError::Invalid(format!("server.{name} must be a positive number of seconds"))),
+    };
+    let http = HttpLimits {
+        header_read_timeout: secs(s.header_read_timeout_s, "header_read_timeout_s", d.header_read_timeout)?,
+        idle_timeout: secs(s.idle_timeout_s, "idle_timeout_s", d.idle_timeout)?,
+        request_timeout: secs(s.request_timeout_s, "request_timeout_s", d.request_timeout)?,
+        max_connections: s.max_connections.unwrap_or(d.max_connections),
+    };
+    if http.max_connections == 0 {
+        return Err(ConfigError::Invalid("server.max_connections must be at least 1".into()));
+    }
+    Ok(http)
+}
+
 /// Parses a completion window such as `24h`, `90m`, `30s` or `7d`.
 pub fn parse_window(w: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::Invalid(format!("completion window {w:?} is not like 24h, 90m, 30s or 7d"));
@@ -409,43 +618,115 @@ pub fn parse_window(w: &str) -> Result<Duration, ConfigError> {
 }
 
 impl Config {
+    /// The webhook a tenant's events go to: its own, else `[webhooks]`.
+    pub fn webhook_for(&self, tenant: &str) -> Option<&Webhook> {
+        self.tenants.get(tenant).and_then(|t| t.webhook.as_ref()).or(self.webhook.as_ref())
+    }
+
     /// Whether calls must carry an API key.
     pub fn auth_enabled(&self) -> bool {
         !self.api_keys.is_empty()
     }
 
-    /// The effective configuration as TOML, secrets redacted (for `--print-config`).
-    pub fn redacted_toml(&self) -> String {
-        let mut tenants: BTreeMap<&str, usize> = BTreeMap::new();
-        for t in self.api_keys.values() {
-            *tenants.entry(t).or_default() += 1;
-        }
-        let mut out = format!(
-            "[server]\nlisten = \"{}\"\ndata_dir = {:?}\ninsecure_no_auth = {}\n",
-            self.listen, self.data_dir, self.insecure_no_auth
-        );
-        for (key, url) in [("database", self.database.as_ref().map(|d| d.to_string())), ("blob", self.blob.as_ref().map(|b| b.to_string()))] {
-            if let Some(url) = url {
-                out += &format!("{key} = {url:?}\n");
+    /// The tenant whose key `key` is, comparing every key in constant time.
+    pub fn tenant_for_key(&self, key: &str) -> Option<&str> {
+        let mut found = None;
+        for (k, tenant) in &self.api_keys {
+            if k.matches(key) {
+                found = Some(tenant.as_str());
             }
         }
-        for (name, n) in tenants {
-            out += &format!("\n[[tenants]]\nname = {name:?}\napi_keys = [{}]\n", vec!["\"<redacted>\""; n].join(", "));
+        found
+    }
+
+    /// The effective configuration as TOML, secrets redacted (for `--print-config`): the
+    /// resolved values in the layout of `batchd.toml`, serialized by serde.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string(&self.effective()).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
+    /// Every tenant, with its keys (`keys`, by tenant), webhook and quotas.
+    fn effective_tenants(&self, mut keys: BTreeMap<&str, Vec<Secret>>) -> Vec<RawTenant> {
+        let mut names: std::collections::BTreeSet<&str> = keys.keys().copied().collect();
+        names.extend(self.tenants.keys().map(String::as_str));
+        names
+            .into_iter()
+            .map(|name| {
+                let t = self.tenants.get(name).cloned().unwrap_or_default();
+                let webhook = t.webhook.as_ref().map(Webhook::effective).unwrap_or_default();
+                RawTenant {
+                    name: name.into(),
+                    api_keys: keys.remove(name).unwrap_or_default(),
+                    webhook_url: webhook.url,
+                    webhook_secret: webhook.secret,
+                    max_queued_requests: t.max_queued_requests,
+                    max_queued_tokens: t.max_queued_tokens,
+                }
+            })
+            .collect()
+    }
+
+    /// The resolved configuration as a [`RawConfig`] (every field set, keys as [`Secret`]s).
+    pub fn effective(&self) -> RawConfig {
+        let mut tenants: BTreeMap<&str, Vec<Secret>> = BTreeMap::new();
+        for (key, t) in &self.api_keys {
+            tenants.entry(t).or_default().push(key.clone());
         }
-        for u in &self.upstreams {
-            out += &format!(
-                "\n[[upstreams]]\nname = {:?}\nbase_url = {:?}\napi_key = {}\nmodels = {:?}\naliases = {:?}\nmax_concurrency = {}\nrpm = {}\ntpm = {}\ntimeout_s = {}\nmax_attempts = {}\n",
-                u.name, u.base_url, if u.api_key.is_some() { "\"<redacted>\"" } else { "\"<none>\"" },
-                u.models, u.aliases, u.max_concurrency, u.rpm, u.tpm, u.timeout.as_secs_f64(), u.max_attempts
-            );
+        let h = &self.http;
+        RawConfig {
+            server: RawServer {
+                listen: Some(self.listen.to_string()),
+                data_dir: Some(self.data_dir.clone()),
+                insecure_no_auth: Some(self.insecure_no_auth),
+                database: self.database.as_ref().map(|d| d.to_string()),
+                blob: self.blob.as_ref().map(|b| b.to_string()),
+                header_read_timeout_s: Some(h.header_read_timeout.as_secs_f64()),
+                idle_timeout_s: Some(h.idle_timeout.as_secs_f64()),
+                request_timeout_s: Some(h.request_timeout.as_secs_f64()),
+                max_connections: Some(h.max_connections),
+            },
+            tenants: self.effective_tenants(tenants),
+            upstreams: self.upstreams.iter().map(UpstreamConfig::effective).collect(),
+            batches: RawBatches {
+                completion_windows: Some(self.completion_windows.iter().map(|(w, _)| w.clone()).collect()),
+                finish_in_flight_on_cancel: Some(self.finish_in_flight_on_cancel),
+                stall_after_s: Some(self.stall_after.as_secs_f64()),
+            },
+            limits: RawLimits {
+                max_lines: Some(self.limits.max_lines),
+                max_file_bytes: Some(self.limits.max_file_bytes),
+                max_upload_bytes: Some(self.limits.max_upload_bytes),
+                max_line_bytes: Some(self.limits.max_line_bytes),
+            },
+            engine: RawEngine {
+                commit_interval_ms: Some(self.engine.commit_interval.as_millis() as u64),
+                commit_min_results: Some(self.engine.commit_min_results),
+                commit_max_results: Some(self.engine.commit_max_results),
+                unit_lines: Some(self.engine.unit_lines),
+                lease_ttl_s: Some(self.engine.lease_ttl.as_secs()),
+            },
+            prices: self.prices.clone(),
+            webhooks: self.webhook.as_ref().map(Webhook::effective).unwrap_or_default(),
         }
-        let windows: Vec<&str> = self.completion_windows.iter().map(|(w, _)| w.as_str()).collect();
-        out += &format!(
-            "\n[batches]\ncompletion_windows = {windows:?}\nfinish_in_flight_on_cancel = {}\n\n[limits]\nmax_lines = {}\nmax_file_bytes = {}\nmax_upload_bytes = {}\nmax_line_bytes = {}\n",
-            self.finish_in_flight_on_cancel, self.limits.max_lines, self.limits.max_file_bytes,
-            self.limits.max_upload_bytes, self.limits.max_line_bytes
-        );
-        out
+    }
+}
+
+impl UpstreamConfig {
+    fn effective(&self) -> RawUpstream {
+        RawUpstream {
+            name: self.name.clone(),
+            base_url: self.base_url.clone(),
+            api_key_env: self.api_key_env.clone(),
+            models: self.models.clone(),
+            aliases: self.aliases.clone(),
+            max_concurrency: Some(self.max_concurrency),
+            rpm: Some(self.rpm),
+            tpm: Some(self.tpm),
+            timeout_s: Some(self.timeout.as_secs_f64()),
+            max_attempts: Some(self.max_attempts),
+            ca_file: self.ca_file.clone(),
+            max_response_bytes: Some(self.max_response_bytes),
+        }
     }
 }
 
@@ -511,5 +792,81 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("sk-very-secret");
         assert!(!format!("{s:?}").contains("very-secret"));
+        assert!(!format!("{s}").contains("very-secret"));
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
+        assert!(s.matches("sk-very-secret") && !s.matches("sk-very-secreT") && !s.matches("sk-very") && !s.matches(""));
+    }
+
+    /// `--print-config` is TOML that loads back as the same configuration, keys redacted.
+    #[test]
+    fn print_config_is_redacted_toml_that_loads_back() {
+        std::env::set_var("BATCHD_TEST_PRINT_KEY", "sk-upstream-secret");
+        let raw: RawConfig = toml::from_str(
+            "[server]\nidle_timeout_s = 5\n[[tenants]]\nname = 'a'\napi_keys = ['sk-tenant-secret-1', 'sk-tenant-secret-2']\n\
+             [[upstreams]]\nname = 'u'\nbase_url = 'http://x/v1'\napi_key_env = 'BATCHD_TEST_PRINT_KEY'\naliases = { a = 'm' }\nmodels = ['m']\n\
+             [prices.m]\ninput_per_million = 1.5",
+        )
+        .unwrap();
+        let debug = format!("{raw:?}");
+        assert!(!debug.contains("sk-tenant-secret"), "{debug}");
+        let cfg = raw.resolve().unwrap();
+        assert!(!format!("{cfg:?}").contains("secret"), "Debug of Config shows no key");
+        assert_eq!(cfg.tenant_for_key("sk-tenant-secret-2"), Some("a"));
+        assert_eq!(cfg.tenant_for_key("sk-tenant-secret-3"), None);
+        let text = cfg.redacted_toml();
+        assert!(!text.contains("secret-1") && !text.contains("sk-upstream-secret"), "{text}");
+        assert!(text.contains("api_keys = [\"<redacted>\", \"<redacted>\"]"), "{text}");
+        assert!(text.contains("[server]") && text.contains("[[upstreams]]") && text.contains("idle_timeout_s = 5.0"), "{text}");
+        let mut back: RawConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back.tenants[0].api_keys.len(), 2);
+        back.tenants[0].api_keys.pop(); // two redacted keys would be one key used twice
+        let again = back.resolve().unwrap();
+        assert_eq!(again.redacted_toml(), text.replacen(", \"<redacted>\"", "", 1), "printing is stable");
+        assert_eq!(again.http, cfg.http);
+        assert_eq!(again.upstreams[0].aliases, cfg.upstreams[0].aliases);
+        let raw: RawConfig = toml::from_str("[[tenants]]\nname='a'\nwebhook_url='http://h/x'\nwebhook_secret='whsec_c2VjcmV0LWtleQ=='").unwrap();
+        let c = raw.resolve().unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0"), "webhook keys never print");
+        assert!(!c.redacted_toml().contains("c2VjcmV0"));
+        assert!(c.redacted_toml().contains("webhook_url = \"http://h/x\"\nwebhook_secret = \"<redacted>\""), "{}", c.redacted_toml());
+        let back: RawConfig = toml::from_str(&c.redacted_toml()).unwrap();
+        assert_eq!(back.tenants[0].webhook_url.as_deref(), Some("http://h/x"), "the webhook loads back");
+    }
+
+    #[test]
+    fn webhooks_quotas_and_prices_resolve() {
+        let raw: RawConfig = toml::from_str(
+            r#"
+            [[tenants]]
+            name = "a"
+            api_keys = ["k"]
+            webhook_url = "http://127.0.0.1:9/hook"
+            webhook_secret = "whsec_c2VjcmV0LWtleQ=="
+            max_queued_requests = 10
+            [[tenants]]
+            name = "b"
+            api_keys = ["k2"]
+            [webhooks]
+            url = "http://127.0.0.1:9/ops"
+            secret = "plain-key"
+            [batches]
+            stall_after_s = 2
+            [prices."m"]
+            input_per_million = 2.0
+            output_per_million = 8.0
+            batch_discount = 0.5
+            "#,
+        )
+        .unwrap();
+        let c = raw.resolve().unwrap();
+        assert_eq!(c.webhook_for("a").unwrap().url, "http://127.0.0.1:9/hook");
+        assert_eq!(c.webhook_for("b").unwrap().url, "http://127.0.0.1:9/ops", "[webhooks] serves tenants without one");
+        assert_eq!(c.tenants["a"].max_queued_requests, Some(10));
+        assert_eq!(c.stall_after, Duration::from_secs(2));
+        assert!((c.prices["m"].cost(1_000_000, 1_000_000) - 5.0).abs() < 1e-9, "(2 + 8) at half price");
+        let half: RawConfig = toml::from_str("[webhooks]\nurl='http://x'").unwrap();
+        assert!(half.resolve().unwrap_err().to_string().contains("both a URL and a secret"));
+        let bad: RawConfig = toml::from_str("[webhooks]\nurl='http://x'\nsecret='whsec_***'").unwrap();
+        assert!(bad.resolve().unwrap_err().to_string().contains("not base64"));
     }
 }

@@ -59,8 +59,14 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
     }
 
+    /// 409; answered with `x-should-retry: false` (retrying cannot help).
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "invalid_request_error", message).code("conflict")
+    }
+
+    /// 408: the server did not answer in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message).code("request_timeout")
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
@@ -82,6 +88,13 @@ impl ApiError {
         let mut e = Self::new(StatusCode::INSUFFICIENT_STORAGE, "server_error", "The server is out of storage space; nothing was stored. Retry later.")
             .code("insufficient_storage");
         e.retry_after = Some(5);
+        e
+    }
+
+    /// 429: the tenant's queue is over one of its quotas (the message says which).
+    pub fn quota_exceeded(message: impl Into<String>, retry_after_s: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).code("quota_exceeded");
+        e.retry_after = Some(retry_after_s);
         e
     }
 
@@ -149,6 +162,9 @@ impl IntoResponse for ApiError {
         }
         if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
+        }
+        if self.status == StatusCode::CONFLICT {
+            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
     }

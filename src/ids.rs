@@ -31,6 +31,13 @@ pub fn request_id(batch_id: &str, line: u64) -> String {
     format!("batch_req_{h:032x}")
 }
 
+/// The public id of an outbox event (`evt_…`): stable for the event, so a webhook's
+/// redeliveries carry the same `webhook-id`, and distinct across stores that reuse numbers.
+pub fn event_id(batch_id: &str, event: i64) -> String {
+    let h = xxhash_rust::xxh3::xxh3_128(format!("{batch_id}@{event}").as_bytes());
+    format!("evt_{h:032x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,9 +16,10 @@
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`backend`] picks the store and blob store a node runs on (embedded SQLite and a local
 //!   directory, or PostgreSQL and S3 shared by many nodes), once, at start-up;
-//! - [`server`] assembles a node (backends, engine, HTTP) and stops it gracefully;
-//!   [`wire`] renders OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the allocator's
-//!   footprint small.
+//! - [`server`] assembles a node (backends, engine, HTTP) and stops it gracefully; [`http`]
+//!   serves its connections (connection cap, timeouts); [`wire`] renders OpenAI's objects;
+//!   [`ids`] makes ids; [`memory`] keeps the allocator's footprint small; [`metrics`] keeps
+//!   the Prometheus families.
 
 pub mod api;
 pub mod backend;
@@ -27,8 +28,10 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod ids;
 pub mod memory;
+pub mod metrics;
 pub mod mock;
 pub mod server;
 pub mod store;
@@ -41,4 +44,9 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, with a fraction (for rates and ages).
+pub fn now_unix_f64() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

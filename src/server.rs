@@ -2,9 +2,10 @@
 //! router, engine and HTTP server, with graceful shutdown.
 //!
 //! [`App::build`] binds the listener (port 0 is fine) and starts the engine; [`App::run`]
-//! serves until the shutdown future resolves, then stops in order: stop accepting, let
-//! in-flight HTTP calls finish, stop leasing, give in-flight lines a grace period, flush the
-//! result writer, release leases.
+//! serves (through [`crate::http`]: connection cap and timeouts) until the shutdown future
+//! resolves, then stops in order: stop accepting, let in-flight HTTP calls finish (within a
+//! grace period), stop leasing, give in-flight lines a grace period, flush the result writer,
+//! release leases.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,7 +47,7 @@ impl App {
             tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
         }
         let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), exclusive).await?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+        let listener = crate::http::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let state = AppState { store, blob, engine, router, cfg };
         Ok(App { listener, state, _locks: locks })
     }
@@ -61,8 +62,15 @@ impl App {
 
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let engine = self.state.engine.clone();
+        let limits = self.state.cfg.http;
         let app = api::router(self.state);
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        // Event streams never end by themselves: end them when shutdown starts.
+        let streams = engine.streams_stop();
+        let shutdown = async move {
+            shutdown.await;
+            streams.cancel();
+        };
+        crate::http::serve(self.listener, app, limits, shutdown, SHUTDOWN_GRACE).await;
         tracing::info!("HTTP server stopped; stopping the engine");
         engine.shutdown(SHUTDOWN_GRACE).await;
         Ok(())

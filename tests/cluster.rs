@@ -81,10 +81,13 @@ fn cluster_config(base_url: &str, concurrency: usize) -> String {
     )
 }
 
-/// Upstream requests one node has sent, from its `/metrics`.
+/// Upstream requests one node has sent, from its `/metrics` (summed over labels).
 async fn node_requests(s: &Server) -> u64 {
     let text = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix("batchd_upstream_requests_total ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    text.lines()
+        .filter(|l| l.starts_with("batchd_upstream_requests_total"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
+        .sum::<f64>() as u64
 }
 
 async fn wait_done(api: &Api, id: &str, at_least: u64) -> Value {

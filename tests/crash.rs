@@ -191,6 +191,13 @@ async fn kill9_during_finalization_then_restart_writes_each_file_once() {
         assert_eq!(content.lines().count(), N / 2);
     }
     assert_eq!(m.stats().duplicate_request_ids, 0, "finalization repeats no upstream call");
+    // No debris: the blob directory holds the input and the two files, nothing half-written.
+    let mut want: Vec<String> = [b["input_file_id"].as_str().unwrap(), b["output_file_id"].as_str().unwrap(), b["error_file_id"].as_str().unwrap()]
+        .iter()
+        .map(|id| format!("files/{id}"))
+        .collect();
+    want.sort();
+    assert_eq!(blob_tree(&s.data.join("blobs")), want, "no staging file or unrecorded object is left");
     if !caught {
         eprintln!("note: finalization was too quick to be caught this time; only the no-crash path was checked");
     }

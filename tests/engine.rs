@@ -880,3 +880,66 @@ async fn https_upstream_with_a_private_ca_is_trusted_only_through_ca_file() {
     assert_ne!(code, 0);
     assert!(stderr.contains("ca_file") && stderr.contains("empty.pem"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. deadlines
+// ---------------------------------------------------------------------------------------
+
+/// One slow upstream (4 slots × 100 ms = 40 lines/s) and windows short enough to test.
+async fn deadline_setup() -> (MockServer, Server) {
+    let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"slow\"\nbase_url = \"{}\"\nmax_concurrency = 4\n\n[batches]\ncompletion_windows = [\"24h\", \"16s\", \"6s\"]\n\n[engine]\nunit_lines = 50\n",
+        m.base_url()
+    );
+    let s = Server::start(&cfg);
+    (m, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_window_batch_behind_a_long_one_finishes_in_time_and_the_long_one_keeps_going() {
+    let (_m, s) = deadline_setup().await;
+    let api = s.api();
+    let big = api.submit(&chat_lines(3000, "m")).await;
+    eventually("the long batch is under way", secs(20), || {
+        let (api, big) = (api.clone(), big.clone());
+        async move { (done(&api.batch(&big).await) >= 40).then_some(()) }
+    })
+    .await;
+    // 360 lines in 16 s need about 75 % of the pool; an even split (20/s) would take 18 s.
+    let f = api.upload(&chat_lines(360, "m")).await;
+    let t0 = Instant::now();
+    let short = api.create_batch(&f, json!({"completion_window": "16s"})).await["id"].as_str().unwrap().to_string();
+    let big_at_start = done(&api.batch(&big).await);
+    let sb = api.wait_for(&short, &["completed", "expired"], secs(30)).await;
+    let took = t0.elapsed();
+    let big_after = done(&api.batch(&big).await);
+    println!("short batch {} in {took:?}; long batch moved {} lines meanwhile", sb["status"], big_after - big_at_start);
+    assert_eq!(sb["status"], "completed", "the 16 s batch finishes inside its window: {sb}");
+    final_results(&api, &sb, 360).await;
+    assert!(big_after - big_at_start >= 30, "the long batch is not starved meanwhile: {} lines", big_after - big_at_start);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_cannot_make_its_window_is_flagged_at_risk_early() {
+    let (_m, s) = deadline_setup().await;
+    let api = s.api();
+    let f = api.upload(&chat_lines(600, "m")).await;
+    let created = api.create_batch(&f, json!({"completion_window": "6s"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let expires_at = created["expires_at"].as_i64().unwrap();
+    let flagged = eventually("progress.at_risk", secs(10), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let b = api.batch(&id).await;
+            (b["progress"]["at_risk"] == true).then_some(b)
+        }
+    })
+    .await;
+    let now = batchd::now_unix();
+    assert!(now < expires_at - 2, "flagged well before it expires ({now} vs {expires_at})");
+    let projected = flagged["progress"]["projected_finish_at"].as_i64().expect("a projected finish");
+    assert!(projected > expires_at, "the projection is past the deadline: {flagged}");
+    let end = api.wait_for(&id, &["expired"], secs(20)).await;
+    final_results(&api, &end, 600).await;
+}

@@ -21,6 +21,9 @@ CREATE TABLE batches (
     id                   TEXT NOT NULL UNIQUE,
     tenant               TEXT NOT NULL,
     idempotency_key      TEXT,
+    -- The hash of the create request, beside its key: the key reused with another request
+    -- is refused instead of answered with the first batch.
+    idempotency_hash     TEXT,
     endpoint             TEXT NOT NULL,
     input_file_id        TEXT NOT NULL,
     completion_window    TEXT NOT NULL,

@@ -27,8 +27,8 @@ impl FromRequestParts<AppState> for Tenant {
                 "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
             ));
         };
-        match st.cfg.api_keys.get(key.trim()) {
-            Some(t) => Ok(Tenant(t.clone())),
+        match st.cfg.tenant_for_key(key.trim()) {
+            Some(t) => Ok(Tenant(t.to_string())),
             None => Err(ApiError::unauthorized("Incorrect API key provided.")),
         }
     }

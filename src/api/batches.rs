@@ -2,7 +2,8 @@
 //!
 //! Create checks every parameter (naming the bad one), returns `validating` at once and wakes
 //! the engine; validation itself runs in the engine. A retried create with the same
-//! `Idempotency-Key` returns the batch the first call created.
+//! `Idempotency-Key` returns the batch the first call created; the same key with another
+//! request (compared by a hash of its canonical JSON) is a 409 `idempotency_key_reused`.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -17,22 +18,33 @@ use crate::error::{ApiError, ApiResult};
 use crate::store::{BatchRecord, BatchStatus};
 use crate::wire;
 
-pub const ENDPOINTS: [&str; 5] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"];
+pub const ENDPOINTS: [&str; 8] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+];
 const MAX_PRIORITY: i64 = 8;
 
-fn no_such_batch(id: &str) -> ApiError {
+pub fn no_such_batch(id: &str) -> ApiError {
     ApiError::not_found(format!("No such Batch object: {id}")).param("id")
 }
 
-fn render(st: &AppState, b: &BatchRecord) -> Value {
+pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
         BatchStatus::InProgress | BatchStatus::Finalizing | BatchStatus::Cancelling => {
-            let p = st.engine.progress(&b.id, b.total - b.completed - b.failed);
+            let p = st.engine.progress(b);
             Some(serde_json::to_value(p).unwrap_or(Value::Null))
         }
         _ => None,
     };
-    wire::batch_object(b, progress)
+    let mut v = wire::batch_object(b, progress);
+    v["cost"] = super::usage::batch_cost(st, &b.id).await.map_or(Value::Null, Value::from);
+    v
 }
 
 fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
@@ -44,6 +56,7 @@ fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
 }
 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
+    st.writable()?;
     let input_file_id = string_param(&body, "input_file_id")?;
     let endpoint = string_param(&body, "endpoint")?;
     if !ENDPOINTS.contains(&endpoint.as_str()) {
@@ -65,15 +78,63 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     if file.purpose != "batch" {
         return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
     }
+    super::quota::check(&st, &tenant, super::quota::lines_of(&st, &tenant, &file).await?, file.bytes / 4).await?;
     let now = crate::now_unix();
     let mut record = BatchRecord::new(crate::ids::batch_id(), tenant, input_file_id, endpoint, window, now, now + duration.as_secs() as i64);
     record.metadata = metadata;
     record.priority = priority;
     record.output_expires_after = output_expires_after;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
+    record.idempotency_hash = key.map(|_| request_hash(&body));
     let b = st.store.insert_batch(&record, key).await?;
+    if b.id != record.id && b.idempotency_hash.is_some() && b.idempotency_hash != record.idempotency_hash {
+        return Err(ApiError::conflict(format!(
+            "The Idempotency-Key {:?} was already used with a different request (batch {}); use a new key for a new request.",
+            key.unwrap_or_default(),
+            b.id
+        ))
+        .code("idempotency_key_reused"));
+    }
     st.engine.wake();
-    Ok(Json(render(&st, &b)))
+    st.engine.outbox_changed();
+    Ok(Json(render(&st, &b).await))
+}
+
+/// A hash of the request's canonical JSON (keys sorted at every depth, no spaces): two
+/// requests that mean the same have the same hash.
+fn request_hash(body: &Map<String, Value>) -> String {
+    fn canonical(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(&Value::Object(body.clone()), &mut text);
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
 
 /// OpenAI's limits: at most 16 keys, keys up to 64 characters, string values up to 512.
@@ -121,7 +182,7 @@ fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
 
 pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
-    Ok(Json(render(&st, &b)))
+    Ok(Json(render(&st, &b).await))
 }
 
 #[derive(Deserialize)]
@@ -133,7 +194,10 @@ pub struct ListParams {
 pub async fn list(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<ListParams>) -> ApiResult<Json<Value>> {
     let limit = parse_limit(p.limit.as_deref(), 20, 100)?;
     let page = st.store.list_batches(&tenant, limit, p.after.as_deref()).await.map_err(|e| cursor_error(e, "after"))?;
-    let items = page.items.iter().map(|b| (b.id.clone(), render(&st, b))).collect();
+    let mut items = Vec::with_capacity(page.items.len());
+    for b in &page.items {
+        items.push((b.id.clone(), render(&st, b).await));
+    }
     Ok(Json(wire::list(items, page.has_more)))
 }
 
@@ -141,8 +205,9 @@ pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
     let b = st.store.request_cancel(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
     if b.status == BatchStatus::Cancelling {
         st.engine.cancel(&id);
+        st.engine.outbox_changed();
     }
-    Ok(Json(render(&st, &b)))
+    Ok(Json(render(&st, &b).await))
 }
 
 /// Extension: the result line of one request, by `custom_id`, as soon as it is durable.
@@ -187,4 +252,20 @@ pub async fn partial_results(State(st): State<AppState>, Tenant(tenant): Tenant,
         }
     });
     Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], axum::body::Body::from_stream(chunks)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_hash_ignores_key_order_and_spacing_only() {
+        let a = serde_json::json!({"endpoint": "/v1/embeddings", "metadata": {"a": "1", "b": "2"}, "input_file_id": "f"});
+        let b: Value = serde_json::from_str(r#"{ "input_file_id":"f", "metadata":{"b":"2","a":"1"}, "endpoint":"/v1/embeddings" }"#).unwrap();
+        let c = serde_json::json!({"endpoint": "/v1/embeddings", "metadata": {"a": "1", "b": "3"}, "input_file_id": "f"});
+        let h = |v: &Value| request_hash(v.as_object().unwrap());
+        assert_eq!(h(&a), h(&b));
+        assert_ne!(h(&a), h(&c));
+        assert_ne!(h(&serde_json::json!({"a": [1, 2]})), h(&serde_json::json!({"a": [2, 1]})));
+    }
 }

@@ -1,20 +1,22 @@
 //! `/v1/files`: upload (streamed to blob storage), list, retrieve, delete, content (with
 //! `Range`).
 //!
-//! An upload's bytes go to the blob store as they arrive, never whole in memory; the file's
-//! row is written only after its bytes are complete, so a failed or oversize upload leaves
-//! nothing behind.
+//! An upload's bytes go to the blob store as they arrive, never whole in memory (every part
+//! of the form is bounded, see [`super::multipart`]); the file's row is written only after its
+//! bytes are complete, so a failed or oversize upload leaves nothing behind. Files of purpose
+//! `batch` expire after 30 days by default. Content answers honour one byte range and ignore
+//! any other `Range` header; non-ASCII file names go out as RFC 5987 `filename*`.
 
 use axum::body::Body;
-use axum::extract::multipart::{Field, MultipartRejection};
-use axum::extract::{Multipart, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::extract::Query;
+use super::multipart::{file_too_large, Form, Part, SLACK};
 use super::{AppState, Tenant};
 use crate::blob::BlobWriter;
 use crate::error::{ApiError, ApiResult};
@@ -24,8 +26,9 @@ use crate::wire::{self, FileObject};
 pub const PURPOSES: [&str; 6] = ["batch", "user_data", "fine-tune", "assistants", "vision", "evals"];
 const MIN_EXPIRY: i64 = 3600;
 const MAX_EXPIRY: i64 = 2_592_000;
-/// Room for multipart framing and the other fields on top of the file itself.
-const MULTIPART_SLACK: u64 = 64 * 1024;
+/// Files of purpose `batch` expire after 30 days unless `expires_after` says otherwise, as on
+/// the hosted API.
+pub const BATCH_FILE_EXPIRY: i64 = 30 * 86_400;
 
 /// The non-file fields of an upload.
 #[derive(Default)]
@@ -35,13 +38,15 @@ struct UploadForm {
     seconds: Option<String>,
 }
 
-pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, mp: Result<Multipart, MultipartRejection>) -> ApiResult<Json<FileObject>> {
+pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, req: Request) -> ApiResult<Json<FileObject>> {
+    st.writable()?;
     let limit = st.cfg.limits.max_upload_bytes;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit + MULTIPART_SLACK) {
-        return Err(too_large(limit));
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit + SLACK) {
+        return Err(file_too_large(limit));
     }
-    let mut mp = mp.map_err(|e| ApiError::bad_request(format!("The request must be multipart/form-data: {}", e.body_text())))?;
+    let (parts, body) = req.into_parts();
+    let mut mp = Form::new(&parts.headers, body, limit)?;
     let id = crate::ids::file_id();
     let key = format!("files/{id}");
     let mut form = UploadForm::default();
@@ -65,37 +70,37 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     }
 }
 
-async fn read_form(st: &AppState, mp: &mut Multipart, key: &str, limit: u64, form: &mut UploadForm, upload: &mut Option<(String, u64)>) -> ApiResult<()> {
-    while let Some(field) = mp.next_field().await.map_err(bad_multipart)? {
-        match field.name().unwrap_or_default() {
+async fn read_form(st: &AppState, mp: &mut Form, key: &str, limit: u64, form: &mut UploadForm, upload: &mut Option<(String, u64)>) -> ApiResult<()> {
+    while let Some(part) = mp.next().await? {
+        match part.name() {
             "file" if upload.is_none() => {
-                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
-                let size = stream_to_blob(field, st.blob.writer(key), limit).await?;
+                let filename = part.file_name().unwrap_or("upload.jsonl").to_string();
+                let size = stream_to_blob(part, st.blob.writer(key), limit).await?;
                 *upload = Some((filename, size));
             }
             "file" => return Err(ApiError::bad_request("Send exactly one 'file' field.").param("file")),
-            "purpose" => form.purpose = Some(text(field).await?),
-            "expires_after[anchor]" => form.anchor = Some(text(field).await?),
-            "expires_after[seconds]" => form.seconds = Some(text(field).await?),
-            _ => drop(text(field).await),
+            "purpose" => form.purpose = Some(part.text().await?),
+            "expires_after[anchor]" => form.anchor = Some(part.text().await?),
+            "expires_after[seconds]" => form.seconds = Some(part.text().await?),
+            _ => part.skip().await?,
         }
     }
     Ok(())
 }
 
-async fn stream_to_blob(mut field: Field<'_>, mut w: BlobWriter, limit: u64) -> ApiResult<u64> {
+async fn stream_to_blob(mut part: Part, mut w: BlobWriter, limit: u64) -> ApiResult<u64> {
     loop {
-        let chunk = match field.chunk().await {
+        let chunk = match part.chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(e) => {
                 w.abort().await;
-                return Err(bad_multipart(e));
+                return Err(e);
             }
         };
         if w.written() + chunk.len() as u64 > limit {
             w.abort().await;
-            return Err(too_large(limit));
+            return Err(file_too_large(limit));
         }
         if let Err(e) = w.write(&chunk).await {
             w.abort().await;
@@ -105,15 +110,6 @@ async fn stream_to_blob(mut field: Field<'_>, mut w: BlobWriter, limit: u64) -> 
     Ok(w.finish().await?)
 }
 
-async fn text(field: Field<'_>) -> ApiResult<String> {
-    let name = field.name().unwrap_or_default().to_string();
-    let bytes = field.bytes().await.map_err(bad_multipart)?;
-    if bytes.len() > 4096 {
-        return Err(ApiError::bad_request(format!("The field '{name}' is too long.")).param(name));
-    }
-    String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::bad_request(format!("The field '{name}' is not UTF-8 text.")).param(name))
-}
-
 fn build_record(tenant: &str, id: &str, key: &str, form: UploadForm, upload: Option<(String, u64)>) -> ApiResult<FileRecord> {
     let (filename, bytes) = upload.ok_or_else(|| ApiError::missing("file"))?;
     let purpose = form.purpose.ok_or_else(|| ApiError::missing("purpose"))?;
@@ -121,7 +117,8 @@ fn build_record(tenant: &str, id: &str, key: &str, form: UploadForm, upload: Opt
         return Err(ApiError::invalid("purpose", format!("Invalid purpose {purpose:?}; expected one of: {}.", PURPOSES.join(", "))));
     }
     let created_at = crate::now_unix();
-    let expires_at = expiry(form.anchor, form.seconds, "expires_after")?.map(|s| created_at + s);
+    let default = (purpose == "batch").then_some(BATCH_FILE_EXPIRY);
+    let expires_at = expiry(form.anchor, form.seconds, "expires_after")?.or(default).map(|s| created_at + s);
     Ok(FileRecord { id: id.into(), tenant: tenant.into(), bytes: bytes as i64, created_at, filename, purpose, expires_at, blob_key: key.into() })
 }
 
@@ -140,14 +137,6 @@ pub fn expiry(anchor: Option<String>, seconds: Option<String>, param: &str) -> A
             }
         }
     }
-}
-
-fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {
-    ApiError::bad_request(format!("The multipart body is malformed: {}", e.body_text()))
-}
-
-fn too_large(limit: u64) -> ApiError {
-    ApiError::too_large(format!("The file is larger than the upload limit of {limit} bytes.")).param("file")
 }
 
 #[derive(Deserialize)]
@@ -214,12 +203,17 @@ pub async fn delete(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
     Ok(Json(json!({"id": f.id, "object": "file", "deleted": true})))
 }
 
-pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
     let f = st.store.get_file(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_file(&id)))?;
     let size = f.bytes as u64;
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(r) => Some(parse_range(r, size)?),
-        None => None,
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| range_of(r, size)) {
+        None | Some(Ranged::Whole) => None,
+        Some(Ranged::Part(r)) => Some(r),
+        Some(Ranged::Unsatisfiable) => {
+            let mut resp = ApiError::range_not_satisfiable(size).into_response();
+            resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+            return Ok(resp);
+        }
     };
     let (status, stream, len) = match &range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, st.blob.get_range_stream(&f.blob_key, r.clone()).await?, r.end - r.start),
@@ -230,7 +224,7 @@ pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}\"", f.filename.replace(['"', '\\', '\r', '\n'], "_"))) {
+    if let Ok(v) = HeaderValue::from_str(&content_disposition(&f.filename)) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     if let Some(r) = range {
@@ -240,12 +234,110 @@ pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id
     Ok(resp)
 }
 
-/// One byte range of a `Range` header, as a half-open range within `size`.
-fn parse_range(header: &str, size: u64) -> ApiResult<std::ops::Range<u64>> {
-    let parsed = http_range_header::parse_range_header(header).map_err(|_| ApiError::range_not_satisfiable(size))?;
-    let ranges = parsed.validate(size).map_err(|_| ApiError::range_not_satisfiable(size))?;
-    match ranges.as_slice() {
-        [r] => Ok(*r.start()..*r.end() + 1),
-        _ => Err(ApiError::range_not_satisfiable(size)),
+/// What a `Range` header asks of `size` bytes (RFC 9110 §14.1.2, §14.2).
+#[derive(Debug, PartialEq)]
+enum Ranged {
+    /// No usable range: a malformed header, another unit than bytes, or several ranges (which
+    /// batchd does not serve) are ignored and the whole content is sent.
+    Whole,
+    /// One satisfiable range, half-open.
+    Part(std::ops::Range<u64>),
+    /// One well-formed range that selects nothing: 416.
+    Unsatisfiable,
+}
+
+fn range_of(header: &str, size: u64) -> Ranged {
+    let Some((unit, spec)) = header.trim().split_once('=') else { return Ranged::Whole };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return Ranged::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return Ranged::Whole };
+    let (first, last) = (position(first), position(last));
+    match (first, last) {
+        (Some(None), Some(Some(0))) => Ranged::Unsatisfiable,
+        (Some(None), Some(Some(_))) if size == 0 => Ranged::Unsatisfiable,
+        (Some(None), Some(Some(n))) => Ranged::Part(size - n.min(size)..size),
+        (Some(Some(a)), Some(b)) => {
+            if b.is_some_and(|b| b < a) {
+                Ranged::Whole
+            } else if a >= size {
+                Ranged::Unsatisfiable
+            } else {
+                Ranged::Part(a..b.map_or(size, |b| b.min(size - 1) + 1))
+            }
+        }
+        _ => Ranged::Whole,
+    }
+}
+
+/// One side of a byte range: `Some(None)` when empty, `Some(Some(n))` for digits (a number
+/// past `u64` saturates), `None` when malformed.
+fn position(s: &str) -> Option<Option<u64>> {
+    if s.is_empty() {
+        return Some(None);
+    }
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Some(s.parse::<u64>().unwrap_or(u64::MAX)))
+}
+
+/// `attachment` with the name: plain when it is simple ASCII, else an ASCII fallback beside
+/// the exact name as `filename*=UTF-8''…` (RFC 6266, RFC 5987).
+fn content_disposition(name: &str) -> String {
+    let fallback: String = name.chars().map(|c| if (c.is_ascii_graphic() || c == ' ') && c != '"' && c != '\\' { c } else { '_' }).collect();
+    if fallback == name {
+        return format!("attachment; filename=\"{name}\"");
+    }
+    let mut encoded = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        use Ranged::*;
+        let cases: &[(&str, Ranged)] = &[
+            ("bytes=0-9", Part(0..10)),
+            ("bytes=5-", Part(5..100)),
+            ("bytes=-10", Part(90..100)),
+            ("bytes=-1000", Part(0..100)),
+            ("bytes=90-1000", Part(90..100)),
+            ("Bytes = 1-1", Part(1..2)),
+            ("bytes=100-", Unsatisfiable),
+            ("bytes=500-600", Unsatisfiable),
+            ("bytes=-0", Unsatisfiable),
+            ("bytes=abc", Whole),
+            ("bytes=5-2", Whole),
+            ("bytes=0-1,5-6", Whole),
+            ("items=0-1", Whole),
+            ("bytes=-", Whole),
+            ("bytes=+1-2", Whole),
+            ("bytes=1-2-3", Whole),
+            ("garbage", Whole),
+            ("bytes=99999999999999999999999-", Unsatisfiable),
+        ];
+        for (h, want) in cases {
+            assert_eq!(&range_of(h, 100), want, "{h}");
+        }
+        assert_eq!(range_of("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(range_of("bytes=-5", 0), Unsatisfiable);
+    }
+
+    #[test]
+    fn content_disposition_has_an_ascii_fallback_and_the_exact_name() {
+        assert_eq!(content_disposition("in put.jsonl"), "attachment; filename=\"in put.jsonl\"");
+        assert_eq!(content_disposition("données é.jsonl"), "attachment; filename=\"donn_es _.jsonl\"; filename*=UTF-8''donn%C3%A9es%20%C3%A9.jsonl");
+        assert_eq!(content_disposition("a\"b\r.txt"), "attachment; filename=\"a_b_.txt\"; filename*=UTF-8''a%22b%0D.txt");
     }
 }

@@ -1,14 +1,25 @@
-//! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`).
+//! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`),
+//! and the extensions that tell what a batch is doing: progress, event streams, retry,
+//! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`).
 //!
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
-//! including malformed JSON or multipart, unknown routes and panics.
+//! including malformed JSON or multipart, unknown routes, panics and timeouts. Every body is
+//! bounded before it is read (see [`extract`] and [`multipart`]); every response carries an
+//! `x-request-id` ([`layers`]).
 
 mod auth;
 mod batches;
+mod events;
 mod extract;
 mod files;
+pub mod layers;
 mod models;
+mod multipart;
+mod progress;
+mod quota;
+mod retry;
+mod usage;
 
 use std::sync::Arc;
 
@@ -37,6 +48,19 @@ pub struct AppState {
     pub cfg: Arc<Config>,
 }
 
+impl AppState {
+    /// Refuses a write the store could not finish: while the engine cannot commit results
+    /// (the disk is full, the database unreachable), new files and batches are refused with
+    /// 507 and `Retry-After` instead of being half accepted. Reads go on.
+    pub fn writable(&self) -> Result<(), ApiError> {
+        if self.engine.store_writable() {
+            Ok(())
+        } else {
+            Err(ApiError::insufficient_storage())
+        }
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/files", post(files::create).get(files::list))
@@ -47,6 +71,12 @@ pub fn router(state: AppState) -> Router {
         .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/batches/{id}/requests/{custom_id}", get(batches::request_result))
         .route("/batches/{id}/results", get(batches::partial_results))
+        .route("/batches/{id}/progress", get(progress::progress))
+        .route("/batches/{id}/events", get(events::batch_events))
+        .route("/batches/{id}/retry", post(retry::retry))
+        .route("/events", get(events::tenant_events))
+        .route("/usage", get(usage::get))
+        .route("/quota", get(quota::get))
         .route("/models", get(models::list))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
@@ -56,12 +86,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(state.cfg.http.request_timeout, layers::timeout))
+        .layer(TraceLayer::new_for_http().make_span_with(layers::span).on_response(layers::on_response))
+        .layer(axum::middleware::from_fn(layers::request_id))
+        .layer(axum::Extension(Arc::new(models::Catalog::new(&state.cfg.upstreams))))
         .with_state(state)
 }
 
 async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.engine.metrics_text())
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], st.engine.metrics_text().await)
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

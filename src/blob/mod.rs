@@ -52,7 +52,7 @@ impl From<object_store::Error> for Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        if e.kind() == std::io::ErrorKind::StorageFull {
+        if e.kind() == std::io::ErrorKind::StorageFull || out_of_space(&e) {
             return Error::Full(e.to_string());
         }
         Error::Unavailable(e.to_string())

@@ -8,6 +8,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::progress::{Display, Snapshot};
+use crate::config::Secret;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServerArgs {
@@ -16,7 +17,7 @@ pub struct ServerArgs {
     pub server: String,
     /// API key, when the server has tenants configured.
     #[arg(long, env = "BATCHD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 pub const EXAMPLES: &str = "Examples:
@@ -30,26 +31,26 @@ Exit codes: 0 success; 1 error (the server's message is printed); 4 `status --wa
 followed the batch to its end, but not every line succeeded (some are in the errors file, or
 the batch ended failed, expired or cancelled).";
 
-struct Client {
+pub(super) struct Client {
     http: reqwest::Client,
     base: String,
-    key: Option<String>,
+    key: Option<Secret>,
 }
 
 impl Client {
-    fn new(a: &ServerArgs) -> Client {
+    pub(super) fn new(a: &ServerArgs) -> Client {
         Client { http: reqwest::Client::new(), base: format!("{}/v1", a.server.trim_end_matches('/')), key: a.api_key.clone() }
     }
 
-    fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(super) fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(m, format!("{}{path}", self.base));
         match &self.key {
-            Some(k) => r.bearer_auth(k),
+            Some(k) => r.bearer_auth(k.expose()),
             None => r,
         }
     }
 
-    async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    pub(super) async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = r.send().await.with_context(|| format!("cannot reach the server at {}", self.base))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -59,7 +60,7 @@ impl Client {
         bail!("server answered {status}: {}", body["error"]["message"].as_str().unwrap_or("(no message)"))
     }
 
-    async fn json(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    pub(super) async fn json(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         Ok(self.send(r).await?.json().await?)
     }
 }
@@ -122,10 +123,11 @@ fn snapshot(b: &Value) -> Snapshot {
         tokens_per_second: 0.0,
         eta_seconds: b["progress"]["eta_seconds"].as_u64(),
         retries_waiting: 0,
+        note: None,
     }
 }
 
-const FINAL: [&str; 4] = ["completed", "failed", "expired", "cancelled"];
+pub(super) const FINAL: [&str; 4] = ["completed", "failed", "expired", "cancelled"];
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
     let c = Client::new(&a.server);
@@ -136,6 +138,19 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let mut display = Display::new(false);
+    let first = c.json(c.req(reqwest::Method::GET, &path)).await?;
+    let followed = if FINAL.contains(&first["status"].as_str().unwrap_or_default()) {
+        Some(first.clone())
+    } else {
+        super::watch::follow(&c, &a.id, &mut display, snapshot(&first)).await?
+    };
+    if let Some(b) = followed {
+        let s = snapshot(&b);
+        display.finish(&s);
+        print_batch(&b, a.json);
+        return Ok(if s.status == "completed" && s.failed == 0 { 0 } else { 4 });
+    }
+    // An older server without event streams: poll.
     loop {
         let b = c.json(c.req(reqwest::Method::GET, &path)).await?;
         let s = snapshot(&b);

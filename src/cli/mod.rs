@@ -12,6 +12,7 @@ mod retry;
 mod run;
 mod serve;
 mod validate;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -39,7 +40,7 @@ pub enum Command {
     /// Check an input file without sending anything.
     #[command(after_help = validate::EXAMPLES)]
     Validate(validate::ValidateArgs),
-    /// Write a new input file of exactly the lines that failed.
+    /// Retry the lines that failed: a new batch on the server, or a new input file.
     #[command(after_help = retry::EXAMPLES)]
     Retry(retry::RetryArgs),
     /// Upload a file and create a batch on a server.
@@ -66,7 +67,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::MockUpstream(a) => crate::mock::run(a).await.map(|()| 0),
         Command::Run(a) => run::run(a).await,
         Command::Validate(a) => validate::run(a).await,
-        Command::Retry(a) => retry::run(a),
+        Command::Retry(a) => retry::run(a).await,
         Command::Submit(a) => client::submit(a).await,
         Command::Status(a) => client::status(a).await,
         Command::Download(a) => client::download(a).await,

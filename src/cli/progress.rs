@@ -17,11 +17,13 @@ pub struct Snapshot {
     pub tokens_per_second: f64,
     pub eta_seconds: Option<u64>,
     pub retries_waiting: u64,
+    /// Shown after the figures (a stall and its reason).
+    pub note: Option<String>,
 }
 
 pub enum Display {
     Bar(ProgressBar),
-    Plain { every: Duration, last: Option<Instant> },
+    Plain { every: Duration, last: Option<Instant>, note: Option<String> },
     Quiet,
 }
 
@@ -41,7 +43,7 @@ impl Display {
             bar.enable_steady_tick(Duration::from_millis(250));
             Display::Bar(bar)
         } else {
-            Display::Plain { every: Duration::from_secs(2), last: None }
+            Display::Plain { every: Duration::from_secs(2), last: None, note: None }
         }
     }
 
@@ -52,9 +54,11 @@ impl Display {
                 bar.set_position(s.completed + s.failed);
                 bar.set_message(message(s));
             }
-            Display::Plain { every, last } => {
-                if last.is_none_or(|t| t.elapsed() >= *every) {
+            Display::Plain { every, last, note } => {
+                // Every `every`, and at once when the note (a stall) changes.
+                if last.is_none_or(|t| t.elapsed() >= *every) || *note != s.note {
                     *last = Some(Instant::now());
+                    note.clone_from(&s.note);
                     eprintln!("progress: {}/{} {}", s.completed + s.failed, s.total, message(s));
                 }
             }
@@ -77,8 +81,9 @@ impl Display {
 
 fn message(s: &Snapshot) -> String {
     let eta = s.eta_seconds.map_or("--".to_string(), |e| human(Duration::from_secs(e)));
+    let note = s.note.as_ref().map(|n| format!(" · {n}")).unwrap_or_default();
     format!(
-        "{} · done {} · failed {} · {:.1} req/s · {:.0} tok/s · retries {} · ETA {}",
+        "{} · done {} · failed {} · {:.1} req/s · {:.0} tok/s · retries {} · ETA {}{note}",
         s.status, s.completed, s.failed, s.requests_per_second, s.tokens_per_second, s.retries_waiting, eta
     )
 }

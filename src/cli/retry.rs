@@ -1,4 +1,6 @@
-//! `batchd retry`: a new input file holding exactly the lines that failed.
+//! `batchd retry`: exactly the lines that failed, again. `batchd retry BATCH_ID` asks the
+//! server for a new batch of them (`POST /v1/batches/{id}/retry`); `batchd retry ERRORS
+//! --input IN -o OUT` writes a new input file from local files.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -9,6 +11,8 @@ use clap::Args;
 use serde_json::Value;
 
 pub const EXAMPLES: &str = "Examples:
+  batchd retry batch_abc123                       # a new batch on the server, printed as its id
+  batchd retry batch_abc123 --status 429,500 --include failed
   batchd retry prompts.errors.jsonl --input prompts.jsonl -o retry.jsonl
   batchd retry errors.jsonl --input prompts.jsonl -o retry.jsonl --status 429,500,503
   batchd retry errors.jsonl --input prompts.jsonl -o retry.jsonl --code batch_expired,request_timeout
@@ -18,14 +22,19 @@ retry's results match the original lines. Exit codes: 0 written; 1 error.";
 
 #[derive(Args, Debug, Clone)]
 pub struct RetryArgs {
-    /// The errors file of a finished batch.
+    /// A batch id on the server, or the errors file of a finished batch.
     pub errors: PathBuf,
-    /// The batch's input file.
+    /// The batch's input file (local form).
     #[arg(long)]
-    pub input: PathBuf,
-    /// Where to write the retry input.
+    pub input: Option<PathBuf>,
+    /// Where to write the retry input (local form).
     #[arg(short, long)]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
+    /// Server form: only these kinds of error lines (failed, expired, cancelled; comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub include: Vec<String>,
+    #[command(flatten)]
+    pub server: super::client::ServerArgs,
     /// Only lines whose upstream answered one of these HTTP statuses (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub status: Vec<u16>,
@@ -64,10 +73,37 @@ fn failed_ids(args: &RetryArgs) -> anyhow::Result<HashSet<String>> {
     Ok(ids)
 }
 
-pub fn run(args: RetryArgs) -> anyhow::Result<i32> {
-    let ids = failed_ids(&args)?;
-    let input = std::fs::File::open(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
-    let mut out = BufWriter::new(std::fs::File::create(&args.output)?);
+pub async fn run(args: RetryArgs) -> anyhow::Result<i32> {
+    let target = args.errors.to_string_lossy().into_owned();
+    if target.starts_with("batch_") && args.input.is_none() && !args.errors.exists() {
+        return on_server(&args, &target).await;
+    }
+    let (Some(input), Some(output)) = (&args.input, &args.output) else {
+        anyhow::bail!("with an errors file, --input and --output are required (or pass a batch id to retry on the server)");
+    };
+    local(&args, input, output)
+}
+
+/// `POST /v1/batches/{id}/retry`; prints the new batch's id.
+async fn on_server(args: &RetryArgs, id: &str) -> anyhow::Result<i32> {
+    let c = super::client::Client::new(&args.server);
+    let mut body = serde_json::Map::new();
+    if !args.include.is_empty() {
+        body.insert("include".into(), args.include.clone().into());
+    }
+    if !args.status.is_empty() {
+        body.insert("status_codes".into(), args.status.clone().into());
+    }
+    let b = c.json(c.req(reqwest::Method::POST, &format!("/batches/{id}/retry")).json(&body)).await?;
+    println!("{}", b["id"].as_str().unwrap_or_default());
+    eprintln!("retrying the failed lines of {id} as {} ({} lines)", b["id"].as_str().unwrap_or_default(), b["request_counts"]["total"]);
+    Ok(0)
+}
+
+fn local(args: &RetryArgs, input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<i32> {
+    let ids = failed_ids(args)?;
+    let input = std::fs::File::open(input).with_context(|| format!("reading {}", input.display()))?;
+    let mut out = BufWriter::new(std::fs::File::create(output)?);
     let mut written = 0;
     for (i, line) in BufReader::new(input).lines().enumerate() {
         let line = line?;
@@ -89,6 +125,6 @@ pub fn run(args: RetryArgs) -> anyhow::Result<i32> {
         written += 1;
     }
     out.flush()?;
-    eprintln!("{written} of {} failed lines written to {}", ids.len(), args.output.display());
+    eprintln!("{written} of {} failed lines written to {}", ids.len(), output.display());
     Ok(0)
 }

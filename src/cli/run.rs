@@ -189,7 +189,7 @@ fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) 
         tokens.2 = (now_tokens - tokens.1) as f64 / dt;
         *tokens = (Instant::now(), now_tokens, tokens.2);
     }
-    let progress = engine.progress(&b.id, b.total - b.completed - b.failed);
+    let progress = engine.progress(b);
     let average = match (b.in_progress_at, b.completed_at.or(b.cancelled_at).or(b.expired_at)) {
         (Some(start), Some(end)) => (b.completed + b.failed) as f64 / (end - start).max(1) as f64,
         _ => 0.0,
@@ -203,6 +203,7 @@ fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) 
         tokens_per_second: tokens.2,
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         retries_waiting: engine.stats().retries_waiting.load(Ordering::Relaxed),
+        note: None,
     }
 }
 

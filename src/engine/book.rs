@@ -16,7 +16,7 @@ struct BatchLines {
 }
 
 /// Live counts of one batch's lines on this node.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LineCounts {
     /// Sent or being answered, or answered and waiting for the group commit.
     pub in_flight: usize,

@@ -61,6 +61,7 @@ async fn beat(inner: &Inner, ttl: Duration) {
     match inner.store.heartbeat(&inner.node, inner.started_at, ttl, &info).await {
         Ok(nodes) => {
             let n = nodes.len().max(1);
+            inner.live.set_nodes(nodes);
             let before = inner.live_nodes.swap(n, Ordering::Relaxed);
             if before != n {
                 tracing::info!(live_nodes = n, "the number of live nodes changed");

@@ -43,7 +43,9 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
     loop {
         let body = body_for(&p.body, &p.model, &target);
         count(&inner.stats.sent, 1);
+        let sent_at = std::time::Instant::now();
         let outcome = pool.send(&p.path, body, &p.request_id).await;
+        inner.live.metrics.upstream_call(&pool.cfg.name, &outcome, sent_at.elapsed());
         drop(permit);
         if outcome.is_overload() {
             pool.limiter.on_overload();
@@ -56,6 +58,7 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         let wait = backoff(attempt, retry_after(&outcome));
         tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, wait_ms = wait.as_millis() as u64, "retrying");
         count(&inner.stats.retries_total, 1);
+        inner.live.metrics.retry(&pool.cfg.name);
         {
             let _waiting = Waiting::new(&inner.stats.retries_waiting);
             let _retrying = inner.book.retrying(&p.batch_id);
@@ -309,5 +312,60 @@ mod tests {
         assert_eq!(v["custom_id"], "c\"1");
         assert_eq!(v["response"]["body"]["ok"], true);
         assert!(v["error"].is_null());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::vec((".{0,8}", inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn json_object() -> impl Strategy<Value = Value> {
+            prop::collection::vec((".{0,8}", json_value()), 0..8).prop_map(|kv| Value::Object(kv.into_iter().collect()))
+        }
+
+        proptest! {
+            #[test]
+            fn no_bytes_make_the_parser_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+                let _ = parse_body(&bytes);
+            }
+
+            #[test]
+            fn valid_answers_pass_through_unchanged(v in json_object()) {
+                let compact = serde_json::to_string(&v).unwrap();
+                let (got, _) = parse_body(compact.as_bytes()).unwrap();
+                prop_assert_eq!(got.as_ref(), compact.as_str(), "a one-line answer is kept byte for byte");
+                let pretty = serde_json::to_string_pretty(&v).unwrap();
+                let (got, _) = parse_body(pretty.as_bytes()).unwrap();
+                prop_assert!(!got.contains('\n') && !got.contains('\r'), "fit for one JSONL line");
+                prop_assert_eq!(got.len(), pretty.trim().len(), "only newlines changed, nothing else");
+                prop_assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), serde_json::from_str::<Value>(&pretty).unwrap());
+            }
+
+            #[test]
+            fn any_usage_reads_as_non_negative_counts(usage in json_value(), rest in json_object()) {
+                let mut body = rest;
+                body["usage"] = usage;
+                let (_, u) = parse_body(body.to_string().as_bytes()).unwrap();
+                for n in [u.input_tokens, u.cached_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens] {
+                    prop_assert!(n >= 0);
+                }
+                prop_assert!(u.total_tokens >= u.input_tokens.max(u.output_tokens));
+            }
+        }
     }
 }

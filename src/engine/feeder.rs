@@ -1,8 +1,10 @@
 //! Feeders: lease a batch's units one after another and hand their lines to the upstreams.
 //!
-//! A batch runs `2 × priority` feeders; each waits, one line at a time, in the FIFO queue of
-//! the pool that serves the line's model, so every batch waiting there gets its turn (a
-//! 10-line batch is not stuck behind a 50,000-line one; priority 3 gets three turns for one).
+//! A batch runs two feeders (one keeps lines flowing while the other leases and reads its
+//! next unit). Each keeps half of the batch's *turns* — lines waiting in the FIFO queue of
+//! the pool that serves their model — so every batch waiting there gets its turn (a 10-line
+//! batch is not stuck behind a 50,000-line one), and a batch's share of the pool is its
+//! number of turns, which the `scheduler` sets from priority and deadline slack.
 //! Before each line a feeder waits at the health gate (no call whose answer could not be
 //! stored), skips lines already durable or already owned by this node (see `book`), and
 //! stops when its unit's lease is lost. Each line then runs as its own task (`dispatch`) and
@@ -13,20 +15,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
 use super::lines::{LineSplitter, ParsedLine};
+use super::book::LineGuard;
 use super::{Active, Inner};
 use crate::store::{InputFormat, WorkUnit};
 use crate::upstream::Route;
 
-/// Feeders per unit of priority: two, so that one keeps lines flowing while the other
-/// leases and reads its next unit.
-const FEEDERS_PER_PRIORITY: i64 = 2;
-const MAX_PRIORITY: i64 = 8;
+const FEEDERS: usize = 2;
 /// Unexpected failures a feeder retries before it gives the error to the runner.
 const FEEDER_RETRIES: u32 = 3;
 
@@ -39,13 +41,14 @@ pub struct RunCtx {
     pub path: Arc<str>,
     pub h: Active,
     pub lines: TaskTracker,
+    /// The batch's turns: lines it may have waiting for a slot (set by the scheduler).
+    pub turns: watch::Receiver<usize>,
 }
 
 /// Runs the batch's feeders until no unit is left to lease here, the batch stops, or one of
-/// them meets an error it cannot get past (the others are then dropped mid-wait).
-pub async fn feed_all(ctx: Arc<RunCtx>, priority: i64) -> Result<()> {
-    let n = priority.clamp(1, MAX_PRIORITY) * FEEDERS_PER_PRIORITY;
-    futures::future::try_join_all((0..n).map(|_| feed(ctx.clone()))).await.map(|_| ())
+/// them meets an error it cannot get past (the other is then dropped mid-wait).
+pub async fn feed_all(ctx: Arc<RunCtx>) -> Result<()> {
+    futures::future::try_join_all((0..FEEDERS).map(|_| feed(ctx.clone()))).await.map(|_| ())
 }
 
 /// Leases units one after another and dispatches their lines.
@@ -64,7 +67,8 @@ async fn feed(ctx: Arc<RunCtx>) -> Result<()> {
             }
         };
         let token = hold(inner, &unit, &ctx.h);
-        let fed = feed_unit(&ctx, &unit, &token, &mut routes).await;
+        let span = tracing::info_span!("unit", batch_id = %ctx.batch_id, idx = unit.idx, lines = unit.line_count, epoch = unit.epoch);
+        let fed = feed_unit(&ctx, &unit, &token, &mut routes).instrument(span).await;
         inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&unit.key());
         match fed {
             Ok(()) => failures = 0,
@@ -101,47 +105,83 @@ async fn pause_or_fail(ctx: &RunCtx, e: Error, failures: &mut u32) -> Result<()>
     }
 }
 
+/// A line waiting for its slot, with what it needs to run once it has one.
+struct Waiting {
+    p: Prepared,
+    route: Route,
+    owned: LineGuard,
+}
+
 async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
     let inner = &ctx.inner;
     let done: HashSet<u64> = inner.store.done_lines(&ctx.batch_id, unit).await.ctx("reading the unit's finished lines")?.into_iter().collect();
-    for p in unit_lines(&inner.blob, &ctx.blob_key, unit, ctx.format, &ctx.batch_id, &ctx.path).await? {
-        if done.contains(&p.line) {
-            continue;
+    let mut lines = unit_lines(&inner.blob, &ctx.blob_key, unit, ctx.format, &ctx.batch_id, &ctx.path).await?.into_iter().filter(|p| !done.contains(&p.line));
+    let mut waiting = futures::stream::FuturesUnordered::new();
+    let (mut turns, mut turns_open) = (ctx.turns.clone(), true);
+    loop {
+        let my_turns = turns.borrow_and_update().div_ceil(FEEDERS).max(1);
+        while waiting.len() < my_turns && !token.is_cancelled() {
+            let Some(p) = lines.next() else { break };
+            let Some(owned) = inner.book.take(&ctx.batch_id, p.line) else { continue };
+            let route = match routes.get(&p.model) {
+                Some(r) => r.clone(),
+                None => routes.entry(p.model.clone()).or_insert(inner.router.resolve(&p.model)).clone(),
+            };
+            let Some(route) = route else {
+                let msg = format!("no upstream serves the model {:?} any more", p.model);
+                owned.hand_to_writer();
+                inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;
+                continue;
+            };
+            let w = Waiting { p, route, owned };
+            let (inner2, token2) = (inner.clone(), token.clone());
+            waiting.push(async move {
+                let slot = acquire_writable(&inner2, &w.route, w.p.est_tokens, &token2).await;
+                (w, slot)
+            });
         }
-        tokio::select! {
-            _ = inner.health.writable() => {}
+        let next = tokio::select! {
+            n = futures::StreamExt::next(&mut waiting) => n,
             _ = token.cancelled() => return Ok(()),
-        }
-        if token.is_cancelled() {
-            return Ok(());
-        }
-        let Some(owned) = inner.book.take(&ctx.batch_id, p.line) else { continue };
-        let route = match routes.get(&p.model) {
-            Some(r) => r.clone(),
-            None => routes.entry(p.model.clone()).or_insert(inner.router.resolve(&p.model)).clone(),
+            r = turns.changed(), if turns_open => {
+                turns_open = r.is_ok();
+                continue;
+            }
         };
-        let Some(route) = route else {
-            let msg = format!("no upstream serves the model {:?} any more", p.model);
-            owned.hand_to_writer();
-            inner.writer.send(dispatch::error_record(&p, "model_not_found", &msg)).await;
-            continue;
-        };
-        let (pool, target, permit) = tokio::select! {
-            got = route.acquire(p.est_tokens, None) => got,
-            _ = token.cancelled() => return Ok(()),
-        };
+        let Some((w, slot)) = next else { return Ok(()) };
+        let Some((pool, target, permit)) = slot else { return Ok(()) };
         let ctx2 = ctx.clone();
-        ctx.lines.spawn(async move {
-            let run = dispatch::run_line(&ctx2.inner, &p, &route, pool, target, permit);
+        let span = tracing::debug_span!("line", line = w.p.line);
+        let task = async move {
+            let run = dispatch::run_line(&ctx2.inner, &w.p, &w.route, pool, target, permit);
             let rec = tokio::select! {
                 r = run => r,
                 _ = ctx2.h.abort.cancelled() => return,
             };
-            owned.hand_to_writer();
+            w.owned.hand_to_writer();
             ctx2.inner.writer.send(rec).await;
-        });
+        };
+        ctx.lines.spawn(task.instrument(span));
     }
-    Ok(())
+}
+
+/// A slot on a pool serving `route`, taken while the store takes writes (the gate may close
+/// while a feeder waits for the slot); `None` when `stop` fires first.
+async fn acquire_writable(inner: &Inner, route: &Route, est_tokens: u64, stop: &CancellationToken) -> Option<(Arc<crate::upstream::Pool>, Arc<str>, crate::upstream::Permit)> {
+    loop {
+        let got = tokio::select! {
+            got = route.acquire(est_tokens, None) => got,
+            _ = stop.cancelled() => return None,
+        };
+        if inner.health.is_writable() {
+            return Some(got);
+        }
+        drop(got);
+        tokio::select! {
+            _ = inner.health.writable() => {}
+            _ = stop.cancelled() => return None,
+        }
+    }
 }
 
 /// Reads a unit's bytes and prepares its request lines (blank lines skipped).

@@ -26,6 +26,7 @@ pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) ->
     let (output_file, error_file) = write_files(inner, b).await?;
     let finish = Finish { status, at: crate::now_unix(), output_file, error_file };
     inner.store.finish_batch(&b.id, &finish).await.ctx("recording the final status")?;
+    inner.live.outbox_changed();
     crate::memory::release_free_memory();
     tracing::info!(batch = %b.id, status = status.as_str(), "batch finished");
     Ok(())

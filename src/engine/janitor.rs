@@ -3,9 +3,10 @@
 //! - files past their `expires_at`: the row first, then the bytes;
 //! - crash debris: staging files of uploads that never finished, and finished objects under
 //!   `files/` that no file row names (a crash between writing a file's bytes and recording
-//!   it). At the start of a process that owns its store (`exclusive`) nothing can be in
-//!   progress, so all of it goes at once; later sweeps only touch debris older than
-//!   [`DEBRIS_AGE`], which no upload or finalization in progress can be;
+//!   it). At the start of a process that owns its store nothing can be in progress, so all
+//!   of it goes at once, before any batch step runs (`Engine::start`); later sweeps only
+//!   touch debris older than [`DEBRIS_AGE`], which no upload or finalization in progress
+//!   can be;
 //! - `batch.progress` events of final batches older than [`EVENT_RETENTION`] (status events
 //!   are kept: they are the batch's history).
 
@@ -20,10 +21,7 @@ const SWEEP_EVERY: u32 = 20;
 pub const DEBRIS_AGE: Duration = Duration::from_secs(3600);
 const EVENT_RETENTION: i64 = 7 * 86_400;
 
-pub async fn janitor(inner: Arc<Inner>, exclusive: bool) {
-    if exclusive {
-        sweep_debris(&inner, Duration::ZERO).await;
-    }
+pub async fn janitor(inner: Arc<Inner>) {
     let mut round = 0u32;
     loop {
         remove_expired_files(&inner).await;
@@ -52,7 +50,7 @@ async fn remove_expired_files(inner: &Inner) {
 }
 
 /// Removes staging files and unrecorded objects older than `min_age`.
-async fn sweep_debris(inner: &Inner, min_age: Duration) {
+pub async fn sweep_debris(inner: &Inner, min_age: Duration) {
     match inner.blob.sweep_staging(min_age) {
         Ok(0) => {}
         Ok(n) => tracing::info!(bytes = n, "removed staging files of interrupted uploads"),

@@ -2,7 +2,9 @@
 //! the full batch format or the bare-body extension.
 //!
 //! Line numbers are physical and 1-based (blank lines count, as in an editor) so that every
-//! error points at the line the user sees. Blank lines carry no request.
+//! error points at the line the user sees. Blank lines carry no request. A UTF-8 byte order
+//! mark at the start of the stream belongs to no line: the first line starts after it (its
+//! `offset` is 3), so a work unit cut from it never holds the mark either.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -26,6 +28,9 @@ impl RawLine<'_> {
     }
 }
 
+/// The UTF-8 byte order mark some editors put at the start of a file.
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Splits a stream of chunks into lines, keeping at most `max_line` bytes of any one line.
 pub struct LineSplitter {
     buf: Vec<u8>,
@@ -34,14 +39,39 @@ pub struct LineSplitter {
     next_no: u64,
     line_start: u64,
     pos: u64,
+    /// The first bytes of the stream, held until it is known whether they are a BOM.
+    head: Option<Vec<u8>>,
 }
 
 impl LineSplitter {
     pub fn new(max_line: usize, first_line: u64, first_offset: u64) -> Self {
-        LineSplitter { buf: Vec::new(), max_line, overlong: false, next_no: first_line, line_start: first_offset, pos: first_offset }
+        let head = Some(Vec::with_capacity(BOM.len()));
+        LineSplitter { buf: Vec::new(), max_line, overlong: false, next_no: first_line, line_start: first_offset, pos: first_offset, head }
     }
 
     pub fn feed(&mut self, chunk: &[u8], out: &mut impl FnMut(RawLine<'_>)) {
+        let Some(head) = &mut self.head else { return self.split(chunk, out) };
+        let take = (BOM.len() - head.len()).min(chunk.len());
+        head.extend_from_slice(&chunk[..take]);
+        if head.len() < BOM.len() && BOM.starts_with(head) {
+            return;
+        }
+        self.skip_bom(out);
+        self.split(&chunk[take..], out);
+    }
+
+    /// Drops a complete BOM from the held head, or passes the head on as data.
+    fn skip_bom(&mut self, out: &mut impl FnMut(RawLine<'_>)) {
+        let Some(head) = self.head.take() else { return };
+        if head == BOM {
+            self.pos += BOM.len() as u64;
+            self.line_start = self.pos;
+        } else {
+            self.split(&head, out);
+        }
+    }
+
+    fn split(&mut self, chunk: &[u8], out: &mut impl FnMut(RawLine<'_>)) {
         let mut rest = chunk;
         while let Some(i) = memchr::memchr(b'\n', rest) {
             let head = &rest[..i];
@@ -64,6 +94,7 @@ impl LineSplitter {
 
     /// Emits the last line when the stream did not end with a newline.
     pub fn finish(&mut self, out: &mut impl FnMut(RawLine<'_>)) {
+        self.skip_bom(out);
         if !self.buf.is_empty() || self.overlong {
             let buf = std::mem::take(&mut self.buf);
             self.emit(&buf, self.overlong, out);
@@ -219,6 +250,17 @@ mod tests {
                 (4, 8, 2, "ef".into(), false)
             ]
         );
+    }
+
+    #[test]
+    fn a_leading_bom_belongs_to_no_line() {
+        let want = vec![(1, 3, 3, "ab".into(), false), (2, 6, 1, "c".into(), false)];
+        assert_eq!(split(&[b"\xEF\xBB\xBFab\nc"], 100), want);
+        assert_eq!(split(&[b"\xEF", b"\xBB", b"\xBFab\n", b"c"], 100), want, "a BOM split across chunks");
+        assert_eq!(split(&[b"\xEF\xBB"], 100), vec![(1, 0, 2, "\u{FFFD}".into(), false)], "half a BOM is data");
+        assert_eq!(split(&[b"\xEF\xBBx\n"], 100)[0].2, 4);
+        assert_eq!(split(&[b"a\n\xEF\xBB\xBFb"], 100)[1].3, "\u{FEFF}b", "only at the start");
+        assert_eq!(split(&[b"\xEF\xBB\xBF"], 100), vec![], "a file of only a BOM has no line");
     }
 
     #[test]

@@ -34,10 +34,16 @@ mod finalizer;
 pub mod health;
 mod janitor;
 pub mod lines;
+mod live;
 mod progress;
+pub mod rates;
+mod retry;
 mod runner;
+mod scheduler;
+pub mod stall;
 mod supervisor;
 pub mod validator;
+mod webhooks;
 mod writer;
 
 use std::collections::HashMap;
@@ -56,7 +62,9 @@ use crate::upstream::Router;
 
 pub use book::LineCounts;
 pub use error::Error;
+pub use live::Live;
 pub use progress::Progress;
+pub use retry::RetryFilter;
 
 /// Live counters of the engine, for progress displays and metrics.
 #[derive(Debug, Default)]
@@ -104,6 +112,9 @@ pub(crate) struct Inner {
     live_nodes: AtomicUsize,
     /// Consecutive failed steps per batch (see `supervisor`).
     failures: Mutex<HashMap<String, u32>>,
+    scheduler: scheduler::Scheduler,
+    /// Events, metrics and live cluster state (see `live`).
+    live: Arc<Live>,
 }
 
 /// A handle on the running engine; cheap to clone.
@@ -122,6 +133,7 @@ impl Engine {
         }
         let node = format!("node-{}", crate::ids::batch_id().trim_start_matches("batch_"));
         let (progress, stats, health, book, held) = Default::default();
+        let live = Arc::new(Live::for_router(&router));
         let hard_stop = CancellationToken::new();
         let writer = writer::spawn(writer::WriterCtx {
             store: store.clone(),
@@ -133,6 +145,7 @@ impl Engine {
             book: book::Book::clone(&book),
             held: Held::clone(&held),
             hard_stop: hard_stop.clone(),
+            live: live.clone(),
         });
         let inner = Arc::new(Inner {
             store,
@@ -154,10 +167,20 @@ impl Engine {
             held,
             live_nodes: AtomicUsize::new(1),
             failures: Mutex::default(),
+            scheduler: scheduler::Scheduler::default(),
+            live,
         });
+        if exclusive {
+            // Before any step runs: a finalization restarted meanwhile could otherwise have
+            // its freshly written file taken for debris.
+            janitor::sweep_debris(&inner, Duration::ZERO).await;
+        }
         inner.tasks.spawn(supervisor::supervise(inner.clone()));
         inner.tasks.spawn(cluster::heartbeat(inner.clone()));
-        inner.tasks.spawn(janitor::janitor(inner.clone(), exclusive));
+        inner.tasks.spawn(scheduler::run(inner.clone()));
+        inner.tasks.spawn(janitor::janitor(inner.clone()));
+        inner.tasks.spawn(stall::watch(inner.clone()));
+        inner.tasks.spawn(webhooks::deliver(inner.clone()));
         Ok(Engine { inner })
     }
 
@@ -177,9 +200,9 @@ impl Engine {
         self.wake();
     }
 
-    /// Live throughput and ETA of a running batch (the `progress` extension).
-    pub fn progress(&self, batch_id: &str, remaining: i64) -> Option<Progress> {
-        self.inner.progress.get(batch_id, remaining)
+    /// Live throughput, ETA and deadline risk of a running batch (the `progress` extension).
+    pub fn progress(&self, b: &crate::store::BatchRecord) -> Option<Progress> {
+        self.inner.progress.get(&b.id, b.total - b.completed - b.failed, b.expires_at)
     }
 
     /// Lines of a batch in flight or waiting on a retry on this node.
@@ -206,30 +229,6 @@ impl Engine {
 
     pub fn store_commits(&self) -> u64 {
         self.inner.store.commits()
-    }
-
-    /// Prometheus text exposition of the engine's counters.
-    pub fn metrics_text(&self) -> String {
-        let s = &self.inner.stats;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
-        };
-        put("batchd_store_commits_total", "counter", "Store write transactions committed.", self.store_commits());
-        put("batchd_results_committed_total", "counter", "Results made durable.", get(&s.results_committed));
-        put("batchd_upstream_requests_total", "counter", "Requests sent upstream, retries included.", get(&s.sent));
-        put("batchd_retries_total", "counter", "Upstream attempts that were retried.", get(&s.retries_total));
-        put("batchd_retries_waiting", "gauge", "Retries waiting for their back-off.", get(&s.retries_waiting));
-        put("batchd_output_tokens_total", "counter", "Output tokens reported by upstreams.", get(&s.output_tokens));
-        put("batchd_batches_failed_by_engine_total", "counter", "Batches failed because a step could not succeed.", get(&s.batches_failed));
-        put("batchd_store_writable", "gauge", "1 while the store takes writes, 0 while it is full or unreachable.", self.store_writable() as u64);
-        for p in self.inner.router.pools() {
-            let n = &p.cfg.name;
-            out += &format!("batchd_upstream_in_flight{{upstream=\"{n}\"}} {}\n", p.limiter.in_flight());
-            out += &format!("batchd_upstream_window{{upstream=\"{n}\"}} {}\n", p.limiter.window());
-        }
-        out
     }
 
     /// Graceful stop: no new lines; in-flight lines get `grace` to finish; durable results

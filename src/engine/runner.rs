@@ -20,6 +20,7 @@ use crate::store::{BatchRecord, BatchStatus, InputFormat, LineError};
 /// Runs the step the batch's status calls for.
 pub async fn handle_batch(inner: &Arc<Inner>, id: &str, h: &Active) -> Result<()> {
     let b = load(inner, id).await?;
+    tracing::Span::current().record("tenant", b.tenant.as_str());
     match b.status {
         BatchStatus::Validating => {
             if claim(inner, id).await? {
@@ -85,6 +86,7 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> Result<()> {
         inner.store.mark_failed(&b.id, &report.errors, now).await.ctx("recording the validation errors")?;
         tracing::info!(batch = %b.id, errors = report.errors.len(), "batch failed validation");
     }
+    inner.live.outbox_changed();
     Ok(())
 }
 
@@ -94,19 +96,23 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {
         Err(crate::store::Error::NotFound) => return Err(Error::permanent("input_unavailable", "the batch's input file was deleted")),
         other => other.ctx("reading the input file record")?,
     };
+    let batch_id: Arc<str> = b.id.as_str().into();
+    let remaining = (b.total - b.completed - b.failed).max(0) as u64;
+    let (turns, _membership) = inner.scheduler.join(&batch_id, b.priority, b.expires_at, remaining, &inner.progress);
     let ctx = Arc::new(RunCtx {
         inner: inner.clone(),
-        batch_id: b.id.as_str().into(),
+        batch_id,
         blob_key: file.blob_key,
         format: b.input_format.unwrap_or(InputFormat::Full),
         path: b.endpoint.strip_prefix("/v1").unwrap_or(&b.endpoint).into(),
         h: h.clone(),
         lines: TaskTracker::new(),
+        turns,
     });
     let expiry = expiry_sleep(b.expires_at);
     tokio::pin!(expiry);
     let (fed, mut expired) = tokio::select! {
-        r = feeder::feed_all(ctx.clone(), b.priority) => (r, false),
+        r = feeder::feed_all(ctx.clone()) => (r, false),
         _ = h.stop.cancelled() => (Ok(()), false),
         _ = &mut expiry => (Ok(()), true),
     };
@@ -149,6 +155,7 @@ async fn conclude(inner: &Arc<Inner>, id: &str, expired: bool) -> Result<()> {
         return Ok(());
     };
     inner.store.begin_finalizing(id, outcome, now).await.ctx("starting finalization")?;
+    inner.live.outbox_changed();
     let b = load(inner, id).await?;
     match b.status {
         BatchStatus::Finalizing => finalize(inner, &b, b.finalize_as.unwrap_or(outcome)).await,

@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::error::Error;
 use super::{runner, Active, Inner};
 use crate::store::{BatchStatus, LineError};
@@ -52,8 +54,9 @@ fn start_batch(inner: &Arc<Inner>, id: String, status: BatchStatus) {
     let handles = Active { stop: inner.soft_stop.child_token(), abort: inner.hard_stop.child_token() };
     active.insert(id.clone(), handles.clone());
     let inner2 = inner.clone();
+    let span = tracing::info_span!("batch", id = %id, tenant = tracing::field::Empty);
     inner.tasks.spawn(async move {
-        match runner::handle_batch(&inner2, &id, &handles).await {
+        match runner::handle_batch(&inner2, &id, &handles).instrument(span).await {
             Ok(()) => {
                 inner2.failures.lock().unwrap().remove(&id);
             }

@@ -68,6 +68,8 @@ pub struct WriterCtx {
     pub held: Held,
     /// Gives up retrying a commit (the process is going down hard).
     pub hard_stop: CancellationToken,
+    /// Commit latency; the outbox tick (a commit may append `batch.progress`).
+    pub live: Arc<super::Live>,
 }
 
 pub fn spawn(ctx: WriterCtx) -> WriterHandle {
@@ -143,8 +145,11 @@ async fn commit(ctx: &WriterCtx, group: &[ResultRecord]) {
 async fn commit_retrying(ctx: &WriterCtx, group: &[ResultRecord]) -> crate::store::Result<()> {
     let mut delay = Duration::from_millis(50);
     loop {
+        let started = std::time::Instant::now();
         match ctx.store.commit_results(&ctx.node, group).await {
             Ok(o) => {
+                ctx.live.metrics.commit_took(started.elapsed());
+                ctx.live.outbox_changed();
                 ctx.health.set_writable(true);
                 super::count(&ctx.stats.results_committed, o.inserted);
                 record_progress(ctx, group);

@@ -96,6 +96,8 @@ pub async fn run_all(store: &dyn Store) {
     webhook_deliveries_are_durable_and_claimed(store).await;
     nodes_heartbeat_and_leave(store).await;
     usage_per_model_and_hour(store).await;
+    latest_events_newest_first(store).await;
+    queued_counts_unfinished_lines(store).await;
 }
 
 pub async fn files_roundtrip_and_isolation(store: &dyn Store) {
@@ -157,9 +159,11 @@ pub async fn delete_conflicts_while_running(store: &dyn Store) {
 
 pub async fn batch_idempotency_and_pagination(store: &dyn Store) {
     store.insert_file(&sample_file("bp", "file-bp")).await.unwrap();
-    let first = store.insert_batch(&sample_batch("bp", "batch_bp1", "file-bp"), Some("key-1")).await.unwrap();
-    let again = store.insert_batch(&sample_batch("bp", "batch_bp2", "file-bp"), Some("key-1")).await.unwrap();
+    let hashed = |id: &str, hash: &str| BatchRecord { idempotency_hash: Some(hash.into()), ..sample_batch("bp", id, "file-bp") };
+    let first = store.insert_batch(&hashed("batch_bp1", "hash-1"), Some("key-1")).await.unwrap();
+    let again = store.insert_batch(&hashed("batch_bp2", "hash-2"), Some("key-1")).await.unwrap();
     assert_eq!(first.id, again.id, "same idempotency key returns the first batch");
+    assert_eq!(again.idempotency_hash.as_deref(), Some("hash-1"), "with the hash of the first request");
     assert!(matches!(store.get_batch(None, "batch_bp2").await, Err(Error::NotFound)));
     let other = store.insert_batch(&sample_batch("bp-other", "batch_bp3", "file-bp"), Some("key-1")).await.unwrap();
     assert_eq!(other.id, "batch_bp3", "idempotency keys are per tenant");
@@ -458,4 +462,38 @@ pub async fn usage_per_model_and_hour(store: &dyn Store) {
     assert!(rows.iter().all(|r| r.hour % 3600 == 0 && r.hour <= now));
     assert!(store.usage("use-other", now - 7_200, now + 7_200).await.unwrap().is_empty(), "per tenant");
     assert!(store.usage("use", now + 3_600, now + 7_200).await.unwrap().is_empty(), "per time range");
+}
+
+pub async fn latest_events_newest_first(store: &dyn Store) {
+    running_batch(store, "lat", "batch_lat", 1).await;
+    store.commit_results(NODE, &[result("batch_lat", 1, true)]).await.unwrap();
+    store.append_event("batch_lat", "batch.stalled", r#"{"stalled":true}"#, 1_500).await.unwrap();
+    let mine = EventFilter { tenant: Some("lat".into()), batch_id: Some("batch_lat".into()) };
+    let all = store.latest_events(&mine, None, 10).await.unwrap();
+    let kinds: Vec<&str> = all.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["batch.stalled", "batch.progress", "batch.status", "batch.status"], "newest first");
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    let progress = store.latest_events(&mine, Some("batch.progress"), 10).await.unwrap();
+    assert_eq!(progress.len(), 1, "only the kind asked for");
+    let data: serde_json::Value = serde_json::from_str(&progress[0].data).unwrap();
+    assert_eq!(data["usage"]["total_tokens"], 5, "progress events tell the durable total tokens");
+    assert_eq!(store.latest_events(&mine, None, 1).await.unwrap()[0].kind, "batch.stalled", "a limit of one is the newest");
+    let tenant = EventFilter { tenant: Some("lat".into()), batch_id: None };
+    assert_eq!(store.latest_events(&tenant, None, 1).await.unwrap()[0].id, all[0].id);
+    let other = EventFilter { tenant: Some("lat-other".into()), batch_id: None };
+    assert!(store.latest_events(&other, None, 10).await.unwrap().is_empty(), "another tenant sees none");
+}
+
+pub async fn queued_counts_unfinished_lines(store: &dyn Store) {
+    assert_eq!(store.queued(Some("que")).await.unwrap(), Queued::default(), "nothing queued yet");
+    running_batch(store, "que", "batch_que", 2).await; // 20 lines, est_tokens 200
+    store.commit_results(NODE, &(1..=5).map(|l| result("batch_que", l, true)).collect::<Vec<_>>()).await.unwrap();
+    store.insert_file(&FileRecord { bytes: 4_000, ..sample_file("que", "file-que-v") }).await.unwrap();
+    store.insert_batch(&sample_batch("que", "batch_que_v", "file-que-v"), None).await.unwrap();
+    let q = store.queued(Some("que")).await.unwrap();
+    assert_eq!(q, Queued { batches: 2, requests: 15, tokens: 150 + 1_000 }, "lines left of running batches; validating ones by file size");
+    store.request_cancel("que", "batch_que_v", 2_000).await.unwrap();
+    assert_eq!(store.queued(Some("que")).await.unwrap(), Queued { batches: 1, requests: 15, tokens: 150 }, "a cancelled batch queues nothing");
+    assert!(store.queued(None).await.unwrap().requests >= 15, "every tenant with None");
+    assert_eq!(store.queued(Some("que-other")).await.unwrap(), Queued::default(), "per tenant");
 }

@@ -41,7 +41,7 @@ const TABLES: &[Table] = &[
     Table {
         name: "batches",
         cols: &[
-            ("seq", Int), ("id", Text), ("tenant", Text), ("idempotency_key", Text), ("endpoint", Text), ("input_file_id", Text),
+            ("seq", Int), ("id", Text), ("tenant", Text), ("idempotency_key", Text), ("idempotency_hash", Text), ("endpoint", Text), ("input_file_id", Text),
             ("completion_window", Text), ("metadata", Text), ("model", Text), ("status", Text), ("output_file_id", Text),
             ("error_file_id", Text), ("errors", Text), ("created_at", Int), ("in_progress_at", Int), ("expires_at", Int),
             ("finalizing_at", Int), ("completed_at", Int), ("failed_at", Int), ("expired_at", Int), ("cancelling_at", Int),

@@ -13,7 +13,8 @@
 //!   judged by the store's own clock, never a node's, so nodes with skewed clocks agree;
 //! - every change of a batch's status appends a `batch.status` event to the outbox in the same
 //!   transaction, and the change that makes a batch final also queues its webhook delivery;
-//!   commits append `batch.progress` at most once a second per batch;
+//!   commits append `batch.progress` at most once a second per batch, telling the durable
+//!   `request_counts` and `usage.total_tokens` (so that any node can derive rates);
 //! - counters saturate: no value an upstream reports can overflow a stored sum.
 //!
 //! API calls pass a tenant and never see another tenant's rows (`NotFound`, as for a missing id).
@@ -129,6 +130,11 @@ pub trait Batches: Send + Sync {
     async fn usage(&self, tenant: &str, start: i64, end: i64) -> Result<Vec<UsageRow>>;
     /// Usage per model of one batch (all hours summed; `hour` is 0).
     async fn batch_usage(&self, batch_id: &str) -> Result<Vec<UsageRow>>;
+    /// What is queued (batches `validating` or `in_progress`) for one tenant, or for every
+    /// tenant with `None`: lines without a result, and their estimated input tokens (a
+    /// running batch: its `est_tokens` in proportion to the lines left; a validating one:
+    /// its input file's bytes / 4).
+    async fn queued(&self, tenant: Option<&str>) -> Result<Queued>;
 }
 
 #[async_trait]
@@ -194,6 +200,9 @@ pub trait Cluster: Send + Sync {
 pub trait Outbox: Send + Sync {
     /// Events after `after` (an event id) matching `filter`, oldest first.
     async fn events_after(&self, filter: &EventFilter, after: i64, limit: u32) -> Result<Vec<Event>>;
+    /// The newest `limit` events matching `filter` (and of type `kind`, when given), newest
+    /// first: the last minute of `batch.progress` for rates, the newest id to follow from.
+    async fn latest_events(&self, filter: &EventFilter, kind: Option<&str>, limit: u32) -> Result<Vec<Event>>;
     /// Appends an event the engine observed (a stall); the store appends status and progress
     /// events itself.
     async fn append_event(&self, batch_id: &str, kind: &str, data: &str, now: i64) -> Result<i64>;

@@ -136,6 +136,9 @@ pub struct BatchRecord {
     pub finalize_as: Option<BatchStatus>,
     /// Estimated input tokens of the whole input (bytes / 4), known once validated.
     pub est_tokens: i64,
+    /// Hash of the create request, stored with its idempotency key: a later create with the
+    /// same key and another hash is refused.
+    pub idempotency_hash: Option<String>,
 }
 
 impl BatchRecord {
@@ -171,6 +174,7 @@ impl BatchRecord {
             output_expires_after: None,
             finalize_as: None,
             est_tokens: 0,
+            idempotency_hash: None,
         }
     }
 }
@@ -317,4 +321,16 @@ pub struct UsageRow {
     pub hour: i64,
     pub requests: i64,
     pub usage: Usage,
+}
+
+/// What a tenant (or everyone) has queued: see [`super::Batches::queued`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queued {
+    /// Batches `validating` or `in_progress`.
+    pub batches: i64,
+    /// Lines of running batches without a durable result (a validating batch counts 0: its
+    /// lines are not known yet).
+    pub requests: i64,
+    /// Estimated input tokens of those lines.
+    pub tokens: i64,
 }

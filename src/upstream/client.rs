@@ -25,11 +25,14 @@ pub struct Answer {
     pub retry_after: Option<Duration>,
 }
 
-/// No HTTP answer at all.
+/// No usable HTTP answer.
 #[derive(Debug, Clone)]
 pub enum TransportError {
     Timeout(String),
     Unavailable(String),
+    /// The answer was larger than the upstream's `max_response_bytes` (not retried: the
+    /// same request would get the same answer, and be paid for again).
+    TooLarge(String),
 }
 
 impl TransportError {
@@ -37,11 +40,12 @@ impl TransportError {
         match self {
             TransportError::Timeout(_) => "request_timeout",
             TransportError::Unavailable(_) => "upstream_unavailable",
+            TransportError::TooLarge(_) => "response_too_large",
         }
     }
     pub fn message(&self) -> &str {
         match self {
-            TransportError::Timeout(m) | TransportError::Unavailable(m) => m,
+            TransportError::Timeout(m) | TransportError::Unavailable(m) | TransportError::TooLarge(m) => m,
         }
     }
 }
@@ -56,6 +60,7 @@ impl Outcome {
     /// Connect errors, timeouts, 408, 409, 429 and 5xx may succeed when tried again.
     pub fn is_retryable(&self) -> bool {
         match self {
+            Outcome::Transport(TransportError::TooLarge(_)) => false,
             Outcome::Transport(_) => true,
             Outcome::Answer(a) => matches!(a.status, 408 | 409 | 429) || a.status >= 500,
         }
@@ -157,11 +162,17 @@ impl Pool {
             ConnError::Http(e) => TransportError::Unavailable(format!("upstream {name:?} failed: {}", error_chain(&e))),
         })?;
         let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}")))?
-            .to_bytes();
+        let max = self.cfg.max_response_bytes;
+        let too_large = || TransportError::TooLarge(format!("upstream {name:?} answered with more than {max} bytes (max_response_bytes)"));
+        let declared = parts.headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(too_large());
+        }
+        let body = match http_body_util::Limited::new(body, max as usize).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
+            Err(e) => return Err(TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}"))),
+        };
         self.conns.put_back(conn);
         let status = parts.status.as_u16();
         let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);

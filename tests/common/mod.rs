@@ -18,6 +18,8 @@ pub struct Server {
     child: Option<Child>,
     pub url: String,
     pub dir: PathBuf,
+    /// The data directory (`dir/data` unless started with [`Server::start_with_data`]).
+    pub data: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub extra_args: Vec<String>,
     /// Extra environment of the child (e.g. the `AWS_*` keys of a shared bucket).
@@ -27,10 +29,16 @@ pub struct Server {
 impl Server {
     /// Starts a server with `config` (TOML) in a fresh temporary directory.
     pub fn start(config: &str) -> Server {
+        Self::start_with_data(config, None)
+    }
+
+    /// Starts a server whose data directory is `data` (e.g. on a small filesystem).
+    pub fn start_with_data(config: &str, data: Option<PathBuf>) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("batchd.toml"), config).unwrap();
-        let mut s = Server { child: None, url: String::new(), dir, _tmp: Some(tmp), extra_args: vec![], env: vec![] };
+        let data = data.unwrap_or_else(|| dir.join("data"));
+        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: vec![], env: vec![] };
         s.spawn();
         s
     }
@@ -40,7 +48,8 @@ impl Server {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("batchd.toml"), config).unwrap();
-        let mut s = Server { child: None, url: String::new(), dir, _tmp: Some(tmp), extra_args: args.to_vec(), env: env.to_vec() };
+        let data = dir.join("data");
+        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: args.to_vec(), env: env.to_vec() };
         s.spawn();
         s
     }
@@ -51,7 +60,7 @@ impl Server {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(self.dir.join("data"))
+            .arg(&self.data)
             .arg("--config")
             .arg(self.dir.join("batchd.toml"))
             .args(&self.extra_args)
@@ -95,6 +104,11 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The pid of the running child.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn restart(&mut self) {
@@ -160,6 +174,11 @@ impl Api {
             Some(k) => r.bearer_auth(k),
             None => r,
         }
+    }
+
+    /// A request to `path` (under `/v1`) with the key, to send as it is.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.auth(self.http.request(method, format!("{}{path}", self.base)))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -392,4 +411,21 @@ pub fn wait_code(child: &mut Child, timeout: Duration) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Every object and staging file under a local blob directory, sorted.
+pub fn blob_tree(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -208,7 +208,7 @@ def test_metadata_limits(client, meta):
     assert_envelope(envelope_of(ei.value), param="metadata")
 
 
-@pytest.mark.parametrize("endpoint", ["/v1/images/generations", "/v1/videos", "/v1/nope", "v1/chat/completions"])
+@pytest.mark.parametrize("endpoint", ["/v1/images", "/v1/nope", "v1/chat/completions"])
 def test_unsupported_endpoint(client, endpoint):
     f = upload(client, [chat_line("x")])
     with pytest.raises(openai.BadRequestError) as ei:

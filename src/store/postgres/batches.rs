@@ -49,6 +49,7 @@ pub(super) fn batch_from_row(r: &PgRow) -> Result<BatchRecord> {
         output_expires_after: opt_int(r, "output_expires_after"),
         finalize_as: text_col(r, "finalize_as").and_then(|s| BatchStatus::parse(&s)),
         est_tokens: int(r, "est_tokens"),
+        idempotency_hash: text_col(r, "idempotency_hash"),
     })
 }
 
@@ -81,8 +82,8 @@ impl Batches for PgStore {
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-                 metadata, status, created_at, expires_at, priority, output_expires_after)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(&b.id)
@@ -97,6 +98,7 @@ impl Batches for PgStore {
         .bind(b.expires_at)
         .bind(b.priority)
         .bind(b.output_expires_after)
+        .bind(&b.idempotency_hash)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
@@ -135,7 +137,11 @@ impl Batches for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        let items = rows.iter().map(batch_from_row).collect::<Result<Vec<_>>>()?;
+        // A row that cannot be read is left out (and logged) rather than failing the list.
+        let items = rows
+            .iter()
+            .filter_map(|r| batch_from_row(r).map_err(|e| tracing::error!(error = %e, "a batch row cannot be read; listing the others")).ok())
+            .collect();
         Ok(page(items, limit))
     }
 
@@ -180,5 +186,24 @@ impl Batches for PgStore {
         let sql = format!("SELECT batch_id, model, 0::bigint AS hour, {USAGE_SUMS} FROM batch_usage WHERE batch_id = $1 GROUP BY batch_id, model ORDER BY model");
         let rows = sqlx::query(&sql).bind(batch_id).fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(usage_from_row).collect())
+    }
+
+    async fn queued(&self, tenant: Option<&str>) -> Result<Queued> {
+        // numeric sums (no overflow), clamped back into the BIGINT range.
+        let row = sqlx::query(
+            "SELECT count(*)::bigint AS batches,
+                 LEAST(COALESCE(sum(CASE WHEN status = 'in_progress' THEN GREATEST(total - completed - failed, 0) ELSE 0 END), 0),
+                       9223372036854775807)::bigint AS requests,
+                 LEAST(trunc(COALESCE(sum(CASE WHEN status = 'in_progress'
+                     THEN est_tokens::numeric * GREATEST(total - completed - failed, 0) / GREATEST(total, 1)
+                     ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END), 0)),
+                       9223372036854775807)::bigint AS tokens
+             FROM batches b WHERE status IN ('validating', 'in_progress') AND ($1::text IS NULL OR tenant = $1)",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
     }
 }

@@ -58,7 +58,7 @@ pub(super) async fn status_event(conn: &mut PgConnection, batch_id: &str, status
 pub(super) async fn progress_event(conn: &mut PgConnection, batch_id: &str, now: i64) -> Result<()> {
     let row = sqlx::query(&format!(
         "UPDATE batches SET last_progress_ms = {NOW_MS} WHERE id = $1 AND last_progress_ms <= {NOW_MS} - 1000
-         RETURNING tenant, total, completed, failed"
+         RETURNING tenant, total, completed, failed, total_tokens"
     ))
     .bind(batch_id)
     .fetch_optional(&mut *conn)
@@ -67,7 +67,7 @@ pub(super) async fn progress_event(conn: &mut PgConnection, batch_id: &str, now:
     let Some(row) = row else { return Ok(()) };
     let data = serde_json::json!({"request_counts": {
         "total": super::int(&row, "total"), "completed": super::int(&row, "completed"), "failed": super::int(&row, "failed"),
-    }});
+    }, "usage": {"total_tokens": super::int(&row, "total_tokens")}});
     lock_outbox(conn).await?;
     sqlx::query("INSERT INTO events (tenant, batch_id, type, data, created_at) VALUES ($1, $2, 'batch.progress', $3, $4)")
         .bind(row.get::<String, _>("tenant"))
@@ -144,6 +144,22 @@ impl Outbox for PgStore {
             b.push(" AND batch_id = ").push_bind(id);
         }
         b.push(" ORDER BY id LIMIT ").push_bind(limit as i64);
+        let rows = b.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    async fn latest_events(&self, filter: &EventFilter, kind: Option<&str>, limit: u32) -> Result<Vec<Event>> {
+        let mut b = QueryBuilder::<Postgres>::new("SELECT * FROM events WHERE true");
+        if let Some(t) = &filter.tenant {
+            b.push(" AND tenant = ").push_bind(t);
+        }
+        if let Some(id) = &filter.batch_id {
+            b.push(" AND batch_id = ").push_bind(id);
+        }
+        if let Some(k) = kind {
+            b.push(" AND type = ").push_bind(k);
+        }
+        b.push(" ORDER BY id DESC LIMIT ").push_bind(limit as i64);
         let rows = b.build().fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(event_from_row).collect())
     }

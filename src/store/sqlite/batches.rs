@@ -51,6 +51,7 @@ pub(super) fn batch_from_row(r: &SqliteRow) -> Result<BatchRecord> {
         output_expires_after: opt_int(r, "output_expires_after"),
         finalize_as: r.get::<Option<String>, _>("finalize_as").and_then(|s| BatchStatus::parse(&s)),
         est_tokens: int(r, "est_tokens"),
+        idempotency_hash: r.try_get("idempotency_hash").unwrap_or(None),
     })
 }
 
@@ -85,8 +86,8 @@ impl Batches for SqliteStore {
         let mut tx = self.write_tx().await.map_err(db_err)?;
         let r = sqlx::query(
             "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-                 metadata, status, created_at, expires_at, priority, output_expires_after)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(&b.id)
@@ -101,6 +102,7 @@ impl Batches for SqliteStore {
         .bind(b.expires_at)
         .bind(b.priority)
         .bind(b.output_expires_after)
+        .bind(&b.idempotency_hash)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -141,7 +143,11 @@ impl Batches for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        let items = rows.iter().map(batch_from_row).collect::<Result<Vec<_>>>()?;
+        // A row that cannot be read is left out (and logged) rather than failing the list.
+        let items = rows
+            .iter()
+            .filter_map(|r| batch_from_row(r).map_err(|e| tracing::error!(error = %e, "a batch row cannot be read; listing the others")).ok())
+            .collect();
         Ok(page(items, limit))
     }
 
@@ -193,5 +199,23 @@ impl Batches for SqliteStore {
         let sql = format!("SELECT batch_id, model, 0 AS hour, {USAGE_SUMS} FROM batch_usage WHERE batch_id = ? GROUP BY model ORDER BY model");
         let rows = sqlx::query(&sql).bind(batch_id).fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(usage_from_row).collect())
+    }
+
+    async fn queued(&self, tenant: Option<&str>) -> Result<Queued> {
+        // Sums as floats (`total()`), cast back: SQLite clamps the cast to the integer range.
+        let row = sqlx::query(
+            "SELECT count(*) AS batches,
+                 CAST(total(CASE WHEN status = 'in_progress' THEN max(total - completed - failed, 0) ELSE 0 END) AS INTEGER) AS requests,
+                 CAST(total(CASE WHEN status = 'in_progress'
+                     THEN est_tokens * (max(total - completed - failed, 0) * 1.0 / max(total, 1))
+                     ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END) AS INTEGER) AS tokens
+             FROM batches b WHERE status IN ('validating', 'in_progress') AND (? IS NULL OR tenant = ?)",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
     }
 }

@@ -27,7 +27,7 @@ use sqlx::Row;
 use super::*;
 
 /// Each entry migrates the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schema_v2.sql"), include_str!("schema_v3.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schema_v2.sql"), include_str!("schema_v3.sql"), include_str!("schema_v4.sql")];
 const FINAL: &str = "('completed','failed','expired','cancelled')";
 const ROWS_PER_INSERT: usize = 400;
 /// The store's clock, in unix milliseconds.
@@ -83,6 +83,11 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
+            // A transaction that failed mid-way (SQLITE_FULL rolls it back inside SQLite, and
+            // the driver's own ROLLBACK then fails) leaves the driver believing the connection
+            // is still in it, and every later BEGIN on it fails: close such a connection
+            // instead of returning it to the pool, so a full disk never wedges the store.
+            .after_release(|conn, _| Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) }))
             .connect_with(opts)
             .await
             .map_err(db_err)?;

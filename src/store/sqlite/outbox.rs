@@ -41,7 +41,7 @@ pub(super) async fn status_event(conn: &mut SqliteConnection, batch_id: &str, st
 pub(super) async fn progress_event(conn: &mut SqliteConnection, batch_id: &str, now: i64) -> Result<()> {
     let row = sqlx::query(&format!(
         "UPDATE batches SET last_progress_ms = {NOW_MS} WHERE id = ? AND last_progress_ms <= {NOW_MS} - 1000
-         RETURNING tenant, total, completed, failed"
+         RETURNING tenant, total, completed, failed, total_tokens"
     ))
     .bind(batch_id)
     .fetch_optional(&mut *conn)
@@ -50,7 +50,7 @@ pub(super) async fn progress_event(conn: &mut SqliteConnection, batch_id: &str, 
     let Some(row) = row else { return Ok(()) };
     let data = serde_json::json!({"request_counts": {
         "total": super::int(&row, "total"), "completed": super::int(&row, "completed"), "failed": super::int(&row, "failed"),
-    }});
+    }, "usage": {"total_tokens": super::int(&row, "total_tokens")}});
     sqlx::query("INSERT INTO events (tenant, batch_id, type, data, created_at) VALUES (?, ?, 'batch.progress', ?, ?)")
         .bind(row.get::<String, _>("tenant"))
         .bind(batch_id)
@@ -128,6 +128,22 @@ impl Outbox for SqliteStore {
             b.push(" AND batch_id = ").push_bind(id);
         }
         b.push(" ORDER BY id LIMIT ").push_bind(limit as i64);
+        let rows = b.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    async fn latest_events(&self, filter: &EventFilter, kind: Option<&str>, limit: u32) -> Result<Vec<Event>> {
+        let mut b = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE 1 = 1");
+        if let Some(t) = &filter.tenant {
+            b.push(" AND tenant = ").push_bind(t);
+        }
+        if let Some(id) = &filter.batch_id {
+            b.push(" AND batch_id = ").push_bind(id);
+        }
+        if let Some(k) = kind {
+            b.push(" AND type = ").push_bind(k);
+        }
+        b.push(" ORDER BY id DESC LIMIT ").push_bind(limit as i64);
         let rows = b.build().fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(event_from_row).collect())
     }

@@ -91,6 +91,7 @@ impl SqliteStore {
             .await
             .map_err(db_err)?;
         if r.rows_affected() == 0 {
+            tx.rollback().await.map_err(db_err)?;
             return Ok(false);
         }
         status_event(&mut tx, id, to, now).await?;
@@ -178,6 +179,7 @@ impl Work for SqliteStore {
         .await
         .map_err(db_err)?;
         if r.rows_affected() == 0 {
+            tx.rollback().await.map_err(db_err)?;
             return Ok(false);
         }
         sqlx::query("DELETE FROM units WHERE batch_id = ?").bind(id).execute(&mut *tx).await.map_err(db_err)?;

@@ -1,0 +1,94 @@
+//! `GET /v1/batches/{id}/progress` (extension): what a batch is doing right now.
+//!
+//! Durable counts come from the batch row; lines in flight and waiting on retries from every
+//! live node (their heartbeats, this node's own book); rates from the last minute of
+//! `batch.progress` events; the stall state as `engine::rates` derives it, with the engine's
+//! guess of the reason. Any node answers the same for the durable parts.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::batches::no_such_batch;
+use super::files::not_found_as;
+use super::{AppState, Tenant};
+use crate::engine::rates::{self, batch_rates, stalled_since};
+use crate::engine::LineCounts;
+use crate::error::ApiResult;
+use crate::store::{BatchRecord, EventFilter};
+use crate::upstream::Router;
+
+pub async fn progress(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let filter = EventFilter { tenant: Some(tenant), batch_id: Some(id) };
+    let events = st.store.latest_events(&filter, Some("batch.progress"), rates::EVENTS_PER_WINDOW).await?;
+    Ok(Json(render(&st, &b, &events)))
+}
+
+/// The progress object (see PLAN.md for its shape).
+pub fn render(st: &AppState, b: &BatchRecord, events: &[crate::store::Event]) -> Value {
+    let now = crate::now_unix_f64();
+    let r = st.engine.refine(&b.id, batch_rates(b, events, now));
+    let live = if b.status.is_final() { LineCounts::default() } else { st.engine.live_counts(&b.id) };
+    let done = b.completed.saturating_add(b.failed);
+    let remaining = (b.total - done).max(0);
+    let (retrying, in_flight) = ((live.retrying as i64).min(remaining), (live.in_flight as i64).min(remaining));
+    let stall_after = st.cfg.stall_after.as_secs_f64();
+    let stalled = stalled_since(b, &r, now, stall_after)
+        .map(|since| json!({"since": since as i64, "reason": st.engine.stall_reason(b, live, now - since)}));
+    // No ETA while stalled: the last minute's rate no longer tells when it ends.
+    let moving = r.requests_per_second > 0.0 && !b.status.is_final() && stalled.is_none();
+    let eta = moving.then(|| (remaining as f64 / r.requests_per_second).ceil() as i64);
+    let projected = eta.map(|e| now as i64 + e);
+    // At risk: at the current rate it ends after it expires, or it is stalled within ten
+    // stall periods of its expiry.
+    let at_risk = !b.status.is_final()
+        && remaining > 0
+        && b.expires_at.is_some_and(|exp| projected.is_some_and(|p| p > exp) || (stalled.is_some() && (exp as f64 - now) < 10.0 * stall_after));
+    json!({
+        "object": "batch.progress",
+        "id": b.id,
+        "status": b.status.as_str(),
+        "counts": {
+            "total": b.total,
+            "succeeded": b.completed,
+            "failed": b.failed,
+            "retrying": retrying,
+            "in_flight": in_flight,
+            "pending": (remaining - retrying - in_flight).max(0),
+        },
+        "requests_per_second": r.requests_per_second,
+        "tokens_per_second": r.tokens_per_second,
+        "eta_seconds": eta,
+        "seconds_since_last_result": r.last_result_at.map(|t| rates::round1((now - t).max(0.0))),
+        "at_risk": at_risk,
+        "projected_finish_at": projected,
+        "upstreams": upstream_states(&st.router, &st.engine, b.model.as_deref()),
+        "stalled": stalled,
+    })
+}
+
+/// The upstreams serving `model` (every upstream when the batch mixes models), as the router's
+/// pools show them now. When `Router::states()` (#11) lands, this renders its
+/// `UpstreamState`s instead, filtered the same way.
+pub fn upstream_states(router: &Router, engine: &crate::engine::Engine, model: Option<&str>) -> Vec<Value> {
+    let serving: Vec<String> = match model.and_then(|m| router.resolve(m)) {
+        Some(route) => route.targets.iter().map(|(p, _)| p.cfg.name.clone()).collect(),
+        None => router.pools().iter().map(|p| p.cfg.name.clone()).collect(),
+    };
+    router
+        .pools()
+        .iter()
+        .filter(|p| serving.contains(&p.cfg.name))
+        .map(|p| {
+            let recent = engine.metrics().recent(&p.cfg.name);
+            json!({
+                "name": p.cfg.name,
+                "in_flight": p.limiter.in_flight(),
+                "window": rates::round1(p.limiter.window()),
+                "limit": p.cfg.max_concurrency,
+                "last_error": recent.failing().then(|| recent.last_error.map(|e| e.1)).flatten(),
+            })
+        })
+        .collect()
+}

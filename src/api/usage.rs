@@ -1,0 +1,122 @@
+//! Usage and cost (extension): `GET /v1/usage?start_time=&end_time=&bucket_width=&group_by=model`
+//! gives a tenant its tokens, requests and cost in time buckets, shaped like OpenAI's usage
+//! API (`{"object": "page", "data": [{"object": "bucket", "start_time", "end_time",
+//! "results": [...]}]}`); and [`batch_cost`] is the Batch object's `cost`.
+//!
+//! Cost uses `[prices."model"]` (`input_per_million`, `output_per_million`,
+//! `batch_discount`), looked up by the model a line named, else by what its alias resolves
+//! to. Usage without a price costs nothing and is left out of the sum; a cost is `null` when
+//! no usage has a price.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::Query;
+use super::{AppState, Tenant};
+use crate::config::Price;
+use crate::error::{ApiError, ApiResult};
+use crate::store::{Usage, UsageRow};
+
+/// The price of `model` (or of the model its alias names).
+fn price_of(st: &AppState, model: &str) -> Option<Price> {
+    if let Some(p) = st.cfg.prices.get(model) {
+        return Some(*p);
+    }
+    let route = st.router.resolve(model)?;
+    route.targets.iter().find_map(|(_, target)| st.cfg.prices.get(&**target).copied())
+}
+
+fn cost_of(st: &AppState, rows: &[&UsageRow]) -> Option<f64> {
+    let costs: Vec<f64> = rows.iter().filter_map(|r| price_of(st, &r.model).map(|p| p.cost(r.usage.input_tokens, r.usage.output_tokens))).collect();
+    (!costs.is_empty()).then(|| round6(costs.iter().sum()))
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+/// The `cost` of a batch so far; `None` when no price applies (or none is configured).
+pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
+    if st.cfg.prices.is_empty() {
+        return None;
+    }
+    match st.store.batch_usage(batch_id).await {
+        Ok(rows) => cost_of(st, &rows.iter().collect::<Vec<_>>()),
+        Err(e) => {
+            tracing::warn!(batch = batch_id, error = %e, "cannot read usage per model for the cost");
+            None
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct UsageParams {
+    start_time: Option<String>,
+    end_time: Option<String>,
+    bucket_width: Option<String>,
+    group_by: Option<String>,
+}
+
+fn time_param(v: Option<&str>, name: &str) -> ApiResult<Option<i64>> {
+    v.map(|s| s.trim().parse::<i64>().map_err(|_| ApiError::invalid(name, format!("{name} must be unix seconds."))))
+        .transpose()
+}
+
+pub async fn get(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<UsageParams>) -> ApiResult<Json<Value>> {
+    let start = time_param(p.start_time.as_deref(), "start_time")?.ok_or_else(|| ApiError::missing("start_time"))?;
+    let end = time_param(p.end_time.as_deref(), "end_time")?.unwrap_or_else(|| crate::now_unix() + 1);
+    if end <= start {
+        return Err(ApiError::invalid("end_time", "end_time must be after start_time."));
+    }
+    let width = match p.bucket_width.as_deref() {
+        None | Some("1d") => 86_400,
+        Some("1h") => 3_600,
+        Some(_) => return Err(ApiError::invalid("bucket_width", "bucket_width must be 1h or 1d.")),
+    };
+    let by_model = match p.group_by.as_deref().map(str::trim) {
+        None | Some("") => false,
+        Some("model") => true,
+        Some(_) => return Err(ApiError::invalid("group_by", "group_by supports only model.")),
+    };
+    // Hours overlapping [start, end): the store keeps usage per hour.
+    let rows = st.store.usage(&tenant, start - start.rem_euclid(3_600), end).await?;
+    let mut buckets: BTreeMap<i64, BTreeMap<Option<&str>, Vec<&UsageRow>>> = BTreeMap::new();
+    for r in &rows {
+        let b = start + (r.hour.max(start) - start) / width * width;
+        buckets.entry(b).or_default().entry(by_model.then_some(r.model.as_str())).or_default().push(r);
+    }
+    let data: Vec<Value> = buckets
+        .iter()
+        .map(|(b, groups)| {
+            let results: Vec<Value> = groups.iter().map(|(model, rows)| result(&st, *model, rows)).collect();
+            json!({"object": "bucket", "start_time": b, "end_time": (b + width).min(end), "results": results})
+        })
+        .collect();
+    let all: Vec<&UsageRow> = rows.iter().collect();
+    Ok(Json(json!({"object": "page", "data": data, "has_more": false, "next_page": null, "total": result(&st, None, &all)})))
+}
+
+/// One result: sums of `rows`, OpenAI's usage field names, and their cost.
+fn result(st: &AppState, model: Option<&str>, rows: &[&UsageRow]) -> Value {
+    let mut u = Usage::default();
+    let mut requests = 0i64;
+    for r in rows {
+        u.add(&r.usage);
+        requests = requests.saturating_add(r.requests);
+    }
+    json!({
+        "object": "usage.result",
+        "model": model,
+        "input_tokens": u.input_tokens,
+        "input_cached_tokens": u.cached_tokens,
+        "output_tokens": u.output_tokens,
+        "output_reasoning_tokens": u.reasoning_tokens,
+        "total_tokens": u.total_tokens,
+        "num_model_requests": requests,
+        "cost": cost_of(st, rows),
+    })
+}

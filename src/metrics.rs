@@ -1,0 +1,279 @@
+//! Prometheus metrics (`GET /metrics`), kept by the `prometheus-client` crate and written in
+//! the Prometheus text format 0.0.4.
+//!
+//! Two kinds of families:
+//! - live ones, updated where things happen: upstream requests by outcome and their latency,
+//!   retries, 429s, store commit latency, webhook deliveries;
+//! - scrape-time ones, read when `/metrics` is asked ([`Scrape`]): store commits, results,
+//!   lines pending, batches by status, the store's health, per-upstream gauges.
+//!
+//! [`Metrics`] also remembers each upstream's most recent outcome ([`UpstreamRecent`]), which
+//! the stall detector reads to say *why* a batch does not move. Family names are documented
+//! in the README; the bench reads `batchd_store_commits_total`,
+//! `batchd_results_committed_total` and `batchd_store_writable`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::upstream::{Outcome, TransportError};
+
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// How far back "recent" upstream outcomes count for stall reasons.
+const RECENT: Duration = Duration::from_secs(60);
+
+/// The last outcomes seen from one upstream (this node's view).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamRecent {
+    pub last_success: Option<Instant>,
+    /// When and what the last failure was (`429 Too Many Requests`, `connection refused`, …).
+    pub last_error: Option<(Instant, String)>,
+    /// The last failure was a 429.
+    pub last_rate_limited: bool,
+    /// The last failure was no HTTP answer at all (connect error, timeout).
+    pub last_unreachable: bool,
+}
+
+impl UpstreamRecent {
+    /// The upstream's last outcome, within the last minute, was a failure.
+    pub fn failing(&self) -> bool {
+        match &self.last_error {
+            Some((at, _)) => at.elapsed() < RECENT && self.last_success.is_none_or(|s| s < *at),
+            None => false,
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    upstream_requests: Family<Labels, Counter>,
+    upstream_latency: Family<Labels, Histogram>,
+    retries: Family<Labels, Counter>,
+    rate_limited: Family<Labels, Counter>,
+    commit_seconds: Histogram,
+    webhook_deliveries: Family<Labels, Counter>,
+    recent: Mutex<HashMap<String, UpstreamRecent>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let upstream_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "batchd_upstream_requests",
+            "Requests sent upstream, retries included, by upstream and outcome (2xx, 4xx, 429, 5xx, timeout, unreachable, too_large)",
+            upstream_requests.clone(),
+        );
+        let upstream_latency = Family::<Labels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register("batchd_upstream_latency_seconds", "Time from sending a request upstream to its whole answer, by upstream", upstream_latency.clone());
+        let retries = Family::<Labels, Counter>::default();
+        registry.register("batchd_retries", "Upstream attempts that were retried, by upstream", retries.clone());
+        let rate_limited = Family::<Labels, Counter>::default();
+        registry.register("batchd_upstream_rate_limited", "429 answers from upstreams, by upstream", rate_limited.clone());
+        let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register("batchd_store_commit_seconds", "Time to commit one group of results to the store", commit_seconds.clone());
+        let webhook_deliveries = Family::<Labels, Counter>::default();
+        registry.register(
+            "batchd_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retrying, given_up, no_webhook)",
+            webhook_deliveries.clone(),
+        );
+        Metrics { registry, upstream_requests, upstream_latency, retries, rate_limited, commit_seconds, webhook_deliveries, recent: Mutex::default() }
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+fn upstream(name: &str) -> Labels {
+    vec![("upstream", name.to_string())]
+}
+
+/// The `outcome` label of one upstream call.
+pub fn outcome_class(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Answer(a) if a.status == 429 => "429",
+        Outcome::Answer(a) if (200..300).contains(&a.status) => "2xx",
+        Outcome::Answer(a) if a.status >= 500 => "5xx",
+        Outcome::Answer(_) => "4xx",
+        Outcome::Transport(TransportError::Timeout(_)) => "timeout",
+        Outcome::Transport(TransportError::Unavailable(_)) => "unreachable",
+        Outcome::Transport(TransportError::TooLarge(_)) => "too_large",
+    }
+}
+
+impl Metrics {
+    /// Creates the labelled series of every upstream and webhook outcome at zero, so that
+    /// every family is present from the first scrape (and rates start from a known 0).
+    pub fn prime<'a>(&self, upstreams: impl IntoIterator<Item = &'a str>) {
+        for name in upstreams {
+            let _ = self.retries.get_or_create(&upstream(name));
+            let _ = self.rate_limited.get_or_create(&upstream(name));
+            let _ = self.upstream_latency.get_or_create(&upstream(name));
+            let _ = self.upstream_requests.get_or_create(&vec![("upstream", name.to_string()), ("outcome", "2xx".to_string())]);
+        }
+        for outcome in ["delivered", "retrying", "given_up", "no_webhook"] {
+            let _ = self.webhook_deliveries.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
+    }
+
+    /// Records one call to `name` that ended with `o` after `took`.
+    pub fn upstream_call(&self, name: &str, o: &Outcome, took: Duration) {
+        let class = outcome_class(o);
+        self.upstream_requests.get_or_create(&vec![("upstream", name.to_string()), ("outcome", class.to_string())]).inc();
+        self.upstream_latency.get_or_create(&upstream(name)).observe(took.as_secs_f64());
+        if class == "429" {
+            self.rate_limited.get_or_create(&upstream(name)).inc();
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let r = recent.entry(name.to_string()).or_default();
+        match o {
+            Outcome::Answer(a) if !o.is_retryable() || (200..300).contains(&a.status) => r.last_success = Some(Instant::now()),
+            Outcome::Answer(a) => {
+                r.last_error = Some((Instant::now(), format!("{} from upstream", a.status)));
+                (r.last_rate_limited, r.last_unreachable) = (a.status == 429, false);
+            }
+            Outcome::Transport(e) => {
+                r.last_error = Some((Instant::now(), e.message().to_string()));
+                (r.last_rate_limited, r.last_unreachable) = (false, !matches!(e, TransportError::TooLarge(_)));
+            }
+        }
+    }
+
+    pub fn retry(&self, name: &str) {
+        self.retries.get_or_create(&upstream(name)).inc();
+    }
+
+    pub fn commit_took(&self, took: Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn webhook_attempt(&self, outcome: &'static str) {
+        self.webhook_deliveries.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
+    }
+
+    /// This node's view of one upstream's recent outcomes.
+    pub fn recent(&self, name: &str) -> UpstreamRecent {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned().unwrap_or_default()
+    }
+
+    /// The text exposition: the live families, then the scrape-time ones.
+    pub fn render(&self, s: &Scrape) -> String {
+        let mut out = String::new();
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        let _ = prometheus_text::encode(&mut out, &s.registry());
+        out
+    }
+}
+
+/// Per-upstream gauges read at scrape time. The adaptive limits (#11) add theirs here.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamGauges {
+    pub name: String,
+    pub in_flight: i64,
+    pub window: f64,
+    pub limit: i64,
+}
+
+/// Values read when `/metrics` is asked.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    pub store_commits: u64,
+    pub results_committed: u64,
+    pub store_writable: bool,
+    pub retries_waiting: u64,
+    pub output_tokens: u64,
+    pub batches_failed_by_engine: u64,
+    /// Lines of running batches without a durable result (every node's).
+    pub lines_pending: i64,
+    /// Batches in each working status (final ones are history, not state).
+    pub batches_by_status: Vec<(&'static str, i64)>,
+    pub upstreams: Vec<UpstreamGauges>,
+}
+
+impl Scrape {
+    fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        r.register("batchd_store_commits", "Store write transactions committed", ConstCounter::new(self.store_commits));
+        r.register("batchd_results_committed", "Results made durable", ConstCounter::new(self.results_committed));
+        r.register("batchd_output_tokens", "Output tokens reported by upstreams", ConstCounter::new(self.output_tokens));
+        r.register("batchd_batches_failed_by_engine", "Batches failed because a step could not succeed", ConstCounter::new(self.batches_failed_by_engine));
+        r.register("batchd_store_writable", "1 while the store takes writes, 0 while it is full or unreachable", ConstGauge::new(self.store_writable as i64));
+        r.register("batchd_retries_waiting", "Retries waiting for their back-off", ConstGauge::new(self.retries_waiting as i64));
+        r.register("batchd_lines_pending", "Lines of running batches without a durable result", ConstGauge::new(self.lines_pending));
+        let by_status = Family::<Labels, Gauge>::default();
+        for (status, n) in &self.batches_by_status {
+            by_status.get_or_create(&vec![("status", status.to_string())]).set(*n);
+        }
+        r.register("batchd_batches", "Batches in each working status", by_status);
+        self.register_upstreams(&mut r);
+        r
+    }
+
+    /// The per-upstream gauges: one family each, labelled by upstream.
+    fn register_upstreams(&self, r: &mut Registry) {
+        let in_flight = Family::<Labels, Gauge>::default();
+        let window = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let limit = Family::<Labels, Gauge>::default();
+        for u in &self.upstreams {
+            in_flight.get_or_create(&upstream(&u.name)).set(u.in_flight);
+            window.get_or_create(&upstream(&u.name)).set(u.window);
+            limit.get_or_create(&upstream(&u.name)).set(u.limit);
+        }
+        r.register("batchd_upstream_in_flight", "Requests in flight to each upstream", in_flight);
+        r.register("batchd_upstream_window", "Current concurrency window of each upstream", window);
+        r.register("batchd_upstream_limit", "Configured concurrency limit of each upstream", limit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Answer;
+
+    fn answer(status: u16) -> Outcome {
+        Outcome::Answer(Answer { status, body: Default::default(), request_id: None, retry_after: None })
+    }
+
+    #[test]
+    fn families_render_with_their_labels() {
+        let m = Metrics::default();
+        m.upstream_call("a", &answer(200), Duration::from_millis(12));
+        m.upstream_call("a", &answer(429), Duration::from_millis(3));
+        m.upstream_call("a", &Outcome::Transport(TransportError::Unavailable("connection refused".into())), Duration::from_millis(1));
+        m.retry("a");
+        m.commit_took(Duration::from_millis(2));
+        m.webhook_attempt("delivered");
+        let s = Scrape { store_commits: 7, store_writable: true, batches_by_status: vec![("in_progress", 2)], ..Default::default() };
+        let text = m.render(&s);
+        for want in [
+            "batchd_upstream_requests_total{upstream=\"a\",outcome=\"2xx\"} 1",
+            "batchd_upstream_requests_total{upstream=\"a\",outcome=\"429\"} 1",
+            "batchd_upstream_rate_limited_total{upstream=\"a\"} 1",
+            "batchd_retries_total{upstream=\"a\"} 1",
+            "batchd_upstream_latency_seconds_count{upstream=\"a\"} 3",
+            "batchd_store_commit_seconds_count 1",
+            "batchd_webhook_deliveries_total{outcome=\"delivered\"} 1",
+            "batchd_store_commits_total 7",
+            "batchd_store_writable 1",
+            "batchd_batches{status=\"in_progress\"} 2",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let r = m.recent("a");
+        assert!(r.failing() && r.last_unreachable && !r.last_rate_limited);
+        m.upstream_call("a", &answer(200), Duration::from_millis(1));
+        assert!(!m.recent("a").failing(), "a success clears the failure");
+    }
+}

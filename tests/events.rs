@@ -1,0 +1,280 @@
+//! Black-box tests of the extensions that tell what a batch is doing (issue #13): the
+//! `/progress` answer, stalls and their recovery, event streams, retry, usage, cost and
+//! quotas, driven over plain HTTP against the real binary and the in-process mock upstream.
+//! The official SDK's side (webhook signatures, an SSE client, metrics parsing) is in
+//! `tests/sdk/test_events.py`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Reads a whole event stream (until it ends or `timeout`) as (id, type, data JSON).
+async fn read_stream(api: &Api, path: &str, last_event_id: Option<i64>, timeout: Duration) -> Vec<(i64, String, Value)> {
+    let mut req = api.request(reqwest::Method::GET, path);
+    if let Some(l) = last_event_id {
+        req = req.header("last-event-id", l.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{path}");
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let body = tokio::time::timeout(timeout, resp.text()).await.unwrap_or_else(|_| panic!("the stream {path} did not end within {timeout:?}")).unwrap();
+    let mut out = vec![];
+    for block in body.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()));
+        let (Some(id), Some(kind), Some(data)) = (field("id"), field("event"), field("data")) else { continue };
+        out.push((id.parse().unwrap(), kind, serde_json::from_str(&data).unwrap()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_tells_counts_rates_and_upstreams_while_running() {
+    let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", ""));
+    let api = s.api();
+    let id = api.submit(&chat_lines(80, "m")).await;
+    let p = eventually("a rate while running", secs(30), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let (st, p) = api.get(&format!("/batches/{id}/progress")).await;
+            assert_eq!(st, 200, "{p}");
+            (p["requests_per_second"].as_f64().unwrap_or(0.0) > 0.0 && p["counts"]["in_flight"].as_i64().unwrap_or(0) > 0).then_some(p)
+        }
+    })
+    .await;
+    assert_eq!(p["object"], "batch.progress");
+    assert_eq!(p["status"], "in_progress");
+    let c = &p["counts"];
+    let sum: i64 = ["succeeded", "failed", "retrying", "in_flight", "pending"].iter().map(|k| c[k].as_i64().unwrap()).sum();
+    assert_eq!(sum, 80, "the counts add up to the total: {p}");
+    assert!(p["tokens_per_second"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["eta_seconds"].as_i64().is_some() && p["projected_finish_at"].as_i64().is_some(), "{p}");
+    assert_eq!(p["at_risk"], false);
+    assert!(p["stalled"].is_null(), "{p}");
+    assert!(p["seconds_since_last_result"].as_f64().unwrap() < 5.0, "{p}");
+    let up = &p["upstreams"][0];
+    assert_eq!((up["name"].as_str(), up["limit"].as_i64()), (Some("mock"), Some(4)), "{p}");
+    assert!(up["in_flight"].as_i64().unwrap() <= 4, "{p}");
+    let b = api.wait_for(&id, &["completed"], secs(60)).await;
+    let (_, p) = api.get(&format!("/batches/{id}/progress")).await;
+    assert_eq!(p["counts"], json!({"total": 80, "succeeded": 80, "failed": 0, "retrying": 0, "in_flight": 0, "pending": 0}), "{p}");
+    assert!(p["eta_seconds"].is_null() && p["stalled"].is_null(), "{p}");
+    assert_eq!(b["cost"], Value::Null, "no price configured");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_batch_says_why_and_recovers_when_its_upstream_returns() {
+    let dead = dead_base_url();
+    let port: u16 = dead.trim_start_matches("http://127.0.0.1:").trim_end_matches("/v1").parse().unwrap();
+    let s = Server::start(&config(&dead, "max_attempts = 100\nmax_concurrency = 1", "").replace("[batches]", "[batches]\nstall_after_s = 1.5"));
+    let api = s.api();
+    let t0 = Instant::now();
+    let id = api.submit(&chat_lines(6, "m")).await;
+    let p = eventually("a stall", secs(20), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let (_, p) = api.get(&format!("/batches/{id}/progress")).await;
+            (!p["stalled"].is_null()).then_some(p)
+        }
+    })
+    .await;
+    assert!(t0.elapsed() < secs(10), "a stall shows within stall_after_s (plus a check period)");
+    let reason = p["stalled"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("upstream unreachable: mock"), "the reason names the upstream: {p}");
+    assert!(p["stalled"]["since"].as_i64().unwrap() <= crate_now(), "{p}");
+    assert!(p["eta_seconds"].is_null(), "no ETA while stalled: {p}");
+    assert_eq!(p["counts"]["retrying"].as_i64().unwrap() + p["counts"]["in_flight"].as_i64().unwrap() + p["counts"]["pending"].as_i64().unwrap(), 6, "{p}");
+    let (_, q) = api.get("/quota").await;
+    assert_eq!(q["queued"]["requests"], 6, "{q}");
+
+    // The upstream comes back (answering one line at a time): the batch moves again, the
+    // stall is told over, and it finishes.
+    let m = MockServer::start(MockArgs { listen: format!("127.0.0.1:{port}"), latency_ms: 400, ..Default::default() }).await.unwrap();
+    let b = api.wait_for(&id, &["completed"], secs(90)).await;
+    assert_eq!(b["request_counts"]["completed"], 6);
+    let events = read_stream(&api, &format!("/batches/{id}/events?after=0"), None, secs(10)).await;
+    let stalls: Vec<&Value> = events.iter().filter(|(_, k, _)| k == "batch.stalled").map(|(_, _, d)| &d["data"]).collect();
+    // Once per stall: a stall, then its recovery (and again if lines waiting on their
+    // back-off leave it without a result for stall_after_s once more).
+    assert!(stalls.len() >= 2, "one event when it stalls, one when it moves again: {events:?}");
+    assert_eq!(stalls[0]["stalled"], true);
+    assert!(stalls[0]["reason"].as_str().unwrap().contains("unreachable"), "{stalls:?}");
+    assert!(stalls.iter().enumerate().all(|(i, s)| s["stalled"] == (i % 2 == 0)), "stalled and recovered alternate: {stalls:?}");
+    m.shutdown().await;
+}
+
+fn crate_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_resume_after_a_cursor_end_at_the_final_status_and_keep_tenants_apart() {
+    let m = mock(MockArgs { latency_ms: 60, ..Default::default() }).await;
+    let tenants = "[[tenants]]\nname = \"a\"\napi_keys = [\"sk-a\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"sk-b\"]";
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 2", tenants));
+    let (a, b) = (s.api_with_key("sk-a"), s.api_with_key("sk-b"));
+    // The tenant stream, opened before the batch exists, sees it from its first status.
+    let tenant_stream = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let resp = a.request(reqwest::Method::GET, "/events").send().await.unwrap();
+            let mut body = resp.bytes_stream();
+            let mut text = String::new();
+            use futures::StreamExt;
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(secs(30), body.next()).await {
+                text += &String::from_utf8_lossy(&chunk);
+                if text.contains("\"status\":\"completed\"") {
+                    break;
+                }
+            }
+            text
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = a.submit(&chat_lines(40, "m")).await;
+    let all = read_stream(&a, &format!("/batches/{id}/events"), None, secs(60)).await;
+    let kinds: Vec<&str> = all.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"batch.status"), "{kinds:?}");
+    assert!(kinds.iter().filter(|k| **k == "batch.progress").count() >= 1, "progress while counts move: {kinds:?}");
+    let (_, _, last) = all.last().unwrap();
+    assert_eq!((last["type"].as_str(), last["data"]["status"].as_str()), (Some("batch.status"), Some("completed")), "the stream ends after the final status");
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
+    assert!(last["id"].as_str().unwrap().starts_with("evt_") && last["batch_id"] == id.as_str());
+
+    // The whole history from 0, then resumed from the middle: no gap, no repeat.
+    let history = read_stream(&a, &format!("/batches/{id}/events?after=0"), None, secs(10)).await;
+    let mid = history[history.len() / 2].0;
+    let rest = read_stream(&a, &format!("/batches/{id}/events"), Some(mid), secs(10)).await;
+    let want: Vec<i64> = history.iter().map(|e| e.0).filter(|i| *i > mid).collect();
+    assert_eq!(rest.iter().map(|e| e.0).collect::<Vec<_>>(), want, "Last-Event-ID resumes right after it");
+    let done = read_stream(&a, &format!("/batches/{id}/events"), Some(history.last().unwrap().0), secs(5)).await;
+    assert!(done.is_empty(), "after the final event, the stream ends at once");
+
+    let text = tenant_stream.await.unwrap();
+    assert!(text.contains(&id) && text.contains("\"status\":\"validating\""), "the tenant stream saw the batch: {text}");
+    let (st, e) = b.get(&format!("/batches/{id}/events")).await;
+    assert_eq!((st, e["error"]["param"].as_str()), (404, Some("id")), "another tenant's batch is not found");
+    for path in ["progress", "retry"] {
+        let method = if path == "retry" { reqwest::Method::POST } else { reqwest::Method::GET };
+        let r = b.request(method, &format!("/batches/{id}/{path}")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{path}");
+    }
+    let (st, _) = a.get("/events?after=zz").await;
+    assert_eq!(st, 400, "a bad cursor is a 400");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_makes_a_batch_of_exactly_the_failed_lines() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_attempts = 1", ""));
+    let api = s.api();
+    let lines = vec![
+        chat_line("ok-1", "m", None),
+        chat_line("bad-400", "m", Some(json!({"status": 400}))),
+        chat_line("bad-500", "m", Some(json!({"status": 500}))),
+        chat_line("ok-2", "m", None),
+        chat_line("bad-429", "m", Some(json!({"status": 429}))),
+    ];
+    let file = api.upload(&lines).await;
+    let b = api.create_batch(&file, json!({"metadata": {"project": "x"}})).await;
+    let id = b["id"].as_str().unwrap().to_string();
+    let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({})).await;
+    assert!(st == 409 || st == 200 && e["metadata"]["retry_of"] == id.as_str(), "409 while the batch runs: {e}");
+    let done = api.wait_for(&id, &["completed"], secs(30)).await;
+    assert_eq!(done["request_counts"]["failed"], 3);
+
+    let (st, r) = api.post(&format!("/batches/{id}/retry"), &json!({})).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["metadata"], json!({"project": "x", "retry_of": id}), "{r}");
+    let input = api.content(r["input_file_id"].as_str().unwrap()).await;
+    let ids: Vec<String> = input.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["custom_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["bad-400", "bad-500", "bad-429"], "exactly the failed lines, in order, custom_ids unchanged");
+    let original: Value = serde_json::from_str(&lines[2]).unwrap();
+    let copied: Value = serde_json::from_str(input.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(copied["body"], original["body"], "the request body is unchanged");
+    let retried = api.wait_for(r["id"].as_str().unwrap(), &["completed"], secs(30)).await;
+    assert_eq!(retried["request_counts"]["total"], 3);
+
+    let (st, r) = api.post(&format!("/batches/{id}/retry"), &json!({"status_codes": [500, 429]})).await;
+    assert_eq!(st, 200, "{r}");
+    let input = api.content(r["input_file_id"].as_str().unwrap()).await;
+    assert_eq!(input.lines().count(), 2, "narrowed by status: {input}");
+    let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["expired", "cancelled"]})).await;
+    assert_eq!((st, e["error"]["code"].as_str()), (400, Some("nothing_to_retry")), "{e}");
+    let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["broken"]})).await;
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("include")), "{e}");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_cost_and_quotas() {
+    let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
+    let extra = "[[tenants]]\nname = \"q\"\napi_keys = [\"sk-q\"]\nmax_queued_requests = 25\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5";
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1", extra));
+    let api = s.api_with_key("sk-q");
+    let id = api.submit(&chat_lines(20, "m")).await;
+    api.wait_for(&id, &["in_progress"], secs(20)).await;
+
+    // 20 queued; 10 more would go over 25.
+    let f = api.upload(&chat_lines(10, "m")).await;
+    let (st, e) = api.post("/batches", &json!({"input_file_id": f, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!((st, e["error"]["code"].as_str(), e["error"]["type"].as_str()), (429, Some("quota_exceeded"), Some("rate_limit_error")), "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("max_queued_requests = 25") && msg.contains("queued"), "says what is queued against which limit: {msg}");
+    let (_, q) = api.get("/quota").await;
+    assert_eq!(q["limits"]["max_queued_requests"], 25, "{q}");
+    assert!(q["queued"]["requests"].as_i64().unwrap() <= 20 && q["queued"]["batches"] == 1, "{q}");
+    assert!(q["rate"]["requests_per_second"].as_f64().is_some(), "{q}");
+
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    let u = &b["usage"];
+    let want = (u["input_tokens"].as_f64().unwrap() * 2.0 + u["output_tokens"].as_f64().unwrap() * 8.0) / 1e6 * 0.5;
+    assert!((b["cost"].as_f64().unwrap() - want).abs() < 1e-6, "cost at the configured price, half off: {b}");
+    let (_, q) = api.get("/quota").await;
+    assert_eq!((q["queued"]["requests"].as_i64(), q["seconds_until_room"].as_f64()), (Some(0), Some(0.0)), "{q}");
+
+    let now = crate_now();
+    let (st, usage) = api.get(&format!("/usage?start_time={}&group_by=model&bucket_width=1h", now - 7200)).await;
+    assert_eq!(st, 200, "{usage}");
+    let r = &usage["data"][0]["results"][0];
+    assert_eq!((r["model"].as_str(), r["num_model_requests"].as_i64()), (Some("m"), Some(20)), "{usage}");
+    assert_eq!(r["input_tokens"], u["input_tokens"]);
+    assert!((r["cost"].as_f64().unwrap() - want).abs() < 1e-6, "{usage}");
+    let (st, e) = api.get("/usage").await;
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("start_time")));
+    let (st, _) = api.post("/batches", &json!({"input_file_id": f, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(st, 200, "room again once the queue drained");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_follows_the_stream_and_shows_a_stall() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", "").replace("[batches]", "[batches]\nstall_after_s = 1"));
+    let api = s.api();
+    // Two lines answer at once, one hangs for 4 s: the batch stalls, then ends.
+    let lines = vec![chat_line("a", "m", None), chat_line("b", "m", None), chat_line("slow", "m", Some(json!({"latency_ms": 4000})))];
+    let id = api.submit(&lines).await;
+    let mut c = std::process::Command::new(BIN);
+    c.args(["status", &id, "--watch", "--server", &s.url]);
+    let out = finish(c, secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("3/3 done, 0 failed"), "{out:?}");
+    assert!(out.stderr.contains("STALLED: 1 requests in flight"), "the stall and its reason are shown: {}", out.stderr);
+
+    // `batchd retry BATCH_ID` asks the server: nothing failed here, so it says so.
+    let mut c = std::process::Command::new(BIN);
+    c.args(["retry", &id, "--server", &s.url]);
+    let out = finish(c, secs(30));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("nothing to retry"), "{out:?}");
+    m.shutdown().await;
+}

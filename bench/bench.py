@@ -133,11 +133,11 @@ def child_env() -> dict[str, str]:
 class Server:
     """A child that prints `... listening on http://ADDR` on stdout when ready."""
 
-    def __init__(self, name: str, args: list[str], cwd: Path, log_dir: Path):
+    def __init__(self, name: str, args: list[str], cwd: Path, log_dir: Path, env: dict[str, str] | None = None):
         self.name = name
         self.log = open(log_dir / f"{name}.stderr.log", "wb")
         self.proc = subprocess.Popen(args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.log, env=child_env())
+                                     stderr=self.log, env={**child_env(), **(env or {})})
         _register(self.proc)
         self.addr = self._wait_ready(args)
 
@@ -566,6 +566,8 @@ class Bench:
         self.mock_api: Client | None = None
         self.had_error = False
         self._shown_cmds: set[str] = set()
+        self.sat_throughput: float | None = None
+        self.databases: list[tuple[str, str]] = []
 
     # -- helpers
 
@@ -700,6 +702,7 @@ class Bench:
         self.figures.append({"figure": fig, "measured": f"{r['throughput']:,.0f} req/s", "baseline": f"{ideal:,.0f} req/s (C/L)",
                              "ratio": ratio, "target": target, "result": "PASS" if ratio >= 0.95 else "MISS"})
         self.figures.append(commits_figure("saturation run", r["metrics"]))
+        self.sat_throughput = r["throughput"]
 
     def big(self) -> None:
         s = self.sizes
@@ -769,6 +772,143 @@ class Bench:
                   f"{size / MB / r['validate_s']:,.0f} MB/s; run {r['throughput']:,.0f} req/s (in_progress→completed "
                   f"{r['run_s']:.2f}s, finalizing {r['finalize_s']:.2f}s); CPU per request: batchd "
                   f"{r['cpu_batchd'] * 1e6 / n:.0f} µs, mock {r['cpu_mock'] * 1e6 / n:.0f} µs")
+
+    # -- scale-out: PostgreSQL + S3
+
+    def fresh_backends(self, pg: str, s3: str) -> tuple[str, str]:
+        """A fresh database (psql) and bucket (an unsigned PUT, which the moto emulator accepts);
+        returns the node's --database and --blob URLs."""
+        name = f"batchd_bench_{uuid.uuid4().hex[:12]}"
+        subprocess.run(["psql", pg, "-q", "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+        self.databases.append((pg, name))
+        base, _, _db = pg.partition("?")[0].rpartition("/")
+        bucket = name.replace("_", "-")
+        host = s3.split("://", 1)[1].rstrip("/")
+        conn = http.client.HTTPConnection(host, timeout=30)
+        conn.request("PUT", f"/{bucket}")
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"creating bucket {bucket} on {s3}: HTTP {resp.status}")
+        return f"{base}/{name}", f"s3://{bucket}/bench"
+
+    def serve_on(self, name: str, concurrency: int, database: str, blob: str, s3: str) -> tuple[Server, Client]:
+        assert self.mock is not None
+        env = {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+               "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+               "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1")}
+        srv = Server(f"batchd-{name}", [self.bin, "serve", "--listen", "127.0.0.1:0", "--database", database, "--blob", blob,
+                                        "--upstream", f"http://{self.mock.addr}/v1", "--concurrency", str(concurrency)],
+                     cwd=self.work, log_dir=self.logs, env=env)
+        return srv, Client(srv.addr)
+
+    def scale(self) -> None:
+        pg, s3 = os.environ.get("BATCHD_BENCH_POSTGRES_URL"), os.environ.get("BATCHD_BENCH_S3_URL")
+        print("\n[scale] one node on PostgreSQL + S3 against the embedded default; two nodes against one; "
+              "store transactions per 1,000 results on PostgreSQL", flush=True)
+        if not pg or not s3 or not shutil.which("psql"):
+            self.note("skipped: needs BATCHD_BENCH_POSTGRES_URL, BATCHD_BENCH_S3_URL and psql (run.sh sets them when "
+                      "PostgreSQL answers on 127.0.0.1:5432 and scripts/s3-server.sh can start moto)")
+            self.figures.append({"figure": "scale-out figures", "measured": "n/a (no PostgreSQL or S3)", "baseline": "",
+                                 "ratio": None, "target": "", "result": "n/a"})
+            return
+        s = self.sizes
+        n, c, lat = s["sat_lines"], s["sat_concurrency"], s["sat_latency_ms"]
+        path = self.work / "saturation.jsonl"
+        write_small(path, n)
+        fig, target = f"saturation, PostgreSQL + S3 ÷ embedded (C={c}, L={lat}ms)", "ratio ≥ 0.90"
+        try:
+            if self.sat_throughput is None:
+                self.set_latency(lat)
+                srv, api = self.serve("saturation-embedded", c)
+                try:
+                    self.sat_throughput = run_batch(api, self.mock_api, path, n, s["timeout_s"], (srv.pid, self.mock.pid))["throughput"]
+                finally:
+                    srv.stop()
+            database, blob = self.fresh_backends(pg, s3)
+            self.set_latency(lat)
+            srv, api = self.serve_on("saturation-pg", c, database, blob, s3)
+            try:
+                r = run_batch(api, self.mock_api, path, n, s["timeout_s"], (srv.pid, self.mock.pid))
+            finally:
+                srv.stop()
+                self.set_latency(0)
+        except Exception as e:
+            self.error(fig, target, e)
+            return
+        self.batch_note(1, r, n, c)
+        ratio = r["throughput"] / self.sat_throughput
+        self.figures.append({"figure": fig, "measured": f"{r['throughput']:,.0f} req/s",
+                             "baseline": f"{self.sat_throughput:,.0f} req/s (embedded)", "ratio": ratio, "target": target,
+                             "result": "PASS" if ratio >= 0.9 else "MISS"})
+        self.figures.append(commits_figure("PostgreSQL, saturation run", r["metrics"]))
+        self.two_nodes(pg, s3)
+        self.scale_rss(pg, s3)
+
+    def scale_rss(self, pg: str, s3: str) -> None:
+        s = self.sizes
+        n, size, c = s["big_lines"], s["big_bytes"], s["big_concurrency"]
+        fig = f"peak RSS, PostgreSQL + S3 ({n // 1000}k lines, {size // MB} MB)"
+        path = self.work / "big.jsonl"
+        if not path.exists() or path.stat().st_size != size:
+            write_big(path, n, size)
+        try:
+            database, blob = self.fresh_backends(pg, s3)
+            self.set_latency(0)
+            srv, api = self.serve_on("big-pg", c, database, blob, s3)
+            sampler = RssSampler(srv.pid)
+            try:
+                idle = proc_status(srv.pid).get("VmRSS", 0)
+                sampler.start()
+                try:
+                    r = run_batch(api, self.mock_api, path, n, s["timeout_s"], (srv.pid, self.mock.pid), sampler)
+                finally:
+                    sampler.stop()
+                hwm = proc_status(srv.pid).get("VmHWM", 0)
+            finally:
+                srv.stop()
+        except Exception as e:
+            self.error(fig, "measured ≤ 64 MB", e)
+            return
+        self.rss_notes(1, r, sampler, hwm, n, size)
+        peak_mb = hwm / 1024
+        self.figures.append({"figure": fig, "measured": f"{peak_mb:.1f} MB (VmHWM)", "baseline": f"{idle / 1024:.1f} MB idle",
+                             "ratio": peak_mb / (idle / 1024) if idle else None, "ratio_note": "× idle",
+                             "target": "measured ≤ 64 MB", "result": "PASS" if peak_mb <= 64 else "MISS"})
+        self.figures.append(commits_figure(f"PostgreSQL, {n // 1000}k run", r["metrics"]))
+
+    def two_nodes(self, pg: str, s3: str) -> None:
+        s = self.sizes
+        n, c = s["dispatch_lines"], s["dispatch_concurrency"]
+        fig, target = f"two nodes ÷ one (PostgreSQL + S3, instant upstream, {n:,} lines)", "report"
+        path = self.work / "dispatch.jsonl"
+        write_small(path, n)
+        try:
+            database, blob = self.fresh_backends(pg, s3)
+            self.set_latency(0)
+            a, api_a = self.serve_on("node-a", c, database, blob, s3)
+            try:
+                one = run_batch(api_a, self.mock_api, path, n, s["timeout_s"], (a.pid, self.mock.pid))
+                b, _ = self.serve_on("node-b", c, database, blob, s3)
+                try:
+                    time.sleep(2)  # a heartbeat or two: both nodes are live
+                    two = run_batch(api_a, self.mock_api, path, n, s["timeout_s"], (a.pid, self.mock.pid))
+                finally:
+                    b.stop()
+            finally:
+                a.stop()
+        except Exception as e:
+            self.error(fig, target, e)
+            return
+        self.note(f"one node: {one['throughput']:,.0f} req/s; two nodes: {two['throughput']:,.0f} req/s "
+                  f"(both on this machine's {os.cpu_count()} cores, with PostgreSQL, moto and the mock)")
+        self.figures.append({"figure": fig, "measured": f"{two['throughput']:,.0f} req/s", "baseline": f"{one['throughput']:,.0f} req/s (one node)",
+                             "ratio": two["throughput"] / one["throughput"], "target": target, "result": "report"})
+        self.figures.append(commits_figure("PostgreSQL, two nodes", two["metrics"]))
+
+    def drop_databases(self) -> None:
+        for pg, name in self.databases:
+            subprocess.run(["psql", pg, "-q", "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], capture_output=True)
 
     def wc_baseline(self, path: Path, size: int) -> float:
         best = None
@@ -1010,9 +1150,12 @@ class Bench:
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         only = set(self.args.only.split(",")) if self.args.only else None
-        for name, f in (("dispatch", self.dispatch), ("saturation", self.saturation), ("big", self.big), ("limits", self.limits)):
-            if only is None or name in only:
-                f()
+        try:
+            for name, f in (("dispatch", self.dispatch), ("saturation", self.saturation), ("big", self.big), ("limits", self.limits), ("scale", self.scale)):
+                if only is None or name in only:
+                    f()
+        finally:
+            self.drop_databases()
         elapsed = time.perf_counter() - t0
         self.mock.stop()
         load1 = os.getloadavg()
@@ -1076,7 +1219,7 @@ def main() -> int:
     ap.add_argument("--bin", required=True, help="the batchd binary")
     ap.add_argument("--work", required=True, help="scratch directory (inputs, data dirs, logs)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, about 30 s")
-    ap.add_argument("--only", help="comma list of dispatch,saturation,big,limits")
+    ap.add_argument("--only", help="comma list of dispatch,saturation,big,limits,scale")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--pidfile", help="append the pid of every child here")
     args = ap.parse_args()

@@ -8,10 +8,15 @@
 # Options:
 #   --quick         smaller sizes
 #   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
-#   --only LIST     comma list of dispatch,saturation,big,limits
+#   --only LIST     comma list of dispatch,saturation,big,limits,scale
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
 #   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)
+#
+# The scale figures (one node on PostgreSQL + S3 against the embedded default, two nodes
+# against one, store transactions per 1,000 results on PostgreSQL) need PostgreSQL (taken from
+# BATCHD_BENCH_POSTGRES_URL, else 127.0.0.1:5432 when it answers) and an S3 server
+# (BATCHD_BENCH_S3_URL, else moto started by scripts/s3-server.sh); without them they are n/a.
 #
 # It builds batchd in release mode (a no-op when up to date), installs wrk with apt-get when
 # it is missing and this is root (else uses oha if present, else reports the baseline n/a),
@@ -29,7 +34,7 @@ KEEP=0
 ONLY=""
 JSON="$HERE/.last-run.json"
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -104,6 +109,22 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
+
+if [ -z "$ONLY" ] || [[ ",$ONLY," == *",scale,"* ]]; then
+  if [ -z "${BATCHD_BENCH_POSTGRES_URL:-}" ] && command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; then
+    export BATCHD_BENCH_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
+  fi
+  if [ -n "${BATCHD_BENCH_POSTGRES_URL:-}" ] && [ -z "${BATCHD_BENCH_S3_URL:-}" ]; then
+    echo "== starting an S3 server for the scale figures (scripts/s3-server.sh)"
+    if S3ENV="$("$REPO/scripts/s3-server.sh" start)"; then
+      eval "$S3ENV"
+      echo "$S3_SERVER_PID" >>"$PIDFILE"
+      export BATCHD_BENCH_S3_URL="$BATCHD_TEST_S3_URL"
+    else
+      echo "WARNING: no S3 server; the scale figures will be n/a" >&2
+    fi
+  fi
+fi
 
 ARGS=(--bin "$BIN" --work "$WORK" --pidfile "$PIDFILE" --json "$JSON")
 [ -n "$QUICK" ] && ARGS+=("$QUICK")

@@ -3,6 +3,11 @@
 # the project's mock upstream), then the official openai Python SDK suite against the real
 # server. Installs what it needs (a Python venv with the pinned SDK) by itself.
 #
+# The PostgreSQL and S3 tests run against the local PostgreSQL server (127.0.0.1:5432, trust
+# auth; started when it is down) and a moto S3 server that scripts/s3-server.sh starts for the
+# run. Set BATCHD_TEST_POSTGRES_URL / BATCHD_TEST_S3_URL yourself to use other servers, or to
+# an empty value to skip those tests.
+#
 #   scripts/test.sh            # everything
 #   scripts/test.sh --rust     # only the Rust tests
 set -euo pipefail
@@ -12,6 +17,30 @@ target="${CARGO_TARGET_DIR:-$repo/target}"
 
 echo "== building (once) =="
 cargo build --locked --bins --tests
+
+echo "== PostgreSQL and S3 for the scale-out tests =="
+if [[ -z "${BATCHD_TEST_POSTGRES_URL+set}" ]]; then
+    if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster >/dev/null; then
+        echo "starting the local PostgreSQL server"
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+        for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+    fi
+    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        export BATCHD_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
+    else
+        echo "WARNING: no PostgreSQL server on 127.0.0.1:5432; the PostgreSQL tests will be skipped" >&2
+    fi
+fi
+if [[ -z "${BATCHD_TEST_S3_URL+set}" ]]; then
+    if s3env="$(scripts/s3-server.sh start)"; then
+        eval "$s3env"
+        trap 'scripts/s3-server.sh stop "$S3_SERVER_PID"' EXIT
+    else
+        echo "WARNING: could not start the S3 test server; the S3 tests will be skipped" >&2
+    fi
+fi
+[[ -n "${BATCHD_TEST_POSTGRES_URL:-}" ]] || unset BATCHD_TEST_POSTGRES_URL
+[[ -n "${BATCHD_TEST_S3_URL:-}" ]] || unset BATCHD_TEST_S3_URL
 
 echo "== Rust tests =="
 cargo test --locked --no-fail-fast

@@ -139,6 +139,10 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub insecure_no_auth: Option<bool>,
+    /// `postgres://…` or `sqlite://PATH` (default: SQLite in the data directory).
+    pub database: Option<String>,
+    /// `s3://BUCKET/PREFIX` or `file://PATH` (default: `blobs/` in the data directory).
+    pub blob: Option<String>,
     /// Seconds a client has to send a request's head (also bounds a keep-alive wait).
     pub header_read_timeout_s: Option<f64>,
     /// Seconds without a byte in either direction after which a connection is closed.
@@ -243,6 +247,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub insecure_no_auth: bool,
+    /// The metadata store; `None`: embedded SQLite in `data_dir` (see [`crate::backend`]).
+    pub database: Option<crate::backend::DatabaseUrl>,
+    /// The blob store; `None`: a directory in `data_dir`.
+    pub blob: Option<crate::blob::BlobUrl>,
     /// API key → tenant name. Empty: no authentication, every call is tenant `default`.
     pub api_keys: BTreeMap<Secret, String>,
     pub upstreams: Vec<UpstreamConfig>,
@@ -432,6 +440,8 @@ impl RawConfig {
             listen,
             data_dir: self.server.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             insecure_no_auth: self.server.insecure_no_auth.unwrap_or(false),
+            database: self.server.database.as_deref().filter(|u| !u.is_empty()).map(str::parse).transpose().map_err(ConfigError::Invalid)?,
+            blob: self.server.blob.as_deref().filter(|u| !u.is_empty()).map(str::parse).transpose().map_err(ConfigError::Invalid)?,
             api_keys,
             upstreams,
             completion_windows,
@@ -694,6 +704,8 @@ impl Config {
                 listen: Some(self.listen.to_string()),
                 data_dir: Some(self.data_dir.clone()),
                 insecure_no_auth: Some(self.insecure_no_auth),
+                database: self.database.as_ref().map(|d| d.to_string()),
+                blob: self.blob.as_ref().map(|b| b.to_string()),
                 header_read_timeout_s: Some(h.header_read_timeout.as_secs_f64()),
                 idle_timeout_s: Some(h.idle_timeout.as_secs_f64()),
                 request_timeout_s: Some(h.request_timeout.as_secs_f64()),

@@ -14,12 +14,15 @@
 //! - [`upstream`]: routing of models to upstream pools, the HTTP client, error classification.
 //! - [`mock`]: an OpenAI-compatible mock upstream for tests, benchmarks and the quickstart.
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
-//! - [`server`] assembles a node (data directory, store, blob, engine, HTTP) and stops it
-//!   gracefully; [`http`] serves its connections (connection cap, timeouts); [`wire`] renders
-//!   OpenAI's objects; [`ids`] makes ids; [`memory`] keeps the allocator's footprint small;
-//!   [`metrics`] keeps the Prometheus families.
+//! - [`backend`] picks the store and blob store a node runs on (embedded SQLite and a local
+//!   directory, or PostgreSQL and S3 shared by many nodes), once, at start-up;
+//! - [`server`] assembles a node (backends, engine, HTTP) and stops it gracefully; [`http`]
+//!   serves its connections (connection cap, timeouts); [`wire`] renders OpenAI's objects;
+//!   [`ids`] makes ids; [`memory`] keeps the allocator's footprint small; [`metrics`] keeps
+//!   the Prometheus families.
 
 pub mod api;
+pub mod backend;
 pub mod blob;
 pub mod cli;
 pub mod config;

@@ -1,5 +1,5 @@
-//! Assembling and running a batchd node: data directory, store, blob store, router, engine
-//! and HTTP server, with graceful shutdown.
+//! Assembling and running a batchd node: store and blob store (chosen by [`crate::backend`]),
+//! router, engine and HTTP server, with graceful shutdown.
 //!
 //! [`App::build`] binds the listener (port 0 is fine) and starts the engine; [`App::run`]
 //! serves (through [`crate::http`]: connection cap and timeouts) until the shutdown future
@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::{self, AppState};
+use crate::backend::Backends;
 use crate::blob::Blob;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -27,7 +28,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct App {
     listener: tokio::net::TcpListener,
     state: AppState,
-    _lock: DataDirLock,
+    _locks: Vec<DataDirLock>,
 }
 
 impl App {
@@ -40,15 +41,15 @@ impl App {
             );
         }
         let cfg = Arc::new(cfg);
-        let (store, blob, lock) = open_data_dir(&cfg.data_dir).await?;
+        let Backends { store, blob, exclusive, locks } = Backends::open(&cfg).await?;
         let router = Arc::new(Router::new(&cfg.upstreams).context("building upstream clients")?);
         if cfg.upstreams.is_empty() {
             tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
         }
-        let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), true).await?;
+        let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), exclusive).await?;
         let listener = crate::http::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let state = AppState { store, blob, engine, router, cfg };
-        Ok(App { listener, state, _lock: lock })
+        Ok(App { listener, state, _locks: locks })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -93,13 +94,17 @@ pub struct DataDirLock {
 
 impl DataDirLock {
     pub fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        Self::acquire_file(&dir.join("batchd.lock")).map_err(|_| anyhow::anyhow!("the data directory {} is in use by another batchd process", dir.display()))
+    }
+
+    /// Locks one lock file (created if missing).
+    pub fn acquire_file(path: &Path) -> anyhow::Result<DataDirLock> {
         use std::os::fd::AsRawFd;
-        let path = dir.join("batchd.lock");
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
         // SAFETY: flock on a file descriptor we own; no memory is shared.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
-            anyhow::bail!("the data directory {} is in use by another batchd process", dir.display());
+            anyhow::bail!("{} is locked by another batchd process", path.display());
         }
         Ok(DataDirLock { _file: file })
     }

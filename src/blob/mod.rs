@@ -1,9 +1,12 @@
 //! File bytes: inputs, outputs and error files, behind [`object_store`].
 //!
-//! [`Blob`] is a thin wrapper over `Arc<dyn ObjectStore>` chosen at boot (a local directory
-//! by default; an S3-compatible store slots in through the same constructor). Writes are
-//! streamed and become visible only when [`BlobWriter::finish`] completes, so a crash or an
-//! abort never leaves a half-written object under its key.
+//! [`Blob`] is a thin wrapper over `Arc<dyn ObjectStore>` chosen at boot from a
+//! [`BlobUrl`]: a local directory by default, or an S3-compatible bucket (`s3://bucket/prefix`,
+//! configured by the usual `AWS_*` environment). The rest of the program never learns which.
+//! Writes are streamed (multipart uploads on S3) and become visible only when
+//! [`BlobWriter::finish`] completes, so a crash or an abort never leaves a half-written object
+//! under its key; reads are ranged, [`READ_CHUNK`] at a time ([`REMOTE_READ_CHUNK`] on S3). Behaviour every backend shows
+//! is checked by [`conformance`].
 
 use std::ops::Range;
 use std::path::Path;
@@ -16,6 +19,11 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use tokio::io::AsyncWriteExt;
+
+pub mod conformance;
+mod backend;
+
+pub use backend::BlobUrl;
 
 /// A backend-neutral blob error.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +44,7 @@ impl From<object_store::Error> for Error {
         match e {
             object_store::Error::NotFound { path, .. } => Error::NotFound(path),
             other if out_of_space(&other) => Error::Full(other.to_string()),
+            other if backend::is_transient(&other) => Error::Unavailable(other.to_string()),
             other => Error::Other(other.to_string()),
         }
     }
@@ -64,8 +73,11 @@ fn out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Size of one ranged read when streaming an object.
+/// Size of one ranged read when streaming an object from a local directory.
 pub const READ_CHUNK: u64 = 1 << 20;
+/// Size of one ranged read from an object store over the network, where every read is a
+/// request with its own latency: fewer, larger reads (two in flight still hold only 8 MiB).
+pub const REMOTE_READ_CHUNK: u64 = 4 << 20;
 /// Buffer of a streaming upload before a part is sent.
 pub const WRITE_BUFFER: usize = 5 << 20;
 
@@ -74,6 +86,8 @@ pub struct Blob {
     store: Arc<dyn ObjectStore>,
     /// The directory of a local blob store (where interrupted uploads leave staging files).
     local_root: Option<Arc<Path>>,
+    /// Bytes per ranged read when streaming ([`READ_CHUNK`] or [`REMOTE_READ_CHUNK`]).
+    read_chunk: u64,
 }
 
 /// A stored object: its key and when it was last written.
@@ -89,11 +103,25 @@ impl Blob {
     pub fn local(dir: &Path) -> Result<Blob> {
         std::fs::create_dir_all(dir)?;
         let root: Arc<Path> = std::fs::canonicalize(dir)?.into();
-        Ok(Blob { store: Arc::new(LocalFileSystem::new_with_prefix(&root)?), local_root: Some(root) })
+        Ok(Blob { store: Arc::new(LocalFileSystem::new_with_prefix(&root)?), local_root: Some(root), read_chunk: READ_CHUNK })
     }
 
+    /// A blob store over the network (S3), read [`REMOTE_READ_CHUNK`] at a time.
     pub fn new(store: Arc<dyn ObjectStore>) -> Blob {
-        Blob { store, local_root: None }
+        Blob { store, local_root: None, read_chunk: REMOTE_READ_CHUNK }
+    }
+
+    /// Bytes per ranged read when this store streams an object.
+    pub fn read_chunk(&self) -> u64 {
+        self.read_chunk
+    }
+
+    /// The blob store a URL names (see [`BlobUrl`]).
+    pub fn open(url: &BlobUrl) -> Result<Blob> {
+        match url {
+            BlobUrl::Local(dir) => Blob::local(dir),
+            BlobUrl::S3 { bucket, prefix } => Ok(Blob::new(backend::s3(bucket, prefix, object_store::aws::AmazonS3Builder::from_env())?)),
+        }
     }
 
     /// Every object under `prefix` (listing pages through the store; each entry is small).
@@ -151,15 +179,16 @@ impl Blob {
         Ok(self.chunks(key, range))
     }
 
-    /// Reads a range as [`READ_CHUNK`]-sized ranged reads, two in flight: large reads keep
+    /// Reads a range as [`Blob::read_chunk`]-sized ranged reads, two in flight: large reads keep
     /// a local disk or an object store busy without holding more than two chunks.
     fn chunks(&self, key: &str, range: Range<u64>) -> BoxStream<'static, Result<Bytes>> {
         let (store, path) = (self.store.clone(), ObjectPath::from(key));
-        let starts = (range.start..range.end).step_by(READ_CHUNK as usize);
+        let chunk = self.read_chunk;
+        let starts = (range.start..range.end).step_by(chunk as usize);
         futures::stream::iter(starts)
             .map(move |start| {
                 let (store, path) = (store.clone(), path.clone());
-                let end = (start + READ_CHUNK).min(range.end);
+                let end = (start + chunk).min(range.end);
                 async move { store.get_range(&path, start..end).await.map_err(Error::from) }
             })
             .buffered(2)

@@ -6,6 +6,7 @@
 //! cancelled); 130 `run` interrupted.
 
 mod client;
+mod migrate;
 mod progress;
 mod retry;
 mod run;
@@ -27,6 +28,9 @@ pub enum Command {
     /// Run the API server and the engine (embedded SQLite + local files by default).
     #[command(after_help = serve::EXAMPLES)]
     Serve(serve::ServeArgs),
+    /// Copy an embedded install (data directory) into PostgreSQL and a blob store, for scale-out.
+    #[command(after_help = migrate::EXAMPLES)]
+    Migrate(migrate::MigrateArgs),
     /// Run the project's mock OpenAI-compatible upstream (for tests, benchmarks, the quickstart).
     #[command(after_help = "Examples:\n  batchd mock-upstream --listen 127.0.0.1:8000\n  batchd mock-upstream --latency-ms 200 --rate-429 0.05 --error-rate 0.05")]
     MockUpstream(crate::mock::MockArgs),
@@ -59,6 +63,7 @@ pub enum Command {
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => serve::run(a).await.map(|()| 0),
+        Command::Migrate(a) => migrate::run(a).await,
         Command::MockUpstream(a) => crate::mock::run(a).await.map(|()| 0),
         Command::Run(a) => run::run(a).await,
         Command::Validate(a) => validate::run(a).await,

@@ -12,6 +12,7 @@ pub const EXAMPLES: &str = "Examples:
   batchd serve --upstream http://127.0.0.1:8000/v1
   batchd serve --config batchd.toml --listen 0.0.0.0:8080
   BATCHD_UPSTREAM=http://127.0.0.1:11434/v1 batchd serve --concurrency 8
+  batchd serve --database postgres://batchd@db:5432/batchd --blob s3://batchd-files/prod  (one node of several)
   batchd serve --config batchd.toml --print-config";
 
 #[derive(Args, Debug, Clone)]
@@ -22,6 +23,14 @@ pub struct ServeArgs {
     /// Directory for the embedded store and files [default: ./batchd-data].
     #[arg(long, env = "BATCHD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Metadata store: postgres://USER@HOST:PORT/DB (shared by many nodes) or sqlite://PATH
+    /// [default: SQLite in the data directory].
+    #[arg(long, env = "BATCHD_DATABASE_URL")]
+    pub database: Option<String>,
+    /// File bytes: s3://BUCKET/PREFIX (configured by the AWS_* environment) or file://PATH
+    /// [default: blobs/ in the data directory]. With --database too, no data directory is used.
+    #[arg(long, env = "BATCHD_BLOB_URL")]
+    pub blob: Option<String>,
     /// Configuration file [default: ./batchd.toml when it exists].
     #[arg(long, env = "BATCHD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -48,6 +57,12 @@ impl ServeArgs {
         }
         if let Some(d) = &self.data_dir {
             raw.server.data_dir = Some(d.clone());
+        }
+        if let Some(d) = &self.database {
+            raw.server.database = Some(d.clone());
+        }
+        if let Some(b) = &self.blob {
+            raw.server.blob = Some(b.clone());
         }
         if self.insecure_no_auth {
             raw.server.insecure_no_auth = Some(true);

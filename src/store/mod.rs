@@ -20,10 +20,13 @@
 //! API calls pass a tenant and never see another tenant's rows (`NotFound`, as for a missing id).
 //! Engine calls are tenant-blind. The trait is split by concern ([`Files`], [`Batches`],
 //! [`Work`], [`Cluster`], [`Outbox`]); [`Store`] is all of them. Backends: [`sqlite`]
-//! (embedded default). The conformance checks in [`conformance`] run against every backend.
+//! (embedded default) and [`postgres`] (shared by many nodes). The conformance checks in
+//! [`conformance`] run against every backend.
 
 pub mod conformance;
+pub mod migrate;
 mod model;
+pub mod postgres;
 pub mod sqlite;
 
 use std::time::Duration;

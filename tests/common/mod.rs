@@ -22,6 +22,8 @@ pub struct Server {
     pub data: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub extra_args: Vec<String>,
+    /// Extra environment of the child (e.g. the `AWS_*` keys of a shared bucket).
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -36,7 +38,18 @@ impl Server {
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("batchd.toml"), config).unwrap();
         let data = data.unwrap_or_else(|| dir.join("data"));
-        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: vec![] };
+        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: vec![], env: vec![] };
+        s.spawn();
+        s
+    }
+
+    /// Starts a server with `config`, extra flags (`--database`, `--blob`, …) and environment.
+    pub fn start_with(config: &str, args: &[String], env: &[(String, String)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        std::fs::write(dir.join("batchd.toml"), config).unwrap();
+        let data = dir.join("data");
+        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: args.to_vec(), env: env.to_vec() };
         s.spawn();
         s
     }
@@ -51,6 +64,7 @@ impl Server {
             .arg("--config")
             .arg(self.dir.join("batchd.toml"))
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("BATCHD_LOG", "batchd=debug")
             .stdout(Stdio::piped())
             .stderr(log_file(&self.dir));

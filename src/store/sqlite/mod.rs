@@ -52,7 +52,7 @@ fn key_line(key: i64) -> u64 {
 /// SQLite's primary result code for "database or disk is full".
 const SQLITE_FULL: &str = "13";
 
-fn db_err(e: sqlx::Error) -> Error {
+pub(crate) fn db_err(e: sqlx::Error) -> Error {
     match e {
         sqlx::Error::RowNotFound => Error::NotFound,
         sqlx::Error::Database(d) if d.code().is_some_and(|c| c == SQLITE_FULL) => Error::Full(d.message().to_string()),
@@ -107,6 +107,11 @@ impl SqliteStore {
             tracing::info!(version = i + 1, "migrated the SQLite schema");
         }
         Ok(())
+    }
+
+    /// The connection pool, for the one-off copy into another backend (`store::migrate`).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
     /// The `seq` of a batch, from the cache or the store.

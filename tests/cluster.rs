@@ -1,0 +1,322 @@
+//! Scale-out, end to end: several `batchd serve` processes on one PostgreSQL database and one
+//! blob store (an S3 bucket when `BATCHD_TEST_S3_URL` is set, else a directory they share),
+//! against the project's mock upstream. Each test makes a fresh database (and bucket) and is
+//! skipped, with a message, when `BATCHD_TEST_POSTGRES_URL` is unset.
+//!
+//! - any node serves any call; work is shared; a cancel through one node stops all of them;
+//! - a node killed with SIGKILL loses its leases at `lease_ttl` and the others finish its
+//!   units; a node stopped with SIGTERM hands them back at once; every line ends up exactly
+//!   once, and only calls without a durable result at the kill are repeated;
+//! - the database connection cut mid-batch (a proxy in front of PostgreSQL, broken and
+//!   restored): calls answer 503, upstream calls pause, the batch completes exactly once;
+//! - `batchd migrate` moves an embedded install, running batch included.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use batchd::blob::conformance::testing::TestBucket;
+use batchd::store::postgres::testing::TestDatabase;
+use common::*;
+use serde_json::{json, Value};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn done(b: &Value) -> u64 {
+    b["request_counts"]["completed"].as_u64().unwrap_or(0) + b["request_counts"]["failed"].as_u64().unwrap_or(0)
+}
+
+/// One fresh database and one fresh blob store, shared by the nodes of a test.
+struct Shared {
+    db: TestDatabase,
+    bucket: Option<TestBucket>,
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    async fn new(test: &str) -> Option<Shared> {
+        let db = TestDatabase::create(test).await?;
+        let bucket = TestBucket::create(test).await;
+        Some(Shared { db, bucket, dir: tempfile::tempdir().unwrap() })
+    }
+
+    fn blob_url(&self) -> String {
+        match &self.bucket {
+            Some(b) => b.url("cluster").to_string(),
+            None => format!("file://{}", self.dir.path().join("blobs").display()),
+        }
+    }
+
+    fn args(&self, database: &str) -> Vec<String> {
+        ["--database", database, "--blob", &self.blob_url()].map(String::from).to_vec()
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.bucket.as_ref().map(|b| b.env().into_iter().map(|(k, v)| (k.to_string(), v)).collect()).unwrap_or_default()
+    }
+
+    fn node(&self, config: &str) -> Server {
+        self.node_on(config, &self.db.url)
+    }
+
+    fn node_on(&self, config: &str, database: &str) -> Server {
+        let s = Server::start_with(config, &self.args(database), &self.env());
+        assert!(!s.dir.join("data").exists(), "a node with --database and --blob writes nothing to local disk");
+        s
+    }
+}
+
+fn cluster_config(base_url: &str, concurrency: usize) -> String {
+    config(
+        base_url,
+        &format!("max_concurrency = {concurrency}"),
+        "[engine]\nlease_ttl_s = 3\nunit_lines = 100\ncommit_interval_ms = 100",
+    )
+}
+
+/// Upstream requests one node has sent, from its `/metrics` (summed over labels).
+async fn node_requests(s: &Server) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("batchd_upstream_requests_total"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+async fn wait_done(api: &Api, id: &str, at_least: u64) -> Value {
+    eventually(&format!("{at_least} lines of {id} done"), secs(60), || {
+        let (api, id) = (api.clone(), id.to_string());
+        async move {
+            let b = api.batch(&id).await;
+            (done(&b) >= at_least || !["validating", "in_progress"].contains(&b["status"].as_str().unwrap_or_default())).then_some(b)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_work_survive_kill9_and_sigterm() {
+    const LIMIT: usize = 12;
+    const N: usize = 3000;
+    let Some(shared) = Shared::new("three_nodes_share_work_survive_kill9_and_sigterm").await else { return };
+    let m = mock(MockArgs { latency_ms: 40, ..Default::default() }).await;
+    let cfg = cluster_config(&m.base_url(), LIMIT);
+    let mut nodes: Vec<Server> = (0..3).map(|_| shared.node(&cfg)).collect();
+    let apis: Vec<Api> = nodes.iter().map(Server::api).collect();
+
+    // Any node serves any call: a file uploaded through node 1 reads back through node 2.
+    let lines = chat_lines(N, "m");
+    let file = apis[0].upload(&lines).await;
+    assert_eq!(apis[1].content(&file).await, jsonl(&lines), "a file uploaded via node 1 is readable via node 2");
+
+    // A cancel through one node stops the calls of every node within about a second (slow
+    // lines, so that the batch is still running when every node has joined).
+    let slow: Vec<String> = (0..N).map(|i| chat_line(&format!("slow-{i}"), "m", Some(json!({"latency_ms": 200})))).collect();
+    let slow_file = apis[0].upload(&slow).await;
+    let cancel_id = apis[0].create_batch(&slow_file, json!({})).await["id"].as_str().unwrap().to_string();
+    for (i, n) in nodes.iter().enumerate() {
+        eventually(&format!("node {} takes part", i + 1), secs(30), || async move { (node_requests(n).await > 0).then_some(()) }).await;
+    }
+    assert_eq!(apis[2].batch(&cancel_id).await["status"], "in_progress", "the first batch must still run when it is cancelled");
+    let (st, c) = apis[1].post(&format!("/batches/{cancel_id}/cancel"), &json!({})).await;
+    assert_eq!(st, 200, "{c}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (sent, in_flight) = (m.stats().requests, m.stats().in_flight);
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!((m.stats().requests, in_flight), (sent, 0), "no node sends anything 1.5 s after a cancel through another one");
+    let b = apis[2].wait_for(&cancel_id, &["cancelled"], secs(30)).await;
+    let (_, err) = final_results(&apis[2], &b, N).await;
+    assert!(err.iter().any(|l| l["error"]["code"] == "batch_cancelled"));
+
+    // Work shared by three nodes; one killed, one stopped gracefully; the third finishes.
+    m.reset_stats();
+    let id = apis[0].create_batch(&file, json!({})).await["id"].as_str().unwrap().to_string();
+    let seen = wait_done(&apis[2], &id, 600).await;
+    assert_eq!(seen["status"], "in_progress", "the batch finished too early to test anything");
+    nodes[0].kill9();
+    let sent = m.stats().unique_request_ids;
+    let durable = done(&apis[1].batch(&id).await);
+    let bound = sent - durable;
+    println!("kill -9 of node 1: {sent} lines sent, {durable} durable");
+    let seen = wait_done(&apis[2], &id, durable + 600).await;
+    assert_eq!(seen["status"], "in_progress", "the batch finished before the SIGTERM");
+    let t0 = Instant::now();
+    assert!(nodes[1].sigterm(), "SIGTERM ends a node with status 0");
+    println!("SIGTERM of node 2 took {:?}", t0.elapsed());
+
+    let b = apis[2].wait_for(&id, &["completed", "failed", "expired", "cancelled"], secs(60)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (out, _) = final_results(&apis[2], &b, N).await;
+    assert_eq!(out.len(), N);
+    let st = m.stats();
+    println!("{} requests, {} duplicates (bound {bound}), peak in flight {}", st.requests, st.duplicate_request_ids, st.peak_in_flight);
+    assert_eq!(st.unique_request_ids, N as u64);
+    assert!(st.duplicate_request_ids <= bound, "re-sent calls ({}) exceed the lines without a durable result at the kill ({bound})", st.duplicate_request_ids);
+    assert!(st.peak_in_flight as usize <= LIMIT, "peak concurrency {} above the cluster-wide max_concurrency {LIMIT}", st.peak_in_flight);
+
+    // Finalization happened once: one completed event, one output file.
+    let store = batchd::store::postgres::PgStore::open(&shared.db.url).await.unwrap();
+    use batchd::store::prelude::*;
+    let filter = batchd::store::EventFilter { tenant: None, batch_id: Some(id.clone()) };
+    let finals: Vec<_> = store.events_after(&filter, 0, 10_000).await.unwrap().into_iter().filter(|e| e.kind == "batch.status" && serde_json::from_str::<Value>(&e.data).unwrap()["status"] == "completed").collect();
+    assert_eq!(finals.len(), 1, "one final status event");
+    let (_, files) = apis[2].get("/files?purpose=batch_output").await;
+    let ours = files["data"].as_array().unwrap().iter().filter(|f| f["filename"].as_str().unwrap_or_default().starts_with(&id)).count();
+    assert_eq!(ours, 1, "one output file");
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can break (every connection dropped,
+/// new ones closed at once) and restore: a database restart or a network cut, crates.io-style.
+struct ChaosProxy {
+    port: u16,
+    broken: tokio::sync::watch::Sender<bool>,
+}
+
+impl ChaosProxy {
+    async fn start(target: std::net::SocketAddr) -> ChaosProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broken = tokio::sync::watch::Sender::new(false);
+        let rx = broken.subscribe();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    if *rx.borrow_and_update() {
+                        return;
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|broken| *broken) => {}
+                    }
+                });
+            }
+        });
+        ChaosProxy { port, broken }
+    }
+
+    fn cut(&self) {
+        self.broken.send_replace(true);
+    }
+
+    fn restore(&self) {
+        self.broken.send_replace(false);
+    }
+}
+
+fn via_proxy(url: &str, port: u16) -> (String, std::net::SocketAddr) {
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let target = format!("{}:{}", opts.get_host(), opts.get_port());
+    let target = std::net::ToSocketAddrs::to_socket_addrs(&target).unwrap().next().unwrap();
+    let db = opts.get_database().unwrap().to_string();
+    let user = opts.get_username().to_string();
+    (format!("postgres://{user}@127.0.0.1:{port}/{db}"), target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connection_cut_mid_batch_pauses_and_resumes_exactly_once() {
+    const N: usize = 1500;
+    let Some(shared) = Shared::new("database_connection_cut_mid_batch_pauses_and_resumes_exactly_once").await else { return };
+    let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
+    let (_, target) = via_proxy(&shared.db.url, 0);
+    let proxy = ChaosProxy::start(target).await;
+    let (url, _) = via_proxy(&shared.db.url, proxy.port);
+    let node = shared.node_on(&cluster_config(&m.base_url(), 8), &url);
+    let api = node.api();
+    let id = api.submit(&chat_lines(N, "m")).await;
+    let before = wait_done(&api, &id, 300).await;
+    assert_eq!(before["status"], "in_progress");
+
+    proxy.cut();
+    let durable = done(&before);
+    let t0 = Instant::now();
+    let (st, body) = api.get(&format!("/batches/{id}")).await;
+    println!("GET during the cut answered {st} in {:?}", t0.elapsed());
+    assert_eq!(st, 503, "a call that needs the database answers 503 while it is gone: {body}");
+    assert_eq!(body["error"]["type"], "server_error", "in the error envelope: {body}");
+    // The engine pauses: once the calls in flight have finished, nothing new is sent.
+    tokio::time::sleep(secs(1)).await;
+    let paused_at = m.stats().requests;
+    tokio::time::sleep(secs(4)).await;
+    let during = m.stats().requests - paused_at;
+    let sent = m.stats().unique_request_ids;
+    println!("while cut: {during} requests sent in 4 s; {sent} lines sent, {durable} durable before the cut");
+    assert!(during <= 8, "upstream calls pause while results cannot be stored ({during} sent)");
+
+    proxy.restore();
+    let b = api.wait_for(&id, &["completed", "failed"], secs(60)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (out, _) = final_results(&api, &b, N).await;
+    assert_eq!(out.len(), N);
+    let st = m.stats();
+    println!("{} requests, {} duplicates", st.requests, st.duplicate_request_ids);
+    assert_eq!(st.unique_request_ids, N as u64, "nothing lost");
+    assert!(st.duplicate_request_ids <= sent - durable, "nothing re-sent beyond what lacked a durable result at the cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_an_embedded_install_with_its_running_batch() {
+    const N: usize = 400;
+    let Some(shared) = Shared::new("migrate_moves_an_embedded_install_with_its_running_batch").await else { return };
+    let m = mock(MockArgs { latency_ms: 30, ..Default::default() }).await;
+    let cfg = config(&m.base_url(), "max_concurrency = 8", "[engine]\nunit_lines = 50");
+    let mut embedded = Server::start(&cfg);
+    let api = embedded.api();
+    let finished = api.submit(&chat_lines(20, "m")).await;
+    let finished = api.wait_for(&finished, &["completed"], secs(30)).await;
+    let (out_before, _) = api.results(&finished).await;
+    let running = api.submit(&chat_lines(N, "m")).await;
+    let seen = wait_done(&api, &running, 100).await;
+    assert_eq!(seen["status"], "in_progress");
+    embedded.kill9();
+    let data = embedded.dir.join("data");
+    let sent = m.stats().unique_request_ids;
+
+    let migrate = |args: &[String]| {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("migrate").arg("--from-data-dir").arg(&data).args(args).envs(shared.env());
+        finish(c, secs(60))
+    };
+    let args = shared.args(&shared.db.url);
+    let first = migrate(&args);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(first.stderr.contains("results:"), "{}", first.stderr);
+    let again = migrate(&args);
+    assert_eq!(again.code, 1, "a second run into a database that is no longer empty is refused: {again:?}");
+    assert!(again.stderr.contains("empty database only"), "{}", again.stderr);
+
+    let node = shared.node(&cfg);
+    let api = node.api();
+    let b = api.batch(finished["id"].as_str().unwrap()).await;
+    assert_eq!((b["status"].as_str(), done(&b)), (Some("completed"), 20), "the finished batch came along: {b}");
+    let (out_after, _) = api.results(&b).await;
+    assert_eq!(out_after, out_before, "its output file reads back the same");
+    let b = api.wait_for(&running, &["completed"], secs(60)).await;
+    let (out, _) = final_results(&api, &b, N).await;
+    assert_eq!(out.len(), N);
+    let st = m.stats();
+    assert_eq!(st.unique_request_ids, N as u64 + 20);
+    assert!(st.duplicate_request_ids <= sent - done(&seen), "only lines without a durable result at the kill run again");
+    let (_, list) = api.get("/batches?limit=10").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+}
+
+/// A bad backend URL stops the start with a message that names it (and no password).
+#[test]
+fn bad_backend_urls_are_refused_at_start() {
+    for (flag, url, want) in [
+        ("--database", "mysql://u:secret@h/db", "neither postgres://"),
+        ("--database", "postgres://u:secret@h:port/db", "not a valid PostgreSQL URL"),
+        ("--blob", "gs://bucket", "neither s3://"),
+    ] {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["serve", "--listen", "127.0.0.1:0", flag, url]);
+        let out = finish(c, secs(20));
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains(want), "{flag} {url}: {}", out.stderr);
+        assert!(!out.stderr.contains("secret"), "a password never prints: {}", out.stderr);
+    }
+}

@@ -17,6 +17,7 @@
 //! in-flight calls. A `kill -9` is safe at any instant: on restart a unit resumes at the
 //! lines that have no durable result, so only calls in flight at the crash are repeated.
 
+mod dedup;
 mod dispatch;
 mod finalizer;
 pub mod lines;

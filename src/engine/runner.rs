@@ -6,6 +6,11 @@
 //! gets three turns for one. Each line then runs as its own task (see `dispatch`) and its
 //! result goes to the writer. The runner ends when every line is durable (→ `completed`),
 //! on cancel (→ `cancelled`), at `expires_at` (→ `expired`), or at shutdown (no change).
+//!
+//! Memory does not follow the number of lines: a feeder holds one unit at a time, and when
+//! the store falls behind (a slow fsync) and the writer's queue is full, at most
+//! [`MAX_QUEUED`] finished lines wait for it before the feeders stop starting new ones;
+//! before this gate, a one-second stall piled up twenty thousand finished lines (+35 MB).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use super::dispatch::{self, Prepared};
@@ -26,6 +32,9 @@ use crate::upstream::Route;
 /// leases and reads its next unit.
 const FEEDERS_PER_PRIORITY: i64 = 2;
 const MAX_PRIORITY: i64 = 8;
+/// Finished lines of one batch that may wait for room in the writer's queue (which holds
+/// `commit_max_results` more) before its feeders pause.
+const MAX_QUEUED: usize = 256;
 
 pub async fn handle_batch(inner: Arc<Inner>, b: BatchRecord, h: Active) {
     let id = b.id.clone();
@@ -63,7 +72,7 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let stream = inner.blob.get_stream(&file.blob_key).await?;
-    let v = Validator::new(&b.id, &b.endpoint, &inner.router, inner.cfg.limits, inner.cfg.engine.unit_lines);
+    let v = Validator::new(&b.id, &b.endpoint, &inner.router, inner.cfg.limits, inner.cfg.engine.unit_lines).spill_to(inner.cfg.data_dir.join("tmp"));
     let report = validate_stream(stream, file.bytes as u64, v).await?;
     crate::memory::release_free_memory();
     let now = crate::now_unix();
@@ -86,6 +95,8 @@ struct RunCtx {
     path: Arc<str>,
     h: Active,
     lines: TaskTracker,
+    /// One permit per finished line waiting for room in the writer's queue.
+    queued: Semaphore,
 }
 
 async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> anyhow::Result<()> {
@@ -98,6 +109,7 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> anyhow::Result<
         path: b.endpoint.strip_prefix("/v1").unwrap_or(&b.endpoint).into(),
         h: h.clone(),
         lines: TaskTracker::new(),
+        queued: Semaphore::new(MAX_QUEUED),
     });
     let expiry = expiry_sleep(b.expires_at);
     tokio::pin!(expiry);
@@ -196,7 +208,11 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, routes: &mut HashMap<Stri
             continue;
         };
         let (pool, target, permit) = tokio::select! {
-            got = route.acquire(p.est_tokens, None) => got,
+            got = async {
+                // Passes at once unless MAX_QUEUED finished lines wait for the writer.
+                drop(ctx.queued.acquire().await);
+                route.acquire(p.est_tokens, None).await
+            } => got,
             _ = ctx.h.stop.cancelled() => return Ok(()),
         };
         let ctx2 = ctx.clone();
@@ -206,6 +222,7 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, routes: &mut HashMap<Stri
                 r = run => r,
                 _ = ctx2.h.abort.cancelled() => return,
             };
+            let _waiting = ctx2.queued.acquire().await;
             ctx2.inner.writer.send(rec).await;
         });
     }

@@ -47,29 +47,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Size of one ranged read when streaming an object.
 pub const READ_CHUNK: u64 = 1 << 20;
-/// Buffer of a streaming upload before a part is sent.
+/// Buffer of a streaming upload before a part is sent: S3 and its kin refuse smaller parts.
 pub const WRITE_BUFFER: usize = 5 << 20;
+/// The same for a local directory, which takes parts of any size: less memory held while
+/// an upload or a finalization streams.
+pub const LOCAL_WRITE_BUFFER: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct Blob {
     store: Arc<dyn ObjectStore>,
+    part: usize,
 }
 
 impl Blob {
     /// A blob store in a local directory, created if missing.
     pub fn local(dir: &Path) -> Result<Blob> {
         std::fs::create_dir_all(dir)?;
-        Ok(Blob::new(Arc::new(LocalFileSystem::new_with_prefix(dir)?)))
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir)?);
+        Ok(Blob { store, part: LOCAL_WRITE_BUFFER })
     }
 
     pub fn new(store: Arc<dyn ObjectStore>) -> Blob {
-        Blob { store }
+        Blob { store, part: WRITE_BUFFER }
     }
 
     /// A streaming writer; nothing is visible under `key` until `finish`. It buffers at most
-    /// [`WRITE_BUFFER`] bytes, with at most two parts in flight.
+    /// one part ([`WRITE_BUFFER`], or [`LOCAL_WRITE_BUFFER`] for a local directory), with at
+    /// most two more in flight.
     pub fn writer(&self, key: &str) -> BlobWriter {
-        let inner = BufWriter::with_capacity(self.store.clone(), ObjectPath::from(key), WRITE_BUFFER).with_max_concurrency(2);
+        let inner = BufWriter::with_capacity(self.store.clone(), ObjectPath::from(key), self.part).with_max_concurrency(2);
         BlobWriter { inner, written: 0 }
     }
 

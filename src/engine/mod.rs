@@ -40,6 +40,7 @@ use crate::config::Config;
 use crate::store::{BatchStatus, Store};
 use crate::upstream::Router;
 
+pub use finalizer::next_chunk_records;
 pub use progress::Progress;
 
 /// Live counters of the engine, for progress displays and metrics.

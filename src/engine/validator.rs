@@ -460,6 +460,47 @@ mod tests {
         assert!(r.errors[4].message.contains("m1") && r.errors[4].message.contains("alias"), "lists known models");
     }
 
+    /// Duplicates are found only at the end, after every other error: the list still holds
+    /// the errors of the lowest lines, and the count of the others is exact.
+    #[test]
+    fn the_lowest_lines_are_listed_whatever_order_errors_are_found_in() {
+        let mut lines = vec![line("a", "m1"), line("a", "m1")];
+        lines.extend((0..1500).map(|_| "not json".to_string()));
+        let r = run(&lines.join("\n"), Limits::default());
+        assert_eq!(r.errors.len(), MAX_ERRORS + 1);
+        assert_eq!((r.errors[0].code.as_str(), r.errors[0].line), ("duplicate_custom_id", Some(2)));
+        assert!(r.errors[0].message.contains("already used on line 1"));
+        assert_eq!(r.errors[MAX_ERRORS - 1].line, Some(1001));
+        assert_eq!(r.errors[MAX_ERRORS].code, "too_many_errors");
+        assert_eq!(r.errors[MAX_ERRORS].message, "501 more errors are not listed.");
+        // The minority format keeps only the line numbers it can list, and counts the rest.
+        let bare = r#"{"model":"m1","messages":[]}"#.to_string();
+        let mut mixed: Vec<String> = (0..1300).map(|i| line(&format!("id-{i}"), "m1")).collect();
+        mixed.extend(std::iter::repeat_n(bare, 1200));
+        let r = run(&mixed.join("\n"), Limits::default());
+        assert_eq!(r.validated.format, InputFormat::Full);
+        assert_eq!((r.errors[0].line, r.errors[MAX_ERRORS - 1].line), (Some(1301), Some(2300)));
+        assert_eq!(r.errors[MAX_ERRORS].message, "200 more errors are not listed.");
+    }
+
+    /// A catch-all upstream accepts any model name; past MAX_MODELS names the summary sums
+    /// the others instead of growing with the file.
+    #[test]
+    fn distinct_models_are_capped() {
+        let raw = RawUpstream { name: "any".into(), base_url: "http://127.0.0.1:9/v1".into(), models: vec!["*".into()], ..Default::default() };
+        let cfg = crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap();
+        let r = Router::new(&cfg.upstreams).unwrap();
+        let mut v = Validator::new("batch_t", "/v1/chat/completions", &r, Limits::default(), 100);
+        let text: String = (0..MAX_MODELS + 5).map(|i| line(&format!("id-{i}"), &format!("model-{i}")) + "\n").collect();
+        let mut s = LineSplitter::new(1 << 20, 1, 0);
+        s.feed(text.as_bytes(), &mut |l| v.line(l));
+        let report = v.finish().unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.models.len(), MAX_MODELS + 1);
+        assert_eq!(report.models[OTHER_MODELS].requests, 5);
+        assert!(report.models[OTHER_MODELS].input_tokens > 0);
+    }
+
     #[test]
     fn limits_and_formats() {
         let small = Limits { max_lines: 2, ..Limits::default() };

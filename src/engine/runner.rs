@@ -267,8 +267,8 @@ fn prepare(line: Bytes, no: u64, unit_idx: i64, format: InputFormat, batch_id: &
         if format == InputFormat::Full {
             p.custom_id = parsed.custom_id.as_str().unwrap_or_default().to_string();
         }
-        if let Some(Ok(body)) = parsed.body {
-            p.body = if parsed.bare { line.clone() } else { line.slice_ref(body.get().as_bytes()) };
+        if let Some(body) = parsed.body_bytes(&line) {
+            p.body = line.slice_ref(body);
         }
         p.model = parsed.model.as_str().unwrap_or_default().to_string();
         p.est_tokens += parsed.max_tokens.unwrap_or(0);

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use futures::{Stream, StreamExt};
 
 use super::dedup::{DupFinder, Duplicate};
-use super::lines::{Field, LineSplitter, ParsedLine, RawLine};
+use super::lines::{Body, Field, LineSplitter, ParsedLine, RawLine};
 use crate::config::Limits;
 use crate::store::{InputFormat, LineError, Validated, WorkUnit};
 use crate::upstream::Router;
@@ -238,10 +238,10 @@ impl<'a> Validator<'a> {
     }
 
     fn check_body(&mut self, no: u64, p: &ParsedLine<'_>) {
-        match &p.body {
-            None => return self.push(missing(no, "body")),
-            Some(Err(())) => return self.push(err("invalid_value", Some(no), Some("body"), format!("Line {no}: body must be a JSON object."))),
-            Some(Ok(_)) => {}
+        match p.body {
+            Body::Missing => return self.push(missing(no, "body")),
+            Body::NotObject => return self.push(err("invalid_value", Some(no), Some("body"), format!("Line {no}: body must be a JSON object."))),
+            Body::Object => {}
         }
         match &p.model {
             Field::Missing => self.push(missing(no, "body.model")),

@@ -2,7 +2,7 @@
 //!
 //! [`Validator`] takes the file's lines one at a time and keeps nothing per line in memory,
 //! so its footprint is the same for 1,000 lines or 1,000,000: duplicate `custom_id`s are
-//! found by an external sort ([`super::dedup`]), and of the errors and of the lines of each
+//! found by an external sort (`engine::dedup`), and of the errors and of the lines of each
 //! format only what a report can list ([`MAX_ERRORS`]) is kept, plus counts. It reports
 //! every problem with its 1-based line (the [`MAX_ERRORS`] lowest lines, whatever order
 //! they are found in) and, for a good file, cuts it into work units (line ranges with their

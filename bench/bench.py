@@ -9,6 +9,9 @@ Figures:
   dispatch   batchd throughput / wrk throughput, same instant mock, same connection count
   saturation batchd throughput / (C / L) with the mock at L = 200 ms and C = 256
   rss        peak RSS of `batchd serve` while a 100,000-line, 200 MB batch runs
+  flat       100,000 and 1,000,000-line chat batches (300 bytes a line): peak RSS and
+             throughput of both (ratios), finalization time against dispatch time, and the
+             time from a restart after kill -9 mid-batch to the mock's next request
   commits    store commits per 1,000 results, from GET /metrics (n/a when absent)
   validation MB/s of `batchd validate FILE` (when the command exists) and of the server
              path (create -> in_progress), against `wc -l` on the same file
@@ -58,8 +61,10 @@ FULL = {
     "sat_concurrency": 256,
     "sat_latency_ms": 200,
     "big_lines": 100_000,
-    "big_bytes": 200 * MB,  # exactly the default max_file_bytes
+    "big_bytes": 200 * MB,  # the size DESIGN.md names for the memory budget
     "big_concurrency": 64,
+    "flat_lines": (100_000, 1_000_000),
+    "flat_line_bytes": 300,
     "timeout_s": 300,
     "cap_lines": 8_000,  # 10 s at the 800 req/s a 16-slot, 20 ms upstream serves
     "rpm_lines": 600,  # the issue's 600 lines at 1,200 rpm: 30 s
@@ -77,6 +82,8 @@ QUICK = {
     "big_lines": 20_000,
     "big_bytes": 40 * MB,
     "big_concurrency": 64,
+    "flat_lines": (20_000, 200_000),
+    "flat_line_bytes": 300,
     "timeout_s": 120,
     "cap_lines": 4_000,
     "rpm_lines": 300,
@@ -575,12 +582,12 @@ class Bench:
         self.details.append(s)
         print(f"  · {s}", flush=True)
 
-    def serve(self, name: str, concurrency: int) -> tuple[Server, Client]:
+    def serve(self, name: str, concurrency: int, extra: list[str] | None = None) -> tuple[Server, Client]:
         data = self.work / f"data-{name}"
         assert self.mock is not None
         srv = Server(f"batchd-{name}", [self.bin, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data),
-                                        "--upstream", f"http://{self.mock.addr}/v1", "--concurrency", str(concurrency)],
-                     cwd=self.work, log_dir=self.logs)
+                                        "--upstream", f"http://{self.mock.addr}/v1", "--concurrency", str(concurrency)]
+                     + (extra or []), cwd=self.work, log_dir=self.logs)
         return srv, Client(srv.addr)
 
     def set_latency(self, ms: int) -> None:
@@ -616,7 +623,7 @@ class Bench:
     def dispatch(self) -> None:
         s = self.sizes
         n, c, reps = s["dispatch_lines"], s["dispatch_concurrency"], s["reps"]
-        print(f"\n[1/4] dispatch overhead: {n:,} lines × {reps}, mock answering instantly, concurrency {c}; "
+        print(f"\n[1/5] dispatch overhead: {n:,} lines × {reps}, mock answering instantly, concurrency {c}; "
               f"{s['dispatch_wrk_seconds']} s of wrk before, between and after the batches", flush=True)
         fig = "dispatch overhead (batchd ÷ wrk req/s)"
         target = "ratio ≥ 0.50"
@@ -673,7 +680,7 @@ class Bench:
         s = self.sizes
         n, c, lat = s["sat_lines"], s["sat_concurrency"], s["sat_latency_ms"]
         ideal = c / (lat / 1000)
-        print(f"\n[2/4] saturation: {n:,} lines, mock latency {lat} ms, concurrency {c} (ideal {ideal:,.0f} req/s)", flush=True)
+        print(f"\n[2/5] saturation: {n:,} lines, mock latency {lat} ms, concurrency {c} (ideal {ideal:,.0f} req/s)", flush=True)
         fig = f"saturation (req/s ÷ C/L, C={c}, L={lat}ms)"
         target = "ratio ≥ 0.95"
         path = self.work / "saturation.jsonl"
@@ -707,7 +714,7 @@ class Bench:
     def big(self) -> None:
         s = self.sizes
         n, size, c = s["big_lines"], s["big_bytes"], s["big_concurrency"]
-        print(f"\n[3/4] memory + validation: {n:,} lines, {size / MB:.0f} MB, mock answering instantly, concurrency {c}; "
+        print(f"\n[3/5] memory + validation: {n:,} lines, {size / MB:.0f} MB, mock answering instantly, concurrency {c}; "
               f"then the same batch again on the same server", flush=True)
         tag = f"{n // 1000}k lines, {size // MB} MB"
         fig_rss = f"peak RSS of batchd serve ({tag})"
@@ -758,7 +765,7 @@ class Bench:
                              "ratio": mbs / base_mbs, "target": "measured ≥ 300 MB/s", "result": "PASS" if mbs >= 300 else "MISS"})
         self.figures.append(commits_figure(f"{n // 1000}k run", r["metrics"]))
 
-    def rss_notes(self, i: int, r: dict, sampler: RssSampler, hwm: int, n: int, size: int) -> None:
+    def rss_notes(self, i: int | str, r: dict, sampler: RssSampler, hwm: int, n: int, size: int) -> None:
         phases = ", ".join(f"{k} {v / 1024:.1f}" for k, v in sampler.peaks.items())
         self.note(f"batch {i}: VmHWM {hwm / 1024:.1f} MB; sampled peaks by phase (MB, every 50 ms, {sampler.samples} "
                   f"samples): {phases}")
@@ -772,6 +779,120 @@ class Bench:
                   f"{size / MB / r['validate_s']:,.0f} MB/s; run {r['throughput']:,.0f} req/s (in_progress→completed "
                   f"{r['run_s']:.2f}s, finalizing {r['finalize_s']:.2f}s); CPU per request: batchd "
                   f"{r['cpu_batchd'] * 1e6 / n:.0f} µs, mock {r['cpu_mock'] * 1e6 / n:.0f} µs")
+
+    def flat(self) -> None:
+        s = self.sizes
+        (n0, n1), per, c = s["flat_lines"], s["flat_line_bytes"], s["big_concurrency"]
+        print(f"\n[4/5] flat memory: {n0:,} and {n1:,} chat lines of {per} bytes, each on a fresh server, mock answering "
+              f"instantly, concurrency {c}; then kill -9 mid-batch at {n1:,} lines and restart", flush=True)
+        k0, k1 = f"{n0 // 1000}k", f"{n1 // 1000}k"
+        fig_rss, fig_tput = f"peak RSS {k1} ÷ {k0} lines", f"throughput {k1} ÷ {k0} lines"
+        fig_fin, fig_restart = f"finalization, {k1} lines", f"restart after kill -9 → next request ({k1})"
+        # Limits raised explicitly, so that builds with smaller defaults can be compared too.
+        conf = self.work / "flat.toml"
+        conf.write_text(f"[limits]\nmax_lines = {n1}\nmax_file_bytes = {n1 * per}\nmax_upload_bytes = {n1 * per}\n")
+        extra = ["--config", str(conf)]
+        runs: dict[int, dict] = {}
+        try:
+            paths = {}
+            for n in (n0, n1):
+                paths[n] = self.work / f"flat-{n}.jsonl"
+                write_big(paths[n], n, n * per)
+            for n in (n0, n1):
+                runs[n] = self.flat_run(f"flat-{n}", paths[n], n, c, extra)
+        except Exception as e:
+            for fig, target in ((fig_rss, "≤ 64 MB, ratio ≤ 1.10"), (fig_tput, "ratio ≥ 0.90"), (fig_fin, "ratio ≤ 0.25")):
+                self.error(fig, target, e)
+            return
+        a, b = runs[n0], runs[n1]
+        ratio = b["hwm"] / a["hwm"]
+        self.figures.append({"figure": fig_rss, "measured": f"{b['hwm'] / 1024:.1f} MB (VmHWM)",
+                             "baseline": f"{a['hwm'] / 1024:.1f} MB", "ratio": ratio, "target": "≤ 64 MB, ratio ≤ 1.10",
+                             "result": "PASS" if b["hwm"] <= 64 * 1024 and ratio <= 1.10 else "MISS"})
+        t = b["throughput"] / a["throughput"]
+        self.figures.append({"figure": fig_tput, "measured": f"{b['throughput']:,.0f} req/s",
+                             "baseline": f"{a['throughput']:,.0f} req/s", "ratio": t, "target": "ratio ≥ 0.90",
+                             "result": "PASS" if t >= 0.90 else "MISS"})
+        f = b["finalize_s"] / b["engine_s"]
+        self.figures.append({"figure": fig_fin, "measured": f"{b['finalize_s']:.2f} s",
+                             "baseline": f"{b['engine_s']:.1f} s dispatch", "ratio": f, "target": "ratio ≤ 0.25",
+                             "result": "PASS" if f <= 0.25 else "MISS"})
+        try:
+            secs = self.restart_to_first_request(paths[n1], n1, c, extra)
+        except Exception as e:
+            self.error(fig_restart, "measured ≤ 2 s", e)
+            return
+        self.figures.append({"figure": fig_restart, "measured": f"{secs:.2f} s", "baseline": "", "ratio": None,
+                             "target": "measured ≤ 2 s", "result": "PASS" if secs <= 2 else "MISS"})
+
+    def timeout_for(self, lines: int) -> float:
+        return self.sizes["timeout_s"] * max(1.0, lines / 100_000)
+
+    def flat_run(self, name: str, path: Path, n: int, c: int, extra: list[str]) -> dict:
+        srv, api = self.serve(name, c, extra)
+        sampler = RssSampler(srv.pid)
+        sampler.start()
+        try:
+            r = run_batch(api, self.mock_api, path, n, self.timeout_for(n), (srv.pid, self.mock.pid), sampler)
+        finally:
+            sampler.stop()
+            r_hwm = proc_status(srv.pid).get("VmHWM", 0)
+            srv.stop()
+        r["hwm"] = r_hwm
+        self.rss_notes(f"of {n:,} lines", r, sampler, r_hwm, n, path.stat().st_size)
+        self.note(f"  lines durable after {r['engine_s']:.2f}s, finalizing {r['finalize_s']:.2f}s")
+        return r
+
+    def restart_to_first_request(self, path: Path, n: int, c: int, extra: list[str]) -> float:
+        """Kills `batchd serve` with SIGKILL while a batch of `n` lines is 40 % done, starts it again on the
+        same data directory, and returns the seconds from that start to the mock's next request."""
+        srv, api = self.serve("flat-kill", c, extra)
+        try:
+            file_id, _ = upload(srv.addr, path)
+            b = create_batch(api, file_id)
+            deadline = time.perf_counter() + self.timeout_for(n)
+            while True:
+                rc = api.json("GET", f"/v1/batches/{b['id']}").get("request_counts") or {}
+                done = rc.get("completed", 0) + rc.get("failed", 0)
+                if done >= 0.4 * n:
+                    break
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"the batch did not reach 40 % (counts {rc})")
+                time.sleep(0.05)
+            srv.proc.kill()
+            srv.proc.wait(10)
+        finally:
+            srv.stop()
+        stats = Client(self.mock.addr)
+        count = lambda: json.loads(stats.request("GET", "/stats")[1])["requests"]
+        # Calls the dead process had sent may still be counted by the mock: wait for the count to settle.
+        before, settled = count(), time.perf_counter()
+        while time.perf_counter() - settled < 0.3:
+            time.sleep(0.05)
+            if (now := count()) != before:
+                before, settled = now, time.perf_counter()
+        seen: list[float] = []
+
+        def watch():
+            while not seen and time.perf_counter() < t0 + 60:
+                if count() > before:
+                    seen.append(time.perf_counter())
+                time.sleep(0.005)
+
+        t0 = time.perf_counter()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        srv, _ = self.serve("flat-kill", c, extra)
+        try:
+            watcher.join(65)
+        finally:
+            srv.stop()
+        if not seen:
+            raise RuntimeError("no request reached the mock within 60 s of the restart")
+        secs = seen[0] - t0
+        self.note(f"killed with {done:,} of {n:,} lines durable; restarted: next request {secs:.2f}s after the start "
+                  f"(process start, store open, lease release and the first unit's resume included)")
+        return secs
 
     # -- scale-out: PostgreSQL + S3
 
@@ -1151,7 +1272,8 @@ class Bench:
         t0 = time.perf_counter()
         only = set(self.args.only.split(",")) if self.args.only else None
         try:
-            for name, f in (("dispatch", self.dispatch), ("saturation", self.saturation), ("big", self.big), ("limits", self.limits), ("scale", self.scale)):
+            for name, f in (("dispatch", self.dispatch), ("saturation", self.saturation), ("big", self.big), ("flat", self.flat),
+                            ("limits", self.limits), ("scale", self.scale)):
                 if only is None or name in only:
                     f()
         finally:
@@ -1159,7 +1281,7 @@ class Bench:
         elapsed = time.perf_counter() - t0
         self.mock.stop()
         load1 = os.getloadavg()
-        print(f"\n[4/4] results ({mode.split()[0].lower()} mode, {elapsed:.0f}s; load average {load0[0]:.2f} at start, "
+        print(f"\n[5/5] results ({mode.split()[0].lower()} mode, {elapsed:.0f}s; load average {load0[0]:.2f} at start, "
               f"{load1[0]:.2f} at end)\n", flush=True)
         print(table(self.figures))
         print()
@@ -1219,7 +1341,7 @@ def main() -> int:
     ap.add_argument("--bin", required=True, help="the batchd binary")
     ap.add_argument("--work", required=True, help="scratch directory (inputs, data dirs, logs)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, about 30 s")
-    ap.add_argument("--only", help="comma list of dispatch,saturation,big,limits,scale")
+    ap.add_argument("--only", help="comma list of dispatch,saturation,big,flat,limits,scale")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--pidfile", help="append the pid of every child here")
     args = ap.parse_args()

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # batchd benchmark suite: measures the performance budgets of DESIGN.md and prints a table.
 #
-#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches + limits), about 3-4.5 minutes
-#   bench/run.sh --quick    smaller sizes, about 70 s (figures are indicative only)
+#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches, 100k and 1M-line
+#                           300-byte-line batches and a kill -9 mid-1M, limits, scale), about 6-9 minutes
+#   bench/run.sh --quick    smaller sizes, about 2 minutes (figures are indicative only)
 # (plus the release build when it is not up to date: about 3 minutes from scratch on 2 cores)
 #
 # Options:
 #   --quick         smaller sizes
 #   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
-#   --only LIST     comma list of dispatch,saturation,big,limits,scale
+#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
 #   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)
@@ -34,7 +35,7 @@ KEEP=0
 ONLY=""
 JSON="$HERE/.last-run.json"
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

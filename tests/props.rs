@@ -49,7 +49,7 @@ fn validate(data: &[u8], cuts: &[usize], limits: Limits, unit_lines: u64) -> Rep
     for l in split(data, cuts, limits.max_line_bytes as usize, 1) {
         v.line(RawLine { no: l.no, offset: l.offset, len: l.len, bytes: &l.bytes, overlong: l.overlong });
     }
-    v.finish()
+    v.finish().expect("no spill error")
 }
 
 /// Bytes rich in the characters that matter to a line splitter and a BOM check.

@@ -230,9 +230,6 @@ pub struct ResultsParams {
     kind: Option<String>,
 }
 
-/// Results read from the log per store call while streaming partial results.
-const CHUNK_RECORDS: u32 = 2000;
-
 /// Extension: the durable results so far as JSONL, at any time (partial results).
 /// `kind=output` (2xx lines, default), `kind=errors`, or `kind=all`.
 pub async fn partial_results(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, Query(p): Query<ResultsParams>) -> ApiResult<axum::response::Response> {
@@ -244,11 +241,15 @@ pub async fn partial_results(State(st): State<AppState>, Tenant(tenant): Tenant,
         Some(_) => return Err(ApiError::invalid("kind", "kind must be output, errors or all.")),
     };
     st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
-    let chunks = futures::stream::try_unfold(0u64, move |after| {
+    // Chunks of about the same size in bytes, however large the records: see the finalizer.
+    let chunks = futures::stream::try_unfold((0u64, 256u32), move |(after, records)| {
         let (store, id) = (st.store.clone(), id.clone());
         async move {
-            match store.results_chunk(&id, ok, after, CHUNK_RECORDS).await {
-                Ok(chunk) => Ok(chunk.map(|(text, last)| (bytes::Bytes::from(text), last))),
+            match store.results_chunk(&id, ok, after, records).await {
+                Ok(chunk) => Ok(chunk.map(|(text, last)| {
+                    let next = crate::engine::next_chunk_records(records, text.len());
+                    (bytes::Bytes::from(text), (last, next))
+                })),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             }
         }

@@ -78,8 +78,11 @@ pub const READ_CHUNK: u64 = 1 << 20;
 /// Size of one ranged read from an object store over the network, where every read is a
 /// request with its own latency: fewer, larger reads (two in flight still hold only 8 MiB).
 pub const REMOTE_READ_CHUNK: u64 = 4 << 20;
-/// Buffer of a streaming upload before a part is sent.
+/// Buffer of a streaming upload before a part is sent: S3 and its kin refuse smaller parts.
 pub const WRITE_BUFFER: usize = 5 << 20;
+/// The same for a local directory, which takes parts of any size: less memory held while
+/// an upload or a finalization streams.
+pub const LOCAL_WRITE_BUFFER: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct Blob {
@@ -88,6 +91,9 @@ pub struct Blob {
     local_root: Option<Arc<Path>>,
     /// Bytes per ranged read when streaming ([`READ_CHUNK`] or [`REMOTE_READ_CHUNK`]).
     read_chunk: u64,
+    /// Bytes of an upload part ([`WRITE_BUFFER`], or [`LOCAL_WRITE_BUFFER`] for a local
+    /// directory, which takes any size).
+    part: usize,
 }
 
 /// A stored object: its key and when it was last written.
@@ -103,12 +109,12 @@ impl Blob {
     pub fn local(dir: &Path) -> Result<Blob> {
         std::fs::create_dir_all(dir)?;
         let root: Arc<Path> = std::fs::canonicalize(dir)?.into();
-        Ok(Blob { store: Arc::new(LocalFileSystem::new_with_prefix(&root)?), local_root: Some(root), read_chunk: READ_CHUNK })
+        Ok(Blob { store: Arc::new(LocalFileSystem::new_with_prefix(&root)?), local_root: Some(root), read_chunk: READ_CHUNK, part: LOCAL_WRITE_BUFFER })
     }
 
     /// A blob store over the network (S3), read [`REMOTE_READ_CHUNK`] at a time.
     pub fn new(store: Arc<dyn ObjectStore>) -> Blob {
-        Blob { store, local_root: None, read_chunk: REMOTE_READ_CHUNK }
+        Blob { store, local_root: None, read_chunk: REMOTE_READ_CHUNK, part: WRITE_BUFFER }
     }
 
     /// Bytes per ranged read when this store streams an object.
@@ -156,9 +162,10 @@ impl Blob {
     }
 
     /// A streaming writer; nothing is visible under `key` until `finish`. It buffers at most
-    /// [`WRITE_BUFFER`] bytes, with at most two parts in flight.
+    /// one part ([`WRITE_BUFFER`], or [`LOCAL_WRITE_BUFFER`] for a local directory), with at
+    /// most two more in flight.
     pub fn writer(&self, key: &str) -> BlobWriter {
-        let inner = BufWriter::with_capacity(self.store.clone(), ObjectPath::from(key), WRITE_BUFFER).with_max_concurrency(2);
+        let inner = BufWriter::with_capacity(self.store.clone(), ObjectPath::from(key), self.part).with_max_concurrency(2);
         BlobWriter { inner, written: 0 }
     }
 

@@ -93,10 +93,13 @@ impl RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let cfg = Arc::new(args.raw_config()?.resolve()?);
     let output = args.output.clone().unwrap_or_else(|| with_suffix(&args.input, ".output.jsonl"));
     let errors = args.errors.clone().unwrap_or_else(|| with_suffix(&args.input, ".errors.jsonl"));
     let state = args.state.clone().unwrap_or_else(|| with_suffix(&output, ".batchd"));
+    let mut raw = args.raw_config()?;
+    // The state directory is this run's data directory (validation spills there too).
+    raw.server.data_dir = Some(state.clone());
+    let cfg = Arc::new(raw.resolve()?);
     let interrupted = tokio_util::sync::CancellationToken::new();
     tokio::spawn({
         let t = interrupted.clone();

@@ -5,6 +5,8 @@
 //! `batch_cancelled` / `batch_expired` errors, so every input line appears exactly once across
 //! the two files. File ids derive from the batch id, so a finalization cut short by a crash is
 //! simply done again; the files and the final status appear in one store transaction.
+//! Memory: one chunk of the log (about [`CHUNK_BYTES`]) and the blob writer's part buffer,
+//! whatever the number of results; filling in a cancelled batch holds one unit at a time.
 
 use std::sync::Arc;
 
@@ -65,8 +67,17 @@ async fn write_files(inner: &Inner, b: &BatchRecord) -> Result<(Option<FileRecor
     Ok((output, error))
 }
 
-/// Records read from the log per store call while writing a file.
+/// Records read from the log per store call while writing a file: at most this many, and
+/// fewer when records are large, so that a chunk stays near [`CHUNK_BYTES`].
 const CHUNK_RECORDS: u32 = 2000;
+const CHUNK_BYTES: usize = 512 << 10;
+
+/// The number of records to read next from the result log, from the size in bytes of the
+/// last chunk of `records` records (also used by the partial-results endpoint).
+pub fn next_chunk_records(records: u32, bytes: usize) -> u32 {
+    let scaled = records as u64 * CHUNK_BYTES as u64 / bytes.max(1) as u64;
+    scaled.clamp(16, CHUNK_RECORDS as u64) as u32
+}
 
 /// Streams the 2xx (`ok`) or the other results into one file. The batch's durable counts
 /// say when a file would be empty, which spares reading the whole log for nothing.
@@ -77,9 +88,9 @@ async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> Resul
     }
     let id = crate::ids::batch_output_file_id(&b.id, kind);
     let mut w = inner.blob.writer(&format!("files/{id}"));
-    let mut after = 0;
+    let (mut after, mut records) = (0, 256);
     loop {
-        let chunk = match inner.store.results_chunk(&b.id, Some(ok), after, CHUNK_RECORDS).await {
+        let chunk = match inner.store.results_chunk(&b.id, Some(ok), after, records).await {
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(e) => {
@@ -92,6 +103,7 @@ async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> Resul
             return Err(e).ctx("writing the output file");
         }
         after = chunk.1;
+        records = next_chunk_records(records, chunk.0.len());
     }
     close(w, &id, b, kind, now).await
 }

@@ -6,6 +6,9 @@
 //! mark at the start of the stream belongs to no line: the first line starts after it (its
 //! `offset` is 3), so a work unit cut from it never holds the mark either.
 
+use std::borrow::Cow;
+
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -117,51 +120,167 @@ impl LineSplitter {
     }
 }
 
-/// The envelope of a full line; unknown keys are ignored.
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
+/// Everything batchd reads from a line, in either format, in one pass: the envelope keys of
+/// a full line, its `body` (read for its head only), and — for a bare line, whose body is
+/// the line itself — the same head keys at the top. Unknown keys are skipped; a key given
+/// twice keeps its last value.
+#[derive(Default)]
+struct Flat<'a> {
     custom_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     method: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     url: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    body: Option<&'a RawValue>,
+    body: BodyField<'a>,
+    head: Head<'a>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Flat<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(FlatVisitor)
+    }
+}
+
+struct FlatVisitor;
+
+impl<'de> Visitor<'de> for FlatVisitor {
+    type Value = Flat<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Flat<'de>, A::Error> {
+        let mut flat = Flat::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "custom_id" => flat.custom_id = Some(map.next_value()?),
+                "method" => flat.method = Some(map.next_value()?),
+                "url" => flat.url = Some(map.next_value()?),
+                "body" => flat.body = map.next_value()?,
+                other => flat.head.take(other, &mut map)?,
+            }
+        }
+        Ok(flat)
+    }
 }
 
 /// The parts of a request body batchd reads; the rest passes through untouched.
-#[derive(Deserialize)]
-struct BodyHead<'a> {
-    #[serde(borrow, default)]
+#[derive(Default)]
+struct Head<'a> {
     model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     stream: Option<&'a RawValue>,
-    #[serde(default)]
-    max_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_output_tokens: Option<serde_json::Value>,
+    /// `max_tokens`, `max_completion_tokens`, `max_output_tokens`, in that order.
+    max: [Option<&'a RawValue>; 3],
 }
 
-/// A field as found on a line: absent, of the wrong JSON type, or a string.
+impl<'a> Head<'a> {
+    /// Reads one key of a map being visited into the head, skipping any other.
+    fn take<A: MapAccess<'a>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        let slot = match key {
+            "model" => &mut self.model,
+            "stream" => &mut self.stream,
+            "max_tokens" => &mut self.max[0],
+            "max_completion_tokens" => &mut self.max[1],
+            "max_output_tokens" => &mut self.max[2],
+            _ => return map.next_value::<IgnoredAny>().map(drop),
+        };
+        *slot = Some(map.next_value()?);
+        Ok(())
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Head<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(HeadVisitor)
+    }
+}
+
+struct HeadVisitor;
+
+impl<'de> Visitor<'de> for HeadVisitor {
+    type Value = Head<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Head<'de>, A::Error> {
+        let mut head = Head::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            head.take(&key, &mut map)?;
+        }
+        Ok(head)
+    }
+}
+
+/// A full line's `body`: absent, not an object (null included), or an object's head.
+#[derive(Default)]
+enum BodyField<'a> {
+    #[default]
+    Missing,
+    NotObject,
+    Object(Head<'a>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for BodyField<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BodyVisitor)
+    }
+}
+
+struct BodyVisitor;
+
+macro_rules! not_object {
+    ($($name:ident: $t:ty),*) => {$(
+        fn $name<E: serde::de::Error>(self, _: $t) -> Result<BodyField<'de>, E> {
+            Ok(BodyField::NotObject)
+        }
+    )*};
+}
+
+impl<'de> Visitor<'de> for BodyVisitor {
+    type Value = BodyField<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BodyField<'de>, A::Error> {
+        HeadVisitor.visit_map(map).map(BodyField::Object)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<BodyField<'de>, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| BodyField::NotObject)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<BodyField<'de>, E> {
+        Ok(BodyField::NotObject)
+    }
+
+    not_object!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+}
+
+/// A field as found on a line: absent, of the wrong JSON type, or a string (borrowed from
+/// the line unless it has escapes).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Field {
+pub enum Field<'a> {
     Missing,
     NotString,
-    Str(String),
+    Str(Cow<'a, str>),
 }
 
-impl Field {
-    fn of(raw: Option<&RawValue>) -> Field {
-        match raw {
-            None => Field::Missing,
-            Some(r) if r.get() == "null" => Field::Missing,
-            Some(r) => match serde_json::from_str::<String>(r.get()) {
-                Ok(s) => Field::Str(s),
-                Err(_) => Field::NotString,
-            },
+impl<'a> Field<'a> {
+    fn of(raw: Option<&'a RawValue>) -> Field<'a> {
+        let Some(text) = raw.map(RawValue::get) else { return Field::Missing };
+        if text == "null" {
+            return Field::Missing;
+        }
+        // The parser has checked the string; without a backslash its text is its value.
+        if let Some(plain) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).filter(|t| !t.contains('\\')) {
+            return Field::Str(Cow::Borrowed(plain));
+        }
+        match serde_json::from_str::<String>(text) {
+            Ok(s) => Field::Str(Cow::Owned(s)),
+            Err(_) => Field::NotString,
         }
     }
 
@@ -173,54 +292,74 @@ impl Field {
     }
 }
 
+/// A line's request body: absent, present but not a JSON object, or an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Missing,
+    NotObject,
+    Object,
+}
+
 /// One line, parsed just enough to validate and route it.
 #[derive(Debug)]
 pub struct ParsedLine<'a> {
     /// No `custom_id`, `method` or `url`: the line is a bare request body.
     pub bare: bool,
-    pub custom_id: Field,
-    pub method: Field,
-    pub url: Field,
-    /// `None` when missing; `Some(Err(()))` when present but not an object.
-    pub body: Option<Result<&'a RawValue, ()>>,
-    pub model: Field,
+    pub custom_id: Field<'a>,
+    pub method: Field<'a>,
+    pub url: Field<'a>,
+    pub body: Body,
+    pub model: Field<'a>,
     pub stream_true: bool,
     pub max_tokens: Option<u64>,
 }
 
 impl<'a> ParsedLine<'a> {
-    /// Parses a line; `Err` completes the sentence "Line N …" (it is not a JSON object).
+    /// Parses a line in one pass; `Err` completes the sentence "Line N …" (it is not a JSON
+    /// object).
     pub fn parse(bytes: &'a [u8]) -> Result<ParsedLine<'a>, String> {
         let text = std::str::from_utf8(bytes).map_err(|e| format!("is not valid UTF-8 ({e})"))?;
         if !text.trim_start().starts_with('{') {
             return Err("is not a JSON object".into());
         }
-        let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| format!("is not valid JSON ({e})"))?;
-        let bare = env.custom_id.is_none() && env.method.is_none() && env.url.is_none();
-        let body = if bare { Some(whole_line(text)?) } else { env.body };
-        let body = body.map(|b| if b.get().starts_with('{') { Ok(b) } else { Err(()) });
-        let head = match body {
-            Some(Ok(b)) => serde_json::from_str::<BodyHead<'a>>(b.get()).map_err(|e| format!("has an invalid body ({e})"))?,
-            _ => BodyHead { model: None, stream: None, max_tokens: None, max_completion_tokens: None, max_output_tokens: None },
+        let flat: Flat<'a> = serde_json::from_str(text).map_err(|e| format!("is not valid JSON ({e})"))?;
+        let bare = flat.custom_id.is_none() && flat.method.is_none() && flat.url.is_none();
+        let (body, head) = match (bare, flat.body) {
+            (true, _) => (Body::Object, flat.head),
+            (false, BodyField::Object(h)) => (Body::Object, h),
+            (false, BodyField::NotObject) => (Body::NotObject, Head::default()),
+            (false, BodyField::Missing) => (Body::Missing, Head::default()),
         };
-        let max_tokens = [&head.max_tokens, &head.max_completion_tokens, &head.max_output_tokens]
-            .into_iter()
-            .find_map(|v| v.as_ref().and_then(serde_json::Value::as_u64));
         Ok(ParsedLine {
             bare,
-            custom_id: Field::of(env.custom_id),
-            method: Field::of(env.method),
-            url: Field::of(env.url),
+            custom_id: Field::of(flat.custom_id),
+            method: Field::of(flat.method),
+            url: Field::of(flat.url),
             body,
             model: Field::of(head.model),
             stream_true: head.stream.is_some_and(|s| s.get() == "true"),
-            max_tokens,
+            max_tokens: head.max.iter().flatten().find_map(|v| v.get().parse::<u64>().ok()),
         })
     }
-}
 
-fn whole_line(text: &str) -> Result<&RawValue, String> {
-    serde_json::from_str::<&RawValue>(text).map_err(|e| format!("is not valid JSON ({e})"))
+    /// The request body's bytes within `line` (the whole line for a bare line): a second,
+    /// shallow pass, for the dispatcher only. `None` unless the body is an object.
+    pub fn body_bytes<'l>(&self, line: &'l [u8]) -> Option<&'l [u8]> {
+        #[derive(Deserialize)]
+        struct JustBody<'a> {
+            #[serde(borrow, default)]
+            body: Option<&'a RawValue>,
+        }
+        match (self.body, self.bare) {
+            (Body::Object, true) => Some(line),
+            (Body::Object, false) => {
+                let text = std::str::from_utf8(line).ok()?;
+                let raw = serde_json::from_str::<JustBody<'_>>(text).ok()?.body?;
+                Some(raw.get().as_bytes())
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -286,10 +425,31 @@ mod tests {
         assert_eq!(bare.model.as_str(), Some("m"));
         let wrong = ParsedLine::parse(br#"{"custom_id":5,"method":"POST","body":[1]}"#).unwrap();
         assert_eq!(wrong.custom_id, Field::NotString);
-        assert!(matches!(wrong.body, Some(Err(()))));
+        assert_eq!(wrong.body, Body::NotObject);
         assert_eq!(wrong.url, Field::Missing);
+        let escaped = ParsedLine::parse(br#"{"custom_id":"a\"b\u00e9","method":"POST"}"#).unwrap();
+        assert_eq!(escaped.custom_id, Field::Str("a\"bé".into()));
+        let null_body = ParsedLine::parse(br#"{"custom_id":"a","body":null}"#).unwrap();
+        assert_eq!(null_body.body, Body::NotObject);
+        assert_eq!(ParsedLine::parse(br#"{"custom_id":"a"}"#).unwrap().body, Body::Missing);
         assert!(ParsedLine::parse(b"[1,2]").is_err());
         assert!(ParsedLine::parse(b"{\"a\":").is_err());
         assert!(ParsedLine::parse(b"{\"a\":\"\xff\"}").is_err());
+    }
+
+    /// One pass reads the body's head in place; the dispatcher asks for the body's bytes.
+    #[test]
+    fn body_head_and_bytes() {
+        let full = br#"{"url":"/v1/x","model":"top","body":{"messages":[{"model":"inner"}],"model":"a","model":"b","max_tokens":1.5,"max_completion_tokens":9},"custom_id":"c"}"#;
+        let p = ParsedLine::parse(full).unwrap();
+        assert_eq!((p.model.as_str(), p.max_tokens), (Some("b"), Some(9)), "the body's keys, last one wins, nested ones ignored");
+        let body = p.body_bytes(full).unwrap();
+        assert!(body.starts_with(br#"{"messages""#) && body.ends_with(b"9}"));
+        let bare = br#" {"model":"m","body":{"model":"x"},"max_output_tokens":3} "#;
+        let p = ParsedLine::parse(bare).unwrap();
+        assert!(p.bare);
+        assert_eq!((p.model.as_str(), p.max_tokens, p.body_bytes(bare)), (Some("m"), Some(3), Some(&bare[..])));
+        let not_object = br#"{"custom_id":"a","body":"x"}"#;
+        assert_eq!(ParsedLine::parse(not_object).unwrap().body_bytes(not_object), None);
     }
 }

@@ -27,6 +27,7 @@
 
 mod book;
 mod cluster;
+mod dedup;
 mod dispatch;
 pub mod error;
 mod feeder;
@@ -63,6 +64,7 @@ use crate::upstream::Router;
 pub use book::LineCounts;
 pub use error::Error;
 pub use live::Live;
+pub use finalizer::next_chunk_records;
 pub use progress::Progress;
 pub use retry::RetryFilter;
 

@@ -75,7 +75,10 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> Result<()> {
         Err(e) => return Err(Error::from(e).context("reading the input file record")),
     };
     let stream = inner.blob.get_stream(&file.blob_key).await.ctx("reading the input file")?;
-    let v = Validator::new(&b.id, &b.endpoint, &inner.router, inner.cfg.limits, inner.cfg.engine.unit_lines);
+    let mut v = Validator::new(&b.id, &b.endpoint, &inner.router, inner.cfg.limits, inner.cfg.engine.unit_lines);
+    if let Some(dir) = inner.cfg.scratch_dir() {
+        v = v.spill_to(dir);
+    }
     let report = validate_stream(stream, file.bytes as u64, v).await.ctx("reading the input file")?;
     crate::memory::release_free_memory();
     let now = crate::now_unix();
@@ -108,6 +111,7 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {
         h: h.clone(),
         lines: TaskTracker::new(),
         turns,
+        queued: tokio::sync::Semaphore::new(feeder::MAX_QUEUED),
     });
     let expiry = expiry_sleep(b.expires_at);
     tokio::pin!(expiry);

@@ -1,20 +1,29 @@
 //! Streaming validation of an input file, before anything is sent upstream.
 //!
-//! [`Validator`] takes the file's lines one at a time and keeps only what it must (a 128-bit
-//! hash per `custom_id`, the line numbers of each format), so memory does not grow with line
-//! size. It reports every problem with its 1-based line (capped at [`MAX_ERRORS`]) and, for a
-//! good file, cuts it into work units (line ranges with their byte offsets).
+//! [`Validator`] takes the file's lines one at a time and keeps nothing per line in memory,
+//! so its footprint is the same for 1,000 lines or 1,000,000: duplicate `custom_id`s are
+//! found by an external sort (`engine::dedup`), and of the errors and of the lines of each
+//! format only what a report can list ([`MAX_ERRORS`]) is kept, plus counts. It reports
+//! every problem with its 1-based line (the [`MAX_ERRORS`] lowest lines, whatever order
+//! they are found in) and, for a good file, cuts it into work units (line ranges with their
+//! byte offsets; one per `unit_lines` lines, so a few hundred for a million lines).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::PathBuf;
 
 use futures::{Stream, StreamExt};
 
-use super::lines::{Field, LineSplitter, ParsedLine, RawLine};
+use super::dedup::{DupFinder, Duplicate};
+use super::lines::{Body, Field, LineSplitter, ParsedLine, RawLine};
 use crate::config::Limits;
 use crate::store::{InputFormat, LineError, Validated, WorkUnit};
 use crate::upstream::Router;
 
 pub const MAX_ERRORS: usize = 1000;
+/// At most this many distinct models are itemised; the others are summed under
+/// [`OTHER_MODELS`] (a catch-all upstream accepts any name, so a file could name millions).
+pub const MAX_MODELS: usize = 1000;
+pub const OTHER_MODELS: &str = "(other models)";
 const MAX_CUSTOM_ID: usize = 512;
 /// A unit also ends when it reaches this many bytes, so a feeder's buffer stays bounded.
 const MAX_UNIT_BYTES: u64 = 2 << 20;
@@ -44,16 +53,82 @@ pub struct Validator<'a> {
     router: &'a Router,
     limits: Limits,
     unit_lines: u64,
-    errors: Vec<LineError>,
-    error_count: usize,
-    seen: HashMap<u128, u64>,
-    bare_lines: Vec<u64>,
-    full_lines: Vec<u64>,
+    errors: ErrorList,
+    dups: DupFinder,
+    /// The first failure to write the duplicate finder's temporary file, reported at the end.
+    spill_error: Option<std::io::Error>,
+    bare_lines: FormatLines,
+    full_lines: FormatLines,
     models: BTreeMap<String, ModelSummary>,
     tokens: u64,
     requests: u64,
     units: Vec<WorkUnit>,
     open: Option<WorkUnit>,
+}
+
+/// The errors to report: the [`MAX_ERRORS`] with the lowest lines (file-level errors, which
+/// have none, first), in whatever order they are found, and how many there were in all.
+#[derive(Default)]
+struct ErrorList {
+    kept: BinaryHeap<Ranked>,
+    count: usize,
+}
+
+/// An error ranked by (line, order found); the heap's top is the one to drop first.
+struct Ranked {
+    key: (u64, usize),
+    e: LineError,
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+impl ErrorList {
+    fn push(&mut self, e: LineError) {
+        let r = Ranked { key: (e.line.unwrap_or(0), self.count), e };
+        self.count += 1;
+        if self.kept.len() < MAX_ERRORS {
+            self.kept.push(r);
+        } else if self.kept.peek().is_some_and(|top| r.key < top.key) {
+            self.kept.pop();
+            self.kept.push(r);
+        }
+    }
+
+    fn into_sorted(self) -> Vec<LineError> {
+        self.kept.into_sorted_vec().into_iter().map(|r| r.e).collect()
+    }
+}
+
+/// The lines written in one format: how many, and the first [`MAX_ERRORS`] of them (all that
+/// a report can list should they turn out to be the minority).
+#[derive(Default)]
+struct FormatLines {
+    count: u64,
+    first: Vec<u64>,
+}
+
+impl FormatLines {
+    fn push(&mut self, no: u64) {
+        self.count += 1;
+        if self.first.len() < MAX_ERRORS {
+            self.first.push(no);
+        }
+    }
 }
 
 fn err(code: &str, line: Option<u64>, param: Option<&str>, message: String) -> LineError {
@@ -68,11 +143,11 @@ impl<'a> Validator<'a> {
             router,
             limits,
             unit_lines,
-            errors: vec![],
-            error_count: 0,
-            seen: HashMap::new(),
-            bare_lines: vec![],
-            full_lines: vec![],
+            errors: ErrorList::default(),
+            dups: DupFinder::default(),
+            spill_error: None,
+            bare_lines: FormatLines::default(),
+            full_lines: FormatLines::default(),
             models: BTreeMap::new(),
             tokens: 0,
             requests: 0,
@@ -81,11 +156,15 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Duplicate detection spills its sorted runs to an anonymous file in `dir` (by default
+    /// the system's temporary directory): about 20 bytes plus the id per line.
+    pub fn spill_to(mut self, dir: PathBuf) -> Self {
+        self.dups = DupFinder::new(Some(dir));
+        self
+    }
+
     fn push(&mut self, e: LineError) {
-        self.error_count += 1;
-        if self.errors.len() < MAX_ERRORS {
-            self.errors.push(e);
-        }
+        self.errors.push(e);
     }
 
     /// Checks the file size before reading it.
@@ -128,7 +207,7 @@ impl<'a> Validator<'a> {
         }
         self.check_body(no, p);
         self.tokens += len / 4;
-        if let Some(m) = p.model.as_str().and_then(|m| self.models.get_mut(m)) {
+        if let Some(m) = p.model.as_str().and_then(|m| self.summary_of(m)) {
             m.input_tokens += len / 4;
             m.max_output_tokens += p.max_tokens.unwrap_or(0);
         }
@@ -153,19 +232,16 @@ impl<'a> Validator<'a> {
     }
 
     fn check_unique(&mut self, no: u64, custom_id: &str) {
-        let h = xxhash_rust::xxh3::xxh3_128(custom_id.as_bytes());
-        if let Some(first) = self.seen.insert(h, no) {
-            self.seen.insert(h, first);
-            let m = format!("Line {no}: custom_id {custom_id:?} was already used on line {first}; each must be unique.");
-            self.push(err("duplicate_custom_id", Some(no), Some("custom_id"), m));
+        if self.spill_error.is_none() {
+            self.spill_error = self.dups.add(no, custom_id).err();
         }
     }
 
     fn check_body(&mut self, no: u64, p: &ParsedLine<'_>) {
-        match &p.body {
-            None => return self.push(missing(no, "body")),
-            Some(Err(())) => return self.push(err("invalid_value", Some(no), Some("body"), format!("Line {no}: body must be a JSON object."))),
-            Some(Ok(_)) => {}
+        match p.body {
+            Body::Missing => return self.push(missing(no, "body")),
+            Body::NotObject => return self.push(err("invalid_value", Some(no), Some("body"), format!("Line {no}: body must be a JSON object."))),
+            Body::Object => {}
         }
         match &p.model {
             Field::Missing => self.push(missing(no, "body.model")),
@@ -188,9 +264,18 @@ impl<'a> Validator<'a> {
         match self.models.get_mut(model) {
             Some(m) => m.requests += 1,
             None => {
-                self.models.insert(model.to_string(), ModelSummary { requests: 1, ..Default::default() });
+                let name = if self.models.len() < MAX_MODELS { model } else { OTHER_MODELS };
+                self.models.entry(name.to_string()).or_default().requests += 1;
             }
         }
+    }
+
+    /// The summary a line's tokens are added to.
+    fn summary_of(&mut self, model: &str) -> Option<&mut ModelSummary> {
+        if self.models.contains_key(model) {
+            return self.models.get_mut(model);
+        }
+        self.models.get_mut(OTHER_MODELS)
     }
 
     fn extend_unit(&mut self, l: RawLine<'_>, request: bool) {
@@ -221,41 +306,57 @@ impl<'a> Validator<'a> {
     }
 
     fn check_formats(&mut self) -> InputFormat {
-        if self.bare_lines.is_empty() || self.full_lines.is_empty() {
-            return if self.full_lines.is_empty() && !self.bare_lines.is_empty() { InputFormat::Bare } else { InputFormat::Full };
+        let (bare, full) = (self.bare_lines.count, self.full_lines.count);
+        if bare == 0 || full == 0 {
+            return if full == 0 && bare > 0 { InputFormat::Bare } else { InputFormat::Full };
         }
-        let bare_minority = self.bare_lines.len() <= self.full_lines.len();
+        let bare_minority = bare <= full;
         let (minority, what, other) = if bare_minority {
             (std::mem::take(&mut self.bare_lines), "a bare request body", "full batch requests (custom_id, method, url, body)")
         } else {
             (std::mem::take(&mut self.full_lines), "a full batch request", "bare request bodies")
         };
-        for no in minority {
+        for &no in &minority.first {
             let m = format!("Line {no} is {what}, but most lines are {other}; use one format for the whole file.");
             self.push(err("invalid_value", Some(no), None, m));
         }
+        // The others come after MAX_ERRORS errors at lower lines: counted, never listed.
+        self.errors.count += (minority.count - minority.first.len() as u64) as usize;
         if bare_minority { InputFormat::Full } else { InputFormat::Bare }
     }
 
-    pub fn finish(mut self) -> Report {
+    /// The report; `Err` only when the duplicate finder's temporary file failed.
+    pub fn finish(mut self) -> std::io::Result<Report> {
         self.close_unit();
+        if let Some(e) = self.spill_error.take() {
+            return Err(e);
+        }
+        let errors = &mut self.errors;
+        std::mem::take(&mut self.dups).finish(|d| errors.push(duplicate(&d)))?;
         let format = self.check_formats();
-        if self.requests == 0 && self.errors.is_empty() {
+        if self.requests == 0 && self.errors.count == 0 {
             self.push(err("empty_file", None, None, "The file contains no request lines.".into()));
         }
-        self.errors.sort_by_key(|e| e.line.unwrap_or(0));
-        if self.error_count > MAX_ERRORS {
-            let m = format!("{} more errors are not listed.", self.error_count - MAX_ERRORS);
-            self.errors.push(err("too_many_errors", None, None, m));
+        let count = self.errors.count;
+        let mut errors = std::mem::take(&mut self.errors).into_sorted();
+        if count > MAX_ERRORS {
+            let m = format!("{} more errors are not listed.", count - MAX_ERRORS);
+            errors.push(err("too_many_errors", None, None, m));
         }
         let model = (self.models.len() == 1).then(|| self.models.keys().next().cloned()).flatten();
-        Report {
-            errors: self.errors,
+        Ok(Report {
+            errors,
             validated: Validated { total: self.requests, model, format, units: self.units, est_tokens: self.tokens },
             models: self.models,
             estimated_input_tokens: self.tokens,
-        }
+        })
     }
+}
+
+fn duplicate(d: &Duplicate<'_>) -> LineError {
+    let (no, first, id) = (d.line, d.first, d.custom_id);
+    let m = format!("Line {no}: custom_id {id:?} was already used on line {first}; each must be unique.");
+    err("duplicate_custom_id", Some(no), Some("custom_id"), m)
 }
 
 fn missing(no: u64, param: &str) -> LineError {
@@ -266,9 +367,10 @@ fn missing(no: u64, param: &str) -> LineError {
 pub async fn validate_stream<S, E>(mut stream: S, size: u64, mut v: Validator<'_>) -> Result<Report, E>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: From<std::io::Error>,
 {
     if !v.check_size(size) {
-        return Ok(v.finish());
+        return Ok(v.finish()?);
     }
     let mut splitter = LineSplitter::new(v.limits.max_line_bytes as usize, 1, 0);
     while let Some(chunk) = stream.next().await {
@@ -277,7 +379,7 @@ where
         tokio::task::consume_budget().await;
     }
     splitter.finish(&mut |l| v.line(l));
-    Ok(v.finish())
+    Ok(v.finish()?)
 }
 
 #[cfg(test)]
@@ -303,7 +405,7 @@ mod tests {
         let mut s = LineSplitter::new(limits.max_line_bytes as usize, 1, 0);
         s.feed(text.as_bytes(), &mut |l| v.line(l));
         s.finish(&mut |l| v.line(l));
-        v.finish()
+        v.finish().unwrap()
     }
 
     fn line(id: &str, model: &str) -> String {
@@ -357,6 +459,47 @@ mod tests {
         let want: Vec<_> = want.iter().map(|(c, l, p)| (c.to_string(), Some(*l), p.map(String::from))).collect();
         assert_eq!(got, want);
         assert!(r.errors[4].message.contains("m1") && r.errors[4].message.contains("alias"), "lists known models");
+    }
+
+    /// Duplicates are found only at the end, after every other error: the list still holds
+    /// the errors of the lowest lines, and the count of the others is exact.
+    #[test]
+    fn the_lowest_lines_are_listed_whatever_order_errors_are_found_in() {
+        let mut lines = vec![line("a", "m1"), line("a", "m1")];
+        lines.extend((0..1500).map(|_| "not json".to_string()));
+        let r = run(&lines.join("\n"), Limits::default());
+        assert_eq!(r.errors.len(), MAX_ERRORS + 1);
+        assert_eq!((r.errors[0].code.as_str(), r.errors[0].line), ("duplicate_custom_id", Some(2)));
+        assert!(r.errors[0].message.contains("already used on line 1"));
+        assert_eq!(r.errors[MAX_ERRORS - 1].line, Some(1001));
+        assert_eq!(r.errors[MAX_ERRORS].code, "too_many_errors");
+        assert_eq!(r.errors[MAX_ERRORS].message, "501 more errors are not listed.");
+        // The minority format keeps only the line numbers it can list, and counts the rest.
+        let bare = r#"{"model":"m1","messages":[]}"#.to_string();
+        let mut mixed: Vec<String> = (0..1300).map(|i| line(&format!("id-{i}"), "m1")).collect();
+        mixed.extend(std::iter::repeat_n(bare, 1200));
+        let r = run(&mixed.join("\n"), Limits::default());
+        assert_eq!(r.validated.format, InputFormat::Full);
+        assert_eq!((r.errors[0].line, r.errors[MAX_ERRORS - 1].line), (Some(1301), Some(2300)));
+        assert_eq!(r.errors[MAX_ERRORS].message, "200 more errors are not listed.");
+    }
+
+    /// A catch-all upstream accepts any model name; past MAX_MODELS names the summary sums
+    /// the others instead of growing with the file.
+    #[test]
+    fn distinct_models_are_capped() {
+        let raw = RawUpstream { name: "any".into(), base_url: "http://127.0.0.1:9/v1".into(), models: vec!["*".into()], ..Default::default() };
+        let cfg = crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap();
+        let r = Router::new(&cfg.upstreams).unwrap();
+        let mut v = Validator::new("batch_t", "/v1/chat/completions", &r, Limits::default(), 100);
+        let text: String = (0..MAX_MODELS + 5).map(|i| line(&format!("id-{i}"), &format!("model-{i}")) + "\n").collect();
+        let mut s = LineSplitter::new(1 << 20, 1, 0);
+        s.feed(text.as_bytes(), &mut |l| v.line(l));
+        let report = v.finish().unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.models.len(), MAX_MODELS + 1);
+        assert_eq!(report.models[OTHER_MODELS].requests, 5);
+        assert!(report.models[OTHER_MODELS].input_tokens > 0);
     }
 
     #[test]

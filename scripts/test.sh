@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: Rust unit, conformance and black-box tests (real binary, real SQLite,
 # the project's mock upstream), then the official openai Python SDK suite against the real
-# server. Installs what it needs (a Python venv with the pinned SDK) by itself.
+# server, then the web console's tests in headless Chromium. Installs what it needs (a Python
+# venv with the pinned SDK; Debian's chromium and playwright-core) by itself.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh --rust     # only the Rust tests
@@ -23,3 +24,7 @@ fi
 echo "== openai SDK tests =="
 py="$(scripts/sdk-venv.sh | tail -n1)"
 BATCHD_BIN="$target/debug/batchd" "$py" -m pytest -q tests/sdk
+
+echo "== web console tests (headless Chromium) =="
+scripts/browser-setup.sh
+(cd tests/browser && BATCHD_BIN="$target/debug/batchd" npm test --silent)

@@ -33,25 +33,30 @@ async function render() {
     state.cleanup = null;
   }
   window.scrollTo(0, 0);
+  // Each view draws into its own root: a view still loading when the user moves on draws
+  // into a detached element, never over the next view.
+  const root = h('div', { class: 'view' });
+  main.replaceChildren(root);
   if (!state.config || (state.config.auth_required && !state.config.tenant)) {
     showChrome(false);
-    renderSignIn(main, { config: state.config, onSignedIn: signedIn });
+    renderSignIn(root, { config: state.config, onSignedIn: signedIn });
     return;
   }
   showChrome(true);
   const path = location.pathname;
   const found = routes.find(([re]) => re.test(path));
   if (!found) {
-    fill(main, h('h1', { tabindex: '-1' }, 'Page not found'),
+    fill(root, h('h1', { tabindex: '-1' }, 'Page not found'),
       h('p', {}, 'There is nothing at ', h('code', {}, path), '. ', h('a', { href: '/' }, 'Go to the batches.')));
   } else {
     const params = path.match(found[0]).slice(1).map(decodeURIComponent);
-    const cleanup = await found[1](main, { params, config: state.config, navigate, query: new URLSearchParams(location.search) });
+    const cleanup = await found[1](root, { params, config: state.config, navigate, query: new URLSearchParams(location.search) });
     if (seq === state.seq) state.cleanup = cleanup || null;
     else if (cleanup) cleanup();
   }
+  if (seq !== state.seq) return;
   markNav(path);
-  const heading = main.querySelector('h1');
+  const heading = root.querySelector('h1');
   if (heading && document.activeElement === document.body) {
     heading.setAttribute('tabindex', '-1');
     heading.focus({ preventScroll: true });

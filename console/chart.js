@@ -53,7 +53,7 @@ export class RateChart {
       series: [
         {},
         { label: 'requests/s', scale: 'req', stroke: req, width: 2, fill: `${req}22`, paths, value: (u, v) => fmtNum(v, 1), points: { show: false } },
-        { label: 'tokens/s', scale: 'tok', stroke: tok, width: 2, paths, value: (u, v) => fmtNum(v, 0), points: { show: false } },
+        { label: 'tokens/s', scale: 'tok', stroke: tok, width: 2, dash: [6, 4], paths, value: (u, v) => fmtNum(v, 0), points: { show: false } },
       ],
     };
   }

@@ -87,7 +87,7 @@ class BatchPage {
     fill(this.main,
       h('p', { class: 'crumbs' }, h('a', { href: '/' }, '← Batches')),
       h('div', { class: 'page-head' },
-        h('h1', { class: 'mono batch-id' }, this.id),
+        h('h1', { class: 'mono batch-id', tabindex: '-1' }, this.id),
         h('div', { class: 'head-status' }, e.badge, e.live)),
       e.actions, e.notices, e.flags,
       h('section', { class: 'card', 'aria-labelledby': 'p-title' }, h('h2', { id: 'p-title' }, 'Progress'), e.bar, e.stats),
@@ -247,7 +247,8 @@ class BatchPage {
     fill(this.el.actions, buttons);
     if (focused) {
       const again = this.el.actions.querySelector(`#${focused}`);
-      if (again) again.focus();
+      // A button that went away (Cancel, once cancelled) leaves the focus on the heading.
+      (again || this.main.querySelector('h1')).focus();
     }
   }
 

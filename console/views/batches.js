@@ -43,7 +43,10 @@ export async function renderBatches(main, { query, navigate }) {
       const page = await api.listBatches({ limit, after, status, search });
       if (stopped) return;
       list.setAttribute('aria-busy', 'false');
+      // A refresh keeps the keyboard focus on the same link.
+      const focused = list.contains(document.activeElement) ? document.activeElement.getAttribute('href') : null;
       fill(list, page.data.length ? batchTable(page.data) : empty(status || search));
+      if (focused) list.querySelector(`a[href="${CSS.escape(focused)}"]`)?.focus();
       renderPager(pager, page, after, go);
       const running = page.data.some((b) => !isFinal(b.status));
       if (running && !stopped) timer = setTimeout(load, REFRESH_MS);

@@ -84,7 +84,11 @@ export async function renderNew(main, { config, navigate }) {
     setCreatable();
   }
 
-  fileInput.addEventListener('change', () => choose(fileInput.files[0]));
+  fileInput.addEventListener('change', () => {
+    const f = fileInput.files[0];
+    fileInput.value = ''; // choosing the same (fixed) file again fires another change
+    choose(f);
+  });
   drop.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
   drop.addEventListener('dragleave', () => drop.classList.remove('over'));
   drop.addEventListener('drop', (e) => {

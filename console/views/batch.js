@@ -333,22 +333,24 @@ class BatchPage {
 
   // ---- errors ----
 
+  /** Reads the errors again when more lines failed (at most every 10 s while running) and once at the end. */
   maybeLoadErrors(b) {
-    const failed = b.request_counts.failed;
     if (this.errorsFinal) return;
+    const final = isFinal(b.status);
+    const failed = b.request_counts.failed;
     if (failed === 0) {
-      if (isFinal(b.status)) this.errorsFinal = true;
-      fill(this.el.errors, h('p', { class: 'muted' }, isFinal(b.status) ? 'No line failed.' : 'No line has failed so far.'));
+      this.errorsFinal = final;
+      fill(this.el.errors, h('p', { class: 'muted' }, final ? 'No line failed.' : 'No line has failed so far.'));
       return;
     }
-    const now = Date.now();
-    if (failed === this.errorsFailed && !isFinal(b.status)) return;
-    if (!isFinal(b.status) && now - this.errorsLoadedAt < ERRORS_EVERY_MS && this.errorsFailed >= 0) return;
-    if (this.loadingErrors) return;
-    this.errorsLoadedAt = now;
+    if (!final && (failed === this.errorsFailed || Date.now() - this.errorsLoadedAt < ERRORS_EVERY_MS)) return;
+    if (this.loadingErrors) { this.errorsAgain = true; return; }
+    this.errorsLoadedAt = Date.now();
     this.errorsFailed = failed;
-    if (isFinal(b.status)) this.errorsFinal = true;
-    this.loadErrors();
+    this.errorsFinal = final;
+    this.loadErrors().then(() => {
+      if (this.errorsAgain && !this.stopped) { this.errorsAgain = false; this.maybeLoadErrors(this.batch); }
+    });
   }
 
   async loadErrors() {

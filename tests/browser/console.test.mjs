@@ -139,6 +139,7 @@ test('sign in, see a bad line by number, create from a good file, watch it compl
   assert.ok(await page.locator('.chart canvas').count() > 0, 'the throughput chart is drawn');
 
   // Errors grouped by code and status, with an example line.
+  await page.getByText('3 failed lines in 1 group.').waitFor();
   const groups = await page.locator('#error-groups tbody tr').evaluateAll((trs) => trs.map((tr) => [...tr.cells].map((td) => td.textContent)));
   assert.equal(groups.length, 1, JSON.stringify(groups));
   assert.equal(groups[0][0], '400');
@@ -282,7 +283,7 @@ test('phone width: every view fits without horizontal scrolling', async () => {
   await p.close();
 });
 
-test('without its event stream the page polls, and a stalled batch says why', async () => {
+test('without its event stream the page polls, and a stalled batch says why and is at risk', async () => {
   const port = await new Promise((resolve) => {
     const srv = createServer().listen(0, '127.0.0.1', () => { const { port: p } = srv.address(); srv.close(() => resolve(p)); });
   });
@@ -294,9 +295,11 @@ models = ["*"]
 max_attempts = 100
 
 [batches]
-stall_after_s = 1
+stall_after_s = 3
+completion_windows = ["24h", "20s"]
 `);
-  const b = await apiClient(dead.url).submit([chatLine('s-1'), chatLine('s-2')]);
+  // Stalled within ten stall periods of its expiry: also at risk.
+  const b = await apiClient(dead.url).submit([chatLine('s-1'), chatLine('s-2')], { completion_window: '20s' });
   const p = await openPage(browser);
   const { page } = p;
   await page.route('**/events*', (route) => route.abort());
@@ -306,6 +309,7 @@ stall_after_s = 1
   const stalled = page.locator('.stalled');
   await stalled.waitFor({ timeout: 30_000 });
   assert.match(await stalled.textContent(), /Stalled since .*unreachable.*gone/);
+  assert.match(await page.locator('.at-risk').textContent(), /At risk: it may not finish before it expires/);
   await page.locator('td', { hasText: 'could not connect' }).first().waitFor();
   assertNoErrors(assert, p);
   await p.close();

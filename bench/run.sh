@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # batchd benchmark suite: measures the performance budgets of DESIGN.md and prints a table.
 #
-#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches), about 1.5-3 minutes
-#   bench/run.sh --quick    smaller sizes, about 30 s (figures are indicative only)
+#   bench/run.sh            full sizes (20k / 25.6k / 100k-line 200 MB batches + limits), about 3-4.5 minutes
+#   bench/run.sh --quick    smaller sizes, about 70 s (figures are indicative only)
 # (plus the release build when it is not up to date: about 3 minutes from scratch on 2 cores)
 #
 # Options:
 #   --quick         smaller sizes
 #   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
-#   --only LIST     comma list of dispatch,saturation,big
+#   --only LIST     comma list of dispatch,saturation,big,limits
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
 #   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)

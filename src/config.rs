@@ -183,6 +183,29 @@ pub struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     /// Largest answer body accepted; a larger one is an error line `response_too_large`.
     pub max_response_bytes: Option<u64>,
+    /// `throughput` (default): take all the upstream will give. `standby`: keep its latency
+    /// near the knee, yielding to online traffic.
+    pub mode: Option<UpstreamMode>,
+    /// vLLM's or SGLang's Prometheus `/metrics`: queued requests there also slow standby.
+    pub metrics_url: Option<String>,
+}
+
+/// How an upstream is shared (see `upstream::control`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    #[default]
+    Throughput,
+    Standby,
+}
+
+impl UpstreamMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamMode::Throughput => "throughput",
+            UpstreamMode::Standby => "standby",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -297,6 +320,8 @@ pub struct UpstreamConfig {
     pub max_response_bytes: u64,
     /// The environment variable the key was read from (printed by `--print-config`).
     pub api_key_env: Option<String>,
+    pub mode: UpstreamMode,
+    pub metrics_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -503,11 +528,10 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             _ => return Err(bad(format!("environment variable {var} (api_key_env) is not set"))),
         },
     };
-    let models = if u.models.is_empty() { vec!["*".to_string()] } else { u.models.clone() };
-    for (alias, target) in &u.aliases {
-        if !models.iter().any(|m| m == "*" || m == target) {
-            return Err(bad(format!("alias {alias:?} points to {target:?}, which is not in its models")));
-        }
+    // An alias routes by itself; its target is routable by its own id only when listed.
+    let models = if u.models.is_empty() && u.aliases.is_empty() { vec!["*".to_string()] } else { u.models.clone() };
+    if let Some(url) = u.metrics_url.as_deref().filter(|m| !(m.starts_with("http://") || m.starts_with("https://"))) {
+        return Err(bad(format!("metrics_url {url:?} must start with http:// or https://")));
     }
     if u.ca_file.is_some() && !u.base_url.starts_with("https://") {
         return Err(bad("ca_file is only used with an https:// base_url".into()));
@@ -530,6 +554,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         ca_file: u.ca_file.clone(),
         max_response_bytes: u.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES).max(1024),
         api_key_env: u.api_key_env.clone(),
+        mode: u.mode.unwrap_or_default(),
+        metrics_url: u.metrics_url.clone(),
     })
 }
 
@@ -714,6 +740,8 @@ impl UpstreamConfig {
             max_attempts: Some(self.max_attempts),
             ca_file: self.ca_file.clone(),
             max_response_bytes: Some(self.max_response_bytes),
+            mode: Some(self.mode),
+            metrics_url: self.metrics_url.clone(),
         }
     }
 }
@@ -758,11 +786,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_a_reason() {
-        let alias_to_unknown: RawConfig = toml::from_str(
-            "[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nmodels=['m']\naliases={ x = 'other' }",
-        )
-        .unwrap();
-        assert!(alias_to_unknown.resolve().unwrap_err().to_string().contains("alias"));
+        let bad_mode = toml::from_str::<RawConfig>("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nmode='fast'");
+        assert!(bad_mode.unwrap_err().to_string().contains("standby"), "the modes are named");
         assert!(parse_window("24x").is_err());
         assert!(parse_window("0h").is_err());
         let unknown_key = toml::from_str::<RawConfig>("[server]\nlisen = '1'");

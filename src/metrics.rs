@@ -108,7 +108,8 @@ pub fn outcome_class(o: &Outcome) -> &'static str {
         Outcome::Answer(a) if a.status >= 500 => "5xx",
         Outcome::Answer(_) => "4xx",
         Outcome::Transport(TransportError::Timeout(_)) => "timeout",
-        Outcome::Transport(TransportError::Unavailable(_)) => "unreachable",
+        Outcome::Transport(TransportError::Unreachable(_)) => "unreachable",
+        Outcome::Transport(TransportError::Unavailable(_)) => "broken",
         Outcome::Transport(TransportError::TooLarge(_)) => "too_large",
     }
 }
@@ -177,13 +178,32 @@ impl Metrics {
     }
 }
 
-/// Per-upstream gauges read at scrape time. The adaptive limits (#11) add theirs here.
+/// Per-upstream state read at scrape time: the pool's limits and what it learned.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamGauges {
     pub name: String,
     pub in_flight: i64,
     pub window: f64,
     pub limit: i64,
+    pub learned_rpm: Option<f64>,
+    pub paused: bool,
+    pub rate_limited_last_minute: u64,
+    pub overloaded_last_minute: u64,
+}
+
+impl From<&crate::upstream::UpstreamState> for UpstreamGauges {
+    fn from(s: &crate::upstream::UpstreamState) -> Self {
+        UpstreamGauges {
+            name: s.name.clone(),
+            in_flight: s.in_flight as i64,
+            window: s.window,
+            limit: s.limit as i64,
+            learned_rpm: s.learned_rpm,
+            paused: s.paused,
+            rate_limited_last_minute: s.rate_limited_last_minute,
+            overloaded_last_minute: s.overloaded_last_minute,
+        }
+    }
 }
 
 /// Values read when `/metrics` is asked.
@@ -223,17 +243,33 @@ impl Scrape {
 
     /// The per-upstream gauges: one family each, labelled by upstream.
     fn register_upstreams(&self, r: &mut Registry) {
+        type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
         let in_flight = Family::<Labels, Gauge>::default();
-        let window = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let window = Family::<Labels, FloatGauge>::default();
         let limit = Family::<Labels, Gauge>::default();
+        let learned = Family::<Labels, FloatGauge>::default();
+        let paused = Family::<Labels, Gauge>::default();
+        let limited = Family::<Labels, Gauge>::default();
+        let overloaded = Family::<Labels, Gauge>::default();
         for u in &self.upstreams {
-            in_flight.get_or_create(&upstream(&u.name)).set(u.in_flight);
-            window.get_or_create(&upstream(&u.name)).set(u.window);
-            limit.get_or_create(&upstream(&u.name)).set(u.limit);
+            let l = upstream(&u.name);
+            in_flight.get_or_create(&l).set(u.in_flight);
+            window.get_or_create(&l).set(u.window);
+            limit.get_or_create(&l).set(u.limit);
+            if let Some(rpm) = u.learned_rpm {
+                learned.get_or_create(&l).set(rpm);
+            }
+            paused.get_or_create(&l).set(u.paused as i64);
+            limited.get_or_create(&l).set(u.rate_limited_last_minute as i64);
+            overloaded.get_or_create(&l).set(u.overloaded_last_minute as i64);
         }
         r.register("batchd_upstream_in_flight", "Requests in flight to each upstream", in_flight);
-        r.register("batchd_upstream_window", "Current concurrency window of each upstream", window);
-        r.register("batchd_upstream_limit", "Configured concurrency limit of each upstream", limit);
+        r.register("batchd_upstream_window", "Concurrency window learned for each upstream", window);
+        r.register("batchd_upstream_limit", "This node's share of each upstream's max_concurrency", limit);
+        r.register("batchd_upstream_learned_rpm", "Requests per minute learned from 429s or rate-limit headers", learned);
+        r.register("batchd_upstream_paused", "1 while the upstream is paused (see pause_reason in /progress)", paused);
+        r.register("batchd_upstream_rate_limited_last_minute", "429 answers in the last minute", limited);
+        r.register("batchd_upstream_overloaded_last_minute", "Overloaded answers (503, 529) in the last minute", overloaded);
     }
 }
 
@@ -243,7 +279,7 @@ mod tests {
     use crate::upstream::Answer;
 
     fn answer(status: u16) -> Outcome {
-        Outcome::Answer(Answer { status, body: Default::default(), request_id: None, retry_after: None })
+        Outcome::Answer(Answer { status, body: Default::default(), request_id: None, retry_after: None, rate_limits: Default::default() })
     }
 
     #[test]
@@ -251,11 +287,13 @@ mod tests {
         let m = Metrics::default();
         m.upstream_call("a", &answer(200), Duration::from_millis(12));
         m.upstream_call("a", &answer(429), Duration::from_millis(3));
-        m.upstream_call("a", &Outcome::Transport(TransportError::Unavailable("connection refused".into())), Duration::from_millis(1));
+        m.upstream_call("a", &Outcome::Transport(TransportError::Unreachable("connection refused".into())), Duration::from_millis(1));
         m.retry("a");
         m.commit_took(Duration::from_millis(2));
         m.webhook_attempt("delivered");
-        let s = Scrape { store_commits: 7, store_writable: true, batches_by_status: vec![("in_progress", 2)], ..Default::default() };
+        let idle = UpstreamGauges { name: "a".into(), window: 64.0, limit: 64, ..Default::default() };
+        let learning = UpstreamGauges { name: "b".into(), window: 8.5, learned_rpm: Some(1180.0), paused: true, rate_limited_last_minute: 3, ..Default::default() };
+        let s = Scrape { store_commits: 7, store_writable: true, batches_by_status: vec![("in_progress", 2)], upstreams: vec![idle, learning], ..Default::default() };
         let text = m.render(&s);
         for want in [
             "batchd_upstream_requests_total{upstream=\"a\",outcome=\"2xx\"} 1",
@@ -268,9 +306,16 @@ mod tests {
             "batchd_store_commits_total 7",
             "batchd_store_writable 1",
             "batchd_batches{status=\"in_progress\"} 2",
+            "batchd_upstream_window{upstream=\"a\"} 64",
+            "batchd_upstream_paused{upstream=\"a\"} 0",
+            "batchd_upstream_window{upstream=\"b\"} 8.5",
+            "batchd_upstream_learned_rpm{upstream=\"b\"} 1180",
+            "batchd_upstream_paused{upstream=\"b\"} 1",
+            "batchd_upstream_rate_limited_last_minute{upstream=\"b\"} 3",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+        assert!(!text.contains("batchd_upstream_learned_rpm{upstream=\"a\"}"), "no rate learned, no sample");
         let r = m.recent("a");
         assert!(r.failing() && r.last_unreachable && !r.last_rate_limited);
         m.upstream_call("a", &answer(200), Duration::from_millis(1));

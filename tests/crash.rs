@@ -144,12 +144,13 @@ async fn kill9_during_finalization_then_restart_writes_each_file_once() {
     let m = mock(MockArgs::default()).await;
     let mut s = Server::start(&config(&m.base_url(), "", ""));
     let api = s.api();
-    // Every other line gets a large non-JSON error body, so the error file is ~12 MB and
-    // finalization takes long enough to be caught.
+    // Every other line gets a large JSON error body (kept whole, unlike a non-JSON one), so
+    // the error file is ~12 MB and finalization takes long enough to be caught.
     let big = "e".repeat(20_000);
+    let big_body = json!({"error": {"message": big}}).to_string();
     let lines: Vec<String> = (0..N)
         .map(|i| {
-            let mock = (i % 2 == 1).then(|| json!({"status": 400, "body_text": big}));
+            let mock = (i % 2 == 1).then(|| json!({"status": 400, "body_text": big_body}));
             chat_line(&format!("req-{i}"), "m", mock)
         })
         .collect();

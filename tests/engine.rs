@@ -212,7 +212,9 @@ async fn non_json_upstream_body_becomes_an_error_message() {
     let by_cid: HashMap<&str, &Value> = err.iter().map(|l| (l["custom_id"].as_str().unwrap(), l)).collect();
     let e = by_cid["text-500"];
     assert_eq!(e["response"]["status_code"], 500);
-    assert_eq!(e["response"]["body"], json!({"error": {"message": text}}), "{e}");
+    let body = &e["response"]["body"]["error"];
+    assert_eq!(body["code"], "upstream_error", "a non-JSON error page gets a code: {e}");
+    assert!(body["message"].as_str().unwrap().ends_with("upstream exploded \"badly\""), "and a short excerpt, tags dropped: {e}");
     assert!(e["error"].is_null());
     let e = by_cid["empty-502"];
     assert_eq!(e["response"]["status_code"], 502);
@@ -252,12 +254,14 @@ async fn soak_with_random_faults_is_exactly_once() {
     assert!(st.hangs > 0 && st.by_status.contains_key("429") && st.by_status.contains_key("500"), "faults were injected: {st:?}");
     let answered: u64 = st.by_status.values().sum();
     assert_eq!(answered + st.hangs, st.requests);
-    assert!(counts.values().all(|&n| n <= 6), "no line was tried more than max_attempts = 6 times");
+    // A 429 costs no attempt (issue #11): only the mock's other answers count against 6.
+    let limited = st.by_status.get("429").copied().unwrap_or(0);
+    assert!(counts.values().all(|&n| n <= 6 + limited), "no line was tried more than max_attempts = 6 times, 429s aside");
     for l in &out {
         assert_eq!(l["response"]["status_code"], 200);
     }
     for l in &err {
-        assert_eq!(counts[l["id"].as_str().unwrap()], 6, "a line fails only after 6 attempts: {l}");
+        assert!(counts[l["id"].as_str().unwrap()] >= 6, "a line fails only after 6 attempts: {l}");
     }
     let ok_answers = st.by_status.get("200").copied().unwrap_or(0);
     assert_eq!(ok_answers, out.len() as u64, "each 200 answer became exactly one output line");

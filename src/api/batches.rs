@@ -38,7 +38,9 @@ pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
         BatchStatus::InProgress | BatchStatus::Finalizing | BatchStatus::Cancelling => {
             let p = st.engine.progress(b);
-            Some(serde_json::to_value(p).unwrap_or(Value::Null))
+            let mut v = serde_json::to_value(p).ok().filter(Value::is_object).unwrap_or_else(|| Value::Object(Map::new()));
+            v["upstreams"] = serde_json::to_value(st.engine.upstreams(b.model.as_deref())).unwrap_or_default();
+            Some(v)
         }
         _ => None,
     };

@@ -63,32 +63,13 @@ pub fn render(st: &AppState, b: &BatchRecord, events: &[crate::store::Event]) ->
         "seconds_since_last_result": r.last_result_at.map(|t| rates::round1((now - t).max(0.0))),
         "at_risk": at_risk,
         "projected_finish_at": projected,
-        "upstreams": upstream_states(&st.router, &st.engine, b.model.as_deref()),
+        "upstreams": upstream_states(&st.router, b.model.as_deref()),
         "stalled": stalled,
     })
 }
 
-/// The upstreams serving `model` (every upstream when the batch mixes models), as the router's
-/// pools show them now. When `Router::states()` (#11) lands, this renders its
-/// `UpstreamState`s instead, filtered the same way.
-pub fn upstream_states(router: &Router, engine: &crate::engine::Engine, model: Option<&str>) -> Vec<Value> {
-    let serving: Vec<String> = match model.and_then(|m| router.resolve(m)) {
-        Some(route) => route.targets.iter().map(|(p, _)| p.cfg.name.clone()).collect(),
-        None => router.pools().iter().map(|p| p.cfg.name.clone()).collect(),
-    };
-    router
-        .pools()
-        .iter()
-        .filter(|p| serving.contains(&p.cfg.name))
-        .map(|p| {
-            let recent = engine.metrics().recent(&p.cfg.name);
-            json!({
-                "name": p.cfg.name,
-                "in_flight": p.limiter.in_flight(),
-                "window": rates::round1(p.limiter.window()),
-                "limit": p.cfg.max_concurrency,
-                "last_error": recent.failing().then(|| recent.last_error.map(|e| e.1)).flatten(),
-            })
-        })
-        .collect()
+/// The upstreams serving `model` (every upstream when the batch mixes models), as their
+/// limiters see them now: window, limit, in flight, pause and why, last error.
+pub fn upstream_states(router: &Router, model: Option<&str>) -> Value {
+    serde_json::to_value(router.states_for(model)).unwrap_or_default()
 }

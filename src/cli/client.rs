@@ -124,6 +124,7 @@ fn snapshot(b: &Value) -> Snapshot {
         eta_seconds: b["progress"]["eta_seconds"].as_u64(),
         retries_waiting: 0,
         note: None,
+        paused: super::progress::paused_words(&b["progress"]["upstreams"]),
     }
 }
 
@@ -172,6 +173,9 @@ fn print_batch(b: &Value, as_json: bool) {
     let s = snapshot(b);
     println!("{}  {}  {}/{} done, {} failed  output {}  errors {}", b["id"].as_str().unwrap_or_default(), s.status, s.completed + s.failed, s.total, s.failed,
         b["output_file_id"].as_str().unwrap_or("-"), b["error_file_id"].as_str().unwrap_or("-"));
+    for l in super::progress::upstream_lines(&b["progress"]["upstreams"]) {
+        println!("  {l}");
+    }
     for e in b["errors"]["data"].as_array().into_iter().flatten() {
         // File-level errors (empty_file, too_many_errors, ...) have `"line": null`.
         let at = e["line"].as_u64().map(|l| format!("line {l}: ")).unwrap_or_default();

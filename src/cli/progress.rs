@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub retries_waiting: u64,
     /// Shown after the figures (a stall and its reason).
     pub note: Option<String>,
+    /// Paused upstreams: "rate limited by local-vllm, 2 s".
+    pub paused: Option<String>,
 }
 
 pub enum Display {
@@ -82,10 +84,51 @@ impl Display {
 fn message(s: &Snapshot) -> String {
     let eta = s.eta_seconds.map_or("--".to_string(), |e| human(Duration::from_secs(e)));
     let note = s.note.as_ref().map(|n| format!(" · {n}")).unwrap_or_default();
-    format!(
+    let mut m = format!(
         "{} · done {} · failed {} · {:.1} req/s · {:.0} tok/s · retries {} · ETA {}{note}",
         s.status, s.completed, s.failed, s.requests_per_second, s.tokens_per_second, s.retries_waiting, eta
-    )
+    );
+    if let Some(p) = &s.paused {
+        m += &format!(" · paused: {p}");
+    }
+    m
+}
+
+/// The paused upstreams among `progress.upstreams` (the API's JSON), in words.
+pub fn paused_words(upstreams: &serde_json::Value) -> Option<String> {
+    let words: Vec<String> = upstreams.as_array()?.iter().filter_map(|u| {
+        let until = u["paused_until_ms"].as_u64()?;
+        let reason = crate::upstream::PauseReason::parse(u["pause_reason"].as_str()?)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let left = crate::upstream::human(Duration::from_millis(until.saturating_sub(now)));
+        Some(format!("{}, {left}", reason.words(u["name"].as_str().unwrap_or("?"))))
+    }).collect();
+    (!words.is_empty()).then(|| words.join("; "))
+}
+
+/// One line per upstream of `progress.upstreams`: its window, what it learned, its pause.
+pub fn upstream_lines(upstreams: &serde_json::Value) -> Vec<String> {
+    let Some(all) = upstreams.as_array() else { return vec![] };
+    all.iter().map(|u| {
+        let mut l = format!(
+            "upstream {} ({}): window {} of {}, {} in flight",
+            u["name"].as_str().unwrap_or("?"), u["mode"].as_str().unwrap_or("?"), u["window"], u["limit"], u["in_flight"]
+        );
+        if let Some(r) = u["learned_rpm"].as_f64() {
+            l += &format!(", learned {r:.0} rpm");
+        }
+        let (rl, ov) = (u["rate_limited_last_minute"].as_u64().unwrap_or(0), u["overloaded_last_minute"].as_u64().unwrap_or(0));
+        if rl + ov > 0 {
+            l += &format!(", {rl} rate-limited and {ov} overloaded answers in the last minute");
+        }
+        if u["paused"] == true {
+            l += &format!("; paused ({})", u["pause_detail"].as_str().unwrap_or_default());
+        }
+        if let Some(e) = u["last_error"].as_str() {
+            l += &format!("; last error: {e}");
+        }
+        l
+    }).collect()
 }
 
 pub fn human(d: Duration) -> String {

@@ -117,9 +117,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("batch {} · state in {}", batch.id, state.display());
     }
     let router = Arc::new(Router::new(&cfg.upstreams)?);
-    let engine = Engine::start(store.clone(), blob.clone(), router, cfg, true).await?;
+    let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg, true).await?;
     let watched = tokio::select! {
-        r = watch(&*store, &engine, &batch.id, args.quiet) => Some(r?),
+        r = watch(&*store, &engine, &router, &batch.id, args.quiet) => Some(r?),
         _ = interrupted.cancelled() => None,
     };
     engine.shutdown(Duration::from_secs(5)).await;
@@ -167,12 +167,14 @@ async fn copy_into_blob(path: &Path, blob: &Blob, key: &str) -> anyhow::Result<u
 }
 
 /// Shows progress until the batch is final.
-async fn watch(store: &dyn Store, engine: &Engine, id: &str, quiet: bool) -> anyhow::Result<BatchRecord> {
+async fn watch(store: &dyn Store, engine: &Engine, router: &Router, id: &str, quiet: bool) -> anyhow::Result<BatchRecord> {
     let mut display = Display::new(quiet);
     let mut tokens = (Instant::now(), engine.stats().output_tokens.load(Ordering::Relaxed), 0.0);
     loop {
         let b = store.get_batch(None, id).await?;
-        let snap = snapshot(&b, engine, &mut tokens);
+        let mut snap = snapshot(&b, engine, &mut tokens);
+        let paused: Vec<String> = router.states().iter().filter_map(|s| s.pause_words()).collect();
+        snap.paused = (!paused.is_empty()).then(|| paused.join("; "));
         if b.status.is_final() {
             display.finish(&snap);
             return Ok(b);
@@ -204,6 +206,7 @@ fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) 
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         retries_waiting: engine.stats().retries_waiting.load(Ordering::Relaxed),
         note: None,
+        paused: None,
     }
 }
 

@@ -4,8 +4,12 @@
 //! Renewal returns the units the node still holds; the feeder of any other unit it thinks it
 //! holds is stopped at once (another node took the unit over after this node's lease
 //! lapsed). When renewal keeps failing for a whole `lease_ttl`, the leases must be presumed
-//! lost, so every feeder stops until renewal works again. The number of live nodes is kept
-//! for dividing cluster-wide upstream limits.
+//! lost, so every feeder stops until renewal works again.
+//!
+//! Upstream limits are cluster-wide totals: each node takes its share of every upstream's
+//! `max_concurrency`, `rpm` and `tpm` (`Limiter::set_share`), by the number of live nodes
+//! and its rank among them (oldest first), re-divided as soon as a heartbeat sees a node join
+//! or leave. The first beat happens before the node leases anything.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -18,6 +22,19 @@ use super::Inner;
 use crate::store::UnitKey;
 
 const BEAT: Duration = Duration::from_secs(1);
+
+/// Joins the cluster before this node leases anything: the first heartbeat tells the live
+/// nodes and this node's share of upstream limits. When other nodes run, it waits until they
+/// have seen it too (their next beat) and looks again, so that for no moment do the shares
+/// add up to more than an upstream's limit.
+pub async fn join(inner: &Inner) {
+    let ttl = inner.cfg.engine.lease_ttl;
+    beat(inner, ttl).await;
+    if inner.live_nodes.load(Ordering::Relaxed) > 1 {
+        tokio::time::sleep(BEAT + BEAT / 4).await;
+        beat(inner, ttl).await;
+    }
+}
 
 pub async fn heartbeat(inner: Arc<Inner>) {
     let ttl = inner.cfg.engine.lease_ttl;
@@ -53,18 +70,25 @@ pub async fn heartbeat(inner: Arc<Inner>) {
     }
 }
 
-/// Publishes this node's live state and learns how many nodes are alive.
-async fn beat(inner: &Inner, ttl: Duration) {
+/// Publishes this node's live state and learns how many nodes are alive (and this node's
+/// place among them), re-dividing cluster-wide upstream limits when that changes.
+pub async fn beat(inner: &Inner, ttl: Duration) {
     let batches: serde_json::Map<String, serde_json::Value> =
         inner.book.all_counts().into_iter().map(|(id, c)| (id.to_string(), json!({"in_flight": c.in_flight, "retrying": c.retrying}))).collect();
     let info = json!({"batches": batches, "store_writable": inner.health.is_writable()}).to_string();
     match inner.store.heartbeat(&inner.node, inner.started_at, ttl, &info).await {
         Ok(nodes) => {
             let n = nodes.len().max(1);
+            // Nodes come oldest first, the same order on every node: the rank splits limits.
+            let rank = nodes.iter().position(|x| x.id == inner.node).unwrap_or(0);
             inner.live.set_nodes(nodes);
             let before = inner.live_nodes.swap(n, Ordering::Relaxed);
-            if before != n {
-                tracing::info!(live_nodes = n, "the number of live nodes changed");
+            let rank_before = inner.rank.swap(rank, Ordering::Relaxed);
+            if before != n || rank_before != rank {
+                tracing::info!(live_nodes = n, rank, "the live nodes changed; upstream limits re-divided");
+                for p in inner.router.pools() {
+                    p.limiter.set_share(n, rank);
+                }
             }
         }
         Err(e) => tracing::debug!(error = %e, "heartbeat failed"),

@@ -1,9 +1,13 @@
 //! One line's journey upstream: attempts with back-off, and the result record it ends in.
 //!
-//! Retryable outcomes (connect errors, timeouts, 408/409/429/5xx) are tried again after
-//! full-jitter exponential back-off, never sooner than the upstream's `Retry-After`, on the
-//! pool with the most free capacity (another pool than the one that failed, when there is
-//! one). The concurrency slot is given back while waiting. Other answers are final.
+//! Retryable outcomes (connect errors, timeouts, 408/409/429/5xx) are tried again on the pool
+//! with the most free capacity (another pool than the one that failed, when there is one);
+//! the concurrency slot is given back while waiting, after the pool's limiter has learned
+//! from the outcome. A 429 that says "slow down", a 529 / `overloaded_error`, and
+//! `insufficient_quota` pause the upstream and cost the line no attempt (it waits for the
+//! pause, bounded by the batch's expiry); other failures use one of `max_attempts`, after
+//! full-jitter exponential back-off never sooner than the upstream's `Retry-After`. Other
+//! answers are final.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +16,7 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::{count, Inner};
 use crate::store::{ResultRecord, Usage};
@@ -19,6 +24,7 @@ use crate::upstream::{Answer, Outcome, Permit, Pool, Route};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+const SLOW_DOWN_JITTER_MS: u64 = 100;
 
 /// A line ready to send.
 pub struct Prepared {
@@ -44,19 +50,19 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         let body = body_for(&p.body, &p.model, &target);
         count(&inner.stats.sent, 1);
         let sent_at = std::time::Instant::now();
-        let outcome = pool.send(&p.path, body, &p.request_id).await;
+        let span = tracing::debug_span!("attempt", n = attempt, upstream = %pool.cfg.name, model = %target);
+        let outcome = pool.send(&p.path, body, &p.request_id).instrument(span).await;
         inner.live.metrics.upstream_call(&pool.cfg.name, &outcome, sent_at.elapsed());
-        drop(permit);
-        if outcome.is_overload() {
-            pool.limiter.on_overload();
-        } else if !outcome.is_retryable() {
-            pool.limiter.on_success();
-        }
-        if !outcome.is_retryable() || attempt >= max_attempts {
+        let signal = pool.settle(permit, &outcome);
+        // "Slow down" and "out of quota" are the upstream's state, not the line's fault:
+        // they cost no attempt (the batch's expiry bounds them), and the pool's pause spaces
+        // the next try.
+        let burns = signal.burns_attempt();
+        if !outcome.is_retryable() || (burns && attempt >= max_attempts) {
             return record(p, &pool, outcome, inner);
         }
-        let wait = backoff(attempt, retry_after(&outcome));
-        tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, wait_ms = wait.as_millis() as u64, "retrying");
+        let wait = if burns { backoff(attempt, outcome.retry_after()) } else { slow_down_jitter() };
+        tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, ?signal, wait_ms = wait.as_millis() as u64, "retrying");
         count(&inner.stats.retries_total, 1);
         inner.live.metrics.retry(&pool.cfg.name);
         {
@@ -66,8 +72,16 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
             inner.health.writable().await;
         }
         (pool, target, permit) = route.acquire(p.est_tokens, Some(&pool.cfg.name)).await;
-        attempt += 1;
+        if burns {
+            attempt += 1;
+        }
     }
+}
+
+/// A line told to slow down waits for its pool's pause (in `acquire`), plus up to this much
+/// so that the lines of one pause do not all come back in the same instant.
+fn slow_down_jitter() -> Duration {
+    Duration::from_millis(rand::thread_rng().gen_range(0..=SLOW_DOWN_JITTER_MS))
 }
 
 /// Counts one retry waiting for its back-off, for as long as it lives (an aborted line
@@ -84,13 +98,6 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-fn retry_after(o: &Outcome) -> Option<Duration> {
-    match o {
-        Outcome::Answer(a) => a.retry_after,
-        Outcome::Transport(_) => None,
     }
 }
 
@@ -199,12 +206,7 @@ fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultR
     let request_id = a.request_id.as_deref().unwrap_or(&p.request_id);
     let (ok, line, usage) = match parse_body(&a.body) {
         Some((body, usage)) => ((200..300).contains(&a.status), answer_line(p, a.status, request_id, &body), usage),
-        None => {
-            let text = String::from_utf8_lossy(&a.body);
-            let msg = if text.trim().is_empty() { format!("upstream answered {} with an empty body", a.status) } else { text.into_owned() };
-            let body = serde_json::json!({"error": {"message": msg}}).to_string();
-            (false, answer_line(p, a.status, request_id, &body), Usage::default())
-        }
+        None => (false, answer_line(p, a.status, request_id, &non_json_error_body(a.status, &a.body)), Usage::default()),
     };
     pool.limiter.settle_tokens(p.est_tokens, usage.total_tokens.max(0) as u64);
     count(&inner.stats.output_tokens, usage.output_tokens.max(0) as u64);
@@ -219,6 +221,38 @@ fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultR
         model: p.model.clone(),
         epoch: p.epoch,
     }
+}
+
+/// The error body recorded for an answer that is not JSON (nginx's HTML 502 or 413 page, a
+/// proxy's plain text): OpenAI's error envelope with code `upstream_error` and a short
+/// excerpt of the text, its HTML tags dropped.
+pub fn non_json_error_body(status: u16, body: &[u8]) -> String {
+    const EXCERPT_CHARS: usize = 200;
+    let text = String::from_utf8_lossy(body);
+    let mut plain = String::with_capacity(text.len().min(4096));
+    let mut in_tag = false;
+    for c in text.chars().take(64 << 10) {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                plain.push(' ');
+            }
+            _ if !in_tag => plain.push(c),
+            _ => {}
+        }
+    }
+    let words: Vec<&str> = plain.split_whitespace().collect();
+    let mut excerpt: String = words.join(" ").chars().take(EXCERPT_CHARS).collect();
+    if excerpt.chars().count() == EXCERPT_CHARS {
+        excerpt.push('…');
+    }
+    let message = if excerpt.is_empty() {
+        format!("upstream answered {status} with an empty body")
+    } else {
+        format!("upstream answered {status} with a body that is not JSON: {excerpt}")
+    };
+    serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": "upstream_error"}}).to_string()
 }
 
 /// A line with no HTTP answer: transport failure, or a batch that ended before it ran.
@@ -255,6 +289,19 @@ mod tests {
             let b = backoff(1, Some(Duration::from_secs(3)));
             assert!(b >= Duration::from_secs(3) && b <= Duration::from_millis(3500));
         }
+    }
+
+    #[test]
+    fn non_json_error_pages_get_a_code_and_an_excerpt() {
+        let nginx = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.27.0</center>\r\n</body>\r\n</html>\r\n";
+        let v: serde_json::Value = serde_json::from_str(&non_json_error_body(502, nginx)).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_error");
+        assert_eq!(v["error"]["type"], "upstream_error");
+        assert_eq!(v["error"]["message"], "upstream answered 502 with a body that is not JSON: 502 Bad Gateway 502 Bad Gateway nginx/1.27.0");
+        let v: serde_json::Value = serde_json::from_str(&non_json_error_body(413, "x".repeat(5000).as_bytes())).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().chars().count() < 300, "a short excerpt");
+        let v: serde_json::Value = serde_json::from_str(&non_json_error_body(502, b"  ")).unwrap();
+        assert_eq!(v["error"]["message"], "upstream answered 502 with an empty body");
     }
 
     #[test]

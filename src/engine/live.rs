@@ -134,7 +134,7 @@ impl Engine {
             retries_waiting: get(&s.retries_waiting),
             output_tokens: get(&s.output_tokens),
             batches_failed_by_engine: get(&s.batches_failed),
-            upstreams: inner.router.pools().iter().map(|p| pool_gauges(p)).collect(),
+            upstreams: inner.router.states().iter().map(UpstreamGauges::from).collect(),
             ..Default::default()
         };
         let working = [BatchStatus::Validating, BatchStatus::InProgress, BatchStatus::Finalizing, BatchStatus::Cancelling];
@@ -146,12 +146,6 @@ impl Engine {
         }
         inner.live.metrics.render(&scrape)
     }
-}
-
-/// The per-upstream gauges of one pool. The adaptive limits (#11) extend
-/// [`UpstreamGauges`] and fill the new fields here.
-fn pool_gauges(p: &crate::upstream::Pool) -> UpstreamGauges {
-    UpstreamGauges { name: p.cfg.name.clone(), in_flight: p.limiter.in_flight() as i64, window: p.limiter.window(), limit: p.cfg.max_concurrency as i64 }
 }
 
 #[cfg(test)]

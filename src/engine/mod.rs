@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     held: Held,
     /// Live nodes sharing the store, as of the last heartbeat (1 for an embedded store).
     live_nodes: AtomicUsize,
+    /// This node's rank among them (oldest first), for its share of upstream limits.
+    rank: AtomicUsize,
     /// Consecutive failed steps per batch (see `supervisor`).
     failures: Mutex<HashMap<String, u32>>,
     scheduler: scheduler::Scheduler,
@@ -166,6 +168,7 @@ impl Engine {
             book,
             held,
             live_nodes: AtomicUsize::new(1),
+            rank: AtomicUsize::new(0),
             failures: Mutex::default(),
             scheduler: scheduler::Scheduler::default(),
             live,
@@ -175,6 +178,7 @@ impl Engine {
             // its freshly written file taken for debris.
             janitor::sweep_debris(&inner, Duration::ZERO).await;
         }
+        cluster::join(&inner).await;
         inner.tasks.spawn(supervisor::supervise(inner.clone()));
         inner.tasks.spawn(cluster::heartbeat(inner.clone()));
         inner.tasks.spawn(scheduler::run(inner.clone()));
@@ -221,6 +225,11 @@ impl Engine {
 
     pub fn live_nodes(&self) -> usize {
         self.inner.live_nodes.load(Ordering::Relaxed)
+    }
+
+    /// What each pool serving `model` has learned (every pool for a batch of mixed models).
+    pub fn upstreams(&self, model: Option<&str>) -> Vec<crate::upstream::UpstreamState> {
+        self.inner.router.states_for(model)
     }
 
     pub fn stats(&self) -> &EngineStats {

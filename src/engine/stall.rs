@@ -20,11 +20,15 @@ use serde_json::json;
 use super::rates::{batch_rates, stalled_since};
 use super::{Engine, Inner, LineCounts};
 use crate::metrics::UpstreamRecent;
+use crate::upstream::PauseReason;
 use crate::store::{BatchRecord, BatchStatus, EventFilter};
 
 /// What the reason is guessed from.
 pub struct Clues {
     pub store_writable: bool,
+    /// Pauses of the upstreams serving the batch: why, and in words ("rate limited by
+    /// local-vllm, 2 s"); `None` for one that is not paused.
+    pub pauses: Vec<Option<(PauseReason, String)>>,
     /// The upstreams serving the batch, with this node's view of their recent outcomes.
     pub upstreams: Vec<(String, UpstreamRecent)>,
     /// Lines in flight and waiting on retries, on every node.
@@ -36,6 +40,13 @@ pub struct Clues {
 pub fn reason(c: &Clues) -> String {
     if !c.store_writable {
         return "the store cannot take writes (disk full or database unreachable); upstream calls are held until it can".into();
+    }
+    // Paused by its own state (rate limits, overload, quota): an unreachable one is told
+    // below, with the connection error.
+    let paused: Vec<&(PauseReason, String)> = c.pauses.iter().flatten().collect();
+    if !c.pauses.is_empty() && paused.len() == c.pauses.len() && paused.iter().all(|(r, _)| *r != PauseReason::Unreachable) {
+        let all: Vec<&str> = paused.iter().map(|(_, w)| w.as_str()).collect();
+        return format!("every upstream serving the batch is paused: {}", all.join("; "));
     }
     let failing: Vec<&(String, UpstreamRecent)> = c.upstreams.iter().filter(|(_, r)| r.failing()).collect();
     if !c.upstreams.is_empty() && failing.len() == c.upstreams.len() {
@@ -73,8 +84,9 @@ fn clues(inner: &Inner, b: &BatchRecord, counts: LineCounts, stalled_for: f64, s
         Some(route) => route.targets.iter().map(|(p, _)| p.cfg.name.clone()).collect(),
         None => inner.router.pools().iter().map(|p| p.cfg.name.clone()).collect(),
     };
+    let pauses = inner.router.states().iter().filter(|s| serving.contains(&s.name)).map(|s| s.pause_reason.zip(s.pause_words())).collect();
     let upstreams = serving.into_iter().map(|n| (n.clone(), inner.live.metrics.recent(&n))).collect();
-    Clues { store_writable, upstreams, counts, stalled_for }
+    Clues { store_writable, pauses, upstreams, counts, stalled_for }
 }
 
 /// The watcher task (see the module doc).
@@ -145,7 +157,7 @@ mod tests {
 
     #[test]
     fn reasons_name_the_likely_cause() {
-        let base = Clues { store_writable: true, upstreams: vec![], counts: LineCounts::default(), stalled_for: 30.0 };
+        let base = base_clone();
         assert!(reason(&Clues { store_writable: false, ..base }).contains("store cannot take writes"));
         let limited = Clues { upstreams: vec![("a".into(), recent(true, false, "429 from upstream"))], counts: LineCounts { in_flight: 0, retrying: 3 }, ..base_clone() };
         assert_eq!(reason(&limited), "every upstream serving the batch is rate limited (429): a");
@@ -156,9 +168,16 @@ mod tests {
         let hanging = Clues { counts: LineCounts { in_flight: 4, retrying: 0 }, ..base_clone() };
         assert!(reason(&hanging).starts_with("4 requests in flight, none answered for 30 s"));
         assert!(reason(&base_clone()).starts_with("no node is working"));
+        let paused = Clues {
+            pauses: vec![Some((PauseReason::RateLimited, "rate limited by a, 2 s".into())), Some((PauseReason::QuotaExhausted, "out of quota at b, 30 s".into()))],
+            ..base_clone()
+        };
+        assert_eq!(reason(&paused), "every upstream serving the batch is paused: rate limited by a, 2 s; out of quota at b, 30 s");
+        let one_paused = Clues { pauses: vec![Some((PauseReason::RateLimited, "rate limited by a, 2 s".into())), None], counts: LineCounts { in_flight: 0, retrying: 2 }, ..base_clone() };
+        assert_eq!(reason(&one_paused), "all 2 lines in progress are waiting on retries", "another upstream still takes lines");
     }
 
     fn base_clone() -> Clues {
-        Clues { store_writable: true, upstreams: vec![], counts: LineCounts::default(), stalled_for: 30.0 }
+        Clues { store_writable: true, pauses: vec![], upstreams: vec![], counts: LineCounts::default(), stalled_for: 30.0 }
     }
 }

@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::bodies::{self, Endpoint, Usage};
+use super::limits::Refusal;
 use super::state::{hash_bytes, Behaviour, BehaviourPatch, Shared};
+use std::sync::atomic::Ordering::Relaxed;
 
 pub type St = State<Arc<Shared>>;
 
@@ -32,7 +34,16 @@ struct Control {
     fail_times: Option<u32>,
     body_text: Option<String>,
     completion_tokens: Option<u32>,
+    /// `gzip` or `zstd`: compress a successful answer when the request accepts it.
+    encoding: Option<String>,
+    /// Send the request id under this header instead of `x-request-id` (as proxies do:
+    /// `x-litellm-call-id`, `request-id`).
+    id_header: Option<String>,
 }
+
+/// The header a response carries its request id under, when not `x-request-id`.
+#[derive(Clone)]
+struct IdHeader(String);
 
 /// What to do with one request.
 #[derive(Debug)]
@@ -65,6 +76,62 @@ async fn process(ep: Endpoint, sh: &Shared, headers: &HeaderMap, body: &Bytes, s
         Err(resp) => return Some(resp),
     };
     let cfg = sh.behaviour();
+    let mut limit_headers = HeaderMap::new();
+    if let Some(refused) = refuse(sh, &cfg, body.len(), &mut limit_headers) {
+        return Some(refused);
+    }
+    let _slot = if cfg.slots > 0 {
+        sh.queued.fetch_add(1, Relaxed);
+        let slot = sh.limits.slot().await;
+        sh.queued.fetch_sub(1, Relaxed);
+        slot
+    } else {
+        None
+    };
+    let id_header = ctl.as_ref().and_then(|c| c.id_header.clone());
+    let mut resp = serve(ep, sh, headers, body, seen, req, ctl, cfg).await?;
+    if let Some(h) = id_header {
+        resp.extensions_mut().insert(IdHeader(h));
+    }
+    Some(with_headers(resp, limit_headers))
+}
+
+/// The server-side limits (see `limits`): an answer when the request is refused at once.
+fn refuse(sh: &Shared, cfg: &Behaviour, body_len: usize, limit_headers: &mut HeaderMap) -> Option<Response> {
+    if cfg.quota_exhausted {
+        let msg = "You exceeded your current quota, please check your plan and billing details (simulated).";
+        let body = bodies::error_envelope(msg, "insufficient_quota", Some("insufficient_quota"));
+        return Some(json_response(StatusCode::TOO_MANY_REQUESTS, &body));
+    }
+    let limited = cfg.rpm > 0.0 || cfg.tpm > 0.0 || cfg.limit_rps > 0.0;
+    let tokens = (body_len / 4) as f64 + cfg.completion_tokens as f64;
+    match if limited { sh.limits.admit(tokens, limit_headers) } else { Ok(()) } {
+        Ok(()) => {}
+        Err(Refusal::Nginx) => return Some((StatusCode::TOO_MANY_REQUESTS, [(header::CONTENT_TYPE, "text/html")], NGINX_429).into_response()),
+        Err(Refusal::RateLimited { wait }) => {
+            let mut resp = error_response(429, "Rate limit reached for requests (simulated OpenAI limiter).");
+            resp.headers_mut().insert("retry-after-ms", HeaderValue::from(wait.as_millis().max(1) as u64));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs_f64().ceil() as u64));
+            return Some(with_headers(resp, std::mem::take(limit_headers)));
+        }
+    }
+    if cfg.capacity > 0 && sh.in_flight() > cfg.capacity {
+        let body = serde_json::json!({"error": "Model is overloaded", "error_type": "overloaded"});
+        return Some(json_response(StatusCode::TOO_MANY_REQUESTS, &body));
+    }
+    None
+}
+
+const NGINX_429: &str = "<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
+fn with_headers(mut resp: Response, extra: HeaderMap) -> Response {
+    resp.headers_mut().extend(extra);
+    resp
+}
+
+/// Plans and answers a request admitted by the limits.
+#[allow(clippy::too_many_arguments)]
+async fn serve(ep: Endpoint, sh: &Shared, headers: &HeaderMap, body: &Bytes, seen: u64, req: Value, ctl: Option<Control>, cfg: Behaviour) -> Option<Response> {
     let attempt = || if seen > 0 { seen } else { sh.body_attempt(hash_bytes(body)) };
     let plan = match &ctl {
         Some(c) => controlled_plan(ep, &cfg, c, attempt),
@@ -83,7 +150,8 @@ async fn process(ep: Endpoint, sh: &Shared, headers: &HeaderMap, body: &Bytes, s
         }
         Plan::Succeed { completion_tokens } => {
             sleep_ms(base_ms + cfg.per_token_ms * completion_tokens as f64).await;
-            Some(succeed(ep, sh, &req, body.len(), completion_tokens))
+            let encoding = ctl.as_ref().and_then(|c| c.encoding.as_deref()).filter(|e| accepts(headers, e));
+            Some(succeed(ep, sh, &req, body.len(), completion_tokens, encoding))
         }
     }
 }
@@ -144,11 +212,30 @@ async fn sleep_ms(ms: f64) {
     }
 }
 
-fn succeed(ep: Endpoint, sh: &Shared, req: &Value, body_len: usize, completion_tokens: u32) -> Response {
+fn succeed(ep: Endpoint, sh: &Shared, req: &Value, body_len: usize, completion_tokens: u32, encoding: Option<&str>) -> Response {
     let u = Usage { prompt: (body_len as u64 / 4).max(1), completion: u64::from(completion_tokens) };
     let json = bodies::success(ep, sh, req, u);
     sh.record_success(u.prompt, u.completion);
-    json_response(StatusCode::OK, &json)
+    let Some(encoding) = encoding else { return json_response(StatusCode::OK, &json) };
+    let plain = serde_json::to_vec(&json).unwrap_or_default();
+    let packed = match encoding {
+        "zstd" => zstd::stream::encode_all(&plain[..], 3),
+        _ => {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(&plain).and_then(|()| gz.finish())
+        }
+    };
+    let Ok(packed) = packed else { return json_response(StatusCode::OK, &json) };
+    sh.compressed.fetch_add(1, Relaxed);
+    let ce = if encoding == "zstd" { "zstd" } else { "gzip" };
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_ENCODING, ce)], packed).into_response()
+}
+
+/// Whether the request's `Accept-Encoding` lists `encoding`.
+fn accepts(headers: &HeaderMap, encoding: &str) -> bool {
+    let list = headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("");
+    list.split(',').any(|e| e.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case(encoding)))
 }
 
 fn authorized(sh: &Shared, headers: &HeaderMap) -> bool {
@@ -204,8 +291,9 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
 }
 
 fn with_rid(mut resp: Response, rid: &str) -> Response {
-    if let Ok(v) = HeaderValue::from_str(rid) {
-        resp.headers_mut().insert(REQUEST_ID, v);
+    let name = resp.extensions_mut().remove::<IdHeader>().map_or(REQUEST_ID.to_string(), |h| h.0);
+    if let (Ok(n), Ok(v)) = (axum::http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(rid)) {
+        resp.headers_mut().insert(n, v);
     }
     resp
 }
@@ -241,6 +329,7 @@ pub async fn set_config(State(sh): St, body: Bytes) -> Response {
     match cfg.patched(patch) {
         Ok(new) => {
             *cfg = new;
+            sh.limits.configure(&new);
             json_response(StatusCode::OK, &serde_json::to_value(new).unwrap_or_default())
         }
         Err(e) => error_response(400, &format!("invalid config: {e}")),
@@ -258,6 +347,20 @@ pub async fn get_stats(State(sh): St, Query(q): Query<StatsQuery>) -> Response {
     let window = Duration::from_millis(q.window_ms.unwrap_or(DEFAULT_WINDOW_MS));
     let ids = matches!(q.ids.as_deref(), Some("1" | "true" | "yes"));
     json_response(StatusCode::OK, &serde_json::to_value(sh.stats(window, ids)).unwrap_or_default())
+}
+
+/// `GET /metrics`: the queue for `slots` as vLLM reports it.
+pub async fn metrics(State(sh): St) -> Response {
+    let queued = sh.queued.load(Relaxed);
+    let waiting = queued as f64 + sh.behaviour().extra_waiting;
+    let running = sh.in_flight().saturating_sub(queued);
+    let text = format!(
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n# TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{model_name=\"mock-model\"}} {waiting}\n\
+         # HELP vllm:num_requests_running Number of requests in model execution batches.\n# TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{model_name=\"mock-model\"}} {running}\n"
+    );
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `POST /stats/reset`.

@@ -11,17 +11,26 @@
 //! It can simulate, randomly (seeded) per request: base and per-token latency,
 //! 500s, 429s with `retry-after` / `retry-after-ms`, and hangs (never
 //! answering until the client gives up), plus an `api_key` check (401).
+//! And the limits real upstreams enforce (see [`limits`]): a concurrency cap
+//! answering 429 (`capacity`), OpenAI's rpm/tpm limiter with its
+//! `x-ratelimit-*` headers, nginx's `limit_req`, `insufficient_quota`
+//! (`quota_exhausted`), and `slots` with a FIFO queue behind them, so latency
+//! rises with load; `GET /metrics` reports that queue as vLLM does
+//! (`vllm:num_requests_waiting`).
 //! A request whose body holds a top-level `"mock"` object is deterministic
 //! instead (no random faults): `status`, `latency_ms`, `hang`,
 //! `retry_after_s`, `fail_times` (fail the first N attempts with the same
 //! `x-request-id`, or the same body when it has none), `body_text`,
-//! `completion_tokens`.
+//! `completion_tokens`, `encoding` (`gzip` or `zstd`: compress the answer
+//! when the request's `Accept-Encoding` allows it).
 //!
-//! Admin endpoints: `GET|POST /config` (live behaviour), `GET /stats?window_ms=N&ids=1`
-//! and `POST /stats/reset` (see [`Stats`]).
+//! Admin endpoints: `GET|POST /config` (live behaviour, every knob above),
+//! `GET /stats?window_ms=N&ids=1` and `POST /stats/reset` (see [`Stats`]),
+//! `GET /metrics` (Prometheus text).
 
 mod bodies;
 mod handlers;
+mod limits;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -75,6 +84,21 @@ pub struct MockArgs {
     /// If set, require `Authorization: Bearer KEY` on `/v1/*`, else answer 401.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Above this many requests in flight, answer 429 at once with no header (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    pub capacity: u64,
+    /// Serve this many requests at once, queueing the rest FIFO (0: no queue).
+    #[arg(long, default_value_t = 0)]
+    pub slots: u64,
+    /// Requests per minute, OpenAI-style with x-ratelimit-* headers (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub rpm: f64,
+    /// Tokens per minute, OpenAI-style with x-ratelimit-* headers (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub tpm: f64,
+    /// nginx `limit_req` rate in requests per second, no burst, 429 with no header (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub limit_rps: f64,
 }
 
 impl Default for MockArgs {
@@ -90,6 +114,11 @@ impl Default for MockArgs {
             hang_rate: 0.0,
             seed: None,
             api_key: None,
+            capacity: 0,
+            slots: 0,
+            rpm: 0.0,
+            tpm: 0.0,
+            limit_rps: 0.0,
         }
     }
 }
@@ -184,6 +213,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/config", get(handlers::get_config).post(handlers::set_config))
         .route("/stats", get(handlers::get_stats))
         .route("/stats/reset", post(handlers::reset_stats))
+        .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::disable())
         .with_state(shared)

@@ -22,6 +22,21 @@ pub struct Behaviour {
     pub rate_429: f64,
     pub retry_after_s: f64,
     pub hang_rate: f64,
+    /// Above this many requests in flight, an immediate 429 with no header (0: no cap).
+    pub capacity: u64,
+    /// Requests served at once; the rest wait in a FIFO queue (0: no queue).
+    pub slots: u64,
+    /// OpenAI-style requests / tokens per minute, with x-ratelimit-* headers (0: none).
+    pub rpm: f64,
+    pub tpm: f64,
+    /// How full the rpm/tpm buckets start (0 to 1), whenever they are (re)configured.
+    pub limit_start: f64,
+    /// nginx `limit_req` rate, requests per second, no burst (0: none).
+    pub limit_rps: f64,
+    /// Every request answered 429 `insufficient_quota`.
+    pub quota_exhausted: bool,
+    /// Added to the real queue in `/metrics`' `vllm:num_requests_waiting` (others' load).
+    pub extra_waiting: f64,
 }
 
 /// Partial update of [`Behaviour`]: fields present replace the current ones.
@@ -35,6 +50,14 @@ pub struct BehaviourPatch {
     rate_429: Option<f64>,
     retry_after_s: Option<f64>,
     hang_rate: Option<f64>,
+    capacity: Option<u64>,
+    slots: Option<u64>,
+    rpm: Option<f64>,
+    tpm: Option<f64>,
+    limit_start: Option<f64>,
+    limit_rps: Option<f64>,
+    quota_exhausted: Option<bool>,
+    extra_waiting: Option<f64>,
 }
 
 impl Behaviour {
@@ -47,6 +70,14 @@ impl Behaviour {
             rate_429: a.rate_429,
             retry_after_s: a.retry_after_s,
             hang_rate: a.hang_rate,
+            capacity: a.capacity,
+            slots: a.slots,
+            rpm: a.rpm,
+            tpm: a.tpm,
+            limit_start: 1.0,
+            limit_rps: a.limit_rps,
+            quota_exhausted: false,
+            extra_waiting: 0.0,
         }
     }
 
@@ -60,6 +91,14 @@ impl Behaviour {
         b.rate_429 = p.rate_429.unwrap_or(b.rate_429);
         b.retry_after_s = p.retry_after_s.unwrap_or(b.retry_after_s);
         b.hang_rate = p.hang_rate.unwrap_or(b.hang_rate);
+        b.capacity = p.capacity.unwrap_or(b.capacity);
+        b.slots = p.slots.unwrap_or(b.slots);
+        b.rpm = p.rpm.unwrap_or(b.rpm);
+        b.tpm = p.tpm.unwrap_or(b.tpm);
+        b.limit_start = p.limit_start.unwrap_or(b.limit_start);
+        b.limit_rps = p.limit_rps.unwrap_or(b.limit_rps);
+        b.quota_exhausted = p.quota_exhausted.unwrap_or(b.quota_exhausted);
+        b.extra_waiting = p.extra_waiting.unwrap_or(b.extra_waiting);
         b.validate().map(|_| b)
     }
 
@@ -75,6 +114,14 @@ impl Behaviour {
         }
         if !(self.retry_after_s >= 0.0 && self.retry_after_s.is_finite()) {
             return Err("retry_after_s must be a finite number >= 0".into());
+        }
+        for (name, v) in [("rpm", self.rpm), ("tpm", self.tpm), ("limit_rps", self.limit_rps), ("extra_waiting", self.extra_waiting)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{name} must be a finite number >= 0"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.limit_start) {
+            return Err(format!("limit_start must be within [0, 1], got {}", self.limit_start));
         }
         Ok(())
     }
@@ -103,6 +150,12 @@ pub struct Stats {
     pub completion_tokens: u64,
     /// Most request arrivals within any `window_ms` window since reset.
     pub max_in_window: u64,
+    /// Requests waiting for one of the `slots` right now.
+    #[serde(default)]
+    pub queued: u64,
+    /// Answers sent compressed (the client asked with `Accept-Encoding`).
+    #[serde(default)]
+    pub compressed_answers: u64,
     /// Times each client-supplied `x-request-id` was seen (only with `?ids=1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id_counts: Option<BTreeMap<String, u64>>,
@@ -134,6 +187,9 @@ pub struct Shared {
     completion_tokens: AtomicU64,
     by_status: Box<[AtomicU64]>,
     tracker: Mutex<Tracker>,
+    pub limits: super::limits::Limits,
+    pub queued: AtomicU64,
+    pub compressed: AtomicU64,
 }
 
 /// Decrements `in_flight` when dropped, so cancelled requests are accounted for.
@@ -181,6 +237,9 @@ impl Shared {
             completion_tokens: AtomicU64::new(0),
             by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             tracker: Mutex::new(Tracker::default()),
+            limits: super::limits::Limits::new(&Behaviour::from_args(args)),
+            queued: AtomicU64::new(0),
+            compressed: AtomicU64::new(0),
         }
     }
 
@@ -198,6 +257,11 @@ impl Shared {
     pub fn new_id(&self, prefix: &str) -> String {
         let n = self.ids.fetch_add(1, Relaxed);
         format!("{prefix}{:016x}", mix(self.salt, n))
+    }
+
+    /// Requests being handled now (queued or hanging ones included).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Relaxed)
     }
 
     /// Marks a request as in flight until the guard is dropped.
@@ -247,7 +311,7 @@ impl Shared {
     pub fn reset(&self) {
         let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
         *t = Tracker::default();
-        for c in [&self.requests, &self.hangs, &self.prompt_tokens, &self.completion_tokens] {
+        for c in [&self.requests, &self.hangs, &self.prompt_tokens, &self.completion_tokens, &self.compressed] {
             c.store(0, Relaxed);
         }
         self.by_status.iter().for_each(|c| c.store(0, Relaxed));
@@ -268,6 +332,8 @@ impl Shared {
             prompt_tokens: self.prompt_tokens.load(Relaxed),
             completion_tokens: self.completion_tokens.load(Relaxed),
             max_in_window: max_in_window(&t.arrivals, window),
+            queued: self.queued.load(Relaxed),
+            compressed_answers: self.compressed.load(Relaxed),
             request_id_counts: with_ids.then(|| t.ids.iter().map(|(k, v)| (k.clone(), *v)).collect()),
         }
     }

@@ -334,3 +334,58 @@ async fn seeded_faults_are_reproducible_and_proportional() {
     assert!((8..=35).contains(&count(429)), "429s: {}", count(429));
     assert_eq!(count(200) + count(500) + count(429), 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_limits_queue_and_metrics() {
+    let srv = start(MockArgs { latency_ms: 200, capacity: 2, ..args() }).await;
+    let body = chat_body("x");
+    let three = futures::future::join_all((0..3).map(|_| post(&srv, "/chat/completions", &body, None))).await;
+    let mut statuses: Vec<u16> = three.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 429], "the third request in flight is refused at once");
+    let refused = three.into_iter().find(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).unwrap();
+    assert!(header(&refused, "retry-after").is_none(), "a capacity 429 carries no header");
+
+    let url = format!("http://{}/config", srv.addr());
+    let client = Client::new();
+    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 100, "extra_waiting": 2})).send().await.unwrap();
+    let t = Instant::now();
+    let two = futures::future::join_all((0..2).map(|_| post(&srv, "/chat/completions", &body, None)));
+    let metrics = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap()
+    };
+    let (two, metrics) = tokio::join!(two, metrics);
+    assert!(two.iter().all(|r| r.status() == StatusCode::OK));
+    assert!(t.elapsed() >= Duration::from_millis(200), "one slot: the second request waited for the first");
+    assert!(metrics.contains("vllm:num_requests_waiting{model_name=\"mock-model\"} 3"), "1 queued + 2 extra: {metrics}");
+
+    client.post(&url).json(&json!({"slots": 0, "latency_ms": 0, "rpm": 120, "limit_start": 0.01})).send().await.unwrap();
+    let ok = post(&srv, "/chat/completions", &body, None).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(header(&ok, "x-ratelimit-limit-requests"), Some("120"));
+    assert_eq!(header(&ok, "x-ratelimit-remaining-requests"), Some("0"));
+    let limited = post(&srv, "/chat/completions", &body, None).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(header(&limited, "retry-after-ms").is_some_and(|v| v.parse::<u64>().unwrap() > 0));
+
+    client.post(&url).json(&json!({"rpm": 0, "quota_exhausted": true})).send().await.unwrap();
+    let broke = post(&srv, "/chat/completions", &body, None).await;
+    assert_eq!(broke.status(), StatusCode::TOO_MANY_REQUESTS);
+    let v: Value = broke.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_compressed_only_when_asked_for() {
+    let srv = start(args()).await;
+    let mut body = chat_body("x");
+    body["mock"] = json!({"encoding": "gzip", "id_header": "x-litellm-call-id"});
+    let plain = Client::new(); // reqwest without its gzip feature sends no Accept-Encoding
+    let r = plain.post(format!("{}/chat/completions", srv.base_url())).json(&body).send().await.unwrap();
+    assert!(header(&r, "content-encoding").is_none(), "no Accept-Encoding, no compression");
+    assert!(header(&r, "x-litellm-call-id").is_some() && header(&r, "x-request-id").is_none());
+    let r = plain.post(format!("{}/chat/completions", srv.base_url())).header("accept-encoding", "gzip, zstd").json(&body).send().await.unwrap();
+    assert_eq!(header(&r, "content-encoding"), Some("gzip"));
+    assert_eq!(srv.stats().compressed_answers, 1);
+}

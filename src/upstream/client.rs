@@ -1,34 +1,40 @@
 //! Sending one request to one upstream and classifying what came back.
 //!
-//! The request body passes through as bytes. The answer is kept raw; only its status and the
-//! headers that steer retries (`retry-after-ms`, `retry-after`, `x-ratelimit-reset-*`) and
-//! `x-request-id` are read here.
+//! The request body passes through as bytes, with `Accept-Encoding: gzip, zstd`; the answer
+//! is kept raw once decoded. Only its status, the headers that steer retries and limits (see
+//! `signals`) and the upstream's request id (`x-request-id`, `x-litellm-call-id`,
+//! `request-id`) are read here.
 
 use std::time::Duration;
 
-use axum::http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use axum::http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST};
 use axum::http::{Request, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::conn::{error_chain, ConnError, Connections};
-use super::Pool;
+use super::control::RateHeaders;
+use super::{signals, Pool};
 use crate::config::UpstreamConfig;
 
 /// An HTTP answer from the upstream.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
+    /// The body, decoded when the upstream compressed it.
     pub body: Bytes,
     pub request_id: Option<String>,
     pub retry_after: Option<Duration>,
+    pub rate_limits: RateHeaders,
 }
 
 /// No usable HTTP answer.
 #[derive(Debug, Clone)]
 pub enum TransportError {
     Timeout(String),
+    /// No connection could be made.
+    Unreachable(String),
     Unavailable(String),
     /// The answer was larger than the upstream's `max_response_bytes` (not retried: the
     /// same request would get the same answer, and be paid for again).
@@ -39,13 +45,13 @@ impl TransportError {
     pub fn code(&self) -> &'static str {
         match self {
             TransportError::Timeout(_) => "request_timeout",
-            TransportError::Unavailable(_) => "upstream_unavailable",
+            TransportError::Unreachable(_) | TransportError::Unavailable(_) => "upstream_unavailable",
             TransportError::TooLarge(_) => "response_too_large",
         }
     }
     pub fn message(&self) -> &str {
         match self {
-            TransportError::Timeout(m) | TransportError::Unavailable(m) | TransportError::TooLarge(m) => m,
+            TransportError::Timeout(m) | TransportError::Unreachable(m) | TransportError::Unavailable(m) | TransportError::TooLarge(m) => m,
         }
     }
 }
@@ -57,21 +63,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Connect errors, timeouts, 408, 409, 429 and 5xx may succeed when tried again.
+    /// Connect errors, timeouts, 408, 409, 429 and 5xx may succeed when tried again; so may
+    /// a 402 (a quota that is paid for again).
     pub fn is_retryable(&self) -> bool {
         match self {
             Outcome::Transport(TransportError::TooLarge(_)) => false,
             Outcome::Transport(_) => true,
-            Outcome::Answer(a) => matches!(a.status, 408 | 409 | 429) || a.status >= 500,
+            Outcome::Answer(a) => matches!(a.status, 402 | 408 | 409 | 429) || a.status >= 500,
         }
     }
 
-    /// 429 and 5xx mean the upstream is struggling: the pool should slow down.
-    pub fn is_overload(&self) -> bool {
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Outcome::Transport(TransportError::Timeout(_)) => true,
-            Outcome::Transport(_) => false,
-            Outcome::Answer(a) => a.status == 429 || a.status >= 500,
+            Outcome::Answer(a) => a.retry_after,
+            Outcome::Transport(_) => None,
         }
     }
 }
@@ -140,7 +145,10 @@ impl Pool {
             Ok(u) => u,
             Err(e) => return Outcome::Transport(TransportError::Unavailable(format!("upstream {:?}: bad URL: {e}", self.cfg.name))),
         };
-        let mut req = Request::post(uri).header(HOST, self.conns.host().clone()).header(CONTENT_TYPE, "application/json");
+        let mut req = Request::post(uri)
+            .header(HOST, self.conns.host().clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT_ENCODING, "gzip, zstd");
         if let Ok(id) = HeaderValue::from_str(request_id) {
             req = req.header("x-request-id", id);
         }
@@ -158,7 +166,7 @@ impl Pool {
     async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Answer, TransportError> {
         let name = &self.cfg.name;
         let (resp, conn) = self.conns.send(req).await.map_err(|e| match e {
-            ConnError::Connect(cause) => TransportError::Unavailable(format!("could not connect to upstream {name:?}: {cause}")),
+            ConnError::Connect(cause) => TransportError::Unreachable(format!("could not connect to upstream {name:?}: {cause}")),
             ConnError::Http(e) => TransportError::Unavailable(format!("upstream {name:?} failed: {}", error_chain(&e))),
         })?;
         let (parts, body) = resp.into_parts();
@@ -174,9 +182,10 @@ impl Pool {
             Err(e) => return Err(TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}"))),
         };
         self.conns.put_back(conn);
-        let status = parts.status.as_u16();
-        let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        Ok(Answer { status, retry_after: retry_after(&parts.headers, status), request_id, body })
+        let body = decode(&parts.headers, body).map_err(|e| TransportError::Unavailable(format!("upstream {name:?} sent an unreadable answer: {e}")))?;
+        let h = &parts.headers;
+        let request_id = REQUEST_ID_HEADERS.iter().find_map(|n| h.get(*n).and_then(|v| v.to_str().ok())).map(str::to_owned);
+        Ok(Answer { status: parts.status.as_u16(), retry_after: signals::retry_after(h), rate_limits: signals::rate_headers(h), request_id, body })
     }
 
     fn uri(&self, path: &str) -> Result<Uri, axum::http::uri::InvalidUri> {
@@ -192,91 +201,53 @@ impl Pool {
 }
 
 
-/// The wait an upstream asks for: `retry-after-ms`, then `retry-after` (seconds or an HTTP
-/// date), then on a 429 the larger of the `x-ratelimit-reset-requests` / `-tokens` durations.
-pub fn retry_after(h: &HeaderMap, status: u16) -> Option<Duration> {
-    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        return secs(ms / 1000.0);
-    }
-    if let Some(v) = get("retry-after") {
-        if let Ok(s) = v.parse::<f64>() {
-            return secs(s);
-        }
-        if let Ok(at) = httpdate::parse_http_date(v) {
-            let wait = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-            return secs(wait.as_secs_f64());
-        }
-    }
-    if status != 429 {
-        return None;
-    }
-    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
-        .into_iter()
-        .filter_map(|n| get(n).and_then(parse_go_duration))
-        .max()
-}
+/// Where the upstream's own id of a request may be: its own header, LiteLLM's, Anthropic's.
+const REQUEST_ID_HEADERS: [&str; 3] = ["x-request-id", "x-litellm-call-id", "request-id"];
+/// Largest answer body once decoded (a guard against a compression bomb).
+const MAX_DECODED_BYTES: u64 = 256 << 20;
 
-fn secs(s: f64) -> Option<Duration> {
-    (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(3600.0)))
-}
-
-/// Parses durations as OpenAI writes them in rate-limit headers: `1s`, `6m0s`, `20ms`, `1h2m`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = 0.0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let n: f64 = rest[..num_end].parse().ok()?;
-        let unit_end = rest[num_end..].find(|c: char| c.is_ascii_digit()).map_or(rest.len(), |i| num_end + i);
-        total += n * match &rest[num_end..unit_end] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_end..];
+/// The body as the upstream meant it: gunzipped or zstd-decoded when its
+/// `content-encoding` says so (batchd asks for `gzip, zstd`).
+fn decode(h: &HeaderMap, body: Bytes) -> std::io::Result<Bytes> {
+    use std::io::Read;
+    let encoding = h.get(CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_ascii_lowercase());
+    let reader: Box<dyn Read + '_> = match encoding.as_deref() {
+        None | Some("" | "identity") => return Ok(body),
+        Some("gzip" | "x-gzip") => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        Some("zstd") => Box::new(zstd::stream::read::Decoder::new(&body[..])?),
+        Some(other) => return Err(std::io::Error::other(format!("content-encoding {other:?} was not asked for"))),
+    };
+    let mut out = Vec::with_capacity(body.len() * 4);
+    reader.take(MAX_DECODED_BYTES + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_DECODED_BYTES {
+        return Err(std::io::Error::other(format!("more than {MAX_DECODED_BYTES} bytes once decoded")));
     }
-    secs(total)
+    Ok(Bytes::from(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
-        assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
-        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("abc"), None);
+    fn encoded(name: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_ENCODING, name.parse().unwrap());
+        h
     }
 
     #[test]
-    fn retry_after_headers_in_order() {
-        let mut h = HeaderMap::new();
-        h.insert("retry-after", "3".parse().unwrap());
-        assert_eq!(retry_after(&h, 429), Some(Duration::from_secs(3)));
-        h.insert("retry-after-ms", "250".parse().unwrap());
-        assert_eq!(retry_after(&h, 503), Some(Duration::from_millis(250)));
-        let mut h = HeaderMap::new();
-        h.insert("x-ratelimit-reset-requests", "2s".parse().unwrap());
-        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
-        assert_eq!(retry_after(&h, 429), Some(Duration::from_secs(360)));
-        assert_eq!(retry_after(&h, 500), None, "reset headers only steer 429s");
-    }
-
-    #[test]
-    fn retry_after_as_an_http_date() {
-        let mut h = HeaderMap::new();
-        let at = std::time::SystemTime::now() + Duration::from_secs(30);
-        h.insert("retry-after", httpdate::fmt_http_date(at).parse().unwrap());
-        let wait = retry_after(&h, 503).unwrap();
-        assert!(wait > Duration::from_secs(28) && wait <= Duration::from_secs(30), "{wait:?}");
-        h.insert("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
-        assert_eq!(retry_after(&h, 503), Some(Duration::ZERO), "a date in the past means now");
-        h.insert("retry-after", "soon".parse().unwrap());
-        assert_eq!(retry_after(&h, 503), None, "an unreadable value is ignored");
+    fn gzip_and_zstd_answers_are_decoded() {
+        let text = br#"{"object":"list","data":[{"embedding":[0.1,0.2,0.3]}]}"#.repeat(50);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&text).unwrap();
+        let gz = gz.finish().unwrap();
+        assert!(gz.len() < text.len() / 4);
+        assert_eq!(decode(&encoded("gzip"), Bytes::from(gz)).unwrap(), Bytes::from(text.clone()));
+        let zs = zstd::stream::encode_all(&text[..], 3).unwrap();
+        assert_eq!(decode(&encoded("zstd"), Bytes::from(zs)).unwrap(), Bytes::from(text.clone()));
+        assert_eq!(decode(&HeaderMap::new(), Bytes::from(text.clone())).unwrap(), Bytes::from(text));
+        assert!(decode(&encoded("gzip"), Bytes::from_static(b"not gzip")).is_err());
+        assert!(decode(&encoded("br"), Bytes::from_static(b"x")).is_err(), "an encoding not asked for");
     }
 }

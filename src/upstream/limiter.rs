@@ -1,59 +1,80 @@
-//! Per-upstream limits: an adaptive concurrency window (AIMD) over a fair FIFO semaphore, and
-//! token buckets for requests and tokens per minute.
+//! Per-upstream limits: the adaptive [`Controller`](super::control::Controller) enforced over
+//! a fair FIFO semaphore, and token buckets for the configured requests and tokens per minute.
 //!
-//! - Concurrency never exceeds the window, which never exceeds `max_concurrency`. A 429, 5xx
-//!   or timeout halves the window (at most once per second); each success grows it by
-//!   `1/window`, so it climbs back by about one per window of successes.
-//! - RPM/TPM buckets refill at `limit/61` per second and hold at most that much, so no
-//!   60-second window ever holds more than `limit` (the bucket's one-second burst plus sixty
-//!   seconds of refill). TPM is charged an estimate before sending and corrected by the usage
-//!   the upstream reports. A single request larger than the bucket waits for a full bucket.
+//! - Concurrency never exceeds the controller's window, which never exceeds this node's
+//!   share of `max_concurrency`. A window that shrinks destroys permits as they come back
+//!   (a debt), so a slot freed by an overload is not handed to the next line.
+//! - Configured RPM/TPM are hard ceilings: buckets refilled at `limit/61` per second holding
+//!   at most that much, so no 60-second window ever holds more than `limit` (the bucket's
+//!   one-second burst plus sixty seconds of refill). TPM is charged an estimate before
+//!   sending and corrected by the usage the upstream reports. A request larger than the
+//!   bucket waits for a full bucket. What the controller learns never lifts them.
+//! - After its slot, a request passes the controller's gate (a pause, the upstream's
+//!   rate-limit headers, a learned rate): one waiter at a time, in order, so a paused pool
+//!   has one sleeper rather than a crowd polling.
 //!
 //! Waiters on the semaphore are served first come first served, which is what makes batches
 //! share an upstream fairly (see `engine::runner`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use tokio::time::Instant as TokioInstant;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use super::control::{Bounds, Controller, Observation, Ticket};
 use crate::config::UpstreamConfig;
 
-const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
-/// Longest a bucket waiter sleeps before looking again, so that tokens credited back by
-/// [`Limiter::settle_tokens`] (an estimate larger than the real usage) are seen promptly.
+/// Longest a bucket or gate waiter sleeps before looking again, so that tokens credited back
+/// by [`Limiter::settle_tokens`] (an estimate larger than the real usage) are seen promptly.
 const MAX_BUCKET_SLEEP: Duration = Duration::from_millis(50);
+const MAX_GATE_SLEEP: Duration = Duration::from_millis(250);
 
 pub struct Limiter {
     sem: Arc<Semaphore>,
-    max: usize,
     /// Permits to destroy as they come back, after the window shrank below those in use.
     debt: AtomicUsize,
+    /// Requests on the wire (past the gate, not yet answered).
     in_flight: AtomicUsize,
-    window: Mutex<Window>,
-    rpm: Option<Mutex<Bucket>>,
-    tpm: Option<Mutex<Bucket>>,
+    /// One waiter at a time at the gate.
+    gate: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    base: Base,
 }
 
-struct Window {
-    size: f64,
+/// The configured limits, before dividing them between nodes.
+#[derive(Debug, Clone, Copy)]
+struct Base {
+    mode: crate::config::UpstreamMode,
+    max_concurrency: usize,
+    rpm: u64,
+    tpm: u64,
+}
+
+struct State {
+    ctl: Controller,
     /// Permits that exist (in the semaphore or held) minus the debt.
     capacity: usize,
-    last_decrease: Option<Instant>,
+    max: usize,
+    share: usize,
+    rpm: Option<Bucket>,
+    tpm: Option<Bucket>,
 }
 
-/// A slot of the upstream's concurrency; returned on drop.
+/// A slot of the upstream's concurrency; returned on drop. [`Limiter::settle`] tells the
+/// controller how the request went before the slot is returned.
 pub struct Permit {
     inner: Option<OwnedSemaphorePermit>,
+    ticket: Option<Ticket>,
     limiter: Arc<Limiter>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.ticket.take().is_some() {
+            self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(p) = self.inner.take() {
             let paid = self.limiter.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok();
             if paid {
@@ -65,37 +86,105 @@ impl Drop for Permit {
 
 impl Limiter {
     pub fn new(cfg: &UpstreamConfig) -> Limiter {
-        let max = cfg.max_concurrency.max(1);
-        Limiter {
-            sem: Arc::new(Semaphore::new(max)),
-            max,
+        let base = Base { mode: cfg.mode, max_concurrency: cfg.max_concurrency.max(1), rpm: cfg.rpm, tpm: cfg.tpm };
+        let now = Instant::now();
+        let ctl = Controller::new(bounds(&base, 1, base.max_concurrency), now);
+        let capacity = ctl.slots();
+        let state = State { ctl, capacity, max: base.max_concurrency, share: 1, rpm: None, tpm: None };
+        let l = Limiter {
+            sem: Arc::new(Semaphore::new(capacity)),
             debt: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
-            window: Mutex::new(Window { size: max as f64, capacity: max, last_decrease: None }),
-            rpm: (cfg.rpm > 0).then(|| Mutex::new(Bucket::per_minute(cfg.rpm))),
-            tpm: (cfg.tpm > 0).then(|| Mutex::new(Bucket::per_minute(cfg.tpm))),
+            gate: tokio::sync::Mutex::new(()),
+            state: Mutex::new(state),
+            base,
+        };
+        l.set_share(1, 0);
+        l
+    }
+
+    /// Works within this node's share of the configured limits, for `live_nodes` nodes of
+    /// which this one is number `rank` (0-based, in an order every node agrees on):
+    /// `max_concurrency` is split so that the shares add up to it exactly (the first
+    /// `max_concurrency % live_nodes` nodes take one more; every node at least one), `rpm`
+    /// and `tpm` evenly.
+    pub fn set_share(&self, live_nodes: usize, rank: usize) {
+        let n = live_nodes.max(1);
+        let mut st = self.lock();
+        st.share = n;
+        st.max = share_of(self.base.max_concurrency, n, rank);
+        st.rpm = (self.base.rpm > 0).then(|| Bucket::per_minute((self.base.rpm as f64 / n as f64).max(1.0)));
+        st.tpm = (self.base.tpm > 0).then(|| Bucket::per_minute((self.base.tpm as f64 / n as f64).max(1.0)));
+        let max = st.max;
+        st.ctl.set_bounds(bounds(&self.base, n, max));
+        self.resize(&mut st);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a concurrency slot, then for the rate buckets, then for the controller's
+    /// gate (a slot is taken first so that a send never lags its rate token).
+    pub async fn acquire(self: &Arc<Self>, est_tokens: u64) -> Permit {
+        let inner = self.sem.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone() };
+        self.take_bucket(|st| st.rpm.as_mut(), 1.0).await;
+        self.take_bucket(|st| st.tpm.as_mut(), est_tokens as f64).await;
+        let _turn = self.gate.lock().await;
+        loop {
+            let now = Instant::now();
+            let res = self.lock().ctl.gate(now, est_tokens, self.in_flight.load(Ordering::Relaxed));
+            match res {
+                Ok(t) => {
+                    self.in_flight.fetch_add(1, Ordering::Relaxed);
+                    permit.ticket = Some(t);
+                    return permit;
+                }
+                Err(until) => tokio::time::sleep_until(until.min(now + MAX_GATE_SLEEP)).await,
+            }
         }
     }
 
-    /// Waits for a concurrency slot, then for the rate buckets (a slot is taken first so that
-    /// a send never lags its rate token).
-    pub async fn acquire(self: &Arc<Self>, est_tokens: u64) -> Permit {
-        let inner = self.sem.clone().acquire_owned().await.expect("the semaphore is never closed");
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let permit = Permit { inner: Some(inner), limiter: self.clone() };
-        if let Some(b) = &self.rpm {
-            Bucket::take(b, 1.0).await;
+    async fn take_bucket(&self, pick: impl Fn(&mut State) -> Option<&mut Bucket>, n: f64) {
+        loop {
+            let wait = {
+                let mut st = self.lock();
+                match pick(&mut st) {
+                    None => return,
+                    Some(b) => match b.take(Instant::now(), n) {
+                        None => return,
+                        Some(w) => w,
+                    },
+                }
+            };
+            tokio::time::sleep(wait.min(MAX_BUCKET_SLEEP)).await;
         }
-        if let Some(b) = &self.tpm {
-            Bucket::take(b, est_tokens as f64).await;
+    }
+
+    /// Tells the controller how a request went, then returns its slot (after the window
+    /// has shrunk, if it did).
+    pub fn settle(&self, permit: Permit, obs: &Observation) {
+        if let Some(t) = permit.ticket.as_ref() {
+            let mut st = self.lock();
+            let in_flight = self.in_flight.load(Ordering::Relaxed);
+            st.ctl.record(Instant::now(), t, obs, in_flight);
+            self.resize(&mut st);
         }
-        permit
+        drop(permit);
+    }
+
+    /// Standby: queued requests reported by the upstream's metrics.
+    pub fn on_queue(&self, waiting: f64) {
+        let mut st = self.lock();
+        st.ctl.on_queue(Instant::now(), waiting);
+        self.resize(&mut st);
     }
 
     /// Corrects the TPM charge once the real usage is known.
     pub fn settle_tokens(&self, estimated: u64, actual: u64) {
-        if let Some(b) = &self.tpm {
-            b.lock().unwrap().tokens -= actual as f64 - estimated as f64;
+        if let Some(b) = &mut self.lock().tpm {
+            b.tokens -= actual as f64 - estimated as f64;
         }
     }
 
@@ -103,92 +192,94 @@ impl Limiter {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Slots free right now (window minus in flight), for spreading load over pools.
+    /// Slots free right now (window minus in flight), for spreading load over pools; none
+    /// while the pool is paused.
     pub fn free(&self) -> usize {
+        if self.paused() {
+            return 0;
+        }
         self.sem.available_permits()
     }
 
+    pub fn paused(&self) -> bool {
+        self.lock().ctl.pause(Instant::now()).is_some()
+    }
+
     pub fn window(&self) -> f64 {
-        self.window.lock().unwrap().size
+        self.lock().ctl.window()
     }
 
-    pub fn on_success(&self) {
-        let mut w = self.window.lock().unwrap();
-        if w.size >= self.max as f64 {
-            return;
-        }
-        w.size = (w.size + 1.0 / w.size).min(self.max as f64);
-        self.resize(&mut w);
+    /// This node's share of `max_concurrency`.
+    pub fn limit(&self) -> usize {
+        self.lock().max
     }
 
-    pub fn on_overload(&self) {
-        let mut w = self.window.lock().unwrap();
-        let now = Instant::now();
-        if w.last_decrease.is_some_and(|t| now.duration_since(t) < DECREASE_COOLDOWN) {
-            return;
-        }
-        w.last_decrease = Some(now);
-        w.size = (w.size / 2.0).max(1.0);
-        self.resize(&mut w);
-        tracing::debug!(window = w.size, "upstream overloaded; concurrency window halved");
+    /// Reads the controller's state under its lock.
+    pub(super) fn with_controller<T>(&self, f: impl FnOnce(&Controller, usize) -> T) -> T {
+        let st = self.lock();
+        f(&st.ctl, st.max)
     }
 
-    fn resize(&self, w: &mut Window) {
-        let target = (w.size.floor() as usize).clamp(1, self.max);
-        if target < w.capacity {
-            let cut = w.capacity - target;
+    /// Brings the semaphore's permits to the controller's window.
+    fn resize(&self, st: &mut State) {
+        let target = st.ctl.slots().clamp(1, st.max);
+        if target < st.capacity {
+            let cut = st.capacity - target;
             let forgotten = self.sem.forget_permits(cut);
             self.debt.fetch_add(cut - forgotten, Ordering::AcqRel);
-        } else if target > w.capacity {
-            let mut grow = target - w.capacity;
+        } else if target > st.capacity {
+            let mut grow = target - st.capacity;
             while grow > 0 && self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
                 grow -= 1;
             }
             self.sem.add_permits(grow);
         }
-        w.capacity = target;
+        st.capacity = target;
     }
+}
+
+fn bounds(base: &Base, n: usize, max_concurrency: usize) -> Bounds {
+    let rate_cap = (base.rpm > 0).then(|| base.rpm as f64 / 60.0 / n as f64);
+    Bounds { mode: base.mode, max_concurrency, rate_cap }
+}
+
+/// Node `rank`'s part of `total` split over `n` nodes: the parts add up to `total` (when
+/// `total >= n`; else every node takes one).
+fn share_of(total: usize, n: usize, rank: usize) -> usize {
+    (total / n + usize::from(rank % n < total % n)).max(1)
 }
 
 struct Bucket {
     tokens: f64,
     capacity: f64,
     per_sec: f64,
-    last: TokioInstant,
+    last: Instant,
 }
 
 impl Bucket {
-    fn per_minute(limit: u64) -> Bucket {
-        let per_sec = limit as f64 / 61.0;
+    fn per_minute(limit: f64) -> Bucket {
+        let per_sec = limit / 61.0;
         let capacity = per_sec.max(1.0);
-        Bucket { tokens: capacity, capacity, per_sec, last: TokioInstant::now() }
+        Bucket { tokens: capacity, capacity, per_sec, last: Instant::now() }
     }
 
-    fn refill(&mut self, now: TokioInstant) {
+    /// Takes `n` tokens, or says how long until there are enough.
+    fn take(&mut self, now: Instant, n: f64) -> Option<Duration> {
         let dt = now.duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + dt * self.per_sec).min(self.capacity);
         self.last = now;
-    }
-
-    async fn take(m: &Mutex<Bucket>, n: f64) {
-        loop {
-            let wait = {
-                let mut b = m.lock().unwrap();
-                b.refill(TokioInstant::now());
-                let need = n.min(b.capacity);
-                if b.tokens >= need {
-                    b.tokens -= n;
-                    return;
-                }
-                Duration::from_secs_f64(((need - b.tokens) / b.per_sec).max(0.001))
-            };
-            tokio::time::sleep(wait.min(MAX_BUCKET_SLEEP)).await;
+        let need = n.min(self.capacity);
+        if self.tokens >= need {
+            self.tokens -= n;
+            return None;
         }
+        Some(Duration::from_secs_f64(((need - self.tokens) / self.per_sec).max(0.001)))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::control::{RateHeaders, Signal};
     use super::*;
 
     fn cfg(max: usize, rpm: u64) -> UpstreamConfig {
@@ -202,21 +293,83 @@ mod tests {
         crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap().upstreams.remove(0)
     }
 
+    fn obs(signal: Signal, h: &RateHeaders) -> Observation<'_> {
+        Observation { signal, retry_after: None, headers: h, detail: "429 Too Many Requests" }
+    }
+
     #[tokio::test]
-    async fn window_halves_and_recovers() {
+    async fn an_overload_shrinks_the_window_and_successes_grow_it_back() {
         let l = Arc::new(Limiter::new(&cfg(8, 0)));
-        let held: Vec<Permit> = futures::future::join_all((0..8).map(|_| l.acquire(0))).await;
-        l.on_overload();
-        assert_eq!(l.window(), 4.0);
-        l.on_overload();
-        assert_eq!(l.window(), 4.0, "at most one decrease per cooldown");
+        let h = RateHeaders::default();
+        let mut held: Vec<Permit> = futures::future::join_all((0..8).map(|_| l.acquire(0))).await;
+        assert_eq!(l.in_flight(), 8);
+        l.settle(held.pop().unwrap(), &obs(Signal::RateLimited, &h));
+        let w = l.window();
+        assert!(w < 8.0, "a full window shrinks on a 429: {w}");
+        l.settle(held.pop().unwrap(), &obs(Signal::RateLimited, &h));
+        assert_eq!(l.window(), w, "at most one decrease per round trip");
         drop(held);
-        assert_eq!(l.free(), 4, "permits beyond the window are destroyed as they return");
-        for _ in 0..40 {
-            l.on_success();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!l.paused(), "the pause after a 429 is short without a retry-after");
+        assert_eq!(l.free(), w.floor() as usize, "permits beyond the window are destroyed as they return");
+        for _ in 0..200 {
+            let held: Vec<Permit> = futures::future::join_all((0..l.window() as usize).map(|_| l.acquire(0))).await;
+            for p in held {
+                l.settle(p, &obs(Signal::Ok, &h));
+            }
         }
         assert_eq!(l.window(), 8.0);
         assert_eq!(l.free(), 8);
+        assert_eq!(l.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn set_share_divides_the_limits() {
+        let l = Arc::new(Limiter::new(&cfg(10, 120)));
+        assert_eq!(l.limit(), 10);
+        l.set_share(3, 0);
+        assert_eq!(l.limit(), 4, "10 = 4 + 3 + 3");
+        assert_eq!(l.free(), 4);
+        assert_eq!(l.window(), 4.0);
+        let rate = l.with_controller(|c, _| c.learned_rate());
+        assert_eq!(rate, None, "nothing learned yet");
+        let held: Vec<Permit> = futures::future::join_all((0..4).map(|_| l.acquire(0))).await;
+        assert_eq!(l.free(), 0, "no fifth request in flight on a third of 10");
+        drop(held);
+        l.set_share(3, 2);
+        assert_eq!(l.limit(), 3);
+        l.set_share(1, 0);
+        assert_eq!((l.limit(), l.free()), (10, 10), "back to the whole when alone");
+        let parts: usize = (0..4).map(|r| share_of(10, 4, r)).sum();
+        assert_eq!(parts, 10, "the shares add up to the configured total");
+        assert_eq!((0..16).map(|r| share_of(10, 16, r)).min(), Some(1), "every node keeps a slot");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn set_share_divides_the_request_rate() {
+        let l = Arc::new(Limiter::new(&cfg(100, 244)));
+        l.set_share(2, 1);
+        let start = Instant::now();
+        for _ in 0..6 {
+            drop(l.acquire(0).await);
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((1.9..2.6).contains(&took), "half of 244 rpm is 2 per second after a 2-request burst, took {took}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_pool_lets_nothing_through_until_the_pause_ends() {
+        let l = Arc::new(Limiter::new(&cfg(4, 0)));
+        let h = RateHeaders::default();
+        let p = l.acquire(0).await;
+        let o = Observation { signal: Signal::RateLimited, retry_after: Some(Duration::from_secs(3)), headers: &h, detail: "429" };
+        l.settle(p, &o);
+        assert!(l.paused());
+        assert_eq!(l.free(), 0, "a paused pool offers no free slot to the router");
+        let start = Instant::now();
+        drop(l.acquire(0).await);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(3) && took < Duration::from_millis(3300), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]

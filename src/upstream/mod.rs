@@ -1,21 +1,31 @@
 //! Upstreams: which pool serves a model ([`Router`]), and each pool's HTTP client and limits
 //! ([`Pool`]).
 //!
-//! A model name is resolved through the operator's aliases to the exact upstream model id.
-//! Several pools may serve one model; the dispatcher spreads lines over them by free capacity
-//! and fails over between them on retries. Keys live only inside [`Pool`]s and never print.
+//! A model name is resolved through the operator's aliases to the exact upstream model id
+//! (an alias routes by itself; its target is routable by its own id only where listed).
+//! Several pools may serve one model; the dispatcher spreads lines over them by free capacity,
+//! skips paused ones, and fails over between them on retries. Keys live only inside
+//! [`Pool`]s and never print.
+//!
+//! Each pool learns its upstream's limits by itself (`control`, enforced by `limiter`), from
+//! what its answers say (`signals`) and, in standby mode, from the upstream's own metrics
+//! (`probe`). [`Router::states`] shows what was learned ([`UpstreamState`]).
 
 mod client;
 mod conn;
+mod control;
 mod limiter;
+mod probe;
+mod signals;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 pub use client::{Answer, Outcome, TransportError};
+pub use control::{human, PauseReason, Signal};
 pub use limiter::{Limiter, Permit};
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamMode};
 
 /// One upstream: its configuration, its keep-alive connections and its limiter.
 pub struct Pool {
@@ -26,6 +36,8 @@ pub struct Pool {
     /// Parsed URIs of the paths sent so far (parsing one per request is measurable).
     uris: std::sync::RwLock<std::collections::HashMap<String, axum::http::Uri>>,
     pub limiter: Arc<Limiter>,
+    /// Starts the `metrics_url` probe on first use.
+    probe: Once,
 }
 
 /// An upstream that cannot be set up.
@@ -47,13 +59,19 @@ impl Route {
     }
 
     /// Takes a slot on a pool that serves the route: the one with the most free capacity when
-    /// any has a slot free, else whichever frees one first, so a saturated slow pool never
-    /// holds lines back from an idle fast one.
+    /// any has a slot free (a paused pool has none), else whichever frees one first, so a
+    /// saturated slow pool never holds lines back from an idle fast one.
     pub async fn acquire(&self, est_tokens: u64, avoid: Option<&str>) -> (Arc<Pool>, Arc<str>, Permit) {
+        for (pool, _) in &self.targets {
+            pool.start_probe();
+        }
         if let [(pool, model)] = self.targets.as_slice() {
             return (pool.clone(), model.clone(), pool.limiter.acquire(est_tokens).await);
         }
-        let cands = self.candidates(avoid);
+        let mut cands = self.candidates(avoid);
+        if cands.iter().all(|(p, _)| p.limiter.paused()) {
+            cands = self.targets.iter().collect();
+        }
         let best = cands.iter().max_by_key(|(p, _)| p.limiter.free()).expect("a route has a target");
         if cands.len() == 1 || best.0.limiter.free() > 0 {
             let permit = best.0.limiter.acquire(est_tokens).await;
@@ -76,7 +94,8 @@ impl Router {
             .iter()
             .map(|c| {
                 let auth = c.api_key.as_ref().map(client::auth_header).transpose()?;
-                let pool = Pool { limiter: Arc::new(Limiter::new(c)), conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone() };
+                let limiter = Arc::new(Limiter::new(c));
+                let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new() };
                 Ok(Arc::new(pool))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
@@ -95,6 +114,18 @@ impl Router {
             .filter_map(|p| resolve_in(&p.cfg, model).map(|m| (p.clone(), Arc::<str>::from(m))))
             .collect();
         (!targets.is_empty()).then_some(Route { targets })
+    }
+
+    /// What every pool has learned about its upstream.
+    pub fn states(&self) -> Vec<UpstreamState> {
+        self.pools.iter().map(|p| p.state()).collect()
+    }
+
+    /// The states of the pools serving `model` (every pool when `None`: a batch of mixed
+    /// models).
+    pub fn states_for(&self, model: Option<&str>) -> Vec<UpstreamState> {
+        let serves = |p: &Pool| model.is_none_or(|m| resolve_in(&p.cfg, m).is_some());
+        self.pools.iter().filter(|p| serves(p)).map(|p| p.state()).collect()
     }
 
     pub fn knows(&self, model: &str) -> bool {
@@ -125,6 +156,89 @@ impl Router {
         }
         out
     }
+}
+
+/// What an upstream's pool has learned, for `/progress`, `/metrics`, `batchd status` and
+/// `batchd run` (one per pool; the shape is a contract with the console and the API).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamState {
+    pub name: String,
+    pub mode: UpstreamMode,
+    pub in_flight: usize,
+    pub window: f64,
+    /// This node's share of `max_concurrency`.
+    pub limit: usize,
+    pub learned_rpm: Option<f64>,
+    pub paused: bool,
+    /// Unix time in milliseconds.
+    pub paused_until_ms: Option<u64>,
+    pub pause_reason: Option<PauseReason>,
+    pub pause_detail: Option<String>,
+    pub last_error: Option<String>,
+    pub rate_limited_last_minute: u64,
+    pub overloaded_last_minute: u64,
+}
+
+impl UpstreamState {
+    /// "rate limited by local-vllm, 2 s" while paused.
+    pub fn pause_words(&self) -> Option<String> {
+        let (reason, until) = (self.pause_reason?, self.paused_until_ms?);
+        let left = until.saturating_sub(now_unix_ms());
+        Some(format!("{}, {}", reason.words(&self.name), control::human(std::time::Duration::from_millis(left))))
+    }
+}
+
+impl Pool {
+    /// Tells the pool's limiter how an attempt went and returns its slot; says what the
+    /// outcome meant.
+    pub fn settle(&self, permit: Permit, outcome: &Outcome) -> Signal {
+        let signal = signals::classify(outcome);
+        // Words are for failures only (last_error, pause details): a success costs none.
+        let detail = if matches!(signal, Signal::Ok | Signal::Neutral) { String::new() } else { signals::describe(outcome) };
+        let headers = match outcome {
+            Outcome::Answer(a) => a.rate_limits,
+            Outcome::Transport(_) => Default::default(),
+        };
+        let obs = control::Observation { signal, retry_after: outcome.retry_after(), headers: &headers, detail: &detail };
+        self.limiter.settle(permit, &obs);
+        signal
+    }
+
+    pub fn state(&self) -> UpstreamState {
+        let now = tokio::time::Instant::now();
+        let now_ms = now_unix_ms();
+        self.limiter.with_controller(|c, limit| {
+            let pause = c.pause(now);
+            let (rate_limited, overloaded) = c.counters.last_minute(now);
+            UpstreamState {
+                name: self.cfg.name.clone(),
+                mode: self.cfg.mode,
+                in_flight: self.limiter.in_flight(),
+                window: (c.window() * 10.0).round() / 10.0,
+                limit,
+                learned_rpm: c.learned_rate().map(|r| (r * 600.0).round() / 10.0),
+                paused: pause.is_some(),
+                paused_until_ms: pause.map(|p| now_ms + (p.until - now).as_millis() as u64),
+                pause_reason: pause.map(|p| p.reason),
+                pause_detail: pause.map(|p| p.detail.clone()),
+                last_error: c.last_error().map(str::to_owned),
+                rate_limited_last_minute: rate_limited,
+                overloaded_last_minute: overloaded,
+            }
+        })
+    }
+
+    /// Starts polling `metrics_url` (standby only), once, for as long as the pool lives.
+    fn start_probe(self: &Arc<Self>) {
+        if self.cfg.mode != UpstreamMode::Standby || self.cfg.metrics_url.is_none() {
+            return;
+        }
+        self.probe.call_once(|| probe::spawn(Arc::downgrade(self)));
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn resolve_in<'a>(cfg: &'a UpstreamConfig, model: &'a str) -> Option<&'a str> {
@@ -166,6 +280,45 @@ mod tests {
         let names = |avoid| route.candidates(avoid).iter().map(|t| t.0.cfg.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(Some("a")), ["b"], "failover avoids the pool that failed");
         assert_eq!(names(Some("zzz")), ["a", "b"]);
+    }
+
+    #[test]
+    fn an_alias_alone_routes_and_its_target_stays_unlisted() {
+        let raw = RawConfig {
+            upstreams: vec![up("a", &[], &[("fast", "llama-3.1-8b-instruct")]), up("b", &["m2"], &[])],
+            ..Default::default()
+        };
+        let r = Router::new(&raw.resolve().unwrap().upstreams).unwrap();
+        let route = r.resolve("fast").expect("an alias routes without listing its target");
+        assert_eq!(&*route.targets[0].1, "llama-3.1-8b-instruct");
+        assert!(r.resolve("llama-3.1-8b-instruct").is_none(), "the target is not routable by its real id");
+        assert!(r.resolve("other").is_none(), "an upstream with aliases only is no catch-all");
+        assert_eq!(r.known_models(), ["fast", "m2"]);
+    }
+
+    #[test]
+    fn states_show_each_pool() {
+        let raw = RawConfig { upstreams: vec![up("a", &["m1"], &[]), up("b", &["m2"], &[])], ..Default::default() };
+        let r = Router::new(&raw.resolve().unwrap().upstreams).unwrap();
+        let s = r.states();
+        assert_eq!(s.len(), 2);
+        let v = serde_json::to_value(&s[0]).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["name", "mode", "in_flight", "window", "limit", "learned_rpm", "paused", "paused_until_ms", "pause_reason",
+            "pause_detail", "last_error", "rate_limited_last_minute", "overloaded_last_minute"], "the contract's fields, in order");
+        assert_eq!(v["mode"], "throughput");
+        assert_eq!(v["window"], 64.0);
+        assert!(v["pause_reason"].is_null());
+        assert_eq!(r.states_for(Some("m2")).iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        let paused = UpstreamState {
+            name: "local-vllm".into(),
+            paused: true,
+            paused_until_ms: Some(now_unix_ms() + 2000),
+            pause_reason: Some(PauseReason::RateLimited),
+            ..s[0].clone()
+        };
+        assert_eq!(paused.pause_words().as_deref(), Some("rate limited by local-vllm, 2 s"));
+        assert_eq!(s[0].pause_words(), None);
     }
 
     #[test]

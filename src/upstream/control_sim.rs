@@ -1,0 +1,415 @@
+//! The controller against simulated upstreams, in simulated time: the scenarios of issue
+//! #11 (a concurrency cap that answers 429, nginx's `limit_req`, OpenAI's rate-limit
+//! headers, a shared GPU server in standby mode, uniformly slow lines), each run for some
+//! simulated seconds in a few milliseconds of real time, with the same assertions the
+//! engine tests make against the mock upstream.
+
+use std::collections::BinaryHeap;
+use std::cmp::Reverse;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+
+const STEP: Duration = Duration::from_micros(250);
+
+/// What the simulated upstream answers, and when.
+struct Reply {
+    at: Instant,
+    signal: Signal,
+    retry_after: Option<Duration>,
+    headers: RateHeaders,
+}
+
+trait Upstream {
+    fn send(&mut self, now: Instant) -> Reply;
+}
+
+/// A tiny deterministic generator for latency jitter.
+struct Lcg(u64);
+
+impl Lcg {
+    fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// `base` ± 10 %.
+    fn around(&mut self, base: Duration) -> Duration {
+        base.mul_f64(0.9 + 0.2 * self.unit())
+    }
+}
+
+/// TGI's `max_concurrent_requests`: above `cap` in flight, an immediate 429 with no header.
+struct Capacity {
+    cap: usize,
+    latency: Duration,
+    busy: Vec<Instant>,
+    rng: Lcg,
+}
+
+impl Upstream for Capacity {
+    fn send(&mut self, now: Instant) -> Reply {
+        self.busy.retain(|t| *t > now);
+        if self.busy.len() >= self.cap {
+            return Reply { at: now + Duration::from_micros(300), signal: Signal::RateLimited, retry_after: None, headers: RateHeaders::default() };
+        }
+        let at = now + self.rng.around(self.latency);
+        self.busy.push(at);
+        Reply { at, signal: Signal::Ok, retry_after: None, headers: RateHeaders::default() }
+    }
+}
+
+/// nginx's `limit_req` with no burst, `limit_req_status 429`: its own arithmetic, in whole
+/// milliseconds; rejections are immediate and carry no header.
+struct Nginx {
+    rate_per_s: f64,
+    excess: f64,
+    last_ms: Option<u64>,
+    origin: Instant,
+    latency: Duration,
+    rng: Lcg,
+}
+
+impl Upstream for Nginx {
+    fn send(&mut self, now: Instant) -> Reply {
+        let arrive = now + self.rng.around(Duration::from_micros(200));
+        let ms = (arrive - self.origin).as_millis() as u64;
+        let elapsed = self.last_ms.map_or(u64::MAX / 2, |l| ms - l) as f64;
+        let excess = (self.excess - self.rate_per_s * elapsed + 1000.0).max(0.0);
+        if excess > 0.0 {
+            return Reply { at: arrive, signal: Signal::RateLimited, retry_after: None, headers: RateHeaders::default() };
+        }
+        (self.excess, self.last_ms) = (excess, Some(ms));
+        Reply { at: now + self.rng.around(self.latency), signal: Signal::Ok, retry_after: None, headers: RateHeaders::default() }
+    }
+}
+
+/// OpenAI's request limit: a bucket of `limit` refilled at `limit` per minute, reported on
+/// every answer; a 429 with `retry-after-ms` when empty.
+struct OpenAi {
+    limit: f64,
+    tokens: f64,
+    at: Instant,
+    latency: Duration,
+    rng: Lcg,
+}
+
+impl Upstream for OpenAi {
+    fn send(&mut self, now: Instant) -> Reply {
+        let per_s = self.limit / 60.0;
+        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * per_s).min(self.limit);
+        self.at = now;
+        let ok = self.tokens >= 1.0;
+        if ok {
+            self.tokens -= 1.0;
+        }
+        let reset = Duration::from_secs_f64((self.limit - self.tokens) / per_s);
+        let requests = Dimension { limit: Some(self.limit), remaining: Some(self.tokens.floor()), reset: Some(reset) };
+        let headers = RateHeaders { requests, tokens: Dimension::default() };
+        if ok {
+            return Reply { at: now + self.rng.around(self.latency), signal: Signal::Ok, retry_after: None, headers };
+        }
+        let wait = Duration::from_secs_f64((1.0 - self.tokens) / per_s);
+        Reply { at: now + Duration::from_millis(1), signal: Signal::RateLimited, retry_after: Some(wait), headers }
+    }
+}
+
+/// A GPU server with `slots` sequences at a time and a FIFO queue behind them.
+struct Slots {
+    free_at: BinaryHeap<Reverse<Instant>>,
+    service: Duration,
+    rng: Lcg,
+}
+
+impl Slots {
+    fn new(n: usize, service: Duration, now: Instant) -> Slots {
+        Slots { free_at: (0..n).map(|_| Reverse(now)).collect(), service, rng: Lcg(7) }
+    }
+    fn finish_at(&mut self, arrive: Instant) -> Instant {
+        let Reverse(free) = self.free_at.pop().expect("slots");
+        let done = arrive.max(free) + self.rng.around(self.service);
+        self.free_at.push(Reverse(done));
+        done
+    }
+}
+
+impl Upstream for Slots {
+    fn send(&mut self, now: Instant) -> Reply {
+        Reply { at: self.finish_at(now), signal: Signal::Ok, retry_after: None, headers: RateHeaders::default() }
+    }
+}
+
+/// What a run counted after its warm-up.
+#[derive(Debug, Default, Clone)]
+struct Tally {
+    sent: u64,
+    ok: u64,
+    limited: u64,
+    max_window: f64,
+    min_window: f64,
+}
+
+impl Tally {
+    fn share_429(&self) -> f64 {
+        self.limited as f64 / self.sent.max(1) as f64
+    }
+}
+
+/// A pool with endless lines: sends while the window and the gate allow, learns from every
+/// answer; counts from `warmup` on.
+struct Sim {
+    ctl: Controller,
+    now: Instant,
+    in_flight: Vec<(Instant, Ticket, Reply)>,
+    tally: Tally,
+}
+
+impl Sim {
+    fn new(bounds: Bounds) -> Sim {
+        let now = Instant::now();
+        Sim { ctl: Controller::new(bounds, now), now, in_flight: Vec::new(), tally: Tally { min_window: f64::MAX, ..Tally::default() } }
+    }
+
+    fn bounds(mode: UpstreamMode, max: usize) -> Bounds {
+        Bounds { mode, max_concurrency: max, rate_cap: None }
+    }
+
+    /// Advances one step: answers due are recorded, then new requests go out.
+    fn step(&mut self, up: &mut dyn Upstream, counting: bool) {
+        self.now += STEP;
+        let now = self.now;
+        let mut due: Vec<_> = Vec::new();
+        self.in_flight.retain(|x| {
+            if x.0 <= now {
+                due.push((x.1, x.2.signal, x.2.retry_after, x.2.headers));
+                false
+            } else {
+                true
+            }
+        });
+        for (t, signal, retry_after, headers) in due {
+            let obs = Observation { signal, retry_after, headers: &headers, detail: "429 Too Many Requests" };
+            let n = self.in_flight.len() + 1;
+            self.ctl.record(now, &t, &obs, n);
+            if counting {
+                match signal {
+                    Signal::Ok => self.tally.ok += 1,
+                    Signal::RateLimited => self.tally.limited += 1,
+                    _ => {}
+                }
+            }
+        }
+        while self.in_flight.len() < self.ctl.slots() {
+            let Ok(t) = self.ctl.gate(now, 10, self.in_flight.len()) else { break };
+            let reply = up.send(now);
+            self.in_flight.push((reply.at, t, reply));
+            if counting {
+                self.tally.sent += 1;
+            }
+        }
+        if counting {
+            self.tally.max_window = self.tally.max_window.max(self.ctl.window());
+            self.tally.min_window = self.tally.min_window.min(self.ctl.window());
+        }
+    }
+
+    fn run(&mut self, up: &mut dyn Upstream, warmup: Duration, measure: Duration) -> Tally {
+        let end_warmup = self.now + warmup;
+        while self.now < end_warmup {
+            self.step(up, false);
+        }
+        let end = self.now + measure;
+        while self.now < end {
+            self.step(up, true);
+        }
+        std::mem::replace(&mut self.tally, Tally { min_window: f64::MAX, ..Tally::default() })
+    }
+}
+
+#[test]
+fn a_concurrency_cap_answering_429_is_found_and_kept() {
+    // Issue #11: 16 slots, 20 ms per answer, max_concurrency 64. Before: 86 % of calls 429,
+    // 0.6 of the upstream's 800 req/s.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+    let mut up = Capacity { cap: 16, latency: Duration::from_millis(20), busy: Vec::new(), rng: Lcg(1) };
+    let secs = 10.0;
+    let t = sim.run(&mut up, Duration::from_secs(2), Duration::from_secs_f64(secs));
+    let tput = t.ok as f64 / secs / 800.0;
+    println!("capacity: {t:?}, throughput {tput:.3} of capacity, 429 share {:.4}", t.share_429());
+    assert!(t.share_429() <= 0.02, "steady-state 429s must be rare: {:.4}", t.share_429());
+    assert!(tput >= 0.9, "throughput {tput:.3} of what the upstream serves");
+    assert!(t.max_window < 18.5, "the window stays near the cap: {t:?}");
+    assert!(sim.ctl.learned_rate().is_none(), "a concurrency cap teaches no rate");
+    let warmup_429s = {
+        let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+        let mut up = Capacity { cap: 16, latency: Duration::from_millis(20), busy: Vec::new(), rng: Lcg(1) };
+        sim.run(&mut up, Duration::ZERO, Duration::from_secs(1)).limited
+    };
+    println!("429s in the first second: {warmup_429s}");
+    assert!(warmup_429s < 150, "the window finds the cap within a few round trips: {warmup_429s} 429s in the first second");
+}
+
+#[test]
+fn nginx_limit_req_without_retry_after_is_learned_as_a_rate() {
+    // Issue #11: nginx `limit_req rate=20r/s` (no burst), 429 at once with no header,
+    // max_concurrency 16.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
+    let origin = sim.now;
+    let mut up = Nginx { rate_per_s: 20.0, excess: 0.0, last_ms: None, origin, latency: Duration::from_millis(20), rng: Lcg(3) };
+    let secs = 30.0;
+    let t = sim.run(&mut up, Duration::from_secs(5), Duration::from_secs_f64(secs));
+    let tput = t.ok as f64 / secs / 20.0;
+    println!("nginx: {t:?}, throughput {tput:.3} of 20 req/s, 429 share {:.4}, rate {:?}", t.share_429(), sim.ctl.learned_rate());
+    assert!(t.share_429() <= 0.05, "steady-state 429 share {:.4}", t.share_429());
+    assert!(tput >= 0.85, "throughput {tput:.3} of the limit");
+    let rate = sim.ctl.learned_rate().expect("a rate was learned");
+    assert!((14.0..=21.0).contains(&rate), "learned {rate}/s for a 20/s limit");
+}
+
+#[test]
+fn openai_headers_pace_the_pool_before_any_429() {
+    // Issue #11: 1,200 rpm announced in x-ratelimit-* headers, the bucket nearly empty at
+    // the start, 429 with retry-after-ms when empty; no rpm configured, max_concurrency 64.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+    let mut up = OpenAi { limit: 1200.0, tokens: 10.0, at: sim.now, latency: Duration::from_millis(20), rng: Lcg(5) };
+    let secs = 20.0;
+    let t = sim.run(&mut up, Duration::from_secs(2), Duration::from_secs_f64(secs));
+    let tput = t.ok as f64 / secs / 20.0;
+    println!("openai: {t:?}, throughput {tput:.3} of 20 req/s, learned {:?}", sim.ctl.learned_rate());
+    assert!(t.share_429() <= 0.01, "the headers are obeyed before the limit is hit: {:.4}", t.share_429());
+    assert!(tput >= 0.95, "throughput {tput:.3} of the announced limit");
+    let learned = sim.ctl.learned_rate().expect("the headers' rate") * 60.0;
+    assert!((1100.0..=1300.0).contains(&learned), "learned {learned} rpm");
+    assert!(sim.ctl.window() > 32.0, "a 429 the headers explain does not shrink the window: {}", sim.ctl.window());
+}
+
+#[test]
+fn standby_keeps_online_latency_low_and_still_takes_most_of_the_server() {
+    // Issue #11's budget: 16 slots, 100 ms per request, 4 online clients: their median
+    // latency stays ≤ 2× unloaded while the batch gets ≥ 0.6 of the capacity.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Standby, 64));
+    let mut up = Slots::new(16, Duration::from_millis(100), sim.now);
+    let mut online: Vec<Instant> = vec![sim.now; 4];
+    let mut think = Lcg(11);
+    let mut latencies = Vec::new();
+    let mut pending: Vec<(usize, Instant, Instant)> = Vec::new();
+    let (warm, end) = (sim.now + Duration::from_secs(3), sim.now + Duration::from_secs(23));
+    while sim.now < end {
+        let counting = sim.now >= warm;
+        let now = sim.now;
+        pending.retain(|&(client, sent, done)| {
+            if done > now {
+                return true;
+            }
+            if counting {
+                latencies.push((done - sent).as_secs_f64());
+            }
+            online[client] = done + Duration::from_millis(20 + (think.unit() * 60.0) as u64);
+            false
+        });
+        for (c, next) in online.iter_mut().enumerate() {
+            if *next <= now {
+                pending.push((c, now, up.finish_at(now)));
+                *next = now + Duration::from_secs(1_000_000);
+            }
+        }
+        sim.step(&mut up, counting);
+    }
+    let share = sim.tally.ok as f64 / 20.0 / 160.0;
+    let med = median(&mut latencies) / 0.1;
+    println!("standby: batch share {share:.3}, online median {med:.2} × unloaded, window {:.1} ({:.1}..{:.1})",
+        sim.ctl.window(), sim.tally.min_window, sim.tally.max_window);
+    assert!(med <= 1.5, "online median latency {med:.2} × unloaded");
+    assert!(share >= 0.6, "the batch gets {share:.3} of the capacity");
+}
+
+#[test]
+fn standby_backs_off_when_latency_rises_and_takes_the_capacity_back() {
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Standby, 32));
+    let mut up = Slots::new(1000, Duration::from_millis(100), sim.now);
+    sim.run(&mut up, Duration::from_secs(3), Duration::ZERO);
+    let before = sim.ctl.window();
+    // Online traffic arrives: the same requests now take three times as long.
+    up.service = Duration::from_millis(300);
+    sim.run(&mut up, Duration::from_secs(1), Duration::ZERO);
+    let during = sim.ctl.window();
+    up.service = Duration::from_millis(100);
+    sim.run(&mut up, Duration::from_secs(3), Duration::ZERO);
+    let after = sim.ctl.window();
+    println!("standby window: {before:.1} → {during:.1} → {after:.1}");
+    assert!(before >= 30.0, "no queueing: standby grows to the maximum ({before})");
+    assert!(during <= before / 3.0, "a latency rise shrinks the window within a second ({during})");
+    assert!(after >= 30.0, "the capacity is taken back once latency falls ({after})");
+}
+
+#[test]
+fn uniformly_slow_timeouts_do_not_collapse_the_window() {
+    // Issue #11: 20 lines, each timing out after 1 s, 3 attempts, max_concurrency 20.
+    let mut ctl = Controller::new(Sim::bounds(UpstreamMode::Throughput, 20), Instant::now());
+    let mut now = Instant::now();
+    let h = RateHeaders::default();
+    for _attempt in 0..3 {
+        let tickets: Vec<Ticket> = (0..20).map(|i| ctl.gate(now, 0, i).unwrap()).collect();
+        now += Duration::from_secs(1);
+        for t in &tickets {
+            ctl.record(now, t, &Observation { signal: Signal::Timeout, retry_after: None, headers: &h, detail: "timeout" }, 20);
+        }
+        assert!(ctl.pause(now).is_none(), "a timeout never pauses the pool");
+        now += Duration::from_millis(300);
+    }
+    assert!(ctl.window() >= 14.0, "one 10 % decrease per round of timeouts, not one per timeout: {}", ctl.window());
+}
+
+#[test]
+fn a_429_pauses_the_pool_and_quota_pauses_it_long() {
+    let now = Instant::now();
+    let mut ctl = Controller::new(Sim::bounds(UpstreamMode::Throughput, 8), now);
+    let h = RateHeaders::default();
+    let t = ctl.gate(now, 0, 0).unwrap();
+    let obs = Observation { signal: Signal::RateLimited, retry_after: Some(Duration::from_secs(2)), headers: &h, detail: "429 Too Many Requests" };
+    ctl.record(now, &t, &obs, 1);
+    let p = ctl.pause(now).expect("paused");
+    assert_eq!(p.until, now + Duration::from_secs(2));
+    assert_eq!(p.reason, PauseReason::RateLimited);
+    assert!(p.detail.contains("retry-after 2 s"), "{}", p.detail);
+    assert_eq!(ctl.gate(now + Duration::from_secs(1), 0, 0).unwrap_err(), now + Duration::from_secs(2));
+    assert!(ctl.gate(now + Duration::from_secs(2), 0, 0).is_ok());
+    assert_eq!(ctl.counters.last_minute(now), (1, 0));
+    assert_eq!(ctl.counters.last_minute(now + Duration::from_secs(61)), (0, 0), "only the last minute counts");
+
+    let later = now + Duration::from_secs(3);
+    let t = ctl.gate(later, 0, 0).unwrap();
+    let obs = Observation { signal: Signal::Quota, retry_after: None, headers: &h, detail: "insufficient_quota" };
+    ctl.record(later, &t, &obs, 1);
+    let p = ctl.pause(later).expect("paused");
+    assert_eq!(p.reason, PauseReason::QuotaExhausted);
+    assert!(p.until - later >= Duration::from_secs(30));
+    let until = p.until;
+    let t2 = Ticket { epoch: 0, ..t };
+    ctl.record(later, &t2, &obs, 1);
+    assert_eq!(ctl.pause(later).unwrap().until, until, "answers from before the pause do not lengthen it");
+    assert!(!Signal::Quota.burns_attempt() && !Signal::RateLimited.burns_attempt() && Signal::Timeout.burns_attempt());
+}
+
+#[test]
+fn configured_rate_caps_what_is_learned() {
+    let now = Instant::now();
+    let bounds = Bounds { mode: UpstreamMode::Throughput, max_concurrency: 4, rate_cap: Some(5.0) };
+    let mut ctl = Controller::new(bounds, now);
+    let requests = Dimension { limit: Some(6000.0), remaining: Some(5000.0), reset: Some(Duration::from_secs(10)) };
+    let h = RateHeaders { requests, tokens: Dimension::default() };
+    let t = ctl.gate(now, 0, 0).unwrap();
+    ctl.record(now, &t, &Observation { signal: Signal::Ok, retry_after: None, headers: &h, detail: "" }, 1);
+    assert_eq!(ctl.learned_rate(), Some(5.0), "headers announcing 100/s never lift a configured 5/s");
+}
+
+#[test]
+fn pace_formatting() {
+    assert_eq!(human(Duration::from_millis(250)), "250 ms");
+    assert_eq!(human(Duration::from_secs(2)), "2 s");
+    assert_eq!(human(Duration::from_millis(1500)), "1.5 s");
+    assert_eq!(human(Duration::from_millis(1999)), "2 s");
+    assert_eq!(human(Duration::from_millis(239_700)), "240 s");
+}
+

@@ -300,13 +300,23 @@ class BatchPage {
   renderUpstreams(list) {
     if (!list) { fill(this.el.upstreams, h('p', { class: 'muted' }, 'Loading…')); return; }
     if (!list.length) { fill(this.el.upstreams, h('p', { class: 'muted' }, 'No upstream serves this batch.')); return; }
-    fill(this.el.upstreams, table('Upstreams serving this batch', ['Upstream', 'In flight', 'Window', 'Limit', 'Paused', 'Last error'],
+    const pause = (u) => {
+      if (!u.paused) return 'no';
+      const why = u.pause_detail || (u.pause_reason ? u.pause_reason.replace('_', ' ') : 'paused');
+      const until = u.paused_until_ms ? ` until ${fmtTime(Math.ceil(u.paused_until_ms / 1000))}` : '';
+      return h('span', { class: 'n-bad' }, `yes: ${why}${until}`);
+    };
+    const opt = (v, f) => (v === undefined || v === null ? '—' : f(v));
+    fill(this.el.upstreams, table('Upstreams serving this batch',
+      ['Upstream', 'Mode', 'In flight', 'Window', 'Limit', 'Paused', 'Rate limited / overloaded (1 min)', 'Last error'],
       list.map((u) => [
         h('strong', {}, u.name),
+        opt(u.mode, String),
         fmtNum(u.in_flight),
         fmtNum(u.window, 1),
         fmtNum(u.limit),
-        u.paused ? h('span', { class: 'n-bad' }, `yes${u.pause_reason ? ` (${u.pause_reason.replace('_', ' ')})` : ''}`) : 'no',
+        pause(u),
+        `${opt(u.rate_limited_last_minute, fmtNum)} / ${opt(u.overloaded_last_minute, fmtNum)}`,
         u.last_error ? h('span', { class: 'small' }, u.last_error) : h('span', { class: 'muted' }, 'none'),
       ])));
   }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: Rust unit, conformance and black-box tests (real binary, real SQLite,
 # the project's mock upstream), then the official openai Python SDK suite against the real
-# server. Installs what it needs (a Python venv with the pinned SDK) by itself.
+# server, then the web console's tests in headless Chromium. Installs what it needs (a Python
+# venv with the pinned SDK; Debian's chromium and playwright-core) by itself.
 #
 # The PostgreSQL and S3 tests run against the local PostgreSQL server (127.0.0.1:5432, trust
 # auth; started when it is down) and a moto S3 server that scripts/s3-server.sh starts for the
@@ -52,3 +53,7 @@ fi
 echo "== openai SDK tests =="
 py="$(scripts/sdk-venv.sh | tail -n1)"
 BATCHD_BIN="$target/debug/batchd" "$py" -m pytest -q tests/sdk
+
+echo "== web console tests (headless Chromium) =="
+scripts/browser-setup.sh
+(cd tests/browser && BATCHD_BIN="$target/debug/batchd" npm test --silent)

@@ -4,8 +4,9 @@
 //!
 //! - [`config`]: layered configuration (defaults < `batchd.toml` < `BATCHD_*` < flags),
 //!   validated once into a ready-to-use [`config::Config`].
-//! - [`api`]: the HTTP front door (`/v1/files`, `/v1/batches`, `/v1/models`, `/healthz`);
-//!   every error leaves through [`error::ApiError`] in OpenAI's envelope.
+//! - [`api`]: the HTTP front door (`/v1/files`, `/v1/batches`, `/v1/models`, `/healthz`, and
+//!   the web console at `/`, its files built in from `console/`); every error leaves through
+//!   [`error::ApiError`] in OpenAI's envelope.
 //! - [`store`]: metadata (files, batches, work units, results) behind the [`store::Store`]
 //!   trait; SQLite is the embedded default.
 //! - [`blob`]: file bytes behind [`object_store`]; a local directory is the embedded default.

@@ -28,7 +28,7 @@ pub const ENDPOINTS: [&str; 8] = [
     "/v1/images/edits",
     "/v1/videos",
 ];
-const MAX_PRIORITY: i64 = 8;
+pub(super) const MAX_PRIORITY: i64 = 8;
 
 pub fn no_such_batch(id: &str) -> ApiError {
     ApiError::not_found(format!("No such Batch object: {id}")).param("id")
@@ -49,7 +49,7 @@ pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     v
 }
 
-fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
+pub(super) fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<String> {
     match body.get(name) {
         None | Some(Value::Null) => Err(ApiError::missing(name)),
         Some(Value::String(s)) => Ok(s.clone()),
@@ -191,11 +191,19 @@ pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(i
 pub struct ListParams {
     limit: Option<String>,
     after: Option<String>,
+    /// Extension (see [`super::filter`]): statuses to keep, separated by commas.
+    status: Option<String>,
+    /// Extension: text to find in the id or a metadata value.
+    search: Option<String>,
 }
 
 pub async fn list(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<ListParams>) -> ApiResult<Json<Value>> {
     let limit = parse_limit(p.limit.as_deref(), 20, 100)?;
-    let page = st.store.list_batches(&tenant, limit, p.after.as_deref()).await.map_err(|e| cursor_error(e, "after"))?;
+    let page = match super::filter::BatchFilter::parse(p.status.as_deref(), p.search.as_deref())? {
+        None => st.store.list_batches(&tenant, limit, p.after.as_deref()).await,
+        Some(f) => super::filter::page(&*st.store, &tenant, &f, limit, p.after.as_deref()).await,
+    };
+    let page = page.map_err(|e| cursor_error(e, "after"))?;
     let mut items = Vec::with_capacity(page.items.len());
     for b in &page.items {
         items.push((b.id.clone(), render(&st, b).await));

@@ -1,6 +1,7 @@
 //! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`),
 //! and the extensions that tell what a batch is doing: progress, event streams, retry,
-//! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`).
+//! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`), validation without a
+//! batch (`validate`), list filters (`filter`); and the web console at `/` (`console`).
 //!
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
@@ -10,9 +11,11 @@
 
 mod auth;
 mod batches;
+mod console;
 mod events;
 mod extract;
 mod files;
+mod filter;
 pub mod layers;
 mod models;
 mod multipart;
@@ -20,6 +23,7 @@ mod progress;
 mod quota;
 mod retry;
 mod usage;
+mod validate;
 
 use std::sync::Arc;
 
@@ -67,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/files/{id}/content", get(files::content))
         .route("/batches", post(batches::create).get(batches::list))
+        .route("/batches/validate", post(validate::validate))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/batches/{id}/requests/{custom_id}", get(batches::request_result))
@@ -81,9 +86,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .nest("/v1", v1)
+        .merge(console::routes())
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
+        .fallback(console::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
         .layer(axum::middleware::from_fn_with_state(state.cfg.http.request_timeout, layers::timeout))

@@ -28,6 +28,9 @@ if [[ -z "${BATCHD_TEST_POSTGRES_URL+set}" ]]; then
     fi
     if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
         export BATCHD_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "ERROR: no PostgreSQL server on 127.0.0.1:5432; CI does not skip the PostgreSQL tests" >&2
+        exit 1
     else
         echo "WARNING: no PostgreSQL server on 127.0.0.1:5432; the PostgreSQL tests will be skipped" >&2
     fi
@@ -36,6 +39,9 @@ if [[ -z "${BATCHD_TEST_S3_URL+set}" ]]; then
     if s3env="$(scripts/s3-server.sh start)"; then
         eval "$s3env"
         trap 'scripts/s3-server.sh stop "$S3_SERVER_PID"' EXIT
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "ERROR: could not start the S3 test server; CI does not skip the S3 tests" >&2
+        exit 1
     else
         echo "WARNING: could not start the S3 test server; the S3 tests will be skipped" >&2
     fi

@@ -28,6 +28,7 @@ pub mod migrate;
 mod model;
 pub mod postgres;
 pub mod sqlite;
+mod tally;
 
 use std::time::Duration;
 

@@ -18,6 +18,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{db_err, ms, PgStore, FINAL, NOW_MS};
+use crate::store::tally::progress_data;
 use crate::store::*;
 
 /// The advisory lock key of the outbox (an arbitrary constant: "batchd" in ASCII).
@@ -65,14 +66,12 @@ pub(super) async fn progress_event(conn: &mut PgConnection, batch_id: &str, now:
     .await
     .map_err(db_err)?;
     let Some(row) = row else { return Ok(()) };
-    let data = serde_json::json!({"request_counts": {
-        "total": super::int(&row, "total"), "completed": super::int(&row, "completed"), "failed": super::int(&row, "failed"),
-    }, "usage": {"total_tokens": super::int(&row, "total_tokens")}});
+    let data = progress_data(super::int(&row, "total"), super::int(&row, "completed"), super::int(&row, "failed"), super::int(&row, "total_tokens"));
     lock_outbox(conn).await?;
     sqlx::query("INSERT INTO events (tenant, batch_id, type, data, created_at) VALUES ($1, $2, 'batch.progress', $3, $4)")
         .bind(row.get::<String, _>("tenant"))
         .bind(batch_id)
-        .bind(data.to_string())
+        .bind(data)
         .bind(now)
         .execute(&mut *conn)
         .await

@@ -13,6 +13,7 @@ use sqlx::Row;
 use super::files::insert_file;
 use super::outbox::{progress_event, status_event};
 use super::{db_err, int, ms, PgStore, FINAL, NOW_MS};
+use crate::store::tally::{usage_values, Tally, USAGE_COLUMNS};
 use crate::store::*;
 
 fn unit_from_row(r: &PgRow) -> WorkUnit {
@@ -386,36 +387,6 @@ impl Work for PgStore {
             .map(|r| StoredResult { line: int(&r, "line") as u64, custom_id: r.get("custom_id"), ok: r.get("ok"), record: r.get("record") })
             .map_err(db_err)
     }
-}
-
-/// Counts of newly inserted results: per batch (ok, failed, usage), per unit, per model.
-#[derive(Default)]
-struct Tally<'a> {
-    batches: HashMap<&'a str, (i64, i64, Usage)>,
-    units: HashMap<(&'a str, i64), i64>,
-    models: HashMap<(&'a str, &'a str), (i64, Usage)>,
-}
-
-impl<'a> Tally<'a> {
-    fn of(inserted: &[&'a ResultRecord]) -> Tally<'a> {
-        let mut t = Tally::default();
-        for r in inserted {
-            let b = t.batches.entry(&r.batch_id).or_default();
-            if r.ok { b.0 += 1 } else { b.1 += 1 }
-            b.2.add(&r.usage);
-            *t.units.entry((&r.batch_id, r.unit_idx)).or_default() += 1;
-            let m = t.models.entry((&r.batch_id, &r.model)).or_default();
-            m.0 += 1;
-            m.1.add(&r.usage);
-        }
-        t
-    }
-}
-
-const USAGE_COLUMNS: [&str; 5] = ["input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "total_tokens"];
-
-fn usage_values(u: &Usage) -> [i64; 5] {
-    [u.input_tokens, u.cached_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens].map(|v| v.max(0))
 }
 
 /// Adds newly inserted results to their batches' counts and usage (saturating), their units'

@@ -39,13 +39,7 @@ pub(super) fn batch_from_row(r: &SqliteRow) -> Result<BatchRecord> {
         total: int(r, "total"),
         completed: int(r, "completed"),
         failed: int(r, "failed"),
-        usage: Usage {
-            input_tokens: int(r, "input_tokens"),
-            cached_tokens: int(r, "cached_tokens"),
-            output_tokens: int(r, "output_tokens"),
-            reasoning_tokens: int(r, "reasoning_tokens"),
-            total_tokens: int(r, "total_tokens"),
-        },
+        usage: usage_columns(r),
         priority: int(r, "priority").max(1),
         input_format: r.get::<Option<String>, _>("input_format").and_then(|s| serde_json::from_value(s.into()).ok()),
         output_expires_after: opt_int(r, "output_expires_after"),
@@ -61,13 +55,18 @@ fn usage_from_row(r: &SqliteRow) -> UsageRow {
         model: r.get("model"),
         hour: int(r, "hour"),
         requests: int(r, "requests"),
-        usage: Usage {
-            input_tokens: int(r, "input_tokens"),
-            cached_tokens: int(r, "cached_tokens"),
-            output_tokens: int(r, "output_tokens"),
-            reasoning_tokens: int(r, "reasoning_tokens"),
-            total_tokens: int(r, "total_tokens"),
-        },
+        usage: usage_columns(r),
+    }
+}
+
+/// The usage columns of a `batches` or `batch_usage` row.
+fn usage_columns(r: &SqliteRow) -> Usage {
+    Usage {
+        input_tokens: int(r, "input_tokens"),
+        cached_tokens: int(r, "cached_tokens"),
+        output_tokens: int(r, "output_tokens"),
+        reasoning_tokens: int(r, "reasoning_tokens"),
+        total_tokens: int(r, "total_tokens"),
     }
 }
 

@@ -10,6 +10,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{db_err, ms, SqliteStore, FINAL, NOW_MS};
+use crate::store::tally::progress_data;
 use crate::store::*;
 
 /// Appends a `batch.status` event describing the batch's row as it now is, inside the
@@ -48,13 +49,11 @@ pub(super) async fn progress_event(conn: &mut SqliteConnection, batch_id: &str, 
     .await
     .map_err(db_err)?;
     let Some(row) = row else { return Ok(()) };
-    let data = serde_json::json!({"request_counts": {
-        "total": super::int(&row, "total"), "completed": super::int(&row, "completed"), "failed": super::int(&row, "failed"),
-    }, "usage": {"total_tokens": super::int(&row, "total_tokens")}});
+    let data = progress_data(super::int(&row, "total"), super::int(&row, "completed"), super::int(&row, "failed"), super::int(&row, "total_tokens"));
     sqlx::query("INSERT INTO events (tenant, batch_id, type, data, created_at) VALUES (?, ?, 'batch.progress', ?, ?)")
         .bind(row.get::<String, _>("tenant"))
         .bind(batch_id)
-        .bind(data.to_string())
+        .bind(data)
         .bind(now)
         .execute(&mut *conn)
         .await

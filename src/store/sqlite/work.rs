@@ -10,6 +10,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use super::files::{insert_file_query, INSERT_FILE_IF_NEW};
 use super::outbox::{progress_event, status_event};
 use super::{db_err, int, key_line, ms, result_key, SqliteStore, FINAL, NOW_MS, ROWS_PER_INSERT};
+use crate::store::tally::{usage_values, Tally, USAGE_COLUMNS};
 use crate::store::*;
 
 fn unit_from_row(r: &SqliteRow) -> WorkUnit {
@@ -51,24 +52,13 @@ fn sat(col: &str) -> String {
 
 /// Releases the leases and claims of `node` (every node's when `None`).
 pub(super) async fn release_node(conn: &mut SqliteConnection, node: Option<&str>) -> Result<()> {
-    sqlx::query("UPDATE units SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner IS NOT NULL AND (? IS NULL OR lease_owner = ?)")
-        .bind(node)
-        .bind(node)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    sqlx::query("UPDATE batches SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL AND (? IS NULL OR claim_owner = ?)")
-        .bind(node)
-        .bind(node)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    sqlx::query("UPDATE webhook_deliveries SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL AND (? IS NULL OR claim_owner = ?)")
-        .bind(node)
-        .bind(node)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+    for sql in [
+        "UPDATE units SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner IS NOT NULL AND (?1 IS NULL OR lease_owner = ?1)",
+        "UPDATE batches SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL AND (?1 IS NULL OR claim_owner = ?1)",
+        "UPDATE webhook_deliveries SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL AND (?1 IS NULL OR claim_owner = ?1)",
+    ] {
+        sqlx::query(sql).bind(node).execute(&mut *conn).await.map_err(db_err)?;
+    }
     Ok(())
 }
 
@@ -412,36 +402,6 @@ fn insert_results<'a>(chunk: &[(i64, &'a ResultRecord)], tail: &str) -> QueryBui
     });
     b.push(" ON CONFLICT DO NOTHING").push(tail);
     b
-}
-
-/// Counts of newly inserted results: per batch (ok, failed, usage), per unit, per model.
-#[derive(Default)]
-struct Tally<'a> {
-    batches: HashMap<&'a str, (i64, i64, Usage)>,
-    units: HashMap<(&'a str, i64), i64>,
-    models: HashMap<(&'a str, &'a str), (i64, Usage)>,
-}
-
-impl<'a> Tally<'a> {
-    fn of(inserted: &[&'a ResultRecord]) -> Tally<'a> {
-        let mut t = Tally::default();
-        for r in inserted {
-            let b = t.batches.entry(&r.batch_id).or_default();
-            if r.ok { b.0 += 1 } else { b.1 += 1 }
-            b.2.add(&r.usage);
-            *t.units.entry((&r.batch_id, r.unit_idx)).or_default() += 1;
-            let m = t.models.entry((&r.batch_id, &r.model)).or_default();
-            m.0 += 1;
-            m.1.add(&r.usage);
-        }
-        t
-    }
-}
-
-const USAGE_COLUMNS: [&str; 5] = ["input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "total_tokens"];
-
-fn usage_values(u: &Usage) -> [i64; 5] {
-    [u.input_tokens, u.cached_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens].map(|v| v.max(0))
 }
 
 /// Adds newly inserted results to their batches' counts and usage (saturating), their units'

@@ -18,7 +18,6 @@ use anyhow::Context;
 
 use crate::blob::{Blob, BlobUrl};
 use crate::config::{Config, Secret};
-use crate::server::DataDirLock;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -139,5 +138,38 @@ mod tests {
         assert!(p("sqlite://").is_err());
         let bad = p("postgres://u:pw@h:notaport/db").unwrap_err();
         assert!(bad.contains("not a valid PostgreSQL URL") && !bad.contains("pw@"), "{bad}");
+    }
+}
+
+/// Opens the embedded store (`batchd.db`) and blob directory (`blobs/`) of a data directory,
+/// holding an exclusive lock on it for the life of the process.
+pub async fn open_data_dir(dir: &Path) -> anyhow::Result<(Arc<dyn Store>, Blob, DataDirLock)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    let lock = DataDirLock::acquire(dir)?;
+    let store = SqliteStore::open(&dir.join("batchd.db")).await.context("opening the SQLite store")?;
+    let blob = Blob::local(&dir.join("blobs")).context("opening the blob directory")?;
+    Ok((Arc::new(store), blob, lock))
+}
+
+/// An exclusive advisory lock on the data directory: two processes never share one.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        Self::acquire_file(&dir.join("batchd.lock")).map_err(|_| anyhow::anyhow!("the data directory {} is in use by another batchd process", dir.display()))
+    }
+
+    /// Locks one lock file (created if missing).
+    pub fn acquire_file(path: &Path) -> anyhow::Result<DataDirLock> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        // SAFETY: flock on a file descriptor we own; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            anyhow::bail!("{} is locked by another batchd process", path.display());
+        }
+        Ok(DataDirLock { _file: file })
     }
 }

@@ -16,7 +16,7 @@ use futures::TryStreamExt;
 
 use crate::backend::DatabaseUrl;
 use crate::blob::{Blob, BlobUrl};
-use crate::server::DataDirLock;
+use crate::backend::DataDirLock;
 use crate::store::migrate;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;

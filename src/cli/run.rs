@@ -108,7 +108,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             t.cancel();
         }
     });
-    let (store, blob, _lock) = crate::server::open_data_dir(&state).await?;
+    let (store, blob, _lock) = crate::backend::open_data_dir(&state).await?;
     let batch = tokio::select! {
         b = open_batch(&*store, &blob, &args) => b?,
         _ = interrupted.cancelled() => {

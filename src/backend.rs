@@ -122,25 +122,6 @@ fn lock_beside(path: &Path) -> anyhow::Result<DataDirLock> {
     DataDirLock::acquire_file(Path::new(&lock))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn database_urls_parse_and_print_without_password() {
-        let p = |s: &str| s.parse::<DatabaseUrl>();
-        assert_eq!(p("sqlite:///var/lib/b.db"), Ok(DatabaseUrl::Sqlite("/var/lib/b.db".into())));
-        let pg = p("postgres://batchd:hunter2@db.internal:5432/batchd").unwrap();
-        assert_eq!(pg.to_string(), "postgres://batchd:<redacted>@db.internal:5432/batchd");
-        assert!(!format!("{pg:?}").contains("hunter2"));
-        assert!(p("postgresql://u@h/db").is_ok());
-        assert!(p("mysql://u@h/db").unwrap_err().contains("neither"));
-        assert!(p("sqlite://").is_err());
-        let bad = p("postgres://u:pw@h:notaport/db").unwrap_err();
-        assert!(bad.contains("not a valid PostgreSQL URL") && !bad.contains("pw@"), "{bad}");
-    }
-}
-
 /// Opens the embedded store (`batchd.db`) and blob directory (`blobs/`) of a data directory,
 /// holding an exclusive lock on it for the life of the process.
 pub async fn open_data_dir(dir: &Path) -> anyhow::Result<(Arc<dyn Store>, Blob, DataDirLock)> {
@@ -171,5 +152,24 @@ impl DataDirLock {
             anyhow::bail!("{} is locked by another batchd process", path.display());
         }
         Ok(DataDirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_parse_and_print_without_password() {
+        let p = |s: &str| s.parse::<DatabaseUrl>();
+        assert_eq!(p("sqlite:///var/lib/b.db"), Ok(DatabaseUrl::Sqlite("/var/lib/b.db".into())));
+        let pg = p("postgres://batchd:hunter2@db.internal:5432/batchd").unwrap();
+        assert_eq!(pg.to_string(), "postgres://batchd:<redacted>@db.internal:5432/batchd");
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        assert!(p("postgresql://u@h/db").is_ok());
+        assert!(p("mysql://u@h/db").unwrap_err().contains("neither"));
+        assert!(p("sqlite://").is_err());
+        let bad = p("postgres://u:pw@h:notaport/db").unwrap_err();
+        assert!(bad.contains("not a valid PostgreSQL URL") && !bad.contains("pw@"), "{bad}");
     }
 }

@@ -4,15 +4,19 @@
 //!
 //! - [`config`]: layered configuration (defaults < `batchd.toml` < `BATCHD_*` < flags),
 //!   validated once into a ready-to-use [`config::Config`].
-//! - [`api`]: the HTTP front door (`/v1/files`, `/v1/batches`, `/v1/models`, `/healthz`, and
-//!   the web console at `/`, its files built in from `console/`); every error leaves through
+//! - [`api`]: the HTTP front door (`/v1/files`, `/v1/batches`, `/v1/models`, `/healthz`, the
+//!   extensions — progress, event streams, retry, usage, quotas, validation — and the web
+//!   console at `/`, its files built in from `console/`); every error leaves through
 //!   [`error::ApiError`] in OpenAI's envelope.
-//! - [`store`]: metadata (files, batches, work units, results) behind the [`store::Store`]
-//!   trait; SQLite is the embedded default.
-//! - [`blob`]: file bytes behind [`object_store`]; a local directory is the embedded default.
-//! - [`engine`]: validator → scheduler (leases work units) → dispatcher (per-upstream limits,
-//!   retries) → result writer (group commit) → finalizer (output and error files).
-//! - [`upstream`]: routing of models to upstream pools, the HTTP client, error classification.
+//! - [`store`]: metadata (files, batches, work units, results, the event outbox, webhook
+//!   deliveries, nodes) behind the [`store::Store`] traits; SQLite is the embedded default,
+//!   PostgreSQL serves many nodes; one conformance suite for both.
+//! - [`blob`]: file bytes behind [`object_store`]: a local directory, or an S3-compatible bucket.
+//! - [`engine`]: supervisor → validator → feeders (leases, deadline-aware shares) → dispatch
+//!   (retries) → result writer (group commit) → finalizer (output and error files); cluster
+//!   heartbeats, webhooks, stalls, the janitor.
+//! - [`upstream`]: routing of models to upstream pools, the HTTP client, and each pool's
+//!   adaptive limits (what it learns from 429s, latency and rate-limit headers).
 //! - [`mock`]: an OpenAI-compatible mock upstream for tests, benchmarks and the quickstart.
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`backend`] picks the store and blob store a node runs on (embedded SQLite and a local

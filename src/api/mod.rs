@@ -6,7 +6,7 @@
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
 //! including malformed JSON or multipart, unknown routes, panics and timeouts. Every body is
-//! bounded before it is read (see [`extract`] and [`multipart`]); every response carries an
+//! bounded before it is read (see `extract` and `multipart`); every response carries an
 //! `x-request-id` ([`layers`]).
 
 mod auth;

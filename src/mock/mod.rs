@@ -11,7 +11,7 @@
 //! It can simulate, randomly (seeded) per request: base and per-token latency,
 //! 500s, 429s with `retry-after` / `retry-after-ms`, and hangs (never
 //! answering until the client gives up), plus an `api_key` check (401).
-//! And the limits real upstreams enforce (see [`limits`]): a concurrency cap
+//! And the limits real upstreams enforce (see `limits`): a concurrency cap
 //! answering 429 (`capacity`), OpenAI's rpm/tpm limiter with its
 //! `x-ratelimit-*` headers, nginx's `limit_req`, `insufficient_quota`
 //! (`quota_exhausted`), and `slots` with a FIFO queue behind them, so latency

@@ -2,18 +2,18 @@
 //!
 //! Same semantics as the embedded [`super::sqlite`] store, checked by the same conformance
 //! suite; what differs is how they are reached with several writers:
-//! - lease, claim, heartbeat and delivery times come from the server's clock ([`NOW_MS`]);
+//! - lease, claim, heartbeat and delivery times come from the server's clock (`NOW_MS`);
 //! - a unit is leased with `FOR UPDATE SKIP LOCKED`, so racing nodes never wait on each
 //!   other and never get the same unit;
 //! - a commit of results locks its batches' rows first (in id order), so it never races a
 //!   transition of the same batch, and inserts its rows with `ON CONFLICT DO NOTHING
 //!   RETURNING`, which tells exactly which lines were new;
 //! - event ids follow commit order: a transaction appending events takes the outbox's
-//!   transaction-scoped advisory lock just before, as its last lock (see [`outbox`]);
+//!   transaction-scoped advisory lock just before, as its last lock (see `outbox`);
 //! - the schema is migrated with `sqlx::migrate!` (`migrations/postgres`) on a dedicated
 //!   connection, under sqlx's advisory lock, so nodes starting together migrate once.
 //!
-//! Errors are mapped once ([`db_err`]): a lost or refused connection, a pool timeout or a
+//! Errors are mapped once (`db_err`): a lost or refused connection, a pool timeout or a
 //! server shutting down is `Unavailable` (the API answers 503, the engine waits), a full disk
 //! (SQLSTATE 53100) is `Full`, a unique violation is `Conflict`, the rest `Other`.
 

@@ -6,8 +6,8 @@
 //! heartbeat times are taken from SQLite's clock (unix milliseconds), like the PostgreSQL
 //! backend takes them from the server's.
 //!
-//! One file per concern: [`files`], [`batches`], [`work`] (transitions, claims, leases,
-//! results), [`outbox`] (events, webhook deliveries, nodes).
+//! One file per concern: `files`, `batches`, `work` (transitions, claims, leases,
+//! results), `outbox` (events, webhook deliveries, nodes).
 
 mod batches;
 mod files;

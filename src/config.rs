@@ -354,6 +354,8 @@ pub struct EngineConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "batchd-data";
 pub const DEFAULT_CONCURRENCY: usize = 64;
+/// The largest input file a batch may have (line numbers stay below 2^32).
+pub const MAX_FILE_BYTES: u64 = u32::MAX as u64;
 /// 32 MB: far above any chat or embeddings answer, far below what would hurt memory.
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
 const MB: u64 = 1_000_000;
@@ -590,6 +592,11 @@ fn resolve_limits(l: &RawLimits) -> Result<Limits, ConfigError> {
     if limits.max_lines == 0 || limits.max_file_bytes == 0 || limits.max_upload_bytes == 0 || limits.max_line_bytes == 0 {
         return Err(ConfigError::Invalid("limits must be positive".into()));
     }
+    // A result's key holds its physical line number in 32 bits, and a file has at most one
+    // line per byte.
+    if limits.max_file_bytes > MAX_FILE_BYTES {
+        return Err(ConfigError::Invalid(format!("limits.max_file_bytes must be at most {MAX_FILE_BYTES} (4 GB)")));
+    }
     Ok(limits)
 }
 
@@ -817,6 +824,8 @@ mod tests {
         )
         .unwrap();
         assert!(missing_env.resolve().unwrap_err().to_string().contains("BATCHD_TEST_SURELY_UNSET"));
+        let huge: RawConfig = toml::from_str("[limits]\nmax_file_bytes = 5000000000").unwrap();
+        assert!(huge.resolve().unwrap_err().to_string().contains("max_file_bytes must be at most"));
         let ca_on_http: RawConfig = toml::from_str("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nca_file='ca.pem'").unwrap();
         assert!(ca_on_http.resolve().unwrap_err().to_string().contains("ca_file is only used with an https://"));
     }

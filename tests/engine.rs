@@ -710,6 +710,28 @@ async fn cancel_can_let_in_flight_lines_finish() {
     assert!(err.iter().all(|l| l["error"]["code"] == "batch_cancelled"));
 }
 
+/// Letting in-flight calls finish does not mean waiting out a long pause: lines waiting for
+/// another attempt (here behind a 30 s Retry-After) end as `batch_cancelled` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_does_not_wait_for_lines_held_by_an_upstream_pause() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", "finish_in_flight_on_cancel = true"));
+    let api = s.api();
+    let lines: Vec<String> = (0..8).map(|i| chat_line(&format!("r{i}"), "m", Some(json!({"status": 429, "retry_after_s": 30})))).collect();
+    let id = api.submit(&lines).await;
+    let mr = &m;
+    eventually("the upstream said slow down", secs(10), || async move { (mr.stats().requests >= 1).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let (_, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(c["status"], "cancelling", "{c}");
+    let b = api.wait_for(&id, &["cancelled"], secs(10)).await;
+    assert!(t0.elapsed() < secs(5), "cancelled in {:?}, not after the 30 s pause", t0.elapsed());
+    let (out, err) = final_results(&api, &b, 8).await;
+    assert!(out.is_empty());
+    assert!(err.iter().all(|l| l["error"]["code"] == "batch_cancelled"), "{err:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_window_recovers_after_429s() {
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{count, Inner};
@@ -42,8 +43,10 @@ pub struct Prepared {
     pub est_tokens: u64,
 }
 
-/// Runs every attempt of one line, starting with a slot already taken on `pool`.
-pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<Pool>, mut target: Arc<str>, mut permit: Permit) -> ResultRecord {
+/// Runs every attempt of one line, starting with a slot already taken on `pool`; `None` when
+/// the batch is cancelled while the line waits for another attempt (the line then ends as
+/// `batch_cancelled`; a call on the wire is never cut here).
+pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<Pool>, mut target: Arc<str>, mut permit: Permit, cancelled: &CancellationToken) -> Option<ResultRecord> {
     let max_attempts = pool.cfg.max_attempts;
     let mut attempt = 1;
     loop {
@@ -59,19 +62,23 @@ pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<
         // the next try.
         let burns = signal.burns_attempt();
         if !outcome.is_retryable() || (burns && attempt >= max_attempts) {
-            return record(p, &pool, outcome, inner);
+            return Some(record(p, &pool, outcome, inner));
         }
         let wait = if burns { backoff(attempt, outcome.retry_after()) } else { slow_down_jitter() };
         tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, ?signal, wait_ms = wait.as_millis() as u64, "retrying");
         count(&inner.stats.retries_total, 1);
         inner.live.metrics.retry(&pool.cfg.name);
-        {
+        let again = async {
             let _waiting = Waiting::new(&inner.stats.retries_waiting);
             let _retrying = inner.book.retrying(&p.batch_id);
             tokio::time::sleep(wait).await;
             inner.health.writable().await;
-        }
-        (pool, target, permit) = route.acquire(p.est_tokens, Some(&pool.cfg.name)).await;
+            route.acquire(p.est_tokens, Some(&pool.cfg.name)).await
+        };
+        (pool, target, permit) = tokio::select! {
+            got = again => got,
+            _ = cancelled.cancelled() => return None,
+        };
         if burns {
             attempt += 1;
         }

@@ -165,9 +165,12 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
         let ctx2 = ctx.clone();
         let span = tracing::debug_span!("line", line = w.p.line);
         let task = async move {
-            let run = dispatch::run_line(&ctx2.inner, &w.p, &w.route, pool, target, permit);
+            let run = dispatch::run_line(&ctx2.inner, &w.p, &w.route, pool, target, permit, &ctx2.h.cancelled);
             let rec = tokio::select! {
-                r = run => r,
+                r = run => match r {
+                    Some(r) => r,
+                    None => return,
+                },
                 _ = ctx2.h.abort.cancelled() => return,
             };
             w.owned.hand_to_writer();

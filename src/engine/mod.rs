@@ -87,6 +87,21 @@ struct Active {
     stop: CancellationToken,
     /// Aborts in-flight calls.
     abort: CancellationToken,
+    /// The batch was cancelled: lines waiting for a retry or an upstream's pause give up
+    /// (they end as `batch_cancelled`), even when in-flight calls may finish.
+    cancelled: CancellationToken,
+}
+
+impl Active {
+    /// A user's cancel: stop feeding, drop lines waiting on retries, and abort the calls on
+    /// the wire unless they may finish.
+    fn cancel(&self, finish_in_flight: bool) {
+        self.cancelled.cancel();
+        self.stop.cancel();
+        if !finish_in_flight {
+            self.abort.cancel();
+        }
+    }
 }
 
 /// The units this node holds a lease on, each with the token that stops its feeder.
@@ -198,10 +213,7 @@ impl Engine {
     /// Signals a batch that the API just moved to `cancelling`.
     pub fn cancel(&self, batch_id: &str) {
         if let Some(a) = self.inner.active.lock().unwrap().get(batch_id) {
-            a.stop.cancel();
-            if !self.inner.cfg.finish_in_flight_on_cancel {
-                a.abort.cancel();
-            }
+            a.cancel(self.inner.cfg.finish_in_flight_on_cancel);
         }
         self.wake();
     }

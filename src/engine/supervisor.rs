@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::error::Error;
@@ -43,15 +44,12 @@ pub async fn supervise(inner: Arc<Inner>) {
 fn start_batch(inner: &Arc<Inner>, id: String, status: BatchStatus) {
     let mut active = inner.active.lock().unwrap();
     if let Some(a) = active.get(&id) {
-        if status == BatchStatus::Cancelling && !a.stop.is_cancelled() {
-            a.stop.cancel();
-            if !inner.cfg.finish_in_flight_on_cancel {
-                a.abort.cancel();
-            }
+        if status == BatchStatus::Cancelling && !a.cancelled.is_cancelled() {
+            a.cancel(inner.cfg.finish_in_flight_on_cancel);
         }
         return;
     }
-    let handles = Active { stop: inner.soft_stop.child_token(), abort: inner.hard_stop.child_token() };
+    let handles = Active { stop: inner.soft_stop.child_token(), abort: inner.hard_stop.child_token(), cancelled: CancellationToken::new() };
     active.insert(id.clone(), handles.clone());
     let inner2 = inner.clone();
     let span = tracing::info_span!("batch", id = %id, tenant = tracing::field::Empty);

@@ -156,18 +156,51 @@ pub struct Stats {
     /// Answers sent compressed (the client asked with `Accept-Encoding`).
     #[serde(default)]
     pub compressed_answers: u64,
-    /// Times each client-supplied `x-request-id` was seen (only with `?ids=1`).
+    /// Times each client-supplied `x-request-id` was seen (only with `?ids=1`, and only while
+    /// the mock has seen at most 100,000 distinct ids since its last reset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id_counts: Option<BTreeMap<String, u64>>,
 }
 
 const STATUS_SLOTS: usize = 600;
 
+/// Distinct request ids whose text is kept for `?ids=1`; beyond it only their counts are (a
+/// million-line benchmark would otherwise hold a million strings and slow the mock down).
+const NAMES_KEPT: usize = 100_000;
+
 #[derive(Default)]
 struct Tracker {
-    ids: HashMap<String, u64>,
+    /// Times each client-supplied `x-request-id` was seen, by a 64-bit hash of it (a
+    /// collision among a million ids has a chance of about 1 in 30 million).
+    ids: HashMap<u64, u64>,
+    /// The ids' text, while there are at most [`NAMES_KEPT`]; `None` once there were more.
+    names: Option<HashMap<u64, String>>,
+    duplicates: u64,
     body_attempts: HashMap<u64, u64>,
     arrivals: Vec<Instant>,
+}
+
+impl Tracker {
+    fn new() -> Tracker {
+        Tracker { names: Some(HashMap::new()), ..Tracker::default() }
+    }
+
+    /// Counts one arrival of `rid`; returns how often it has been seen.
+    fn count(&mut self, rid: &str) -> u64 {
+        let key = xxhash_rust::xxh3::xxh3_64(rid.as_bytes());
+        let n = self.ids.entry(key).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            self.duplicates += 1;
+        } else if let Some(names) = &mut self.names {
+            if names.len() < NAMES_KEPT {
+                names.insert(key, rid.to_owned());
+            } else {
+                self.names = None;
+            }
+        }
+        *n
+    }
 }
 
 /// State shared by all handlers.
@@ -236,7 +269,7 @@ impl Shared {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            tracker: Mutex::new(Tracker::default()),
+            tracker: Mutex::new(Tracker::new()),
             limits: super::limits::Limits::new(&Behaviour::from_args(args)),
             queued: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
@@ -276,13 +309,7 @@ impl Shared {
         self.requests.fetch_add(1, Relaxed);
         let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
         t.arrivals.push(Instant::now());
-        let Some(rid) = rid else { return 0 };
-        if let Some(n) = t.ids.get_mut(rid) {
-            *n += 1;
-            return *n;
-        }
-        t.ids.insert(rid.to_owned(), 1);
-        1
+        rid.map_or(0, |rid| t.count(rid))
     }
 
     /// Counts attempts of an identical body (used when no x-request-id is sent).
@@ -310,7 +337,7 @@ impl Shared {
 
     pub fn reset(&self) {
         let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-        *t = Tracker::default();
+        *t = Tracker::new();
         for c in [&self.requests, &self.hangs, &self.prompt_tokens, &self.completion_tokens, &self.compressed] {
             c.store(0, Relaxed);
         }
@@ -320,7 +347,6 @@ impl Shared {
 
     pub fn stats(&self, window: Duration, with_ids: bool) -> Stats {
         let t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-        let seen: u64 = t.ids.values().sum();
         Stats {
             requests: self.requests.load(Relaxed),
             by_status: self.status_map(),
@@ -328,13 +354,13 @@ impl Shared {
             in_flight: self.in_flight.load(Relaxed),
             peak_in_flight: self.peak.load(Relaxed),
             unique_request_ids: t.ids.len() as u64,
-            duplicate_request_ids: seen - t.ids.len() as u64,
+            duplicate_request_ids: t.duplicates,
             prompt_tokens: self.prompt_tokens.load(Relaxed),
             completion_tokens: self.completion_tokens.load(Relaxed),
             max_in_window: max_in_window(&t.arrivals, window),
             queued: self.queued.load(Relaxed),
             compressed_answers: self.compressed.load(Relaxed),
-            request_id_counts: with_ids.then(|| t.ids.iter().map(|(k, v)| (k.clone(), *v)).collect()),
+            request_id_counts: with_ids.then_some(()).and(t.names.as_ref()).map(|names| names.iter().map(|(k, name)| (name.clone(), t.ids[k])).collect()),
         }
     }
 
@@ -359,6 +385,20 @@ fn max_in_window(arrivals: &[Instant], window: Duration) -> u64 {
 #[cfg(test)]
 mod window_tests {
     use super::*;
+
+    #[test]
+    fn ids_are_counted_exactly_and_their_text_kept_up_to_a_bound() {
+        let mut t = Tracker::new();
+        assert_eq!((t.count("a"), t.count("b"), t.count("a")), (1, 1, 2));
+        assert_eq!((t.ids.len(), t.duplicates), (2, 1));
+        assert_eq!(t.names.as_ref().map(|n| n.len()), Some(2));
+        for i in 0..NAMES_KEPT {
+            t.count(&format!("id-{i}"));
+        }
+        assert!(t.names.is_none(), "past the bound no text is kept");
+        assert_eq!(t.count("a"), 3, "counts stay exact");
+        assert_eq!((t.ids.len(), t.duplicates), (NAMES_KEPT + 2, 2));
+    }
 
     #[test]
     fn sliding_window_counts_densest_span() {

@@ -352,3 +352,21 @@ async fn restart_after_kill9_mid_batch_sends_its_next_request_within_2_s() {
     assert_exactly_once(&out, &err, N);
     assert_eq!(m.stats().unique_request_ids, N as u64);
 }
+
+/// The node row a killed process leaves must not count as a live node at restart: an embedded
+/// server owns its store, so it takes an upstream's whole limit at once, not half of it until
+/// the dead row's heartbeat lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill9_an_embedded_server_takes_the_whole_upstream_limit_at_once() {
+    let m = mock(MockArgs::default()).await;
+    let mut s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
+    let limit = |url: String| async move {
+        let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix("batchd_upstream_limit{upstream=\"mock\"} ").map(|v| v.trim().parse::<f64>().unwrap()))
+    };
+    assert_eq!(limit(s.url.clone()).await, Some(8.0));
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a heartbeat or two: the node row exists
+    s.kill9();
+    s.spawn();
+    assert_eq!(limit(s.url.clone()).await, Some(8.0), "the dead predecessor is not a live node");
+}

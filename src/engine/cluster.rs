@@ -26,11 +26,20 @@ const BEAT: Duration = Duration::from_secs(1);
 /// Joins the cluster before this node leases anything: the first heartbeat tells the live
 /// nodes and this node's share of upstream limits. When other nodes run, it waits until they
 /// have seen it too (their next beat) and looks again, so that for no moment do the shares
-/// add up to more than an upstream's limit.
-pub async fn join(inner: &Inner) {
+/// add up to more than an upstream's limit. A store this process owns (`exclusive`) has no
+/// other live node: the rows of a crashed predecessor are removed at once, or it would keep
+/// half of every limit until their heartbeat lapsed.
+pub async fn join(inner: &Inner, exclusive: bool) {
     let ttl = inner.cfg.engine.lease_ttl;
-    beat(inner, ttl).await;
-    if inner.live_nodes.load(Ordering::Relaxed) > 1 {
+    let nodes = beat(inner, ttl).await;
+    if exclusive {
+        for n in nodes.iter().filter(|n| n.id != inner.node) {
+            if let Err(e) = inner.store.leave(&n.id).await {
+                tracing::warn!(node = %n.id, error = %e, "could not remove a previous process's node row");
+            }
+        }
+        beat(inner, ttl).await;
+    } else if inner.live_nodes.load(Ordering::Relaxed) > 1 {
         tokio::time::sleep(BEAT + BEAT / 4).await;
         beat(inner, ttl).await;
     }
@@ -72,7 +81,7 @@ pub async fn heartbeat(inner: Arc<Inner>) {
 
 /// Publishes this node's live state and learns how many nodes are alive (and this node's
 /// place among them), re-dividing cluster-wide upstream limits when that changes.
-pub async fn beat(inner: &Inner, ttl: Duration) {
+pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
     let batches: serde_json::Map<String, serde_json::Value> =
         inner.book.all_counts().into_iter().map(|(id, c)| (id.to_string(), json!({"in_flight": c.in_flight, "retrying": c.retrying}))).collect();
     let info = json!({"batches": batches, "store_writable": inner.health.is_writable()}).to_string();
@@ -81,7 +90,7 @@ pub async fn beat(inner: &Inner, ttl: Duration) {
             let n = nodes.len().max(1);
             // Nodes come oldest first, the same order on every node: the rank splits limits.
             let rank = nodes.iter().position(|x| x.id == inner.node).unwrap_or(0);
-            inner.live.set_nodes(nodes);
+            inner.live.set_nodes(nodes.clone());
             let before = inner.live_nodes.swap(n, Ordering::Relaxed);
             let rank_before = inner.rank.swap(rank, Ordering::Relaxed);
             if before != n || rank_before != rank {
@@ -90,8 +99,12 @@ pub async fn beat(inner: &Inner, ttl: Duration) {
                     p.limiter.set_share(n, rank);
                 }
             }
+            nodes
         }
-        Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+        Err(e) => {
+            tracing::debug!(error = %e, "heartbeat failed");
+            Vec::new()
+        }
     }
 }
 

@@ -195,7 +195,7 @@ impl Engine {
             // its freshly written file taken for debris.
             janitor::sweep_debris(&inner, Duration::ZERO).await;
         }
-        cluster::join(&inner).await;
+        cluster::join(&inner, exclusive).await;
         inner.tasks.spawn(supervisor::supervise(inner.clone()));
         inner.tasks.spawn(cluster::heartbeat(inner.clone()));
         inner.tasks.spawn(scheduler::run(inner.clone()));

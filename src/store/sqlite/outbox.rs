@@ -171,6 +171,17 @@ impl Outbox for SqliteStore {
     }
 
     async fn due_deliveries(&self, node: &str, limit: u32, lease: Duration) -> Result<Vec<Delivery>> {
+        // A read first: the deliverer asks often, and nothing due must cost no write.
+        let due: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_ms <= {NOW_MS}
+               AND (claim_owner IS NULL OR claim_expires <= {NOW_MS}) LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.write_tx().await.map_err(db_err)?;
         let claimed: Vec<(i64, i64)> = sqlx::query_as(&format!(
             "UPDATE webhook_deliveries SET claim_owner = ?, claim_expires = {NOW_MS} + ?

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::book::LineGuard;
 use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
 use super::lines::{LineSplitter, ParsedLine};
-use super::book::LineGuard;
 use super::{Active, Inner};
 use crate::store::{InputFormat, WorkUnit};
 use crate::upstream::Route;

@@ -4,11 +4,16 @@
 //! never ends before shutdown. A batch's step that fails is handled by its [`Error`] kind:
 //! `Unavailable` waits (the store is down or full; the batch is fine), `Retry` is tried
 //! again a few times with growing pauses, `Permanent` fails that batch with a clear message.
-//! Either way the other batches go on. Each step runs with fresh cancellation handles.
+//! A step that panics counts as `Retry`. Either way the other batches go on. Each step runs
+//! with fresh cancellation handles.
 
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -54,7 +59,7 @@ fn start_batch(inner: &Arc<Inner>, id: String, status: BatchStatus) {
     let inner2 = inner.clone();
     let span = tracing::info_span!("batch", id = %id, tenant = tracing::field::Empty);
     inner.tasks.spawn(async move {
-        match runner::handle_batch(&inner2, &id, &handles).instrument(span).await {
+        match contained(runner::handle_batch(&inner2, &id, &handles)).instrument(span).await {
             Ok(()) => {
                 inner2.failures.lock().unwrap().remove(&id);
             }
@@ -63,6 +68,23 @@ fn start_batch(inner: &Arc<Inner>, id: String, status: BatchStatus) {
         inner2.active.lock().unwrap().remove(&id);
         inner2.progress.forget(&id);
     });
+}
+
+/// Runs one step, turning a panic into a `Retry` error: a bug met by one batch's step must
+/// neither leave that batch marked active (never run again until a restart) nor go unseen.
+async fn contained(step: impl Future<Output = Result<(), Error>>) -> Result<(), Error> {
+    match AssertUnwindSafe(step).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => Err(Error::Retry(format!("the step panicked: {}", panic_message(panic.as_ref())))),
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "(no message)",
+    }
 }
 
 /// Handles a failed step: fails the batch when the error is permanent or the retries are
@@ -78,27 +100,33 @@ async fn on_failure(inner: &Arc<Inner>, id: &str, err: Error) {
         *n += 1;
         *n
     };
-    let give_up = match &err {
-        Error::Unavailable(m) => {
-            tracing::warn!(batch = id, error = %m, "the store is unavailable; the batch waits");
-            false
-        }
-        Error::Retry(m) => {
-            tracing::warn!(batch = id, error = %m, attempt = failures, "a batch step failed; retrying");
-            failures >= MAX_RETRIES
-        }
-        Error::Permanent { .. } => true,
-    };
-    if give_up {
+    match &err {
+        Error::Unavailable(m) => tracing::warn!(batch = id, error = %m, "the store is unavailable; the batch waits"),
+        Error::Retry(m) => tracing::warn!(batch = id, error = %m, attempt = failures, "a batch step failed; retrying"),
+        Error::Permanent { .. } => {}
+    }
+    if gives_up(&err, failures) {
         fail(inner, id, &err).await;
         inner.failures.lock().unwrap().remove(id);
         return;
     }
-    let pause = PAUSE_BASE.saturating_mul(1 << failures.min(8)).min(PAUSE_CAP);
     tokio::select! {
-        _ = tokio::time::sleep(pause) => {}
+        _ = tokio::time::sleep(pause_after(failures)) => {}
         _ = inner.soft_stop.cancelled() => {}
     }
+}
+
+/// Whether the `failures`-th consecutive failure of a batch's steps ends the batch.
+fn gives_up(err: &Error, failures: u32) -> bool {
+    match err {
+        Error::Unavailable(_) => false,
+        Error::Retry(_) => failures >= MAX_RETRIES,
+        Error::Permanent { .. } => true,
+    }
+}
+
+fn pause_after(failures: u32) -> Duration {
+    PAUSE_BASE.saturating_mul(1 << failures.min(8)).min(PAUSE_CAP)
 }
 
 /// Fails a batch the engine cannot go on with, keeping the reason in `errors`.
@@ -113,5 +141,44 @@ async fn fail(inner: &Inner, id: &str, err: &Error) {
         Ok(true) => super::count(&inner.stats.batches_failed, 1),
         Ok(false) => {}
         Err(e) => tracing::error!(batch = id, error = %e, "could not mark the batch failed; it will be tried again"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_step_is_a_retry_error_and_the_task_goes_on() {
+        let step = async {
+            let v: Vec<u8> = Vec::new();
+            let _ = v[3];
+            Ok(())
+        };
+        match contained(step).await {
+            Err(Error::Retry(m)) => assert!(m.contains("panicked") && m.contains("index out of bounds"), "{m}"),
+            other => panic!("expected a Retry error, got {other:?}"),
+        }
+        let formatted = contained(async { panic!("bad {}", 7) }).await;
+        assert!(matches!(&formatted, Err(Error::Retry(m)) if m.ends_with("bad 7")), "{formatted:?}");
+        assert!(contained(async { Ok(()) }).await.is_ok());
+    }
+
+    #[test]
+    fn retry_gives_up_after_a_few_unavailable_never_permanent_at_once() {
+        let retry = Error::Retry("x".into());
+        assert!((1..MAX_RETRIES).all(|n| !gives_up(&retry, n)));
+        assert!(gives_up(&retry, MAX_RETRIES));
+        assert!(!gives_up(&Error::Unavailable("disk full".into()), 10_000));
+        assert!(gives_up(&Error::permanent("input_unavailable", "gone"), 1));
+    }
+
+    #[test]
+    fn pauses_grow_and_are_capped() {
+        let pauses: Vec<Duration> = (1..=12).map(pause_after).collect();
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(pauses[0], Duration::from_secs(1));
+        assert_eq!(*pauses.last().unwrap(), PAUSE_CAP);
+        assert_eq!(pause_after(u32::MAX), PAUSE_CAP);
     }
 }

@@ -4,6 +4,7 @@
 //! skipped, with a message, when `BATCHD_TEST_POSTGRES_URL` is unset.
 //!
 //! - any node serves any call; work is shared; a cancel through one node stops all of them;
+//!   every node's Batch object shows the cluster's rate and deadline risk;
 //! - a node killed with SIGKILL loses its leases at `lease_ttl` and the others finish its
 //!   units; a node stopped with SIGTERM hands them back at once; every line ends up exactly
 //!   once, and only calls without a durable result at the kill are repeated;
@@ -135,6 +136,16 @@ async fn three_nodes_share_work_survive_kill9_and_sigterm() {
     let id = apis[0].create_batch(&file, json!({})).await["id"].as_str().unwrap().to_string();
     let seen = wait_done(&apis[2], &id, 600).await;
     assert_eq!(seen["status"], "in_progress", "the batch finished too early to test anything");
+    // Every node's Batch object tells the cluster's rate, not the third of it that node makes.
+    let (before, t0) = (done(&apis[0].batch(&id).await), Instant::now());
+    tokio::time::sleep(secs(1)).await;
+    let rate = (done(&apis[0].batch(&id).await) - before) as f64 / t0.elapsed().as_secs_f64();
+    for (i, api) in apis.iter().enumerate() {
+        let p = &api.batch(&id).await["progress"];
+        let rps = p["requests_per_second"].as_f64().unwrap_or(0.0);
+        assert!(rps > 0.5 * rate, "node {} says {rps} lines/s where the cluster makes {rate:.0}: {p}", i + 1);
+        assert_eq!(p["at_risk"], false, "node {}: a 24 h batch of seconds is not at risk: {p}", i + 1);
+    }
     nodes[0].kill9();
     let sent = m.stats().unique_request_ids;
     let durable = done(&apis[1].batch(&id).await);

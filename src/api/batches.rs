@@ -37,7 +37,7 @@ pub fn no_such_batch(id: &str) -> ApiError {
 pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
         BatchStatus::InProgress | BatchStatus::Finalizing | BatchStatus::Cancelling => {
-            let p = st.engine.progress(b);
+            let p = if st.engine.has_peers() { super::progress::cluster_progress(st, b).await } else { st.engine.progress(b) };
             let mut v = serde_json::to_value(p).ok().filter(Value::is_object).unwrap_or_else(|| Value::Object(Map::new()));
             v["upstreams"] = serde_json::to_value(st.engine.upstreams(b.model.as_deref())).unwrap_or_default();
             Some(v)

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use super::batches::no_such_batch;
 use super::files::not_found_as;
 use super::{AppState, Tenant};
-use crate::engine::rates::{self, batch_rates, stalled_since};
+use crate::engine::rates::{self, batch_rates, stalled_since, Rates};
+use crate::engine::Progress;
 use crate::engine::LineCounts;
 use crate::error::ApiResult;
 use crate::store::{BatchRecord, EventFilter};
@@ -28,23 +29,11 @@ pub async fn progress(State(st): State<AppState>, Tenant(tenant): Tenant, Path(i
 /// The progress object (see PLAN.md for its shape).
 pub fn render(st: &AppState, b: &BatchRecord, events: &[crate::store::Event]) -> Value {
     let now = crate::now_unix_f64();
-    let r = st.engine.refine(&b.id, batch_rates(b, events, now));
+    let e = estimate(st, b, events, now);
     let live = if b.status.is_final() { LineCounts::default() } else { st.engine.live_counts(&b.id) };
-    let done = b.completed.saturating_add(b.failed);
-    let remaining = (b.total - done).max(0);
+    let remaining = (b.total - b.completed.saturating_add(b.failed)).max(0);
     let (retrying, in_flight) = ((live.retrying as i64).min(remaining), (live.in_flight as i64).min(remaining));
-    let stall_after = st.cfg.stall_after.as_secs_f64();
-    let stalled = stalled_since(b, &r, now, stall_after)
-        .map(|since| json!({"since": since as i64, "reason": st.engine.stall_reason(b, live, now - since)}));
-    // No ETA while stalled: the last minute's rate no longer tells when it ends.
-    let moving = r.requests_per_second > 0.0 && !b.status.is_final() && stalled.is_none();
-    let eta = moving.then(|| (remaining as f64 / r.requests_per_second).ceil() as i64);
-    let projected = eta.map(|e| now as i64 + e);
-    // At risk: at the current rate it ends after it expires, or it is stalled within ten
-    // stall periods of its expiry.
-    let at_risk = !b.status.is_final()
-        && remaining > 0
-        && b.expires_at.is_some_and(|exp| projected.is_some_and(|p| p > exp) || (stalled.is_some() && (exp as f64 - now) < 10.0 * stall_after));
+    let stalled = e.stalled_since.map(|since| json!({"since": since as i64, "reason": st.engine.stall_reason(b, live, now - since)}));
     json!({
         "object": "batch.progress",
         "id": b.id,
@@ -57,15 +46,49 @@ pub fn render(st: &AppState, b: &BatchRecord, events: &[crate::store::Event]) ->
             "in_flight": in_flight,
             "pending": (remaining - retrying - in_flight).max(0),
         },
-        "requests_per_second": r.requests_per_second,
-        "tokens_per_second": r.tokens_per_second,
-        "eta_seconds": eta,
-        "seconds_since_last_result": r.last_result_at.map(|t| rates::round1((now - t).max(0.0))),
-        "at_risk": at_risk,
-        "projected_finish_at": projected,
+        "requests_per_second": e.rates.requests_per_second,
+        "tokens_per_second": e.rates.tokens_per_second,
+        "eta_seconds": e.progress.eta_seconds,
+        "seconds_since_last_result": e.rates.last_result_at.map(|t| rates::round1((now - t).max(0.0))),
+        "at_risk": e.progress.at_risk,
+        "projected_finish_at": e.progress.projected_finish_at,
         "upstreams": upstream_states(&st.router, b.model.as_deref()),
         "stalled": stalled,
     })
+}
+
+/// The Batch object's `progress` extension as the whole cluster makes it: from the outbox,
+/// the same figures `/progress` gives on any node (used when other nodes are live; alone, a
+/// node's own record of its commits says the same at no cost).
+pub async fn cluster_progress(st: &AppState, b: &BatchRecord) -> Option<Progress> {
+    let filter = EventFilter { tenant: Some(b.tenant.clone()), batch_id: Some(b.id.clone()) };
+    let events = st.store.latest_events(&filter, Some("batch.progress"), rates::EVENTS_PER_WINDOW).await.ok()?;
+    Some(estimate(st, b, &events, crate::now_unix_f64()).progress)
+}
+
+/// What the last minute's progress events tell about a batch at `now`.
+struct Estimate {
+    rates: Rates,
+    stalled_since: Option<f64>,
+    progress: Progress,
+}
+
+fn estimate(st: &AppState, b: &BatchRecord, events: &[crate::store::Event], now: f64) -> Estimate {
+    let r = st.engine.refine(&b.id, batch_rates(b, events, now));
+    let remaining = (b.total - b.completed.saturating_add(b.failed)).max(0);
+    let stall_after = st.cfg.stall_after.as_secs_f64();
+    let stalled_since = stalled_since(b, &r, now, stall_after);
+    // No ETA while stalled: the last minute's rate no longer tells when it ends.
+    let moving = r.requests_per_second > 0.0 && !b.status.is_final() && stalled_since.is_none();
+    let eta = moving.then(|| (remaining as f64 / r.requests_per_second).ceil() as u64);
+    let projected = eta.map(|e| now as i64 + e as i64);
+    // At risk: at the current rate it ends after it expires, or it is stalled within ten
+    // stall periods of its expiry.
+    let at_risk = !b.status.is_final()
+        && remaining > 0
+        && b.expires_at.is_some_and(|exp| projected.is_some_and(|p| p > exp) || (stalled_since.is_some() && (exp as f64 - now) < 10.0 * stall_after));
+    let progress = Progress { requests_per_second: r.requests_per_second, eta_seconds: eta, projected_finish_at: projected, at_risk };
+    Estimate { rates: r, stalled_since, progress }
 }
 
 /// The upstreams serving `model` (every upstream when the batch mixes models), as their

@@ -117,6 +117,11 @@ impl Engine {
         self.store_writable() && self.others().iter().all(|p| p.store_writable)
     }
 
+    /// Whether other nodes are live: a batch's rates are then the cluster's, not this node's.
+    pub fn has_peers(&self) -> bool {
+        self.inner.live.nodes.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n.id != self.inner.node)
+    }
+
     fn others(&self) -> Vec<Published> {
         let nodes = self.inner.live.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.iter().filter(|n| n.id != self.inner.node).map(|n| serde_json::from_str(&n.info).unwrap_or_default()).collect()

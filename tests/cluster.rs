@@ -6,7 +6,7 @@
 //! - any node serves any call; work is shared; a cancel through one node stops all of them;
 //!   every node's Batch object shows the cluster's rate and deadline risk;
 //! - a node killed with SIGKILL loses its leases at `lease_ttl` and the others finish its
-//!   units; a node stopped with SIGTERM hands them back at once; every line ends up exactly
+//!   units; a node stopped with SIGTERM hands them back at once (asserted in the database); every line ends up exactly
 //!   once, and only calls without a durable result at the kill are repeated;
 //! - the database connection cut mid-batch (a proxy in front of PostgreSQL, broken and
 //!   restored): calls answer 503, upstream calls pause, the batch completes exactly once;
@@ -86,6 +86,11 @@ async fn node_requests(s: &Server) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// The nodes whose heartbeat has not lapsed, by the database's clock.
+async fn live_nodes(db: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT id FROM nodes WHERE expires_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint ORDER BY id").fetch_all(db).await.unwrap()
+}
+
 async fn wait_done(api: &Api, id: &str, at_least: u64) -> Value {
     eventually(&format!("{at_least} lines of {id} done"), secs(60), || {
         let (api, id) = (api.clone(), id.to_string());
@@ -151,11 +156,27 @@ async fn three_nodes_share_work_survive_kill9_and_sigterm() {
     let durable = done(&apis[1].batch(&id).await);
     let bound = sent - durable;
     println!("kill -9 of node 1: {sent} lines sent, {durable} durable");
-    let seen = wait_done(&apis[2], &id, durable + 600).await;
-    assert_eq!(seen["status"], "in_progress", "the batch finished before the SIGTERM");
+    wait_done(&apis[2], &id, durable + 600).await;
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    eventually("the killed node's heartbeat lapses", secs(10), || {
+        let db = db.clone();
+        async move { (live_nodes(&db).await.len() == 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(apis[2].batch(&id).await["status"], "in_progress", "the batch finished before the SIGTERM");
     let t0 = Instant::now();
     assert!(nodes[1].sigterm(), "SIGTERM ends a node with status 0");
     println!("SIGTERM of node 2 took {:?}", t0.elapsed());
+    // It handed its leases back as it left, not at their expiry: only the last node holds any.
+    let live = live_nodes(&db).await;
+    assert_eq!(live.len(), 1, "the stopped node left the nodes table at once: {live:?}");
+    let held: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT lease_owner FROM units WHERE lease_owner IS NOT NULL AND lease_expires > (extract(epoch from clock_timestamp()) * 1000)::bigint",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(held.iter().all(|(owner,)| *owner == live[0]), "leases still held by a node that left: {held:?} (live: {live:?})");
 
     let b = apis[2].wait_for(&id, &["completed", "failed", "expired", "cancelled"], secs(60)).await;
     assert_eq!(b["status"], "completed", "{b}");

@@ -12,7 +12,8 @@
 //!   repeated;
 //! - the database connection cut mid-batch (a proxy in front of PostgreSQL, broken and
 //!   restored): calls answer 503, upstream calls pause, the batch completes exactly once;
-//! - `batchd migrate` moves an embedded install, running batch included.
+//! - `batchd migrate` moves an embedded install, running batch included;
+//! - the backends chosen by environment or by the config file, with no data directory.
 
 mod common;
 
@@ -237,6 +238,45 @@ async fn priorities_and_fair_share_hold_across_nodes() {
     for id in [&low, &high] {
         let (st, c) = apis[0].post(&format!("/batches/{id}/cancel"), &json!({})).await;
         assert_eq!(st, 200, "{c}");
+    }
+}
+
+/// A node whose backends come from the environment or its config file, started in `cwd`
+/// with no `--data-dir`.
+fn node_without_data_dir(cwd: &std::path::Path, name: &str, config: &str, env: &[(String, String)]) -> (std::process::Child, String) {
+    let cfg = cwd.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    let log = std::fs::File::create(cwd.join("batchd.log")).unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&cfg).current_dir(cwd);
+    cmd.env_remove("BATCHD_DATA_DIR").envs(env.iter().map(|(k, v)| (k, v))).stdout(std::process::Stdio::piped()).stderr(log);
+    let mut child = cmd.spawn().unwrap();
+    let url = read_listen_line(&mut child, "batchd listening on ", cwd);
+    (child, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_from_the_environment_or_the_config_file_need_no_data_dir() {
+    let Some(shared) = Shared::new("backends_from_the_environment_or_the_config_file_need_no_data_dir").await else { return };
+    let m = mock(MockArgs::default()).await;
+    let cwd = tempfile::tempdir().unwrap();
+    let base = cluster_config(&m.base_url(), 4);
+    let mut env = shared.env();
+    env.extend([("BATCHD_DATABASE_URL".to_string(), shared.db.url.clone()), ("BATCHD_BLOB_URL".to_string(), shared.blob_url())]);
+    let (mut by_env, url_env) = node_without_data_dir(cwd.path(), "by_env", &base, &env);
+    let keys = format!("[server]\ndatabase = \"{}\"\nblob = \"{}\"\n\n{base}", shared.db.url, shared.blob_url());
+    let (mut by_file, url_file) = node_without_data_dir(cwd.path(), "by_file", &keys, &shared.env());
+
+    let (a, b) = (Api::new(&url_env, None), Api::new(&url_file, None));
+    let id = a.submit(&chat_lines(20, "m")).await;
+    let done = b.wait_for(&id, &["completed", "failed"], secs(30)).await;
+    assert_eq!(done["status"], "completed", "a batch created through the node configured by environment finishes, seen through the one configured by file: {done}");
+    final_results(&b, &done, 20).await;
+    let local: Vec<String> = std::fs::read_dir(cwd.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(local.iter().all(|n| n.ends_with(".toml") || n == "batchd.log"), "nothing but the config and the log on local disk: {local:?}");
+    for c in [&mut by_env, &mut by_file] {
+        c.kill().unwrap();
+        c.wait().unwrap();
     }
 }
 

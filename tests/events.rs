@@ -255,6 +255,44 @@ async fn usage_cost_and_quotas() {
     m.shutdown().await;
 }
 
+/// Lines the mock answers after `ms`, with custom_ids `{prefix}-{i}` (same sizes for one prefix length).
+fn slow_lines(prefix: &str, n: usize, ms: u64) -> Vec<String> {
+    (0..n).map(|i| chat_line(&format!("{prefix}-{i}"), "m", Some(json!({"latency_ms": ms})))).collect()
+}
+
+async fn create(api: &Api, file: &str) -> (u16, Value) {
+    api.post("/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_sent_together_cannot_together_go_over_the_request_quota() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", "[[tenants]]\nname = \"qr\"\napi_keys = [\"sk-qr\"]\nmax_queued_requests = 5\n"));
+
+    // Two creates of 3 lines sent together against a limit of 5. Whichever comes
+    // second sees the first, still validating, holding its 3 lines: exactly one is created.
+    let api = s.api_with_key("sk-qr");
+    let (f1, f2) = (api.upload(&slow_lines("a", 3, 1500)).await, api.upload(&slow_lines("b", 3, 1500)).await);
+    let (r1, r2) = tokio::join!(create(&api, &f1), create(&api, &f2));
+    let (ok, refused): (Vec<_>, Vec<_>) = [r1, r2].into_iter().partition(|(st, _)| *st == 200);
+    assert_eq!((ok.len(), refused.len()), (1, 1), "one fits, the other would go over: {ok:?} {refused:?}");
+    let (st, e) = &refused[0];
+    assert_eq!((*st, e["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("has 3 requests queued") && msg.contains("adds about 3") && msg.contains("max_queued_requests = 5"), "{msg}");
+    let first = ok[0].1["id"].as_str().unwrap().to_string();
+    // At once after a create, whether its batch is still validating or running, its lines count.
+    let (_, q) = api.get("/quota").await;
+    assert_eq!((q["queued"]["batches"].as_i64(), q["queued"]["requests"].as_i64(), q["room"]["requests"].as_i64()), (Some(1), Some(3), Some(2)), "{q}");
+    let (st, e) = create(&api, &f2).await;
+    assert_eq!((st, e["error"]["code"].as_str()), (429, Some("quota_exceeded")), "a create right after is refused too: {e}");
+    let small = api.upload(&slow_lines("c", 2, 0)).await;
+    let (st, e) = create(&api, &small).await;
+    assert_eq!(st, 200, "what still fits is created: {e}");
+    api.wait_for(&first, &["completed"], secs(30)).await;
+    m.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_follows_the_stream_and_shows_a_stall() {
     let m = mock(MockArgs::default()).await;

@@ -294,6 +294,39 @@ async fn creates_sent_together_cannot_together_go_over_the_request_quota() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_queued_tokens_refuses_a_create_and_shows_in_quota() {
+    let m = mock(MockArgs::default()).await;
+    let one_file_tokens = (jsonl(&slow_lines("a", 3, 1500)).len() / 4) as i64;
+    let token_limit = one_file_tokens * 3 / 2;
+    let extra = format!("[[tenants]]\nname = \"qt\"\napi_keys = [\"sk-qt\"]\nmax_queued_tokens = {token_limit}\n");
+    let s = Server::start(&config(&m.base_url(), "", &extra));
+
+    // One file's estimated input tokens fit under the limit, a second does not.
+    let tq = s.api_with_key("sk-qt");
+    let (g1, g2) = (tq.upload(&slow_lines("a", 3, 1500)).await, tq.upload(&slow_lines("b", 3, 1500)).await);
+    let (st, running) = create(&tq, &g1).await;
+    assert_eq!(st, 200, "{running}");
+    let (st, e) = create(&tq, &g2).await;
+    assert_eq!((st, e["error"]["code"].as_str(), e["error"]["type"].as_str()), (429, Some("quota_exceeded"), Some("rate_limit_error")), "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("max_queued_tokens = {token_limit}")) && msg.contains("estimated input tokens"), "{msg}");
+    assert!(msg.contains(&format!("adds about {one_file_tokens}")), "the batch's tokens are its file's bytes / 4: {msg}");
+    let (_, q) = tq.get("/quota").await;
+    assert_eq!(q["limits"], json!({"max_queued_requests": null, "max_queued_tokens": token_limit}), "{q}");
+    let queued = q["queued"]["tokens"].as_i64().unwrap();
+    assert!(queued > 0 && queued <= one_file_tokens, "{q}");
+    assert_eq!(q["room"]["tokens"].as_i64(), Some(token_limit - queued), "{q}");
+    assert_eq!(q["room"]["requests"], Value::Null, "no request limit for this tenant: {q}");
+
+    tq.wait_for(running["id"].as_str().unwrap(), &["completed"], secs(30)).await;
+    let (_, q) = tq.get("/quota").await;
+    assert_eq!(q["queued"]["tokens"].as_i64(), Some(0), "{q}");
+    let (st, e) = create(&tq, &g2).await;
+    assert_eq!(st, 200, "room again once the first finished: {e}");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_follows_the_stream_and_shows_a_stall() {
     let m = mock(MockArgs::default()).await;
     let s = Server::start(&config(&m.base_url(), "", "").replace("[batches]", "[batches]\nstall_after_s = 1"));

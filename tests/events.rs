@@ -209,6 +209,21 @@ async fn retry_makes_a_batch_of_exactly_the_failed_lines() {
     assert_eq!(input.lines().count(), 2, "narrowed by status: {input}");
     let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["expired", "cancelled"]})).await;
     assert_eq!((st, e["error"]["code"].as_str()), (400, Some("nothing_to_retry")), "{e}");
+
+    // `batchd retry BATCH_ID` creates the batch on the server and prints its id alone on stdout.
+    let mut c = std::process::Command::new(BIN);
+    c.args(["retry", &id, "--status", "400", "--server", &s.url]);
+    let out = finish(c, secs(30));
+    assert_eq!(out.code, 0, "{out:?}");
+    let new_id = out.stdout.trim();
+    assert!(new_id.starts_with("batch_") && out.stdout == format!("{new_id}\n"), "stdout is the new batch's id: {out:?}");
+    assert!(out.stderr.contains(&id) && out.stderr.contains(new_id), "{out:?}");
+    let created = api.batch(new_id).await;
+    assert_eq!(created["metadata"], json!({"project": "x", "retry_of": id}), "{created}");
+    let input = api.content(created["input_file_id"].as_str().unwrap()).await;
+    let ids: Vec<String> = input.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["custom_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["bad-400"], "--status narrows it as the API's status_codes do");
+    api.wait_for(new_id, &["completed"], secs(30)).await;
     let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["broken"]})).await;
     assert_eq!((st, e["error"]["param"].as_str()), (400, Some("include")), "{e}");
     m.shutdown().await;

@@ -230,6 +230,46 @@ async fn retry_makes_a_batch_of_exactly_the_failed_lines() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_cancelled_batch_takes_exactly_its_cancelled_lines() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1\nmax_attempts = 1", ""));
+    let api = s.api();
+    // One line fails at once, one succeeds, then slow lines run one at a time: cancelled
+    // once the failure is in, most slow lines never run.
+    let mut lines = vec![chat_line("bad-400", "m", Some(json!({"status": 400}))), chat_line("ok", "m", None)];
+    lines.extend((0..6).map(|i| chat_line(&format!("slow-{i}"), "m", Some(json!({"latency_ms": 700})))));
+    let id = api.submit(&lines).await;
+    eventually("the failing line's result", secs(20), || async { (api.batch(&id).await["request_counts"]["failed"].as_i64() >= Some(1)).then_some(()) }).await;
+    let (st, b) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(st, 200, "{b}");
+    let done = api.wait_for(&id, &["cancelled"], secs(30)).await;
+    let (out, err) = api.results(&done).await;
+    let code_of = |e: &Value| e["error"]["code"].as_str().map(str::to_owned);
+    let cancelled: Vec<String> = err.iter().filter(|e| code_of(e).as_deref() == Some("batch_cancelled")).map(|e| e["custom_id"].as_str().unwrap().to_string()).collect();
+    assert!(!cancelled.is_empty() && !cancelled.contains(&"bad-400".to_string()), "slow lines never ran: {err:?}");
+    assert!(err.iter().any(|e| e["custom_id"] == "bad-400" && code_of(e).as_deref() != Some("batch_cancelled")), "{err:?}");
+    assert_eq!(out.len() + err.len(), lines.len(), "every line once");
+
+    let (st, r) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["cancelled"]})).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["metadata"]["retry_of"], id.as_str(), "{r}");
+    let input = api.content(r["input_file_id"].as_str().unwrap()).await;
+    let parsed: Vec<Value> = input.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut ids: Vec<String> = parsed.iter().map(|l| l["custom_id"].as_str().unwrap().to_string()).collect();
+    let mut want = cancelled.clone();
+    ids.sort();
+    want.sort();
+    assert_eq!(ids, want, "exactly the cancelled lines: not the failed one, not those that ran");
+    for l in &parsed {
+        let original = lines.iter().map(|o| serde_json::from_str::<Value>(o).unwrap()).find(|o| o["custom_id"] == l["custom_id"]).unwrap();
+        assert_eq!(l["body"], original["body"], "the request is unchanged");
+    }
+    let retried = api.wait_for(r["id"].as_str().unwrap(), &["completed"], secs(30)).await;
+    assert_eq!(retried["request_counts"]["total"].as_u64(), Some(cancelled.len() as u64), "{retried}");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_cost_and_quotas() {
     let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
     let extra = "[[tenants]]\nname = \"q\"\napi_keys = [\"sk-q\"]\nmax_queued_requests = 25\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5";

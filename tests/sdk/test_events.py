@@ -23,6 +23,7 @@ import httpx2 as http
 import openai
 import pytest
 from openai.types import Batch
+from openai.types.webhooks import BatchCancelledWebhookEvent, BatchCompletedWebhookEvent
 from prometheus_client.parser import text_string_to_metric_families
 from sseclient import SSEClient
 
@@ -171,6 +172,44 @@ def test_a_receiver_down_gets_the_event_after_a_batchd_restart(launcher, mock):
         assert (event.type, event.data.id, deliveries[0][0]["webhook-id"]) == ("batch.completed", b.id, want)
         metrics = again.http().get("/metrics").text
         assert 'batchd_webhook_deliveries_total{outcome="delivered"} 1' in metrics
+    finally:
+        receiver.close()
+
+
+def test_the_server_wide_webhook_serves_a_server_without_tenants(launcher, mock):
+    """`[webhooks] url/secret` with no `[[tenants]]`: the `default` tenant's batches are
+    delivered, a cancel as `batch.cancelled`, each verified by the SDK's `webhooks.unwrap`."""
+    receiver, secret = Receiver(), whsec()
+    server = launcher.server(make_config(mock.base_url) + f'\n[webhooks]\nurl = "{receiver.url}"\nsecret = "{secret}"\n')
+    try:
+        client = server.client()
+        done = wait_for(client, start_batch(client, [chat_line("n-1")]).id, "completed")
+        slow = start_batch(client, [chat_line(f"n-s{i}", model=SLOW_MODEL, mock={"latency_ms": 1500}) for i in range(6)])
+        wait_for(client, slow.id, "in_progress")
+        client.batches.cancel(slow.id)
+        cancelled = wait_for(client, slow.id, "cancelled")
+        deliveries = receiver.wait(2, 30)
+        events = {}
+        for headers, body in deliveries:
+            event = client.webhooks.unwrap(body, headers, secret=secret)
+            events[event.data.id] = (event, json.loads(body), headers)
+        assert set(events) == {done.id, cancelled.id}, events
+
+        event, raw, headers = events[cancelled.id]
+        assert isinstance(event, BatchCancelledWebhookEvent) and event.type == "batch.cancelled", event
+        assert raw == {"id": raw["id"], "object": "event", "type": "batch.cancelled",
+                       "created_at": raw["created_at"], "data": {"id": cancelled.id}}, raw
+        assert raw["id"].startswith("evt_") and headers["webhook-id"] == raw["id"]
+        assert raw["id"] == final_event_id(server, None, cancelled.id), "the final status event's id"
+        assert cancelled.created_at <= raw["created_at"] <= cancelled.cancelled_at + 1, (raw, cancelled)
+        event, raw, _ = events[done.id]
+        assert isinstance(event, BatchCompletedWebhookEvent) and raw["type"] == "batch.completed", raw
+
+        with pytest.raises(openai.InvalidWebhookSignatureError):
+            client.webhooks.unwrap(deliveries[0][1], deliveries[0][0], secret=whsec())
+        time.sleep(1.2)
+        assert len(receiver.deliveries) == 2, "each event once: the receiver took both"
+        assert 'batchd_webhook_deliveries_total{outcome="delivered"} 2' in server.http().get("/metrics").text
     finally:
         receiver.close()
 

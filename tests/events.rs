@@ -209,8 +209,63 @@ async fn retry_makes_a_batch_of_exactly_the_failed_lines() {
     assert_eq!(input.lines().count(), 2, "narrowed by status: {input}");
     let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["expired", "cancelled"]})).await;
     assert_eq!((st, e["error"]["code"].as_str()), (400, Some("nothing_to_retry")), "{e}");
+
+    // `batchd retry BATCH_ID` creates the batch on the server and prints its id alone on stdout.
+    let mut c = std::process::Command::new(BIN);
+    c.args(["retry", &id, "--status", "400", "--server", &s.url]);
+    let out = finish(c, secs(30));
+    assert_eq!(out.code, 0, "{out:?}");
+    let new_id = out.stdout.trim();
+    assert!(new_id.starts_with("batch_") && out.stdout == format!("{new_id}\n"), "stdout is the new batch's id: {out:?}");
+    assert!(out.stderr.contains(&id) && out.stderr.contains(new_id), "{out:?}");
+    let created = api.batch(new_id).await;
+    assert_eq!(created["metadata"], json!({"project": "x", "retry_of": id}), "{created}");
+    let input = api.content(created["input_file_id"].as_str().unwrap()).await;
+    let ids: Vec<String> = input.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["custom_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["bad-400"], "--status narrows it as the API's status_codes do");
+    api.wait_for(new_id, &["completed"], secs(30)).await;
     let (st, e) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["broken"]})).await;
     assert_eq!((st, e["error"]["param"].as_str()), (400, Some("include")), "{e}");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_cancelled_batch_takes_exactly_its_cancelled_lines() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1\nmax_attempts = 1", ""));
+    let api = s.api();
+    // One line fails at once, one succeeds, then slow lines run one at a time: cancelled
+    // once the failure is in, most slow lines never run.
+    let mut lines = vec![chat_line("bad-400", "m", Some(json!({"status": 400}))), chat_line("ok", "m", None)];
+    lines.extend((0..6).map(|i| chat_line(&format!("slow-{i}"), "m", Some(json!({"latency_ms": 700})))));
+    let id = api.submit(&lines).await;
+    eventually("the failing line's result", secs(20), || async { (api.batch(&id).await["request_counts"]["failed"].as_i64() >= Some(1)).then_some(()) }).await;
+    let (st, b) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(st, 200, "{b}");
+    let done = api.wait_for(&id, &["cancelled"], secs(30)).await;
+    let (out, err) = api.results(&done).await;
+    let code_of = |e: &Value| e["error"]["code"].as_str().map(str::to_owned);
+    let cancelled: Vec<String> = err.iter().filter(|e| code_of(e).as_deref() == Some("batch_cancelled")).map(|e| e["custom_id"].as_str().unwrap().to_string()).collect();
+    assert!(!cancelled.is_empty() && !cancelled.contains(&"bad-400".to_string()), "slow lines never ran: {err:?}");
+    assert!(err.iter().any(|e| e["custom_id"] == "bad-400" && code_of(e).as_deref() != Some("batch_cancelled")), "{err:?}");
+    assert_eq!(out.len() + err.len(), lines.len(), "every line once");
+
+    let (st, r) = api.post(&format!("/batches/{id}/retry"), &json!({"include": ["cancelled"]})).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["metadata"]["retry_of"], id.as_str(), "{r}");
+    let input = api.content(r["input_file_id"].as_str().unwrap()).await;
+    let parsed: Vec<Value> = input.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut ids: Vec<String> = parsed.iter().map(|l| l["custom_id"].as_str().unwrap().to_string()).collect();
+    let mut want = cancelled.clone();
+    ids.sort();
+    want.sort();
+    assert_eq!(ids, want, "exactly the cancelled lines: not the failed one, not those that ran");
+    for l in &parsed {
+        let original = lines.iter().map(|o| serde_json::from_str::<Value>(o).unwrap()).find(|o| o["custom_id"] == l["custom_id"]).unwrap();
+        assert_eq!(l["body"], original["body"], "the request is unchanged");
+    }
+    let retried = api.wait_for(r["id"].as_str().unwrap(), &["completed"], secs(30)).await;
+    assert_eq!(retried["request_counts"]["total"].as_u64(), Some(cancelled.len() as u64), "{retried}");
     m.shutdown().await;
 }
 
@@ -252,6 +307,77 @@ async fn usage_cost_and_quotas() {
     assert_eq!((st, e["error"]["param"].as_str()), (400, Some("start_time")));
     let (st, _) = api.post("/batches", &json!({"input_file_id": f, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
     assert_eq!(st, 200, "room again once the queue drained");
+    m.shutdown().await;
+}
+
+/// Lines the mock answers after `ms`, with custom_ids `{prefix}-{i}` (same sizes for one prefix length).
+fn slow_lines(prefix: &str, n: usize, ms: u64) -> Vec<String> {
+    (0..n).map(|i| chat_line(&format!("{prefix}-{i}"), "m", Some(json!({"latency_ms": ms})))).collect()
+}
+
+async fn create(api: &Api, file: &str) -> (u16, Value) {
+    api.post("/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_sent_together_cannot_together_go_over_the_request_quota() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", "[[tenants]]\nname = \"qr\"\napi_keys = [\"sk-qr\"]\nmax_queued_requests = 5\n"));
+
+    // Two creates of 3 lines sent together against a limit of 5. Whichever comes
+    // second sees the first, still validating, holding its 3 lines: exactly one is created.
+    let api = s.api_with_key("sk-qr");
+    let (f1, f2) = (api.upload(&slow_lines("a", 3, 1500)).await, api.upload(&slow_lines("b", 3, 1500)).await);
+    let (r1, r2) = tokio::join!(create(&api, &f1), create(&api, &f2));
+    let (ok, refused): (Vec<_>, Vec<_>) = [r1, r2].into_iter().partition(|(st, _)| *st == 200);
+    assert_eq!((ok.len(), refused.len()), (1, 1), "one fits, the other would go over: {ok:?} {refused:?}");
+    let (st, e) = &refused[0];
+    assert_eq!((*st, e["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("has 3 requests queued") && msg.contains("adds about 3") && msg.contains("max_queued_requests = 5"), "{msg}");
+    let first = ok[0].1["id"].as_str().unwrap().to_string();
+    // At once after a create, whether its batch is still validating or running, its lines count.
+    let (_, q) = api.get("/quota").await;
+    assert_eq!((q["queued"]["batches"].as_i64(), q["queued"]["requests"].as_i64(), q["room"]["requests"].as_i64()), (Some(1), Some(3), Some(2)), "{q}");
+    let (st, e) = create(&api, &f2).await;
+    assert_eq!((st, e["error"]["code"].as_str()), (429, Some("quota_exceeded")), "a create right after is refused too: {e}");
+    let small = api.upload(&slow_lines("c", 2, 0)).await;
+    let (st, e) = create(&api, &small).await;
+    assert_eq!(st, 200, "what still fits is created: {e}");
+    api.wait_for(&first, &["completed"], secs(30)).await;
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_queued_tokens_refuses_a_create_and_shows_in_quota() {
+    let m = mock(MockArgs::default()).await;
+    let one_file_tokens = (jsonl(&slow_lines("a", 3, 1500)).len() / 4) as i64;
+    let token_limit = one_file_tokens * 3 / 2;
+    let extra = format!("[[tenants]]\nname = \"qt\"\napi_keys = [\"sk-qt\"]\nmax_queued_tokens = {token_limit}\n");
+    let s = Server::start(&config(&m.base_url(), "", &extra));
+
+    // One file's estimated input tokens fit under the limit, a second does not.
+    let tq = s.api_with_key("sk-qt");
+    let (g1, g2) = (tq.upload(&slow_lines("a", 3, 1500)).await, tq.upload(&slow_lines("b", 3, 1500)).await);
+    let (st, running) = create(&tq, &g1).await;
+    assert_eq!(st, 200, "{running}");
+    let (st, e) = create(&tq, &g2).await;
+    assert_eq!((st, e["error"]["code"].as_str(), e["error"]["type"].as_str()), (429, Some("quota_exceeded"), Some("rate_limit_error")), "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("max_queued_tokens = {token_limit}")) && msg.contains("estimated input tokens"), "{msg}");
+    assert!(msg.contains(&format!("adds about {one_file_tokens}")), "the batch's tokens are its file's bytes / 4: {msg}");
+    let (_, q) = tq.get("/quota").await;
+    assert_eq!(q["limits"], json!({"max_queued_requests": null, "max_queued_tokens": token_limit}), "{q}");
+    let queued = q["queued"]["tokens"].as_i64().unwrap();
+    assert!(queued > 0 && queued <= one_file_tokens, "{q}");
+    assert_eq!(q["room"]["tokens"].as_i64(), Some(token_limit - queued), "{q}");
+    assert_eq!(q["room"]["requests"], Value::Null, "no request limit for this tenant: {q}");
+
+    tq.wait_for(running["id"].as_str().unwrap(), &["completed"], secs(30)).await;
+    let (_, q) = tq.get("/quota").await;
+    assert_eq!(q["queued"]["tokens"].as_i64(), Some(0), "{q}");
+    let (st, e) = create(&tq, &g2).await;
+    assert_eq!(st, 200, "room again once the first finished: {e}");
     m.shutdown().await;
 }
 

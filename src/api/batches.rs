@@ -80,15 +80,16 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     if file.purpose != "batch" {
         return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
     }
-    super::quota::check(&st, &tenant, super::quota::lines_of(&st, &tenant, &file).await?, file.bytes / 4).await?;
+    let lines = super::quota::lines_of(&st, &tenant, &file).await?;
     let now = crate::now_unix();
     let mut record = BatchRecord::new(crate::ids::batch_id(), tenant, input_file_id, endpoint, window, now, now + duration.as_secs() as i64);
     record.metadata = metadata;
     record.priority = priority;
     record.output_expires_after = output_expires_after;
+    record.est_requests = lines;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
     record.idempotency_hash = key.map(|_| request_hash(&body));
-    let b = st.store.insert_batch(&record, key).await?;
+    let b = super::quota::admit(&st, &record, key).await?;
     if b.id != record.id && b.idempotency_hash.is_some() && b.idempotency_hash != record.idempotency_hash {
         return Err(ApiError::conflict(format!(
             "The Idempotency-Key {:?} was already used with a different request (batch {}); use a new key for a new request.",

@@ -5,8 +5,10 @@
 //! limit is refused at once with 429 `quota_exceeded`, saying what is queued against which
 //! limit, with `retry-after`.
 //!
-//! The check is made before the batch is inserted, not in the same transaction: two creates
-//! racing each other may both pass (the quota is a guard rail, not an invoice).
+//! The check and the insert are one store transaction, serialised per tenant (see
+//! [`crate::store::Batches::admit_batch`]), and a batch still validating holds the lines
+//! counted in its input at create: two creates, however close, cannot together go over a
+//! limit.
 
 use axum::extract::State;
 use axum::Json;
@@ -15,7 +17,7 @@ use serde_json::{json, Value};
 use super::{AppState, Tenant};
 use crate::engine::rates::{point_of, rate_of, round1, WINDOW_S};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{EventFilter, Queued};
+use crate::store::{Admission, BatchRecord, EventFilter, QueueLimits, Queued};
 
 /// Progress events read for a tenant's rate (all its running batches, the last minute).
 const TENANT_EVENTS: u32 = 1_000;
@@ -52,20 +54,26 @@ fn wait_for_room(queued: i64, adding: i64, limit: Option<u64>, rate: f64) -> Opt
     }
 }
 
-/// Refuses a new batch of about `requests` lines and `tokens` input tokens when the tenant's
-/// queue would go over one of its limits.
-pub async fn check(st: &AppState, tenant: &str, requests: i64, tokens: i64) -> ApiResult<()> {
-    let Some(t) = st.cfg.tenants.get(tenant).filter(|t| t.max_queued_requests.is_some() || t.max_queued_tokens.is_some()) else {
-        return Ok(());
+/// Inserts a new batch (`record.est_requests`: its counted lines, see [`lines_of`]) unless
+/// the tenant's queue would go over one of its limits with it: then nothing is inserted and
+/// the answer is a 429 `quota_exceeded` saying what is queued against which limit.
+pub async fn admit(st: &AppState, record: &BatchRecord, idempotency_key: Option<&str>) -> ApiResult<BatchRecord> {
+    let tenant = record.tenant.as_str();
+    let t = st.cfg.tenants.get(tenant);
+    let limits = QueueLimits { max_requests: t.and_then(|t| t.max_queued_requests), max_tokens: t.and_then(|t| t.max_queued_tokens) };
+    let (q, requests, tokens) = match st.store.admit_batch(record, idempotency_key, limits).await? {
+        Admission::Admitted(b) => return Ok(*b),
+        Admission::OverQuota { queued, requests, tokens } => (queued, requests, tokens),
     };
-    let q = st.store.queued(Some(tenant)).await?;
     let over = [
-        ("max_queued_requests", "requests", q.requests, requests, t.max_queued_requests),
-        ("max_queued_tokens", "estimated input tokens", q.tokens, tokens, t.max_queued_tokens),
+        ("max_queued_requests", "requests", q.requests, requests, limits.max_requests),
+        ("max_queued_tokens", "estimated input tokens", q.tokens, tokens, limits.max_tokens),
     ]
     .into_iter()
     .find(|(_, _, queued, adding, limit)| limit.is_some_and(|l| queued.saturating_add(*adding) > l as i64));
-    let Some((name, what, queued, adding, limit)) = over else { return Ok(()) };
+    let Some((name, what, queued, adding, limit)) = over else {
+        return Err(ApiError::internal("the store refused a batch over a quota none of whose limits it is over"));
+    };
     let (rps, tps) = tenant_rate(st, tenant).await?;
     let rate = if name == "max_queued_requests" { rps } else { tps };
     let wait = wait_for_room(queued, adding, limit, rate);

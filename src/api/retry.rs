@@ -29,12 +29,21 @@ pub async fn retry(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id):
         return Err(nothing());
     }
     let (file, lines) = st.engine.retry_input(&b, &filter).await.map_err(engine_error)?.ok_or_else(nothing)?;
-    if let Err(e) = quota::check(&st, &tenant, lines as i64, file.bytes / 4).await {
+    if let Err(e) = st.store.insert_file(&file).await {
         let _ = st.blob.delete(&file.blob_key).await;
-        return Err(e);
+        return Err(e.into());
     }
-    st.store.insert_file(&file).await?;
-    let created = st.store.insert_batch(&retry_record(&b, &file.id), None).await?;
+    let mut record = retry_record(&b, &file.id);
+    record.est_requests = lines as i64;
+    let created = match quota::admit(&st, &record, None).await {
+        Ok(created) => created,
+        Err(e) => {
+            // Refused (over quota) or not stored: the new input file goes with it.
+            let _ = st.store.purge_file(&file.id).await;
+            let _ = st.blob.delete(&file.blob_key).await;
+            return Err(e);
+        }
+    };
     st.engine.wake();
     st.engine.outbox_changed();
     tracing::info!(batch = %created.id, retry_of = %b.id, lines, "retry batch created");

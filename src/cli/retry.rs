@@ -95,8 +95,10 @@ async fn on_server(args: &RetryArgs, id: &str) -> anyhow::Result<i32> {
         body.insert("status_codes".into(), args.status.clone().into());
     }
     let b = c.json(c.req(reqwest::Method::POST, &format!("/batches/{id}/retry")).json(&body)).await?;
-    println!("{}", b["id"].as_str().unwrap_or_default());
-    eprintln!("retrying the failed lines of {id} as {} ({} lines)", b["id"].as_str().unwrap_or_default(), b["request_counts"]["total"]);
+    let new_id = b["id"].as_str().unwrap_or_default();
+    println!("{new_id}");
+    // (Its request_counts are 0 until it is validated: no line count to tell yet.)
+    eprintln!("retrying the failed lines of {id} as {new_id}; follow it with: batchd status {new_id} --watch");
     Ok(0)
 }
 

@@ -98,6 +98,7 @@ pub async fn run_all(store: &dyn Store) {
     usage_per_model_and_hour(store).await;
     latest_events_newest_first(store).await;
     queued_counts_unfinished_lines(store).await;
+    admission_keeps_the_queue_within_its_limits(store).await;
 }
 
 pub async fn files_roundtrip_and_isolation(store: &dyn Store) {
@@ -489,11 +490,66 @@ pub async fn queued_counts_unfinished_lines(store: &dyn Store) {
     running_batch(store, "que", "batch_que", 2).await; // 20 lines, est_tokens 200
     store.commit_results(NODE, &(1..=5).map(|l| result("batch_que", l, true)).collect::<Vec<_>>()).await.unwrap();
     store.insert_file(&FileRecord { bytes: 4_000, ..sample_file("que", "file-que-v") }).await.unwrap();
-    store.insert_batch(&sample_batch("que", "batch_que_v", "file-que-v"), None).await.unwrap();
+    store.insert_batch(&BatchRecord { est_requests: 12, ..sample_batch("que", "batch_que_v", "file-que-v") }, None).await.unwrap();
     let q = store.queued(Some("que")).await.unwrap();
-    assert_eq!(q, Queued { batches: 2, requests: 15, tokens: 150 + 1_000 }, "lines left of running batches; validating ones by file size");
+    assert_eq!(
+        q,
+        Queued { batches: 2, requests: 15 + 12, tokens: 150 + 1_000 },
+        "lines left of running batches; validating ones by the lines counted at create and their file's size"
+    );
     store.request_cancel("que", "batch_que_v", 2_000).await.unwrap();
     assert_eq!(store.queued(Some("que")).await.unwrap(), Queued { batches: 1, requests: 15, tokens: 150 }, "a cancelled batch queues nothing");
     assert!(store.queued(None).await.unwrap().requests >= 15, "every tenant with None");
     assert_eq!(store.queued(Some("que-other")).await.unwrap(), Queued::default(), "per tenant");
+}
+
+pub async fn admission_keeps_the_queue_within_its_limits(store: &dyn Store) {
+    let t = "adm";
+    store.insert_file(&FileRecord { bytes: 400, ..sample_file(t, "file-adm") }).await.unwrap(); // 100 tokens
+    let batch = |id: &str| BatchRecord { est_requests: 10, ..sample_batch(t, id, "file-adm") };
+    let lines_25 = QueueLimits { max_requests: Some(25), max_tokens: None };
+    let first = store.admit_batch(&batch("batch_adm_k"), Some("key-adm"), lines_25).await.unwrap();
+    assert!(matches!(&first, Admission::Admitted(b) if b.id == "batch_adm_k" && b.est_requests == 10), "room for the first: {first:?}");
+
+    // Six admissions of 10 lines at once against 10 queued and a limit of 25: exactly one fits,
+    // however they interleave (the count and the insert are one step per tenant).
+    // (Reads at once first, so that a pooled backend has a connection ready for each.)
+    futures::future::join_all((0..8).map(|_| store.queued(Some(t)))).await;
+    let ids: Vec<String> = (0..6).map(|i| format!("batch_adm_{i}")).collect();
+    let tries = ids.iter().map(|id| {
+        let b = batch(id);
+        async move { store.admit_batch(&b, None, lines_25).await.unwrap() }
+    });
+    let outcomes = futures::future::join_all(tries).await;
+    let admitted: Vec<&str> = outcomes.iter().filter_map(|o| if let Admission::Admitted(b) = o { Some(b.id.as_str()) } else { None }).collect();
+    assert_eq!(admitted.len(), 1, "racing admissions must not together go over the limit: {admitted:?} admitted");
+    for o in &outcomes {
+        if let Admission::OverQuota { queued, requests, tokens } = o {
+            assert_eq!((queued.requests, queued.batches, *requests, *tokens), (20, 2, 10, 100), "what is queued and what the batch adds: {o:?}");
+        }
+    }
+    let q = store.queued(Some(t)).await.unwrap();
+    assert_eq!(q, Queued { batches: 2, requests: 20, tokens: 200 }, "the refused batches were not inserted");
+    let refused = ids.iter().zip(&outcomes).find(|(_, o)| matches!(o, Admission::OverQuota { .. })).unwrap().0;
+    assert!(matches!(store.get_batch(Some(t), refused).await, Err(Error::NotFound)), "a refused batch does not exist");
+
+    // A create retried with its idempotency key gets its batch back, however full the queue.
+    let again = store.admit_batch(&batch("batch_adm_again"), Some("key-adm"), lines_25).await.unwrap();
+    assert!(matches!(&again, Admission::Admitted(b) if b.id == "batch_adm_k"), "{again:?}");
+
+    // Tokens: 200 queued plus 100.
+    let tokens = |max| QueueLimits { max_requests: None, max_tokens: Some(max) };
+    let over = store.admit_batch(&batch("batch_adm_t1"), None, tokens(299)).await.unwrap();
+    assert!(matches!(over, Admission::OverQuota { queued: Queued { tokens: 200, .. }, tokens: 100, .. }), "{over:?}");
+    assert!(matches!(store.admit_batch(&batch("batch_adm_t2"), None, tokens(300)).await.unwrap(), Admission::Admitted(_)), "exactly at the limit fits");
+    assert!(matches!(store.admit_batch(&batch("batch_adm_free"), None, QueueLimits::default()).await.unwrap(), Admission::Admitted(_)), "no limits, no refusal");
+
+    // A cancel frees its lines.
+    let q = store.queued(Some(t)).await.unwrap();
+    assert_eq!(q.requests, 40);
+    for id in ["batch_adm_k", "batch_adm_t2", "batch_adm_free"] {
+        store.request_cancel(t, id, 2_000).await.unwrap();
+    }
+    assert!(matches!(store.admit_batch(&batch("batch_adm_after"), None, lines_25).await.unwrap(), Admission::Admitted(_)), "room once cancelled");
+    assert_eq!(store.queued(Some("adm-other")).await.unwrap(), Queued::default(), "per tenant");
 }

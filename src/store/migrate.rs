@@ -47,7 +47,7 @@ const TABLES: &[Table] = &[
             ("finalizing_at", Int), ("completed_at", Int), ("failed_at", Int), ("expired_at", Int), ("cancelling_at", Int),
             ("cancelled_at", Int), ("total", Int), ("completed", Int), ("failed", Int), ("input_tokens", Int), ("cached_tokens", Int),
             ("output_tokens", Int), ("reasoning_tokens", Int), ("total_tokens", Int), ("priority", Int), ("input_format", Text),
-            ("output_expires_after", Int), ("finalize_as", Text), ("est_tokens", Int), ("last_progress_ms", Int),
+            ("output_expires_after", Int), ("finalize_as", Text), ("est_tokens", Int), ("last_progress_ms", Int), ("est_requests", Int),
         ],
     },
     Table {

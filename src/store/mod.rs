@@ -117,7 +117,19 @@ pub trait Files: Send + Sync {
 pub trait Batches: Send + Sync {
     /// Inserts a new batch. With an idempotency key already used by the tenant, returns the
     /// batch created then instead (and inserts nothing).
-    async fn insert_batch(&self, batch: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord>;
+    async fn insert_batch(&self, batch: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord> {
+        match self.admit_batch(batch, idempotency_key, QueueLimits::default()).await? {
+            Admission::Admitted(b) => Ok(*b),
+            Admission::OverQuota { .. } => Err(Error::Other("a batch with no limits went over a quota".into())),
+        }
+    }
+    /// [`Batches::insert_batch`] within the tenant's queue quotas: what it has queued (see
+    /// [`Batches::queued`]) plus this batch's `est_requests` lines and its input file's
+    /// bytes / 4 tokens must stay within `limits`, else nothing is inserted. The check and
+    /// the insert are one transaction, serialised with every other admission of the tenant
+    /// (on every node), so creates racing each other cannot together go over a limit. A key
+    /// used before returns its batch whatever the queue holds.
+    async fn admit_batch(&self, batch: &BatchRecord, idempotency_key: Option<&str>, limits: QueueLimits) -> Result<Admission>;
     /// `tenant: None` is the engine's tenant-blind read.
     async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord>;
     /// Newest first; `after` is the id of the last item of the previous page.
@@ -134,7 +146,7 @@ pub trait Batches: Send + Sync {
     /// What is queued (batches `validating` or `in_progress`) for one tenant, or for every
     /// tenant with `None`: lines without a result, and their estimated input tokens (a
     /// running batch: its `est_tokens` in proportion to the lines left; a validating one:
-    /// its input file's bytes / 4).
+    /// its `est_requests` lines and its input file's bytes / 4).
     async fn queued(&self, tenant: Option<&str>) -> Result<Queued>;
 }
 

@@ -136,6 +136,9 @@ pub struct BatchRecord {
     pub finalize_as: Option<BatchStatus>,
     /// Estimated input tokens of the whole input (bytes / 4), known once validated.
     pub est_tokens: i64,
+    /// Lines of the input counted when the batch was created (its newlines; 0 when not
+    /// counted): what a `validating` batch holds against `max_queued_requests`.
+    pub est_requests: i64,
     /// Hash of the create request, stored with its idempotency key: a later create with the
     /// same key and another hash is refused.
     pub idempotency_hash: Option<String>,
@@ -174,6 +177,7 @@ impl BatchRecord {
             output_expires_after: None,
             finalize_as: None,
             est_tokens: 0,
+            est_requests: 0,
             idempotency_hash: None,
         }
     }
@@ -328,9 +332,36 @@ pub struct UsageRow {
 pub struct Queued {
     /// Batches `validating` or `in_progress`.
     pub batches: i64,
-    /// Lines of running batches without a durable result (a validating batch counts 0: its
-    /// lines are not known yet).
+    /// Lines of running batches without a durable result; a validating batch counts the
+    /// lines counted at its create ([`BatchRecord::est_requests`]).
     pub requests: i64,
     /// Estimated input tokens of those lines.
     pub tokens: i64,
+}
+
+impl Queued {
+    /// Whether adding `requests` lines and `tokens` tokens to what is queued goes over one of
+    /// `limits`.
+    pub fn over(&self, limits: &QueueLimits, requests: i64, tokens: i64) -> bool {
+        let past = |queued: i64, adding: i64, limit: Option<u64>| limit.is_some_and(|l| queued.saturating_add(adding.max(0)) > l.min(i64::MAX as u64) as i64);
+        past(self.requests, requests, limits.max_requests) || past(self.tokens, tokens, limits.max_tokens)
+    }
+}
+
+/// A tenant's queue quotas, checked by [`super::Batches::admit_batch`] (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub max_requests: Option<u64>,
+    pub max_tokens: Option<u64>,
+}
+
+/// What [`super::Batches::admit_batch`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// The batch was inserted (or, for an idempotency key used before, the batch created
+    /// then is returned).
+    Admitted(Box<BatchRecord>),
+    /// Nothing was inserted: what is queued now, plus the batch's lines and tokens, would go
+    /// over a limit.
+    OverQuota { queued: Queued, requests: i64, tokens: i64 },
 }

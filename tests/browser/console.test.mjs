@@ -153,6 +153,13 @@ test('sign in, see a bad line by number, create from a good file, watch it compl
   assert.equal(out.length, rc.completed);
   assert.ok(out.every((l) => l.response.status_code === 200));
 
+  // Download the errors: exactly the three lines that failed upstream, with their 400s.
+  const [errDownload] = await Promise.all([page.waitForEvent('download'), page.locator('#dl-errors').click()]);
+  assert.equal(errDownload.suggestedFilename(), `${id}_errors.jsonl`);
+  const errs = readFileSync(await errDownload.path(), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+  assert.deepEqual(errs.map((l) => l.custom_id).sort(), ['req-170', 'req-7', 'req-70'], JSON.stringify(errs));
+  assert.ok(errs.every((l) => l.response.status_code === 400), 'each with its upstream answer');
+
   // Look one request up by custom_id.
   await page.getByRole('textbox', { name: 'custom_id' }).fill('req-70');
   await page.getByRole('textbox', { name: 'custom_id' }).press('Enter');
@@ -177,9 +184,10 @@ test('sign in, see a bad line by number, create from a good file, watch it compl
   await p.close();
 });
 
-test('cancel a running batch; its input file cannot be deleted meanwhile; dialogs keep focus', async () => {
-  const slow = Array.from({ length: 12 }, (_, i) => chatLine(`slow-${i}`, { latency_ms: 30_000 }));
-  const b = await apiA.submit(slow, { metadata: { job: 'to-cancel' } });
+test('cancel a running batch, with its ETA and upstream shown; its input file is deleted only once it ended; dialogs keep focus', async () => {
+  // Four lines at a time answer every 0.75 s: a rate (so an ETA) for half a minute.
+  const lines = Array.from({ length: 160 }, (_, i) => chatLine(`slow-${i}`, { latency_ms: 750 }));
+  const b = await apiA.submit(lines, { metadata: { job: 'to-cancel' } });
   const p = await openPage(browser);
   const { page } = p;
   await signIn(page, 'sk-a');
@@ -198,6 +206,18 @@ test('cancel a running batch; its input file cannot be deleted meanwhile; dialog
   await page.goto(`${server.url}/batches/${b.id}`);
   await page.locator('.badge.st-in_progress').waitFor();
   await page.locator('.live', { hasText: 'live' }).waitFor();
+
+  // While it runs: an ETA, and the upstream serving it with its window and limit.
+  const eta = page.locator('dd[data-stat="ETA"]');
+  await page.waitForFunction(() => /^\d+ (s|min|h|d)/.test(document.querySelector('dd[data-stat="ETA"]')?.textContent || ''));
+  assert.match(await eta.textContent(), /^\d+ (s|min|h|d)/);
+  const upstream = page.locator('tr', { has: page.locator('td[data-label="Upstream"]', { hasText: 'mock' }) });
+  await upstream.waitFor();
+  const windowShown = Number((await upstream.locator('td[data-label="Window"]').textContent()).replace(/,/g, ''));
+  assert.ok(windowShown > 0 && windowShown <= 4, `the window, within the upstream's max_concurrency: ${windowShown}`);
+  assert.equal(await upstream.locator('td[data-label="Limit"]').textContent(), '4');
+  const progress = await apiA.get(`/batches/${b.id}/progress`);
+  assert.deepEqual(progress.upstreams.map((u) => u.name), ['mock'], JSON.stringify(progress.upstreams));
 
   // Keyboard: Enter on the focused Cancel opens a modal whose focus cannot leave it; Escape keeps the batch.
   await page.locator('#cancel').focus();
@@ -220,6 +240,21 @@ test('cancel a running batch; its input file cannot be deleted meanwhile; dialog
   assert.equal(after.status, 'cancelled');
   assert.equal(await stat(page, 'Total'), after.request_counts.total);
   assert.ok(await page.locator('.timeline [data-step="cancelled"]').isVisible());
+  assert.equal(await eta.textContent(), '—', 'no ETA once it ended');
+
+  // Now that the batch ended its input file can be deleted: the row goes, the API agrees.
+  await page.getByRole('link', { name: 'Files', exact: true }).click();
+  const del = page.locator(`button[data-file="${b.input_file_id}"]`);
+  await del.click();
+  const [deleted] = await Promise.all([
+    page.waitForResponse((r) => r.request().method() === 'DELETE' && r.url().endsWith(`/v1/files/${b.input_file_id}`)),
+    page.getByRole('dialog').getByRole('button', { name: 'Delete file' }).click(),
+  ]);
+  assert.deepEqual(await deleted.json(), { id: b.input_file_id, object: 'file', deleted: true });
+  await del.waitFor({ state: 'detached' });
+  const gone = await fetch(`${server.url}/v1/files/${b.input_file_id}`, { headers: { Authorization: 'Bearer sk-a' } });
+  assert.equal(gone.status, 404, 'the API no longer has the file');
+  assert.ok(!(await apiA.get('/files')).data.some((f) => f.id === b.input_file_id));
   assertNoErrors(assert, p);
   await p.close();
 });

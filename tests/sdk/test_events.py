@@ -11,16 +11,19 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx2 as http
 import openai
 import pytest
 from openai.types import Batch
+from openai.types.webhooks import BatchCancelledWebhookEvent, BatchCompletedWebhookEvent
 from prometheus_client.parser import text_string_to_metric_families
 from sseclient import SSEClient
 
@@ -94,6 +97,13 @@ def config(mock_url: str, tenants: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def mock(launcher):
+    """This module's mock upstream announces a generous rate limit in `x-ratelimit-*` headers
+    (never reached here), so batchd learns a rate and `/metrics` has every documented family."""
+    return launcher.mock("--rpm", "1000000")
+
+
+@pytest.fixture(scope="module")
 def hooks(launcher, mock):
     good, flaky = Receiver(), Receiver(fail_first=2)
     secrets = {"hooks": whsec(), "flaky": whsec()}
@@ -162,6 +172,44 @@ def test_a_receiver_down_gets_the_event_after_a_batchd_restart(launcher, mock):
         assert (event.type, event.data.id, deliveries[0][0]["webhook-id"]) == ("batch.completed", b.id, want)
         metrics = again.http().get("/metrics").text
         assert 'batchd_webhook_deliveries_total{outcome="delivered"} 1' in metrics
+    finally:
+        receiver.close()
+
+
+def test_the_server_wide_webhook_serves_a_server_without_tenants(launcher, mock):
+    """`[webhooks] url/secret` with no `[[tenants]]`: the `default` tenant's batches are
+    delivered, a cancel as `batch.cancelled`, each verified by the SDK's `webhooks.unwrap`."""
+    receiver, secret = Receiver(), whsec()
+    server = launcher.server(make_config(mock.base_url) + f'\n[webhooks]\nurl = "{receiver.url}"\nsecret = "{secret}"\n')
+    try:
+        client = server.client()
+        done = wait_for(client, start_batch(client, [chat_line("n-1")]).id, "completed")
+        slow = start_batch(client, [chat_line(f"n-s{i}", model=SLOW_MODEL, mock={"latency_ms": 1500}) for i in range(6)])
+        wait_for(client, slow.id, "in_progress")
+        client.batches.cancel(slow.id)
+        cancelled = wait_for(client, slow.id, "cancelled")
+        deliveries = receiver.wait(2, 30)
+        events = {}
+        for headers, body in deliveries:
+            event = client.webhooks.unwrap(body, headers, secret=secret)
+            events[event.data.id] = (event, json.loads(body), headers)
+        assert set(events) == {done.id, cancelled.id}, events
+
+        event, raw, headers = events[cancelled.id]
+        assert isinstance(event, BatchCancelledWebhookEvent) and event.type == "batch.cancelled", event
+        assert raw == {"id": raw["id"], "object": "event", "type": "batch.cancelled",
+                       "created_at": raw["created_at"], "data": {"id": cancelled.id}}, raw
+        assert raw["id"].startswith("evt_") and headers["webhook-id"] == raw["id"]
+        assert raw["id"] == final_event_id(server, None, cancelled.id), "the final status event's id"
+        assert cancelled.created_at <= raw["created_at"] <= cancelled.cancelled_at + 1, (raw, cancelled)
+        event, raw, _ = events[done.id]
+        assert isinstance(event, BatchCompletedWebhookEvent) and raw["type"] == "batch.completed", raw
+
+        with pytest.raises(openai.InvalidWebhookSignatureError):
+            client.webhooks.unwrap(deliveries[0][1], deliveries[0][0], secret=whsec())
+        time.sleep(1.2)
+        assert len(receiver.deliveries) == 2, "each event once: the receiver took both"
+        assert 'batchd_webhook_deliveries_total{outcome="delivered"} 2' in server.http().get("/metrics").text
     finally:
         receiver.close()
 
@@ -242,21 +290,46 @@ def test_progress_retry_usage_cost_and_quota_through_the_sdk(hooks, mock):
     wait_for(q, running.id, "completed")
 
 
-DOCUMENTED_FAMILIES = [
-    "batchd_store_commits", "batchd_results_committed", "batchd_store_writable", "batchd_store_commit_seconds",
-    "batchd_upstream_requests", "batchd_upstream_latency_seconds", "batchd_retries", "batchd_upstream_rate_limited",
-    "batchd_retries_waiting", "batchd_lines_pending", "batchd_batches", "batchd_webhook_deliveries",
-    "batchd_upstream_in_flight", "batchd_upstream_window", "batchd_upstream_limit", "batchd_output_tokens",
-    "batchd_batches_failed_by_engine",
-]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_families() -> dict[str, str]:
+    """Every metric family of README's **Metrics** table, name (without `_total`) -> type."""
+    text = README.read_text()
+    table = text[text.index("**Metrics**"):]
+    table = table[:table.index("\n\n", table.index("| family"))]
+    out: dict[str, str] = {}
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].startswith("`batchd_"):
+            continue
+        for name in re.findall(r"`(batchd_[a-z0-9_]+)`", cells[0]):
+            out[name.removesuffix("_total")] = cells[1]
+    return out
+
+
+def test_readme_metrics_table_is_read():
+    families = documented_families()
+    # The table's rows as of this test: a reformatted README must not quietly empty the list.
+    for name in ("batchd_upstream_requests", "batchd_upstream_learned_rpm", "batchd_upstream_paused",
+                 "batchd_upstream_rate_limited_last_minute", "batchd_upstream_overloaded_last_minute",
+                 "batchd_store_commit_seconds", "batchd_batches_failed_by_engine"):
+        assert name in families, (name, sorted(families))
+    assert set(families.values()) <= {"counter", "gauge", "histogram"}, families
+    assert len(families) >= 21, sorted(families)
 
 
 def test_metrics_parse_with_the_prometheus_parser(hooks):
     s = hooks["server"]
     text = s.http().get("/metrics").text
     families = {f.name.removesuffix("_total"): f for f in text_string_to_metric_families(text)}
-    missing = [n for n in DOCUMENTED_FAMILIES if n not in families]
-    assert not missing, f"families missing from /metrics: {missing}"
+    documented = documented_families()
+    missing = [n for n in documented if n not in families]
+    assert not missing, f"families README documents but /metrics lacks: {missing}"
+    wrong = {n: (t, families[n].type) for n, t in documented.items() if families[n].type != t}
+    assert not wrong, f"families whose type is not README's (documented, served): {wrong}"
+    learned = {smp.labels["upstream"]: smp.value for smp in families["batchd_upstream_learned_rpm"].samples}
+    assert learned.get("mock", 0) > 0, f"the rate announced by the mock's headers: {learned}"
     assert families["batchd_upstream_latency_seconds"].type == "histogram"
     assert families["batchd_store_commit_seconds"].type == "histogram"
     outcomes = {smp.labels.get("outcome") for smp in families["batchd_upstream_requests"].samples}

@@ -49,6 +49,7 @@ pub(super) fn batch_from_row(r: &PgRow) -> Result<BatchRecord> {
         output_expires_after: opt_int(r, "output_expires_after"),
         finalize_as: text_col(r, "finalize_as").and_then(|s| BatchStatus::parse(&s)),
         est_tokens: int(r, "est_tokens"),
+        est_requests: int(r, "est_requests"),
         idempotency_hash: text_col(r, "idempotency_hash"),
     })
 }
@@ -78,12 +79,46 @@ const USAGE_SUMS: &str = "LEAST(sum(requests), 9223372036854775807)::bigint AS r
 
 #[async_trait]
 impl Batches for PgStore {
-    async fn insert_batch(&self, b: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord> {
+    async fn admit_batch(&self, b: &BatchRecord, idempotency_key: Option<&str>, limits: QueueLimits) -> Result<Admission> {
         let mut tx = self.begin().await?;
+        // Admissions of one tenant take turns (on every node): the count below sees every
+        // batch an earlier admission inserted, and none comes between it and the insert.
+        // Taken before any other lock; the outbox's lock comes after it, as everywhere.
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(QUOTA_LOCK)
+            .bind(&b.tenant)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let earlier: Option<String> = match idempotency_key {
+            Some(key) => sqlx::query_scalar("SELECT id FROM batches WHERE tenant = $1 AND idempotency_key = $2")
+                .bind(&b.tenant)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?,
+            None => None,
+        };
+        if let Some(id) = earlier {
+            drop(tx);
+            return Ok(Admission::Admitted(Box::new(self.get_batch(Some(&b.tenant), &id).await?)));
+        }
+        if limits != QueueLimits::default() {
+            let queued = queued_in(&mut *tx, Some(&b.tenant)).await?;
+            let tokens: i64 = sqlx::query_scalar("SELECT bytes / 4 FROM files WHERE id = $1")
+                .bind(&b.input_file_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .unwrap_or(0);
+            if queued.over(&limits, b.est_requests, tokens) {
+                return Ok(Admission::OverQuota { queued, requests: b.est_requests, tokens });
+            }
+        }
         let inserted = sqlx::query(
             "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash, est_requests)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(&b.id)
@@ -99,6 +134,7 @@ impl Batches for PgStore {
         .bind(b.priority)
         .bind(b.output_expires_after)
         .bind(&b.idempotency_hash)
+        .bind(b.est_requests.max(0))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
@@ -115,7 +151,7 @@ impl Batches for PgStore {
                 .map_err(db_err)?
         };
         self.commit(tx).await?;
-        self.get_batch(Some(&b.tenant), &id).await
+        Ok(Admission::Admitted(Box::new(self.get_batch(Some(&b.tenant), &id).await?)))
     }
 
     async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord> {
@@ -189,21 +225,30 @@ impl Batches for PgStore {
     }
 
     async fn queued(&self, tenant: Option<&str>) -> Result<Queued> {
-        // numeric sums (no overflow), clamped back into the BIGINT range.
-        let row = sqlx::query(
-            "SELECT count(*)::bigint AS batches,
-                 LEAST(COALESCE(sum(CASE WHEN status = 'in_progress' THEN GREATEST(total - completed - failed, 0) ELSE 0 END), 0),
-                       9223372036854775807)::bigint AS requests,
-                 LEAST(trunc(COALESCE(sum(CASE WHEN status = 'in_progress'
-                     THEN est_tokens::numeric * GREATEST(total - completed - failed, 0) / GREATEST(total, 1)
-                     ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END), 0)),
-                       9223372036854775807)::bigint AS tokens
-             FROM batches b WHERE status IN ('validating', 'in_progress') AND ($1::text IS NULL OR tenant = $1)",
-        )
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
+        queued_in(&self.pool, tenant).await
     }
+}
+
+/// The first key of the per-tenant advisory lock that admissions take ("quota" in ASCII);
+/// the second is the tenant's hash.
+const QUOTA_LOCK: i32 = 0x7175_6f74;
+
+/// [`Batches::queued`], on the pool or inside a transaction.
+async fn queued_in<'e>(on: impl sqlx::Executor<'e, Database = sqlx::Postgres>, tenant: Option<&str>) -> Result<Queued> {
+    // numeric sums (no overflow), clamped back into the BIGINT range.
+    let row = sqlx::query(
+        "SELECT count(*)::bigint AS batches,
+             LEAST(COALESCE(sum(CASE WHEN status = 'in_progress' THEN GREATEST(total - completed - failed, 0) ELSE est_requests END), 0),
+                   9223372036854775807)::bigint AS requests,
+             LEAST(trunc(COALESCE(sum(CASE WHEN status = 'in_progress'
+                 THEN est_tokens::numeric * GREATEST(total - completed - failed, 0) / GREATEST(total, 1)
+                 ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END), 0)),
+                   9223372036854775807)::bigint AS tokens
+         FROM batches b WHERE status IN ('validating', 'in_progress') AND ($1::text IS NULL OR tenant = $1)",
+    )
+    .bind(tenant)
+    .fetch_one(on)
+    .await
+    .map_err(db_err)?;
+    Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
 }

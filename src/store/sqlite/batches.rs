@@ -45,6 +45,7 @@ pub(super) fn batch_from_row(r: &SqliteRow) -> Result<BatchRecord> {
         output_expires_after: opt_int(r, "output_expires_after"),
         finalize_as: r.get::<Option<String>, _>("finalize_as").and_then(|s| BatchStatus::parse(&s)),
         est_tokens: int(r, "est_tokens"),
+        est_requests: int(r, "est_requests"),
         idempotency_hash: r.try_get("idempotency_hash").unwrap_or(None),
     })
 }
@@ -81,12 +82,39 @@ const USAGE_SUMS: &str = "CAST(total(requests) AS INTEGER) AS requests,
 
 #[async_trait]
 impl Batches for SqliteStore {
-    async fn insert_batch(&self, b: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord> {
+    async fn admit_batch(&self, b: &BatchRecord, idempotency_key: Option<&str>, limits: QueueLimits) -> Result<Admission> {
+        // `BEGIN IMMEDIATE` holds the write lock from the first statement: no other
+        // admission (or any write) comes between the quota's count and the insert.
         let mut tx = self.write_tx().await.map_err(db_err)?;
+        let earlier: Option<String> = match idempotency_key {
+            Some(key) => sqlx::query_scalar("SELECT id FROM batches WHERE tenant = ? AND idempotency_key = ?")
+                .bind(&b.tenant)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?,
+            None => None,
+        };
+        if let Some(id) = earlier {
+            drop(tx);
+            return Ok(Admission::Admitted(Box::new(self.get_batch(Some(&b.tenant), &id).await?)));
+        }
+        if limits != QueueLimits::default() {
+            let queued = queued_in(&mut *tx, Some(&b.tenant)).await?;
+            let tokens: i64 = sqlx::query_scalar("SELECT bytes / 4 FROM files WHERE id = ?")
+                .bind(&b.input_file_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .unwrap_or(0);
+            if queued.over(&limits, b.est_requests, tokens) {
+                return Ok(Admission::OverQuota { queued, requests: b.est_requests, tokens });
+            }
+        }
         let r = sqlx::query(
             "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash, est_requests)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(&b.id)
@@ -102,6 +130,7 @@ impl Batches for SqliteStore {
         .bind(b.priority)
         .bind(b.output_expires_after)
         .bind(&b.idempotency_hash)
+        .bind(b.est_requests.max(0))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -118,7 +147,7 @@ impl Batches for SqliteStore {
         };
         let r = tx.commit().await.map_err(db_err);
         self.counted(r)?;
-        self.get_batch(Some(&b.tenant), &id).await
+        Ok(Admission::Admitted(Box::new(self.get_batch(Some(&b.tenant), &id).await?)))
     }
 
     async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord> {
@@ -201,20 +230,25 @@ impl Batches for SqliteStore {
     }
 
     async fn queued(&self, tenant: Option<&str>) -> Result<Queued> {
-        // Sums as floats (`total()`), cast back: SQLite clamps the cast to the integer range.
-        let row = sqlx::query(
-            "SELECT count(*) AS batches,
-                 CAST(total(CASE WHEN status = 'in_progress' THEN max(total - completed - failed, 0) ELSE 0 END) AS INTEGER) AS requests,
-                 CAST(total(CASE WHEN status = 'in_progress'
-                     THEN est_tokens * (max(total - completed - failed, 0) * 1.0 / max(total, 1))
-                     ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END) AS INTEGER) AS tokens
-             FROM batches b WHERE status IN ('validating', 'in_progress') AND (? IS NULL OR tenant = ?)",
-        )
-        .bind(tenant)
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
+        queued_in(&self.pool, tenant).await
     }
+}
+
+/// [`Batches::queued`], on the pool or inside a transaction.
+async fn queued_in<'e>(on: impl sqlx::Executor<'e, Database = Sqlite>, tenant: Option<&str>) -> Result<Queued> {
+    // Sums as floats (`total()`), cast back: SQLite clamps the cast to the integer range.
+    let row = sqlx::query(
+        "SELECT count(*) AS batches,
+             CAST(total(CASE WHEN status = 'in_progress' THEN max(total - completed - failed, 0) ELSE est_requests END) AS INTEGER) AS requests,
+             CAST(total(CASE WHEN status = 'in_progress'
+                 THEN est_tokens * (max(total - completed - failed, 0) * 1.0 / max(total, 1))
+                 ELSE (SELECT f.bytes / 4 FROM files f WHERE f.id = b.input_file_id) END) AS INTEGER) AS tokens
+         FROM batches b WHERE status IN ('validating', 'in_progress') AND (? IS NULL OR tenant = ?)",
+    )
+    .bind(tenant)
+    .bind(tenant)
+    .fetch_one(on)
+    .await
+    .map_err(db_err)?;
+    Ok(Queued { batches: int(&row, "batches"), requests: int(&row, "requests"), tokens: int(&row, "tokens") })
 }

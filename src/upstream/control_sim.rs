@@ -115,6 +115,39 @@ impl Upstream for OpenAi {
     }
 }
 
+/// OpenAI's token limit: a bucket of `tpm` tokens refilled at `tpm` per minute, each request
+/// charged `cost` tokens, reported on every answer beside a request limit that never binds;
+/// a 429 with `retry-after-ms` when the tokens run out.
+struct OpenAiTokens {
+    tpm: f64,
+    tokens: f64,
+    cost: f64,
+    at: Instant,
+    latency: Duration,
+    rng: Lcg,
+}
+
+impl Upstream for OpenAiTokens {
+    fn send(&mut self, now: Instant) -> Reply {
+        let per_s = self.tpm / 60.0;
+        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * per_s).min(self.tpm);
+        self.at = now;
+        let ok = self.tokens >= self.cost;
+        if ok {
+            self.tokens -= self.cost;
+        }
+        let reset = Duration::from_secs_f64((self.tpm - self.tokens) / per_s);
+        let tokens = Dimension { limit: Some(self.tpm), remaining: Some(self.tokens.floor()), reset: Some(reset) };
+        let requests = Dimension { limit: Some(100_000.0), remaining: Some(99_999.0), reset: Some(Duration::from_millis(1)) };
+        let headers = RateHeaders { requests, tokens };
+        if ok {
+            return Reply { at: now + self.rng.around(self.latency), signal: Signal::Ok, retry_after: None, headers };
+        }
+        let wait = Duration::from_secs_f64((self.cost - self.tokens) / per_s);
+        Reply { at: now + Duration::from_millis(1), signal: Signal::RateLimited, retry_after: Some(wait), headers }
+    }
+}
+
 /// A GPU server with `slots` sequences at a time and a FIFO queue behind them.
 struct Slots {
     free_at: BinaryHeap<Reverse<Instant>>,
@@ -163,12 +196,14 @@ struct Sim {
     now: Instant,
     in_flight: Vec<(Instant, Ticket, Reply)>,
     tally: Tally,
+    /// What batchd estimates each request costs in tokens.
+    est_tokens: u64,
 }
 
 impl Sim {
     fn new(bounds: Bounds) -> Sim {
         let now = Instant::now();
-        Sim { ctl: Controller::new(bounds, now), now, in_flight: Vec::new(), tally: Tally { min_window: f64::MAX, ..Tally::default() } }
+        Sim { ctl: Controller::new(bounds, now), now, in_flight: Vec::new(), tally: Tally { min_window: f64::MAX, ..Tally::default() }, est_tokens: 10 }
     }
 
     fn bounds(mode: UpstreamMode, max: usize) -> Bounds {
@@ -201,7 +236,7 @@ impl Sim {
             }
         }
         while self.in_flight.len() < self.ctl.slots() {
-            let Ok(t) = self.ctl.gate(now, 10, self.in_flight.len()) else { break };
+            let Ok(t) = self.ctl.gate(now, self.est_tokens, self.in_flight.len()) else { break };
             let reply = up.send(now);
             self.in_flight.push((reply.at, t, reply));
             if counting {
@@ -282,6 +317,35 @@ fn openai_headers_pace_the_pool_before_any_429() {
     let learned = sim.ctl.learned_rate().expect("the headers' rate") * 60.0;
     assert!((1100.0..=1300.0).contains(&learned), "learned {learned} rpm");
     assert!(sim.ctl.window() > 32.0, "a 429 the headers explain does not shrink the window: {}", sim.ctl.window());
+}
+
+/// Runs a pool of 64 against a token budget of 60,000 a minute (1,000 tokens/s) that the
+/// upstream announces in `x-ratelimit-*-tokens`, the request budget far from binding and the
+/// token bucket nearly empty at the start: each request costs `cost` tokens, batchd
+/// estimates `est`. Returns the tally, the throughput as a share of the token budget, and
+/// the window at the end.
+fn token_budget(cost: f64, est: u64, latency: Duration) -> (Tally, f64, f64) {
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+    sim.est_tokens = est;
+    let mut up = OpenAiTokens { tpm: 60_000.0, tokens: 500.0, cost, at: sim.now, latency, rng: Lcg(9) };
+    let secs = 20.0;
+    let t = sim.run(&mut up, Duration::from_secs(5), Duration::from_secs_f64(secs));
+    let tput = t.ok as f64 * cost / secs / 1000.0;
+    println!("token budget (cost {cost}, estimate {est}, {latency:?}): {t:?}, throughput {tput:.3} of 1,000 tokens/s, 429 share {:.4}, window {:.1}",
+        t.share_429(), sim.ctl.window());
+    (t, tput, sim.ctl.window())
+}
+
+#[test]
+fn openai_token_headers_pace_the_pool_before_any_429() {
+    // Issue #11: a token budget announced in x-ratelimit-*-tokens (50 tokens a request:
+    // 20 req/s), no tpm configured, max_concurrency 64, 20 ms per answer. Without pacing by
+    // the token headers the pool would send 64 at a time and get mostly 429s.
+    let (t, tput, window) = token_budget(50.0, 50, Duration::from_millis(20));
+    assert!(t.share_429() <= 0.05, "the token headers are obeyed before the limit is hit: {:.4}", t.share_429());
+    assert!(tput >= 0.85, "throughput {tput:.3} of the announced token budget");
+    assert!(tput <= 1.01, "never more than the budget: {tput:.3}");
+    assert!(window > 32.0, "a 429 the headers explain does not shrink the window: {window}");
 }
 
 #[test]
@@ -412,4 +476,3 @@ fn pace_formatting() {
     assert_eq!(human(Duration::from_millis(1999)), "2 s");
     assert_eq!(human(Duration::from_millis(239_700)), "240 s");
 }
-

@@ -349,6 +349,21 @@ fn openai_token_headers_pace_the_pool_before_any_429() {
 }
 
 #[test]
+fn a_token_estimate_below_what_the_upstream_charges_is_corrected() {
+    // batchd estimates a line's tokens (bytes / 4 + max_tokens); the upstream counts its own
+    // way. A 429 whose `remaining-tokens` is above 0 but below what the request really costs
+    // used to read as an overload: with 2 s answers (40 in flight) the window fell to 28 and
+    // throughput to 0.66 of the budget; with the upstream charging 4× the estimate, 10 % of
+    // calls were 429. Such 429s now raise the token scale the header bucket charges.
+    for (cost, est, latency) in [(60.0, 50, 2000), (200.0, 50, 500), (100.0, 50, 20)] {
+        let (t, tput, window) = token_budget(cost, est, Duration::from_millis(latency));
+        assert!(t.share_429() <= 0.05, "cost {cost} for an estimate of {est}: 429 share {:.4}", t.share_429());
+        assert!(tput >= 0.85, "cost {cost} for an estimate of {est}: throughput {tput:.3} of the token budget");
+        assert!(window > 32.0, "cost {cost} for an estimate of {est}: the window is not what binds, yet it fell to {window}");
+    }
+}
+
+#[test]
 fn standby_keeps_online_latency_low_and_still_takes_most_of_the_server() {
     // Issue #11's budget: 16 slots, 100 ms per request, 4 online clients: their median
     // latency stays ≤ 2× unloaded while the batch gets ≥ 0.6 of the capacity.

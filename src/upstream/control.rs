@@ -198,6 +198,10 @@ pub struct Bounds {
     pub max_concurrency: usize,
     /// Configured requests per second (the pool's share of `rpm`), a hard ceiling.
     pub rate_cap: Option<f64>,
+    /// The nodes sharing the upstream (this pool's share is one of them): what the
+    /// upstream's rate-limit headers announce is divided by it, and a learned rate is
+    /// re-divided when it changes.
+    pub nodes: usize,
 }
 
 pub struct Controller {
@@ -284,9 +288,19 @@ impl Controller {
         }
     }
 
-    /// Changes the limits (a new cluster share); the window and rate stay within them.
+    /// Changes the limits (a new cluster share); the window and rate stay within them. A
+    /// learned rate, and what the rate-limit headers allow, are this node's part of the
+    /// upstream's: they are re-divided between the new number of nodes.
     pub fn set_bounds(&mut self, bounds: Bounds) {
         let at_ceiling = self.window >= self.max() && bounds.mode == UpstreamMode::Throughput;
+        let f = self.bounds.nodes.max(1) as f64 / bounds.nodes.max(1) as f64;
+        if f != 1.0 {
+            self.rate = self.rate.map(|r| (r * f).max(MIN_RATE));
+            self.rate_at_loss *= f;
+            for b in [&mut self.header_requests, &mut self.header_tokens].into_iter().flatten() {
+                (b.tokens, b.capacity, b.per_sec) = (b.tokens * f, b.capacity * f, b.per_sec * f);
+            }
+        }
         self.bounds = bounds;
         // A window that nothing had held below its ceiling moves with it.
         self.window = if at_ceiling { self.max() } else { self.window.min(self.max()) };
@@ -665,13 +679,14 @@ impl Controller {
         self.headers_seq = Some(t.seq);
         let sent_after = (self.seq - t.seq - 1) as f64;
         let tokens_after = self.tokens_sent - t.tokens_before - t.est_tokens;
-        HeaderBucket::sync(&mut self.header_requests, &h.requests, sent_after, now);
-        HeaderBucket::sync(&mut self.header_tokens, &h.tokens, tokens_after, now);
+        let share = 1.0 / self.bounds.nodes.max(1) as f64;
+        HeaderBucket::sync(&mut self.header_requests, &h.requests, share, sent_after, now);
+        HeaderBucket::sync(&mut self.header_tokens, &h.tokens, share, tokens_after, now);
     }
 }
 
-/// What an upstream's rate-limit headers allow: `remaining` as of the last answer, minus
-/// what was sent since, refilled at the rate the headers imply.
+/// What an upstream's rate-limit headers allow this node: its share of `remaining` as of the
+/// last answer, minus what it sent since, refilled at its share of the rate the headers imply.
 #[derive(Debug, Clone)]
 struct HeaderBucket {
     tokens: f64,
@@ -681,7 +696,7 @@ struct HeaderBucket {
 }
 
 impl HeaderBucket {
-    fn sync(slot: &mut Option<HeaderBucket>, d: &Dimension, used_after: f64, now: Instant) {
+    fn sync(slot: &mut Option<HeaderBucket>, d: &Dimension, share: f64, used_after: f64, now: Instant) {
         let Some(remaining) = d.remaining else { return };
         let per_sec = match (d.limit, d.reset) {
             (Some(l), Some(r)) if l > remaining && !r.is_zero() => (l - remaining) / r.as_secs_f64(),
@@ -689,8 +704,8 @@ impl HeaderBucket {
             // Nothing says how it refills: a bucket would never open again once empty.
             (None, _) => return,
         };
-        let capacity = d.limit.unwrap_or(remaining).max(1.0);
-        *slot = Some(HeaderBucket { tokens: remaining - used_after, capacity, per_sec, at: now });
+        let capacity = (share * d.limit.unwrap_or(remaining)).max(1.0);
+        *slot = Some(HeaderBucket { tokens: share * remaining - used_after, capacity, per_sec: share * per_sec, at: now });
     }
 
     fn ready_at(&self, now: Instant, n: f64) -> Instant {

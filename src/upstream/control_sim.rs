@@ -207,7 +207,7 @@ impl Sim {
     }
 
     fn bounds(mode: UpstreamMode, max: usize) -> Bounds {
-        Bounds { mode, max_concurrency: max, rate_cap: None }
+        Bounds { mode, max_concurrency: max, rate_cap: None, nodes: 1 }
     }
 
     /// Advances one step: answers due are recorded, then new requests go out.
@@ -474,13 +474,62 @@ fn a_429_pauses_the_pool_and_quota_pauses_it_long() {
 #[test]
 fn configured_rate_caps_what_is_learned() {
     let now = Instant::now();
-    let bounds = Bounds { mode: UpstreamMode::Throughput, max_concurrency: 4, rate_cap: Some(5.0) };
+    let bounds = Bounds { mode: UpstreamMode::Throughput, max_concurrency: 4, rate_cap: Some(5.0), nodes: 1 };
     let mut ctl = Controller::new(bounds, now);
     let requests = Dimension { limit: Some(6000.0), remaining: Some(5000.0), reset: Some(Duration::from_secs(10)) };
     let h = RateHeaders { requests, tokens: Dimension::default() };
     let t = ctl.gate(now, 0, 0).unwrap();
     ctl.record(now, &t, &Observation { signal: Signal::Ok, retry_after: None, headers: &h, detail: "" }, 1);
     assert_eq!(ctl.learned_rate(), Some(5.0), "headers announcing 100/s never lift a configured 5/s");
+}
+
+#[test]
+fn a_learned_rate_is_re_divided_when_the_nodes_change() {
+    // nginx's 20 r/s learned alone; a second node joins the cluster: this node's part of the
+    // upstream's rate is half; when it leaves again, the whole.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
+    let origin = sim.now;
+    let mut up = Nginx { rate_per_s: 20.0, excess: 0.0, last_ms: None, origin, latency: Duration::from_millis(20), rng: Lcg(3) };
+    sim.run(&mut up, Duration::from_secs(10), Duration::ZERO);
+    let alone = sim.ctl.learned_rate().expect("a rate was learned");
+    sim.ctl.set_bounds(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 8) });
+    let half = sim.ctl.learned_rate().expect("still a rate");
+    sim.ctl.set_bounds(Sim::bounds(UpstreamMode::Throughput, 16));
+    let whole = sim.ctl.learned_rate().expect("still a rate");
+    println!("learned {alone:.2}/s alone, {half:.2}/s on half, {whole:.2}/s alone again");
+    assert!((half - alone / 2.0).abs() < 1e-9, "a learned rate on a 2-node share is halved: {alone} → {half}");
+    assert!((whole - alone).abs() < 1e-9, "and whole again when the other node leaves: {whole}");
+}
+
+#[test]
+fn two_nodes_share_a_rate_limit_announced_in_headers() {
+    // OpenAI's 1,200 rpm, announced in headers that describe the whole key, used by two
+    // nodes of a cluster (each with half of max_concurrency 64). Each takes half of what
+    // the headers announce; believing the whole each, they would send twice the limit and
+    // spend every refill on a race.
+    let mut a = Sim::new(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 32) });
+    let mut b = Sim::new(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 32) });
+    b.now = a.now;
+    let mut up = OpenAi { limit: 1200.0, tokens: 10.0, at: a.now, latency: Duration::from_millis(20), rng: Lcg(5) };
+    let secs = 20;
+    let warm = a.now + Duration::from_secs(2);
+    let end = warm + Duration::from_secs(secs);
+    while a.now < end {
+        let counting = a.now >= warm;
+        a.step(&mut up, counting);
+        b.step(&mut up, counting);
+    }
+    let (sent, ok, limited) = (a.tally.sent + b.tally.sent, a.tally.ok + b.tally.ok, a.tally.limited + b.tally.limited);
+    let tput = ok as f64 / secs as f64 / 20.0;
+    let share = limited as f64 / sent.max(1) as f64;
+    println!("two nodes: {:?} + {:?}, throughput {tput:.3} of 20 req/s, 429 share {share:.4}, learned {:?} + {:?}",
+        a.tally, b.tally, a.ctl.learned_rate(), b.ctl.learned_rate());
+    assert!(share <= 0.05, "429 share {share:.4}");
+    assert!(tput >= 0.85, "throughput {tput:.3} of the announced limit");
+    for s in [&a, &b] {
+        let rpm = s.ctl.learned_rate().expect("the headers' rate") * 60.0;
+        assert!((550.0..=650.0).contains(&rpm), "each node learns its half of 1,200 rpm: {rpm}");
+    }
 }
 
 #[test]

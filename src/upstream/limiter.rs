@@ -240,7 +240,7 @@ impl Limiter {
 
 fn bounds(base: &Base, n: usize, max_concurrency: usize) -> Bounds {
     let rate_cap = (base.rpm > 0).then(|| base.rpm as f64 / 60.0 / n as f64);
-    Bounds { mode: base.mode, max_concurrency, rate_cap }
+    Bounds { mode: base.mode, max_concurrency, rate_cap, nodes: n }
 }
 
 /// Node `rank`'s part of `total` split over `n` nodes: the parts add up to `total` (when
@@ -405,6 +405,24 @@ mod tests {
         assert_eq!(two.iter().map(|s| s.1).sum::<f64>(), 1200.0, "the rpm shares add up to the total");
         assert_eq!(two.iter().map(|s| s.2).sum::<f64>(), 90_000.0, "the tpm shares add up to the total");
         assert_eq!((first.free(), last.free()), (6, 5), "the new slots are usable at once");
+    }
+
+    #[tokio::test]
+    async fn a_rate_announced_in_headers_is_divided_between_nodes() {
+        // The upstream's x-ratelimit-* headers describe the whole key, which every node uses:
+        // a node takes its share of what they announce, as it does of a configured rpm.
+        let l = Arc::new(Limiter::new(&cfg(64, 0)));
+        let requests = Dimension { limit: Some(1200.0), remaining: Some(1100.0), reset: Some(Duration::from_secs(5)) };
+        let h = RateHeaders { requests, tokens: Dimension::default() };
+        let p = l.acquire(0).await;
+        l.settle(p, &obs(Signal::Ok, &h));
+        let alone = l.with_controller(|c, _| c.learned_rate()).expect("a rate from the headers");
+        assert!((alone * 60.0 - 1200.0).abs() < 1e-6, "alone, the whole 1,200 rpm: {}", alone * 60.0);
+        l.set_share(2, 1);
+        let p = l.acquire(0).await;
+        l.settle(p, &obs(Signal::Ok, &h));
+        let half = l.with_controller(|c, _| c.learned_rate()).expect("a rate from the headers");
+        assert!((half * 60.0 - 600.0).abs() < 1e-6, "one of two nodes takes half of the announced 1,200 rpm: {}", half * 60.0);
     }
 
     #[tokio::test(start_paused = true)]

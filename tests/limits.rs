@@ -83,6 +83,12 @@ fn gauge(text: &str, name: &str, up: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
 
+/// The value of `name{upstream="up",reason="why"}` in a Prometheus text.
+fn reason_gauge(text: &str, name: &str, up: &str, why: &str) -> Option<f64> {
+    let prefix = format!("{name}{{upstream=\"{up}\",reason=\"{why}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
 async fn set(m: &MockServer, patch: Value) {
     let r = reqwest::Client::new().post(format!("http://{}/config", m.addr())).json(&patch).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
@@ -219,6 +225,49 @@ async fn an_upstream_out_of_quota_is_paused_and_its_lines_go_to_the_other() {
     let text = metrics(&s).await;
     assert_eq!(gauge(&text, "batchd_upstream_paused", "broke"), Some(1.0), "{text}");
     assert_eq!(gauge(&text, "batchd_upstream_paused", "ok"), Some(0.0));
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "broke", "quota_exhausted"), Some(1.0), "{text}");
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "broke", "rate_limited"), Some(0.0), "{text}");
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "ok", "quota_exhausted"), Some(0.0), "{text}");
+    let left = gauge(&text, "batchd_upstream_pause_seconds_remaining", "broke").unwrap();
+    assert!(left > 15.0 && left <= 30.0, "a quota pause lasts 30 s: {left} s left");
+    assert_eq!(gauge(&text, "batchd_upstream_pause_seconds_remaining", "ok"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_shows_its_reason_and_time_left_in_metrics() {
+    // Four lines answered 503 once (overloads), one answered 429 with a 2 s retry-after
+    // once: while the pool waits out the 429, /metrics says why and for how long, and
+    // counts the refusals of the last minute by kind.
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_attempts = 3", ""));
+    let api = s.api();
+    let mut lines: Vec<String> = (0..4).map(|i| chat_line(&format!("busy-{i}"), "m", Some(json!({"status": 503, "fail_times": 1})))).collect();
+    lines.push(chat_line("limited", "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 2.0}))));
+    let id = api.submit(&lines).await;
+    let sr = &s;
+    let text = eventually("the upstream shows as paused for a rate limit", secs(10), || async move {
+        let t = metrics(sr).await;
+        (reason_gauge(&t, "batchd_upstream_pause_reason", "mock", "rate_limited") == Some(1.0)).then_some(t)
+    })
+    .await;
+    assert_eq!(gauge(&text, "batchd_upstream_paused", "mock"), Some(1.0), "{text}");
+    for other in ["overloaded", "quota_exhausted", "unreachable"] {
+        assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "mock", other), Some(0.0), "one reason at a time: {text}");
+    }
+    let left = gauge(&text, "batchd_upstream_pause_seconds_remaining", "mock").unwrap();
+    assert!(left > 0.0 && left <= 2.0, "the 429's retry-after of 2 s: {left} s left");
+    assert_eq!(gauge(&text, "batchd_upstream_rate_limited_last_minute", "mock"), Some(1.0), "{text}");
+    assert!(gauge(&text, "batchd_upstream_overloaded_last_minute", "mock").unwrap() >= 1.0, "{text}");
+
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
+    let (out, _) = final_results(&api, &b, 5).await;
+    assert_eq!(out.len(), 5, "every line succeeds on its second attempt");
+    let text = metrics(&s).await;
+    assert_eq!(gauge(&text, "batchd_upstream_overloaded_last_minute", "mock"), Some(4.0), "each 503 counts once: {text}");
+    assert_eq!(gauge(&text, "batchd_upstream_rate_limited_last_minute", "mock"), Some(1.0), "{text}");
+    assert_eq!(gauge(&text, "batchd_upstream_paused", "mock"), Some(0.0), "{text}");
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "mock", "rate_limited"), Some(0.0), "no reason once the pause is over: {text}");
+    assert_eq!(gauge(&text, "batchd_upstream_pause_seconds_remaining", "mock"), Some(0.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,10 +159,20 @@ impl PauseReason {
         }
     }
 
+    pub const ALL: [PauseReason; 4] = [PauseReason::RateLimited, PauseReason::Overloaded, PauseReason::QuotaExhausted, PauseReason::Unreachable];
+
+    /// The reason's name, as in JSON (`rate_limited`, `quota_exhausted`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::RateLimited => "rate_limited",
+            PauseReason::Overloaded => "overloaded",
+            PauseReason::QuotaExhausted => "quota_exhausted",
+            PauseReason::Unreachable => "unreachable",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<PauseReason> {
-        [PauseReason::RateLimited, PauseReason::Overloaded, PauseReason::QuotaExhausted, PauseReason::Unreachable]
-            .into_iter()
-            .find(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(|x| x == s)).unwrap_or(false))
+        PauseReason::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 

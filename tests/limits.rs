@@ -177,6 +177,42 @@ async fn nginx_limit_req_without_retry_after_is_learned_and_no_line_gives_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_told_to_slow_down_forever_end_at_the_completion_window() {
+    // A 429 that says "slow down" costs no attempt, so the completion window is what bounds
+    // a line the upstream never serves: it ends there as `batch_expired`, like any line not
+    // done, and is not sent after it.
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_attempts = 2", ""));
+    let api = s.api();
+    let mut lines: Vec<String> = (0..5).map(|i| chat_line(&format!("limited-{i}"), "m", Some(json!({"status": 429, "retry_after_s": 0.2})))).collect();
+    lines.push(chat_line("served", "m", None));
+    let f = api.upload(&lines).await;
+    let t0 = Instant::now();
+    let created = api.create_batch(&f, json!({"completion_window": "3s"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let b = api.wait_for(&id, &["expired", "completed", "failed", "cancelled"], secs(20)).await;
+    let took = t0.elapsed();
+    assert_eq!(b["status"], "expired", "{b}");
+    assert!(took < secs(8), "ended at its 3 s window, not later: {took:?}");
+    let (out, err) = final_results(&api, &b, 6).await;
+    assert_eq!(out.len(), 1, "the line the upstream served is kept: {err:?}");
+    assert_eq!(out[0]["custom_id"], "served");
+    assert_eq!(err.len(), 5);
+    let counts = m.stats_with(secs(60), true).request_id_counts.unwrap();
+    for l in &err {
+        assert_eq!(l["error"]["code"], "batch_expired", "{l}");
+        assert!(l["response"].is_null(), "{l}");
+        let sent = counts.get(l["id"].as_str().unwrap()).copied().unwrap_or(0);
+        assert!(sent > 2, "429s cost no attempt: sent {sent} times with max_attempts = 2 before the window ended: {l}");
+    }
+    let mr = &m;
+    eventually("in-flight calls end at expiry", secs(3), || async move { (mr.stats().in_flight == 0).then_some(()) }).await;
+    let before = m.stats().requests;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(m.stats().requests, before, "nothing is sent after expiry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_down_429s_cost_no_attempt_but_500s_do() {
     let m = mock(MockArgs::default()).await;
     let s = Server::start(&config(&m.base_url(), "max_attempts = 2", ""));

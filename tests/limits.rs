@@ -157,9 +157,11 @@ async fn nginx_limit_req_without_retry_after_is_learned_and_no_line_gives_up() {
     // The third case: nginx `limit_req` of 20 r/s (no burst) answering 429 at once
     // with no Retry-After, max_concurrency 16, no rpm. Before: 361 of 500 lines failed
     // within 7 s. nginx counts whole milliseconds and refuses any request that comes sooner
-    // than 50 ms after the last, so scheduling jitter alone causes 429s: on an idle machine
-    // the rate settles near 0.9 of the limit (see `upstream::control`'s simulation), on two
-    // cores shared with compilers it settles lower, hence the margin on throughput.
+    // than 50 ms after the last, so scheduling jitter alone causes 429s. The simulation in
+    // `upstream::control` holds the 0.85 in steady state; here, a debug build on two
+    // cores shared with two compilers (load average 3.5 to 4.6) measured 0.89 to 0.90 in three
+    // runs, so 0.75 leaves room for a noisier machine while still failing a controller that
+    // learns too low a rate (it was 0.6 before).
     const N: u64 = 200;
     let m = mock(MockArgs { latency_ms: 20, limit_rps: 20.0, ..Default::default() }).await;
     let s = Server::start(&config(&m.base_url(), "max_concurrency = 16", ""));
@@ -171,7 +173,7 @@ async fn nginx_limit_req_without_retry_after_is_learned_and_no_line_gives_up() {
     println!("nginx 20 r/s: {st:?}, {ratio:.2} of the limit; all statuses {:?}; upstreams {upstreams}", m.stats().by_status);
     assert_eq!(out.len() as u64, N, "a 429 with no header costs no attempt: every line succeeds");
     assert!(st.share_429 <= 0.05, "the learned rate keeps 429s rare: {st:?}");
-    assert!(ratio >= 0.6, "throughput {ratio:.2} of the 20 req/s limit");
+    assert!(ratio >= 0.75, "throughput {ratio:.2} of the 20 req/s limit");
     let learned = upstreams[0]["learned_rpm"].as_f64().expect("a rate is learned from 429s with no header");
     assert!(learned <= 1320.0, "learned {learned} rpm for a 1,200 rpm limit");
 }

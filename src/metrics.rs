@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::upstream::{Outcome, TransportError};
+use crate::upstream::{Outcome, PauseReason, TransportError};
 
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -187,12 +187,18 @@ pub struct UpstreamGauges {
     pub limit: i64,
     pub learned_rpm: Option<f64>,
     pub paused: bool,
+    /// Why it is paused, while it is.
+    pub pause_reason: Option<PauseReason>,
+    /// Seconds until the pause ends (0 while not paused).
+    pub pause_seconds_remaining: f64,
     pub rate_limited_last_minute: u64,
     pub overloaded_last_minute: u64,
 }
 
 impl From<&crate::upstream::UpstreamState> for UpstreamGauges {
     fn from(s: &crate::upstream::UpstreamState) -> Self {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let left_ms = s.paused_until_ms.filter(|_| s.paused).map_or(0, |u| u.saturating_sub(now_ms));
         UpstreamGauges {
             name: s.name.clone(),
             in_flight: s.in_flight as i64,
@@ -200,6 +206,8 @@ impl From<&crate::upstream::UpstreamState> for UpstreamGauges {
             limit: s.limit as i64,
             learned_rpm: s.learned_rpm,
             paused: s.paused,
+            pause_reason: s.pause_reason.filter(|_| s.paused),
+            pause_seconds_remaining: left_ms as f64 / 1000.0,
             rate_limited_last_minute: s.rate_limited_last_minute,
             overloaded_last_minute: s.overloaded_last_minute,
         }
@@ -249,6 +257,8 @@ impl Scrape {
         let limit = Family::<Labels, Gauge>::default();
         let learned = Family::<Labels, FloatGauge>::default();
         let paused = Family::<Labels, Gauge>::default();
+        let reason = Family::<Labels, Gauge>::default();
+        let left = Family::<Labels, FloatGauge>::default();
         let limited = Family::<Labels, Gauge>::default();
         let overloaded = Family::<Labels, Gauge>::default();
         for u in &self.upstreams {
@@ -260,6 +270,11 @@ impl Scrape {
                 learned.get_or_create(&l).set(rpm);
             }
             paused.get_or_create(&l).set(u.paused as i64);
+            for r in PauseReason::ALL {
+                let labels = vec![("upstream", u.name.clone()), ("reason", r.as_str().to_string())];
+                reason.get_or_create(&labels).set((u.pause_reason == Some(r)) as i64);
+            }
+            left.get_or_create(&l).set(u.pause_seconds_remaining);
             limited.get_or_create(&l).set(u.rate_limited_last_minute as i64);
             overloaded.get_or_create(&l).set(u.overloaded_last_minute as i64);
         }
@@ -267,7 +282,13 @@ impl Scrape {
         r.register("batchd_upstream_window", "Concurrency window learned for each upstream", window);
         r.register("batchd_upstream_limit", "This node's share of each upstream's max_concurrency", limit);
         r.register("batchd_upstream_learned_rpm", "Requests per minute learned from 429s or rate-limit headers", learned);
-        r.register("batchd_upstream_paused", "1 while the upstream is paused (see pause_reason in /progress)", paused);
+        r.register("batchd_upstream_paused", "1 while the upstream is paused (why: batchd_upstream_pause_reason)", paused);
+        r.register(
+            "batchd_upstream_pause_reason",
+            "1 for the reason the upstream is paused (rate_limited, overloaded, quota_exhausted, unreachable), 0 for the others",
+            reason,
+        );
+        r.register("batchd_upstream_pause_seconds_remaining", "Seconds until the upstream's pause ends, 0 while not paused", left);
         r.register("batchd_upstream_rate_limited_last_minute", "429 answers in the last minute", limited);
         r.register("batchd_upstream_overloaded_last_minute", "Overloaded answers (503, 529) in the last minute", overloaded);
     }
@@ -292,7 +313,17 @@ mod tests {
         m.commit_took(Duration::from_millis(2));
         m.webhook_attempt("delivered");
         let idle = UpstreamGauges { name: "a".into(), window: 64.0, limit: 64, ..Default::default() };
-        let learning = UpstreamGauges { name: "b".into(), window: 8.5, learned_rpm: Some(1180.0), paused: true, rate_limited_last_minute: 3, ..Default::default() };
+        let learning = UpstreamGauges {
+            name: "b".into(),
+            window: 8.5,
+            learned_rpm: Some(1180.0),
+            paused: true,
+            pause_reason: Some(PauseReason::RateLimited),
+            pause_seconds_remaining: 1.5,
+            rate_limited_last_minute: 3,
+            overloaded_last_minute: 2,
+            ..Default::default()
+        };
         let s = Scrape { store_commits: 7, store_writable: true, batches_by_status: vec![("in_progress", 2)], upstreams: vec![idle, learning], ..Default::default() };
         let text = m.render(&s);
         for want in [
@@ -312,6 +343,14 @@ mod tests {
             "batchd_upstream_learned_rpm{upstream=\"b\"} 1180",
             "batchd_upstream_paused{upstream=\"b\"} 1",
             "batchd_upstream_rate_limited_last_minute{upstream=\"b\"} 3",
+            "batchd_upstream_overloaded_last_minute{upstream=\"b\"} 2",
+            "batchd_upstream_overloaded_last_minute{upstream=\"a\"} 0",
+            "batchd_upstream_pause_reason{upstream=\"b\",reason=\"rate_limited\"} 1",
+            "batchd_upstream_pause_reason{upstream=\"b\",reason=\"quota_exhausted\"} 0",
+            "batchd_upstream_pause_reason{upstream=\"a\",reason=\"rate_limited\"} 0",
+            "batchd_upstream_pause_reason{upstream=\"a\",reason=\"unreachable\"} 0",
+            "batchd_upstream_pause_seconds_remaining{upstream=\"b\"} 1.5",
+            "batchd_upstream_pause_seconds_remaining{upstream=\"a\"} 0.0",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

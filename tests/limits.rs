@@ -83,6 +83,12 @@ fn gauge(text: &str, name: &str, up: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
 
+/// The value of `name{upstream="up",reason="why"}` in a Prometheus text.
+fn reason_gauge(text: &str, name: &str, up: &str, why: &str) -> Option<f64> {
+    let prefix = format!("{name}{{upstream=\"{up}\",reason=\"{why}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
 async fn set(m: &MockServer, patch: Value) {
     let r = reqwest::Client::new().post(format!("http://{}/config", m.addr())).json(&patch).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
@@ -151,9 +157,11 @@ async fn nginx_limit_req_without_retry_after_is_learned_and_no_line_gives_up() {
     // The third case: nginx `limit_req` of 20 r/s (no burst) answering 429 at once
     // with no Retry-After, max_concurrency 16, no rpm. Before: 361 of 500 lines failed
     // within 7 s. nginx counts whole milliseconds and refuses any request that comes sooner
-    // than 50 ms after the last, so scheduling jitter alone causes 429s: on an idle machine
-    // the rate settles near 0.9 of the limit (see `upstream::control`'s simulation), on two
-    // cores shared with compilers it settles lower, hence the margin on throughput.
+    // than 50 ms after the last, so scheduling jitter alone causes 429s. The simulation in
+    // `upstream::control` holds the 0.85 in steady state; here, a debug build on two
+    // cores shared with two compilers (load average 3.5 to 4.6) measured 0.89 to 0.90 in three
+    // runs, so 0.75 leaves room for a noisier machine while still failing a controller that
+    // learns too low a rate (it was 0.6 before).
     const N: u64 = 200;
     let m = mock(MockArgs { latency_ms: 20, limit_rps: 20.0, ..Default::default() }).await;
     let s = Server::start(&config(&m.base_url(), "max_concurrency = 16", ""));
@@ -165,9 +173,45 @@ async fn nginx_limit_req_without_retry_after_is_learned_and_no_line_gives_up() {
     println!("nginx 20 r/s: {st:?}, {ratio:.2} of the limit; all statuses {:?}; upstreams {upstreams}", m.stats().by_status);
     assert_eq!(out.len() as u64, N, "a 429 with no header costs no attempt: every line succeeds");
     assert!(st.share_429 <= 0.05, "the learned rate keeps 429s rare: {st:?}");
-    assert!(ratio >= 0.6, "throughput {ratio:.2} of the 20 req/s limit");
+    assert!(ratio >= 0.75, "throughput {ratio:.2} of the 20 req/s limit");
     let learned = upstreams[0]["learned_rpm"].as_f64().expect("a rate is learned from 429s with no header");
     assert!(learned <= 1320.0, "learned {learned} rpm for a 1,200 rpm limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_told_to_slow_down_forever_end_at_the_completion_window() {
+    // A 429 that says "slow down" costs no attempt, so the completion window is what bounds
+    // a line the upstream never serves: it ends there as `batch_expired`, like any line not
+    // done, and is not sent after it.
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_attempts = 2", ""));
+    let api = s.api();
+    let mut lines: Vec<String> = (0..5).map(|i| chat_line(&format!("limited-{i}"), "m", Some(json!({"status": 429, "retry_after_s": 0.2})))).collect();
+    lines.push(chat_line("served", "m", None));
+    let f = api.upload(&lines).await;
+    let t0 = Instant::now();
+    let created = api.create_batch(&f, json!({"completion_window": "3s"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let b = api.wait_for(&id, &["expired", "completed", "failed", "cancelled"], secs(20)).await;
+    let took = t0.elapsed();
+    assert_eq!(b["status"], "expired", "{b}");
+    assert!(took < secs(8), "ended at its 3 s window, not later: {took:?}");
+    let (out, err) = final_results(&api, &b, 6).await;
+    assert_eq!(out.len(), 1, "the line the upstream served is kept: {err:?}");
+    assert_eq!(out[0]["custom_id"], "served");
+    assert_eq!(err.len(), 5);
+    let counts = m.stats_with(secs(60), true).request_id_counts.unwrap();
+    for l in &err {
+        assert_eq!(l["error"]["code"], "batch_expired", "{l}");
+        assert!(l["response"].is_null(), "{l}");
+        let sent = counts.get(l["id"].as_str().unwrap()).copied().unwrap_or(0);
+        assert!(sent > 2, "429s cost no attempt: sent {sent} times with max_attempts = 2 before the window ended: {l}");
+    }
+    let mr = &m;
+    eventually("in-flight calls end at expiry", secs(3), || async move { (mr.stats().in_flight == 0).then_some(()) }).await;
+    let before = m.stats().requests;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(m.stats().requests, before, "nothing is sent after expiry");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,6 +263,49 @@ async fn an_upstream_out_of_quota_is_paused_and_its_lines_go_to_the_other() {
     let text = metrics(&s).await;
     assert_eq!(gauge(&text, "batchd_upstream_paused", "broke"), Some(1.0), "{text}");
     assert_eq!(gauge(&text, "batchd_upstream_paused", "ok"), Some(0.0));
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "broke", "quota_exhausted"), Some(1.0), "{text}");
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "broke", "rate_limited"), Some(0.0), "{text}");
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "ok", "quota_exhausted"), Some(0.0), "{text}");
+    let left = gauge(&text, "batchd_upstream_pause_seconds_remaining", "broke").unwrap();
+    assert!(left > 15.0 && left <= 30.0, "a quota pause lasts 30 s: {left} s left");
+    assert_eq!(gauge(&text, "batchd_upstream_pause_seconds_remaining", "ok"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_shows_its_reason_and_time_left_in_metrics() {
+    // Four lines answered 503 once (overloads), one answered 429 with a 2 s retry-after
+    // once: while the pool waits out the 429, /metrics says why and for how long, and
+    // counts the refusals of the last minute by kind.
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_attempts = 3", ""));
+    let api = s.api();
+    let mut lines: Vec<String> = (0..4).map(|i| chat_line(&format!("busy-{i}"), "m", Some(json!({"status": 503, "fail_times": 1})))).collect();
+    lines.push(chat_line("limited", "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 2.0}))));
+    let id = api.submit(&lines).await;
+    let sr = &s;
+    let text = eventually("the upstream shows as paused for a rate limit", secs(10), || async move {
+        let t = metrics(sr).await;
+        (reason_gauge(&t, "batchd_upstream_pause_reason", "mock", "rate_limited") == Some(1.0)).then_some(t)
+    })
+    .await;
+    assert_eq!(gauge(&text, "batchd_upstream_paused", "mock"), Some(1.0), "{text}");
+    for other in ["overloaded", "quota_exhausted", "unreachable"] {
+        assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "mock", other), Some(0.0), "one reason at a time: {text}");
+    }
+    let left = gauge(&text, "batchd_upstream_pause_seconds_remaining", "mock").unwrap();
+    assert!(left > 0.0 && left <= 2.0, "the 429's retry-after of 2 s: {left} s left");
+    assert_eq!(gauge(&text, "batchd_upstream_rate_limited_last_minute", "mock"), Some(1.0), "{text}");
+    assert!(gauge(&text, "batchd_upstream_overloaded_last_minute", "mock").unwrap() >= 1.0, "{text}");
+
+    let b = api.wait_for(&id, &["completed"], secs(20)).await;
+    let (out, _) = final_results(&api, &b, 5).await;
+    assert_eq!(out.len(), 5, "every line succeeds on its second attempt");
+    let text = metrics(&s).await;
+    assert_eq!(gauge(&text, "batchd_upstream_overloaded_last_minute", "mock"), Some(4.0), "each 503 counts once: {text}");
+    assert_eq!(gauge(&text, "batchd_upstream_rate_limited_last_minute", "mock"), Some(1.0), "{text}");
+    assert_eq!(gauge(&text, "batchd_upstream_paused", "mock"), Some(0.0), "{text}");
+    assert_eq!(reason_gauge(&text, "batchd_upstream_pause_reason", "mock", "rate_limited"), Some(0.0), "no reason once the pause is over: {text}");
+    assert_eq!(gauge(&text, "batchd_upstream_pause_seconds_remaining", "mock"), Some(0.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

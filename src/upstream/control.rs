@@ -28,7 +28,9 @@
 //! The upstream's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers are obeyed
 //! before any 429: each answer re-synchronises a bucket holding `remaining` minus what was
 //! sent after that request, refilled at `(limit − remaining) / reset` (OpenAI's meaning of
-//! reset: until the limit is whole again). A 429 those headers explain only pauses.
+//! reset: until the limit is whole again). A 429 those headers explain only pauses. A
+//! request is charged its token estimate times a scale that a 429 with tokens left above the
+//! estimate raises (the upstream counts more than batchd estimated) and successes let decay.
 //!
 //! Standby mode is delay-based, like Envoy's adaptive concurrency: every round trip the
 //! median latency of the round is compared with the lowest round median of the last 15 to
@@ -75,6 +77,13 @@ const LITTLE_BUCKET: Duration = Duration::from_millis(250);
 const QUEUE_FRESH: Duration = Duration::from_secs(3);
 /// A second overload within this long of the last decrease means sending too fast, not bad luck.
 const RECENT_OVERLOAD: Duration = Duration::from_secs(2);
+/// How far below what the upstream charges batchd's token estimate may be learned to be: a
+/// 429 whose `remaining-tokens` exceeds this many estimates is not about tokens.
+const MAX_TOKEN_SCALE: f64 = 8.0;
+/// Growth of the token scale on a 429 that shows the estimate too low, and its decay per
+/// success (so an estimate once too low is tried again, at about one 429 in a hundred).
+const TOKEN_SCALE_UP: f64 = 1.1;
+const TOKEN_SCALE_DECAY: f64 = 0.999;
 
 /// What one outcome says about the upstream's load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,10 +159,20 @@ impl PauseReason {
         }
     }
 
+    pub const ALL: [PauseReason; 4] = [PauseReason::RateLimited, PauseReason::Overloaded, PauseReason::QuotaExhausted, PauseReason::Unreachable];
+
+    /// The reason's name, as in JSON (`rate_limited`, `quota_exhausted`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::RateLimited => "rate_limited",
+            PauseReason::Overloaded => "overloaded",
+            PauseReason::QuotaExhausted => "quota_exhausted",
+            PauseReason::Unreachable => "unreachable",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<PauseReason> {
-        [PauseReason::RateLimited, PauseReason::Overloaded, PauseReason::QuotaExhausted, PauseReason::Unreachable]
-            .into_iter()
-            .find(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(|x| x == s)).unwrap_or(false))
+        PauseReason::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 
@@ -172,7 +191,12 @@ pub struct Ticket {
     pub sent_at: Instant,
     /// The learned rate held this request back (the rate bound the sending).
     paced: bool,
+    /// Tokens charged to the header bucket for this request: the estimate × the token scale.
     est_tokens: f64,
+    /// The estimate as given, before the token scale.
+    raw_tokens: f64,
+    /// A token bucket from the upstream's headers let this request go.
+    token_gated: bool,
     /// Estimated tokens of everything sent before this request.
     tokens_before: f64,
 }
@@ -184,6 +208,10 @@ pub struct Bounds {
     pub max_concurrency: usize,
     /// Configured requests per second (the pool's share of `rpm`), a hard ceiling.
     pub rate_cap: Option<f64>,
+    /// The nodes sharing the upstream (this pool's share is one of them): what the
+    /// upstream's rate-limit headers announce is divided by it, and a learned rate is
+    /// re-divided when it changes.
+    pub nodes: usize,
 }
 
 pub struct Controller {
@@ -209,6 +237,8 @@ pub struct Controller {
     /// The last send that filled the window.
     filled_at: Option<u64>,
     tokens_sent: f64,
+    /// What the upstream charges per estimated token, as far as its 429s showed (≥ 1).
+    token_scale: f64,
     srtt: Option<f64>,
     min_rtt: WindowedMin,
     little: Accumulator,
@@ -252,6 +282,7 @@ impl Controller {
             seq: 0,
             filled_at: None,
             tokens_sent: 0.0,
+            token_scale: 1.0,
             srtt: None,
             min_rtt: WindowedMin::new(now),
             little: Accumulator::new(now, LITTLE_BUCKET),
@@ -267,9 +298,19 @@ impl Controller {
         }
     }
 
-    /// Changes the limits (a new cluster share); the window and rate stay within them.
+    /// Changes the limits (a new cluster share); the window and rate stay within them. A
+    /// learned rate, and what the rate-limit headers allow, are this node's part of the
+    /// upstream's: they are re-divided between the new number of nodes.
     pub fn set_bounds(&mut self, bounds: Bounds) {
         let at_ceiling = self.window >= self.max() && bounds.mode == UpstreamMode::Throughput;
+        let f = self.bounds.nodes.max(1) as f64 / bounds.nodes.max(1) as f64;
+        if f != 1.0 {
+            self.rate = self.rate.map(|r| (r * f).max(MIN_RATE));
+            self.rate_at_loss *= f;
+            for b in [&mut self.header_requests, &mut self.header_tokens].into_iter().flatten() {
+                (b.tokens, b.capacity, b.per_sec) = (b.tokens * f, b.capacity * f, b.per_sec * f);
+            }
+        }
         self.bounds = bounds;
         // A window that nothing had held below its ceiling moves with it.
         self.window = if at_ceiling { self.max() } else { self.window.min(self.max()) };
@@ -319,7 +360,7 @@ impl Controller {
         if let Some(p) = self.pause(now) {
             return Err(p.until);
         }
-        let est = est_tokens as f64;
+        let est = est_tokens as f64 * self.token_scale;
         for (bucket, n) in [(&mut self.header_requests, 1.0), (&mut self.header_tokens, est)] {
             if let Some(b) = bucket {
                 let at = b.ready_at(now, n);
@@ -352,6 +393,8 @@ impl Controller {
             sent_at: now,
             paced,
             est_tokens: est,
+            raw_tokens: est_tokens as f64,
+            token_gated: self.header_tokens.is_some(),
             tokens_before: self.tokens_sent,
         };
         self.seq += 1;
@@ -384,6 +427,7 @@ impl Controller {
         self.oks.add(now, 1.0);
         self.strikes = 0;
         self.quota_strikes = 0;
+        self.token_scale = (self.token_scale * TOKEN_SCALE_DECAY).max(1.0);
         match self.bounds.mode {
             UpstreamMode::Throughput => self.grow_window(t, in_flight),
             UpstreamMode::Standby => self.standby_sample(now, latency, in_flight),
@@ -445,9 +489,9 @@ impl Controller {
         let reason = if obs.signal == Signal::RateLimited { PauseReason::RateLimited } else { PauseReason::Overloaded };
         self.counters.count(now, reason);
         self.last_error = Some(obs.detail.to_string());
-        // Remaining requests or tokens at zero explain a 429: pacing by the headers is the
-        // cure, not a smaller window or a learned rate.
-        let explained = obs.signal == Signal::RateLimited && self.headers_exhausted(obs.headers);
+        // No request left, or too few tokens for this one, explain a 429: pacing by the
+        // headers is the cure, not a smaller window or a learned rate.
+        let explained = obs.signal == Signal::RateLimited && self.headers_explain(t, obs.headers);
         if !explained && self.fresh(now, t) {
             let recent = self.last_decrease.is_some_and(|d| now - d < RECENT_OVERLOAD);
             self.epoch += 1;
@@ -465,7 +509,7 @@ impl Controller {
         }
         let wait = match obs.retry_after {
             Some(d) if !d.is_zero() => d,
-            _ if explained => self.header_wait(now).max(MIN_PAUSE),
+            _ if explained => self.header_wait(now, t.raw_tokens * self.token_scale).max(MIN_PAUSE),
             _ => self.backoff_pause(),
         };
         let detail = match obs.retry_after {
@@ -607,14 +651,34 @@ impl Controller {
         }
     }
 
-    fn headers_exhausted(&self, h: &RateHeaders) -> bool {
-        h.requests.remaining.is_some_and(|r| r < 1.0) || h.tokens.remaining.is_some_and(|r| r < 1.0)
+    /// Whether a 429's rate-limit headers explain it: no request left, or a token budget
+    /// that this request may have found short (fewer tokens left than [`MAX_TOKEN_SCALE`]
+    /// estimates). When the header bucket had let the request go, its accounting was short:
+    /// batchd's estimate is lower than what the upstream charges (OpenAI counts the prompt
+    /// plus `max_tokens` its own way), or others use the same key. The token scale grows
+    /// (to at least what the tokens left prove), and the 429 is the headers' to cure, not
+    /// the window's.
+    fn headers_explain(&mut self, t: &Ticket, h: &RateHeaders) -> bool {
+        if h.requests.remaining.is_some_and(|r| r < 1.0) {
+            return true;
+        }
+        let Some(left) = h.tokens.remaining else { return false };
+        let raw = t.raw_tokens.max(1.0);
+        if left >= raw * MAX_TOKEN_SCALE {
+            return false;
+        }
+        if t.token_gated {
+            let proven = if left >= t.est_tokens { (left + 1.0) / raw } else { 1.0 };
+            self.token_scale = (self.token_scale * TOKEN_SCALE_UP).max(proven).min(MAX_TOKEN_SCALE);
+            tracing::debug!(scale = self.token_scale, "a token budget ran out sooner than estimated");
+        }
+        true
     }
 
-    /// Until the header buckets can pay for one more request.
-    fn header_wait(&self, now: Instant) -> Duration {
+    /// Until the header buckets can pay for one more request of `tokens`.
+    fn header_wait(&self, now: Instant, tokens: f64) -> Duration {
         let at = |b: &Option<HeaderBucket>, n: f64| b.as_ref().map_or(now, |b| b.ready_at(now, n));
-        at(&self.header_requests, 1.0).max(at(&self.header_tokens, 1.0)) - now
+        at(&self.header_requests, 1.0).max(at(&self.header_tokens, tokens.max(1.0))) - now
     }
 
     /// Re-synchronises the header buckets with a newer answer's headers.
@@ -625,13 +689,14 @@ impl Controller {
         self.headers_seq = Some(t.seq);
         let sent_after = (self.seq - t.seq - 1) as f64;
         let tokens_after = self.tokens_sent - t.tokens_before - t.est_tokens;
-        HeaderBucket::sync(&mut self.header_requests, &h.requests, sent_after, now);
-        HeaderBucket::sync(&mut self.header_tokens, &h.tokens, tokens_after, now);
+        let share = 1.0 / self.bounds.nodes.max(1) as f64;
+        HeaderBucket::sync(&mut self.header_requests, &h.requests, share, sent_after, now);
+        HeaderBucket::sync(&mut self.header_tokens, &h.tokens, share, tokens_after, now);
     }
 }
 
-/// What an upstream's rate-limit headers allow: `remaining` as of the last answer, minus
-/// what was sent since, refilled at the rate the headers imply.
+/// What an upstream's rate-limit headers allow this node: its share of `remaining` as of the
+/// last answer, minus what it sent since, refilled at its share of the rate the headers imply.
 #[derive(Debug, Clone)]
 struct HeaderBucket {
     tokens: f64,
@@ -641,7 +706,7 @@ struct HeaderBucket {
 }
 
 impl HeaderBucket {
-    fn sync(slot: &mut Option<HeaderBucket>, d: &Dimension, used_after: f64, now: Instant) {
+    fn sync(slot: &mut Option<HeaderBucket>, d: &Dimension, share: f64, used_after: f64, now: Instant) {
         let Some(remaining) = d.remaining else { return };
         let per_sec = match (d.limit, d.reset) {
             (Some(l), Some(r)) if l > remaining && !r.is_zero() => (l - remaining) / r.as_secs_f64(),
@@ -649,8 +714,8 @@ impl HeaderBucket {
             // Nothing says how it refills: a bucket would never open again once empty.
             (None, _) => return,
         };
-        let capacity = d.limit.unwrap_or(remaining).max(1.0);
-        *slot = Some(HeaderBucket { tokens: remaining - used_after, capacity, per_sec, at: now });
+        let capacity = (share * d.limit.unwrap_or(remaining)).max(1.0);
+        *slot = Some(HeaderBucket { tokens: share * remaining - used_after, capacity, per_sec: share * per_sec, at: now });
     }
 
     fn ready_at(&self, now: Instant, n: f64) -> Instant {

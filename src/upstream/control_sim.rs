@@ -115,6 +115,39 @@ impl Upstream for OpenAi {
     }
 }
 
+/// OpenAI's token limit: a bucket of `tpm` tokens refilled at `tpm` per minute, each request
+/// charged `cost` tokens, reported on every answer beside a request limit that never binds;
+/// a 429 with `retry-after-ms` when the tokens run out.
+struct OpenAiTokens {
+    tpm: f64,
+    tokens: f64,
+    cost: f64,
+    at: Instant,
+    latency: Duration,
+    rng: Lcg,
+}
+
+impl Upstream for OpenAiTokens {
+    fn send(&mut self, now: Instant) -> Reply {
+        let per_s = self.tpm / 60.0;
+        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * per_s).min(self.tpm);
+        self.at = now;
+        let ok = self.tokens >= self.cost;
+        if ok {
+            self.tokens -= self.cost;
+        }
+        let reset = Duration::from_secs_f64((self.tpm - self.tokens) / per_s);
+        let tokens = Dimension { limit: Some(self.tpm), remaining: Some(self.tokens.floor()), reset: Some(reset) };
+        let requests = Dimension { limit: Some(100_000.0), remaining: Some(99_999.0), reset: Some(Duration::from_millis(1)) };
+        let headers = RateHeaders { requests, tokens };
+        if ok {
+            return Reply { at: now + self.rng.around(self.latency), signal: Signal::Ok, retry_after: None, headers };
+        }
+        let wait = Duration::from_secs_f64((self.cost - self.tokens) / per_s);
+        Reply { at: now + Duration::from_millis(1), signal: Signal::RateLimited, retry_after: Some(wait), headers }
+    }
+}
+
 /// A GPU server with `slots` sequences at a time and a FIFO queue behind them.
 struct Slots {
     free_at: BinaryHeap<Reverse<Instant>>,
@@ -163,16 +196,18 @@ struct Sim {
     now: Instant,
     in_flight: Vec<(Instant, Ticket, Reply)>,
     tally: Tally,
+    /// What batchd estimates each request costs in tokens.
+    est_tokens: u64,
 }
 
 impl Sim {
     fn new(bounds: Bounds) -> Sim {
         let now = Instant::now();
-        Sim { ctl: Controller::new(bounds, now), now, in_flight: Vec::new(), tally: Tally { min_window: f64::MAX, ..Tally::default() } }
+        Sim { ctl: Controller::new(bounds, now), now, in_flight: Vec::new(), tally: Tally { min_window: f64::MAX, ..Tally::default() }, est_tokens: 10 }
     }
 
     fn bounds(mode: UpstreamMode, max: usize) -> Bounds {
-        Bounds { mode, max_concurrency: max, rate_cap: None }
+        Bounds { mode, max_concurrency: max, rate_cap: None, nodes: 1 }
     }
 
     /// Advances one step: answers due are recorded, then new requests go out.
@@ -201,7 +236,7 @@ impl Sim {
             }
         }
         while self.in_flight.len() < self.ctl.slots() {
-            let Ok(t) = self.ctl.gate(now, 10, self.in_flight.len()) else { break };
+            let Ok(t) = self.ctl.gate(now, self.est_tokens, self.in_flight.len()) else { break };
             let reply = up.send(now);
             self.in_flight.push((reply.at, t, reply));
             if counting {
@@ -282,6 +317,50 @@ fn openai_headers_pace_the_pool_before_any_429() {
     let learned = sim.ctl.learned_rate().expect("the headers' rate") * 60.0;
     assert!((1100.0..=1300.0).contains(&learned), "learned {learned} rpm");
     assert!(sim.ctl.window() > 32.0, "a 429 the headers explain does not shrink the window: {}", sim.ctl.window());
+}
+
+/// Runs a pool of 64 against a token budget of 60,000 a minute (1,000 tokens/s) that the
+/// upstream announces in `x-ratelimit-*-tokens`, the request budget far from binding and the
+/// token bucket nearly empty at the start: each request costs `cost` tokens, batchd
+/// estimates `est`. Returns the tally, the throughput as a share of the token budget, and
+/// the window at the end.
+fn token_budget(cost: f64, est: u64, latency: Duration) -> (Tally, f64, f64) {
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+    sim.est_tokens = est;
+    let mut up = OpenAiTokens { tpm: 60_000.0, tokens: 500.0, cost, at: sim.now, latency, rng: Lcg(9) };
+    let secs = 20.0;
+    let t = sim.run(&mut up, Duration::from_secs(5), Duration::from_secs_f64(secs));
+    let tput = t.ok as f64 * cost / secs / 1000.0;
+    println!("token budget (cost {cost}, estimate {est}, {latency:?}): {t:?}, throughput {tput:.3} of 1,000 tokens/s, 429 share {:.4}, window {:.1}",
+        t.share_429(), sim.ctl.window());
+    (t, tput, sim.ctl.window())
+}
+
+#[test]
+fn openai_token_headers_pace_the_pool_before_any_429() {
+    // Issue #11: a token budget announced in x-ratelimit-*-tokens (50 tokens a request:
+    // 20 req/s), no tpm configured, max_concurrency 64, 20 ms per answer. Without pacing by
+    // the token headers the pool would send 64 at a time and get mostly 429s.
+    let (t, tput, window) = token_budget(50.0, 50, Duration::from_millis(20));
+    assert!(t.share_429() <= 0.05, "the token headers are obeyed before the limit is hit: {:.4}", t.share_429());
+    assert!(tput >= 0.85, "throughput {tput:.3} of the announced token budget");
+    assert!(tput <= 1.01, "never more than the budget: {tput:.3}");
+    assert!(window > 32.0, "a 429 the headers explain does not shrink the window: {window}");
+}
+
+#[test]
+fn a_token_estimate_below_what_the_upstream_charges_is_corrected() {
+    // batchd estimates a line's tokens (bytes / 4 + max_tokens); the upstream counts its own
+    // way. A 429 whose `remaining-tokens` is above 0 but below what the request really costs
+    // used to read as an overload: with 2 s answers (40 in flight) the window fell to 28 and
+    // throughput to 0.66 of the budget; with the upstream charging 4× the estimate, 10 % of
+    // calls were 429. Such 429s now raise the token scale the header bucket charges.
+    for (cost, est, latency) in [(60.0, 50, 2000), (200.0, 50, 500), (100.0, 50, 20)] {
+        let (t, tput, window) = token_budget(cost, est, Duration::from_millis(latency));
+        assert!(t.share_429() <= 0.05, "cost {cost} for an estimate of {est}: 429 share {:.4}", t.share_429());
+        assert!(tput >= 0.85, "cost {cost} for an estimate of {est}: throughput {tput:.3} of the token budget");
+        assert!(window > 32.0, "cost {cost} for an estimate of {est}: the window is not what binds, yet it fell to {window}");
+    }
 }
 
 #[test]
@@ -395,13 +474,62 @@ fn a_429_pauses_the_pool_and_quota_pauses_it_long() {
 #[test]
 fn configured_rate_caps_what_is_learned() {
     let now = Instant::now();
-    let bounds = Bounds { mode: UpstreamMode::Throughput, max_concurrency: 4, rate_cap: Some(5.0) };
+    let bounds = Bounds { mode: UpstreamMode::Throughput, max_concurrency: 4, rate_cap: Some(5.0), nodes: 1 };
     let mut ctl = Controller::new(bounds, now);
     let requests = Dimension { limit: Some(6000.0), remaining: Some(5000.0), reset: Some(Duration::from_secs(10)) };
     let h = RateHeaders { requests, tokens: Dimension::default() };
     let t = ctl.gate(now, 0, 0).unwrap();
     ctl.record(now, &t, &Observation { signal: Signal::Ok, retry_after: None, headers: &h, detail: "" }, 1);
     assert_eq!(ctl.learned_rate(), Some(5.0), "headers announcing 100/s never lift a configured 5/s");
+}
+
+#[test]
+fn a_learned_rate_is_re_divided_when_the_nodes_change() {
+    // nginx's 20 r/s learned alone; a second node joins the cluster: this node's part of the
+    // upstream's rate is half; when it leaves again, the whole.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
+    let origin = sim.now;
+    let mut up = Nginx { rate_per_s: 20.0, excess: 0.0, last_ms: None, origin, latency: Duration::from_millis(20), rng: Lcg(3) };
+    sim.run(&mut up, Duration::from_secs(10), Duration::ZERO);
+    let alone = sim.ctl.learned_rate().expect("a rate was learned");
+    sim.ctl.set_bounds(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 8) });
+    let half = sim.ctl.learned_rate().expect("still a rate");
+    sim.ctl.set_bounds(Sim::bounds(UpstreamMode::Throughput, 16));
+    let whole = sim.ctl.learned_rate().expect("still a rate");
+    println!("learned {alone:.2}/s alone, {half:.2}/s on half, {whole:.2}/s alone again");
+    assert!((half - alone / 2.0).abs() < 1e-9, "a learned rate on a 2-node share is halved: {alone} → {half}");
+    assert!((whole - alone).abs() < 1e-9, "and whole again when the other node leaves: {whole}");
+}
+
+#[test]
+fn two_nodes_share_a_rate_limit_announced_in_headers() {
+    // OpenAI's 1,200 rpm, announced in headers that describe the whole key, used by two
+    // nodes of a cluster (each with half of max_concurrency 64). Each takes half of what
+    // the headers announce; believing the whole each, they would send twice the limit and
+    // spend every refill on a race.
+    let mut a = Sim::new(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 32) });
+    let mut b = Sim::new(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 32) });
+    b.now = a.now;
+    let mut up = OpenAi { limit: 1200.0, tokens: 10.0, at: a.now, latency: Duration::from_millis(20), rng: Lcg(5) };
+    let secs = 20;
+    let warm = a.now + Duration::from_secs(2);
+    let end = warm + Duration::from_secs(secs);
+    while a.now < end {
+        let counting = a.now >= warm;
+        a.step(&mut up, counting);
+        b.step(&mut up, counting);
+    }
+    let (sent, ok, limited) = (a.tally.sent + b.tally.sent, a.tally.ok + b.tally.ok, a.tally.limited + b.tally.limited);
+    let tput = ok as f64 / secs as f64 / 20.0;
+    let share = limited as f64 / sent.max(1) as f64;
+    println!("two nodes: {:?} + {:?}, throughput {tput:.3} of 20 req/s, 429 share {share:.4}, learned {:?} + {:?}",
+        a.tally, b.tally, a.ctl.learned_rate(), b.ctl.learned_rate());
+    assert!(share <= 0.05, "429 share {share:.4}");
+    assert!(tput >= 0.85, "throughput {tput:.3} of the announced limit");
+    for s in [&a, &b] {
+        let rpm = s.ctl.learned_rate().expect("the headers' rate") * 60.0;
+        assert!((550.0..=650.0).contains(&rpm), "each node learns its half of 1,200 rpm: {rpm}");
+    }
 }
 
 #[test]
@@ -412,4 +540,3 @@ fn pace_formatting() {
     assert_eq!(human(Duration::from_millis(1999)), "2 s");
     assert_eq!(human(Duration::from_millis(239_700)), "240 s");
 }
-

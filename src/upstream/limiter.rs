@@ -240,7 +240,7 @@ impl Limiter {
 
 fn bounds(base: &Base, n: usize, max_concurrency: usize) -> Bounds {
     let rate_cap = (base.rpm > 0).then(|| base.rpm as f64 / 60.0 / n as f64);
-    Bounds { mode: base.mode, max_concurrency, rate_cap }
+    Bounds { mode: base.mode, max_concurrency, rate_cap, nodes: n }
 }
 
 /// Node `rank`'s part of `total` split over `n` nodes: the parts add up to `total` (when
@@ -279,18 +279,31 @@ impl Bucket {
 
 #[cfg(test)]
 mod tests {
-    use super::super::control::{RateHeaders, Signal};
+    use super::super::control::{Dimension, RateHeaders, Signal};
     use super::*;
 
     fn cfg(max: usize, rpm: u64) -> UpstreamConfig {
+        cfg3(max, rpm, 0)
+    }
+
+    fn cfg3(max: usize, rpm: u64, tpm: u64) -> UpstreamConfig {
         let raw = crate::config::RawUpstream {
             name: "t".into(),
             base_url: "http://127.0.0.1:9/v1".into(),
             max_concurrency: Some(max),
             rpm: Some(rpm),
+            tpm: Some(tpm),
             ..Default::default()
         };
         crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap().upstreams.remove(0)
+    }
+
+    /// This node's share of (max_concurrency, rpm, tpm), read from its semaphore's limit and
+    /// its buckets (each refilled at `limit / 61` per second).
+    fn shares(l: &Limiter) -> (usize, f64, f64) {
+        let st = l.lock();
+        let per_minute = |b: &Option<Bucket>| b.as_ref().map_or(0.0, |b| (b.per_sec * 61.0 * 1000.0).round() / 1000.0);
+        (st.max, per_minute(&st.rpm), per_minute(&st.tpm))
     }
 
     fn obs(signal: Signal, h: &RateHeaders) -> Observation<'_> {
@@ -355,6 +368,79 @@ mod tests {
         }
         let took = start.elapsed().as_secs_f64();
         assert!((1.9..2.6).contains(&took), "half of 244 rpm is 2 per second after a 2-request burst, took {took}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn set_share_divides_the_token_rate() {
+        // 24,400 tpm is 400 tokens/s alone, 200 tokens/s (a bucket of 200) on half of it.
+        let l = Arc::new(Limiter::new(&cfg3(100, 0, 24_400)));
+        l.set_share(2, 1);
+        let start = Instant::now();
+        for _ in 0..6 {
+            drop(l.acquire(100).await);
+            l.settle_tokens(100, 100);
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((1.9..2.6).contains(&took), "half of 24,400 tpm is 200 tokens a second after a 200-token burst: 600 tokens took {took} s");
+    }
+
+    #[tokio::test]
+    async fn shares_are_re_divided_when_a_node_leaves() {
+        let nodes: Vec<Arc<Limiter>> = (0..3).map(|_| Arc::new(Limiter::new(&cfg3(11, 1200, 90_000)))).collect();
+        for (rank, l) in nodes.iter().enumerate() {
+            l.set_share(3, rank);
+        }
+        let three: Vec<_> = nodes.iter().map(|l| shares(l)).collect();
+        assert_eq!(three, [(4, 400.0, 30_000.0), (4, 400.0, 30_000.0), (3, 400.0, 30_000.0)], "11 = 4 + 4 + 3; rpm and tpm by thirds");
+        // The middle node leaves: the other two are now ranks 0 and 1 of 2.
+        let (first, last) = (&nodes[0], &nodes[2]);
+        first.set_share(2, 0);
+        last.set_share(2, 1);
+        let two = [shares(first), shares(last)];
+        assert_eq!(two, [(6, 600.0, 45_000.0), (5, 600.0, 45_000.0)], "11 = 6 + 5; rpm and tpm by halves");
+        for (after, before) in two.iter().zip([three[0], three[2]]) {
+            assert!(after.0 > before.0 && after.1 > before.1 && after.2 > before.2, "each remaining node gets more: {before:?} → {after:?}");
+        }
+        assert_eq!(two.iter().map(|s| s.0).sum::<usize>(), 11, "the concurrency shares add up to the total exactly");
+        assert_eq!(two.iter().map(|s| s.1).sum::<f64>(), 1200.0, "the rpm shares add up to the total");
+        assert_eq!(two.iter().map(|s| s.2).sum::<f64>(), 90_000.0, "the tpm shares add up to the total");
+        assert_eq!((first.free(), last.free()), (6, 5), "the new slots are usable at once");
+    }
+
+    #[tokio::test]
+    async fn a_rate_announced_in_headers_is_divided_between_nodes() {
+        // The upstream's x-ratelimit-* headers describe the whole key, which every node uses:
+        // a node takes its share of what they announce, as it does of a configured rpm.
+        let l = Arc::new(Limiter::new(&cfg(64, 0)));
+        let requests = Dimension { limit: Some(1200.0), remaining: Some(1100.0), reset: Some(Duration::from_secs(5)) };
+        let h = RateHeaders { requests, tokens: Dimension::default() };
+        let p = l.acquire(0).await;
+        l.settle(p, &obs(Signal::Ok, &h));
+        let alone = l.with_controller(|c, _| c.learned_rate()).expect("a rate from the headers");
+        assert!((alone * 60.0 - 1200.0).abs() < 1e-6, "alone, the whole 1,200 rpm: {}", alone * 60.0);
+        l.set_share(2, 1);
+        let p = l.acquire(0).await;
+        l.settle(p, &obs(Signal::Ok, &h));
+        let half = l.with_controller(|c, _| c.learned_rate()).expect("a rate from the headers");
+        assert!((half * 60.0 - 600.0).abs() < 1e-6, "one of two nodes takes half of the announced 1,200 rpm: {}", half * 60.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn configured_tpm_caps_what_the_headers_announce() {
+        // tpm = 6,100: 100 tokens a second, a bucket of 100. The upstream's headers announce
+        // a million tokens a minute, nearly all of them left: what they say never lifts the
+        // configured ceiling.
+        let l = Arc::new(Limiter::new(&cfg3(64, 0, 6_100)));
+        let tokens = Dimension { limit: Some(1_000_000.0), remaining: Some(999_000.0), reset: Some(Duration::from_millis(60)) };
+        let h = RateHeaders { requests: Dimension::default(), tokens };
+        let start = Instant::now();
+        for _ in 0..12 {
+            let p = l.acquire(50).await;
+            l.settle(p, &obs(Signal::Ok, &h));
+            l.settle_tokens(50, 50);
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((4.9..5.6).contains(&took), "600 tokens at 100 a second after a 100-token burst take 5 s, took {took}");
     }
 
     #[tokio::test(start_paused = true)]

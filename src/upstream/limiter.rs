@@ -113,8 +113,8 @@ impl Limiter {
         let mut st = self.lock();
         st.share = n;
         st.max = share_of(self.base.max_concurrency, n, rank);
-        st.rpm = (self.base.rpm > 0).then(|| Bucket::per_minute((self.base.rpm as f64 / n as f64).max(1.0)));
-        st.tpm = (self.base.tpm > 0).then(|| Bucket::per_minute((self.base.tpm as f64 / n as f64).max(1.0)));
+        st.rpm = Bucket::share_of(st.rpm.take(), self.base.rpm, n);
+        st.tpm = Bucket::share_of(st.tpm.take(), self.base.tpm, n);
         let max = st.max;
         st.ctl.set_bounds(bounds(&self.base, n, max));
         self.resize(&mut st);
@@ -263,6 +263,19 @@ impl Bucket {
         Bucket { tokens: capacity, capacity, per_sec, last: Instant::now() }
     }
 
+    /// A node's share of a per-minute `limit` (none when 0), as full as `old` was: a
+    /// re-division must not hand every node a fresh burst.
+    fn share_of(old: Option<Bucket>, limit: u64, nodes: usize) -> Option<Bucket> {
+        (limit > 0).then(|| {
+            let mut b = Bucket::per_minute((limit as f64 / nodes as f64).max(1.0));
+            if let Some(o) = old {
+                b.tokens = o.tokens.min(o.capacity) * b.per_sec / o.per_sec;
+                b.last = o.last;
+            }
+            b
+        })
+    }
+
     /// Takes `n` tokens, or says how long until there are enough.
     fn take(&mut self, now: Instant, n: f64) -> Option<Duration> {
         let dt = now.duration_since(self.last).as_secs_f64();
@@ -368,6 +381,21 @@ mod tests {
         }
         let took = start.elapsed().as_secs_f64();
         assert!((1.9..2.6).contains(&took), "half of 244 rpm is 2 per second after a 2-request burst, took {took}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_re_division_carries_the_buckets_fill_over() {
+        // 244 rpm alone is 4 a second with a burst of 4; drained, then halved, the bucket
+        // stays empty: the next request waits for half a second, not for nothing.
+        let l = Arc::new(Limiter::new(&cfg(100, 244)));
+        for _ in 0..4 {
+            drop(l.acquire(0).await);
+        }
+        l.set_share(2, 1);
+        let start = Instant::now();
+        drop(l.acquire(0).await);
+        let took = start.elapsed().as_secs_f64();
+        assert!((0.4..0.7).contains(&took), "a drained bucket stays drained through a re-division: waited {took} s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@
 //!   repeated;
 //! - the database connection cut mid-batch (a proxy in front of PostgreSQL, broken and
 //!   restored): calls answer 503, upstream calls pause, the batch completes exactly once;
+//! - the object store cut mid-batch: reads keep answering, the batch completes exactly once;
 //! - `batchd migrate` moves an embedded install, running batch included;
 //! - the backends chosen by environment or by the config file, with no data directory.
 
@@ -369,6 +370,48 @@ async fn database_connection_cut_mid_batch_pauses_and_resumes_exactly_once() {
     println!("{} requests, {} duplicates", st.requests, st.duplicate_request_ids);
     assert_eq!(st.unique_request_ids, N as u64, "nothing lost");
     assert!(st.duplicate_request_ids <= sent - durable, "nothing re-sent beyond what lacked a durable result at the cut");
+}
+
+/// The object store cut off mid-batch (a proxy in front of the S3 server, broken for a few
+/// seconds, then restored): reads that need only the database keep answering, the engine
+/// waits for the bucket, and the batch completes with every line once and none sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost() {
+    const N: usize = 1500;
+    let Some(shared) = Shared::new("object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost").await else { return };
+    let Some(bucket) = &shared.bucket else { return };
+    let endpoint = bucket.endpoint.trim_start_matches("http://");
+    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
+    let proxy = ChaosProxy::start(target).await;
+    let mut env = shared.env();
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
+    let node = Server::start_with(&cluster_config(&m.base_url(), 8), &shared.args(&shared.db.url), &env);
+    let api = node.api();
+    let id = api.submit(&chat_lines(N, "m")).await;
+    let before = wait_done(&api, &id, 300).await;
+    assert_eq!(before["status"], "in_progress");
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    while cut_at.elapsed() < secs(3) {
+        let (st, b) = api.get(&format!("/batches/{id}")).await;
+        assert_eq!(st, 200, "reading a batch needs only the database: {b}");
+        let (st, list) = api.get("/batches?limit=5").await;
+        assert_eq!(st, 200, "{list}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let during = done(&api.batch(&id).await);
+    println!("{} lines done before the cut, {during} when it ended", done(&before));
+    proxy.restore();
+
+    let b = api.wait_for(&id, &["completed", "failed"], secs(90)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (out, _) = final_results(&api, &b, N).await;
+    assert_eq!(out.len(), N);
+    let st = m.stats();
+    assert_eq!((st.unique_request_ids, st.duplicate_request_ids), (N as u64, 0), "every line sent once: nothing lost, nothing re-sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use super::extract::{JsonObject, Query};
 use super::files::{cursor_error, expiry, not_found_as, parse_limit};
 use super::{AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{BatchRecord, BatchStatus};
+use crate::store::{BatchRecord, BatchStatus, FileRecord};
 use crate::wire;
 
 pub const ENDPOINTS: [&str; 8] = [
@@ -57,13 +57,32 @@ pub(super) fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<S
     }
 }
 
-pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
-    st.writable()?;
-    let input_file_id = string_param(&body, "input_file_id")?;
-    let endpoint = string_param(&body, "endpoint")?;
+/// The `endpoint` of a create or validate body: one batchd runs batches for.
+pub(super) fn endpoint_param(body: &Map<String, Value>) -> ApiResult<String> {
+    let endpoint = string_param(body, "endpoint")?;
     if !ENDPOINTS.contains(&endpoint.as_str()) {
         return Err(ApiError::invalid("endpoint", format!("Unsupported endpoint {endpoint:?}; supported: {}.", ENDPOINTS.join(", "))));
     }
+    Ok(endpoint)
+}
+
+/// The tenant's file `input_file_id`, which must have been uploaded as a batch input.
+pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &str) -> ApiResult<FileRecord> {
+    let file = st
+        .store
+        .get_file(tenant, input_file_id, crate::now_unix())
+        .await
+        .map_err(|e| not_found_as(e, || ApiError::not_found(format!("No such File object: {input_file_id}")).param("input_file_id")))?;
+    if file.purpose != "batch" {
+        return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
+    }
+    Ok(file)
+}
+
+pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
+    st.writable()?;
+    let input_file_id = string_param(&body, "input_file_id")?;
+    let endpoint = endpoint_param(&body)?;
     let window = string_param(&body, "completion_window")?;
     let Some((_, duration)) = st.cfg.completion_windows.iter().find(|(w, _)| *w == window) else {
         let allowed: Vec<&str> = st.cfg.completion_windows.iter().map(|(w, _)| w.as_str()).collect();
@@ -72,14 +91,7 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     let metadata = check_metadata(body.get("metadata"))?;
     let output_expires_after = check_output_expiry(body.get("output_expires_after"))?;
     let priority = check_priority(body.get("priority"))?;
-    let file = st
-        .store
-        .get_file(&tenant, &input_file_id, crate::now_unix())
-        .await
-        .map_err(|e| not_found_as(e, || ApiError::not_found(format!("No such File object: {input_file_id}")).param("input_file_id")))?;
-    if file.purpose != "batch" {
-        return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
-    }
+    let file = batch_input(&st, &tenant, &input_file_id).await?;
     let lines = super::quota::lines_of(&st, &tenant, &file).await?;
     let now = crate::now_unix();
     let mut record = BatchRecord::new(crate::ids::batch_id(), tenant, input_file_id, endpoint, window, now, now + duration.as_secs() as i64);

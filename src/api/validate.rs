@@ -13,28 +13,17 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::batches::{string_param, ENDPOINTS};
+use super::batches::{batch_input, endpoint_param, string_param};
 use super::extract::JsonObject;
-use super::files::not_found_as;
 use super::{AppState, Tenant};
 use crate::engine::validator::{validate_stream, Report, Validator};
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::store::InputFormat;
 
 pub async fn validate(State(st): State<AppState>, Tenant(tenant): Tenant, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
     let input_file_id = string_param(&body, "input_file_id")?;
-    let endpoint = string_param(&body, "endpoint")?;
-    if !ENDPOINTS.contains(&endpoint.as_str()) {
-        return Err(ApiError::invalid("endpoint", format!("Unsupported endpoint {endpoint:?}; supported: {}.", ENDPOINTS.join(", "))));
-    }
-    let file = st
-        .store
-        .get_file(&tenant, &input_file_id, crate::now_unix())
-        .await
-        .map_err(|e| not_found_as(e, || ApiError::not_found(format!("No such File object: {input_file_id}")).param("input_file_id")))?;
-    if file.purpose != "batch" {
-        return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
-    }
+    let endpoint = endpoint_param(&body)?;
+    let file = batch_input(&st, &tenant, &input_file_id).await?;
     let stream = st.blob.get_stream(&file.blob_key).await?;
     let v = Validator::new("batch_validate", &endpoint, &st.router, st.cfg.limits, st.cfg.engine.unit_lines);
     let report = validate_stream(stream, file.bytes as u64, v).await?;

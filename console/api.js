@@ -102,24 +102,35 @@ export async function download(path, filename) {
   setTimeout(() => URL.revokeObjectURL(href), 10_000);
 }
 
-/** Reads a JSONL answer line by line without holding it whole: calls `each(obj)` per line. */
-export async function eachJsonLine(path, each, signal) {
+/**
+ * The pieces of a streamed answer between `sep`s, decoded as they arrive (never whole in
+ * memory); `clean` rewrites each decoded chunk first. The text after the last `sep` comes
+ * last when `tail` is set, and is dropped otherwise (an event cut short).
+ */
+async function* pieces(path, signal, { sep, clean = (t) => t, tail }) {
   const resp = await request('GET', path, { raw: true, signal });
   const reader = resp.body.getReader();
   const dec = new TextDecoder();
   let buf = '';
   for (;;) {
     const { done, value } = await reader.read();
-    buf += done ? dec.decode() : dec.decode(value, { stream: true });
-    let nl;
-    while ((nl = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, nl).trim();
-      buf = buf.slice(nl + 1);
-      if (line) each(JSON.parse(line));
+    buf += clean(done ? dec.decode() : dec.decode(value, { stream: true }));
+    let end;
+    while ((end = buf.indexOf(sep)) >= 0) {
+      yield buf.slice(0, end);
+      buf = buf.slice(end + sep.length);
     }
     if (done) break;
   }
-  if (buf.trim()) each(JSON.parse(buf));
+  if (tail) yield buf;
+}
+
+/** Reads a JSONL answer line by line without holding it whole: calls `each(obj)` per line. */
+export async function eachJsonLine(path, each, signal) {
+  for await (const piece of pieces(path, signal, { sep: '\n', tail: true })) {
+    const line = piece.trim();
+    if (line) each(JSON.parse(line));
+  }
 }
 
 /**
@@ -128,21 +139,10 @@ export async function eachJsonLine(path, each, signal) {
  * when it breaks. Abort with `signal`.
  */
 export async function followEvents(path, onEvent, signal) {
-  const resp = await request('GET', path, { raw: true, signal });
-  const reader = resp.body.getReader();
-  const dec = new TextDecoder();
-  let buf = '';
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) return;
-    buf += dec.decode(value, { stream: true }).replace(/\r\n?/g, '\n');
-    let end;
-    while ((end = buf.indexOf('\n\n')) >= 0) {
-      const block = buf.slice(0, end);
-      buf = buf.slice(end + 2);
-      const ev = parseEvent(block);
-      if (ev) onEvent(ev);
-    }
+  const clean = (t) => t.replace(/\r\n?/g, '\n');
+  for await (const block of pieces(path, signal, { sep: '\n\n', clean })) {
+    const ev = parseEvent(block);
+    if (ev) onEvent(ev);
   }
 }
 

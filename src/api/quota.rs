@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use super::{AppState, Tenant};
 use crate::engine::rates::{point_of, rate_of, round1, WINDOW_S};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{Admission, BatchRecord, EventFilter, QueueLimits, Queued};
+use crate::store::{Admission, BatchRecord, EventFilter, QueueLimit, QueueLimits, Queued};
 
 /// Progress events read for a tenant's rate (all its running batches, the last minute).
 const TENANT_EVENTS: u32 = 1_000;
@@ -65,17 +65,14 @@ pub async fn admit(st: &AppState, record: &BatchRecord, idempotency_key: Option<
         Admission::Admitted(b) => return Ok(*b),
         Admission::OverQuota { queued, requests, tokens } => (queued, requests, tokens),
     };
-    let over = [
-        ("max_queued_requests", "requests", q.requests, requests, limits.max_requests),
-        ("max_queued_tokens", "estimated input tokens", q.tokens, tokens, limits.max_tokens),
-    ]
-    .into_iter()
-    .find(|(_, _, queued, adding, limit)| limit.is_some_and(|l| queued.saturating_add(*adding) > l as i64));
-    let Some((name, what, queued, adding, limit)) = over else {
+    let Some(over) = q.over(&limits, requests, tokens) else {
         return Err(ApiError::internal("the store refused a batch over a quota none of whose limits it is over"));
     };
     let (rps, tps) = tenant_rate(st, tenant).await?;
-    let rate = if name == "max_queued_requests" { rps } else { tps };
+    let (name, what, queued, adding, limit, rate) = match over {
+        QueueLimit::Requests => ("max_queued_requests", "requests", q.requests, requests, limits.max_requests, rps),
+        QueueLimit::Tokens => ("max_queued_tokens", "estimated input tokens", q.tokens, tokens, limits.max_tokens, tps),
+    };
     let wait = wait_for_room(queued, adding, limit, rate);
     let when = match wait {
         Some(w) => format!("at the current rate ({rate} per second) room is expected in about {w:.0} s"),

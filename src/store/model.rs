@@ -340,12 +340,25 @@ pub struct Queued {
 }
 
 impl Queued {
-    /// Whether adding `requests` lines and `tokens` tokens to what is queued goes over one of
-    /// `limits`.
-    pub fn over(&self, limits: &QueueLimits, requests: i64, tokens: i64) -> bool {
+    /// The first of `limits` that adding `requests` lines and `tokens` tokens to what is
+    /// queued goes over, if any.
+    pub fn over(&self, limits: &QueueLimits, requests: i64, tokens: i64) -> Option<QueueLimit> {
         let past = |queued: i64, adding: i64, limit: Option<u64>| limit.is_some_and(|l| queued.saturating_add(adding.max(0)) > l.min(i64::MAX as u64) as i64);
-        past(self.requests, requests, limits.max_requests) || past(self.tokens, tokens, limits.max_tokens)
+        if past(self.requests, requests, limits.max_requests) {
+            Some(QueueLimit::Requests)
+        } else if past(self.tokens, tokens, limits.max_tokens) {
+            Some(QueueLimit::Tokens)
+        } else {
+            None
+        }
     }
+}
+
+/// One of a tenant's queue quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueLimit {
+    Requests,
+    Tokens,
 }
 
 /// A tenant's queue quotas, checked by [`super::Batches::admit_batch`] (`None`: no limit).

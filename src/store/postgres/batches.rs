@@ -111,7 +111,7 @@ impl Batches for PgStore {
                 .await
                 .map_err(db_err)?
                 .unwrap_or(0);
-            if queued.over(&limits, b.est_requests, tokens) {
+            if queued.over(&limits, b.est_requests, tokens).is_some() {
                 return Ok(Admission::OverQuota { queued, requests: b.est_requests, tokens });
             }
         }

@@ -197,8 +197,7 @@ pub struct UpstreamGauges {
 
 impl From<&crate::upstream::UpstreamState> for UpstreamGauges {
     fn from(s: &crate::upstream::UpstreamState) -> Self {
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let left_ms = s.paused_until_ms.filter(|_| s.paused).map_or(0, |u| u.saturating_sub(now_ms));
+        let left_ms = s.paused_until_ms.filter(|_| s.paused).map_or(0, |u| u.saturating_sub(crate::now_unix_ms()));
         UpstreamGauges {
             name: s.name.clone(),
             in_flight: s.in_flight as i64,

@@ -99,8 +99,7 @@ pub fn paused_words(upstreams: &serde_json::Value) -> Option<String> {
     let words: Vec<String> = upstreams.as_array()?.iter().filter_map(|u| {
         let until = u["paused_until_ms"].as_u64()?;
         let reason = crate::upstream::PauseReason::parse(u["pause_reason"].as_str()?)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let left = crate::upstream::human(Duration::from_millis(until.saturating_sub(now)));
+        let left = crate::upstream::human(Duration::from_millis(until.saturating_sub(crate::now_unix_ms())));
         Some(format!("{}, {left}", reason.words(u["name"].as_str().unwrap_or("?"))))
     }).collect();
     (!words.is_empty()).then(|| words.join("; "))

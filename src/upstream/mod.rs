@@ -183,7 +183,7 @@ impl UpstreamState {
     /// "rate limited by local-vllm, 2 s" while paused.
     pub fn pause_words(&self) -> Option<String> {
         let (reason, until) = (self.pause_reason?, self.paused_until_ms?);
-        let left = until.saturating_sub(now_unix_ms());
+        let left = until.saturating_sub(crate::now_unix_ms());
         Some(format!("{}, {}", reason.words(&self.name), control::human(std::time::Duration::from_millis(left))))
     }
 }
@@ -206,7 +206,7 @@ impl Pool {
 
     pub fn state(&self) -> UpstreamState {
         let now = tokio::time::Instant::now();
-        let now_ms = now_unix_ms();
+        let now_ms = crate::now_unix_ms();
         self.limiter.with_controller(|c, limit| {
             let pause = c.pause(now);
             let (rate_limited, overloaded) = c.counters.last_minute(now);
@@ -235,10 +235,6 @@ impl Pool {
         }
         self.probe.call_once(|| probe::spawn(Arc::downgrade(self)));
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn resolve_in<'a>(cfg: &'a UpstreamConfig, model: &'a str) -> Option<&'a str> {
@@ -313,7 +309,7 @@ mod tests {
         let paused = UpstreamState {
             name: "local-vllm".into(),
             paused: true,
-            paused_until_ms: Some(now_unix_ms() + 2000),
+            paused_until_ms: Some(crate::now_unix_ms() + 2000),
             pause_reason: Some(PauseReason::RateLimited),
             ..s[0].clone()
         };

@@ -383,8 +383,7 @@ impl Default for EngineConfig {
 impl RawConfig {
     /// Reads a TOML file. A missing *default* file is not an error: the caller decides.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
     }
 
@@ -429,17 +428,12 @@ impl RawConfig {
     /// Validates everything once; the result is ready to use.
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let listen_text = self.server.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|_| ConfigError::Invalid(format!("listen address {listen_text:?} is not HOST:PORT")))?;
+        let listen: SocketAddr = listen_text.parse().map_err(|_| ConfigError::Invalid(format!("listen address {listen_text:?} is not HOST:PORT")))?;
         let api_keys = resolve_tenants(&self.tenants)?;
         let upstreams = self.upstreams.iter().map(resolve_upstream).collect::<Result<Vec<_>, _>>()?;
         check_unique_names(&upstreams)?;
         let windows = self.batches.completion_windows.clone().unwrap_or_else(|| vec!["24h".into()]);
-        let completion_windows = windows
-            .iter()
-            .map(|w| parse_window(w).map(|d| (w.clone(), d)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let completion_windows = windows.iter().map(|w| parse_window(w).map(|d| (w.clone(), d))).collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             listen,
             data_dir: self.server.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -819,10 +813,7 @@ mod tests {
         assert!(parse_window("0h").is_err());
         let unknown_key = toml::from_str::<RawConfig>("[server]\nlisen = '1'");
         assert!(unknown_key.is_err());
-        let missing_env: RawConfig = toml::from_str(
-            "[[upstreams]]\nname='a'\nbase_url='http://x/v1'\napi_key_env='BATCHD_TEST_SURELY_UNSET'",
-        )
-        .unwrap();
+        let missing_env: RawConfig = toml::from_str("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\napi_key_env='BATCHD_TEST_SURELY_UNSET'").unwrap();
         assert!(missing_env.resolve().unwrap_err().to_string().contains("BATCHD_TEST_SURELY_UNSET"));
         let huge: RawConfig = toml::from_str("[limits]\nmax_file_bytes = 5000000000").unwrap();
         assert!(huge.resolve().unwrap_err().to_string().contains("max_file_bytes must be at most"));

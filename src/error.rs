@@ -46,9 +46,7 @@ impl ApiError {
     }
 
     pub fn missing(param: &str) -> Self {
-        Self::bad_request(format!("Missing required parameter: '{param}'."))
-            .param(param)
-            .code("missing_required_parameter")
+        Self::bad_request(format!("Missing required parameter: '{param}'.")).param(param).code("missing_required_parameter")
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {

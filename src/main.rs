@@ -2,7 +2,6 @@
 
 use clap::Parser;
 
-
 fn main() -> std::process::ExitCode {
     batchd::memory::limit_arenas();
     let cli = batchd::cli::Cli::parse();

@@ -323,7 +323,13 @@ mod tests {
             overloaded_last_minute: 2,
             ..Default::default()
         };
-        let s = Scrape { store_commits: 7, store_writable: true, batches_by_status: vec![("in_progress", 2)], upstreams: vec![idle, learning], ..Default::default() };
+        let s = Scrape {
+            store_commits: 7,
+            store_writable: true,
+            batches_by_status: vec![("in_progress", 2)],
+            upstreams: vec![idle, learning],
+            ..Default::default()
+        };
         let text = m.render(&s);
         for want in [
             "batchd_upstream_requests_total{upstream=\"a\",outcome=\"2xx\"} 1",

@@ -72,7 +72,8 @@ async fn every_endpoint_answers_bad_input_with_the_envelope_and_harms_nothing() 
     let r = api.http.post(format!("{}/batches", api.base)).header("content-type", "application/json").body("{not json").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert_envelope(&r.json().await.unwrap());
-    let r = api.http.post(format!("{}/files", api.base)).header("content-type", "multipart/form-data; boundary=XYZ").body("--XYZ\r\nbroken").send().await.unwrap();
+    let r =
+        api.http.post(format!("{}/files", api.base)).header("content-type", "multipart/form-data; boundary=XYZ").body("--XYZ\r\nbroken").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert_envelope(&r.json().await.unwrap());
     assert_eq!(api.content(&keep).await, before, "stored file intact");
@@ -97,15 +98,22 @@ async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
     type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, Option<u64>)>);
     let cases: Vec<Case> = vec![
         ("truncated JSON", format!("{ok}\n{}\n", &ok[..ok.len() / 2]).into_bytes(), vec![("invalid_json_line", Some(2))]),
-        ("wrong types", format!("{ok}\n{}\n", r#"{"custom_id":7,"method":"POST","url":"/v1/chat/completions","body":"x"}"#).into_bytes(),
-            vec![("invalid_value", Some(2)), ("invalid_value", Some(2))]),
+        (
+            "wrong types",
+            format!("{ok}\n{}\n", r#"{"custom_id":7,"method":"POST","url":"/v1/chat/completions","body":"x"}"#).into_bytes(),
+            vec![("invalid_value", Some(2)), ("invalid_value", Some(2))],
+        ),
         ("huge line", format!("{ok}\n{}\n", chat_line("big", &"m".repeat(3000), None)).into_bytes(), vec![("line_too_large", Some(2))]),
         ("invalid UTF-8", [ok.as_bytes(), b"\n{\"custom_id\":\"\xff\xfe\",\"method\":\"POST\"}\n"].concat(), vec![("invalid_json_line", Some(2))]),
         ("empty file", vec![], vec![("empty_file", None)]),
         ("only blank lines", b"\n  \n\r\n".to_vec(), vec![("empty_file", None)]),
         ("duplicate ids", format!("{ok}\n\n{ok}\n").into_bytes(), vec![("duplicate_custom_id", Some(3))]),
         ("one line over the limit", jsonl(&chat_lines(6, "m")).into_bytes(), vec![("too_many_requests", Some(6))]),
-        ("file over the byte limit", jsonl(&(0..200).map(|i| chat_line(&format!("{i}"), "m", None)).collect::<Vec<_>>()).into_bytes(), vec![("file_too_large", None)]),
+        (
+            "file over the byte limit",
+            jsonl(&(0..200).map(|i| chat_line(&format!("{i}"), "m", None)).collect::<Vec<_>>()).into_bytes(),
+            vec![("file_too_large", None)],
+        ),
         ("a JSON array line", format!("{ok}\n[1,2]\n").into_bytes(), vec![("invalid_json_line", Some(2))]),
     ];
     for (what, bytes, want) in cases {
@@ -115,8 +123,8 @@ async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
         let b = api.wait_for(b["id"].as_str().unwrap(), &["failed", "completed"], Duration::from_secs(20)).await;
         assert_eq!(b["status"], "failed", "{what}: {b}");
         assert!(b["failed_at"].is_i64(), "{what}");
-        let got: Vec<(String, Option<u64>)> = b["errors"]["data"].as_array().unwrap().iter()
-            .map(|e| (e["code"].as_str().unwrap().to_string(), e["line"].as_u64())).collect();
+        let got: Vec<(String, Option<u64>)> =
+            b["errors"]["data"].as_array().unwrap().iter().map(|e| (e["code"].as_str().unwrap().to_string(), e["line"].as_u64())).collect();
         let want: Vec<(String, Option<u64>)> = want.into_iter().map(|(c, l)| (c.to_string(), l)).collect();
         assert_eq!(got, want, "{what}: {b}");
         for e in b["errors"]["data"].as_array().unwrap() {

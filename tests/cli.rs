@@ -90,7 +90,12 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// The batch id from `run`'s first stderr line, "batch batch_X · state in DIR".
 fn run_batch_id(stderr: &str) -> String {
-    stderr.lines().find_map(|l| l.strip_prefix("batch ")).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no batch line in {stderr:?}")).to_string()
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("batch "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no batch line in {stderr:?}"))
+        .to_string()
 }
 
 // ---------------------------------------------------------------- batchd run
@@ -102,9 +107,7 @@ async fn run_full_format_writes_openai_lines_and_exit_code_tells_success_or_fail
     let d = tmp.path();
 
     // 10 lines, lines req-3 and req-7 answered 400 by the mock: exit 4.
-    let lines: Vec<String> = (0..10)
-        .map(|i| chat_line(&format!("req-{i}"), "gpt-test", (i == 3 || i == 7).then(|| json!({"status": 400}))))
-        .collect();
+    let lines: Vec<String> = (0..10).map(|i| chat_line(&format!("req-{i}"), "gpt-test", (i == 3 || i == 7).then(|| json!({"status": 400})))).collect();
     write_lines(&d.join("in.jsonl"), &lines);
     let (out, err) = (d.join("out.jsonl"), d.join("err.jsonl"));
     let r = batchd(d, &["run", "in.jsonl", "--upstream", &m.base_url(), "-o", p(&out), "--errors", p(&err)]);
@@ -304,12 +307,12 @@ fn validate_prints_each_error_with_its_line_and_a_summary() {
         json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string()
     };
     let lines = [
-        "this is not json".to_string(),                   // 1: invalid_json_line
-        full("a", "gpt-a", json!({"max_tokens": 1000})),  // 2: ok
-        full("a", "gpt-a", json!({})),                    // 3: duplicate_custom_id
-        String::new(),                                    // 4: blank
-        full("s", "gpt-b", json!({"stream": true})),      // 5: unsupported stream
-        full("c", "gpt-b", json!({"max_tokens": 500})),   // 6: ok
+        "this is not json".to_string(),                  // 1: invalid_json_line
+        full("a", "gpt-a", json!({"max_tokens": 1000})), // 2: ok
+        full("a", "gpt-a", json!({})),                   // 3: duplicate_custom_id
+        String::new(),                                   // 4: blank
+        full("s", "gpt-b", json!({"stream": true})),     // 5: unsupported stream
+        full("c", "gpt-b", json!({"max_tokens": 500})),  // 6: ok
     ];
     write_lines(&d.join("bad.jsonl"), &lines);
     let r = batchd(d, &["validate", "bad.jsonl"]);
@@ -416,12 +419,7 @@ async fn retry_writes_exactly_the_failed_lines_filtered_by_status_or_code() {
     assert_eq!(retry("either.jsonl", &["--status", "400", "--code", "request_timeout"]), vec![lines[1].clone(), lines[4].clone()]);
 
     // Bare input: retry lines are full lines that keep custom_id line-N.
-    let bare = format!(
-        "{}\n\n{}\n{}\n",
-        bare_line("one", None),
-        bare_line("three", Some(json!({"status": 400}))),
-        bare_line("four", None)
-    );
+    let bare = format!("{}\n\n{}\n{}\n", bare_line("one", None), bare_line("three", Some(json!({"status": 400}))), bare_line("four", None));
     std::fs::write(d.join("bare.jsonl"), &bare).unwrap();
     let r = batchd(d, &["run", "bare.jsonl", "--config", "cfg.toml", "-o", "bout.jsonl", "--errors", "berr.jsonl"]);
     assert_eq!(r.code, 4, "{r:?}");
@@ -458,8 +456,7 @@ async fn client_commands_submit_status_download_cancel_list() {
     let api = s.api_with_key(KEY);
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let lines: Vec<String> =
-        (0..12).map(|i| chat_line(&format!("req-{i}"), "gpt-test", (i == 5).then(|| json!({"status": 400})))).collect();
+    let lines: Vec<String> = (0..12).map(|i| chat_line(&format!("req-{i}"), "gpt-test", (i == 5).then(|| json!({"status": 400})))).collect();
     write_lines(&d.join("in.jsonl"), &lines);
 
     // Auth: a wrong key (from the environment) is refused with the server's message.
@@ -800,11 +797,8 @@ async fn progress_bar_on_a_terminal_shows_counts_rate_and_eta_and_moves() {
     assert!(done2 > done1, "the counts move: {first:?} then {second:?}");
     assert!(done2 < N as u64, "the run is still going (else this test learns nothing): {second:?}");
     assert!(second.contains(&format!("done {done2}")), "{second:?}");
-    let rate: f64 = second
-        .split(" · ")
-        .find_map(|p| p.strip_suffix(" req/s"))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("req/s on the bar: {second:?}"));
+    let rate: f64 =
+        second.split(" · ").find_map(|p| p.strip_suffix(" req/s")).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("req/s on the bar: {second:?}"));
     assert!(rate > 0.0, "a real rate mid-run: {second:?}");
     let eta = second.split(" · ").find_map(|p| p.strip_prefix("ETA ")).unwrap_or_else(|| panic!("ETA on the bar: {second:?}"));
     assert!(eta.ends_with('s') && eta[..eta.len() - 1].chars().any(|c| c.is_ascii_digit()), "an ETA in time units mid-run: {second:?}");
@@ -855,7 +849,8 @@ fn validate_estimates_cost_from_configured_prices() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let body = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "x".repeat(396)}], "max_tokens": 100});
-    let lines: Vec<String> = (0..10).map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body("priced")}).to_string()).collect();
+    let lines: Vec<String> =
+        (0..10).map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body("priced")}).to_string()).collect();
     write_lines(&d.join("in.jsonl"), &lines);
     let per_line_input = lines[0].len() as f64 / 4.0;
     std::fs::write(

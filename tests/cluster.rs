@@ -74,11 +74,7 @@ impl Shared {
 }
 
 fn cluster_config(base_url: &str, concurrency: usize) -> String {
-    config(
-        base_url,
-        &format!("max_concurrency = {concurrency}"),
-        "[engine]\nlease_ttl_s = 3\nunit_lines = 100\ncommit_interval_ms = 100",
-    )
+    config(base_url, &format!("max_concurrency = {concurrency}"), "[engine]\nlease_ttl_s = 3\nunit_lines = 100\ncommit_interval_ms = 100")
 }
 
 /// Upstream requests one node has sent, from its `/metrics` (summed over labels).
@@ -92,7 +88,10 @@ async fn node_requests(s: &Server) -> u64 {
 
 /// The nodes whose heartbeat has not lapsed, by the database's clock.
 async fn live_nodes(db: &sqlx::PgPool) -> Vec<String> {
-    sqlx::query_scalar("SELECT id FROM nodes WHERE expires_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint ORDER BY id").fetch_all(db).await.unwrap()
+    sqlx::query_scalar("SELECT id FROM nodes WHERE expires_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint ORDER BY id")
+        .fetch_all(db)
+        .await
+        .unwrap()
 }
 
 async fn wait_done(api: &Api, id: &str, at_least: u64) -> Value {
@@ -196,7 +195,13 @@ async fn three_nodes_share_work_survive_kill9_and_sigterm() {
     let store = batchd::store::postgres::PgStore::open(&shared.db.url).await.unwrap();
     use batchd::store::prelude::*;
     let filter = batchd::store::EventFilter { tenant: None, batch_id: Some(id.clone()) };
-    let finals: Vec<_> = store.events_after(&filter, 0, 10_000).await.unwrap().into_iter().filter(|e| e.kind == "batch.status" && serde_json::from_str::<Value>(&e.data).unwrap()["status"] == "completed").collect();
+    let finals: Vec<_> = store
+        .events_after(&filter, 0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "batch.status" && serde_json::from_str::<Value>(&e.data).unwrap()["status"] == "completed")
+        .collect();
     assert_eq!(finals.len(), 1, "one final status event");
     let (_, files) = apis[2].get("/files?purpose=batch_output").await;
     let ours = files["data"].as_array().unwrap().iter().filter(|f| f["filename"].as_str().unwrap_or_default().starts_with(&id)).count();
@@ -272,7 +277,10 @@ async fn backends_from_the_environment_or_the_config_file_need_no_data_dir() {
     let (a, b) = (Api::new(&url_env, None), Api::new(&url_file, None));
     let id = a.submit(&chat_lines(20, "m")).await;
     let done = b.wait_for(&id, &["completed", "failed"], secs(30)).await;
-    assert_eq!(done["status"], "completed", "a batch created through the node configured by environment finishes, seen through the one configured by file: {done}");
+    assert_eq!(
+        done["status"], "completed",
+        "a batch created through the node configured by environment finishes, seen through the one configured by file: {done}"
+    );
     final_results(&b, &done, 20).await;
     let local: Vec<String> = std::fs::read_dir(cwd.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(local.iter().all(|n| n.ends_with(".toml") || n == "batchd.log"), "nothing but the config and the log on local disk: {local:?}");

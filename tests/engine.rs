@@ -90,8 +90,7 @@ async fn tpm_limit_spaces_requests() {
     let m = mock(MockArgs::default()).await;
     let s = Server::start(&config(&m.base_url(), "tpm = 6100", ""));
     let api = s.api();
-    let lines: Vec<String> =
-        (0..4).map(|i| line_with(&format!("t-{i}"), "m", json!({"max_tokens": 100, "mock": {"completion_tokens": 100}}))).collect();
+    let lines: Vec<String> = (0..4).map(|i| line_with(&format!("t-{i}"), "m", json!({"max_tokens": 100, "mock": {"completion_tokens": 100}}))).collect();
     let t0 = Instant::now();
     let id = api.submit(&lines).await;
     let b = api.wait_for(&id, &["completed"], secs(30)).await;
@@ -226,16 +225,7 @@ async fn non_json_upstream_body_becomes_an_error_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_random_faults_is_exactly_once() {
     const N: usize = 600;
-    let m = mock(MockArgs {
-        latency_ms: 5,
-        error_rate: 0.05,
-        rate_429: 0.05,
-        hang_rate: 0.005,
-        retry_after_s: 0.2,
-        seed: Some(7),
-        ..Default::default()
-    })
-    .await;
+    let m = mock(MockArgs { latency_ms: 5, error_rate: 0.05, rate_429: 0.05, hang_rate: 0.005, retry_after_s: 0.2, seed: Some(7), ..Default::default() }).await;
     let s = Server::start(&config(&m.base_url(), "timeout_s = 1\nmax_attempts = 6\nmax_concurrency = 32", ""));
     let api = s.api();
     let t0 = Instant::now();
@@ -245,10 +235,7 @@ async fn soak_with_random_faults_is_exactly_once() {
     let (out, err) = final_results(&api, &b, N).await;
     let st = m.stats_with(secs(60), true);
     let counts = st.request_id_counts.clone().unwrap();
-    println!(
-        "soak: {took:?}, {} requests, {} hangs, statuses {:?}, {} ok, {} errors",
-        st.requests, st.hangs, st.by_status, out.len(), err.len()
-    );
+    println!("soak: {took:?}, {} requests, {} hangs, statuses {:?}, {} ok, {} errors", st.requests, st.hangs, st.by_status, out.len(), err.len());
     assert_eq!(st.unique_request_ids, N as u64, "every line reached the upstream under its own id");
     assert_eq!(counts.values().sum::<u64>(), st.requests);
     assert!(st.hangs > 0 && st.by_status.contains_key("429") && st.by_status.contains_key("500"), "faults were injected: {st:?}");
@@ -419,9 +406,8 @@ const WINDOWS: &str = "[batches]\ncompletion_windows = [\"24h\"]\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_route_to_their_upstream_with_aliases_rewritten() {
     let (m1, m2) = (mock(MockArgs::default()).await, mock(MockArgs::default()).await);
-    let cfg = upstream("one", &m1.base_url(), "models = [\"m-a\"]\naliases = { a = \"m-a\" }")
-        + &upstream("two", &m2.base_url(), "models = [\"m-b\"]")
-        + WINDOWS;
+    let cfg =
+        upstream("one", &m1.base_url(), "models = [\"m-a\"]\naliases = { a = \"m-a\" }") + &upstream("two", &m2.base_url(), "models = [\"m-b\"]") + WINDOWS;
     let s = Server::start(&cfg);
     let api = s.api();
     let mut lines: Vec<String> = (0..10).map(|i| chat_line(&format!("a-{i}"), "a", None)).collect();
@@ -614,10 +600,8 @@ async fn bare_lines_with_blank_lines_and_crlf_are_sent_as_written() {
     let b = api.wait_for(b["id"].as_str().unwrap(), &["completed", "failed"], secs(20)).await;
     assert_eq!(b["status"], "completed", "{b}");
     let (out, _) = final_results(&api, &b, 3).await;
-    let got: HashMap<&str, &str> = out
-        .iter()
-        .map(|l| (l["custom_id"].as_str().unwrap(), l["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap()))
-        .collect();
+    let got: HashMap<&str, &str> =
+        out.iter().map(|l| (l["custom_id"].as_str().unwrap(), l["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap())).collect();
     let want = HashMap::from([("line-1", "echo: first"), ("line-3", "echo: third"), ("line-5", "echo: fifth")]);
     assert_eq!(got, want, "physical line numbers name bare lines; each answer belongs to its line");
 }
@@ -631,8 +615,7 @@ async fn embeddings_and_responses_go_to_their_paths_with_usage_summed() {
         ("/v1/embeddings", json!({"model": "e", "input": "some text to embed"})),
         ("/v1/responses", json!({"model": "r", "input": "say hi", "mock": {"completion_tokens": 7}})),
     ] {
-        let lines: Vec<String> =
-            (0..5).map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": endpoint, "body": body}).to_string()).collect();
+        let lines: Vec<String> = (0..5).map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": endpoint, "body": body}).to_string()).collect();
         let f = api.upload(&lines).await;
         let b = api.create_batch(&f, json!({"endpoint": endpoint})).await;
         let b = api.wait_for(b["id"].as_str().unwrap(), &["completed", "failed"], secs(20)).await;
@@ -737,8 +720,7 @@ async fn concurrency_window_recovers_after_429s() {
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
     let s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
     let api = s.api();
-    let storm: Vec<String> =
-        (0..24).map(|i| chat_line(&format!("s-{i}"), "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 0.05})))).collect();
+    let storm: Vec<String> = (0..24).map(|i| chat_line(&format!("s-{i}"), "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 0.05})))).collect();
     let id = api.submit(&storm).await;
     let b = api.wait_for(&id, &["completed"], secs(30)).await;
     let (out, _) = final_results(&api, &b, 24).await;

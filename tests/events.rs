@@ -245,7 +245,8 @@ async fn retry_of_a_cancelled_batch_takes_exactly_its_cancelled_lines() {
     let done = api.wait_for(&id, &["cancelled"], secs(30)).await;
     let (out, err) = api.results(&done).await;
     let code_of = |e: &Value| e["error"]["code"].as_str().map(str::to_owned);
-    let cancelled: Vec<String> = err.iter().filter(|e| code_of(e).as_deref() == Some("batch_cancelled")).map(|e| e["custom_id"].as_str().unwrap().to_string()).collect();
+    let cancelled: Vec<String> =
+        err.iter().filter(|e| code_of(e).as_deref() == Some("batch_cancelled")).map(|e| e["custom_id"].as_str().unwrap().to_string()).collect();
     assert!(!cancelled.is_empty() && !cancelled.contains(&"bad-400".to_string()), "slow lines never ran: {err:?}");
     assert!(err.iter().any(|e| e["custom_id"] == "bad-400" && code_of(e).as_deref() != Some("batch_cancelled")), "{err:?}");
     assert_eq!(out.len() + err.len(), lines.len(), "every line once");

@@ -20,7 +20,11 @@ fn secs(n: u64) -> Duration {
 
 /// What the hostile upstream answers to a request whose body says `"hostile": KIND`.
 fn hostile_answer(kind: &str) -> Option<(u16, Vec<u8>)> {
-    let chat = |usage: &str| format!(r#"{{"id":"chatcmpl-h","object":"chat.completion","model":"h","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{usage}}}"#);
+    let chat = |usage: &str| {
+        format!(
+            r#"{{"id":"chatcmpl-h","object":"chat.completion","model":"h","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+        )
+    };
     let body = match kind {
         "huge_usage" => chat(r#"{"prompt_tokens":9223372036854775807,"completion_tokens":9223372036854775807,"total_tokens":9223372036854775807}"#),
         "negative_usage" => chat(r#"{"prompt_tokens":-7,"completion_tokens":-1,"total_tokens":-8}"#),
@@ -75,11 +79,8 @@ async fn read_request(sock: &mut TcpStream) -> Option<(HashMap<String, String>, 
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let headers: HashMap<String, String> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
-        .collect();
+    let headers: HashMap<String, String> =
+        head.lines().skip(1).filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))).collect();
     let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
     while body.len() < len {
@@ -139,8 +140,19 @@ fn hostile_line(kind: &str, i: usize) -> String {
 }
 
 const KINDS: [&str; 13] = [
-    "huge_usage", "negative_usage", "null_usage", "float_usage", "string_usage", "pretty", "non_json_200",
-    "huge_declared", "huge_chunked", "truncated", "stalled", "closed", "huge_usage",
+    "huge_usage",
+    "negative_usage",
+    "null_usage",
+    "float_usage",
+    "string_usage",
+    "pretty",
+    "non_json_200",
+    "huge_declared",
+    "huge_chunked",
+    "truncated",
+    "stalled",
+    "closed",
+    "huge_usage",
 ];
 
 /// One batch full of hostile answers ends with each line filed where it belongs, usage
@@ -165,7 +177,10 @@ async fn hostile_answers_never_stop_the_engine() {
     let kind_of = |l: &Value| l["custom_id"].as_str().unwrap().rsplit_once('-').unwrap().0.to_string();
     for l in &out {
         let k = kind_of(l);
-        assert!(["huge_usage", "negative_usage", "null_usage", "float_usage", "string_usage", "pretty"].contains(&k.as_str()), "{k} must not be in the output: {l}");
+        assert!(
+            ["huge_usage", "negative_usage", "null_usage", "float_usage", "string_usage", "pretty"].contains(&k.as_str()),
+            "{k} must not be in the output: {l}"
+        );
     }
     assert_eq!(out.len(), 7 * 3, "every valid 2xx answer lands in the output file");
     // The upstream's bytes, unchanged (the pretty one only loses its raw newlines).
@@ -318,7 +333,11 @@ const FULL_GROUP: u64 = 64;
 /// Starts a batch on a data dir that fills up mid-batch; returns once the store reports that
 /// it cannot write.
 async fn fill_mid_batch(fs: &Tmpfs, m: &MockServer) -> (Server, String, std::path::PathBuf) {
-    let cfg = config(&m.base_url(), &format!("max_concurrency = {FULL_CONCURRENCY}"), &format!("[engine]\ncommit_interval_ms = 50\ncommit_min_results = {FULL_GROUP}\ncommit_max_results = {}\n", 2 * FULL_GROUP));
+    let cfg = config(
+        &m.base_url(),
+        &format!("max_concurrency = {FULL_CONCURRENCY}"),
+        &format!("[engine]\ncommit_interval_ms = 50\ncommit_min_results = {FULL_GROUP}\ncommit_max_results = {}\n", 2 * FULL_GROUP),
+    );
     let s = Server::start_with_data(&cfg, Some(fs.path.join("data")));
     let api = s.api();
     let lines: Vec<String> = (0..FULL_LINES).map(|i| chat_line(&format!("req-{i}"), "m", Some(json!({"completion_tokens": 60})))).collect();
@@ -348,7 +367,8 @@ async fn full_disk_pauses_upstream_calls_and_everything_resumes_by_itself() {
     assert_eq!(file_ok.0, 200, "reads keep answering while full");
     let during = api.batch(&id).await;
     assert_eq!(during["status"], "in_progress", "{during}");
-    let (st, v) = api.post("/batches", &json!({"input_file_id": during["input_file_id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    let (st, v) =
+        api.post("/batches", &json!({"input_file_id": during["input_file_id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
     assert!(st == 507 || st == 503, "create while full: {st} {v}");
     assert!(v["error"]["message"].is_string(), "{v}");
     // No calls whose answers could not be stored: only those already in flight finish.

@@ -65,7 +65,8 @@ impl Raw {
     }
 
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {:?}", self.status, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {:?}", self.status, String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -136,11 +137,46 @@ async fn huge_bodies_are_refused_without_buffering() {
     /// What, request head, body prefix, body size, chunked, the param the 413 names.
     type Case<'a> = (&'a str, String, Vec<u8>, u64, bool, Option<&'a str>);
     let cases: Vec<Case> = vec![
-        ("1 GB chunked unknown field", multipart_head(&addr, None), format!("{file_part}--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"junk\"\r\n\r\n").into_bytes(), 1 << 30, true, Some("junk")),
-        ("400 MB purpose", multipart_head(&addr, None), format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n").into_bytes(), 400 * MB, true, Some("purpose")),
-        ("part header without end", multipart_head(&addr, None), format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\nX-Pad: ").into_bytes(), 400 * MB, true, None),
-        ("600 MB chunked JSON", request_head("POST", "/v1/batches", &addr, "application/json", None), b"{\"metadata\": {\"k\": \"".to_vec(), 600 * MB, true, None),
-        ("600 MB declared JSON", request_head("POST", "/v1/batches", &addr, "application/json", Some(600 * MB)), b"{\"metadata\": {\"k\": \"".to_vec(), 600 * MB, false, None),
+        (
+            "1 GB chunked unknown field",
+            multipart_head(&addr, None),
+            format!("{file_part}--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"junk\"\r\n\r\n").into_bytes(),
+            1 << 30,
+            true,
+            Some("junk"),
+        ),
+        (
+            "400 MB purpose",
+            multipart_head(&addr, None),
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n").into_bytes(),
+            400 * MB,
+            true,
+            Some("purpose"),
+        ),
+        (
+            "part header without end",
+            multipart_head(&addr, None),
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\nX-Pad: ").into_bytes(),
+            400 * MB,
+            true,
+            None,
+        ),
+        (
+            "600 MB chunked JSON",
+            request_head("POST", "/v1/batches", &addr, "application/json", None),
+            b"{\"metadata\": {\"k\": \"".to_vec(),
+            600 * MB,
+            true,
+            None,
+        ),
+        (
+            "600 MB declared JSON",
+            request_head("POST", "/v1/batches", &addr, "application/json", Some(600 * MB)),
+            b"{\"metadata\": {\"k\": \"".to_vec(),
+            600 * MB,
+            false,
+            None,
+        ),
     ];
     for (what, head, prefix, total, chunked, param) in cases {
         let t = Instant::now();
@@ -188,7 +224,8 @@ async fn bodies_over_the_small_limits_get_envelopes() {
         let (st, _) = api.get("/files").await;
         assert_eq!(st, 200);
     }
-    let form = reqwest::multipart::Form::new().text("purpose", "b".repeat(5000)).part("file", reqwest::multipart::Part::bytes(b"{}\n".to_vec()).file_name("a.jsonl"));
+    let form =
+        reqwest::multipart::Form::new().text("purpose", "b".repeat(5000)).part("file", reqwest::multipart::Part::bytes(b"{}\n".to_vec()).file_name("a.jsonl"));
     let r = api.http.post(format!("{}/files", api.base)).multipart(form).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 413);
     let v: Value = r.json().await.unwrap();
@@ -260,7 +297,9 @@ async fn slowloris_and_idle_crowds_are_closed_and_cost_little() {
     let open = held.iter().filter(|h| h.is_none()).count();
     let longest = held.iter().flatten().max().copied().unwrap_or_default();
     let slow_longest = held[..100].iter().flatten().max().copied().unwrap_or_default();
-    eprintln!("RSS {rss0} MiB before, peak {peak} MiB with 1,900 hostile connections; slowest close {longest:?} (slowloris {slow_longest:?}); fds {fds0} before");
+    eprintln!(
+        "RSS {rss0} MiB before, peak {peak} MiB with 1,900 hostile connections; slowest close {longest:?} (slowloris {slow_longest:?}); fds {fds0} before"
+    );
     assert_eq!(served, Some(Ok(200)), "a normal client is served during the attack");
     assert_eq!(open, 0, "{open} connections were never closed");
     assert!(slow_longest < Duration::from_secs(5), "a slowloris connection lived {slow_longest:?}");
@@ -396,22 +435,38 @@ async fn idempotency_and_duplicate_keys() {
     let send = |body: String| {
         let api = api.clone();
         async move {
-            let r = api.http.post(format!("{}/batches", api.base)).header("content-type", "application/json").header("idempotency-key", "key-1").body(body).send().await.unwrap();
+            let r = api
+                .http
+                .post(format!("{}/batches", api.base))
+                .header("content-type", "application/json")
+                .header("idempotency-key", "key-1")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let retry = r.headers().get("x-should-retry").map(|v| v.to_str().unwrap().to_string());
             (r.status().as_u16(), retry, r.json::<Value>().await.unwrap())
         }
     };
-    let (st, _, first) = send(format!(r#"{{"input_file_id":"{f}","endpoint":"/v1/chat/completions","completion_window":"24h","metadata":{{"a":"1","b":"2"}}}}"#)).await;
+    let (st, _, first) =
+        send(format!(r#"{{"input_file_id":"{f}","endpoint":"/v1/chat/completions","completion_window":"24h","metadata":{{"a":"1","b":"2"}}}}"#)).await;
     assert_eq!(st, 200, "{first}");
-    let (st, _, again) = send(format!(r#"{{ "metadata": {{"b":"2","a":"1"}}, "completion_window":"24h", "endpoint":"/v1/chat/completions", "input_file_id":"{f}" }}"#)).await;
+    let (st, _, again) =
+        send(format!(r#"{{ "metadata": {{"b":"2","a":"1"}}, "completion_window":"24h", "endpoint":"/v1/chat/completions", "input_file_id":"{f}" }}"#)).await;
     assert_eq!((st, &again["id"]), (200, &first["id"]), "the same request in another key order is the same request");
     let (st, retry, e) = send(format!(r#"{{"input_file_id":"{f}","endpoint":"/v1/embeddings","completion_window":"24h"}}"#)).await;
     assert_eq!(st, 409, "{e}");
     assert_envelope(&e);
     assert_eq!(e["error"]["code"], "idempotency_key_reused");
     assert_eq!(retry.as_deref(), Some("false"));
-    let r = api.http.post(format!("{}/batches", api.base)).header("content-type", "application/json")
-        .body(format!(r#"{{"input_file_id":"{f}","endpoint":"/v1/chat/completions","endpoint":"/v1/embeddings","completion_window":"24h"}}"#)).send().await.unwrap();
+    let r = api
+        .http
+        .post(format!("{}/batches", api.base))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"input_file_id":"{f}","endpoint":"/v1/chat/completions","endpoint":"/v1/embeddings","completion_window":"24h"}}"#))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let e: Value = r.json().await.unwrap();
     assert!(e["error"]["message"].as_str().unwrap().contains("\"endpoint\" appears twice"), "{e}");
@@ -433,7 +488,14 @@ async fn ranges_and_content_disposition() {
     let data = b"0123456789".to_vec();
     let name = "données ✓.txt";
     let body = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\r\n0123456789\r\n--{BOUNDARY}--\r\n");
-    let r = api.http.post(format!("{}/files", api.base)).header("content-type", format!("multipart/form-data; boundary={BOUNDARY}")).body(body).send().await.unwrap();
+    let r = api
+        .http
+        .post(format!("{}/files", api.base))
+        .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let f: Value = r.json().await.unwrap();
     assert_eq!(f["filename"], name, "{f}");
     let id = f["id"].as_str().unwrap();
@@ -476,7 +538,10 @@ async fn default_expiry_and_new_endpoints() {
     assert_eq!(f["expires_at"].as_i64().unwrap() - f["created_at"].as_i64().unwrap(), 30 * 86_400, "{f}");
     let (_, u) = api.upload_as(b"x".to_vec(), "user_data", "u.bin").await;
     assert!(u["expires_at"].is_null(), "{u}");
-    let form = reqwest::multipart::Form::new().text("purpose", "batch").text("expires_after[anchor]", "created_at").text("expires_after[seconds]", "7200")
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .text("expires_after[anchor]", "created_at")
+        .text("expires_after[seconds]", "7200")
         .part("file", reqwest::multipart::Part::bytes(b"{}\n".to_vec()).file_name("b.jsonl"));
     let e: Value = api.http.post(format!("{}/files", api.base)).multipart(form).send().await.unwrap().json().await.unwrap();
     assert_eq!(e["expires_at"].as_i64().unwrap() - e["created_at"].as_i64().unwrap(), 7200, "{e}");

@@ -113,8 +113,7 @@ async fn a_concurrency_cap_answering_429_is_found_and_kept() {
     let baseline = Server::start(&config(&told.base_url(), "max_concurrency = 16", ""));
     let lines = chat_lines(N as usize, "m");
     let (api, base_api) = (s.api(), baseline.api());
-    let ((b, samples, _), (_, base_samples, _)) =
-        tokio::join!(run_sampled(&api, &capped, &lines, secs(30)), run_sampled(&base_api, &told, &lines, secs(30)));
+    let ((b, samples, _), (_, base_samples, _)) = tokio::join!(run_sampled(&api, &capped, &lines, secs(30)), run_sampled(&base_api, &told, &lines, secs(30)));
     let (out, _) = final_results(&api, &b, N as usize).await;
     let (st, base) = (steady(&samples, N), steady(&base_samples, N));
     let ratio = st.ok_per_s / base.ok_per_s;
@@ -122,7 +121,8 @@ async fn a_concurrency_cap_answering_429_is_found_and_kept() {
     let window = gauge(&metrics, "batchd_upstream_window", "mock").unwrap();
     println!(
         "capacity 16: {st:?}; told the limit: {base:?}; ratio {ratio:.2} ({:.2} of the ideal 320 req/s); peak in flight {}; window {window}",
-        st.ok_per_s / 320.0, capped.stats().peak_in_flight
+        st.ok_per_s / 320.0,
+        capped.stats().peak_in_flight
     );
     assert_eq!(out.len() as u64, N, "no line failed for being rate limited");
     assert!(st.share_429 <= 0.05, "steady-state 429s are at most 5 % of calls: {st:?}");
@@ -219,7 +219,8 @@ async fn slow_down_429s_cost_no_attempt_but_500s_do() {
     let m = mock(MockArgs::default()).await;
     let s = Server::start(&config(&m.base_url(), "max_attempts = 2", ""));
     let api = s.api();
-    let mut lines: Vec<String> = (0..5).map(|i| chat_line(&format!("slow-{i}"), "m", Some(json!({"status": 429, "fail_times": 6, "retry_after_s": 0.05})))).collect();
+    let mut lines: Vec<String> =
+        (0..5).map(|i| chat_line(&format!("slow-{i}"), "m", Some(json!({"status": 429, "fail_times": 6, "retry_after_s": 0.05})))).collect();
     lines.push(chat_line("broken", "m", Some(json!({"status": 500, "fail_times": 6}))));
     let id = api.submit(&lines).await;
     let b = api.wait_for(&id, &["completed"], secs(30)).await;
@@ -458,8 +459,7 @@ async fn standby_yields_to_online_users_and_still_gets_most_of_the_server() {
     let share = (done(&b1) - done(&b0)) as f64 / (t1 - t0).as_secs_f64() / 160.0;
     let loaded = median(lat.into_iter().filter(|x| x.0 >= t0 && x.0 <= t1).map(|x| x.1).collect());
     let ratio = loaded / unloaded;
-    println!("standby: unloaded online median {:.0} ms, loaded {:.0} ms ({ratio:.2}×); batch {share:.2} of capacity",
-        unloaded * 1000.0, loaded * 1000.0);
+    println!("standby: unloaded online median {:.0} ms, loaded {:.0} ms ({ratio:.2}×); batch {share:.2} of capacity", unloaded * 1000.0, loaded * 1000.0);
     assert!(unloaded < 0.15, "test premise: the online clients alone see about 100 ms ({unloaded})");
     assert!(ratio <= 2.0, "online median latency {ratio:.2} × unloaded");
     assert!(share >= 0.6, "the batch gets {share:.2} of the upstream's capacity");

@@ -54,7 +54,10 @@ fn validate(data: &[u8], cuts: &[usize], limits: Limits, unit_lines: u64) -> Rep
 
 /// Bytes rich in the characters that matter to a line splitter and a BOM check.
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
-    prop::collection::vec(prop_oneof![4 => any::<u8>(), 2 => Just(b'\n'), 1 => Just(b'\r'), 1 => Just(0xEF), 1 => Just(0xBB), 1 => Just(0xBF), 1 => Just(b'{')], 0..300)
+    prop::collection::vec(
+        prop_oneof![4 => any::<u8>(), 2 => Just(b'\n'), 1 => Just(b'\r'), 1 => Just(0xEF), 1 => Just(0xBB), 1 => Just(0xBF), 1 => Just(b'{')],
+        0..300,
+    )
 }
 
 /// A valid request line's body: a known model and arbitrary extra content.
@@ -79,7 +82,12 @@ struct Layout {
 }
 
 fn layout(n: usize) -> impl Strategy<Value = Layout> {
-    (any::<bool>(), any::<bool>(), any::<bool>(), prop::collection::vec(0u8..3, n)).prop_map(|(bom, crlf, final_newline, blanks)| Layout { bom, crlf, final_newline, blanks })
+    (any::<bool>(), any::<bool>(), any::<bool>(), prop::collection::vec(0u8..3, n)).prop_map(|(bom, crlf, final_newline, blanks)| Layout {
+        bom,
+        crlf,
+        final_newline,
+        blanks,
+    })
 }
 
 /// Lays out `lines` as a file; returns it with each request line's physical number.

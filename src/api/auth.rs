@@ -2,8 +2,8 @@
 //! every caller is the tenant `default`. A missing or unknown key is a 401 `invalid_api_key`.
 
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -23,9 +23,7 @@ impl FromRequestParts<AppState> for Tenant {
         }
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
         let Some(key) = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))) else {
-            return Err(ApiError::unauthorized(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-            ));
+            return Err(ApiError::unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."));
         };
         match st.cfg.tenant_for_key(key.trim()) {
             Some(t) => Ok(Tenant(t.to_string())),

@@ -74,7 +74,10 @@ pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &str
         .await
         .map_err(|e| not_found_as(e, || ApiError::not_found(format!("No such File object: {input_file_id}")).param("input_file_id")))?;
     if file.purpose != "batch" {
-        return Err(ApiError::invalid("input_file_id", format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose)));
+        return Err(ApiError::invalid(
+            "input_file_id",
+            format!("The file {input_file_id} has purpose {:?}; batch inputs must be uploaded with purpose \"batch\".", file.purpose),
+        ));
     }
     Ok(file)
 }
@@ -253,7 +256,12 @@ pub struct ResultsParams {
 
 /// Extension: the durable results so far as JSONL, at any time (partial results).
 /// `kind=output` (2xx lines, default), `kind=errors`, or `kind=all`.
-pub async fn partial_results(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, Query(p): Query<ResultsParams>) -> ApiResult<axum::response::Response> {
+pub async fn partial_results(
+    State(st): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    Query(p): Query<ResultsParams>,
+) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     let ok = match p.kind.as_deref() {
         None | Some("output") => Some(true),

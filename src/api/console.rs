@@ -69,17 +69,11 @@ pub static ASSETS: &[Asset] = &[
 
 /// Strong validators of [`ASSETS`], in the same order.
 static ETAGS: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
-    ASSETS
-        .iter()
-        .map(|a| HeaderValue::from_str(&format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(a.bytes))).expect("hex is a header value"))
-        .collect()
+    ASSETS.iter().map(|a| HeaderValue::from_str(&format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(a.bytes))).expect("hex is a header value")).collect()
 });
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/", get(index))
-        .route("/assets/{*path}", get(asset))
-        .route("/console/config", get(config))
+    Router::new().route("/", get(index)).route("/assets/{*path}", get(asset)).route("/console/config", get(config))
 }
 
 async fn index(headers: HeaderMap) -> Response {

@@ -47,8 +47,7 @@ impl BatchFilter {
             return false;
         }
         let Some(n) = &self.needle else { return true };
-        b.id.to_lowercase().contains(n)
-            || b.metadata.as_ref().is_some_and(|m| m.values().any(|v| v.as_str().is_some_and(|s| s.to_lowercase().contains(n))))
+        b.id.to_lowercase().contains(n) || b.metadata.as_ref().is_some_and(|m| m.values().any(|v| v.as_str().is_some_and(|s| s.to_lowercase().contains(n))))
     }
 }
 

@@ -34,10 +34,8 @@ pub async fn list(State(st): State<AppState>, Extension(catalog): Extension<Arc<
             models.push((id, owner));
         }
     }
-    let data: Vec<Value> = models
-        .into_iter()
-        .map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner, "shutdown_date": null}))
-        .collect();
+    let data: Vec<Value> =
+        models.into_iter().map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner, "shutdown_date": null})).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -170,7 +168,8 @@ mod tests {
     }
 
     fn cfg(url: &str, models: &[&str]) -> Vec<UpstreamConfig> {
-        let raw = crate::config::RawUpstream { name: "u".into(), base_url: url.into(), models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() };
+        let raw =
+            crate::config::RawUpstream { name: "u".into(), base_url: url.into(), models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() };
         crate::config::RawConfig { upstreams: vec![raw], ..Default::default() }.resolve().unwrap().upstreams
     }
 

@@ -54,7 +54,8 @@ pub async fn retry(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id):
 fn retry_record(b: &BatchRecord, input_file_id: &str) -> BatchRecord {
     let now = crate::now_unix();
     let window = b.expires_at.map_or(86_400, |e| (e - b.created_at).max(1));
-    let mut r = BatchRecord::new(crate::ids::batch_id(), b.tenant.clone(), input_file_id.into(), b.endpoint.clone(), b.completion_window.clone(), now, now + window);
+    let mut r =
+        BatchRecord::new(crate::ids::batch_id(), b.tenant.clone(), input_file_id.into(), b.endpoint.clone(), b.completion_window.clone(), now, now + window);
     let mut metadata = b.metadata.clone().unwrap_or_default();
     if metadata.len() >= 16 && !metadata.contains_key("retry_of") {
         // OpenAI allows 16 keys: make room for retry_of rather than refuse the retry.

@@ -62,8 +62,7 @@ pub struct UsageParams {
 }
 
 fn time_param(v: Option<&str>, name: &str) -> ApiResult<Option<i64>> {
-    v.map(|s| s.trim().parse::<i64>().map_err(|_| ApiError::invalid(name, format!("{name} must be unix seconds."))))
-        .transpose()
+    v.map(|s| s.trim().parse::<i64>().map_err(|_| ApiError::invalid(name, format!("{name} must be unix seconds.")))).transpose()
 }
 
 pub async fn get(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<UsageParams>) -> ApiResult<Json<Value>> {

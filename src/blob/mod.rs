@@ -20,8 +20,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use tokio::io::AsyncWriteExt;
 
-pub mod conformance;
 mod backend;
+pub mod conformance;
 
 pub use backend::BlobUrl;
 

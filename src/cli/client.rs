@@ -171,8 +171,16 @@ fn print_batch(b: &Value, as_json: bool) {
         return;
     }
     let s = snapshot(b);
-    println!("{}  {}  {}/{} done, {} failed  output {}  errors {}", b["id"].as_str().unwrap_or_default(), s.status, s.completed + s.failed, s.total, s.failed,
-        b["output_file_id"].as_str().unwrap_or("-"), b["error_file_id"].as_str().unwrap_or("-"));
+    println!(
+        "{}  {}  {}/{} done, {} failed  output {}  errors {}",
+        b["id"].as_str().unwrap_or_default(),
+        s.status,
+        s.completed + s.failed,
+        s.total,
+        s.failed,
+        b["output_file_id"].as_str().unwrap_or("-"),
+        b["error_file_id"].as_str().unwrap_or("-")
+    );
     for l in super::progress::upstream_lines(&b["progress"]["upstreams"]) {
         println!("  {l}");
     }

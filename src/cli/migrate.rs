@@ -14,9 +14,9 @@ use anyhow::Context;
 use clap::Args;
 use futures::TryStreamExt;
 
+use crate::backend::DataDirLock;
 use crate::backend::DatabaseUrl;
 use crate::blob::{Blob, BlobUrl};
-use crate::backend::DataDirLock;
 use crate::store::migrate;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;

@@ -32,7 +32,9 @@ pub enum Command {
     #[command(after_help = migrate::EXAMPLES)]
     Migrate(migrate::MigrateArgs),
     /// Run the project's mock OpenAI-compatible upstream (for tests, benchmarks, the quickstart).
-    #[command(after_help = "Examples:\n  batchd mock-upstream --listen 127.0.0.1:8000\n  batchd mock-upstream --latency-ms 200 --rate-429 0.05 --error-rate 0.05")]
+    #[command(
+        after_help = "Examples:\n  batchd mock-upstream --listen 127.0.0.1:8000\n  batchd mock-upstream --latency-ms 200 --rate-429 0.05 --error-rate 0.05"
+    )]
     MockUpstream(crate::mock::MockArgs),
     /// Run a JSONL file through an upstream in-process, with progress and resume; no server.
     #[command(after_help = run::EXAMPLES)]

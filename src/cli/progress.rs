@@ -96,38 +96,48 @@ fn message(s: &Snapshot) -> String {
 
 /// The paused upstreams among `progress.upstreams` (the API's JSON), in words.
 pub fn paused_words(upstreams: &serde_json::Value) -> Option<String> {
-    let words: Vec<String> = upstreams.as_array()?.iter().filter_map(|u| {
-        let until = u["paused_until_ms"].as_u64()?;
-        let reason = crate::upstream::PauseReason::parse(u["pause_reason"].as_str()?)?;
-        let left = crate::upstream::human(Duration::from_millis(until.saturating_sub(crate::now_unix_ms())));
-        Some(format!("{}, {left}", reason.words(u["name"].as_str().unwrap_or("?"))))
-    }).collect();
+    let words: Vec<String> = upstreams
+        .as_array()?
+        .iter()
+        .filter_map(|u| {
+            let until = u["paused_until_ms"].as_u64()?;
+            let reason = crate::upstream::PauseReason::parse(u["pause_reason"].as_str()?)?;
+            let left = crate::upstream::human(Duration::from_millis(until.saturating_sub(crate::now_unix_ms())));
+            Some(format!("{}, {left}", reason.words(u["name"].as_str().unwrap_or("?"))))
+        })
+        .collect();
     (!words.is_empty()).then(|| words.join("; "))
 }
 
 /// One line per upstream of `progress.upstreams`: its window, what it learned, its pause.
 pub fn upstream_lines(upstreams: &serde_json::Value) -> Vec<String> {
     let Some(all) = upstreams.as_array() else { return vec![] };
-    all.iter().map(|u| {
-        let mut l = format!(
-            "upstream {} ({}): window {} of {}, {} in flight",
-            u["name"].as_str().unwrap_or("?"), u["mode"].as_str().unwrap_or("?"), u["window"], u["limit"], u["in_flight"]
-        );
-        if let Some(r) = u["learned_rpm"].as_f64() {
-            l += &format!(", learned {r:.0} rpm");
-        }
-        let (rl, ov) = (u["rate_limited_last_minute"].as_u64().unwrap_or(0), u["overloaded_last_minute"].as_u64().unwrap_or(0));
-        if rl + ov > 0 {
-            l += &format!(", {rl} rate-limited and {ov} overloaded answers in the last minute");
-        }
-        if u["paused"] == true {
-            l += &format!("; paused ({})", u["pause_detail"].as_str().unwrap_or_default());
-        }
-        if let Some(e) = u["last_error"].as_str() {
-            l += &format!("; last error: {e}");
-        }
-        l
-    }).collect()
+    all.iter()
+        .map(|u| {
+            let mut l = format!(
+                "upstream {} ({}): window {} of {}, {} in flight",
+                u["name"].as_str().unwrap_or("?"),
+                u["mode"].as_str().unwrap_or("?"),
+                u["window"],
+                u["limit"],
+                u["in_flight"]
+            );
+            if let Some(r) = u["learned_rpm"].as_f64() {
+                l += &format!(", learned {r:.0} rpm");
+            }
+            let (rl, ov) = (u["rate_limited_last_minute"].as_u64().unwrap_or(0), u["overloaded_last_minute"].as_u64().unwrap_or(0));
+            if rl + ov > 0 {
+                l += &format!(", {rl} rate-limited and {ov} overloaded answers in the last minute");
+            }
+            if u["paused"] == true {
+                l += &format!("; paused ({})", u["pause_detail"].as_str().unwrap_or_default());
+            }
+            if let Some(e) = u["last_error"].as_str() {
+                l += &format!("; last error: {e}");
+            }
+            l
+        })
+        .collect()
 }
 
 pub fn human(d: Duration) -> String {

@@ -130,7 +130,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         let b = store.get_batch(None, &batch.id).await?;
         eprintln!(
             "\ninterrupted: {} of {} lines are done and saved in {}.\nrun the same command again to resume; finished lines are not sent again.",
-            b.completed + b.failed, b.total, state.display()
+            b.completed + b.failed,
+            b.total,
+            state.display()
         );
         return Ok(130);
     };
@@ -148,7 +150,16 @@ async fn open_batch(store: &dyn Store, blob: &Blob, args: &RunArgs) -> anyhow::R
     if store.get_file(TENANT, &file_id, now).await.is_err() {
         let bytes = copy_into_blob(&path, blob, &format!("files/{file_id}")).await?;
         let filename = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let rec = FileRecord { id: file_id.clone(), tenant: TENANT.into(), bytes: bytes as i64, created_at: now, filename, purpose: "batch".into(), expires_at: None, blob_key: format!("files/{file_id}") };
+        let rec = FileRecord {
+            id: file_id.clone(),
+            tenant: TENANT.into(),
+            bytes: bytes as i64,
+            created_at: now,
+            filename,
+            purpose: "batch".into(),
+            expires_at: None,
+            blob_key: format!("files/{file_id}"),
+        };
         store.insert_file(&rec).await?;
     }
     let b = BatchRecord::new(crate::ids::batch_id(), TENANT.into(), file_id, args.endpoint.clone(), "365d".into(), now, now + RUN_WINDOW_S);
@@ -226,7 +237,13 @@ async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path
     if !quiet {
         eprintln!(
             "{}: {} succeeded → {}; {} failed → {}; tokens in {} out {}",
-            b.status.as_str(), b.completed, output.display(), b.failed, errors.display(), b.usage.input_tokens, b.usage.output_tokens
+            b.status.as_str(),
+            b.completed,
+            output.display(),
+            b.failed,
+            errors.display(),
+            b.usage.input_tokens,
+            b.usage.output_tokens
         );
     }
     Ok(if b.failed > 0 { 4 } else { 0 })

@@ -46,7 +46,15 @@ pub struct Prepared {
 /// Runs every attempt of one line, starting with a slot already taken on `pool`; `None` when
 /// the batch is cancelled while the line waits for another attempt (the line then ends as
 /// `batch_cancelled`; a call on the wire is never cut here).
-pub async fn run_line(inner: &Inner, p: &Prepared, route: &Route, mut pool: Arc<Pool>, mut target: Arc<str>, mut permit: Permit, cancelled: &CancellationToken) -> Option<ResultRecord> {
+pub async fn run_line(
+    inner: &Inner,
+    p: &Prepared,
+    route: &Route,
+    mut pool: Arc<Pool>,
+    mut target: Arc<str>,
+    mut permit: Permit,
+    cancelled: &CancellationToken,
+) -> Option<ResultRecord> {
     let max_attempts = pool.cfg.max_attempts;
     let mut attempt = 1;
     loop {
@@ -135,7 +143,9 @@ fn body_for(body: &Bytes, model: &str, target: &str) -> Bytes {
 fn count_of(v: Option<&Value>) -> i64 {
     let clamp = |f: f64| if f.is_nan() { 0 } else { f.clamp(0.0, i64::MAX as f64) as i64 };
     match v {
-        Some(Value::Number(n)) => n.as_i64().map(|i| i.max(0)).or_else(|| n.as_u64().map(|u| u.min(i64::MAX as u64) as i64)).unwrap_or_else(|| clamp(n.as_f64().unwrap_or(0.0))),
+        Some(Value::Number(n)) => {
+            n.as_i64().map(|i| i.max(0)).or_else(|| n.as_u64().map(|u| u.min(i64::MAX as u64) as i64)).unwrap_or_else(|| clamp(n.as_f64().unwrap_or(0.0)))
+        }
         Some(Value::String(s)) => s.trim().parse::<f64>().map(clamp).unwrap_or(0),
         _ => 0,
     }
@@ -358,8 +368,16 @@ mod tests {
         assert!(parse_body(b"[1,2]").is_none(), "an answer is a JSON object");
         assert!(parse_body(b"\xff{}").is_none());
         let p = Prepared {
-            batch_id: "b".into(), line: 1, unit_idx: 0, epoch: None, custom_id: "c\"1".into(), request_id: "batch_req_1".into(),
-            body: Bytes::new(), model: "m".into(), path: "/x".into(), est_tokens: 0,
+            batch_id: "b".into(),
+            line: 1,
+            unit_idx: 0,
+            epoch: None,
+            custom_id: "c\"1".into(),
+            request_id: "batch_req_1".into(),
+            body: Bytes::new(),
+            model: "m".into(),
+            path: "/x".into(),
+            est_tokens: 0,
         };
         let line = answer_line(&p, 200, "rid", r#"{"ok":true}"#);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();

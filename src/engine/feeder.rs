@@ -183,7 +183,12 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
 
 /// A slot on a pool serving `route`, taken while the store takes writes (the gate may close
 /// while a feeder waits for the slot); `None` when `stop` fires first.
-async fn acquire_writable(inner: &Inner, route: &Route, est_tokens: u64, stop: &CancellationToken) -> Option<(Arc<crate::upstream::Pool>, Arc<str>, crate::upstream::Permit)> {
+async fn acquire_writable(
+    inner: &Inner,
+    route: &Route,
+    est_tokens: u64,
+    stop: &CancellationToken,
+) -> Option<(Arc<crate::upstream::Pool>, Arc<str>, crate::upstream::Permit)> {
     loop {
         let got = tokio::select! {
             got = route.acquire(est_tokens, None) => got,
@@ -201,7 +206,14 @@ async fn acquire_writable(inner: &Inner, route: &Route, est_tokens: u64, stop: &
 }
 
 /// Reads a unit's bytes and prepares its request lines (blank lines skipped).
-pub(super) async fn unit_lines(blob: &crate::blob::Blob, key: &str, unit: &WorkUnit, format: InputFormat, batch_id: &Arc<str>, path: &Arc<str>) -> Result<Vec<Prepared>> {
+pub(super) async fn unit_lines(
+    blob: &crate::blob::Blob,
+    key: &str,
+    unit: &WorkUnit,
+    format: InputFormat,
+    batch_id: &Arc<str>,
+    path: &Arc<str>,
+) -> Result<Vec<Prepared>> {
     let bytes = blob.get_range(key, unit.byte_offset..unit.byte_offset + unit.byte_len).await.ctx("reading the input file")?;
     let mut out = Vec::with_capacity(unit.line_count as usize);
     let mut splitter = LineSplitter::new(usize::MAX, unit.first_line, 0);

@@ -49,11 +49,8 @@ async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str)
             continue;
         }
         let lines = unit_lines(&inner.blob, &file.blob_key, &unit, format, &batch_id, &path).await?;
-        let records: Vec<_> = lines
-            .iter()
-            .filter(|p| !done.contains(&p.line))
-            .map(|p| ResultRecord { epoch: None, ..error_record(p, code, message) })
-            .collect();
+        let records: Vec<_> =
+            lines.iter().filter(|p| !done.contains(&p.line)).map(|p| ResultRecord { epoch: None, ..error_record(p, code, message) }).collect();
         inner.store.commit_results(&inner.node, &records).await.ctx("recording the unfinished lines")?;
     }
     Ok(())

@@ -380,15 +380,7 @@ mod tests {
     #[test]
     fn splits_across_chunks_with_offsets() {
         let got = split(&[b"ab\r\nc", b"d\n\nef"], 100);
-        assert_eq!(
-            got,
-            vec![
-                (1, 0, 4, "ab".into(), false),
-                (2, 4, 3, "cd".into(), false),
-                (3, 7, 1, "".into(), false),
-                (4, 8, 2, "ef".into(), false)
-            ]
-        );
+        assert_eq!(got, vec![(1, 0, 4, "ab".into(), false), (2, 4, 3, "cd".into(), false), (3, 7, 1, "".into(), false), (4, 8, 2, "ef".into(), false)]);
     }
 
     #[test]

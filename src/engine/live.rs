@@ -68,7 +68,10 @@ fn yes() -> bool {
 
 /// `own` plus what the other nodes published for `batch_id`.
 fn sum_counts(own: LineCounts, others: &[Published], batch_id: &str) -> LineCounts {
-    others.iter().filter_map(|p| p.batches.get(batch_id)).fold(own, |a, c| LineCounts { in_flight: a.in_flight + c.in_flight, retrying: a.retrying + c.retrying })
+    others
+        .iter()
+        .filter_map(|p| p.batches.get(batch_id))
+        .fold(own, |a, c| LineCounts { in_flight: a.in_flight + c.in_flight, retrying: a.retrying + c.retrying })
 }
 
 impl Engine {
@@ -161,7 +164,8 @@ mod tests {
     fn other_nodes_counts_add_up_from_what_their_heartbeat_publishes() {
         // The shape `cluster::beat` publishes.
         let a: Published = serde_json::from_str(r#"{"batches": {"batch_x": {"in_flight": 3, "retrying": 2}}, "store_writable": false}"#).unwrap();
-        let b: Published = serde_json::from_str(r#"{"batches": {"batch_x": {"in_flight": 1, "retrying": 0}, "batch_y": {"in_flight": 9, "retrying": 9}}}"#).unwrap();
+        let b: Published =
+            serde_json::from_str(r#"{"batches": {"batch_x": {"in_flight": 1, "retrying": 0}, "batch_y": {"in_flight": 9, "retrying": 9}}}"#).unwrap();
         assert!(!a.store_writable && b.store_writable, "a node that says nothing is taken as writable");
         let own = LineCounts { in_flight: 4, retrying: 1 };
         assert_eq!(sum_counts(own, &[a, b], "batch_x"), LineCounts { in_flight: 8, retrying: 3 });

@@ -63,8 +63,8 @@ use crate::upstream::Router;
 
 pub use book::LineCounts;
 pub use error::Error;
-pub use live::Live;
 pub use finalizer::next_chunk_records;
+pub use live::Live;
 pub use progress::Progress;
 pub use retry::RetryFilter;
 

@@ -197,6 +197,9 @@ mod tests {
         assert!(!only_expired.takes(&http500) && only_expired.takes(&expired) && !only_expired.takes(&down));
         let status = RetryFilter { status_codes: vec![429, 500], ..Default::default() };
         assert!(status.takes(&http500) && !status.takes(&expired) && !status.takes(&down));
-        assert_eq!(full_line("x\"", "/v1/embeddings", br#"{"model":"m"}"#), "{\"custom_id\":\"x\\\"\",\"method\":\"POST\",\"url\":\"/v1/embeddings\",\"body\":{\"model\":\"m\"}}\n");
+        assert_eq!(
+            full_line("x\"", "/v1/embeddings", br#"{"model":"m"}"#),
+            "{\"custom_id\":\"x\\\"\",\"method\":\"POST\",\"url\":\"/v1/embeddings\",\"body\":{\"model\":\"m\"}}\n"
+        );
     }
 }

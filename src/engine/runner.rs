@@ -68,7 +68,8 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> Result<()> {
     let file = match inner.store.get_file(&b.tenant, &b.input_file_id, now).await {
         Ok(f) => f,
         Err(crate::store::Error::NotFound) => {
-            let e = LineError { code: "invalid_value".into(), message: "The input file no longer exists.".into(), param: Some("input_file_id".into()), line: None };
+            let e =
+                LineError { code: "invalid_value".into(), message: "The input file no longer exists.".into(), param: Some("input_file_id".into()), line: None };
             inner.store.mark_failed(&b.id, &[e], now).await.ctx("failing the batch")?;
             return Ok(());
         }

@@ -138,7 +138,14 @@ pub struct Scheduler {
 impl Scheduler {
     /// Registers a run of a batch with `remaining` lines; the receiver tells its turns. The
     /// entry goes when the returned guard drops.
-    pub fn join(&self, batch: &Arc<str>, priority: i64, expires_at: Option<i64>, remaining: u64, progress: &ProgressBook) -> (watch::Receiver<usize>, Membership) {
+    pub fn join(
+        &self,
+        batch: &Arc<str>,
+        priority: i64,
+        expires_at: Option<i64>,
+        remaining: u64,
+        progress: &ProgressBook,
+    ) -> (watch::Receiver<usize>, Membership) {
         let priority = priority.clamp(1, 8) as u32;
         let (tx, rx) = watch::channel(TURNS_PER_PRIORITY * priority as usize);
         let entry = Entry { priority, expires_at, total_remaining: remaining, committed_at_join: progress.committed(batch), target: tx };

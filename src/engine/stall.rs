@@ -20,8 +20,8 @@ use serde_json::json;
 use super::rates::{batch_rates, stalled_since};
 use super::{Engine, Inner, LineCounts};
 use crate::metrics::UpstreamRecent;
-use crate::upstream::PauseReason;
 use crate::store::{BatchRecord, BatchStatus, EventFilter};
+use crate::upstream::PauseReason;
 
 /// What the reason is guessed from.
 pub struct Clues {
@@ -159,21 +159,33 @@ mod tests {
     fn reasons_name_the_likely_cause() {
         let base = base_clone();
         assert!(reason(&Clues { store_writable: false, ..base }).contains("store cannot take writes"));
-        let limited = Clues { upstreams: vec![("a".into(), recent(true, false, "429 from upstream"))], counts: LineCounts { in_flight: 0, retrying: 3 }, ..base_clone() };
+        let limited =
+            Clues { upstreams: vec![("a".into(), recent(true, false, "429 from upstream"))], counts: LineCounts { in_flight: 0, retrying: 3 }, ..base_clone() };
         assert_eq!(reason(&limited), "every upstream serving the batch is rate limited (429): a");
         let down = Clues { upstreams: vec![("a".into(), recent(false, true, "connection refused"))], ..base_clone() };
         assert_eq!(reason(&down), "upstream unreachable: a (connection refused)");
-        let mixed = Clues { upstreams: vec![("a".into(), recent(false, true, "x")), ("b".into(), UpstreamRecent::default())], counts: LineCounts { in_flight: 0, retrying: 2 }, ..base_clone() };
+        let mixed = Clues {
+            upstreams: vec![("a".into(), recent(false, true, "x")), ("b".into(), UpstreamRecent::default())],
+            counts: LineCounts { in_flight: 0, retrying: 2 },
+            ..base_clone()
+        };
         assert_eq!(reason(&mixed), "all 2 lines in progress are waiting on retries", "one upstream still works");
         let hanging = Clues { counts: LineCounts { in_flight: 4, retrying: 0 }, ..base_clone() };
         assert!(reason(&hanging).starts_with("4 requests in flight, none answered for 30 s"));
         assert!(reason(&base_clone()).starts_with("no node is working"));
         let paused = Clues {
-            pauses: vec![Some((PauseReason::RateLimited, "rate limited by a, 2 s".into())), Some((PauseReason::QuotaExhausted, "out of quota at b, 30 s".into()))],
+            pauses: vec![
+                Some((PauseReason::RateLimited, "rate limited by a, 2 s".into())),
+                Some((PauseReason::QuotaExhausted, "out of quota at b, 30 s".into())),
+            ],
             ..base_clone()
         };
         assert_eq!(reason(&paused), "every upstream serving the batch is paused: rate limited by a, 2 s; out of quota at b, 30 s");
-        let one_paused = Clues { pauses: vec![Some((PauseReason::RateLimited, "rate limited by a, 2 s".into())), None], counts: LineCounts { in_flight: 0, retrying: 2 }, ..base_clone() };
+        let one_paused = Clues {
+            pauses: vec![Some((PauseReason::RateLimited, "rate limited by a, 2 s".into())), None],
+            counts: LineCounts { in_flight: 0, retrying: 2 },
+            ..base_clone()
+        };
         assert_eq!(reason(&one_paused), "all 2 lines in progress are waiting on retries", "another upstream still takes lines");
     }
 

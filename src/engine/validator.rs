@@ -217,7 +217,12 @@ impl<'a> Validator<'a> {
         match &p.custom_id {
             Field::Missing => self.push(missing(no, "custom_id")),
             Field::Str(s) if !s.is_empty() && s.chars().count() <= MAX_CUSTOM_ID => self.check_unique(no, s),
-            _ => self.push(err("invalid_value", Some(no), Some("custom_id"), format!("Line {no}: custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters."))),
+            _ => self.push(err(
+                "invalid_value",
+                Some(no),
+                Some("custom_id"),
+                format!("Line {no}: custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters."),
+            )),
         }
         match &p.method {
             Field::Missing => self.push(missing(no, "method")),
@@ -322,7 +327,11 @@ impl<'a> Validator<'a> {
         }
         // The others come after MAX_ERRORS errors at lower lines: counted, never listed.
         self.errors.count += (minority.count - minority.first.len() as u64) as usize;
-        if bare_minority { InputFormat::Full } else { InputFormat::Bare }
+        if bare_minority {
+            InputFormat::Full
+        } else {
+            InputFormat::Bare
+        }
     }
 
     /// The report; `Err` only when the duplicate finder's temporary file failed.

@@ -86,7 +86,15 @@ fn retry_at_ms(attempts: i64) -> Option<i64> {
 async fn attempt(inner: &Inner, http: &reqwest::Client, d: Delivery) {
     let now = crate::now_unix();
     let Some(hook) = inner.cfg.webhook_for(&d.event.tenant) else {
-        let a = DeliveryAttempt { event_id: d.event.id, status: None, error: Some("no webhook is configured for the tenant".into()), duration_ms: 0, at: now, retry_at_ms: None, delivered: false };
+        let a = DeliveryAttempt {
+            event_id: d.event.id,
+            status: None,
+            error: Some("no webhook is configured for the tenant".into()),
+            duration_ms: 0,
+            at: now,
+            retry_at_ms: None,
+            delivered: false,
+        };
         return record(inner, &a, "no_webhook").await;
     };
     let id = crate::ids::event_id(&d.event.batch_id, d.event.id);
@@ -115,7 +123,9 @@ async fn attempt(inner: &Inner, http: &reqwest::Client, d: Delivery) {
         (false, None) => "given_up",
     };
     match &error {
-        Some(e) if retry_at_ms.is_none() => tracing::warn!(event = %id, batch = %d.event.batch_id, error = %e, attempts = d.attempts + 1, "webhook delivery given up"),
+        Some(e) if retry_at_ms.is_none() => {
+            tracing::warn!(event = %id, batch = %d.event.batch_id, error = %e, attempts = d.attempts + 1, "webhook delivery given up")
+        }
         Some(e) => tracing::info!(event = %id, batch = %d.event.batch_id, error = %e, attempt = d.attempts + 1, "webhook delivery failed; will retry"),
         None => tracing::info!(event = %id, batch = %d.event.batch_id, attempt = d.attempts + 1, "webhook delivered"),
     }
@@ -150,7 +160,8 @@ mod tests {
     #[test]
     fn signature_matches_the_standard_webhooks_example() {
         // The Standard Webhooks specification's test vector.
-        let key = base64::engine::general_purpose::STANDARD.encode(base64::engine::general_purpose::STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap());
+        let key =
+            base64::engine::general_purpose::STANDARD.encode(base64::engine::general_purpose::STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap());
         let hook = Webhook { url: "http://x".into(), key: Secret::new(key), secret: Secret::new("whsec_test") };
         let body = r#"{"test": 2432232314}"#;
         assert_eq!(signature(&hook, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body), "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
@@ -166,7 +177,14 @@ mod tests {
 
     #[test]
     fn payload_is_the_openai_event() {
-        let e = Event { id: 7, tenant: "t".into(), batch_id: "batch_x".into(), kind: "batch.status".into(), data: r#"{"status":"completed"}"#.into(), created_at: 123 };
+        let e = Event {
+            id: 7,
+            tenant: "t".into(),
+            batch_id: "batch_x".into(),
+            kind: "batch.status".into(),
+            data: r#"{"status":"completed"}"#.into(),
+            created_at: 123,
+        };
         let v: serde_json::Value = serde_json::from_str(&payload(&e)).unwrap();
         assert_eq!(v["type"], "batch.completed");
         assert_eq!(v["object"], "event");

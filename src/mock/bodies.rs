@@ -47,10 +47,7 @@ pub fn error_envelope(message: &str, kind: &str, code: Option<&str>) -> Value {
 
 /// Body of `GET /v1/models`.
 pub fn models() -> Value {
-    let data: Vec<Value> = MODELS
-        .iter()
-        .map(|m| json!({"id": m, "object": "model", "created": 1_700_000_000u64, "owned_by": "batchd-mock"}))
-        .collect();
+    let data: Vec<Value> = MODELS.iter().map(|m| json!({"id": m, "object": "model", "created": 1_700_000_000u64, "owned_by": "batchd-mock"})).collect();
     json!({"object": "list", "data": data})
 }
 
@@ -172,8 +169,18 @@ fn embeddings(model: &str, req: &Value, u: Usage) -> Value {
 }
 
 const MODERATION_CATEGORIES: &[&str] = &[
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
-    "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
     "violence/graphic",
 ];
 

@@ -89,7 +89,8 @@ struct Nginx {
 impl Limits {
     pub fn new(b: &Behaviour) -> Limits {
         let slots = tokio::sync::Semaphore::new(b.slots as usize);
-        let l = Limits { state: Mutex::new(State { made_for: (-1.0, -1.0, -1.0, -1.0), requests: None, tokens: None, nginx: None, slot_count: b.slots }), slots };
+        let l =
+            Limits { state: Mutex::new(State { made_for: (-1.0, -1.0, -1.0, -1.0), requests: None, tokens: None, nginx: None, slot_count: b.slots }), slots };
         l.configure(b);
         l
     }
@@ -147,7 +148,11 @@ impl Limits {
         }
         requests.iter().for_each(|b| b.headers("requests", h));
         tok.iter().for_each(|b| b.headers("tokens", h));
-        if wait.is_zero() { Ok(()) } else { Err(Refusal::RateLimited { wait }) }
+        if wait.is_zero() {
+            Ok(())
+        } else {
+            Err(Refusal::RateLimited { wait })
+        }
     }
 
     /// Waits for one of the server's slots (none to wait for when `slots` is 0).
@@ -168,7 +173,11 @@ fn go_duration(d: Duration) -> String {
     let secs = d.as_secs_f64();
     let (m, s) = ((secs / 60.0).floor(), secs % 60.0);
     let s = format!("{s:.3}").trim_end_matches('0').trim_end_matches('.').to_string();
-    if m > 0.0 { format!("{m}m{s}s") } else { format!("{s}s") }
+    if m > 0.0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
 }
 
 #[cfg(test)]

@@ -377,7 +377,13 @@ pub async fn status_events_follow_every_transition(store: &dyn Store) {
     store.finish_batch("batch_ev", &fin).await.unwrap();
     store.finish_batch("batch_ev", &fin).await.unwrap();
     let evs = store.events_after(&mine, start, 100).await.unwrap();
-    let want = [("batch.status", "validating"), ("batch.status", "in_progress"), ("batch.progress", ""), ("batch.status", "finalizing"), ("batch.status", "completed")];
+    let want = [
+        ("batch.status", "validating"),
+        ("batch.status", "in_progress"),
+        ("batch.progress", ""),
+        ("batch.status", "finalizing"),
+        ("batch.status", "completed"),
+    ];
     let want: Vec<(String, String)> = want.iter().map(|(k, s)| (k.to_string(), s.to_string())).collect();
     assert_eq!(kinds(&evs), want, "one event per transition, progress at most once a second");
     assert!(evs.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
@@ -419,7 +425,15 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
     let d = &due[0];
     assert!(d.event.id > start && d.event.batch_id == "batch_wh" && d.event.kind == "batch.status" && d.attempts == 0);
     assert!(store.due_deliveries("n2", 10, LONG).await.unwrap().is_empty(), "a claimed delivery is not handed out twice");
-    let failed = DeliveryAttempt { event_id: d.event.id, status: Some(500), error: Some("boom".into()), duration_ms: 3, at: 5_001, retry_at_ms: Some(0), delivered: false };
+    let failed = DeliveryAttempt {
+        event_id: d.event.id,
+        status: Some(500),
+        error: Some("boom".into()),
+        duration_ms: 3,
+        at: 5_001,
+        retry_at_ms: Some(0),
+        delivered: false,
+    };
     store.record_delivery(&failed).await.unwrap();
     let again = store.due_deliveries("n2", 10, LONG).await.unwrap();
     assert_eq!((again.len(), again[0].attempts), (1, 1), "a failed attempt is due again when its retry time comes");
@@ -542,7 +556,10 @@ pub async fn admission_keeps_the_queue_within_its_limits(store: &dyn Store) {
     let over = store.admit_batch(&batch("batch_adm_t1"), None, tokens(299)).await.unwrap();
     assert!(matches!(over, Admission::OverQuota { queued: Queued { tokens: 200, .. }, tokens: 100, .. }), "{over:?}");
     assert!(matches!(store.admit_batch(&batch("batch_adm_t2"), None, tokens(300)).await.unwrap(), Admission::Admitted(_)), "exactly at the limit fits");
-    assert!(matches!(store.admit_batch(&batch("batch_adm_free"), None, QueueLimits::default()).await.unwrap(), Admission::Admitted(_)), "no limits, no refusal");
+    assert!(
+        matches!(store.admit_batch(&batch("batch_adm_free"), None, QueueLimits::default()).await.unwrap(), Admission::Admitted(_)),
+        "no limits, no refusal"
+    );
 
     // A cancel frees its lines.
     let q = store.queued(Some(t)).await.unwrap();

@@ -36,23 +36,74 @@ use Kind::*;
 const TABLES: &[Table] = &[
     Table {
         name: "files",
-        cols: &[("seq", Int), ("id", Text), ("tenant", Text), ("bytes", Int), ("created_at", Int), ("filename", Text), ("purpose", Text), ("expires_at", Int), ("blob_key", Text)],
+        cols: &[
+            ("seq", Int),
+            ("id", Text),
+            ("tenant", Text),
+            ("bytes", Int),
+            ("created_at", Int),
+            ("filename", Text),
+            ("purpose", Text),
+            ("expires_at", Int),
+            ("blob_key", Text),
+        ],
     },
     Table {
         name: "batches",
         cols: &[
-            ("seq", Int), ("id", Text), ("tenant", Text), ("idempotency_key", Text), ("idempotency_hash", Text), ("endpoint", Text), ("input_file_id", Text),
-            ("completion_window", Text), ("metadata", Text), ("model", Text), ("status", Text), ("output_file_id", Text),
-            ("error_file_id", Text), ("errors", Text), ("created_at", Int), ("in_progress_at", Int), ("expires_at", Int),
-            ("finalizing_at", Int), ("completed_at", Int), ("failed_at", Int), ("expired_at", Int), ("cancelling_at", Int),
-            ("cancelled_at", Int), ("total", Int), ("completed", Int), ("failed", Int), ("input_tokens", Int), ("cached_tokens", Int),
-            ("output_tokens", Int), ("reasoning_tokens", Int), ("total_tokens", Int), ("priority", Int), ("input_format", Text),
-            ("output_expires_after", Int), ("finalize_as", Text), ("est_tokens", Int), ("last_progress_ms", Int), ("est_requests", Int),
+            ("seq", Int),
+            ("id", Text),
+            ("tenant", Text),
+            ("idempotency_key", Text),
+            ("idempotency_hash", Text),
+            ("endpoint", Text),
+            ("input_file_id", Text),
+            ("completion_window", Text),
+            ("metadata", Text),
+            ("model", Text),
+            ("status", Text),
+            ("output_file_id", Text),
+            ("error_file_id", Text),
+            ("errors", Text),
+            ("created_at", Int),
+            ("in_progress_at", Int),
+            ("expires_at", Int),
+            ("finalizing_at", Int),
+            ("completed_at", Int),
+            ("failed_at", Int),
+            ("expired_at", Int),
+            ("cancelling_at", Int),
+            ("cancelled_at", Int),
+            ("total", Int),
+            ("completed", Int),
+            ("failed", Int),
+            ("input_tokens", Int),
+            ("cached_tokens", Int),
+            ("output_tokens", Int),
+            ("reasoning_tokens", Int),
+            ("total_tokens", Int),
+            ("priority", Int),
+            ("input_format", Text),
+            ("output_expires_after", Int),
+            ("finalize_as", Text),
+            ("est_tokens", Int),
+            ("last_progress_ms", Int),
+            ("est_requests", Int),
         ],
     },
     Table {
         name: "units",
-        cols: &[("batch_id", Text), ("idx", Int), ("first_line", Int), ("end_line", Int), ("line_count", Int), ("byte_offset", Int), ("byte_len", Int), ("done", Int), ("epoch", Int)],
+        cols: &[
+            ("batch_id", Text),
+            ("idx", Int),
+            ("first_line", Int),
+            ("end_line", Int),
+            ("line_count", Int),
+            ("byte_offset", Int),
+            ("byte_len", Int),
+            ("done", Int),
+            ("epoch", Int),
+        ],
     },
     Table { name: "events", cols: &[("id", Int), ("tenant", Text), ("batch_id", Text), ("type", Text), ("data", Text), ("created_at", Int)] },
     Table { name: "webhook_deliveries", cols: &[("event_id", Int), ("state", Text), ("attempts", Int), ("next_attempt_ms", Int)] },
@@ -63,8 +114,15 @@ const TABLES: &[Table] = &[
     Table {
         name: "batch_usage",
         cols: &[
-            ("batch_id", Text), ("model", Text), ("hour", Int), ("requests", Int), ("input_tokens", Int), ("cached_tokens", Int),
-            ("output_tokens", Int), ("reasoning_tokens", Int), ("total_tokens", Int),
+            ("batch_id", Text),
+            ("model", Text),
+            ("hour", Int),
+            ("requests", Int),
+            ("input_tokens", Int),
+            ("cached_tokens", Int),
+            ("output_tokens", Int),
+            ("reasoning_tokens", Int),
+            ("total_tokens", Int),
         ],
     },
 ];
@@ -169,7 +227,8 @@ async fn insert_page(tx: &mut sqlx::PgConnection, table: &str, names: &[&str], c
 /// Copies the result log: SQLite keys a result by `batch seq << 32 | line`, PostgreSQL by
 /// (batch id, line).
 async fn copy_results(from: &SqliteStore, tx: &mut sqlx::PgConnection) -> Result<u64> {
-    let ids: HashMap<i64, String> = sqlx::query_as::<_, (i64, String)>("SELECT seq, id FROM batches").fetch_all(from.pool()).await.map_err(sqlite_err)?.into_iter().collect();
+    let ids: HashMap<i64, String> =
+        sqlx::query_as::<_, (i64, String)>("SELECT seq, id FROM batches").fetch_all(from.pool()).await.map_err(sqlite_err)?.into_iter().collect();
     let (mut after, mut n) = (i64::MIN, 0u64);
     loop {
         let rows: Vec<(i64, String, i64, String)> = sqlx::query_as("SELECT key, custom_id, ok, record FROM results WHERE key > ? ORDER BY key LIMIT ?")

@@ -145,10 +145,7 @@ impl Pool {
             Ok(u) => u,
             Err(e) => return Outcome::Transport(TransportError::Unavailable(format!("upstream {:?}: bad URL: {e}", self.cfg.name))),
         };
-        let mut req = Request::post(uri)
-            .header(HOST, self.conns.host().clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT_ENCODING, "gzip, zstd");
+        let mut req = Request::post(uri).header(HOST, self.conns.host().clone()).header(CONTENT_TYPE, "application/json").header(ACCEPT_ENCODING, "gzip, zstd");
         if let Ok(id) = HeaderValue::from_str(request_id) {
             req = req.header("x-request-id", id);
         }
@@ -199,7 +196,6 @@ impl Pool {
         Ok(u)
     }
 }
-
 
 /// Where the upstream's own id of a request may be: its own header, LiteLLM's, Anthropic's.
 const REQUEST_ID_HEADERS: [&str; 3] = ["x-request-id", "x-litellm-call-id", "request-id"];

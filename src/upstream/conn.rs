@@ -174,10 +174,8 @@ mod tests {
                         buf.extend_from_slice(&chunk[..n]);
                         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
                         let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                            .unwrap_or(0);
+                        let len: usize =
+                            head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
                         if buf.len() < end + 4 + len {
                             continue;
                         }

@@ -94,7 +94,9 @@ pub enum Signal {
     RateLimited,
     /// 503, 529 or `overloaded_error`; `slow_down` when the upstream said so explicitly
     /// (529 / `overloaded_error`), which like a 429 costs the line no attempt.
-    Overloaded { slow_down: bool },
+    Overloaded {
+        slow_down: bool,
+    },
     /// `insufficient_quota` (or 402): out of money or quota, not a rate limit.
     Quota,
     Timeout,

@@ -4,8 +4,8 @@
 //! simulated seconds in a few milliseconds of real time, with the same assertions the
 //! engine tests make against the mock upstream.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -331,8 +331,11 @@ fn token_budget(cost: f64, est: u64, latency: Duration) -> (Tally, f64, f64) {
     let secs = 20.0;
     let t = sim.run(&mut up, Duration::from_secs(5), Duration::from_secs_f64(secs));
     let tput = t.ok as f64 * cost / secs / 1000.0;
-    println!("token budget (cost {cost}, estimate {est}, {latency:?}): {t:?}, throughput {tput:.3} of 1,000 tokens/s, 429 share {:.4}, window {:.1}",
-        t.share_429(), sim.ctl.window());
+    println!(
+        "token budget (cost {cost}, estimate {est}, {latency:?}): {t:?}, throughput {tput:.3} of 1,000 tokens/s, 429 share {:.4}, window {:.1}",
+        t.share_429(),
+        sim.ctl.window()
+    );
     (t, tput, sim.ctl.window())
 }
 
@@ -397,8 +400,12 @@ fn standby_keeps_online_latency_low_and_still_takes_most_of_the_server() {
     }
     let share = sim.tally.ok as f64 / 20.0 / 160.0;
     let med = median(&mut latencies) / 0.1;
-    println!("standby: batch share {share:.3}, online median {med:.2} × unloaded, window {:.1} ({:.1}..{:.1})",
-        sim.ctl.window(), sim.tally.min_window, sim.tally.max_window);
+    println!(
+        "standby: batch share {share:.3}, online median {med:.2} × unloaded, window {:.1} ({:.1}..{:.1})",
+        sim.ctl.window(),
+        sim.tally.min_window,
+        sim.tally.max_window
+    );
     assert!(med <= 1.5, "online median latency {med:.2} × unloaded");
     assert!(share >= 0.6, "the batch gets {share:.3} of the capacity");
 }
@@ -522,8 +529,13 @@ fn two_nodes_share_a_rate_limit_announced_in_headers() {
     let (sent, ok, limited) = (a.tally.sent + b.tally.sent, a.tally.ok + b.tally.ok, a.tally.limited + b.tally.limited);
     let tput = ok as f64 / secs as f64 / 20.0;
     let share = limited as f64 / sent.max(1) as f64;
-    println!("two nodes: {:?} + {:?}, throughput {tput:.3} of 20 req/s, 429 share {share:.4}, learned {:?} + {:?}",
-        a.tally, b.tally, a.ctl.learned_rate(), b.ctl.learned_rate());
+    println!(
+        "two nodes: {:?} + {:?}, throughput {tput:.3} of 20 req/s, 429 share {share:.4}, learned {:?} + {:?}",
+        a.tally,
+        b.tally,
+        a.ctl.learned_rate(),
+        b.ctl.learned_rate()
+    );
     assert!(share <= 0.05, "429 share {share:.4}");
     assert!(tput >= 0.85, "throughput {tput:.3} of the announced limit");
     for s in [&a, &b] {

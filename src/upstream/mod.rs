@@ -55,7 +55,11 @@ impl Route {
     /// The targets to use, leaving out `avoid` (a pool that just failed) when another exists.
     fn candidates(&self, avoid: Option<&str>) -> Vec<&(Arc<Pool>, Arc<str>)> {
         let others: Vec<_> = self.targets.iter().filter(|t| avoid.is_none_or(|a| t.0.cfg.name != a)).collect();
-        if others.is_empty() { self.targets.iter().collect() } else { others }
+        if others.is_empty() {
+            self.targets.iter().collect()
+        } else {
+            others
+        }
     }
 
     /// Takes a slot on a pool that serves the route: the one with the most free capacity when
@@ -77,9 +81,7 @@ impl Route {
             let permit = best.0.limiter.acquire(est_tokens).await;
             return (best.0.clone(), best.1.clone(), permit);
         }
-        let waits = cands.into_iter().map(|(p, m)| {
-            Box::pin(async move { (p.clone(), m.clone(), p.limiter.acquire(est_tokens).await) })
-        });
+        let waits = cands.into_iter().map(|(p, m)| Box::pin(async move { (p.clone(), m.clone(), p.limiter.acquire(est_tokens).await) }));
         futures::future::select_all(waits).await.0
     }
 }
@@ -108,11 +110,7 @@ impl Router {
 
     /// Resolves a model name (or alias) to the pools that serve it.
     pub fn resolve(&self, model: &str) -> Option<Route> {
-        let targets: Vec<_> = self
-            .pools
-            .iter()
-            .filter_map(|p| resolve_in(&p.cfg, model).map(|m| (p.clone(), Arc::<str>::from(m))))
-            .collect();
+        let targets: Vec<_> = self.pools.iter().filter_map(|p| resolve_in(&p.cfg, model).map(|m| (p.clone(), Arc::<str>::from(m)))).collect();
         (!targets.is_empty()).then_some(Route { targets })
     }
 
@@ -261,10 +259,7 @@ mod tests {
 
     #[test]
     fn aliases_resolve_and_unknown_models_do_not() {
-        let raw = RawConfig {
-            upstreams: vec![up("a", &["m1"], &[("fast", "m1")]), up("b", &["m1", "m2"], &[])],
-            ..Default::default()
-        };
+        let raw = RawConfig { upstreams: vec![up("a", &["m1"], &[("fast", "m1")]), up("b", &["m1", "m2"], &[])], ..Default::default() };
         let r = Router::new(&raw.resolve().unwrap().upstreams).unwrap();
         let route = r.resolve("fast").unwrap();
         assert_eq!(route.targets.len(), 1);
@@ -280,10 +275,7 @@ mod tests {
 
     #[test]
     fn an_alias_alone_routes_and_its_target_stays_unlisted() {
-        let raw = RawConfig {
-            upstreams: vec![up("a", &[], &[("fast", "llama-3.1-8b-instruct")]), up("b", &["m2"], &[])],
-            ..Default::default()
-        };
+        let raw = RawConfig { upstreams: vec![up("a", &[], &[("fast", "llama-3.1-8b-instruct")]), up("b", &["m2"], &[])], ..Default::default() };
         let r = Router::new(&raw.resolve().unwrap().upstreams).unwrap();
         let route = r.resolve("fast").expect("an alias routes without listing its target");
         assert_eq!(&*route.targets[0].1, "llama-3.1-8b-instruct");
@@ -300,8 +292,25 @@ mod tests {
         assert_eq!(s.len(), 2);
         let v = serde_json::to_value(&s[0]).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["name", "mode", "in_flight", "window", "limit", "learned_rpm", "paused", "paused_until_ms", "pause_reason",
-            "pause_detail", "last_error", "rate_limited_last_minute", "overloaded_last_minute"], "the contract's fields, in order");
+        assert_eq!(
+            keys,
+            [
+                "name",
+                "mode",
+                "in_flight",
+                "window",
+                "limit",
+                "learned_rpm",
+                "paused",
+                "paused_until_ms",
+                "pause_reason",
+                "pause_detail",
+                "last_error",
+                "rate_limited_last_minute",
+                "overloaded_last_minute"
+            ],
+            "the contract's fields, in order"
+        );
         assert_eq!(v["mode"], "throughput");
         assert_eq!(v["window"], 64.0);
         assert!(v["pause_reason"].is_null());

@@ -252,7 +252,10 @@ mod tests {
         assert_eq!(classify(&answer(429, r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#)), Signal::RateLimited);
         assert_eq!(classify(&answer(429, "<html>429 Too Many Requests</html>")), Signal::RateLimited);
         assert_eq!(classify(&answer(429, r#"{"error":"Model is overloaded","error_type":"overloaded"}"#)), Signal::Overloaded { slow_down: true }, "TGI");
-        assert_eq!(classify(&answer(529, r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#)), Signal::Overloaded { slow_down: true });
+        assert_eq!(
+            classify(&answer(529, r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#)),
+            Signal::Overloaded { slow_down: true }
+        );
         assert_eq!(classify(&answer(503, "")), Signal::Overloaded { slow_down: false });
         assert_eq!(classify(&answer(500, "{}")), Signal::Failed);
         assert_eq!(classify(&answer(400, "{}")), Signal::Neutral);

@@ -84,12 +84,7 @@ impl Batches for PgStore {
         // Admissions of one tenant take turns (on every node): the count below sees every
         // batch an earlier admission inserted, and none comes between it and the insert.
         // Taken before any other lock; the outbox's lock comes after it, as everywhere.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(QUOTA_LOCK)
-            .bind(&b.tenant)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(QUOTA_LOCK).bind(&b.tenant).execute(&mut *tx).await.map_err(db_err)?;
         let earlier: Option<String> = match idempotency_key {
             Some(key) => sqlx::query_scalar("SELECT id FROM batches WHERE tenant = $1 AND idempotency_key = $2")
                 .bind(&b.tenant)
@@ -203,8 +198,11 @@ impl Batches for PgStore {
 
     async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<(String, BatchStatus)>> {
         let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT id, status FROM batches WHERE status = ANY($1) ORDER BY seq ASC").bind(&names).fetch_all(&self.pool).await.map_err(db_err)?;
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM batches WHERE status = ANY($1) ORDER BY seq ASC")
+            .bind(&names)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
         Ok(rows.into_iter().filter_map(|(id, s)| BatchStatus::parse(&s).map(|s| (id, s))).collect())
     }
 
@@ -219,7 +217,8 @@ impl Batches for PgStore {
     }
 
     async fn batch_usage(&self, batch_id: &str) -> Result<Vec<UsageRow>> {
-        let sql = format!("SELECT batch_id, model, 0::bigint AS hour, {USAGE_SUMS} FROM batch_usage WHERE batch_id = $1 GROUP BY batch_id, model ORDER BY model");
+        let sql =
+            format!("SELECT batch_id, model, 0::bigint AS hour, {USAGE_SUMS} FROM batch_usage WHERE batch_id = $1 GROUP BY batch_id, model ORDER BY model");
         let rows = sqlx::query(&sql).bind(batch_id).fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(usage_from_row).collect())
     }

@@ -100,9 +100,7 @@ impl Files for PgStore {
         let r = sqlx::query(&sql).bind(id).execute(&self.pool).await.map_err(db_err);
         let r = self.counted(r)?;
         if r.rows_affected() == 0 {
-            return Err(Error::Conflict(format!(
-                "file {id} is the input of a batch that is still running; cancel the batch or wait for it to end"
-            )));
+            return Err(Error::Conflict(format!("file {id} is the input of a batch that is still running; cancel the batch or wait for it to end")));
         }
         Ok(file)
     }

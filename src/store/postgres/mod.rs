@@ -61,9 +61,12 @@ pub(crate) fn db_err(e: sqlx::Error) -> Error {
                 c => Error::Other(format!("{msg} (SQLSTATE {c})")),
             }
         }
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-            Error::Unavailable(e.to_string())
-        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Error::Unavailable(e.to_string()),
         other => Error::Other(other.to_string()),
     }
 }

@@ -217,19 +217,17 @@ impl Outbox for PgStore {
 
     async fn record_delivery(&self, a: &DeliveryAttempt) -> Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO webhook_attempts (event_id, at, status, error, duration_ms, delivered, retry_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(a.event_id)
-        .bind(a.at)
-        .bind(a.status.map(i64::from))
-        .bind(&a.error)
-        .bind(a.duration_ms)
-        .bind(a.delivered)
-        .bind(a.retry_at_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        sqlx::query("INSERT INTO webhook_attempts (event_id, at, status, error, duration_ms, delivered, retry_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(a.event_id)
+            .bind(a.at)
+            .bind(a.status.map(i64::from))
+            .bind(&a.error)
+            .bind(a.duration_ms)
+            .bind(a.delivered)
+            .bind(a.retry_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let state = match (a.delivered, a.retry_at_ms) {
             (true, _) => "delivered",
             (false, Some(_)) => "pending",

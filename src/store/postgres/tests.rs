@@ -119,15 +119,23 @@ async fn one_transaction_per_group_commit() {
     store.insert_file(&conformance::sample_file("tx", "file-tx")).await.unwrap();
     store.insert_batch(&conformance::sample_batch("tx", "batch_tx", "file-tx"), None).await.unwrap();
     let units: Vec<WorkUnit> = (0..5)
-        .map(|i| WorkUnit { batch_id: "batch_tx".into(), idx: i, first_line: 1 + i as u64 * 200, end_line: 201 + i as u64 * 200, line_count: 200, byte_offset: 0, byte_len: 1, epoch: 0 })
+        .map(|i| WorkUnit {
+            batch_id: "batch_tx".into(),
+            idx: i,
+            first_line: 1 + i as u64 * 200,
+            end_line: 201 + i as u64 * 200,
+            line_count: 200,
+            byte_offset: 0,
+            byte_len: 1,
+            epoch: 0,
+        })
         .collect();
     let v = Validated { total: 1000, model: None, format: InputFormat::Full, units, est_tokens: 0 };
     store.mark_validated("batch_tx", &v, 1).await.unwrap();
     let before = store.commits();
     for g in 0..2u64 {
-        let recs: Vec<_> = (g * 500 + 1..=g * 500 + 500)
-            .map(|l| ResultRecord { unit_idx: ((l - 1) / 200) as i64, ..conformance::result("batch_tx", l, true) })
-            .collect();
+        let recs: Vec<_> =
+            (g * 500 + 1..=g * 500 + 500).map(|l| ResultRecord { unit_idx: ((l - 1) / 200) as i64, ..conformance::result("batch_tx", l, true) }).collect();
         assert_eq!(store.commit_results("n", &recs).await.unwrap().inserted, 500);
     }
     assert_eq!(store.commits() - before, 2, "two groups of 500, two transactions");

@@ -94,11 +94,8 @@ async fn lock_live<'a>(conn: &mut PgConnection, results: &'a [ResultRecord]) -> 
     let mut ids: Vec<&str> = results.iter().map(|r| r.batch_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM batches WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, status FROM batches WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(&ids).fetch_all(&mut *conn).await.map_err(db_err)?;
     let live: Vec<String> = rows.into_iter().filter(|(_, s)| BatchStatus::parse(s).is_some_and(|s| !s.is_final())).map(|(id, _)| id).collect();
     Ok(results.iter().filter(|r| live.contains(&r.batch_id)).collect())
 }
@@ -304,12 +301,13 @@ impl Work for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        let held: Vec<(String, i64)> = sqlx::query_as(&format!("UPDATE units SET lease_expires = {NOW_MS} + $1 WHERE lease_owner = $2 RETURNING batch_id, idx"))
-            .bind(ms(ttl))
-            .bind(node)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let held: Vec<(String, i64)> =
+            sqlx::query_as(&format!("UPDATE units SET lease_expires = {NOW_MS} + $1 WHERE lease_owner = $2 RETURNING batch_id, idx"))
+                .bind(ms(ttl))
+                .bind(node)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
         self.commit(tx).await?;
         Ok(held.into_iter().map(|(batch_id, idx)| UnitKey { batch_id, idx }).collect())
     }
@@ -435,7 +433,9 @@ async fn upsert_usage(tx: &mut PgConnection, t: &Tally<'_>, hour: i64) -> Result
     let cols: Vec<&str> = std::iter::once("requests").chain(USAGE_COLUMNS).collect();
     let set: Vec<String> = cols
         .iter()
-        .map(|c| format!("{c} = CASE WHEN batch_usage.{c} > 9223372036854775807 - excluded.{c} THEN 9223372036854775807 ELSE batch_usage.{c} + excluded.{c} END"))
+        .map(|c| {
+            format!("{c} = CASE WHEN batch_usage.{c} > 9223372036854775807 - excluded.{c} THEN 9223372036854775807 ELSE batch_usage.{c} + excluded.{c} END")
+        })
         .collect();
     let sql = format!(
         "INSERT INTO batch_usage (batch_id, model, hour, {cols})
@@ -445,10 +445,13 @@ async fn upsert_usage(tx: &mut PgConnection, t: &Tally<'_>, hour: i64) -> Result
         cols = cols.join(", "),
         set = set.join(", "),
     );
-    let values: Vec<[i64; 6]> = models.iter().map(|(_, (n, u))| {
-        let v = usage_values(u);
-        [*n, v[0], v[1], v[2], v[3], v[4]]
-    }).collect();
+    let values: Vec<[i64; 6]> = models
+        .iter()
+        .map(|(_, (n, u))| {
+            let v = usage_values(u);
+            [*n, v[0], v[1], v[2], v[3], v[4]]
+        })
+        .collect();
     let column = |i: usize| values.iter().map(|v| v[i]).collect::<Vec<i64>>();
     sqlx::query(&sql)
         .bind(models.iter().map(|((b, _), _)| *b).collect::<Vec<&str>>())

@@ -51,13 +51,7 @@ pub(super) fn batch_from_row(r: &SqliteRow) -> Result<BatchRecord> {
 }
 
 fn usage_from_row(r: &SqliteRow) -> UsageRow {
-    UsageRow {
-        batch_id: r.get("batch_id"),
-        model: r.get("model"),
-        hour: int(r, "hour"),
-        requests: int(r, "requests"),
-        usage: usage_columns(r),
-    }
+    UsageRow { batch_id: r.get("batch_id"), model: r.get("model"), hour: int(r, "hour"), requests: int(r, "requests"), usage: usage_columns(r) }
 }
 
 /// The usage columns of a `batches` or `batch_usage` row.
@@ -207,10 +201,7 @@ impl Batches for SqliteStore {
         }
         b.push(") ORDER BY seq ASC");
         let rows = b.build().fetch_all(&self.pool).await.map_err(db_err)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| BatchStatus::parse(r.get::<&str, _>(1)).map(|s| (r.get::<String, _>(0), s)))
-            .collect())
+        Ok(rows.iter().filter_map(|r| BatchStatus::parse(r.get::<&str, _>(1)).map(|s| (r.get::<String, _>(0), s))).collect())
     }
 
     async fn usage(&self, tenant: &str, start: i64, end: i64) -> Result<Vec<UsageRow>> {

@@ -27,15 +27,7 @@ pub(super) const INSERT_FILE_IF_NEW: &str = "INSERT INTO files (id, tenant, byte
 
 /// `INSERT` of a file row (`sql` is [`INSERT_FILE`] or [`INSERT_FILE_IF_NEW`]).
 pub(super) fn insert_file_query<'a>(f: &'a FileRecord, sql: &'static str) -> sqlx::query::Query<'a, Sqlite, sqlx::sqlite::SqliteArguments<'a>> {
-    sqlx::query(sql)
-        .bind(&f.id)
-        .bind(&f.tenant)
-        .bind(f.bytes)
-        .bind(f.created_at)
-        .bind(&f.filename)
-        .bind(&f.purpose)
-        .bind(f.expires_at)
-        .bind(&f.blob_key)
+    sqlx::query(sql).bind(&f.id).bind(&f.tenant).bind(f.bytes).bind(f.created_at).bind(&f.filename).bind(&f.purpose).bind(f.expires_at).bind(&f.blob_key)
 }
 
 /// The `seq` of a list cursor, scoped to the tenant; an unknown cursor is a `NotFound`.
@@ -94,9 +86,7 @@ impl Files for SqliteStore {
         let r = sqlx::query(&sql).bind(id).execute(&self.pool).await.map_err(db_err)?;
         self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if r.rows_affected() == 0 {
-            return Err(Error::Conflict(format!(
-                "file {id} is the input of a batch that is still running; cancel the batch or wait for it to end"
-            )));
+            return Err(Error::Conflict(format!("file {id} is the input of a batch that is still running; cancel the batch or wait for it to end")));
         }
         Ok(file)
     }

@@ -208,19 +208,17 @@ impl Outbox for SqliteStore {
 
     async fn record_delivery(&self, a: &DeliveryAttempt) -> Result<()> {
         let mut tx = self.write_tx().await.map_err(db_err)?;
-        sqlx::query(
-            "INSERT INTO webhook_attempts (event_id, at, status, error, duration_ms, delivered, retry_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(a.event_id)
-        .bind(a.at)
-        .bind(a.status.map(i64::from))
-        .bind(&a.error)
-        .bind(a.duration_ms)
-        .bind(a.delivered)
-        .bind(a.retry_at_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        sqlx::query("INSERT INTO webhook_attempts (event_id, at, status, error, duration_ms, delivered, retry_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(a.event_id)
+            .bind(a.at)
+            .bind(a.status.map(i64::from))
+            .bind(&a.error)
+            .bind(a.duration_ms)
+            .bind(a.delivered)
+            .bind(a.retry_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let state = match (a.delivered, a.retry_at_ms) {
             (true, _) => "delivered",
             (false, Some(_)) => "pending",
@@ -241,11 +239,8 @@ impl Outbox for SqliteStore {
     }
 
     async fn delivery_attempts(&self, event_id: i64) -> Result<Vec<DeliveryAttempt>> {
-        let rows = sqlx::query("SELECT * FROM webhook_attempts WHERE event_id = ? ORDER BY rowid")
-            .bind(event_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let rows =
+            sqlx::query("SELECT * FROM webhook_attempts WHERE event_id = ? ORDER BY rowid").bind(event_id).fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows.iter().map(attempt_from_row).collect())
     }
 }

@@ -284,14 +284,12 @@ impl Work for SqliteStore {
 
     async fn renew_leases(&self, node: &str, ttl: Duration) -> Result<Vec<UnitKey>> {
         let mut tx = self.write_tx().await.map_err(db_err)?;
-        let held: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "UPDATE units SET lease_expires = {NOW_MS} + ? WHERE lease_owner = ? RETURNING batch_id, idx"
-        ))
-        .bind(ms(ttl))
-        .bind(node)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let held: Vec<(String, i64)> = sqlx::query_as(&format!("UPDATE units SET lease_expires = {NOW_MS} + ? WHERE lease_owner = ? RETURNING batch_id, idx"))
+            .bind(ms(ttl))
+            .bind(node)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
         sqlx::query(&format!("UPDATE batches SET claim_expires = {NOW_MS} + ? WHERE claim_owner = ?"))
             .bind(ms(ttl))
             .bind(node)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full test suite: Rust unit, conformance and black-box tests (real binary, real SQLite,
+# The full test suite: the style gates (rustfmt, clippy), Rust unit, conformance and black-box tests (real binary, real SQLite,
 # the project's mock upstream), then the official openai Python SDK suite against the real
 # server, then the web console's tests in headless Chromium. Installs what it needs (a Python
 # venv with the pinned SDK; Debian's chromium and playwright-core) by itself.
@@ -15,6 +15,10 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 target="${CARGO_TARGET_DIR:-$repo/target}"
+
+echo "== style gates: rustfmt (rustfmt.toml) and clippy, warnings as errors =="
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
 
 echo "== building (once) =="
 cargo build --locked --bins --tests

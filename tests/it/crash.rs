@@ -3,21 +3,11 @@
 //! contract: nothing acknowledged is lost, every line ends up exactly once in output ∪ error,
 //! and the only repeated upstream calls are those in flight at the crash.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use serde_json::{json, Value};
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-fn done(b: &Value) -> u64 {
-    b["request_counts"]["completed"].as_u64().unwrap_or(0) + b["request_counts"]["failed"].as_u64().unwrap_or(0)
-}
 
 /// Lists the batch_output files and returns those whose filename starts with the batch id.
 async fn output_files_of(api: &Api, batch_id: &str) -> Vec<Value> {

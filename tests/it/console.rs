@@ -5,11 +5,9 @@
 //! `/console/config`, and how unknown paths answer. The console's behaviour in a browser is
 //! tested in `tests/browser/` (headless Chromium).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const TENANTS: &str = "[[tenants]]\nname = \"a\"\napi_keys = [\"sk-a\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"sk-b\"]";

@@ -1,19 +1,9 @@
 //! Black-box tests of the HTTP API: the real binary, real SQLite, real HTTP.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-
-fn assert_envelope(v: &Value) {
-    let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "error.message missing: {v}");
-    for k in ["type", "param", "code"] {
-        assert!(e.as_object().unwrap().contains_key(k), "error.{k} missing: {v}");
-    }
-}
 
 #[tokio::test]
 async fn classic_flow_upload_create_poll_download() {

@@ -16,22 +16,12 @@
 //! - `batchd migrate` moves an embedded install, running batch included;
 //! - the backends chosen by environment or by the config file, with no data directory.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use batchd::blob::conformance::testing::TestBucket;
 use batchd::store::postgres::testing::TestDatabase;
-use common::*;
 use serde_json::{json, Value};
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-fn done(b: &Value) -> u64 {
-    b["request_counts"]["completed"].as_u64().unwrap_or(0) + b["request_counts"]["failed"].as_u64().unwrap_or(0)
-}
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.
 struct Shared {

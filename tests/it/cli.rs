@@ -1,8 +1,6 @@
 //! Black-box tests of the `batchd` command line: the real binary against the project's mock
 //! upstream (in-process) and, for the client commands, against a spawned `batchd serve`.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -11,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------- helpers

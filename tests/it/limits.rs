@@ -6,16 +6,10 @@
 //! answered 429 in steady state, the throughput against what the upstream can serve, that
 //! no line failed for being rate limited, and (standby) the online users' latency.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// One reading of the mock's counters.
 #[derive(Debug, Clone, Copy)]

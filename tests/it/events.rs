@@ -4,16 +4,10 @@
 //! The official SDK's side (webhook signatures, an SSE client, metrics parsing) is in
 //! `tests/sdk/test_events.py`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// Reads a whole event stream (until it ends or `timeout`) as (id, type, data JSON).
 async fn read_stream(api: &Api, path: &str, last_event_id: Option<i64>, timeout: Duration) -> Vec<(i64, String, Value)> {

@@ -4,26 +4,16 @@
 //! file names, endpoints, models, BOM, redacted secrets). Every refusal is an error envelope
 //! and harms nothing stored.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream as StdTcp;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const MB: u64 = 1 << 20;
-
-fn assert_envelope(v: &Value) {
-    let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "error.message missing: {v}");
-    for k in ["type", "param", "code"] {
-        assert!(e.as_object().unwrap().contains_key(k), "error.{k} missing: {v}");
-    }
-}
 
 /// A `/proc/PID/status` figure in MiB (`VmHWM`: peak resident set, `VmRSS`: current).
 fn proc_mb(pid: u32, field: &str) -> u64 {

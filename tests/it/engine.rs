@@ -3,17 +3,11 @@
 //! the mock's counters. Lines steer the mock with their `"mock"` body object where a
 //! deterministic answer is needed.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// A chat line with `extra` merged into its body.
 fn line_with(custom_id: &str, model: &str, extra: Value) -> String {
@@ -22,14 +16,6 @@ fn line_with(custom_id: &str, model: &str, extra: Value) -> String {
         v["body"][k] = x.clone();
     }
     v.to_string()
-}
-
-fn count(b: &Value, k: &str) -> u64 {
-    b["request_counts"][k].as_u64().unwrap_or(0)
-}
-
-fn done(b: &Value) -> u64 {
-    count(b, "completed") + count(b, "failed")
 }
 
 async fn wait_idle(m: &MockServer, timeout: Duration, what: &str) {

@@ -3,20 +3,14 @@
 //! serve` binary must go on serving every other batch and tenant, lose nothing, and leave
 //! nothing behind.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// What the hostile upstream answers to a request whose body says `"hostile": KIND`.
 fn hostile_answer(kind: &str) -> Option<(u16, Vec<u8>)> {

@@ -1,6 +1,5 @@
 //! Test helpers: start the real `batchd` binary on a random port with a temporary data dir,
 //! talk to it with the HTTP shapes the openai SDK sends, and build input files.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -191,11 +190,6 @@ impl Api {
         status_json(r).await
     }
 
-    pub async fn delete(&self, path: &str) -> (u16, Value) {
-        let r = self.auth(self.http.delete(format!("{}{path}", self.base))).send().await.unwrap();
-        status_json(r).await
-    }
-
     pub async fn upload_as(&self, bytes: Vec<u8>, purpose: &str, filename: &str) -> (u16, Value) {
         let form = reqwest::multipart::Form::new()
             .text("purpose", purpose.to_string())
@@ -312,7 +306,7 @@ pub fn assert_exactly_once(out: &[Value], err: &[Value], expected: usize) {
     assert_eq!(seen.len(), expected, "every line must appear exactly once");
 }
 
-// ---- helpers added for tests/engine.rs and tests/crash.rs ----
+// ---- helpers added for tests/it/engine.rs and tests/it/crash.rs ----
 
 /// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -428,4 +422,23 @@ pub fn blob_tree(dir: &std::path::Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// `n` seconds.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A Batch object's durable results so far: completed plus failed.
+pub fn done(b: &Value) -> u64 {
+    b["request_counts"]["completed"].as_u64().unwrap_or(0) + b["request_counts"]["failed"].as_u64().unwrap_or(0)
+}
+
+/// Asserts that `v` is OpenAI's error envelope: a non-empty message and every other field present.
+pub fn assert_envelope(v: &Value) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "error.message missing: {v}");
+    for k in ["type", "param", "code"] {
+        assert!(e.as_object().unwrap().contains_key(k), "error.{k} missing: {v}");
+    }
 }

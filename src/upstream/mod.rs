@@ -17,6 +17,7 @@ mod control;
 mod limiter;
 mod probe;
 mod signals;
+pub mod translate;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Once};

@@ -14,6 +14,7 @@
 mod client;
 mod conn;
 mod control;
+mod dialect;
 mod limiter;
 mod probe;
 mod signals;
@@ -24,6 +25,7 @@ use std::sync::{Arc, Once};
 
 pub use client::{Answer, Outcome, TransportError};
 pub use control::{human, PauseReason, Signal};
+pub use dialect::{Outgoing, Translation};
 pub use limiter::{Limiter, Permit};
 
 use crate::config::{UpstreamConfig, UpstreamMode};
@@ -32,8 +34,8 @@ use crate::config::{UpstreamConfig, UpstreamMode};
 pub struct Pool {
     pub cfg: UpstreamConfig,
     conns: conn::Connections,
-    /// `Authorization: Bearer …`, marked sensitive.
-    auth: Option<axum::http::HeaderValue>,
+    /// `Authorization: Bearer …` (or Anthropic's `x-api-key`), marked sensitive.
+    auth: Option<(axum::http::HeaderName, axum::http::HeaderValue)>,
     /// Parsed URIs of the paths sent so far (parsing one per request is measurable).
     uris: std::sync::RwLock<std::collections::HashMap<String, axum::http::Uri>>,
     pub limiter: Arc<Limiter>,
@@ -96,7 +98,7 @@ impl Router {
         let pools = cfgs
             .iter()
             .map(|c| {
-                let auth = c.api_key.as_ref().map(client::auth_header).transpose()?;
+                let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
                 let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new() };
                 Ok(Arc::new(pool))
@@ -125,6 +127,22 @@ impl Router {
     pub fn states_for(&self, model: Option<&str>) -> Vec<UpstreamState> {
         let serves = |p: &Pool| model.is_none_or(|m| resolve_in(&p.cfg, m).is_some());
         self.pools.iter().filter(|p| serves(p)).map(|p| p.state()).collect()
+    }
+
+    /// Whether a pool serving `model` speaks another API than lines of `path` (below `/v1`)
+    /// are written in, so that their bodies are translated for it. Allocates nothing: a
+    /// validator asks it of every line, and parses only the lines it says yes for.
+    pub fn translates(&self, model: &str, path: &str) -> bool {
+        self.pools.iter().any(|p| dialect::translation(path, p.cfg.api) != Translation::None && resolve_in(&p.cfg, model).is_some())
+    }
+
+    /// Whether every pool serving `model` can be sent a line of `path` with this body; else
+    /// the first pool that cannot (its name) and why.
+    pub fn servable(&self, model: &str, path: &str, body: &serde_json::Value) -> Result<(), (String, translate::Refused)> {
+        for p in self.pools.iter().filter(|p| resolve_in(&p.cfg, model).is_some()) {
+            translate::servable(dialect::request_kind(path), p.cfg.api, body, &dialect::to_messages(&p.cfg)).map_err(|r| (p.cfg.name.clone(), r))?;
+        }
+        Ok(())
     }
 
     pub fn knows(&self, model: &str) -> bool {

@@ -146,10 +146,10 @@ fn tools(v: &Value) -> Result<Value, Refused> {
     let tools = array(v, "tools")?.iter().enumerate().map(|(i, t)| {
         let at = index("tools", i);
         let t = object(t, &at)?;
-        only(t, &["type", "function"], &at, ANTHROPIC)?;
         if t.get("type").and_then(Value::as_str) != Some("function") {
             return Err(unsupported(path(&at, "type"), format!("only function tools have an equivalent in {ANTHROPIC}")));
         }
+        only(t, &["type", "function"], &at, ANTHROPIC)?;
         let f_at = path(&at, "function");
         let f = object(t.get("function").unwrap_or(&Value::Null), &f_at)?;
         only(f, &["name", "description", "parameters", "strict"], &f_at, ANTHROPIC)?;

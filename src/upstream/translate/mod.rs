@@ -92,6 +92,17 @@ pub fn servable(kind: RequestKind<'_>, api: UpstreamApi, body: &Value, opts: &To
     }
 }
 
+/// The refusal of an OpenAI endpoint other than chat completions for an Anthropic-speaking
+/// upstream (`path` below `/v1`).
+pub fn no_such_endpoint(path: &str) -> Refused {
+    unsupported("url", format!("an upstream speaking Anthropic's Messages API serves chat completions only, not /v1{path}"))
+}
+
+/// A body that is not JSON at all.
+pub fn invalid_body(e: &serde_json::Error) -> Refused {
+    invalid("body", format!("is not valid JSON ({e})"))
+}
+
 /// The chat completions path, as lines name it below `/v1`.
 pub const CHAT_PATH: &str = "/chat/completions";
 /// The Messages path below `/v1`.

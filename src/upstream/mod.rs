@@ -27,6 +27,7 @@ pub use client::{Answer, Outcome, TransportError};
 pub use control::{human, PauseReason, Signal};
 pub use dialect::{Outgoing, Translation};
 pub use limiter::{Limiter, Permit};
+pub use signals::parse_go_duration;
 
 use crate::config::{UpstreamConfig, UpstreamMode};
 

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod anthropic;
 mod api;
 mod cli;
 mod cluster;

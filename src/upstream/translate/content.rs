@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{index, invalid, object, only, path, string, unsupported, Refused};
+use super::{each_item, invalid, object, only, path, string, unsupported, Refused};
 
 const ANTHROPIC: &str = "Anthropic's Messages API";
 const OPENAI: &str = "OpenAI's chat completions";
@@ -89,38 +89,27 @@ fn base64_source(data_url: &str, at: &str) -> Result<Value, Refused> {
 /// string stays a string, blocks become text parts. Used where OpenAI takes text only
 /// (system prompts, tool results).
 pub fn text_only_to_chat(content: &Value, at: &str) -> Result<Value, Refused> {
-    match content {
-        Value::String(s) => Ok(Value::String(s.clone())),
-        Value::Array(blocks) => {
-            let parts = blocks.iter().enumerate().map(|(i, b)| {
-                let at = index(at, i);
-                let b = object(b, &at)?;
-                match b.get("type").and_then(Value::as_str) {
-                    Some("text") => text_block_to_part(b, &at),
-                    other => Err(unsupported(path(&at, "type"), format!("a {} block here has no equivalent in {OPENAI}", other.unwrap_or("typeless")))),
-                }
-            });
-            Ok(Value::Array(parts.collect::<Result<_, _>>()?))
-        }
-        _ => Err(invalid(at, "must be a string or an array of content blocks")),
-    }
+    text_only(content, at, text_block_to_part, ("block", OPENAI))
 }
 
 /// OpenAI content (a string, or parts) made only of text parts, as Anthropic content.
 pub fn text_only_to_messages(content: &Value, at: &str) -> Result<Value, Refused> {
-    match content {
-        Value::String(s) => Ok(Value::String(s.clone())),
-        Value::Array(parts) => {
-            let blocks = parts.iter().enumerate().map(|(i, p)| {
-                let at = index(at, i);
-                let p = object(p, &at)?;
-                match p.get("type").and_then(Value::as_str) {
-                    Some("text") => text_part_to_block(p, &at),
-                    other => Err(unsupported(path(&at, "type"), format!("a {} part here has no equivalent in {ANTHROPIC}", other.unwrap_or("typeless")))),
-                }
-            });
-            Ok(Value::Array(blocks.collect::<Result<_, _>>()?))
+    text_only(content, at, text_part_to_block, ("part", ANTHROPIC))
+}
+
+/// A string as it is, or an array whose every item is text, each converted by `text`;
+/// `(item, side)` name what the items are called and the API the others have no equivalent in.
+fn text_only(content: &Value, at: &str, text: fn(&Map<String, Value>, &str) -> Result<Value, Refused>, (item, side): (&str, &str)) -> Result<Value, Refused> {
+    let Value::Array(items) = content else {
+        return content.as_str().map(|s| Value::String(s.into())).ok_or_else(|| invalid(at, format!("must be a string or an array of content {item}s")));
+    };
+    let mut converted = Vec::with_capacity(items.len());
+    each_item(items, at, |kind, x, at| {
+        match kind {
+            Some("text") => converted.push(text(x, at)?),
+            other => return Err(unsupported(path(at, "type"), format!("a {} {item} here has no equivalent in {side}", other.unwrap_or("typeless")))),
         }
-        _ => Err(invalid(at, "must be a string or an array of content parts")),
-    }
+        Ok(())
+    })?;
+    Ok(Value::Array(converted))
 }

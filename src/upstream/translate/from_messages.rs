@@ -5,7 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::content::{image_block_to_part, text_block_to_part, text_only_to_chat};
-use super::{answer_id, array, index, invalid, object, only, path, set, string, unsupported, Refused, Unreadable};
+use super::{answer_id, array, each_item, index, invalid, object, only, path, set, string, unsupported, Refused, Unreadable};
 
 const OPENAI: &str = "OpenAI's chat completions";
 
@@ -158,21 +158,19 @@ fn user_turn(content: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), Refu
         out.push(json!({"role": "user", "content": string(content, at)?}));
         return Ok(());
     };
-    let mut parts = Vec::new();
-    let mut results = 0;
-    for (i, b) in blocks.iter().enumerate() {
-        let at = index(at, i);
-        let b = object(b, &at)?;
-        match b.get("type").and_then(Value::as_str) {
-            Some("text") => parts.push(text_block_to_part(b, &at)?),
-            Some("image") => parts.push(image_block_to_part(b, &at)?),
+    let (mut parts, mut results) = (Vec::new(), 0);
+    each_item(blocks, at, |kind, b, at| {
+        match kind {
+            Some("text") => parts.push(text_block_to_part(b, at)?),
+            Some("image") => parts.push(image_block_to_part(b, at)?),
             Some("tool_result") => {
-                out.push(tool_result(b, &at)?);
+                out.push(tool_result(b, at)?);
                 results += 1;
             }
-            other => return Err(block_type(other, &at)),
+            other => return Err(block_type(other, at)),
         }
-    }
+        Ok(())
+    })?;
     if results == 0 || !parts.is_empty() {
         out.push(json!({"role": "user", "content": parts}));
     }
@@ -196,15 +194,14 @@ fn tool_result(b: &Map<String, Value>, at: &str) -> Result<Value, Refused> {
 fn assistant_turn(content: &Value, at: &str) -> Result<Value, Refused> {
     let Value::Array(blocks) = content else { return Ok(json!({"role": "assistant", "content": string(content, at)?})) };
     let (mut parts, mut calls) = (Vec::new(), Vec::new());
-    for (i, b) in blocks.iter().enumerate() {
-        let at = index(at, i);
-        let b = object(b, &at)?;
-        match b.get("type").and_then(Value::as_str) {
-            Some("text") => parts.push(text_block_to_part(b, &at)?),
-            Some("tool_use") => calls.push(tool_use_to_call(b, &at)?),
-            other => return Err(block_type(other, &at)),
+    each_item(blocks, at, |kind, b, at| {
+        match kind {
+            Some("text") => parts.push(text_block_to_part(b, at)?),
+            Some("tool_use") => calls.push(tool_use_to_call(b, at)?),
+            other => return Err(block_type(other, at)),
         }
-    }
+        Ok(())
+    })?;
     let mut m = json!({"role": "assistant", "content": if calls.is_empty() || !parts.is_empty() { Value::Array(parts) } else { Value::Null }});
     if !calls.is_empty() {
         m["tool_calls"] = Value::Array(calls);

@@ -154,6 +154,16 @@ pub(crate) fn string<'a>(v: &'a Value, at: &str) -> Result<&'a str, Refused> {
     v.as_str().ok_or_else(|| invalid(at, "must be a string"))
 }
 
+/// Calls `f` with each item of a content array: its `type`, the item, and its path.
+pub(crate) fn each_item(items: &[Value], at: &str, mut f: impl FnMut(Option<&str>, &Map<String, Value>, &str) -> Result<(), Refused>) -> Result<(), Refused> {
+    for (i, x) in items.iter().enumerate() {
+        let at = index(at, i);
+        let x = object(x, &at)?;
+        f(x.get("type").and_then(Value::as_str), x, &at)?;
+    }
+    Ok(())
+}
+
 /// The set (non-null) entries of an object.
 pub(crate) fn set(obj: &Map<String, Value>) -> impl Iterator<Item = (&str, &Value)> {
     obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.as_str(), v))

@@ -216,6 +216,14 @@ impl UpstreamApi {
             UpstreamApi::Anthropic => "anthropic",
         }
     }
+
+    /// The API's name in a sentence.
+    pub fn words(self) -> &'static str {
+        match self {
+            UpstreamApi::OpenAi => "OpenAI's API",
+            UpstreamApi::Anthropic => "Anthropic's Messages API",
+        }
+    }
 }
 
 /// How an upstream is shared (see `upstream::control`).

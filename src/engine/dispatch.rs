@@ -269,7 +269,8 @@ pub fn non_json_error_body(status: u16, body: &[u8]) -> String {
 
 /// A line its pool cannot be sent (it cannot be said in the pool's API): no HTTP answer.
 fn refused_record(p: &Prepared, pool: &Pool, refused: &crate::upstream::translate::Refused) -> ResultRecord {
-    let message = format!("{} cannot be sent to upstream {:?} (api = {:?}): {refused}", p.path, pool.cfg.name, pool.cfg.api.as_str());
+    let message =
+        format!("{}: /v1{} cannot be sent to upstream {:?}, which speaks {}: {}", refused.param, p.path, pool.cfg.name, pool.cfg.api.words(), refused.reason);
     error_record(p, refused.code(), &message)
 }
 

@@ -270,10 +270,11 @@ impl<'a> Validator<'a> {
         let path = self.endpoint.strip_prefix("/v1").unwrap_or(self.endpoint);
         let Some(model) = p.model.as_str().filter(|m| p.body == Body::Object && self.router.translates(m, path)) else { return };
         let Some(body) = p.body_bytes(line).and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok()) else { return };
-        if let Err((upstream, r)) = self.router.servable(model, path, &body) {
-            let param = if r.param == "url" { r.param.clone() } else { format!("body.{}", r.param) };
-            let m = format!("Line {no}: {param} cannot be sent to upstream {upstream:?}, which speaks another API: {}.", r.reason);
-            self.push(err(r.code(), Some(no), Some(&param), m));
+        if let Err(mut e) = self.router.servable(model, path, &body) {
+            if e.refused.param != "url" {
+                e.refused.param = format!("body.{}", e.refused.param);
+            }
+            self.push(err(e.refused.code(), Some(no), Some(&e.refused.param), format!("Line {no}: {e}.")));
         }
     }
 

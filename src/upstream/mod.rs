@@ -44,6 +44,16 @@ pub struct Pool {
     probe: Once,
 }
 
+/// A line that an upstream serving its model cannot be sent: it cannot be said in the API
+/// the upstream speaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} cannot be sent to upstream {upstream:?}, which speaks {}: {}", refused.param, api.words(), refused.reason)]
+pub struct Unservable {
+    pub upstream: String,
+    pub api: crate::config::UpstreamApi,
+    pub refused: translate::Refused,
+}
+
 /// An upstream that cannot be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -138,10 +148,15 @@ impl Router {
     }
 
     /// Whether every pool serving `model` can be sent a line of `path` with this body; else
-    /// the first pool that cannot (its name) and why.
-    pub fn servable(&self, model: &str, path: &str, body: &serde_json::Value) -> Result<(), (String, translate::Refused)> {
+    /// the first pool that cannot, and why.
+    pub fn servable(&self, model: &str, path: &str, body: &serde_json::Value) -> Result<(), Unservable> {
         for p in self.pools.iter().filter(|p| resolve_in(&p.cfg, model).is_some()) {
-            translate::servable(dialect::request_kind(path), p.cfg.api, body, &dialect::to_messages(&p.cfg)).map_err(|r| (p.cfg.name.clone(), r))?;
+            let opts = dialect::to_messages(&p.cfg);
+            translate::servable(dialect::request_kind(path), p.cfg.api, body, &opts).map_err(|refused| Unservable {
+                upstream: p.cfg.name.clone(),
+                api: p.cfg.api,
+                refused,
+            })?;
         }
         Ok(())
     }

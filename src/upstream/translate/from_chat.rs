@@ -59,14 +59,17 @@ pub fn chat_to_messages(req: &Value, opts: &ToMessages) -> Result<Value, Refused
     }
     out.insert("messages".into(), Value::Array(messages));
     for (k, v) in set(req) {
-        match k {
-            "temperature" => drop(out.insert(k.into(), temperature(v)?)),
-            "top_p" | "top_k" | "mock" => drop(out.insert(k.into(), v.clone())),
-            "stop" => drop(out.insert("stop_sequences".into(), stop(v)?)),
-            "tools" => drop(out.insert("tools".into(), tools(v)?)),
-            "tool_choice" => drop(out.insert("tool_choice".into(), tool_choice(v)?)),
-            "response_format" => response_format(v, &mut out)?,
-            _ => no_op(k, v)?,
+        let put = match k {
+            "temperature" => Some((k, temperature(v)?)),
+            "top_p" | "top_k" | "mock" => Some((k, v.clone())),
+            "stop" => Some(("stop_sequences", stop(v)?)),
+            "tools" => Some(("tools", tools(v)?)),
+            "tool_choice" => Some(("tool_choice", tool_choice(v)?)),
+            "response_format" => response_format(v, &mut out).map(|()| None)?,
+            _ => no_op(k, v).map(|()| None)?,
+        };
+        if let Some((key, value)) = put {
+            out.insert(key.into(), value);
         }
     }
     user_id(req, &mut out)?;

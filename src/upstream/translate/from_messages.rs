@@ -43,18 +43,21 @@ pub fn messages_to_chat(req: &Value) -> Result<Value, Refused> {
         message(m, &index("messages", i), &mut messages)?;
     }
     for (k, v) in set(req) {
-        match k {
-            "model" => drop(out.insert("model".into(), Value::String(string(v, k)?.into()))),
-            "max_tokens" | "temperature" | "top_p" | "top_k" | "mock" => drop(out.insert(k.into(), v.clone())),
-            "stop_sequences" => drop(out.insert("stop".into(), Value::Array(array(v, k)?.clone()))),
-            "metadata" => user(v, &mut out)?,
-            "tools" => drop(out.insert("tools".into(), tools(v)?)),
-            "tool_choice" => tool_choice(v, &mut out)?,
-            "stream" if v == &Value::Bool(false) => {}
+        let put = match k {
+            "model" => Some(("model", Value::String(string(v, k)?.into()))),
+            "max_tokens" | "temperature" | "top_p" | "top_k" | "mock" => Some((k, v.clone())),
+            "stop_sequences" => Some(("stop", Value::Array(array(v, k)?.clone()))),
+            "tools" => Some(("tools", tools(v)?)),
+            "metadata" => user(v, &mut out).map(|()| None)?,
+            "tool_choice" => tool_choice(v, &mut out).map(|()| None)?,
+            "output_config" => output_config(v, &mut out).map(|()| None)?,
+            "thinking" => thinking(v).map(|()| None)?,
+            "stream" if v == &Value::Bool(false) => None,
             "stream" => return Err(unsupported(k, "streaming is not supported in batches")),
-            "thinking" => thinking(v)?,
-            "output_config" => output_config(v, &mut out)?,
-            _ => {}
+            _ => None,
+        };
+        if let Some((key, value)) = put {
+            out.insert(key.into(), value);
         }
     }
     out.insert("messages".into(), Value::Array(messages));

@@ -10,6 +10,11 @@
 //! Each pool learns its upstream's limits by itself (`control`, enforced by `limiter`), from
 //! what its answers say (`signals`) and, in standby mode, from the upstream's own metrics
 //! (`probe`). [`Router::states`] shows what was learned ([`UpstreamState`]).
+//!
+//! A pool speaks the API its configuration says (`api`: OpenAI's, or Anthropic's Messages);
+//! a line written in the other is translated for it and its answer translated back
+//! (`dialect`, over the pure functions of [`translate`]). [`Router::translates`] and
+//! [`Router::servable`] let a validator refuse, before anything is sent, what cannot be.
 
 mod client;
 mod conn;

@@ -214,6 +214,41 @@ fn message_answer() -> impl Strategy<Value = Value> {
     })
 }
 
+/// A chat completion of what a Message can express: one choice, its text or none, tool calls
+/// with object arguments, a finish reason (a stop sequence named as vLLM does), usage with
+/// cached prompt tokens and LiteLLM's cache writes.
+fn chat_answer() -> impl Strategy<Value = Value> {
+    let finish = prop_oneof![
+        Just(("stop", None)),
+        Just(("length", None)),
+        Just(("tool_calls", None)),
+        Just(("content_filter", None)),
+        "[a-zA-Z#]{1,5}".prop_map(|s| ("stop", Some(s))),
+    ];
+    let call = ("call_[a-z0-9]{4}", "[a-z_]{1,10}", small_object())
+        .prop_map(|(id, name, args)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}}));
+    let usage = (0u64..100_000, 0u64..100_000, 0u64..50_000, 0u64..50_000);
+    (prop::option::of(text()), prop::collection::vec(call, 0..3), finish, usage, "[a-z0-9-]{1,12}").prop_map(|(text, calls, (finish, seq), u, model)| {
+        let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+        if !calls.is_empty() {
+            message["tool_calls"] = calls.into();
+        }
+        let mut choice = json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish});
+        if let Some(seq) = seq {
+            choice["stop_reason"] = seq.into();
+        }
+        let (input, output, written, read) = u;
+        let prompt = input + written + read;
+        let mut usage =
+            json!({"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output, "prompt_tokens_details": {"cached_tokens": read}});
+        if written > 0 {
+            usage["cache_creation_input_tokens"] = written.into();
+        }
+        json!({"id": "chatcmpl-00000000000000000000000000000abc", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+               "choices": [choice], "usage": usage, "system_fingerprint": null})
+    })
+}
+
 fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::from), any::<i64>().prop_map(Value::from), "[a-z_]{0,8}".prop_map(Value::from)];
     leaf.prop_recursive(5, 64, 6, |inner| {
@@ -276,6 +311,17 @@ proptest! {
         prop_assert_eq!(chat["id"].as_str().unwrap(), "chatcmpl-00000000000000000000000000000abc");
         let back = chat_answer_to_message(&chat, RID).unwrap();
         prop_assert_eq!(back, msg);
+    }
+
+    /// A chat completion → Message → chat completion gives the answer back: what an OpenAI-format
+    /// line answered through an Anthropic-speaking upstream ends as, compared with what an
+    /// OpenAI-compatible one would have answered.
+    #[test]
+    fn a_chat_completion_round_trips_through_a_message(chat in chat_answer()) {
+        let msg = chat_answer_to_message(&chat, RID).unwrap();
+        prop_assert_eq!(msg["id"].as_str().unwrap(), "msg_00000000000000000000000000000abc");
+        let back = message_to_chat_answer(&msg, RID, 1_700_000_000).unwrap();
+        prop_assert_eq!(back, chat);
     }
 
     /// A parameter with no equivalent, added to a request that translates, is refused by name.

@@ -192,6 +192,38 @@ pub struct RawUpstream {
     pub mode: Option<UpstreamMode>,
     /// vLLM's or SGLang's Prometheus `/metrics`: queued requests there also slow standby.
     pub metrics_url: Option<String>,
+    /// The API the upstream speaks: `openai` (default: chat completions and the other
+    /// OpenAI endpoints) or `anthropic` (`/v1/messages`, `x-api-key`, `anthropic-version`).
+    pub api: Option<UpstreamApi>,
+    /// `api = "anthropic"` only: the `max_tokens` sent for a chat-completions line that sets
+    /// none (Anthropic requires it). Unset: such a line fails validation.
+    pub default_max_tokens: Option<u64>,
+}
+
+/// The API an upstream speaks; lines in the other one are translated (`upstream::translate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamApi {
+    #[default]
+    OpenAi,
+    Anthropic,
+}
+
+impl UpstreamApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamApi::OpenAi => "openai",
+            UpstreamApi::Anthropic => "anthropic",
+        }
+    }
+
+    /// The API's name in a sentence.
+    pub fn words(self) -> &'static str {
+        match self {
+            UpstreamApi::OpenAi => "OpenAI's API",
+            UpstreamApi::Anthropic => "Anthropic's Messages API",
+        }
+    }
 }
 
 /// How an upstream is shared (see `upstream::control`).
@@ -330,6 +362,8 @@ pub struct UpstreamConfig {
     pub api_key_env: Option<String>,
     pub mode: UpstreamMode,
     pub metrics_url: Option<String>,
+    pub api: UpstreamApi,
+    pub default_max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -544,6 +578,13 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if u.ca_file.is_some() && !u.base_url.starts_with("https://") {
         return Err(bad("ca_file is only used with an https:// base_url".into()));
     }
+    let api = u.api.unwrap_or_default();
+    if u.default_max_tokens.is_some() && api != UpstreamApi::Anthropic {
+        return Err(bad("default_max_tokens is only used with api = \"anthropic\"".into()));
+    }
+    if u.default_max_tokens == Some(0) {
+        return Err(bad("default_max_tokens must be at least 1".into()));
+    }
     let timeout_s = u.timeout_s.unwrap_or(600.0);
     if !(timeout_s > 0.0 && timeout_s.is_finite()) {
         return Err(bad("timeout_s must be positive".into()));
@@ -564,6 +605,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         api_key_env: u.api_key_env.clone(),
         mode: u.mode.unwrap_or_default(),
         metrics_url: u.metrics_url.clone(),
+        api,
+        default_max_tokens: u.default_max_tokens,
     })
 }
 
@@ -763,6 +806,8 @@ impl UpstreamConfig {
             max_response_bytes: Some(self.max_response_bytes),
             mode: Some(self.mode),
             metrics_url: self.metrics_url.clone(),
+            api: Some(self.api),
+            default_max_tokens: self.default_max_tokens,
         }
     }
 }
@@ -802,6 +847,7 @@ mod tests {
         assert_eq!(c.api_keys.get("sk-a2").map(String::as_str), Some("team-a"));
         assert_eq!(c.upstreams[0].base_url, "http://127.0.0.1:8000/v1");
         assert_eq!(c.upstreams[0].rpm, 10);
+        assert_eq!(c.upstreams[0].api, UpstreamApi::OpenAi, "openai unless said otherwise");
         assert_eq!(c.completion_windows[1].1, Duration::from_secs(30));
     }
 
@@ -817,6 +863,9 @@ mod tests {
         assert!(missing_env.resolve().unwrap_err().to_string().contains("BATCHD_TEST_SURELY_UNSET"));
         let huge: RawConfig = toml::from_str("[limits]\nmax_file_bytes = 5000000000").unwrap();
         assert!(huge.resolve().unwrap_err().to_string().contains("max_file_bytes must be at most"));
+        let not_anthropic: RawConfig = toml::from_str("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\ndefault_max_tokens=5").unwrap();
+        assert!(not_anthropic.resolve().unwrap_err().to_string().contains("only used with api = \"anthropic\""));
+        assert!(toml::from_str::<RawConfig>("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\napi='claude'").unwrap_err().to_string().contains("anthropic"));
         let ca_on_http: RawConfig = toml::from_str("[[upstreams]]\nname='a'\nbase_url='http://x/v1'\nca_file='ca.pem'").unwrap();
         assert!(ca_on_http.resolve().unwrap_err().to_string().contains("ca_file is only used with an https://"));
     }

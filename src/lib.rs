@@ -16,8 +16,11 @@
 //!   (retries) → result writer (group commit) → finalizer (output and error files); cluster
 //!   heartbeats, webhooks, stalls, the janitor.
 //! - [`upstream`]: routing of models to upstream pools, the HTTP client, and each pool's
-//!   adaptive limits (what it learns from 429s, latency and rate-limit headers).
-//! - [`mock`]: an OpenAI-compatible mock upstream for tests, benchmarks and the quickstart.
+//!   adaptive limits (what it learns from 429s, latency and rate-limit headers); each pool
+//!   speaks OpenAI's API or Anthropic's Messages API, and [`upstream::translate`] turns a
+//!   line and its answer from one into the other.
+//! - [`mock`]: an OpenAI-compatible mock upstream (with Anthropic's `/v1/messages` too) for
+//!   tests, benchmarks and the quickstart.
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`backend`] picks the store and blob store a node runs on (embedded SQLite and a local
 //!   directory, or PostgreSQL and S3 shared by many nodes), once, at start-up;

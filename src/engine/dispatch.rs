@@ -58,11 +58,15 @@ pub async fn run_line(
     let max_attempts = pool.cfg.max_attempts;
     let mut attempt = 1;
     loop {
-        let body = body_for(&p.body, &p.model, &target);
+        let out = match pool.outgoing(&p.path, &p.body, &p.model, &target) {
+            Ok(out) => out,
+            Err(refused) => return Some(refused_record(p, &pool, &refused)),
+        };
         count(&inner.stats.sent, 1);
         let sent_at = std::time::Instant::now();
         let span = tracing::debug_span!("attempt", n = attempt, upstream = %pool.cfg.name, model = %target);
-        let outcome = pool.send(&p.path, body, &p.request_id).instrument(span).await;
+        let outcome = pool.send(out.path, out.body.clone(), &p.request_id).instrument(span).await;
+        let outcome = pool.incoming(&out, outcome, &p.request_id);
         inner.live.metrics.upstream_call(&pool.cfg.name, &outcome, sent_at.elapsed());
         let signal = pool.settle(permit, &outcome);
         // "Slow down" and "out of quota" are the upstream's state, not the line's fault:
@@ -123,20 +127,6 @@ pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
     retry_after.map_or(jitter, |r| r.max(jitter.min(r + BACKOFF_BASE)))
 }
 
-/// The body to send: unchanged unless an alias resolved the model to another id.
-fn body_for(body: &Bytes, model: &str, target: &str) -> Bytes {
-    if model == target {
-        return body.clone();
-    }
-    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
-        Ok(mut m) => {
-            m.insert("model".into(), target.into());
-            Bytes::from(serde_json::to_vec(&m).unwrap_or_else(|_| body.to_vec()))
-        }
-        Err(_) => body.clone(),
-    }
-}
-
 /// A usage number read leniently: an integer, a float (truncated), a string of digits; a
 /// null, a missing key or anything else reads as 0. Clamped to `[0, i64::MAX]`, so a buggy or
 /// hostile upstream can never make a stored sum overflow or go negative.
@@ -153,15 +143,20 @@ fn count_of(v: Option<&Value>) -> i64 {
 
 /// The upstream's `usage`, in any of the shapes OpenAI-compatible servers report (chat and
 /// completions: `prompt_tokens`/`completion_tokens`; responses: `input_tokens`/
-/// `output_tokens`; embeddings: `prompt_tokens` only), read leniently (see [`count_of`]).
+/// `output_tokens`; embeddings: `prompt_tokens` only) and Anthropic's Messages (whose
+/// `input_tokens` leave out `cache_read_input_tokens` and `cache_creation_input_tokens`,
+/// added back here; LiteLLM's chat usage carries those too, already within `prompt_tokens`),
+/// read leniently (see [`count_of`]).
 pub fn usage_of(usage: &Value) -> Usage {
     let get = |k: &str| count_of(usage.get(k));
     let detail = |outer: &[&str], k: &str| outer.iter().map(|o| count_of(usage.get(*o).and_then(|d| d.get(k)))).max().unwrap_or(0);
-    let input = get("prompt_tokens").max(get("input_tokens"));
+    let apart = |k: &str| if usage.get("prompt_tokens").is_none() { get(k) } else { 0 };
+    let (cache_read, cache_written) = (apart("cache_read_input_tokens"), apart("cache_creation_input_tokens"));
+    let input = get("prompt_tokens").max(get("input_tokens")).saturating_add(cache_read).saturating_add(cache_written);
     let output = get("completion_tokens").max(get("output_tokens"));
     Usage {
         input_tokens: input,
-        cached_tokens: detail(&["prompt_tokens_details", "input_tokens_details"], "cached_tokens"),
+        cached_tokens: detail(&["prompt_tokens_details", "input_tokens_details"], "cached_tokens").max(cache_read),
         output_tokens: output,
         reasoning_tokens: detail(&["completion_tokens_details", "output_tokens_details"], "reasoning_tokens"),
         total_tokens: get("total_tokens").max(input.saturating_add(output)),
@@ -272,6 +267,13 @@ pub fn non_json_error_body(status: u16, body: &[u8]) -> String {
     serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": "upstream_error"}}).to_string()
 }
 
+/// A line its pool cannot be sent (it cannot be said in the pool's API): no HTTP answer.
+fn refused_record(p: &Prepared, pool: &Pool, refused: &crate::upstream::translate::Refused) -> ResultRecord {
+    let message =
+        format!("{}: /v1{} cannot be sent to upstream {:?}, which speaks {}: {}", refused.param, p.path, pool.cfg.name, pool.cfg.api.words(), refused.reason);
+    error_record(p, refused.code(), &message)
+}
+
 /// A line with no HTTP answer: transport failure, or a batch that ended before it ran.
 pub fn error_record(p: &Prepared, code: &str, message: &str) -> ResultRecord {
     let line = serde_json::json!({
@@ -321,15 +323,6 @@ mod tests {
         assert_eq!(v["error"]["message"], "upstream answered 502 with an empty body");
     }
 
-    #[test]
-    fn alias_rewrites_only_the_model() {
-        let body = Bytes::from_static(br#"{"model":"alias","messages":[{"role":"user","content":"hi"}]}"#);
-        assert_eq!(body_for(&body, "m", "m"), body);
-        let v: serde_json::Value = serde_json::from_slice(&body_for(&body, "alias", "real")).unwrap();
-        assert_eq!(v["model"], "real");
-        assert_eq!(v["messages"][0]["content"], "hi");
-    }
-
     fn usage_in(body: &str) -> Usage {
         parse_body(body.as_bytes()).unwrap().1
     }
@@ -342,6 +335,10 @@ mod tests {
         assert_eq!(usage_in(resp).reasoning_tokens, 1);
         assert_eq!(usage_in(r#"{"usage":{"prompt_tokens":9,"total_tokens":9}}"#).total_tokens, 9);
         assert_eq!(usage_in(r#"{"id":"x"}"#), Usage::default());
+        let message = r#"{"usage":{"input_tokens":20,"output_tokens":31,"cache_creation_input_tokens":100,"cache_read_input_tokens":400}}"#;
+        assert_eq!(usage_in(message), Usage { input_tokens: 520, cached_tokens: 400, output_tokens: 31, reasoning_tokens: 0, total_tokens: 551 }, "Anthropic");
+        let litellm = r#"{"usage":{"prompt_tokens":520,"completion_tokens":31,"prompt_tokens_details":{"cached_tokens":400},"cache_read_input_tokens":400}}"#;
+        assert_eq!(usage_in(litellm).input_tokens, 520, "LiteLLM's copy of the cache counts is within prompt_tokens");
     }
 
     #[test]

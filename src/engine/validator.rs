@@ -194,7 +194,10 @@ impl<'a> Validator<'a> {
         }
         match ParsedLine::parse(l.bytes) {
             Err(e) => self.push(err("invalid_json_line", Some(l.no), None, format!("Line {} {e}.", l.no))),
-            Ok(p) => self.check(l.no, &p, l.bytes.len() as u64),
+            Ok(p) => {
+                self.check(l.no, &p, l.bytes.len() as u64);
+                self.check_translation(l.no, &p, l.bytes);
+            }
         }
     }
 
@@ -256,6 +259,22 @@ impl<'a> Validator<'a> {
         if p.stream_true {
             let m = format!("Line {no}: streaming is not supported in batches; remove \"stream\": true.");
             self.push(err("unsupported_value", Some(no), Some("body.stream"), m));
+        }
+    }
+
+    /// A line whose model is served by an upstream speaking another API (`api` in its
+    /// configuration) is translated at dispatch; what cannot be translated is refused here,
+    /// with the line's number and the parameter's name, before anything is sent. Only such
+    /// lines are parsed whole.
+    fn check_translation(&mut self, no: u64, p: &ParsedLine<'_>, line: &[u8]) {
+        let path = self.endpoint.strip_prefix("/v1").unwrap_or(self.endpoint);
+        let Some(model) = p.model.as_str().filter(|m| p.body == Body::Object && self.router.translates(m, path)) else { return };
+        let Some(body) = p.body_bytes(line).and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok()) else { return };
+        if let Err(mut e) = self.router.servable(model, path, &body) {
+            if e.refused.param != "url" {
+                e.refused.param = format!("body.{}", e.refused.param);
+            }
+            self.push(err(e.refused.code(), Some(no), Some(&e.refused.param), format!("Line {no}: {e}.")));
         }
     }
 
@@ -509,6 +528,47 @@ mod tests {
         assert_eq!(report.models.len(), MAX_MODELS + 1);
         assert_eq!(report.models[OTHER_MODELS].requests, 5);
         assert!(report.models[OTHER_MODELS].input_tokens > 0);
+    }
+
+    /// Lines for a model served by an Anthropic-speaking upstream are checked for what
+    /// translates: each refusal names its line and parameter; lines for the OpenAI upstream
+    /// are not parsed beyond their head (a `seed` there is fine).
+    #[test]
+    fn untranslatable_lines_are_refused_with_their_line_and_parameter() {
+        let up = |name: &str, api, models: &[&str]| RawUpstream {
+            name: name.into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            api: Some(api),
+            ..Default::default()
+        };
+        let raw = vec![up("claude", crate::config::UpstreamApi::Anthropic, &["c"]), up("vllm", crate::config::UpstreamApi::OpenAi, &["v"])];
+        let cfg = crate::config::RawConfig { upstreams: raw, ..Default::default() }.resolve().unwrap();
+        let r = Router::new(&cfg.upstreams).unwrap();
+        let body = |model: &str, extra: &str| {
+            let id = xxhash_rust::xxh3::xxh3_64(format!("{model}{extra}").as_bytes());
+            format!(
+                r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"{model}","max_tokens":5,"messages":[{{"role":"user","content":"hi"}}]{extra}}}}}"#
+            )
+        };
+        let text = [body("c", ""), body("c", r#","seed":7"#), body("v", r#","seed":7"#), body("c", r#","n":3"#), body("c", r#","temperature":0.5"#)].join("\n");
+        let mut v = Validator::new("batch_t", "/v1/chat/completions", &r, Limits::default(), 100);
+        let mut s = LineSplitter::new(1 << 20, 1, 0);
+        s.feed(text.as_bytes(), &mut |l| v.line(l));
+        s.finish(&mut |l| v.line(l));
+        let report = v.finish().unwrap();
+        assert_eq!(
+            codes(&report),
+            [("unsupported_parameter".to_string(), Some(2), Some("body.seed".to_string())), ("unsupported_parameter".into(), Some(4), Some("body.n".into()))]
+        );
+        assert!(report.errors[0].message.contains("upstream \"claude\"") && report.errors[0].message.contains("Line 2"), "{}", report.errors[0].message);
+        let mut v = Validator::new("batch_t", "/v1/embeddings", &r, Limits::default(), 100);
+        v.line(RawLine { no: 1, offset: 0, len: 40, bytes: br#"{"model":"c","input":"x"}"#, overlong: false });
+        assert_eq!(
+            codes(&v.finish().unwrap()),
+            [("unsupported_parameter".to_string(), Some(1), Some("url".to_string()))],
+            "no embeddings at an Anthropic upstream"
+        );
     }
 
     #[test]

@@ -15,12 +15,14 @@ pub enum Endpoint {
     Embeddings,
     Responses,
     Moderations,
+    /// Anthropic's `/v1/messages` (see `messages`).
+    Messages,
 }
 
 impl Endpoint {
     /// Whether answers of this endpoint carry completion tokens.
     pub fn generates(self) -> bool {
-        matches!(self, Endpoint::Chat | Endpoint::Completions | Endpoint::Responses)
+        matches!(self, Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Messages)
     }
 }
 
@@ -60,6 +62,7 @@ pub fn success(ep: Endpoint, sh: &Shared, req: &Value, u: Usage) -> Value {
         Endpoint::Embeddings => embeddings(model, req, u),
         Endpoint::Responses => responses(sh, model, req, u),
         Endpoint::Moderations => moderations(sh, model, req),
+        Endpoint::Messages => super::messages::message(sh, model, req, u),
     }
 }
 
@@ -79,7 +82,7 @@ fn content_text(content: Option<&Value>) -> &str {
 }
 
 /// Text of the last message of a `messages` / `input` array, or the string itself.
-fn last_text(v: Option<&Value>) -> &str {
+pub fn last_text(v: Option<&Value>) -> &str {
     match v {
         Some(Value::String(s)) => s,
         Some(Value::Array(items)) => match items.last() {

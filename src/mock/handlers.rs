@@ -213,7 +213,10 @@ async fn sleep_ms(ms: f64) {
 }
 
 fn succeed(ep: Endpoint, sh: &Shared, req: &Value, body_len: usize, completion_tokens: u32, encoding: Option<&str>) -> Response {
-    let u = Usage { prompt: (body_len as u64 / 4).max(1), completion: u64::from(completion_tokens) };
+    let mut u = Usage { prompt: (body_len as u64 / 4).max(1), completion: u64::from(completion_tokens) };
+    if ep == Endpoint::Messages {
+        u = super::messages::usage(req, u);
+    }
     let json = bodies::success(ep, sh, req, u);
     sh.record_success(u.prompt, u.completion);
     let Some(encoding) = encoding else { return json_response(StatusCode::OK, &json) };
@@ -298,7 +301,7 @@ fn with_rid(mut resp: Response, rid: &str) -> Response {
     resp
 }
 
-fn rid_for(sh: &Shared, headers: &HeaderMap) -> String {
+pub fn rid_for(sh: &Shared, headers: &HeaderMap) -> String {
     let given = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok());
     given.map_or_else(|| sh.new_id("req_"), str::to_owned)
 }

@@ -6,7 +6,8 @@
 //! whose text is `"echo: "` + the first 40 characters of the request's last
 //! message / prompt / input, and usage with prompt tokens = body bytes / 4.
 //! `GET /v1/models` lists a few models. Every answer carries `x-request-id`
-//! (the request's, echoed, or a generated one).
+//! (the request's, echoed, or a generated one). `POST /v1/messages` answers in
+//! Anthropic's shapes, with the same knobs (see `messages`).
 //!
 //! It can simulate, randomly (seeded) per request: base and per-token latency,
 //! 500s, 429s with `retry-after` / `retry-after-ms`, and hangs (never
@@ -31,6 +32,7 @@
 mod bodies;
 mod handlers;
 mod limits;
+mod messages;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -209,6 +211,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/embeddings", endpoint(Endpoint::Embeddings))
         .route("/v1/responses", endpoint(Endpoint::Responses))
         .route("/v1/moderations", endpoint(Endpoint::Moderations))
+        .route("/v1/messages", post(messages::handle))
         .route("/v1/models", get(handlers::models))
         .route("/config", get(handlers::get_config).post(handlers::set_config))
         .route("/stats", get(handlers::get_stats))

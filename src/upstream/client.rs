@@ -3,11 +3,13 @@
 //! The request body passes through as bytes, with `Accept-Encoding: gzip, zstd`; the answer
 //! is kept raw once decoded. Only its status, the headers that steer retries and limits (see
 //! `signals`) and the upstream's request id (`x-request-id`, `x-litellm-call-id`,
-//! `request-id`) are read here.
+//! `request-id`) are read here. An upstream with `api = "anthropic"` gets its key as
+//! `x-api-key` with `anthropic-version`, and its rate-limit headers are read under
+//! Anthropic's names; what its bodies say is the business of `dialect`.
 
 use std::time::Duration;
 
-use axum::http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST};
+use axum::http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST};
 use axum::http::{Request, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -16,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use super::conn::{error_chain, ConnError, Connections};
 use super::control::RateHeaders;
 use super::{signals, Pool};
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamApi, UpstreamConfig};
 
 /// An HTTP answer from the upstream.
 #[derive(Debug, Clone)]
@@ -129,12 +131,19 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, super::Build
     Ok(config)
 }
 
-/// The `Authorization` header of an upstream key, marked sensitive (never logged).
-pub(super) fn auth_header(key: &crate::config::Secret) -> Result<HeaderValue, super::BuildError> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-        .map_err(|_| super::BuildError("an upstream API key has characters not allowed in an HTTP header".into()))?;
+/// The Messages API version batchd speaks to an `api = "anthropic"` upstream.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The header carrying an upstream key, its value marked sensitive (never logged):
+/// `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`.
+pub(super) fn auth_header(api: UpstreamApi, key: &crate::config::Secret) -> Result<(HeaderName, HeaderValue), super::BuildError> {
+    let (name, value) = match api {
+        UpstreamApi::OpenAi => (AUTHORIZATION, format!("Bearer {}", key.expose())),
+        UpstreamApi::Anthropic => (HeaderName::from_static("x-api-key"), key.expose().to_string()),
+    };
+    let mut v = HeaderValue::from_str(&value).map_err(|_| super::BuildError("an upstream API key has characters not allowed in an HTTP header".into()))?;
     v.set_sensitive(true);
-    Ok(v)
+    Ok((name, v))
 }
 
 impl Pool {
@@ -149,8 +158,11 @@ impl Pool {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             req = req.header("x-request-id", id);
         }
-        if let Some(auth) = &self.auth {
-            req = req.header(AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.auth {
+            req = req.header(name, value.clone());
+        }
+        if self.cfg.api == UpstreamApi::Anthropic {
+            req = req.header("anthropic-version", ANTHROPIC_VERSION);
         }
         let req = req.body(Full::new(body)).expect("a request of valid parts builds");
         match tokio::time::timeout(self.cfg.timeout, self.exchange(req)).await {
@@ -182,7 +194,11 @@ impl Pool {
         let body = decode(&parts.headers, body).map_err(|e| TransportError::Unavailable(format!("upstream {name:?} sent an unreadable answer: {e}")))?;
         let h = &parts.headers;
         let request_id = REQUEST_ID_HEADERS.iter().find_map(|n| h.get(*n).and_then(|v| v.to_str().ok())).map(str::to_owned);
-        Ok(Answer { status: parts.status.as_u16(), retry_after: signals::retry_after(h), rate_limits: signals::rate_headers(h), request_id, body })
+        let rate_limits = match self.cfg.api {
+            UpstreamApi::OpenAi => signals::rate_headers(h),
+            UpstreamApi::Anthropic => signals::anthropic_headers(h),
+        };
+        Ok(Answer { status: parts.status.as_u16(), retry_after: signals::retry_after(h), rate_limits, request_id, body })
     }
 
     fn uri(&self, path: &str) -> Result<Uri, axum::http::uri::InvalidUri> {

@@ -10,20 +10,29 @@
 //! Each pool learns its upstream's limits by itself (`control`, enforced by `limiter`), from
 //! what its answers say (`signals`) and, in standby mode, from the upstream's own metrics
 //! (`probe`). [`Router::states`] shows what was learned ([`UpstreamState`]).
+//!
+//! A pool speaks the API its configuration says (`api`: OpenAI's, or Anthropic's Messages);
+//! a line written in the other is translated for it and its answer translated back
+//! (`dialect`, over the pure functions of [`translate`]). [`Router::translates`] and
+//! [`Router::servable`] let a validator refuse, before anything is sent, what cannot be.
 
 mod client;
 mod conn;
 mod control;
+mod dialect;
 mod limiter;
 mod probe;
 mod signals;
+pub mod translate;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Once};
 
 pub use client::{Answer, Outcome, TransportError};
 pub use control::{human, PauseReason, Signal};
+pub use dialect::{Outgoing, Translation};
 pub use limiter::{Limiter, Permit};
+pub use signals::parse_go_duration;
 
 use crate::config::{UpstreamConfig, UpstreamMode};
 
@@ -31,13 +40,23 @@ use crate::config::{UpstreamConfig, UpstreamMode};
 pub struct Pool {
     pub cfg: UpstreamConfig,
     conns: conn::Connections,
-    /// `Authorization: Bearer …`, marked sensitive.
-    auth: Option<axum::http::HeaderValue>,
+    /// `Authorization: Bearer …` (or Anthropic's `x-api-key`), marked sensitive.
+    auth: Option<(axum::http::HeaderName, axum::http::HeaderValue)>,
     /// Parsed URIs of the paths sent so far (parsing one per request is measurable).
     uris: std::sync::RwLock<std::collections::HashMap<String, axum::http::Uri>>,
     pub limiter: Arc<Limiter>,
     /// Starts the `metrics_url` probe on first use.
     probe: Once,
+}
+
+/// A line that an upstream serving its model cannot be sent: it cannot be said in the API
+/// the upstream speaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} cannot be sent to upstream {upstream:?}, which speaks {}: {}", refused.param, api.words(), refused.reason)]
+pub struct Unservable {
+    pub upstream: String,
+    pub api: crate::config::UpstreamApi,
+    pub refused: translate::Refused,
 }
 
 /// An upstream that cannot be set up.
@@ -95,7 +114,7 @@ impl Router {
         let pools = cfgs
             .iter()
             .map(|c| {
-                let auth = c.api_key.as_ref().map(client::auth_header).transpose()?;
+                let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
                 let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new() };
                 Ok(Arc::new(pool))
@@ -124,6 +143,27 @@ impl Router {
     pub fn states_for(&self, model: Option<&str>) -> Vec<UpstreamState> {
         let serves = |p: &Pool| model.is_none_or(|m| resolve_in(&p.cfg, m).is_some());
         self.pools.iter().filter(|p| serves(p)).map(|p| p.state()).collect()
+    }
+
+    /// Whether a pool serving `model` speaks another API than lines of `path` (below `/v1`)
+    /// are written in, so that their bodies are translated for it. Allocates nothing: a
+    /// validator asks it of every line, and parses only the lines it says yes for.
+    pub fn translates(&self, model: &str, path: &str) -> bool {
+        self.pools.iter().any(|p| dialect::translation(path, p.cfg.api) != Translation::None && resolve_in(&p.cfg, model).is_some())
+    }
+
+    /// Whether every pool serving `model` can be sent a line of `path` with this body; else
+    /// the first pool that cannot, and why.
+    pub fn servable(&self, model: &str, path: &str, body: &serde_json::Value) -> Result<(), Unservable> {
+        for p in self.pools.iter().filter(|p| resolve_in(&p.cfg, model).is_some()) {
+            let opts = dialect::to_messages(&p.cfg);
+            translate::servable(dialect::request_kind(path), p.cfg.api, body, &opts).map_err(|refused| Unservable {
+                upstream: p.cfg.name.clone(),
+                api: p.cfg.api,
+                refused,
+            })?;
+        }
+        Ok(())
     }
 
     pub fn knows(&self, model: &str) -> bool {

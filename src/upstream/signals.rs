@@ -3,7 +3,9 @@
 //! nothing about load at all ([`Signal`]).
 //!
 //! Headers are read under OpenAI's names and under LiteLLM's `llm_provider-` copies (LiteLLM
-//! forwards a provider's headers with that prefix and sends no `retry-after` of its own).
+//! forwards a provider's headers with that prefix and sends no `retry-after` of its own); an
+//! upstream with `api = "anthropic"` is read under Anthropic's names instead
+//! ([`anthropic_headers`]), into the same signals.
 
 use std::time::{Duration, SystemTime};
 
@@ -59,6 +61,49 @@ pub fn rate_headers(h: &HeaderMap) -> RateHeaders {
         reset: header(h, reset).and_then(parse_reset),
     };
     RateHeaders { requests: dim(RATE_HEADERS[0]), tokens: dim(RATE_HEADERS[1]) }
+}
+
+/// Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,
+/// remaining,reset}` (resets are RFC 3339 times), as the same two dimensions: requests, and
+/// tokens — Anthropic's combined `tokens-*` when sent (it is the most restrictive of its
+/// limits in effect), else whichever of the input and output token limits has the smaller
+/// share left.
+pub fn anthropic_headers(h: &HeaderMap) -> RateHeaders {
+    let dim = |kind: &str| {
+        let name = |part: &str| format!("anthropic-ratelimit-{kind}-{part}");
+        let (limit, remaining, reset) = (name("limit"), name("remaining"), name("reset"));
+        let lite = |n: &str| format!("llm_provider-{n}");
+        Dimension {
+            limit: number(h, [&limit, &lite(&limit)]),
+            remaining: number(h, [&remaining, &lite(&remaining)]),
+            reset: header(h, [&reset, &lite(&reset)]).and_then(parse_anthropic_reset),
+        }
+    };
+    let tokens = dim("tokens");
+    let tokens = if tokens != Dimension::default() { tokens } else { tighter(dim("input-tokens"), dim("output-tokens")) };
+    RateHeaders { requests: dim("requests"), tokens }
+}
+
+/// Of two token dimensions, the one with the smaller share of its limit left.
+fn tighter(a: Dimension, b: Dimension) -> Dimension {
+    let left = |d: &Dimension| match (d.remaining, d.limit) {
+        (Some(r), Some(l)) if l > 0.0 => r / l,
+        (Some(_), _) => 0.5,
+        _ => f64::INFINITY,
+    };
+    if left(&b) < left(&a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// A reset as Anthropic writes it: an RFC 3339 time (or, as a fallback, what [`parse_reset`]
+/// reads).
+pub fn parse_anthropic_reset(s: &str) -> Option<Duration> {
+    let Ok(at) = chrono::DateTime::parse_from_rfc3339(s) else { return parse_reset(s) };
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64();
+    secs((at.timestamp_millis() as f64 / 1000.0 - now).max(0.0))
 }
 
 fn number(h: &HeaderMap, names: [&str; 2]) -> Option<f64> {
@@ -246,6 +291,42 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_rate_limit_headers() {
+        let in_30s = chrono::DateTime::<chrono::Utc>::from(SystemTime::now() + Duration::from_secs(30)).to_rfc3339();
+        let h = headers(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", &in_30s),
+            ("anthropic-ratelimit-tokens-limit", "90000"),
+            ("anthropic-ratelimit-tokens-remaining", "80000"),
+            ("anthropic-ratelimit-tokens-reset", "2024-04-24T15:55:20Z"),
+            ("anthropic-ratelimit-input-tokens-remaining", "1"),
+        ]);
+        let r = anthropic_headers(&h);
+        assert_eq!((r.requests.limit, r.requests.remaining), (Some(50.0), Some(49.0)));
+        let reset = r.requests.reset.unwrap();
+        assert!(reset > Duration::from_secs(28) && reset <= Duration::from_secs(30), "{reset:?}");
+        assert_eq!(
+            r.tokens,
+            Dimension { limit: Some(90000.0), remaining: Some(80000.0), reset: Some(Duration::ZERO) },
+            "the combined limit wins; a past reset is now"
+        );
+        let split = headers(&[
+            ("anthropic-ratelimit-input-tokens-limit", "40000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "30000"),
+            ("anthropic-ratelimit-output-tokens-limit", "8000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "800"),
+            ("anthropic-ratelimit-output-tokens-reset", "2099-01-01T00:00:00+00:00"),
+        ]);
+        let r = anthropic_headers(&split);
+        assert_eq!((r.tokens.limit, r.tokens.remaining), (Some(8000.0), Some(800.0)), "output has 10 % left, input 75 %: output is the tighter");
+        assert_eq!(r.tokens.reset, Some(MAX_HEADER_WAIT), "a far reset is capped");
+        assert_eq!(r.requests, Dimension::default());
+        assert_eq!(anthropic_headers(&headers(&[("x-ratelimit-limit-requests", "5")])), RateHeaders::default(), "OpenAI's names are not Anthropic's");
+        assert_eq!(anthropic_headers(&headers(&[("llm_provider-anthropic-ratelimit-requests-remaining", "3")])).requests.remaining, Some(3.0), "LiteLLM");
+    }
+
+    #[test]
     fn outcomes_are_classified_by_status_and_error_type() {
         let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
         assert_eq!(classify(&answer(429, quota)), Signal::Quota);
@@ -257,6 +338,10 @@ mod tests {
             Signal::Overloaded { slow_down: true }
         );
         assert_eq!(classify(&answer(503, "")), Signal::Overloaded { slow_down: false });
+        let anthropic_429 =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#;
+        assert_eq!(classify(&answer(429, anthropic_429)), Signal::RateLimited);
+        assert_eq!(classify(&answer(402, r#"{"type":"error","error":{"type":"billing_error","message":"credit"}}"#)), Signal::Quota);
         assert_eq!(classify(&answer(500, "{}")), Signal::Failed);
         assert_eq!(classify(&answer(400, "{}")), Signal::Neutral);
         assert_eq!(classify(&answer(200, "{}")), Signal::Ok);

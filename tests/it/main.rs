@@ -7,6 +7,7 @@
 
 mod common;
 
+mod anthropic;
 mod api;
 mod cli;
 mod cluster;
@@ -19,3 +20,4 @@ mod hardening;
 mod limits;
 mod memory;
 mod props;
+mod translate;

@@ -8,7 +8,8 @@
 //! - `supervisor` finds batches with work and runs each one's steps, turning every failure
 //!   into a typed [`Error`]: it waits out an unavailable store, retries the unexpected a few
 //!   times, and fails the one batch whose step cannot succeed; it never stops itself;
-//! - [`validator`] streams the input once and cuts it into work units;
+//! - [`validator`] streams the input once and cuts it into work units; [`prefix`] keys each
+//!   line by the leading part the server will compute (for prefix-aware order);
 //! - `runner` leases units and feeds their lines to the upstream pools; batches share a
 //!   pool fairly because each batch waits in the pool's FIFO queue with `2 × priority` feeders;
 //! - `dispatch` runs one line's attempts with back-off and turns the answer into a result;
@@ -36,6 +37,7 @@ pub mod health;
 mod janitor;
 pub mod lines;
 mod live;
+pub mod prefix;
 mod progress;
 pub mod rates;
 mod retry;

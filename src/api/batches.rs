@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::extract::{JsonObject, Query};
 use super::files::{cursor_error, expiry, not_found_as, parse_limit};
-use super::{AppState, Tenant};
+use super::{no_such_batch, AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{BatchRecord, BatchStatus, FileRecord};
 use crate::wire;
@@ -29,10 +29,6 @@ pub const ENDPOINTS: [&str; 8] = [
     "/v1/videos",
 ];
 pub(super) const MAX_PRIORITY: i64 = 8;
-
-pub fn no_such_batch(id: &str) -> ApiError {
-    ApiError::not_found(format!("No such Batch object: {id}")).param("id")
-}
 
 pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
@@ -199,7 +195,7 @@ fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
 }
 
 pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let b = st.tenant_batch(&tenant, &id).await?;
     Ok(Json(render(&st, &b).await))
 }
 
@@ -238,7 +234,7 @@ pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
 
 /// Extension: the result line of one request, by `custom_id`, as soon as it is durable.
 pub async fn request_result(State(st): State<AppState>, Tenant(tenant): Tenant, Path((id, custom_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    st.tenant_batch(&tenant, &id).await?;
     let r = st
         .store
         .result_by_custom_id(&id, &custom_id)
@@ -269,7 +265,7 @@ pub async fn partial_results(
         Some("all") => None,
         Some(_) => return Err(ApiError::invalid("kind", "kind must be output, errors or all.")),
     };
-    st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    st.tenant_batch(&tenant, &id).await?;
     // Chunks of about the same size in bytes, however large the records: see the finalizer.
     let chunks = futures::stream::try_unfold((0u64, 256u32), move |(after, records)| {
         let (store, id) = (st.store.clone(), id.clone());

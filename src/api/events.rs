@@ -29,9 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::batches::no_such_batch;
 use super::extract::Query;
-use super::files::not_found_as;
 use super::{AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{BatchStatus, Event, EventFilter, Store};
@@ -62,7 +60,7 @@ pub async fn batch_events(
     Query(p): Query<StreamParams>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let after = cursor(&headers, &p)?;
-    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let b = st.tenant_batch(&tenant, &id).await?;
     let filter = EventFilter { tenant: Some(tenant), batch_id: Some(id) };
     // Without a cursor: the batch's whole history, but of its progress only the newest.
     let newest_progress = match after {

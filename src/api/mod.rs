@@ -38,7 +38,7 @@ use crate::blob::Blob;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::store::Store;
+use crate::store::{BatchRecord, Store};
 
 pub use auth::Tenant;
 
@@ -63,6 +63,16 @@ impl AppState {
             Err(ApiError::insufficient_storage())
         }
     }
+
+    /// The tenant's batch `id`; another tenant's, or none, is a 404 naming the id.
+    pub async fn tenant_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord, ApiError> {
+        self.store.get_batch(Some(tenant), id).await.map_err(|e| files::not_found_as(e, || no_such_batch(id)))
+    }
+}
+
+/// The 404 of a batch id the tenant has no batch by.
+pub fn no_such_batch(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such Batch object: {id}")).param("id")
 }
 
 pub fn router(state: AppState) -> Router {

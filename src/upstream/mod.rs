@@ -14,6 +14,7 @@
 mod client;
 mod conn;
 mod control;
+mod decode;
 mod limiter;
 mod probe;
 mod signals;

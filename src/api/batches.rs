@@ -29,6 +29,8 @@ pub const ENDPOINTS: [&str; 8] = [
     "/v1/videos",
 ];
 pub(super) const MAX_PRIORITY: i64 = 8;
+/// What a create may carry: OpenAI's parameters, then batchd's own (`priority`).
+const CREATE_PARAMS: [&str; 6] = ["input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after", "priority"];
 
 pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
@@ -50,6 +52,17 @@ pub(super) fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<S
         None | Some(Value::Null) => Err(ApiError::missing(name)),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be a string."))),
+    }
+}
+
+/// Refuses a body with a parameter not in `known`, as the hosted API does (a misspelt
+/// `metdata` would otherwise be dropped without a word).
+fn known_params(body: &Map<String, Value>, known: &[&str]) -> ApiResult<()> {
+    let unknown: Vec<&str> = body.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+    match unknown.as_slice() {
+        [] => Ok(()),
+        [one] => Err(ApiError::bad_request(format!("Unrecognized request argument supplied: {one}"))),
+        many => Err(ApiError::bad_request(format!("Unrecognized request arguments supplied: {}", many.join(", ")))),
     }
 }
 
@@ -80,6 +93,7 @@ pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &str
 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
     st.writable()?;
+    known_params(&body, &CREATE_PARAMS)?;
     let input_file_id = string_param(&body, "input_file_id")?;
     let endpoint = endpoint_param(&body)?;
     let window = string_param(&body, "completion_window")?;

@@ -27,7 +27,7 @@ const MAX_REQUEST_ID: usize = 128;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-fn new_request_id() -> String {
+pub fn new_request_id() -> String {
     let suffix: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
     format!("req_{suffix}")
 }

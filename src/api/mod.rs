@@ -22,6 +22,7 @@ mod multipart;
 mod progress;
 mod quota;
 mod retry;
+pub mod stream_slots;
 mod usage;
 mod validate;
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub engine: Engine,
     pub router: Arc<crate::upstream::Router>,
     pub cfg: Arc<Config>,
+    /// The event streams open, per tenant and in all (see `stream_slots`).
+    pub streams: Arc<stream_slots::StreamSlots>,
 }
 
 impl AppState {
@@ -93,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(usage::get))
         .route("/quota", get(quota::get))
         .route("/models", get(models::list))
+        .route("/models/{*id}", get(models::retrieve))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .nest("/v1", v1)

@@ -403,24 +403,30 @@ async fn status_watch_follows_the_stream_and_shows_a_stall() {
 
 // ---- issue #19: a shared world ----
 
-/// What a tenant can see of the server while its batch runs: its progress, its Batch
-/// object, its event stream (read for `wait`), and `/metrics`, all as text.
-async fn alice_sees(s: &Server, alice: &Api, id: &str, wait: Duration) -> String {
+/// What a tenant can see of the server while its batch runs — its progress, its Batch
+/// object, its event stream, and `/metrics` — as text, read until it holds every one of
+/// `markers` (or for at most `limit`).
+async fn alice_sees(s: &Server, alice: &Api, id: &str, markers: &[&str], limit: Duration) -> String {
+    let stop = tokio_util::sync::CancellationToken::new();
     let stream = {
-        let alice = alice.clone();
+        let (alice, stop) = (alice.clone(), stop.clone());
         tokio::spawn(async move {
             let resp = alice.request(reqwest::Method::GET, "/events?after=0").send().await.unwrap();
-            tokio::time::timeout(wait, resp.text()).await.ok().and_then(Result::ok).unwrap_or_default()
+            tokio::select! {
+                text = resp.text() => text.unwrap_or_default(),
+                _ = stop.cancelled() => String::new(),
+            }
         })
     };
     let mut seen = String::new();
     let t = Instant::now();
-    while t.elapsed() < wait {
+    while t.elapsed() < limit && !markers.iter().all(|m| seen.contains(m)) {
         seen += &alice.get(&format!("/batches/{id}/progress")).await.1.to_string();
         seen += &alice.batch(id).await.to_string();
         seen += &reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    stop.cancel();
     seen + &stream.await.unwrap()
 }
 
@@ -443,10 +449,11 @@ async fn an_upstreams_error_text_stays_with_the_line_that_caused_it() {
     let bob_batch = bob.submit(&lines).await;
     let slow: Vec<String> = (0..4).map(|i| chat_line(&format!("a-{i}"), "m", Some(json!({"latency_ms": 2500})))).collect();
     let alice_batch = alice.submit(&slow).await;
-    let seen = alice_sees(&s, &alice, &alice_batch, secs(5)).await;
+    let (last_error, pause) = ("500 Internal Server Error (server error)", "429 Too Many Requests (rate limited) from upstream");
+    let seen = alice_sees(&s, &alice, &alice_batch, &[last_error, pause], secs(20)).await;
     assert!(!seen.contains(SECRET), "bob's prompt reached alice: {}", &seen[seen.find(SECRET).unwrap().saturating_sub(300)..][..600]);
-    assert!(seen.contains("500 Internal Server Error (server error)"), "alice saw the upstream's last error as status and class");
-    assert!(seen.contains("429 Too Many Requests (rate limited)"), "and its pause");
+    assert!(seen.contains(last_error), "alice saw the upstream's last error, as status and class");
+    assert!(seen.contains(pause), "and its pause");
 
     let b = bob.wait_for(&bob_batch, &["completed"], secs(60)).await;
     let (out, err) = bob.results(&b).await;

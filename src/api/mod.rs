@@ -2,6 +2,8 @@
 //! and the extensions that tell what a batch is doing: progress, event streams, retry,
 //! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`), validation without a
 //! batch (`validate`), list filters (`filter`); and the web console at `/` (`console`).
+//! Event streams are counted per tenant and in all ([`stream_slots`]), so no tenant can hold
+//! every connection.
 //!
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,

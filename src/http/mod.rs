@@ -3,7 +3,7 @@
 //!
 //! - At most `max_connections` connections are open at once. When every slot is taken and
 //!   another client connects, the connection that has waited longest for a request (one that
-//!   never sent one, or a kept-alive one nobody uses) is closed to make room ([`crowd`]): a
+//!   never sent one, or a kept-alive one nobody uses) is closed to make room (`crowd`): a
 //!   crowd of idle sockets costs a real client one shed connection, not the header-read
 //!   timeout. A connection serving a request is never cut for room; when every one is
 //!   serving, further clients wait in the kernel's backlog ([`LISTEN_BACKLOG`]). Event
@@ -22,7 +22,7 @@
 //!   and wait at most `grace` for them.
 //!
 //! - A request the HTTP parser refuses (hyper answers it by itself) gets batchd's error
-//!   envelope and an `x-request-id` like every other answer ([`refusal`], [`socket`]).
+//!   envelope and an `x-request-id` like every other answer (`refusal`, `socket`).
 //!
 //! Request timeouts and request ids are layers of the router ([`crate::api`]), not of this
 //! module.

@@ -15,7 +15,7 @@ pub fn replacement(head: &[u8]) -> Option<Vec<u8>> {
     let rest = head.strip_prefix(b"HTTP/1.")?;
     let status = std::str::from_utf8(rest.get(2..5)?).ok()?.parse::<u16>().ok()?;
     let (message, code) = words(status);
-    let id = crate::api::layers::new_request_id();
+    let id = crate::ids::http_request_id();
     tracing::info!(status, request_id = %id, "refused a request the HTTP parser could not read");
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}).to_string();
     let reason = axum::http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Bad Request");

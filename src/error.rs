@@ -91,7 +91,12 @@ impl ApiError {
 
     /// 429: the tenant's queue is over one of its quotas (the message says which).
     pub fn quota_exceeded(message: impl Into<String>, retry_after_s: u64) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).code("quota_exceeded");
+        Self::rate_limited(message, retry_after_s).code("quota_exceeded")
+    }
+
+    /// 429 with a `Retry-After`: the tenant asks for more than its share.
+    pub fn rate_limited(message: impl Into<String>, retry_after_s: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
         e.retry_after = Some(retry_after_s);
         e
     }

@@ -24,8 +24,10 @@
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`backend`] picks the store and blob store a node runs on (embedded SQLite and a local
 //!   directory, or PostgreSQL and S3 shared by many nodes), once, at start-up;
-//! - [`server`] assembles a node (backends, engine, HTTP) and stops it gracefully; [`http`]
-//!   serves its connections (connection cap, timeouts); [`wire`] renders OpenAI's objects;
+//! - [`server`] assembles a node (binds, then backends, engine, HTTP) and stops it
+//!   gracefully; [`http`] serves its connections (connection cap with the longest-waiting
+//!   connection shed for a newcomer, timeouts, envelopes for what hyper refuses to parse);
+//!   [`wire`] renders OpenAI's objects;
 //!   [`ids`] makes ids; [`memory`] keeps the allocator's footprint small; [`metrics`] keeps
 //!   the Prometheus families.
 

@@ -15,8 +15,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use rand::distributions::Alphanumeric;
-use rand::Rng;
 
 use crate::error::ApiError;
 
@@ -27,11 +25,6 @@ const MAX_REQUEST_ID: usize = 128;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-fn new_request_id() -> String {
-    let suffix: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
-    format!("req_{suffix}")
-}
-
 /// The client's id when it is usable as is.
 fn client_request_id(req: &Request) -> Option<String> {
     let v = req.headers().get(X_REQUEST_ID)?.to_str().ok()?;
@@ -41,7 +34,7 @@ fn client_request_id(req: &Request) -> Option<String> {
 
 /// Outermost layer: settles the request id and puts it on the request and the response.
 pub async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = client_request_id(&req).unwrap_or_else(new_request_id);
+    let id = client_request_id(&req).unwrap_or_else(crate::ids::http_request_id);
     let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
     req.headers_mut().insert(X_REQUEST_ID, value.clone());
     req.extensions_mut().insert(RequestId(id));

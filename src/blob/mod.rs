@@ -6,7 +6,7 @@
 //! Writes are streamed (multipart uploads on S3) and become visible only when
 //! [`BlobWriter::finish`] completes, so a crash or an abort never leaves a half-written object
 //! under its key; reads are ranged, [`READ_CHUNK`] at a time ([`REMOTE_READ_CHUNK`] on S3). Behaviour every backend shows
-//! is checked by [`conformance`].
+//! is checked by `conformance` (built for tests and the `test-support` feature).
 
 use std::ops::Range;
 use std::path::Path;
@@ -21,6 +21,7 @@ use object_store::ObjectStore;
 use tokio::io::AsyncWriteExt;
 
 mod backend;
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 
 pub use backend::BlobUrl;

@@ -169,3 +169,38 @@ async fn partial_results_and_request_lookup_while_running() {
     assert_eq!(done["request_counts"], json!({"total": 7, "completed": 6, "failed": 1}));
     assert!(done.get("progress").is_none(), "no progress once final");
 }
+
+/// The official SDKs' loop `for f in client.files.list(limit=2): client.files.delete(f.id)`
+/// (issue 19): each next page asks `after` the last file of the page, which the loop just
+/// deleted. It empties the list, instead of stopping with a 400 after two deletes.
+#[tokio::test]
+async fn deleting_files_while_paging_empties_the_list() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let mut uploaded = Vec::new();
+    for i in 0..5 {
+        uploaded.push(api.upload(&chat_lines(i + 1, "m")).await);
+    }
+    let (mut deleted, mut page) = (Vec::new(), "/files?limit=2".to_string());
+    loop {
+        let (st, list) = api.get(&page).await;
+        assert_eq!(st, 200, "{page}: {list}");
+        for f in list["data"].as_array().unwrap() {
+            let id = f["id"].as_str().unwrap();
+            let r = api.request(reqwest::Method::DELETE, &format!("/files/{id}")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            deleted.push(id.to_string());
+        }
+        if list["has_more"] != true {
+            break;
+        }
+        page = format!("/files?limit=2&after={}", list["last_id"].as_str().unwrap());
+    }
+    uploaded.reverse();
+    assert_eq!(deleted, uploaded, "every file, newest first, each once");
+    let (_, left) = api.get("/files").await;
+    assert_eq!(left["data"], json!([]));
+    let (st, body) = api.get("/files?after=file-never-was").await;
+    assert_eq!(st, 400, "an id that never was is still refused: {body}");
+}

@@ -19,3 +19,4 @@ mod hardening;
 mod limits;
 mod memory;
 mod props;
+mod upgrade;

@@ -44,7 +44,7 @@ pub async fn deliver(inner: Arc<Inner>) {
             Ok(due) => {
                 futures::future::join_all(due.into_iter().map(|d| attempt(&inner, &http, d))).await;
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read due webhook deliveries"),
+            Err(e) => tracing::debug!(error = %crate::Chain(&e), "cannot read due webhook deliveries"),
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
@@ -148,7 +148,7 @@ async fn record(inner: &Inner, a: &DeliveryAttempt, outcome: &'static str) {
     inner.live.metrics.webhook_attempt(outcome);
     if let Err(e) = inner.store.record_delivery(a).await {
         // The claim lapses and the delivery is made again: at least once.
-        tracing::warn!(error = %e, event = a.event_id, "cannot record a webhook attempt; it will be made again");
+        tracing::warn!(error = %crate::Chain(&e), event = a.event_id, "cannot record a webhook attempt; it will be made again");
     }
 }
 

@@ -210,6 +210,8 @@ mod postgres {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let err = PgStore::open(&format!("postgres://postgres@127.0.0.1:{port}/none")).await.err().expect("nothing listens there");
         assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        let cause = std::error::Error::source(&err).and_then(|c| c.downcast_ref::<sqlx::Error>());
+        assert!(matches!(cause, Some(sqlx::Error::Io(_))), "the driver's error is kept as the source: {err:?}");
     }
 
     #[tokio::test]

@@ -73,6 +73,7 @@ fn is_transient_state(code: &str) -> bool {
 
 #[async_trait]
 impl Dialect for Postgres {
+    const PLACEHOLDER: &'static str = "$";
     /// The transaction's start, in unix milliseconds.
     const NOW_MS: &'static str = "(extract(epoch from now()) * 1000)::bigint";
     const FOR_UPDATE: &'static str = " FOR UPDATE";

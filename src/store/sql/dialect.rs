@@ -34,6 +34,9 @@ impl<T> Record for T where T: Send + Unpin + for<'r> FromRow<'r, SqliteRow> + fo
 /// and `sqlx::Postgres` ([`crate::store::postgres`]).
 #[async_trait]
 pub trait Dialect: Database + Sized {
+    /// What [`Stmt::push_bind`] writes before a placeholder's number (text written by hand
+    /// uses `$N`, which both databases read).
+    const PLACEHOLDER: &'static str;
     /// The store's clock, in unix milliseconds: every lease, claim, heartbeat and delivery
     /// time is taken from it, never from a node's clock.
     const NOW_MS: &'static str;
@@ -168,7 +171,7 @@ impl<'q, D: Dialect> Stmt<'q, D> {
     /// Appends a placeholder and binds `value` to it.
     pub fn push_bind<T: Param<'q>>(&mut self, value: T) -> &mut Self {
         self.add(value);
-        let _ = write!(self.sql, "${}", self.bound);
+        let _ = write!(self.sql, "{}{}", D::PLACEHOLDER, self.bound);
         self
     }
 

@@ -176,6 +176,26 @@ fn schema_states() {
     assert_eq!(schema::SchemaState::of(&schema::SQLITE, &modified), schema::SchemaState::Modified(1));
 }
 
+/// Migrations that have run on users' databases never change (sqlx refuses a database whose
+/// recorded checksum differs): the first bytes of each one's SHA-384, as release 2 ran them.
+#[test]
+fn applied_migrations_keep_their_checksums() {
+    let pinned = [
+        (&schema::POSTGRES, 1, "4cdd94812add8317"),
+        (&schema::POSTGRES, 2, "6294568b396a38ac"),
+        (&schema::SQLITE, 1, "472f994ff3208445"),
+        (&schema::SQLITE, 2, "eed52dd6652d3f8a"),
+        (&schema::SQLITE, 3, "cd10579d1cdb2429"),
+        (&schema::SQLITE, 4, "51ccfa8b0adf737c"),
+        (&schema::SQLITE, 5, "65082e3e64011edb"),
+    ];
+    for (migrator, version, want) in pinned {
+        let m = migrator.iter().find(|m| m.version == version).expect("the migration is still there");
+        let got: String = m.checksum[..8].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(got, want, "migration {version} ({}) was changed", m.description);
+    }
+}
+
 mod postgres {
     use super::*;
 
@@ -320,6 +340,29 @@ mod postgres {
         assert_eq!(store.commits() - before, 2, "two groups of 500, two transactions");
         assert!(store.units("batch_tx").await.unwrap().iter().all(|u| u.line_count == 200));
         assert!(store.lease_unit("batch_tx", "n", Duration::from_secs(5)).await.unwrap().is_none());
+    }
+
+    /// A database release 2 migrated (sqlx, with 0001 and 0002) opens: its recorded
+    /// checksums are still this build's, the new migrations apply, and its rows are there.
+    #[tokio::test]
+    async fn a_release_2_database_migrates_on() {
+        let Some(db) = TestDatabase::create("a_release_2_database_migrates_on").await else { return };
+        let old_dir = tempfile::tempdir().unwrap();
+        for m in schema::POSTGRES.iter().filter(|m| m.version <= 2) {
+            std::fs::write(old_dir.path().join(format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"))), m.sql.as_bytes()).unwrap();
+        }
+        let old = sqlx::migrate::Migrator::new(old_dir.path()).await.unwrap();
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        old.run(&pool).await.unwrap();
+        sqlx::query("INSERT INTO files (id, tenant, bytes, created_at, filename, purpose, blob_key) VALUES ('file-r2', 't', 1, 1, 'a', 'batch', 'k')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let store = PgStore::open(&db.url).await.expect("release 2's database opens");
+        assert_eq!(store.get_file("t", "file-r2", 0).await.unwrap().bytes, 1);
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(store.pool()).await.unwrap();
+        assert_eq!(applied, schema::POSTGRES.iter().map(|m| m.version).collect::<Vec<_>>());
     }
 
     /// Tables → (column, not null, integer/text/other), sorted; the layout differences and

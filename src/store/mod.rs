@@ -24,7 +24,7 @@
 //!
 //! Layers, top down:
 //! - the traits, split by concern ([`Files`], [`Batches`], [`Work`], [`Cluster`],
-//!   [`Outbox`]; [`Store`] is all of them), the records ([`model`]) and the neutral
+//!   [`Outbox`]; [`Store`] is all of them), the records (`model.rs`) and the neutral
 //!   [`Error`], which keeps the driver's error as its source;
 //! - [`sql::SqlStore`], the one implementation: every statement written once, for any
 //!   [`sql::Dialect`];

@@ -29,7 +29,8 @@
 //!   connection shed for a newcomer, timeouts, envelopes for what hyper refuses to parse);
 //!   [`wire`] renders OpenAI's objects;
 //!   [`ids`] makes ids; [`memory`] keeps the allocator's footprint small; [`metrics`] keeps
-//!   the Prometheus families.
+//!   the Prometheus families; [`secret`] holds what must never print; [`Chain`] prints an
+//!   error with its causes.
 
 pub mod api;
 pub mod backend;
@@ -43,6 +44,7 @@ pub mod ids;
 pub mod memory;
 pub mod metrics;
 pub mod mock;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -61,4 +63,20 @@ pub fn now_unix_ms() -> u64 {
 /// Seconds since the Unix epoch, with a fraction (for rates and ages).
 pub fn now_unix_f64() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Displays an error with every cause under it, `outer: inner: innermost`: how a log line or
+/// a stored message keeps the whole chain of an error whose `Display` tells its own layer only.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }

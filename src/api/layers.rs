@@ -4,6 +4,7 @@
 //!   else a fresh `req_…` id is made; either way it is on the response (the SDKs expose it as
 //!   `_request_id` / `requestID`) and in the request's span, so every log line of the request
 //!   carries it.
+//! - An error response's cause is logged once, here ([`log_errors`]), in the request's span.
 //! - The request timeout bounds the time to the response head. Uploads (`POST /v1/files`)
 //!   are exempt: their handler reads the whole body, which may rightly take long; a stalled
 //!   upload is cut by the connection's idle timeout instead ([`crate::http`]). Downloads
@@ -16,7 +17,7 @@ use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCause};
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 const MAX_REQUEST_ID: usize = 128;
@@ -57,6 +58,22 @@ pub fn on_response(resp: &Response, latency: Duration, _span: &tracing::Span) {
     } else {
         tracing::debug!(status, latency_ms = ms, "answered");
     }
+}
+
+/// Logs the cause an error response carries ([`ErrorCause`]), once, with its whole chain,
+/// inside the request's span (so with its request id): a 5xx as an error, anything else as
+/// a warning.
+pub async fn log_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if let Some(ErrorCause(cause)) = resp.extensions().get::<ErrorCause>() {
+        let (status, error) = (resp.status().as_u16(), crate::Chain(&***cause));
+        if resp.status().is_server_error() {
+            tracing::error!(status, error = %error, "request failed");
+        } else {
+            tracing::warn!(status, error = %error, "request failed");
+        }
+    }
+    resp
 }
 
 /// Answers 408 in the error envelope when the response head takes longer than `limit`.

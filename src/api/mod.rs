@@ -109,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
         .layer(axum::middleware::from_fn_with_state(state.cfg.http.request_timeout, layers::timeout))
+        .layer(axum::middleware::from_fn(layers::log_errors))
         .layer(TraceLayer::new_for_http().make_span_with(layers::span).on_response(layers::on_response))
         .layer(axum::middleware::from_fn(layers::request_id))
         .layer(axum::Extension(Arc::new(models::Catalog::new(&state.cfg.upstreams))))

@@ -98,7 +98,7 @@ fn parse_filter(body: &[u8]) -> ApiResult<RetryFilter> {
 
 fn engine_error(e: crate::engine::Error) -> ApiError {
     match e {
-        crate::engine::Error::Unavailable(_) => ApiError::unavailable("The service is temporarily unavailable; retry shortly."),
+        crate::engine::Error::Unavailable(_) => ApiError::unavailable("The service is temporarily unavailable; retry shortly.").caused_by(e),
         crate::engine::Error::Permanent { code: "input_unavailable" | "state_missing", .. } => {
             ApiError::conflict("The batch's input file no longer exists, so its lines cannot be sent again.").code("input_unavailable")
         }

@@ -47,7 +47,7 @@ pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
     match st.store.batch_usage(batch_id).await {
         Ok(rows) => cost_of(st, &rows.iter().collect::<Vec<_>>()),
         Err(e) => {
-            tracing::warn!(batch = batch_id, error = %e, "cannot read usage per model for the cost");
+            tracing::warn!(batch = batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
             None
         }
     }

@@ -271,7 +271,7 @@ impl Engine {
             inner.hard_stop.cancel();
         }
         if let Err(e) = inner.store.leave(&inner.node).await {
-            tracing::warn!(error = %e, "could not hand back leases at shutdown; they will expire");
+            tracing::warn!(error = %crate::Chain(&e), "could not hand back leases at shutdown; they will expire");
         }
     }
 }

@@ -66,7 +66,7 @@ pub async fn deliver(inner: Arc<Inner>) {
         if room > 0 {
             match inner.store.due_deliveries(&inner.node, PER_ROUND.min(room as u32), CLAIM).await {
                 Ok(due) => due.into_iter().for_each(|d| lanes.hand(&inner, &http, d)),
-                Err(e) => tracing::debug!(error = %e, "cannot read due webhook deliveries"),
+                Err(e) => tracing::debug!(error = %crate::Chain(&e), "cannot read due webhook deliveries"),
             }
         }
         tokio::select! {
@@ -210,7 +210,7 @@ async fn record(inner: &Inner, a: &DeliveryAttempt, outcome: &'static str) {
     inner.live.metrics.webhook_attempt(outcome);
     if let Err(e) = inner.store.record_delivery(a).await {
         // The claim lapses and the delivery is made again: at least once.
-        tracing::warn!(error = %e, event = a.event_id, "cannot record a webhook attempt; it will be made again");
+        tracing::warn!(error = %crate::Chain(&e), event = a.event_id, "cannot record a webhook attempt; it will be made again");
     }
 }
 

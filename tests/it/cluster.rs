@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use batchd::blob::conformance::testing::TestBucket;
-use batchd::store::postgres::testing::TestDatabase;
+use batchd::store::testing::TestDatabase;
 use serde_json::{json, Value};
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.

@@ -16,67 +16,16 @@ use serde::{Deserialize, Serialize};
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The cause is the error's `source` (printed once, after the path, by `{:#}`).
+    #[error("cannot read config file {}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {}", path.display())]
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
-/// A secret string (an API key): its `Debug`, `Display` and `Serialize` never show the value.
-/// It deserializes from a plain string, so config files hold keys as before.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares with `candidate` in time independent of where they differ.
-    pub fn matches(&self, candidate: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
-        let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-        diff == 0 && a.len() == b.len()
-    }
-}
-
-pub const REDACTED: &str = "<redacted>";
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "\"{REDACTED}\"")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(REDACTED)
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(REDACTED)
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s)
-    }
-}
-
-impl std::borrow::Borrow<str> for Secret {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
+pub use crate::secret::{Secret, REDACTED};
 
 /// The file and environment layers, as written by the user. Every field is optional.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -151,6 +100,13 @@ pub struct RawServer {
     pub request_timeout_s: Option<f64>,
     /// Open client connections at most; more wait to be accepted.
     pub max_connections: Option<usize>,
+    /// Event streams open at once, all tenants together (below `max_connections`, so that
+    /// streams never take every connection); default half of `max_connections`.
+    pub max_streams: Option<usize>,
+    /// Event streams one tenant may hold open at once.
+    pub max_streams_per_tenant: Option<usize>,
+    /// Seconds after which an event stream ends (its client resumes with `Last-Event-ID`).
+    pub stream_lifetime_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -280,7 +236,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub insecure_no_auth: bool,
     /// The metadata store; `None`: embedded SQLite in `data_dir` (see [`crate::backend`]).
-    pub database: Option<crate::backend::DatabaseUrl>,
+    pub database: Option<crate::store::DatabaseUrl>,
     /// The blob store; `None`: a directory in `data_dir`.
     pub blob: Option<crate::blob::BlobUrl>,
     /// API key → tenant name. Empty: no authentication, every call is tenant `default`.
@@ -307,16 +263,36 @@ pub struct HttpLimits {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
+    pub streams: StreamLimits,
+}
+
+/// How many event streams may be open, and for how long (see `api::events`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamLimits {
+    /// All tenants together; always below `max_connections`.
+    pub max_open: usize,
+    pub per_tenant: usize,
+    pub lifetime: Duration,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
+        let max_connections = 1024;
         HttpLimits {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             request_timeout: Duration::from_secs(60),
-            max_connections: 1024,
+            max_connections,
+            streams: StreamLimits { max_open: max_connections / 2, per_tenant: 32, lifetime: Duration::from_secs(300) },
         }
+    }
+}
+
+impl HttpLimits {
+    /// How often an event stream with nothing to say sends a comment: often enough that the
+    /// idle timeout never closes it (a third of it), at most every 15 s.
+    pub fn keep_alive(&self) -> Duration {
+        (self.idle_timeout / 3).min(Duration::from_secs(15))
     }
 }
 
@@ -490,9 +466,10 @@ impl RawConfig {
 }
 
 fn resolve_prices(prices: &BTreeMap<String, Price>) -> Result<BTreeMap<String, Price>, ConfigError> {
+    let amount = |x: f64| x.is_finite() && x >= 0.0;
     for (model, p) in prices {
-        if !(0.0..=1.0).contains(&p.batch_discount) || p.input_per_million < 0.0 || p.output_per_million < 0.0 {
-            return Err(ConfigError::Invalid(format!("[prices.{model:?}]: prices must be >= 0 and batch_discount within 0..=1")));
+        if !(0.0..=1.0).contains(&p.batch_discount) || !amount(p.input_per_million) || !amount(p.output_per_million) {
+            return Err(ConfigError::Invalid(format!("[prices.{model:?}]: prices must be finite numbers >= 0 and batch_discount within 0..=1")));
         }
     }
     Ok(prices.clone())
@@ -540,11 +517,27 @@ fn resolve_stall(s: Option<f64>) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs_f64(s))
 }
 
+/// The tenant every call belongs to on a server without API keys.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// API key → tenant. Each tenant is named once; each has keys, except `default` on a server
+/// where no tenant has any (its webhook or quotas, without authentication).
 fn resolve_tenants(tenants: &[RawTenant]) -> Result<BTreeMap<Secret, String>, ConfigError> {
     let mut keys = BTreeMap::new();
+    let mut names = std::collections::HashSet::new();
+    let auth = tenants.iter().any(|t| !t.api_keys.is_empty());
     for t in tenants {
         if t.name.trim().is_empty() {
             return Err(ConfigError::Invalid("a tenant has an empty name".into()));
+        }
+        if !names.insert(t.name.as_str()) {
+            return Err(ConfigError::Invalid(format!("two [[tenants]] are named {:?}; give each tenant one entry (with all its keys)", t.name)));
+        }
+        if t.api_keys.is_empty() && (auth || t.name != DEFAULT_TENANT) {
+            return Err(ConfigError::Invalid(format!(
+                "tenant {:?} has no api_keys, so no call could reach it; give it at least one key (a server without keys serves only the tenant {DEFAULT_TENANT:?})",
+                t.name
+            )));
         }
         for k in &t.api_keys {
             if k.expose().is_empty() {
@@ -585,6 +578,12 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if u.default_max_tokens == Some(0) {
         return Err(bad("default_max_tokens must be at least 1".into()));
     }
+    if u.max_concurrency == Some(0) {
+        return Err(bad("max_concurrency (--concurrency, BATCHD_CONCURRENCY) must be at least 1".into()));
+    }
+    if u.max_attempts == Some(0) {
+        return Err(bad("max_attempts must be at least 1".into()));
+    }
     let timeout_s = u.timeout_s.unwrap_or(600.0);
     if !(timeout_s > 0.0 && timeout_s.is_finite()) {
         return Err(bad("timeout_s must be positive".into()));
@@ -595,11 +594,11 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         api_key,
         models,
         aliases: u.aliases.clone(),
-        max_concurrency: u.max_concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
+        max_concurrency: u.max_concurrency.unwrap_or(DEFAULT_CONCURRENCY),
         rpm: u.rpm.unwrap_or(0),
         tpm: u.tpm.unwrap_or(0),
         timeout: Duration::from_secs_f64(timeout_s),
-        max_attempts: u.max_attempts.unwrap_or(5).max(1),
+        max_attempts: u.max_attempts.unwrap_or(5),
         ca_file: u.ca_file.clone(),
         max_response_bytes: u.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES).max(1024),
         api_key_env: u.api_key_env.clone(),
@@ -659,16 +658,31 @@ fn resolve_http(s: &RawServer) -> Result<HttpLimits, ConfigError> {
         Some(x) if x > 0.0 && x.is_finite() && x < 1e9 => Ok(Duration::from_secs_f64(x)),
         Some(_) => Err(ConfigError::Invalid(format!("server.{name} must be a positive number of seconds"))),
     };
-    let http = HttpLimits {
+    let max_connections = s.max_connections.unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        return Err(ConfigError::Invalid("server.max_connections must be at least 1".into()));
+    }
+    let streams = StreamLimits {
+        max_open: s.max_streams.unwrap_or(max_connections / 2),
+        per_tenant: s.max_streams_per_tenant.unwrap_or(d.streams.per_tenant),
+        lifetime: secs(s.stream_lifetime_s, "stream_lifetime_s", d.streams.lifetime)?,
+    };
+    if streams.max_open >= max_connections {
+        return Err(ConfigError::Invalid(format!(
+            "server.max_streams ({}) must be below server.max_connections ({max_connections}): event streams may never take every connection",
+            streams.max_open
+        )));
+    }
+    if streams.per_tenant == 0 {
+        return Err(ConfigError::Invalid("server.max_streams_per_tenant must be at least 1".into()));
+    }
+    Ok(HttpLimits {
         header_read_timeout: secs(s.header_read_timeout_s, "header_read_timeout_s", d.header_read_timeout)?,
         idle_timeout: secs(s.idle_timeout_s, "idle_timeout_s", d.idle_timeout)?,
         request_timeout: secs(s.request_timeout_s, "request_timeout_s", d.request_timeout)?,
-        max_connections: s.max_connections.unwrap_or(d.max_connections),
-    };
-    if http.max_connections == 0 {
-        return Err(ConfigError::Invalid("server.max_connections must be at least 1".into()));
-    }
-    Ok(http)
+        max_connections,
+        streams,
+    })
 }
 
 /// Parses a completion window such as `24h`, `90m`, `30s` or `7d`.
@@ -762,6 +776,9 @@ impl Config {
                 idle_timeout_s: Some(h.idle_timeout.as_secs_f64()),
                 request_timeout_s: Some(h.request_timeout.as_secs_f64()),
                 max_connections: Some(h.max_connections),
+                max_streams: Some(h.streams.max_open),
+                max_streams_per_tenant: Some(h.streams.per_tenant),
+                stream_lifetime_s: Some(h.streams.lifetime.as_secs_f64()),
             },
             tenants: self.effective_tenants(tenants),
             upstreams: self.upstreams.iter().map(UpstreamConfig::effective).collect(),
@@ -906,13 +923,54 @@ mod tests {
         assert_eq!(again.redacted_toml(), text.replacen(", \"<redacted>\"", "", 1), "printing is stable");
         assert_eq!(again.http, cfg.http);
         assert_eq!(again.upstreams[0].aliases, cfg.upstreams[0].aliases);
-        let raw: RawConfig = toml::from_str("[[tenants]]\nname='a'\nwebhook_url='http://h/x'\nwebhook_secret='whsec_c2VjcmV0LWtleQ=='").unwrap();
+        let raw: RawConfig =
+            toml::from_str("[[tenants]]\nname='a'\napi_keys=['k']\nwebhook_url='http://h/x'\nwebhook_secret='whsec_c2VjcmV0LWtleQ=='").unwrap();
         let c = raw.resolve().unwrap();
         assert!(!format!("{c:?}").contains("c2VjcmV0"), "webhook keys never print");
         assert!(!c.redacted_toml().contains("c2VjcmV0"));
         assert!(c.redacted_toml().contains("webhook_url = \"http://h/x\"\nwebhook_secret = \"<redacted>\""), "{}", c.redacted_toml());
         let back: RawConfig = toml::from_str(&c.redacted_toml()).unwrap();
         assert_eq!(back.tenants[0].webhook_url.as_deref(), Some("http://h/x"), "the webhook loads back");
+    }
+
+    /// Each refusal names what to fix, once: a tenant written twice (it used to be merged,
+    /// the second entry replacing the first's quota and webhook), a tenant no key reaches,
+    /// a price that is not a finite amount, a zero concurrency or attempt count.
+    #[test]
+    fn doubtful_tenants_prices_and_zeros_are_refused() {
+        let refused = |text: &str| toml::from_str::<RawConfig>(text).unwrap().resolve().unwrap_err().to_string();
+        let twice = refused("[[tenants]]\nname='a'\napi_keys=['k1']\nmax_queued_requests=5\n[[tenants]]\nname='a'\napi_keys=['k2']");
+        assert!(twice.contains("two [[tenants]] are named \"a\""), "{twice}");
+        let keyless = refused("[[tenants]]\nname='a'\napi_keys=['k']\n[[tenants]]\nname='b'");
+        assert!(keyless.contains("tenant \"b\" has no api_keys"), "{keyless}");
+        assert!(refused("[[tenants]]\nname='ops'").contains("has no api_keys"), "without keys only `default` is served");
+        let default_only: RawConfig = toml::from_str("[[tenants]]\nname='default'\nmax_queued_requests=3").unwrap();
+        assert_eq!(default_only.resolve().unwrap().tenants["default"].max_queued_requests, Some(3), "the keyless server's own tenant");
+        for price in ["nan", "inf", "-inf", "-1.0"] {
+            for field in ["input_per_million", "output_per_million"] {
+                let e = refused(&format!("[prices.m]\n{field} = {price}"));
+                assert!(e.contains("[prices.\"m\"]: prices must be finite numbers >= 0"), "{field} = {price}: {e}");
+            }
+        }
+        assert!(refused("[prices.m]\nbatch_discount = nan").contains("batch_discount within 0..=1"));
+        let zero = RawConfig::default().with_catch_all_upstream(Some("http://127.0.0.1:9/v1".into()), Some(0));
+        assert!(zero.resolve().unwrap_err().to_string().contains("max_concurrency (--concurrency, BATCHD_CONCURRENCY) must be at least 1"));
+        assert!(refused("[[upstreams]]\nname='u'\nbase_url='http://x/v1'\nmax_attempts=0").contains("max_attempts must be at least 1"));
+    }
+
+    /// A file that cannot be read or parsed says so once: the cause is the error's source,
+    /// not also part of its text (anyhow's `{:#}` prints both).
+    #[test]
+    fn file_errors_name_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = anyhow::Error::from(RawConfig::load(Some(&dir.path().join("none.toml"))).unwrap_err());
+        let text = format!("{missing:#}");
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+        std::fs::write(dir.path().join("bad.toml"), "[server]\nlisen = 1\n").unwrap();
+        let bad = anyhow::Error::from(RawConfig::load(Some(&dir.path().join("bad.toml"))).unwrap_err());
+        let text = format!("{bad:#}");
+        assert_eq!(text.matches("unknown field `lisen`").count(), 1, "{text}");
+        assert!(text.starts_with("invalid config file "), "{text}");
     }
 
     #[test]

@@ -2,13 +2,23 @@
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
 //! Store and blob errors convert into it once, here. A 5xx answers a generic message; the
-//! cause goes to the log (never to the client), and no message ever contains a secret.
+//! cause is kept whole (with its own causes) and never sent, and no message ever contains a
+//! secret. Making an `ApiError` logs nothing: its response carries the cause in its
+//! extensions ([`ErrorCause`]), and one middleware inside the request's span logs it once,
+//! with the request id (`api::layers::log_errors`).
+
+use std::sync::Arc;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::{blob, store};
+
+/// What went wrong inside, behind an error response: in the response's extensions, for the
+/// one middleware that logs it. (An `Arc` of a box: one pointer, so `ApiError` stays small.)
+#[derive(Debug, Clone)]
+pub struct ErrorCause(pub Arc<Box<dyn std::error::Error + Send + Sync>>);
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -19,11 +29,19 @@ pub struct ApiError {
     pub code: Option<String>,
     /// Seconds the client should wait before retrying (429 and 503).
     pub retry_after: Option<u64>,
+    /// The error behind this one, logged at the edge and never sent.
+    pub cause: Option<ErrorCause>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None, cause: None }
+    }
+
+    /// Keeps `cause` to be logged when the response leaves.
+    pub fn caused_by(mut self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        self.cause = Some(ErrorCause(Arc::new(cause.into())));
+        self
     }
 
     pub fn param(mut self, param: impl Into<String>) -> Self {
@@ -91,15 +109,19 @@ impl ApiError {
 
     /// 429: the tenant's queue is over one of its quotas (the message says which).
     pub fn quota_exceeded(message: impl Into<String>, retry_after_s: u64) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).code("quota_exceeded");
+        Self::rate_limited(message, retry_after_s).code("quota_exceeded")
+    }
+
+    /// 429 with a `Retry-After`: the tenant asks for more than its share.
+    pub fn rate_limited(message: impl Into<String>, retry_after_s: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
         e.retry_after = Some(retry_after_s);
         e
     }
 
     /// 500 with a generic message; `cause` is logged, never sent.
-    pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "The server had an error while processing your request.")
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "The server had an error while processing your request.").caused_by(cause)
     }
 }
 
@@ -109,20 +131,19 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// The answer to a store or blob store that is down: 503, retry shortly.
+fn unavailable() -> ApiError {
+    ApiError::unavailable("The service is temporarily unavailable; retry shortly.")
+}
+
 impl From<store::Error> for ApiError {
     fn from(e: store::Error) -> Self {
         match e {
             store::Error::NotFound => ApiError::not_found("No such object."),
             store::Error::Conflict(m) => ApiError::conflict(m),
-            store::Error::Unavailable(m) => {
-                tracing::error!(error = %m, "store unavailable");
-                ApiError::unavailable("The service is temporarily unavailable; retry shortly.")
-            }
-            store::Error::Full(m) => {
-                tracing::error!(error = %m, "store out of space");
-                ApiError::insufficient_storage()
-            }
-            store::Error::Other(m) => ApiError::internal(m),
+            store::Error::Unavailable(_) => unavailable().caused_by(e),
+            store::Error::Full(_) => ApiError::insufficient_storage().caused_by(e),
+            store::Error::Other(_) => ApiError::internal(e),
         }
     }
 }
@@ -131,15 +152,9 @@ impl From<blob::Error> for ApiError {
     fn from(e: blob::Error) -> Self {
         match e {
             blob::Error::NotFound(_) => ApiError::not_found("The file's content is no longer available."),
-            blob::Error::Unavailable(m) => {
-                tracing::error!(error = %m, "blob store unavailable");
-                ApiError::unavailable("The service is temporarily unavailable; retry shortly.")
-            }
-            blob::Error::Full(m) => {
-                tracing::error!(error = %m, "blob store out of space");
-                ApiError::insufficient_storage()
-            }
-            blob::Error::Other(m) => ApiError::internal(m),
+            blob::Error::Unavailable(_) => unavailable().caused_by(e),
+            blob::Error::Full(_) => ApiError::insufficient_storage().caused_by(e),
+            blob::Error::Other(_) => ApiError::internal(e),
         }
     }
 }
@@ -153,6 +168,9 @@ impl IntoResponse for ApiError {
             "code": self.code,
         }});
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(cause) = self.cause {
+            resp.extensions_mut().insert(cause);
+        }
         if let Some(s) = self.retry_after {
             let h = resp.headers_mut();
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));

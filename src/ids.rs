@@ -1,4 +1,5 @@
-//! Identifiers: random ids for files and batches, stable ids for batch request lines.
+//! Identifiers: random ids for files, batches and HTTP exchanges, stable ids for batch
+//! request lines.
 
 use rand::distributions::Alphanumeric;
 use rand::Rng;
@@ -15,6 +16,12 @@ pub fn file_id() -> String {
 /// A new batch id, `batch_` followed by 24 random alphanumerics.
 pub fn batch_id() -> String {
     format!("batch_{}", random_suffix(24))
+}
+
+/// A new id of an HTTP exchange (`x-request-id`, when the client sent none), `req_` followed
+/// by 24 random alphanumerics.
+pub fn http_request_id() -> String {
+    format!("req_{}", random_suffix(24))
 }
 
 /// The id of a batch's output or error file: derived from the batch id so that a

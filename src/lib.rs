@@ -24,10 +24,13 @@
 //! - [`cli`]: the `batchd` commands (`serve`, `run`, `validate`, `retry`, client commands).
 //! - [`backend`] picks the store and blob store a node runs on (embedded SQLite and a local
 //!   directory, or PostgreSQL and S3 shared by many nodes), once, at start-up;
-//! - [`server`] assembles a node (backends, engine, HTTP) and stops it gracefully; [`http`]
-//!   serves its connections (connection cap, timeouts); [`wire`] renders OpenAI's objects;
+//! - [`server`] assembles a node (binds, then backends, engine, HTTP) and stops it
+//!   gracefully; [`http`] serves its connections (connection cap with the longest-waiting
+//!   connection shed for a newcomer, timeouts, envelopes for what hyper refuses to parse);
+//!   [`wire`] renders OpenAI's objects;
 //!   [`ids`] makes ids; [`memory`] keeps the allocator's footprint small; [`metrics`] keeps
-//!   the Prometheus families.
+//!   the Prometheus families; [`secret`] holds what must never print; [`Chain`] prints an
+//!   error with its causes.
 
 pub mod api;
 pub mod backend;
@@ -41,6 +44,7 @@ pub mod ids;
 pub mod memory;
 pub mod metrics;
 pub mod mock;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -59,4 +63,20 @@ pub fn now_unix_ms() -> u64 {
 /// Seconds since the Unix epoch, with a fraction (for rates and ages).
 pub fn now_unix_f64() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Displays an error with every cause under it, `outer: inner: innermost`: how a log line or
+/// a stored message keeps the whole chain of an error whose `Display` tells its own layer only.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }

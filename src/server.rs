@@ -1,7 +1,8 @@
 //! Assembling and running a batchd node: store and blob store (chosen by [`crate::backend`]),
 //! router, engine and HTTP server, with graceful shutdown.
 //!
-//! [`App::build`] binds the listener (port 0 is fine) and starts the engine; [`App::run`]
+//! [`App::build`] binds the listener (port 0 is fine), then opens the backends and starts the
+//! engine, which joins the cluster only then (a node that cannot serve never joins); [`App::run`]
 //! serves (through [`crate::http`]: connection cap and timeouts) until the shutdown future
 //! resolves, then stops in order: stop accepting, let in-flight HTTP calls finish (within a
 //! grace period), stop leasing, give in-flight lines a grace period, flush the result writer,
@@ -37,14 +38,18 @@ impl App {
             );
         }
         let cfg = Arc::new(cfg);
+        // Bind first: a node that cannot serve (its address is in use) must never join the
+        // cluster, where it would count as a live node and take a share of every upstream's
+        // limits from the nodes that do serve.
+        let listener = crate::http::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let Backends { store, blob, exclusive, locks } = Backends::open(&cfg).await?;
         let router = Arc::new(Router::new(&cfg.upstreams).context("building upstream clients")?);
         if cfg.upstreams.is_empty() {
             tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
         }
         let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), exclusive).await?;
-        let listener = crate::http::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
-        let state = AppState { store, blob, engine, router, cfg };
+        let streams = api::stream_slots::StreamSlots::new(cfg.http.streams);
+        let state = AppState { store, blob, engine, router, cfg, streams };
         Ok(App { listener, state, _locks: locks })
     }
 

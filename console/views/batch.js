@@ -12,6 +12,8 @@ import {
 } from '../ui.js';
 
 const POLL_MS = 2000;
+/** Pause before following a stream again after it ended with the batch still running. */
+const RESUME_MS = 500;
 const PROGRESS_EVERY_MS = 5000;
 const ERRORS_EVERY_MS = 10000;
 
@@ -122,16 +124,23 @@ class BatchPage {
     if (this.refreshAgain && !this.stopped) { this.refreshAgain = false; this.refresh(); }
   }
 
-  /** Follows the event stream; falls back to polling when it cannot. */
+  /**
+   * Follows the event stream, resuming after the last event whenever it ends before the
+   * batch does (the server ends streams at their lifetime); falls back to polling when the
+   * stream cannot be followed.
+   */
   async follow() {
     this.setLive('● live');
     try {
-      await followEvents(`/v1/batches/${encodeURIComponent(this.id)}/events?after=${this.lastEventId ?? 0}`,
-        (ev) => this.onEvent(ev), this.abort.signal);
-      if (this.stopped) return;
-      await this.refresh();
-      if (isFinal(this.batch.status)) this.setLive('ended');
-      else this.poll();
+      for (;;) {
+        await followEvents(`/v1/batches/${encodeURIComponent(this.id)}/events?after=${this.lastEventId ?? 0}`,
+          (ev) => this.onEvent(ev), this.abort.signal);
+        if (this.stopped) return;
+        await this.refresh();
+        if (isFinal(this.batch.status)) { this.setLive('ended'); return; }
+        await new Promise((r) => setTimeout(r, RESUME_MS));
+        if (this.stopped) return;
+      }
     } catch (e) {
       if (!this.stopped) this.poll();
     }

@@ -8,7 +8,7 @@ use axum::http::request::Parts;
 use super::AppState;
 use crate::error::ApiError;
 
-pub const DEFAULT_TENANT: &str = "default";
+pub use crate::config::DEFAULT_TENANT;
 
 /// The tenant making the call; every store call of a handler is scoped to it.
 #[derive(Debug, Clone)]

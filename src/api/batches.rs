@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::extract::{JsonObject, Query};
 use super::files::{cursor_error, expiry, not_found_as, parse_limit};
-use super::{AppState, Tenant};
+use super::{no_such_batch, AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{BatchRecord, BatchStatus, FileRecord};
 use crate::wire;
@@ -29,10 +29,8 @@ pub const ENDPOINTS: [&str; 8] = [
     "/v1/videos",
 ];
 pub(super) const MAX_PRIORITY: i64 = 8;
-
-pub fn no_such_batch(id: &str) -> ApiError {
-    ApiError::not_found(format!("No such Batch object: {id}")).param("id")
-}
+/// What a create may carry: OpenAI's parameters, then batchd's own (`priority`).
+const CREATE_PARAMS: [&str; 6] = ["input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after", "priority"];
 
 pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     let progress = match b.status {
@@ -54,6 +52,17 @@ pub(super) fn string_param(body: &Map<String, Value>, name: &str) -> ApiResult<S
         None | Some(Value::Null) => Err(ApiError::missing(name)),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be a string."))),
+    }
+}
+
+/// Refuses a body with a parameter not in `known`, as the hosted API does (a misspelt
+/// `metdata` would otherwise be dropped without a word).
+fn known_params(body: &Map<String, Value>, known: &[&str]) -> ApiResult<()> {
+    let unknown: Vec<&str> = body.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+    match unknown.as_slice() {
+        [] => Ok(()),
+        [one] => Err(ApiError::bad_request(format!("Unrecognized request argument supplied: {one}"))),
+        many => Err(ApiError::bad_request(format!("Unrecognized request arguments supplied: {}", many.join(", ")))),
     }
 }
 
@@ -84,6 +93,7 @@ pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &str
 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
     st.writable()?;
+    known_params(&body, &CREATE_PARAMS)?;
     let input_file_id = string_param(&body, "input_file_id")?;
     let endpoint = endpoint_param(&body)?;
     let window = string_param(&body, "completion_window")?;
@@ -199,7 +209,7 @@ fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
 }
 
 pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let b = st.tenant_batch(&tenant, &id).await?;
     Ok(Json(render(&st, &b).await))
 }
 
@@ -238,7 +248,7 @@ pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
 
 /// Extension: the result line of one request, by `custom_id`, as soon as it is durable.
 pub async fn request_result(State(st): State<AppState>, Tenant(tenant): Tenant, Path((id, custom_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    st.tenant_batch(&tenant, &id).await?;
     let r = st
         .store
         .result_by_custom_id(&id, &custom_id)
@@ -269,7 +279,7 @@ pub async fn partial_results(
         Some("all") => None,
         Some(_) => return Err(ApiError::invalid("kind", "kind must be output, errors or all.")),
     };
-    st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    st.tenant_batch(&tenant, &id).await?;
     // Chunks of about the same size in bytes, however large the records: see the finalizer.
     let chunks = futures::stream::try_unfold((0u64, 256u32), move |(after, records)| {
         let (store, id) = (st.store.clone(), id.clone());

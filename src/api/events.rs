@@ -15,7 +15,19 @@
 //! ```
 //!
 //! A batch's stream ends after its final `batch.status` event; every stream ends when the
-//! server shuts down. A comment line keeps idle connections alive.
+//! server shuts down, and after `stream_lifetime_s` (give or take a tenth, so that a crowd of
+//! clients does not come back at once) with a last event that names where to resume:
+//!
+//! ```text
+//! event: stream.reconnect
+//! id: 42
+//! data: {"object":"stream.reconnect","after":42,"message":"…"}
+//! ```
+//!
+//! A client reconnects with that id as `Last-Event-ID` and misses nothing. Streams are
+//! counted per tenant and in all ([`super::stream_slots`]). A comment line keeps a quiet
+//! stream alive, a third of the idle timeout apart (at most 15 s), so the idle timeout never
+//! closes a stream that is still read.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -29,16 +41,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::batches::no_such_batch;
 use super::extract::Query;
-use super::files::not_found_as;
+use super::stream_slots::StreamSlot;
 use super::{AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{BatchStatus, Event, EventFilter, Store};
 
 pub const POLL: Duration = Duration::from_millis(500);
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const PAGE: u32 = 500;
+/// The type of the last event of a stream that reached its lifetime.
+pub const RECONNECT: &str = "stream.reconnect";
 
 #[derive(Deserialize)]
 pub struct StreamParams {
@@ -62,21 +74,22 @@ pub async fn batch_events(
     Query(p): Query<StreamParams>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let after = cursor(&headers, &p)?;
-    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let b = st.tenant_batch(&tenant, &id).await?;
+    let slot = st.streams.take(&tenant)?;
     let filter = EventFilter { tenant: Some(tenant), batch_id: Some(id) };
     // Without a cursor: the batch's whole history, but of its progress only the newest.
     let newest_progress = match after {
         Some(_) => 0,
         None => st.store.latest_events(&filter, Some("batch.progress"), 1).await?.first().map_or(0, |e| e.id),
     };
-    let mut reader = Reader::new(&st, filter, after.unwrap_or(0), true);
+    let mut reader = Reader::new(&st, filter, after.unwrap_or(0), true, slot);
     reader.skip_progress_before = newest_progress;
     if b.status.is_final() {
         // A client that has seen the final event gets an empty stream that ends at once.
         let last = st.store.latest_events(&reader.filter, Some("batch.status"), 1).await?;
         reader.done = last.first().is_none_or(|e| e.id <= reader.cursor);
     }
-    Ok(sse(reader))
+    Ok(sse(reader, st.cfg.http.keep_alive()))
 }
 
 pub async fn tenant_events(
@@ -85,17 +98,24 @@ pub async fn tenant_events(
     headers: HeaderMap,
     Query(p): Query<StreamParams>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let cursor = cursor(&headers, &p)?;
+    let slot = st.streams.take(&tenant)?;
     let filter = EventFilter { tenant: Some(tenant), batch_id: None };
-    let after = match cursor(&headers, &p)? {
+    let after = match cursor {
         Some(a) => a,
         None => st.store.latest_events(&filter, None, 1).await?.first().map_or(0, |e| e.id),
     };
-    Ok(sse(Reader::new(&st, filter, after, false)))
+    Ok(sse(Reader::new(&st, filter, after, false, slot), st.cfg.http.keep_alive()))
 }
 
-fn sse(reader: Reader) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+fn sse(reader: Reader, keep_alive: Duration) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let stream = futures::stream::unfold(reader, |mut r| async move { r.next().await.map(|e| (Ok(e), r)) });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
+}
+
+/// When a stream opened now ends: its lifetime, less up to a tenth.
+fn end_of_life(lifetime: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + lifetime.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.9..=1.0))
 }
 
 /// Follows the outbox after a cursor.
@@ -110,10 +130,14 @@ struct Reader {
     done: bool,
     tick: tokio::sync::watch::Receiver<u64>,
     stop: CancellationToken,
+    /// When the stream ends and tells where to resume.
+    end_of_life: tokio::time::Instant,
+    /// Held for as long as the stream lives.
+    _slot: StreamSlot,
 }
 
 impl Reader {
-    fn new(st: &AppState, filter: EventFilter, cursor: i64, one_batch: bool) -> Reader {
+    fn new(st: &AppState, filter: EventFilter, cursor: i64, one_batch: bool, slot: StreamSlot) -> Reader {
         Reader {
             store: st.store.clone(),
             filter,
@@ -124,12 +148,21 @@ impl Reader {
             done: false,
             tick: st.engine.outbox_watch(),
             stop: st.engine.streams_stop(),
+            end_of_life: end_of_life(st.streams.limits().lifetime),
+            _slot: slot,
         }
     }
 
     /// The next event to send; `None` ends the stream.
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
+            if self.done || self.stop.is_cancelled() {
+                return None;
+            }
+            if tokio::time::Instant::now() >= self.end_of_life {
+                self.done = true;
+                return Some(reconnect(self.cursor));
+            }
             if let Some(e) = self.buf.pop_front() {
                 self.cursor = e.id;
                 if e.kind == "batch.progress" && e.id < self.skip_progress_before {
@@ -141,7 +174,7 @@ impl Reader {
                 }
                 return Some(render(&e));
             }
-            if self.done || self.stop.is_cancelled() {
+            if self.done {
                 return None;
             }
             match self.store.events_after(&self.filter, self.cursor, PAGE).await {
@@ -155,6 +188,7 @@ impl Reader {
             tokio::select! {
                 _ = self.tick.changed() => {}
                 _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep_until(self.end_of_life) => {}
                 _ = self.stop.cancelled() => return None,
             }
         }
@@ -175,6 +209,13 @@ pub fn event_json(e: &Event) -> Value {
         "batch_id": e.batch_id,
         "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
     })
+}
+
+/// The last event of a stream that reached its lifetime: where to resume.
+fn reconnect(after: i64) -> SseEvent {
+    let message = "The stream reached its lifetime (stream_lifetime_s); reconnect with this event's id as Last-Event-ID.";
+    let data = json!({"object": RECONNECT, "after": after, "message": message});
+    SseEvent::default().event(RECONNECT).id(after.to_string()).data(data.to_string())
 }
 
 fn render(e: &Event) -> SseEvent {

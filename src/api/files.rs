@@ -198,7 +198,7 @@ pub fn not_found_as(e: crate::store::Error, f: impl FnOnce() -> ApiError) -> Api
 pub async fn delete(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let f = st.store.delete_file(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_file(&id)))?;
     if let Err(e) = st.blob.delete(&f.blob_key).await {
-        tracing::warn!(file = %id, error = %e, "file row deleted but its bytes could not be removed");
+        tracing::warn!(file = %id, error = %crate::Chain(&e), "file row deleted but its bytes could not be removed");
     }
     Ok(Json(json!({"id": f.id, "object": "file", "deleted": true})))
 }

@@ -4,6 +4,7 @@
 //!   else a fresh `req_…` id is made; either way it is on the response (the SDKs expose it as
 //!   `_request_id` / `requestID`) and in the request's span, so every log line of the request
 //!   carries it.
+//! - An error response's cause is logged once, here ([`log_errors`]), in the request's span.
 //! - The request timeout bounds the time to the response head. Uploads (`POST /v1/files`)
 //!   are exempt: their handler reads the whole body, which may rightly take long; a stalled
 //!   upload is cut by the connection's idle timeout instead ([`crate::http`]). Downloads
@@ -15,10 +16,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use rand::distributions::Alphanumeric;
-use rand::Rng;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCause};
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 const MAX_REQUEST_ID: usize = 128;
@@ -26,11 +25,6 @@ const MAX_REQUEST_ID: usize = 128;
 /// The id of the request being served, in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
-
-fn new_request_id() -> String {
-    let suffix: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
-    format!("req_{suffix}")
-}
 
 /// The client's id when it is usable as is.
 fn client_request_id(req: &Request) -> Option<String> {
@@ -41,7 +35,7 @@ fn client_request_id(req: &Request) -> Option<String> {
 
 /// Outermost layer: settles the request id and puts it on the request and the response.
 pub async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = client_request_id(&req).unwrap_or_else(new_request_id);
+    let id = client_request_id(&req).unwrap_or_else(crate::ids::http_request_id);
     let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
     req.headers_mut().insert(X_REQUEST_ID, value.clone());
     req.extensions_mut().insert(RequestId(id));
@@ -64,6 +58,22 @@ pub fn on_response(resp: &Response, latency: Duration, _span: &tracing::Span) {
     } else {
         tracing::debug!(status, latency_ms = ms, "answered");
     }
+}
+
+/// Logs the cause an error response carries ([`ErrorCause`]), once, with its whole chain,
+/// inside the request's span (so with its request id): a 5xx as an error, anything else as
+/// a warning.
+pub async fn log_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if let Some(ErrorCause(cause)) = resp.extensions().get::<ErrorCause>() {
+        let (status, error) = (resp.status().as_u16(), crate::Chain(&***cause));
+        if resp.status().is_server_error() {
+            tracing::error!(status, error = %error, "request failed");
+        } else {
+            tracing::warn!(status, error = %error, "request failed");
+        }
+    }
+    resp
 }
 
 /// Answers 408 in the error envelope when the response head takes longer than `limit`.

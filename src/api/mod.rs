@@ -2,6 +2,8 @@
 //! and the extensions that tell what a batch is doing: progress, event streams, retry,
 //! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`), validation without a
 //! batch (`validate`), list filters (`filter`); and the web console at `/` (`console`).
+//! Event streams are counted per tenant and in all ([`stream_slots`]), so no tenant can hold
+//! every connection.
 //!
 //! One file per resource. Handlers check their input, call the store, blob and engine, and
 //! render wire objects; every failure leaves as an [`ApiError`] in OpenAI's envelope,
@@ -22,6 +24,7 @@ mod multipart;
 mod progress;
 mod quota;
 mod retry;
+pub mod stream_slots;
 mod usage;
 mod validate;
 
@@ -38,7 +41,7 @@ use crate::blob::Blob;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::store::Store;
+use crate::store::{BatchRecord, Store};
 
 pub use auth::Tenant;
 
@@ -50,6 +53,8 @@ pub struct AppState {
     pub engine: Engine,
     pub router: Arc<crate::upstream::Router>,
     pub cfg: Arc<Config>,
+    /// The event streams open, per tenant and in all (see `stream_slots`).
+    pub streams: Arc<stream_slots::StreamSlots>,
 }
 
 impl AppState {
@@ -63,6 +68,16 @@ impl AppState {
             Err(ApiError::insufficient_storage())
         }
     }
+
+    /// The tenant's batch `id`; another tenant's, or none, is a 404 naming the id.
+    pub async fn tenant_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord, ApiError> {
+        self.store.get_batch(Some(tenant), id).await.map_err(|e| files::not_found_as(e, || no_such_batch(id)))
+    }
+}
+
+/// The 404 of a batch id the tenant has no batch by.
+pub fn no_such_batch(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such Batch object: {id}")).param("id")
 }
 
 pub fn router(state: AppState) -> Router {
@@ -83,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(usage::get))
         .route("/quota", get(quota::get))
         .route("/models", get(models::list))
+        .route("/models/{*id}", get(models::retrieve))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .nest("/v1", v1)
@@ -93,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
         .layer(axum::middleware::from_fn_with_state(state.cfg.http.request_timeout, layers::timeout))
+        .layer(axum::middleware::from_fn(layers::log_errors))
         .layer(TraceLayer::new_for_http().make_span_with(layers::span).on_response(layers::on_response))
         .layer(axum::middleware::from_fn(layers::request_id))
         .layer(axum::Extension(Arc::new(models::Catalog::new(&state.cfg.upstreams))))

@@ -1,4 +1,4 @@
-//! `GET /v1/models`: every model and alias the router can serve.
+//! `GET /v1/models`: every model and alias the router can serve; `GET /v1/models/{id}`: one.
 //!
 //! An upstream that serves every model (`models = ["*"]`) is asked for its own list
 //! (`GET {base_url}/models`), which is cached for [`LIST_TTL`]. A failed fetch is tolerated:
@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::{AppState, Tenant};
 use crate::config::{Secret, UpstreamConfig};
+use crate::error::{ApiError, ApiResult};
 
 /// How long a fetched list is served before it is fetched again.
 pub const LIST_TTL: Duration = Duration::from_secs(300);
@@ -25,8 +26,28 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A model list larger than this is not read.
 const MAX_LIST_BYTES: usize = 4 << 20;
 
+/// The `created` of every model: batchd cannot know when a model was made, and upstreams do
+/// not agree (vLLM answers the time of the call), so it is one fixed time (2024-01-01), the
+/// same on every call and every node.
+pub const CREATED: i64 = 1_704_067_200;
+
 pub async fn list(State(st): State<AppState>, Extension(catalog): Extension<Arc<Catalog>>, _t: Tenant) -> Json<Value> {
-    let created = crate::now_unix();
+    let data: Vec<Value> = models(&st, &catalog).await.into_iter().map(|(id, owner)| model_object(&id, &owner)).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}` (the SDK's `client.models.retrieve`): one model or alias of the
+/// list; an id may hold slashes (`meta-llama/Llama-3.1-8B-Instruct`).
+pub async fn retrieve(State(st): State<AppState>, Extension(catalog): Extension<Arc<Catalog>>, _t: Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    match models(&st, &catalog).await.into_iter().find(|(m, _)| *m == id) {
+        Some((id, owner)) => Ok(Json(model_object(&id, &owner))),
+        None => Err(ApiError::not_found(format!("The model '{id}' does not exist")).param("model").code("model_not_found")),
+    }
+}
+
+/// (id, owner) of every model and alias the router serves by name, then those the
+/// catch-all upstreams list, each once.
+async fn models(st: &AppState, catalog: &Catalog) -> Vec<(String, String)> {
     let mut models = st.router.model_list();
     let mut seen: std::collections::HashSet<String> = models.iter().map(|(id, _)| id.clone()).collect();
     for (id, owner) in catalog.fetched().await {
@@ -34,9 +55,11 @@ pub async fn list(State(st): State<AppState>, Extension(catalog): Extension<Arc<
             models.push((id, owner));
         }
     }
-    let data: Vec<Value> =
-        models.into_iter().map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner, "shutdown_date": null})).collect();
-    Json(json!({"object": "list", "data": data}))
+    models
+}
+
+fn model_object(id: &str, owner: &str) -> Value {
+    json!({"id": id, "object": "model", "created": CREATED, "owned_by": owner, "shutdown_date": null})
 }
 
 /// The model lists of the catch-all upstreams, fetched on demand and cached.

@@ -9,8 +9,6 @@ use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::batches::no_such_batch;
-use super::files::not_found_as;
 use super::{AppState, Tenant};
 use crate::engine::rates::{self, batch_rates, stalled_since, Rates};
 use crate::engine::LineCounts;
@@ -20,7 +18,7 @@ use crate::store::{BatchRecord, EventFilter};
 use crate::upstream::Router;
 
 pub async fn progress(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let b = st.tenant_batch(&tenant, &id).await?;
     let filter = EventFilter { tenant: Some(tenant), batch_id: Some(id) };
     let events = st.store.latest_events(&filter, Some("batch.progress"), rates::EVENTS_PER_WINDOW).await?;
     Ok(Json(render(&st, &b, &events)))

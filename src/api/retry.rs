@@ -9,8 +9,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{Map, Value};
 
-use super::batches::{no_such_batch, render};
-use super::files::not_found_as;
+use super::batches::render;
 use super::{quota, AppState, Tenant};
 use crate::engine::RetryFilter;
 use crate::error::{ApiError, ApiResult};
@@ -18,7 +17,7 @@ use crate::store::BatchRecord;
 
 pub async fn retry(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
     let filter = parse_filter(&body)?;
-    let b = st.store.get_batch(Some(&tenant), &id).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
+    let b = st.tenant_batch(&tenant, &id).await?;
     if !b.status.is_final() {
         let msg = format!("The batch {id} is {}; only a batch that has ended (completed, failed, expired or cancelled) can be retried.", b.status.as_str());
         return Err(ApiError::conflict(msg).code("batch_not_final"));
@@ -99,7 +98,7 @@ fn parse_filter(body: &[u8]) -> ApiResult<RetryFilter> {
 
 fn engine_error(e: crate::engine::Error) -> ApiError {
     match e {
-        crate::engine::Error::Unavailable(_) => ApiError::unavailable("The service is temporarily unavailable; retry shortly."),
+        crate::engine::Error::Unavailable(_) => ApiError::unavailable("The service is temporarily unavailable; retry shortly.").caused_by(e),
         crate::engine::Error::Permanent { code: "input_unavailable" | "state_missing", .. } => {
             ApiError::conflict("The batch's input file no longer exists, so its lines cannot be sent again.").code("input_unavailable")
         }

@@ -47,7 +47,7 @@ pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
     match st.store.batch_usage(batch_id).await {
         Ok(rows) => cost_of(st, &rows.iter().collect::<Vec<_>>()),
         Err(e) => {
-            tracing::warn!(batch = batch_id, error = %e, "cannot read usage per model for the cost");
+            tracing::warn!(batch = batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
             None
         }
     }
@@ -61,8 +61,13 @@ pub struct UsageParams {
     group_by: Option<String>,
 }
 
+/// The latest time a query may name: the year 9999 (well past any usage, and far from the
+/// ends of `i64`, so bucket arithmetic cannot overflow).
+const MAX_TIME: i64 = 253_402_300_799;
+
 fn time_param(v: Option<&str>, name: &str) -> ApiResult<Option<i64>> {
-    v.map(|s| s.trim().parse::<i64>().map_err(|_| ApiError::invalid(name, format!("{name} must be unix seconds.")))).transpose()
+    let bad = || ApiError::invalid(name, format!("{name} must be unix seconds from 0 to {MAX_TIME}."));
+    v.map(|s| s.trim().parse::<i64>().ok().filter(|t| (0..=MAX_TIME).contains(t)).ok_or_else(bad)).transpose()
 }
 
 pub async fn get(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Query<UsageParams>) -> ApiResult<Json<Value>> {

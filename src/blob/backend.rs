@@ -64,8 +64,7 @@ pub fn s3(bucket: &str, prefix: &str, builder: AmazonS3Builder) -> Result<Arc<dy
     let http = builder.get_config_value(&AmazonS3ConfigKey::Endpoint).is_some_and(|e| e.starts_with("http://"));
     let retry = RetryConfig { backoff: BackoffConfig::default(), max_retries: 5, retry_timeout: RETRY_TIMEOUT };
     let builder = if http { builder.with_allow_http(true) } else { builder };
-    let s3 =
-        builder.with_bucket_name(bucket).with_retry(retry).build().map_err(|e| Error::Other(format!("configuring the S3 store for bucket {bucket:?}: {e}")))?;
+    let s3 = builder.with_bucket_name(bucket).with_retry(retry).build().map_err(|e| Error::Other(Box::new(e)))?;
     Ok(if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) })
 }
 

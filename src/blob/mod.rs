@@ -6,7 +6,7 @@
 //! Writes are streamed (multipart uploads on S3) and become visible only when
 //! [`BlobWriter::finish`] completes, so a crash or an abort never leaves a half-written object
 //! under its key; reads are ranged, [`READ_CHUNK`] at a time ([`REMOTE_READ_CHUNK`] on S3). Behaviour every backend shows
-//! is checked by [`conformance`].
+//! is checked by `conformance` (built for tests and the `test-support` feature).
 
 use std::ops::Range;
 use std::path::Path;
@@ -21,41 +21,46 @@ use object_store::ObjectStore;
 use tokio::io::AsyncWriteExt;
 
 mod backend;
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 
 pub use backend::BlobUrl;
 
-/// A backend-neutral blob error.
+/// What a blob error carries: the object store's or the file system's own error.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A backend-neutral blob error; the store's own error stays attached as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("blob not found: {0}")]
     NotFound(String),
-    #[error("blob store unavailable: {0}")]
-    Unavailable(String),
+    #[error("blob store unavailable")]
+    Unavailable(#[source] Cause),
     /// The blob store cannot write because its disk is full.
-    #[error("blob store is out of space: {0}")]
-    Full(String),
-    #[error("blob store error: {0}")]
-    Other(String),
+    #[error("blob store is out of space")]
+    Full(#[source] Cause),
+    #[error("blob store error")]
+    Other(#[source] Cause),
 }
 
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
-        match e {
-            object_store::Error::NotFound { path, .. } => Error::NotFound(path),
-            other if out_of_space(&other) => Error::Full(other.to_string()),
-            other if backend::is_transient(&other) => Error::Unavailable(other.to_string()),
-            other => Error::Other(other.to_string()),
-        }
+        let class: fn(Cause) -> Error = match &e {
+            object_store::Error::NotFound { path, .. } => return Error::NotFound(path.clone()),
+            other if out_of_space(other) => Error::Full,
+            other if backend::is_transient(other) => Error::Unavailable,
+            _ => Error::Other,
+        };
+        class(Box::new(e))
     }
 }
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         if e.kind() == std::io::ErrorKind::StorageFull || out_of_space(&e) {
-            return Error::Full(e.to_string());
+            return Error::Full(Box::new(e));
         }
-        Error::Unavailable(e.to_string())
+        Error::Unavailable(Box::new(e))
     }
 }
 
@@ -307,6 +312,19 @@ mod tests {
         assert_eq!(left, ["kept", "name#not-staging"]);
         let listed: Vec<String> = blob.list("files").await.unwrap().into_iter().map(|o| o.key).collect();
         assert!(listed.contains(&"files/kept".to_string()));
+    }
+
+    /// Errors are classified once and keep what caused them.
+    #[test]
+    fn errors_keep_their_source() {
+        let full = Error::from(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(matches!(full, Error::Full(_)), "{full:?}");
+        let io = std::error::Error::source(&full).and_then(|c| c.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(|e| e.kind()), Some(std::io::ErrorKind::StorageFull));
+        let missing = Error::from(object_store::Error::NotFound { path: "files/x".into(), source: "gone".into() });
+        assert!(matches!(missing, Error::NotFound(ref p) if p == "files/x"), "{missing:?}");
+        let other = Error::from(object_store::Error::NotImplemented);
+        assert!(std::error::Error::source(&other).and_then(|c| c.downcast_ref::<object_store::Error>()).is_some(), "{other:?}");
     }
 
     #[tokio::test]

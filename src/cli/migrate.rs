@@ -15,11 +15,11 @@ use clap::Args;
 use futures::TryStreamExt;
 
 use crate::backend::DataDirLock;
-use crate::backend::DatabaseUrl;
 use crate::blob::{Blob, BlobUrl};
 use crate::store::migrate;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::DatabaseUrl;
 
 pub const EXAMPLES: &str = "Examples:
   batchd migrate --from-data-dir ./batchd-data --database postgres://batchd@db:5432/batchd --blob s3://batchd-files/prod

@@ -1,7 +1,9 @@
 //! `batchd status --watch`: follows a batch through its event stream
 //! (`GET /v1/batches/{id}/events`) instead of polling, reading `/progress` when an event
-//! arrives (at most once a second) for rates, ETA and stalls. A dropped stream is resumed
-//! with `Last-Event-ID`; a server without the stream (an older batchd) is polled instead.
+//! arrives (at most once a second) for rates, ETA and stalls. A stream that ends (at its
+//! lifetime, a restart) or drops is resumed with `Last-Event-ID`, one refused for too many
+//! streams after its `Retry-After`; a server without the stream (an older batchd) is polled
+//! instead.
 
 use std::time::{Duration, Instant};
 
@@ -100,6 +102,13 @@ pub async fn follow(c: &Client, id: &str, display: &mut Display, mut s: Snapshot
                 bail!("server answered 404: {}", body["error"]["message"].as_str().unwrap_or("(no message)"));
             }
             Ok(r) if r.status().is_success() => r,
+            // Too many streams open (the tenant's or the server's): wait as told, then resume.
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) && failures < 30 => {
+                failures += 1;
+                let wait = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(wait.clamp(1, 10))).await;
+                continue;
+            }
             Ok(r) => bail!("server answered {} to the event stream", r.status()),
             Err(e) if failures < 30 => {
                 failures += 1;
@@ -129,7 +138,8 @@ pub async fn follow(c: &Client, id: &str, display: &mut Display, mut s: Snapshot
                 display.update(&s);
             }
         }
-        // The stream ended without the final event (a restart, a proxy): resume after it.
+        // The stream ended without the final event (its lifetime, a restart, a proxy):
+        // resume after the last event it sent (its `stream.reconnect` names it).
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -35,7 +35,7 @@ pub async fn join(inner: &Inner, exclusive: bool) {
     if exclusive {
         for n in nodes.iter().filter(|n| n.id != inner.node) {
             if let Err(e) = inner.store.leave(&n.id).await {
-                tracing::warn!(node = %n.id, error = %e, "could not remove a previous process's node row");
+                tracing::warn!(node = %n.id, error = %crate::Chain(&e), "could not remove a previous process's node row");
             }
         }
         beat(inner, ttl).await;
@@ -69,7 +69,7 @@ pub async fn heartbeat(inner: Arc<Inner>) {
                 stop_lost(&inner, before.iter().filter(|k| !held.contains(*k)));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "lease renewal failed");
+                tracing::warn!(error = %crate::Chain(&e), "lease renewal failed");
                 if renewed_ok.elapsed() >= ttl {
                     tracing::error!("leases could not be renewed for a whole lease_ttl; stopping every feeder (other nodes may take the units)");
                     stop_lost(&inner, before.iter());
@@ -102,7 +102,7 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
             nodes
         }
         Err(e) => {
-            tracing::debug!(error = %e, "heartbeat failed");
+            tracing::debug!(error = %crate::Chain(&e), "heartbeat failed");
             Vec::new()
         }
     }

@@ -164,9 +164,23 @@ pub fn usage_of(usage: &Value) -> Usage {
 }
 
 #[derive(Deserialize)]
-struct WithUsage {
-    #[serde(default)]
-    usage: Option<Value>,
+struct WithUsage<'a> {
+    /// Kept as text: read as a [`Value`] by [`usage_value`], which never fails.
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `usage` as a JSON value. serde_json refuses a number beyond f64 (`1e999`); such a number
+/// becomes its text instead, which [`count_of`] reads as the largest count, so an answer the
+/// upstream was paid for is never turned into an error by its usage.
+fn usage_value(raw: &serde_json::value::RawValue) -> Value {
+    if let Ok(v) = serde_json::from_str(raw.get()) {
+        return v;
+    }
+    match serde_json::from_str::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(raw.get()) {
+        Ok(fields) => Value::Object(fields.into_iter().map(|(k, v)| (k, usage_value(v))).collect()),
+        Err(_) => Value::String(raw.get().to_string()),
+    }
 }
 
 /// An upstream body checked in one pass: a JSON object (as every OpenAI answer is), made
@@ -180,7 +194,7 @@ pub fn parse_body(body: &[u8]) -> Option<(std::borrow::Cow<'_, str>, Usage)> {
         return None;
     }
     let head: WithUsage = serde_json::from_str(text).ok()?;
-    let usage = head.usage.as_ref().map(usage_of).unwrap_or_default();
+    let usage = head.usage.map(|raw| usage_of(&usage_value(raw))).unwrap_or_default();
     if memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_none() {
         return Some((text.into(), usage));
     }
@@ -353,6 +367,18 @@ mod tests {
         assert_eq!(usage_in(r#"{"usage":"none"}"#), Usage::default());
         assert_eq!(usage_in(r#"{"usage":[1,2]}"#), Usage::default());
         assert_eq!(usage_in(r#"{"usage":{"prompt_tokens":-3}}"#).input_tokens, 0);
+    }
+
+    /// A number beyond f64 (serde_json refuses to read it as a number) in a paid answer: the
+    /// answer stays an answer, its body byte for byte, and the count reads as the largest.
+    #[test]
+    fn usage_beyond_f64_keeps_the_answer() {
+        let body =
+            r#"{"id":"x","logprob":-1e999,"usage":{"prompt_tokens":1e999,"completion_tokens":2,"completion_tokens_details":{"reasoning_tokens":-1E+999}}}"#;
+        let (text, u) = parse_body(body.as_bytes()).expect("still an answer");
+        assert_eq!(text, body);
+        assert_eq!((u.input_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens), (i64::MAX, 2, 0, i64::MAX));
+        assert_eq!(usage_in(r#"{"usage":[1e999]}"#), Usage::default());
     }
 
     #[test]

@@ -11,28 +11,43 @@
 
 use crate::{blob, store};
 
+/// The error behind an engine error, kept whole: the store's, the blob store's, a panic's
+/// message, each wrapped in what the engine was doing ([`Error::context`]).
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Retry(String),
+    #[error(transparent)]
+    Unavailable(Cause),
+    #[error(transparent)]
+    Retry(Cause),
     #[error("{code}: {message}")]
     Permanent { code: &'static str, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What the engine was doing when `source` stopped it.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+struct Doing {
+    what: String,
+    #[source]
+    source: Cause,
+}
+
 impl Error {
     pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
         Error::Permanent { code, message: message.into() }
     }
 
-    /// Prefixes the message with what was being done.
+    /// Says what was being done: a permanent error's message is prefixed with it, the other
+    /// errors are wrapped in it (their cause stays their source).
     pub fn context(self, what: &str) -> Self {
+        let doing = |source| Box::new(Doing { what: what.to_string(), source });
         match self {
-            Error::Unavailable(m) => Error::Unavailable(format!("{what}: {m}")),
-            Error::Retry(m) => Error::Retry(format!("{what}: {m}")),
+            Error::Unavailable(e) => Error::Unavailable(doing(e)),
+            Error::Retry(e) => Error::Retry(doing(e)),
             Error::Permanent { code, message } => Error::Permanent { code, message: format!("{what}: {message}") },
         }
     }
@@ -41,9 +56,9 @@ impl Error {
 impl From<store::Error> for Error {
     fn from(e: store::Error) -> Self {
         match e {
-            store::Error::Unavailable(_) | store::Error::Full(_) => Error::Unavailable(e.to_string()),
             store::Error::NotFound => Error::permanent("state_missing", "a record the batch needs no longer exists"),
-            store::Error::Conflict(_) | store::Error::Other(_) => Error::Retry(e.to_string()),
+            _ if e.is_transient() => Error::Unavailable(Box::new(e)),
+            _ => Error::Retry(Box::new(e)),
         }
     }
 }
@@ -52,8 +67,8 @@ impl From<blob::Error> for Error {
     fn from(e: blob::Error) -> Self {
         match e {
             blob::Error::NotFound(_) => Error::permanent("input_unavailable", "the input file's bytes are missing from the blob store"),
-            blob::Error::Unavailable(_) | blob::Error::Full(_) => Error::Unavailable(e.to_string()),
-            blob::Error::Other(_) => Error::Retry(e.to_string()),
+            blob::Error::Unavailable(_) | blob::Error::Full(_) => Error::Unavailable(Box::new(e)),
+            blob::Error::Other(_) => Error::Retry(Box::new(e)),
         }
     }
 }

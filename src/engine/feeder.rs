@@ -102,10 +102,10 @@ fn hold(inner: &Inner, unit: &WorkUnit, h: &Active) -> CancellationToken {
 /// few times; a permanent error (or too many) goes back to the runner.
 async fn pause_or_fail(ctx: &RunCtx, e: Error, failures: &mut u32) -> Result<()> {
     match e {
-        Error::Unavailable(ref m) => tracing::warn!(batch = %ctx.batch_id, error = %m, "the store is unavailable; feeding waits"),
-        Error::Retry(ref m) if *failures < FEEDER_RETRIES => {
+        Error::Unavailable(_) => tracing::warn!(batch = %ctx.batch_id, error = %crate::Chain(&e), "the store is unavailable; feeding waits"),
+        Error::Retry(_) if *failures < FEEDER_RETRIES => {
             *failures += 1;
-            tracing::warn!(batch = %ctx.batch_id, error = %m, "feeding failed; retrying");
+            tracing::warn!(batch = %ctx.batch_id, error = %crate::Chain(&e), "feeding failed; retrying");
         }
         e => return Err(e),
     }

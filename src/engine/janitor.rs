@@ -29,7 +29,7 @@ pub async fn janitor(inner: Arc<Inner>) {
         if round.is_multiple_of(SWEEP_EVERY) {
             sweep_debris(&inner, DEBRIS_AGE).await;
             if let Err(e) = inner.store.prune_events(crate::now_unix() - EVENT_RETENTION).await {
-                tracing::debug!(error = %e, "pruning old progress events failed");
+                tracing::debug!(error = %crate::Chain(&e), "pruning old progress events failed");
             }
         }
         tokio::select! {
@@ -54,11 +54,11 @@ pub async fn sweep_debris(inner: &Inner, min_age: Duration) {
     match inner.blob.sweep_staging(min_age) {
         Ok(0) => {}
         Ok(n) => tracing::info!(bytes = n, "removed staging files of interrupted uploads"),
-        Err(e) => tracing::warn!(error = %e, "sweeping staging files failed"),
+        Err(e) => tracing::warn!(error = %crate::Chain(&e), "sweeping staging files failed"),
     }
     let objects = match inner.blob.list("files").await {
         Ok(o) => o,
-        Err(e) => return tracing::warn!(error = %e, "listing blobs for debris failed"),
+        Err(e) => return tracing::warn!(error = %crate::Chain(&e), "listing blobs for debris failed"),
     };
     let old: Vec<_> = objects.into_iter().filter(|o| o.modified.elapsed().unwrap_or_default() >= min_age).collect();
     for chunk in old.chunks(500) {

@@ -273,13 +273,15 @@ impl Engine {
             inner.hard_stop.cancel();
         }
         if let Err(e) = inner.store.leave(&inner.node).await {
-            tracing::warn!(error = %e, "could not hand back leases at shutdown; they will expire");
+            tracing::warn!(error = %crate::Chain(&e), "could not hand back leases at shutdown; they will expire");
         }
     }
 }
 
 use progress::ProgressBook;
 
+/// Adds `n` to a counter, stopping at `u64::MAX` instead of wrapping to a small number (an
+/// upstream may report any usage: three answers of `i64::MAX` output tokens would wrap).
 pub(crate) fn count(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(n)));
 }

@@ -103,7 +103,7 @@ pub(crate) async fn watch(inner: Arc<Inner>) {
         known.retain(|id, _| running.iter().any(|(r, _)| r == id));
         for (id, _) in running {
             if let Err(e) = look(&engine, &id, &mut known).await {
-                tracing::debug!(batch = %id, error = %e, "stall check failed");
+                tracing::debug!(batch = %id, error = %crate::Chain(&e), "stall check failed");
             }
         }
     }

@@ -36,7 +36,7 @@ pub async fn supervise(inner: Arc<Inner>) {
                     start_batch(&inner, id, status);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list batches to run; retrying"),
+            Err(e) => tracing::warn!(error = %crate::Chain(&e), "cannot list batches to run; retrying"),
         }
         tokio::select! {
             _ = inner.wake.notified() => {}
@@ -75,7 +75,7 @@ fn start_batch(inner: &Arc<Inner>, id: String, status: BatchStatus) {
 async fn contained(step: impl Future<Output = Result<(), Error>>) -> Result<(), Error> {
     match AssertUnwindSafe(step).catch_unwind().await {
         Ok(result) => result,
-        Err(panic) => Err(Error::Retry(format!("the step panicked: {}", panic_message(panic.as_ref())))),
+        Err(panic) => Err(Error::Retry(format!("the step panicked: {}", panic_message(panic.as_ref())).into())),
     }
 }
 
@@ -101,8 +101,8 @@ async fn on_failure(inner: &Arc<Inner>, id: &str, err: Error) {
         *n
     };
     match &err {
-        Error::Unavailable(m) => tracing::warn!(batch = id, error = %m, "the store is unavailable; the batch waits"),
-        Error::Retry(m) => tracing::warn!(batch = id, error = %m, attempt = failures, "a batch step failed; retrying"),
+        Error::Unavailable(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), "the store is unavailable; the batch waits"),
+        Error::Retry(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), attempt = failures, "a batch step failed; retrying"),
         Error::Permanent { .. } => {}
     }
     if gives_up(&err, failures) {
@@ -133,14 +133,14 @@ fn pause_after(failures: u32) -> Duration {
 async fn fail(inner: &Inner, id: &str, err: &Error) {
     let (code, message) = match err {
         Error::Permanent { code, message } => (*code, message.clone()),
-        other => ("internal_error", format!("The batch could not be processed after {MAX_RETRIES} attempts: {other}")),
+        other => ("internal_error", format!("The batch could not be processed after {MAX_RETRIES} attempts: {}", crate::Chain(other))),
     };
     tracing::error!(batch = id, code, error = %message, "failing the batch");
     let e = LineError { code: code.into(), message, param: None, line: None };
     match inner.store.fail_batch(id, &[e], crate::now_unix()).await {
         Ok(true) => super::count(&inner.stats.batches_failed, 1),
         Ok(false) => {}
-        Err(e) => tracing::error!(batch = id, error = %e, "could not mark the batch failed; it will be tried again"),
+        Err(e) => tracing::error!(batch = id, error = %crate::Chain(&e), "could not mark the batch failed; it will be tried again"),
     }
 }
 
@@ -156,11 +156,11 @@ mod tests {
             Ok(())
         };
         match contained(step).await {
-            Err(Error::Retry(m)) => assert!(m.contains("panicked") && m.contains("index out of bounds"), "{m}"),
+            Err(Error::Retry(m)) => assert!(m.to_string().contains("panicked") && m.to_string().contains("index out of bounds"), "{m}"),
             other => panic!("expected a Retry error, got {other:?}"),
         }
         let formatted = contained(async { panic!("bad {}", 7) }).await;
-        assert!(matches!(&formatted, Err(Error::Retry(m)) if m.ends_with("bad 7")), "{formatted:?}");
+        assert!(matches!(&formatted, Err(Error::Retry(m)) if m.to_string().ends_with("bad 7")), "{formatted:?}");
         assert!(contained(async { Ok(()) }).await.is_ok());
     }
 

@@ -8,17 +8,30 @@
 //! (about 31 hours in all, jittered), then it gives up. State lives in the store, so a restart
 //! goes on where the last process stopped.
 //!
+//! Each receiver (webhook URL) has its own lane: the deliveries claimed for it wait their turn
+//! there, at most [`LANE_CONCURRENCY`] in flight at once, while every other receiver's go
+//! on, so one that hangs (each attempt waits [`ATTEMPT_TIMEOUT`]) delays only its own. A
+//! delivery whose claim would lapse before its attempt could end is left for a later claim
+//! instead of sent (no other node may send it meanwhile); at most [`MAX_HELD`] deliveries
+//! are claimed and not yet attempted on this node at once.
+//!
+//! Deliveries go only where configured: a redirect is not followed (a receiver answering
+//! `307 Location: http://internal/…` must not make batchd POST a signed event there); a
+//! 3xx is a failed attempt like any non-2xx, tried again on the schedule.
+//!
 //! `webhook-id` is the event's `evt_…` id, the same on every redelivery (receivers dedupe on
 //! it); `webhook-timestamp` is the attempt's time; `webhook-signature` is
 //! `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), exactly what the official
 //! SDK's `client.webhooks.unwrap(payload, headers, secret=…)` verifies. Keys are never logged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use rand::Rng;
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use super::Inner;
 use crate::config::Webhook;
@@ -27,30 +40,79 @@ use crate::store::{Delivery, DeliveryAttempt, Event};
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A claim outlives one attempt, so no other node takes a delivery in progress.
 const CLAIM: Duration = Duration::from_secs(30);
+/// The latest an attempt may start after its claim: it ends (at [`ATTEMPT_TIMEOUT`]) with a
+/// margin before the claim lapses.
+const FRESH: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_secs(1);
 const PER_ROUND: u32 = 32;
+/// Attempts in flight to one receiver at most.
+pub const LANE_CONCURRENCY: usize = 4;
+/// Deliveries claimed by this node and not yet attempted, at most.
+pub const MAX_HELD: usize = 256;
 /// Waits after the 1st, 2nd, … failed attempt; after the last one the delivery is given up.
 pub const RETRY_AFTER: [u64; 12] = [1, 5, 30, 120, 300, 1_800, 3_600, 7_200, 14_400, 28_800, 28_800, 28_800];
 
 /// The deliverer task.
 pub async fn deliver(inner: Arc<Inner>) {
-    let http = match reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).user_agent("batchd-webhooks").build() {
+    let built = reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).redirect(reqwest::redirect::Policy::none()).user_agent("batchd-webhooks").build();
+    let http = match built {
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "cannot build the webhook HTTP client; webhooks are not delivered"),
     };
+    let lanes = Arc::new(Lanes::default());
     let mut tick = inner.live.subscribe();
     while !inner.soft_stop.is_cancelled() {
-        match inner.store.due_deliveries(&inner.node, PER_ROUND, CLAIM).await {
-            Ok(due) => {
-                futures::future::join_all(due.into_iter().map(|d| attempt(&inner, &http, d))).await;
+        let room = MAX_HELD.saturating_sub(lanes.held());
+        if room > 0 {
+            match inner.store.due_deliveries(&inner.node, PER_ROUND.min(room as u32), CLAIM).await {
+                Ok(due) => due.into_iter().for_each(|d| lanes.hand(&inner, &http, d)),
+                Err(e) => tracing::debug!(error = %crate::Chain(&e), "cannot read due webhook deliveries"),
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read due webhook deliveries"),
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = tick.changed() => {}
             _ = inner.soft_stop.cancelled() => return,
         }
+    }
+}
+
+/// Each receiver's lane, and the deliveries this node has claimed and not yet attempted.
+#[derive(Default)]
+struct Lanes {
+    /// Receiver URL → its turns.
+    lanes: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Event id → when this node last claimed it.
+    held: std::sync::Mutex<HashMap<i64, Instant>>,
+}
+
+impl Lanes {
+    fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Queues a claimed delivery in its receiver's lane. One still queued from an earlier
+    /// claim (that lapsed while it waited) only has its claim renewed.
+    fn hand(self: &Arc<Self>, inner: &Arc<Inner>, http: &reqwest::Client, d: Delivery) {
+        if self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(d.event.id, Instant::now()).is_some() {
+            return;
+        }
+        let receiver = inner.cfg.webhook_for(&d.event.tenant).map_or_else(String::new, |h| h.url.clone());
+        let lane = self.lanes.lock().unwrap_or_else(|p| p.into_inner()).entry(receiver).or_insert_with(|| Arc::new(Semaphore::new(LANE_CONCURRENCY))).clone();
+        let (lanes, inner, http, id) = (self.clone(), inner.clone(), http.clone(), d.event.id);
+        inner.tasks.clone().spawn(async move {
+            // Waiting for a turn ends with the engine; an attempt under way is finished.
+            let turn = tokio::select! {
+                t = lane.acquire_owned() => t.ok(),
+                _ = inner.soft_stop.cancelled() => None,
+            };
+            let claimed = lanes.held.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied();
+            match turn {
+                Some(_turn) if claimed.is_some_and(|at| at.elapsed() <= FRESH) => attempt(&inner, &http, d).await,
+                _ => tracing::debug!(event = id, "a webhook delivery was not attempted before its claim lapsed; it is left for the next claim"),
+            }
+            lanes.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        });
     }
 }
 
@@ -148,7 +210,7 @@ async fn record(inner: &Inner, a: &DeliveryAttempt, outcome: &'static str) {
     inner.live.metrics.webhook_attempt(outcome);
     if let Err(e) = inner.store.record_delivery(a).await {
         // The claim lapses and the delivery is made again: at least once.
-        tracing::warn!(error = %e, event = a.event_id, "cannot record a webhook attempt; it will be made again");
+        tracing::warn!(error = %crate::Chain(&e), event = a.event_id, "cannot record a webhook attempt; it will be made again");
     }
 }
 

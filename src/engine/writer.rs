@@ -126,14 +126,14 @@ async fn commit(ctx: &WriterCtx, group: &[ResultRecord]) {
         Ok(()) => {}
         Err(e) if e.is_transient() => {}
         Err(e) => {
-            tracing::warn!(error = %e, results = group.len(), "a group commit failed; committing batch by batch");
+            tracing::warn!(error = %crate::Chain(&e), results = group.len(), "a group commit failed; committing batch by batch");
             let mut per_batch: HashMap<&str, Vec<ResultRecord>> = HashMap::new();
             for r in group {
                 per_batch.entry(&r.batch_id).or_default().push(r.clone());
             }
             for (batch, results) in per_batch {
                 if let Err(e) = commit_retrying(ctx, &results).await {
-                    tracing::error!(batch, error = %e, results = results.len(), "results of this batch cannot be committed; they will run again");
+                    tracing::error!(batch, error = %crate::Chain(&e), results = results.len(), "results of this batch cannot be committed; they will run again");
                 }
             }
         }
@@ -163,7 +163,7 @@ async fn commit_retrying(ctx: &WriterCtx, group: &[ResultRecord]) -> crate::stor
             }
             Err(e) if e.is_transient() => {
                 if ctx.health.is_writable() {
-                    tracing::error!(error = %e, results = group.len(), "the store cannot take results; pausing upstream calls until it can");
+                    tracing::error!(error = %crate::Chain(&e), results = group.len(), "the store cannot take results; pausing upstream calls until it can");
                 }
                 ctx.health.set_writable(false);
                 tokio::select! {

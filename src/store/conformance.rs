@@ -99,6 +99,7 @@ pub async fn run_all(store: &dyn Store) {
     latest_events_newest_first(store).await;
     queued_counts_unfinished_lines(store).await;
     admission_keeps_the_queue_within_its_limits(store).await;
+    list_cursors_survive_deletion(store).await;
 }
 
 pub async fn files_roundtrip_and_isolation(store: &dyn Store) {
@@ -569,4 +570,39 @@ pub async fn admission_keeps_the_queue_within_its_limits(store: &dyn Store) {
     }
     assert!(matches!(store.admit_batch(&batch("batch_adm_after"), None, lines_25).await.unwrap(), Admission::Admitted(_)), "room once cancelled");
     assert_eq!(store.queued(Some("adm-other")).await.unwrap(), Queued::default(), "per tenant");
+}
+
+/// The SDK's loop `for f in client.files.list(limit=2): client.files.delete(f.id)`: each page
+/// starts after the last item of the previous one, which was just deleted.
+pub async fn list_cursors_survive_deletion(store: &dyn Store) {
+    let t = "cur";
+    for i in 0..5 {
+        store.insert_file(&sample_file(t, &format!("file-cur{i}"))).await.unwrap();
+    }
+    let q = |after: Option<&str>, ascending| FileQuery { purpose: None, limit: 2, ascending, after: after.map(Into::into) };
+    let (mut deleted, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let p = store.list_files(t, &q(after.as_deref(), false), 0).await.expect("a cursor naming a deleted file still places the page");
+        for f in &p.items {
+            store.delete_file(t, &f.id, 0).await.unwrap();
+            deleted.push(f.id.clone());
+        }
+        after = p.items.last().map(|f| f.id.clone());
+        if !p.has_more {
+            break;
+        }
+    }
+    assert_eq!(deleted, ["file-cur4", "file-cur3", "file-cur2", "file-cur1", "file-cur0"], "deleting what it pages through empties the list");
+    assert!(store.list_files(t, &q(None, false), 0).await.unwrap().items.is_empty());
+    for i in 5..8 {
+        store.insert_file(&sample_file(t, &format!("file-cur{i}"))).await.unwrap();
+    }
+    let p = store.list_files(t, &q(Some("file-cur2"), true), 0).await.unwrap();
+    let ids: Vec<_> = p.items.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(ids, ["file-cur5", "file-cur6"], "a deleted file's place holds in ascending order too");
+    store.purge_file("file-cur6").await.unwrap();
+    let p = store.list_files(t, &q(Some("file-cur6"), false), 0).await.unwrap();
+    assert_eq!(p.items.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-cur5"], "and after the janitor purged it");
+    assert!(matches!(store.list_files("cur-other", &q(Some("file-cur2"), false), 0).await, Err(Error::NotFound)), "another tenant's deleted id is unknown");
+    assert!(matches!(store.list_files(t, &q(Some("file-never"), false), 0).await, Err(Error::NotFound)), "an id never stored is unknown");
 }

@@ -5,133 +5,86 @@
 //! sequences are moved past them. Leases, claims and nodes are not copied: the target's nodes
 //! start fresh and resume every unit from its first line without a durable result. The
 //! target must be empty; see `batchd migrate` for the file bytes.
+//!
+//! What is copied is read from the target's own schema ([`copy_plan`]): every table and
+//! column but [`NOT_COPIED`] and [`NODE_STATE`]. The schema is declared once per database,
+//! by its migrations, and a test holds the two schemas and this plan to each other.
 
 use std::collections::HashMap;
 
+use sqlx::postgres::PgConnection;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Postgres, QueryBuilder, Row};
 
-use super::postgres::{db_err as pg_err, PgStore};
-use super::sqlite::{db_err as sqlite_err, SqliteStore};
+use super::postgres::PgStore;
+use super::sql::{Count, Dialect};
+use super::sqlite::{Sqlite, SqliteStore};
 use super::{Error, Result};
+
+fn pg_err(e: sqlx::Error) -> Error {
+    Postgres::error(e)
+}
+
+fn sqlite_err(e: sqlx::Error) -> Error {
+    Sqlite::error(e)
+}
 
 /// Rows read from SQLite and written to PostgreSQL per statement.
 const PAGE: i64 = 500;
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Int,
-    Text,
-    Bool,
-}
+/// Tables not copied row for row: the nodes (a target's nodes start fresh), the result log,
+/// which [`copy_results`] re-keys (see [`super::schema::LAYOUT_DIFFERENCES`]), and sqlx's
+/// record of the migrations (the target has its own).
+pub const NOT_COPIED: &[&str] = &["nodes", "results", "_sqlx_migrations"];
 
-/// A table copied as it is: its name and columns (the same on both sides).
-struct Table {
-    name: &'static str,
-    cols: &'static [(&'static str, Kind)],
-}
-
-use Kind::*;
-
-const TABLES: &[Table] = &[
-    Table {
-        name: "files",
-        cols: &[
-            ("seq", Int),
-            ("id", Text),
-            ("tenant", Text),
-            ("bytes", Int),
-            ("created_at", Int),
-            ("filename", Text),
-            ("purpose", Text),
-            ("expires_at", Int),
-            ("blob_key", Text),
-        ],
-    },
-    Table {
-        name: "batches",
-        cols: &[
-            ("seq", Int),
-            ("id", Text),
-            ("tenant", Text),
-            ("idempotency_key", Text),
-            ("idempotency_hash", Text),
-            ("endpoint", Text),
-            ("input_file_id", Text),
-            ("completion_window", Text),
-            ("metadata", Text),
-            ("model", Text),
-            ("status", Text),
-            ("output_file_id", Text),
-            ("error_file_id", Text),
-            ("errors", Text),
-            ("created_at", Int),
-            ("in_progress_at", Int),
-            ("expires_at", Int),
-            ("finalizing_at", Int),
-            ("completed_at", Int),
-            ("failed_at", Int),
-            ("expired_at", Int),
-            ("cancelling_at", Int),
-            ("cancelled_at", Int),
-            ("total", Int),
-            ("completed", Int),
-            ("failed", Int),
-            ("input_tokens", Int),
-            ("cached_tokens", Int),
-            ("output_tokens", Int),
-            ("reasoning_tokens", Int),
-            ("total_tokens", Int),
-            ("priority", Int),
-            ("input_format", Text),
-            ("output_expires_after", Int),
-            ("finalize_as", Text),
-            ("est_tokens", Int),
-            ("last_progress_ms", Int),
-            ("est_requests", Int),
-        ],
-    },
-    Table {
-        name: "units",
-        cols: &[
-            ("batch_id", Text),
-            ("idx", Int),
-            ("first_line", Int),
-            ("end_line", Int),
-            ("line_count", Int),
-            ("byte_offset", Int),
-            ("byte_len", Int),
-            ("done", Int),
-            ("epoch", Int),
-        ],
-    },
-    Table { name: "events", cols: &[("id", Int), ("tenant", Text), ("batch_id", Text), ("type", Text), ("data", Text), ("created_at", Int)] },
-    Table { name: "webhook_deliveries", cols: &[("event_id", Int), ("state", Text), ("attempts", Int), ("next_attempt_ms", Int)] },
-    Table {
-        name: "webhook_attempts",
-        cols: &[("event_id", Int), ("at", Int), ("status", Int), ("error", Text), ("duration_ms", Int), ("delivered", Bool), ("retry_at_ms", Int)],
-    },
-    Table {
-        name: "batch_usage",
-        cols: &[
-            ("batch_id", Text),
-            ("model", Text),
-            ("hour", Int),
-            ("requests", Int),
-            ("input_tokens", Int),
-            ("cached_tokens", Int),
-            ("output_tokens", Int),
-            ("reasoning_tokens", Int),
-            ("total_tokens", Int),
-        ],
-    },
+/// Columns left behind: leases and claims, which belong to the nodes of the source (the
+/// target's nodes take every unit afresh).
+pub const NODE_STATE: &[(&str, &str)] = &[
+    ("batches", "claim_owner"),
+    ("batches", "claim_expires"),
+    ("units", "lease_owner"),
+    ("units", "lease_expires"),
+    ("webhook_deliveries", "claim_owner"),
+    ("webhook_deliveries", "claim_expires"),
 ];
 
-/// Sequences moved past the copied ids: (table, column).
-const SEQUENCES: &[(&str, &str)] = &[("files", "seq"), ("batches", "seq"), ("events", "id"), ("webhook_attempts", "id")];
+/// A table copied as it is: its columns with their PostgreSQL types, and the column a
+/// sequence numbers, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub name: String,
+    pub columns: Vec<(String, String)>,
+    pub serial: Option<String>,
+}
 
 /// Rows copied per table (results included), in copy order.
-pub type Copied = Vec<(&'static str, u64)>;
+pub type Copied = Vec<(String, u64)>;
+
+/// What [`copy_rows`] copies into the database behind `conn`, as its schema says.
+pub async fn copy_plan(conn: &mut PgConnection) -> Result<Vec<Table>> {
+    let columns: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, data_type::text, column_default::text FROM information_schema.columns
+         WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg_err)?;
+    let mut plan: Vec<Table> = Vec::new();
+    for (table, column, ty, default) in columns {
+        if NOT_COPIED.contains(&table.as_str()) || NODE_STATE.contains(&(table.as_str(), column.as_str())) {
+            continue;
+        }
+        if plan.last().is_none_or(|t| t.name != table) {
+            plan.push(Table { name: table, columns: vec![], serial: None });
+        }
+        let t = plan.last_mut().expect("pushed above");
+        if default.is_some_and(|d| d.starts_with("nextval(")) {
+            t.serial = Some(column.clone());
+        }
+        t.columns.push((column, ty));
+    }
+    Ok(plan)
+}
 
 /// One column of a page of rows, typed for an `UNNEST` bind.
 enum Column {
@@ -140,22 +93,21 @@ enum Column {
     Bool(Vec<Option<bool>>),
 }
 
-/// An integer read tolerantly (a REAL left by an old overflow is clamped), like the SQLite store.
-fn sqlite_int(r: &SqliteRow, col: &str) -> Option<i64> {
-    if let Ok(v) = r.try_get::<Option<i64>, _>(col) {
-        return v;
-    }
-    r.try_get::<Option<f64>, _>(col).ok().flatten().map(|f| if f.is_finite() { f.clamp(0.0, i64::MAX as f64) as i64 } else { i64::MAX })
-}
-
-fn page_columns(table: &Table, rows: &[SqliteRow]) -> Vec<Column> {
+/// A page of SQLite rows as typed columns; integers read tolerantly, like the store reads them.
+fn page_columns(table: &Table, rows: &[SqliteRow]) -> Result<Vec<Column>> {
+    let get = |e: sqlx::Error| Error::corrupt(format!("table {}: {e}", table.name));
     table
-        .cols
+        .columns
         .iter()
-        .map(|(name, kind)| match kind {
-            Int => Column::Int(rows.iter().map(|r| sqlite_int(r, name)).collect()),
-            Text => Column::Text(rows.iter().map(|r| r.try_get::<Option<String>, _>(*name).ok().flatten()).collect()),
-            Bool => Column::Bool(rows.iter().map(|r| sqlite_int(r, name).map(|v| v != 0)).collect()),
+        .map(|(name, ty)| {
+            Ok(match ty.as_str() {
+                "bigint" => Column::Int(
+                    rows.iter().map(|r| r.try_get::<Option<Count>, _>(name.as_str()).map(|v| v.map(i64::from))).collect::<Result<_, _>>().map_err(get)?,
+                ),
+                "boolean" => Column::Bool(rows.iter().map(|r| r.try_get::<Option<bool>, _>(name.as_str())).collect::<Result<_, _>>().map_err(get)?),
+                "text" => Column::Text(rows.iter().map(|r| r.try_get::<Option<String>, _>(name.as_str())).collect::<Result<_, _>>().map_err(get)?),
+                other => return Err(Error::corrupt(format!("column {}.{name} has a type batchd migrate does not copy: {other}", table.name))),
+            })
         })
         .collect()
 }
@@ -173,12 +125,13 @@ pub async fn copy_rows(from: &SqliteStore, to: &PgStore) -> Result<Copied> {
     if !target_is_empty_tx(&mut tx).await? {
         return Err(Error::Conflict("the target database already holds files, batches or events".into()));
     }
+    let plan = copy_plan(&mut tx).await?;
     let mut copied = Copied::new();
-    for table in TABLES {
-        copied.push((table.name, copy_table(from, &mut tx, table).await?));
+    for table in &plan {
+        copied.push((table.name.clone(), copy_table(from, &mut tx, table).await?));
     }
-    copied.push(("results", copy_results(from, &mut tx).await?));
-    for (table, col) in SEQUENCES {
+    copied.push(("results".into(), copy_results(from, &mut tx).await?));
+    for (table, col) in plan.iter().filter_map(|t| Some((&t.name, t.serial.as_ref()?))) {
         let sql = format!("SELECT setval(pg_get_serial_sequence('{table}', '{col}'), COALESCE(max({col}), 0) + 1, false) FROM {table}");
         sqlx::query(&sql).execute(&mut *tx).await.map_err(pg_err)?;
     }
@@ -186,7 +139,7 @@ pub async fn copy_rows(from: &SqliteStore, to: &PgStore) -> Result<Copied> {
     Ok(copied)
 }
 
-async fn target_is_empty_tx(tx: &mut sqlx::PgConnection) -> Result<bool> {
+async fn target_is_empty_tx(tx: &mut PgConnection) -> Result<bool> {
     let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM files) OR EXISTS (SELECT 1 FROM batches) OR EXISTS (SELECT 1 FROM events)")
         .fetch_one(&mut *tx)
         .await
@@ -195,8 +148,8 @@ async fn target_is_empty_tx(tx: &mut sqlx::PgConnection) -> Result<bool> {
 }
 
 /// Copies one table a page at a time, in rowid order.
-async fn copy_table(from: &SqliteStore, tx: &mut sqlx::PgConnection, table: &Table) -> Result<u64> {
-    let names: Vec<&str> = table.cols.iter().map(|(n, _)| *n).collect();
+async fn copy_table(from: &SqliteStore, tx: &mut PgConnection, table: &Table) -> Result<u64> {
+    let names: Vec<&str> = table.columns.iter().map(|(n, _)| n.as_str()).collect();
     let select = format!("SELECT rowid AS batchd_rowid, {} FROM {} WHERE rowid > ? ORDER BY rowid LIMIT ?", names.join(", "), table.name);
     let (mut after, mut n) = (0i64, 0u64);
     loop {
@@ -204,12 +157,12 @@ async fn copy_table(from: &SqliteStore, tx: &mut sqlx::PgConnection, table: &Tab
         let Some(last) = rows.last() else { return Ok(n) };
         after = last.get("batchd_rowid");
         n += rows.len() as u64;
-        insert_page(tx, table.name, &names, page_columns(table, &rows)).await?;
+        insert_page(tx, &table.name, &names, page_columns(table, &rows)?).await?;
     }
 }
 
 /// `INSERT INTO table (cols) SELECT * FROM UNNEST($1::…[], …)`.
-async fn insert_page(tx: &mut sqlx::PgConnection, table: &str, names: &[&str], columns: Vec<Column>) -> Result<()> {
+async fn insert_page(tx: &mut PgConnection, table: &str, names: &[&str], columns: Vec<Column>) -> Result<()> {
     let mut b = QueryBuilder::<Postgres>::new(format!("INSERT INTO {table} ({}) SELECT * FROM UNNEST(", names.join(", ")));
     let mut sep = b.separated(", ");
     for c in columns {
@@ -226,7 +179,7 @@ async fn insert_page(tx: &mut sqlx::PgConnection, table: &str, names: &[&str], c
 
 /// Copies the result log: SQLite keys a result by `batch seq << 32 | line`, PostgreSQL by
 /// (batch id, line).
-async fn copy_results(from: &SqliteStore, tx: &mut sqlx::PgConnection) -> Result<u64> {
+async fn copy_results(from: &SqliteStore, tx: &mut PgConnection) -> Result<u64> {
     let ids: HashMap<i64, String> =
         sqlx::query_as::<_, (i64, String)>("SELECT seq, id FROM batches").fetch_all(from.pool()).await.map_err(sqlite_err)?.into_iter().collect();
     let (mut after, mut n) = (i64::MIN, 0u64);
@@ -242,7 +195,7 @@ async fn copy_results(from: &SqliteStore, tx: &mut sqlx::PgConnection) -> Result
         n += rows.len() as u64;
         let mut batch = Vec::with_capacity(rows.len());
         for (key, ..) in &rows {
-            let id = ids.get(&(key >> 32)).ok_or_else(|| Error::Other(format!("result key {key} names no batch")))?;
+            let id = ids.get(&(key >> 32)).ok_or_else(|| Error::corrupt(format!("result key {key} names no batch")))?;
             batch.push(Some(id.clone()));
         }
         let columns = vec![

@@ -15,49 +15,55 @@
 //!   transaction, and the change that makes a batch final also queues its webhook delivery;
 //!   commits append `batch.progress` at most once a second per batch, telling the durable
 //!   `request_counts` and `usage.total_tokens` (so that any node can derive rates);
-//! - counters saturate: no value an upstream reports can overflow a stored sum.
+//! - counters saturate: no value an upstream reports can overflow a stored sum;
+//! - a list cursor (the id of the last item of a page) keeps placing the next page after the
+//!   item it names is deleted.
 //!
 //! API calls pass a tenant and never see another tenant's rows (`NotFound`, as for a missing id).
-//! Engine calls are tenant-blind. The trait is split by concern ([`Files`], [`Batches`],
-//! [`Work`], [`Cluster`], [`Outbox`]); [`Store`] is all of them. Backends: [`sqlite`]
-//! (embedded default) and [`postgres`] (shared by many nodes). The conformance checks in
-//! [`conformance`] run against every backend.
+//! Engine calls are tenant-blind.
+//!
+//! Layers, top down:
+//! - the traits, split by concern ([`Files`], [`Batches`], [`Work`], [`Cluster`],
+//!   [`Outbox`]; [`Store`] is all of them), the records (`model.rs`) and the neutral
+//!   [`Error`], which keeps the driver's error as its source;
+//! - [`sql::SqlStore`], the one implementation: every statement written once, for any
+//!   [`sql::Dialect`];
+//! - the dialects: [`sqlite`] (embedded default, [`sqlite::SqliteStore`]) and [`postgres`]
+//!   (shared by many nodes, [`postgres::PgStore`]): their clocks, locks, saturating sums and
+//!   result-log layouts;
+//! - [`schema`]: the migrations of each database and what a node does with a schema not its
+//!   own; [`migrate`] copies an embedded install into PostgreSQL; [`url`] names a database.
+//!
+//! The checks in `conformance` (built for tests and the `test-support` feature) run against
+//! both dialects.
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
+mod error;
 pub mod migrate;
 mod model;
 pub mod postgres;
+pub mod schema;
+pub mod sql;
 pub mod sqlite;
-mod tally;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+pub mod url;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use error::{Cause, Error, Result};
 pub use model::*;
+pub use url::DatabaseUrl;
 
 /// The store traits, for code that calls them on a concrete backend.
 pub mod prelude {
     pub use super::{Batches, Cluster, Files, Outbox, Store, Work};
 }
-
-/// A backend-neutral store error.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("not found")]
-    NotFound,
-    #[error("conflict: {0}")]
-    Conflict(String),
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// The store cannot write because its disk is full; reads still work.
-    #[error("store is out of space: {0}")]
-    Full(String),
-    #[error("store error: {0}")]
-    Other(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One page of a list, with whether more follow.
 #[derive(Debug, Clone)]
@@ -87,14 +93,6 @@ pub struct CommitOutcome {
     pub lost: Vec<UnitKey>,
 }
 
-impl Error {
-    /// Whether trying again later may succeed (the store is down or full), as opposed to a
-    /// problem with the data itself.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::Full(_))
-    }
-}
-
 /// Largest value a stored counter takes; sums saturate here.
 pub const MAX_COUNT: i64 = i64::MAX;
 
@@ -120,7 +118,7 @@ pub trait Batches: Send + Sync {
     async fn insert_batch(&self, batch: &BatchRecord, idempotency_key: Option<&str>) -> Result<BatchRecord> {
         match self.admit_batch(batch, idempotency_key, QueueLimits::default()).await? {
             Admission::Admitted(b) => Ok(*b),
-            Admission::OverQuota { .. } => Err(Error::Other("a batch with no limits went over a quota".into())),
+            Admission::OverQuota { .. } => Err(Error::corrupt("a batch with no limits went over a quota")),
         }
     }
     /// [`Batches::insert_batch`] within the tenant's queue quotas: what it has queued (see

@@ -1,9 +1,11 @@
-//! The records the store keeps, independent of any backend or wire format.
+//! The records the store keeps, independent of any database or wire format. Those read as
+//! they are stored derive `sqlx::FromRow`, so that both dialects decode them alike; a batch,
+//! whose columns need checking as they are read, has its own row type (`sql::rows`).
 
 use serde::{Deserialize, Serialize};
 
 /// A stored file's metadata; its bytes live in the blob store under `blob_key`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct FileRecord {
     pub id: String,
     pub tenant: String,
@@ -63,7 +65,7 @@ impl BatchStatus {
 }
 
 /// Token usage, summed from upstream `usage` objects.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Usage {
     pub input_tokens: i64,
     pub cached_tokens: i64,
@@ -184,17 +186,22 @@ impl BatchRecord {
 }
 
 /// A range of input lines, leased and run as one piece of work.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct WorkUnit {
     pub batch_id: String,
     pub idx: i64,
     /// Physical 1-based number of the unit's first line.
+    #[sqlx(try_from = "i64")]
     pub first_line: u64,
     /// Physical 1-based number one past the unit's last line.
+    #[sqlx(try_from = "i64")]
     pub end_line: u64,
     /// Number of request lines (blank lines excluded) in the unit.
+    #[sqlx(try_from = "i64")]
     pub line_count: u64,
+    #[sqlx(try_from = "i64")]
     pub byte_offset: u64,
+    #[sqlx(try_from = "i64")]
     pub byte_len: u64,
     /// Lease epoch: raised by one each time the unit is leased, so a commit can tell whether
     /// the lease it worked under is still the current one (0: never leased).
@@ -263,13 +270,14 @@ pub struct Finish {
 }
 
 /// One entry of the event outbox: written in the same transaction as the change it tells of.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Event {
     /// Increasing in commit order within one store; the SSE `id` and the resume cursor.
     pub id: i64,
     pub tenant: String,
     pub batch_id: String,
     /// `batch.status`, `batch.progress`, `batch.stalled`, …
+    #[sqlx(rename = "type")]
     pub kind: String,
     /// A JSON object, as text.
     pub data: String,
@@ -307,7 +315,7 @@ pub struct DeliveryAttempt {
 }
 
 /// A live node, as its last heartbeat described it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct NodeInfo {
     pub id: String,
     pub started_at: i64,
@@ -317,18 +325,19 @@ pub struct NodeInfo {
 }
 
 /// Usage of one model within one batch during one hour.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct UsageRow {
     pub batch_id: String,
     pub model: String,
     /// Unix seconds of the hour's start.
     pub hour: i64,
     pub requests: i64,
+    #[sqlx(flatten)]
     pub usage: Usage,
 }
 
 /// What a tenant (or everyone) has queued: see [`super::Batches::queued`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Queued {
     /// Batches `validating` or `in_progress`.
     pub batches: i64,

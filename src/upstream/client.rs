@@ -1,7 +1,8 @@
 //! Sending one request to one upstream and classifying what came back.
 //!
 //! The request body passes through as bytes, with `Accept-Encoding: gzip, zstd`; the answer
-//! is kept raw once decoded. Only its status, the headers that steer retries and limits (see
+//! is decoded as it streams, capped at `max_response_bytes` of decoded bytes (see `decode`),
+//! and kept raw. Only its status, the headers that steer retries and limits (see
 //! `signals`) and the upstream's request id (`x-request-id`, `x-litellm-call-id`,
 //! `request-id`) are read here. An upstream with `api = "anthropic"` gets its key as
 //! `x-api-key` with `anthropic-version`, and its rate-limit headers are read under
@@ -9,7 +10,7 @@
 
 use std::time::Duration;
 
-use axum::http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST};
+use axum::http::header::{HeaderName, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST};
 use axum::http::{Request, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::conn::{error_chain, ConnError, Connections};
 use super::control::RateHeaders;
+use super::decode::{DecodeError, Decoder};
 use super::{signals, Pool};
 use crate::config::{UpstreamApi, UpstreamConfig};
 
@@ -178,20 +180,23 @@ impl Pool {
             ConnError::Connect(cause) => TransportError::Unreachable(format!("could not connect to upstream {name:?}: {cause}")),
             ConnError::Http(e) => TransportError::Unavailable(format!("upstream {name:?} failed: {}", error_chain(&e))),
         })?;
-        let (parts, body) = resp.into_parts();
+        let (parts, mut body) = resp.into_parts();
         let max = self.cfg.max_response_bytes;
-        let too_large = || TransportError::TooLarge(format!("upstream {name:?} answered with more than {max} bytes (max_response_bytes)"));
+        let too_large = || TransportError::TooLarge(format!("upstream {name:?} answered with more than {max} bytes once decoded (max_response_bytes)"));
+        let unreadable = |e: DecodeError| TransportError::Unavailable(format!("upstream {name:?} sent an unreadable answer: {e}"));
         let declared = parts.headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max) {
+        let mut decoder = Decoder::new(&parts.headers, max).map_err(unreadable)?;
+        if declared.is_some_and(|n| n > max) && parts.headers.get(CONTENT_ENCODING).is_none() {
             return Err(too_large());
         }
-        let body = match http_body_util::Limited::new(body, max as usize).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
-            Err(e) => return Err(TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}"))),
-        };
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| TransportError::Unavailable(format!("upstream {name:?} broke off its answer: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                decoder.push(&data).map_err(|e| if let DecodeError::TooLarge(_) = e { too_large() } else { unreadable(e) })?;
+            }
+        }
         self.conns.put_back(conn);
-        let body = decode(&parts.headers, body).map_err(|e| TransportError::Unavailable(format!("upstream {name:?} sent an unreadable answer: {e}")))?;
+        let body = decoder.finish().map_err(|e| if let DecodeError::TooLarge(_) = e { too_large() } else { unreadable(e) })?;
         let h = &parts.headers;
         let request_id = REQUEST_ID_HEADERS.iter().find_map(|n| h.get(*n).and_then(|v| v.to_str().ok())).map(str::to_owned);
         let rate_limits = match self.cfg.api {
@@ -215,51 +220,3 @@ impl Pool {
 
 /// Where the upstream's own id of a request may be: its own header, LiteLLM's, Anthropic's.
 const REQUEST_ID_HEADERS: [&str; 3] = ["x-request-id", "x-litellm-call-id", "request-id"];
-/// Largest answer body once decoded (a guard against a compression bomb).
-const MAX_DECODED_BYTES: u64 = 256 << 20;
-
-/// The body as the upstream meant it: gunzipped or zstd-decoded when its
-/// `content-encoding` says so (batchd asks for `gzip, zstd`).
-fn decode(h: &HeaderMap, body: Bytes) -> std::io::Result<Bytes> {
-    use std::io::Read;
-    let encoding = h.get(CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_ascii_lowercase());
-    let reader: Box<dyn Read + '_> = match encoding.as_deref() {
-        None | Some("" | "identity") => return Ok(body),
-        Some("gzip" | "x-gzip") => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
-        Some("zstd") => Box::new(zstd::stream::read::Decoder::new(&body[..])?),
-        Some(other) => return Err(std::io::Error::other(format!("content-encoding {other:?} was not asked for"))),
-    };
-    let mut out = Vec::with_capacity(body.len() * 4);
-    reader.take(MAX_DECODED_BYTES + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > MAX_DECODED_BYTES {
-        return Err(std::io::Error::other(format!("more than {MAX_DECODED_BYTES} bytes once decoded")));
-    }
-    Ok(Bytes::from(out))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    fn encoded(name: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(CONTENT_ENCODING, name.parse().unwrap());
-        h
-    }
-
-    #[test]
-    fn gzip_and_zstd_answers_are_decoded() {
-        let text = br#"{"object":"list","data":[{"embedding":[0.1,0.2,0.3]}]}"#.repeat(50);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&text).unwrap();
-        let gz = gz.finish().unwrap();
-        assert!(gz.len() < text.len() / 4);
-        assert_eq!(decode(&encoded("gzip"), Bytes::from(gz)).unwrap(), Bytes::from(text.clone()));
-        let zs = zstd::stream::encode_all(&text[..], 3).unwrap();
-        assert_eq!(decode(&encoded("zstd"), Bytes::from(zs)).unwrap(), Bytes::from(text.clone()));
-        assert_eq!(decode(&HeaderMap::new(), Bytes::from(text.clone())).unwrap(), Bytes::from(text));
-        assert!(decode(&encoded("gzip"), Bytes::from_static(b"not gzip")).is_err());
-        assert!(decode(&encoded("br"), Bytes::from_static(b"x")).is_err(), "an encoding not asked for");
-    }
-}

@@ -19,6 +19,7 @@
 mod client;
 mod conn;
 mod control;
+mod decode;
 mod dialect;
 mod limiter;
 mod probe;

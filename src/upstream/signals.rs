@@ -201,35 +201,37 @@ fn error_kind(body: &[u8]) -> Kind {
     }
 }
 
-/// A short description of an outcome, for `last_error` and pause details.
+/// A short description of an outcome, for `last_error` and pause details: shown to every
+/// tenant whose batches the upstream serves, so it says only the answer's status and what
+/// batchd made of it ("500 Internal Server Error (server error)", "429 Too Many Requests
+/// (out of quota)"), or batchd's own words for no answer. The upstream's error text may
+/// quote the request (proxies and custom servers echo the prompt): it stays in that line's
+/// result, which only its tenant reads.
 pub fn describe(o: &Outcome) -> String {
     match o {
         Outcome::Transport(e) => e.message().to_string(),
         Outcome::Answer(a) => {
             let reason = axum::http::StatusCode::from_u16(a.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
-            let mut s = format!("{} {reason}", a.status).trim_end().to_string();
-            if a.status == 429 || a.status == 402 || a.status >= 500 {
-                if let Some(m) = error_message(&a.body) {
-                    s += &format!(": {m}");
-                }
+            let status = format!("{} {reason}", a.status).trim_end().to_string();
+            match class(classify_answer(a)) {
+                Some(class) => format!("{status} ({class})"),
+                None => status,
             }
-            s
         }
     }
 }
 
-/// The first 120 characters of an error body's message, if it has one.
-fn error_message(body: &[u8]) -> Option<String> {
-    if body.len() > MAX_ERROR_BODY {
-        return None;
+/// What batchd made of an answer, in words.
+fn class(s: Signal) -> Option<&'static str> {
+    match s {
+        Signal::RateLimited => Some("rate limited"),
+        Signal::Overloaded { .. } => Some("overloaded"),
+        Signal::Quota => Some("out of quota"),
+        Signal::Timeout => Some("timeout"),
+        Signal::Failed => Some("server error"),
+        Signal::Unreachable => Some("unreachable"),
+        Signal::Ok | Signal::Neutral => None,
     }
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let m = v["error"]["message"].as_str().or(v["error"].as_str()).or(v["message"].as_str())?;
-    let mut short: String = m.chars().take(120).collect();
-    if short.len() < m.len() {
-        short.push('…');
-    }
-    Some(short)
 }
 
 #[cfg(test)]
@@ -346,6 +348,27 @@ mod tests {
         assert_eq!(classify(&answer(400, "{}")), Signal::Neutral);
         assert_eq!(classify(&answer(200, "{}")), Signal::Ok);
         assert_eq!(classify(&Outcome::Transport(TransportError::Timeout("t".into()))), Signal::Timeout);
-        assert!(describe(&answer(429, quota)).starts_with("429 Too Many Requests: You exceeded"), "{}", describe(&answer(429, quota)));
+        assert_eq!(describe(&answer(429, quota)), "429 Too Many Requests (out of quota)");
+    }
+
+    /// What other tenants may see of an answer is its status and class, never its text: an
+    /// upstream that echoes the prompt in its errors must not show one tenant's prompt to
+    /// another.
+    #[test]
+    fn descriptions_never_quote_the_answer() {
+        let echo = r#"{"error":{"message":"error while processing prompt: SECRET-PROMPT-TEXT","type":"server_error","code":"SECRET-CODE"}}"#;
+        for (status, want) in [
+            (500, "500 Internal Server Error (server error)"),
+            (429, "429 Too Many Requests (rate limited)"),
+            (503, "503 Service Unavailable (overloaded)"),
+            (504, "504 Gateway Timeout (timeout)"),
+            (402, "402 Payment Required (out of quota)"),
+            (400, "400 Bad Request"),
+        ] {
+            let d = describe(&answer(status, echo));
+            assert_eq!(d, want);
+            assert!(!d.contains("SECRET"), "{d}");
+        }
+        assert_eq!(describe(&answer(599, "plain SECRET text")), "599 (server error)");
     }
 }

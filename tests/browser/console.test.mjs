@@ -349,3 +349,37 @@ completion_windows = ["24h", "20s"]
   assertNoErrors(assert, p);
   await p.close();
 });
+
+test('a stream that ends at its lifetime is resumed: the page stays live to the end', async () => {
+  const short = await startServer(`
+[server]
+stream_lifetime_s = 1
+
+[[upstreams]]
+name = "mock"
+base_url = "${mockUrl}/v1"
+models = ["*"]
+max_concurrency = 1
+`);
+  const lines = [1, 2, 3, 4].map((i) => chatLine(`life-${i}`, { latency_ms: 900 }));
+  const b = await apiClient(short.url).submit(lines);
+  const p = await openPage(browser);
+  const { page } = p;
+  await page.addInitScript(() => {
+    window.liveTexts = [];
+    new MutationObserver(() => {
+      const t = document.querySelector('.live')?.textContent;
+      if (t && window.liveTexts.at(-1) !== t) window.liveTexts.push(t);
+    }).observe(document, { subtree: true, childList: true, characterData: true });
+  });
+  const streams = [];
+  page.on('request', (r) => { if (new URL(r.url()).pathname.endsWith('/events')) streams.push(r.url()); });
+  await page.goto(`${short.url}/batches/${b.id}`);
+  await page.locator('.live', { hasText: 'ended' }).waitFor({ timeout: 30_000 });
+  assert.equal(await stat(page, 'Succeeded'), 4);
+  const live = await page.evaluate(() => window.liveTexts);
+  assert.ok(streams.length >= 2, `the page followed ${streams.length} stream(s): ${streams}`);
+  assert.ok(!live.includes('polling'), `the page fell back to polling: ${live}`);
+  assertNoErrors(assert, p);
+  await p.close();
+});

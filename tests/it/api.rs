@@ -169,3 +169,67 @@ async fn partial_results_and_request_lookup_while_running() {
     assert_eq!(done["request_counts"], json!({"total": 7, "completed": 6, "failed": 1}));
     assert!(done.get("progress").is_none(), "no progress once final");
 }
+
+/// The official SDKs' loop `for f in client.files.list(limit=2): client.files.delete(f.id)`
+/// (issue 19): each next page asks `after` the last file of the page, which the loop just
+/// deleted. It empties the list, instead of stopping with a 400 after two deletes.
+#[tokio::test]
+async fn deleting_files_while_paging_empties_the_list() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let mut uploaded = Vec::new();
+    for i in 0..5 {
+        uploaded.push(api.upload(&chat_lines(i + 1, "m")).await);
+    }
+    let (mut deleted, mut page) = (Vec::new(), "/files?limit=2".to_string());
+    loop {
+        let (st, list) = api.get(&page).await;
+        assert_eq!(st, 200, "{page}: {list}");
+        for f in list["data"].as_array().unwrap() {
+            let id = f["id"].as_str().unwrap();
+            let r = api.request(reqwest::Method::DELETE, &format!("/files/{id}")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            deleted.push(id.to_string());
+        }
+        if list["has_more"] != true {
+            break;
+        }
+        page = format!("/files?limit=2&after={}", list["last_id"].as_str().unwrap());
+    }
+    uploaded.reverse();
+    assert_eq!(deleted, uploaded, "every file, newest first, each once");
+    let (_, left) = api.get("/files").await;
+    assert_eq!(left["data"], json!([]));
+    let (st, body) = api.get("/files?after=file-never-was").await;
+    assert_eq!(st, 400, "an id that never was is still refused: {body}");
+}
+
+/// A 500's cause is logged once, at the edge, in the request's span (so with its request id)
+/// and with its whole chain; the client gets the generic message only.
+#[tokio::test]
+async fn an_internal_error_is_logged_once_with_its_request_id_and_cause() {
+    let m = mock(MockArgs::default()).await;
+    let mut s = Server::start(&config(&m.base_url(), "", ""));
+    let id = s.api().submit(&chat_lines(2, "m")).await;
+    s.api().wait_for(&id, &["completed"], Duration::from_secs(30)).await;
+    assert!(s.sigterm());
+    // One stored result is no longer JSON: reading it is the server's fault, not the client's.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", s.data.join("batchd.db").display())).await.unwrap();
+    sqlx::query("UPDATE results SET record = 'not json' WHERE custom_id = 'req-1'").execute(&pool).await.unwrap();
+    pool.close().await;
+    s.spawn();
+    let r = s.api().request(reqwest::Method::GET, &format!("/batches/{id}/requests/req-1")).header("x-request-id", "req-edge-log-1").send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "The server had an error while processing your request.", "no cause reaches the client: {body}");
+    let logged = eventually("the failed request is logged", Duration::from_secs(10), || async {
+        let log = s.log();
+        log.contains("request failed").then_some(log)
+    })
+    .await;
+    let failed: Vec<&str> = logged.lines().filter(|l| l.contains("request failed")).collect();
+    assert_eq!(failed.len(), 1, "logged once: {failed:?}");
+    assert!(failed[0].contains("req-edge-log-1") && failed[0].contains("status=500") && failed[0].contains("expected ident"), "{}", failed[0]);
+    assert_eq!(logged.matches("expected ident").count(), 1, "the cause appears in that line only:\n{logged}");
+}

@@ -867,3 +867,45 @@ fn validate_estimates_cost_from_configured_prices() {
     let without = batchd(d, &["validate", "in.jsonl"]);
     assert!(!without.stdout.contains("estimated cost"), "no prices, no cost: {}", without.stdout);
 }
+
+/// A configuration batchd cannot use is refused before anything starts, with exit code 1 and
+/// one `error:` line that says what to fix (issue #19): a zero `BATCHD_CONCURRENCY` (it used
+/// to become 1), a `BATCHD_LOG` that is no filter (it used to be ignored), a tenant named
+/// twice (merged), a tenant without keys, a price that is not a number (NaN); and a file that
+/// does not parse says its cause once (it used to say it twice).
+#[test]
+fn bad_configurations_are_refused_with_one_clear_message() {
+    let d = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = d.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let twice = write("twice.toml", "[[tenants]]\nname = \"a\"\napi_keys = [\"k1\"]\n[[tenants]]\nname = \"a\"\napi_keys = [\"k2\"]\n");
+    let keyless = write("keyless.toml", "[[tenants]]\nname = \"a\"\napi_keys = [\"k1\"]\n[[tenants]]\nname = \"b\"\n");
+    let nan = write("nan.toml", "[prices.m]\ninput_per_million = nan\n");
+    let typo = write("typo.toml", "[server]\nlisen = \"127.0.0.1:1\"\n");
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![("BATCHD_CONCURRENCY", "0")],
+            vec!["--upstream", "http://127.0.0.1:9/v1"],
+            "max_concurrency (--concurrency, BATCHD_CONCURRENCY) must be at least 1",
+        ),
+        (vec![("BATCHD_LOG", "batchd=[[[")], vec![], "BATCHD_LOG=\"batchd=[[[\" is not a log filter"),
+        (vec![], vec!["--config", &twice], "two [[tenants]] are named \"a\""),
+        (vec![], vec!["--config", &keyless], "tenant \"b\" has no api_keys"),
+        (vec![], vec!["--config", &nan], "prices must be finite numbers >= 0"),
+        (vec![], vec!["--config", &typo], "unknown field `lisen`"),
+    ];
+    for (env, args, want) in cases {
+        let mut c = cmd(d.path());
+        c.args(["serve", "--print-config"]).args(&args).envs(env.iter().copied());
+        let out = finish(c, Duration::from_secs(30));
+        assert_eq!(out.code, 1, "{env:?} {args:?}: {out:?}");
+        assert!(out.stderr.contains(want), "{env:?} {args:?}: {}", out.stderr);
+        assert_eq!(out.stderr.matches(want).count(), 1, "said once: {}", out.stderr);
+        assert_eq!(out.stderr.matches("error:").count(), 1, "one message: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "nothing printed as if it worked: {}", out.stdout);
+    }
+}

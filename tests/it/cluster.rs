@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use batchd::blob::conformance::testing::TestBucket;
-use batchd::store::postgres::testing::TestDatabase;
+use batchd::store::testing::TestDatabase;
 use serde_json::{json, Value};
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.
@@ -473,5 +473,39 @@ fn bad_backend_urls_are_refused_at_start() {
         assert_eq!(out.code, 1, "{out:?}");
         assert!(out.stderr.contains(want), "{flag} {url}: {}", out.stderr);
         assert!(!out.stderr.contains("secret"), "a password never prints: {}", out.stderr);
+    }
+}
+
+/// A node that cannot serve never joins (issue #19): six starts on the shared database that
+/// fail to bind (the healthy node's address is in use) leave the nodes table and the healthy
+/// node's share of the upstream's limit (all 8 of it) as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_starts_never_join_the_cluster() {
+    let Some(shared) = Shared::new("failed_starts_never_join_the_cluster").await else { return };
+    let m = mock(MockArgs::default()).await;
+    let cfg = cluster_config(&m.base_url(), 8);
+    let healthy = shared.node(&cfg);
+    let limit = || async {
+        let text = reqwest::get(format!("{}/metrics", healthy.url)).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix("batchd_upstream_limit{upstream=\"mock\"} ")).map(|v| v.trim().to_string())
+    };
+    assert_eq!(limit().await.as_deref(), Some("8"));
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    assert_eq!(live_nodes(&db).await.len(), 1);
+    let taken = healthy.url.trim_start_matches("http://").to_string();
+    for _ in 0..6 {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["serve", "--listen", &taken, "--config"]).arg(healthy.dir.join("batchd.toml")).args(shared.args(&shared.db.url));
+        c.envs(shared.env()).env_remove("BATCHD_LOG");
+        let out = finish(c, secs(60));
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains(&format!("binding {taken}")), "{out:?}");
+    }
+    // The failed nodes would have been seen within a beat (1 s) and lived for lease_ttl (3 s).
+    let t = Instant::now();
+    while t.elapsed() < secs(4) {
+        assert_eq!(live_nodes(&db).await.len(), 1, "a node that never served is not a live node");
+        assert_eq!(limit().await.as_deref(), Some("8"), "the healthy node keeps its whole share");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

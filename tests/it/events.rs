@@ -4,6 +4,7 @@
 //! The official SDK's side (webhook signatures, an SSE client, metrics parsing) is in
 //! `tests/sdk/test_events.py`.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -398,4 +399,210 @@ async fn status_watch_follows_the_stream_and_shows_a_stall() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("nothing to retry"), "{out:?}");
     m.shutdown().await;
+}
+
+// ---- issue #19: a shared world ----
+
+/// What a tenant can see of the server while its batch runs — its progress, its Batch
+/// object, its event stream, and `/metrics` — as text, read until it holds every one of
+/// `markers` (or for at most `limit`).
+async fn alice_sees(s: &Server, alice: &Api, id: &str, markers: &[&str], limit: Duration) -> String {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stream = {
+        let (alice, stop) = (alice.clone(), stop.clone());
+        tokio::spawn(async move {
+            let resp = alice.request(reqwest::Method::GET, "/events?after=0").send().await.unwrap();
+            tokio::select! {
+                text = resp.text() => text.unwrap_or_default(),
+                _ = stop.cancelled() => String::new(),
+            }
+        })
+    };
+    let mut seen = String::new();
+    let t = Instant::now();
+    while t.elapsed() < limit && !markers.iter().all(|m| seen.contains(m)) {
+        seen += &alice.get(&format!("/batches/{id}/progress")).await.1.to_string();
+        seen += &alice.batch(id).await.to_string();
+        seen += &reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    seen + &stream.await.unwrap()
+}
+
+/// An upstream that quotes the prompt in its errors (as proxies and custom servers do):
+/// bob's text stays in bob's error file. Alice, whose batch runs on the same upstream
+/// meanwhile, sees its last error and pause only as status and class — in her progress, her
+/// Batch object, her event stream and stall reasons, `/metrics` — and no log line at info
+/// level or above carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_error_text_stays_with_the_line_that_caused_it() {
+    const SECRET: &str = "bob-secret-prompt-7f3a";
+    let m = mock(MockArgs::default()).await;
+    let tenants = "[[tenants]]\nname = \"alice\"\napi_keys = [\"sk-alice\"]\n[[tenants]]\nname = \"bob\"\napi_keys = [\"sk-bob\"]";
+    let cfg = config(&m.base_url(), "max_attempts = 2\nmax_concurrency = 4", tenants).replace("[batches]", "[batches]\nstall_after_s = 1");
+    let s = Server::start(&cfg);
+    let (alice, bob) = (s.api_with_key("sk-alice"), s.api_with_key("sk-bob"));
+    let echo = |status: u16| format!(r#"{{"error":{{"message":"upstream error {status} while processing prompt: {SECRET}","type":"server_error"}}}}"#);
+    let mut lines: Vec<String> = (0..3).map(|i| chat_line(&format!("{SECRET}-{i}"), "m", Some(json!({"status": 500, "body_text": echo(500)})))).collect();
+    lines.push(chat_line("limited", "m", Some(json!({"status": 429, "body_text": echo(429), "fail_times": 1, "retry_after_s": 3}))));
+    let bob_batch = bob.submit(&lines).await;
+    let slow: Vec<String> = (0..4).map(|i| chat_line(&format!("a-{i}"), "m", Some(json!({"latency_ms": 2500})))).collect();
+    let alice_batch = alice.submit(&slow).await;
+    let (last_error, pause) = ("500 Internal Server Error (server error)", "429 Too Many Requests (rate limited) from upstream");
+    let seen = alice_sees(&s, &alice, &alice_batch, &[last_error, pause], secs(20)).await;
+    assert!(!seen.contains(SECRET), "bob's prompt reached alice: {}", &seen[seen.find(SECRET).unwrap().saturating_sub(300)..][..600]);
+    assert!(seen.contains(last_error), "alice saw the upstream's last error, as status and class");
+    assert!(seen.contains(pause), "and its pause");
+
+    let b = bob.wait_for(&bob_batch, &["completed"], secs(60)).await;
+    let (out, err) = bob.results(&b).await;
+    assert_eq!((out.len(), err.len()), (1, 3), "{b}");
+    for l in &err {
+        let message = l["response"]["body"]["error"]["message"].as_str().unwrap();
+        assert!(message.contains(SECRET), "bob's own error file keeps the whole text: {l}");
+    }
+    alice.wait_for(&alice_batch, &["completed"], secs(60)).await;
+    let log = s.log();
+    let leaks: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG") && !l.contains("TRACE") && l.contains(SECRET)).collect();
+    assert!(leaks.is_empty(), "log lines at info or above quote the upstream's text: {leaks:?}");
+}
+
+/// A stream ends at its lifetime with a `stream.reconnect` event naming where to resume, and
+/// a client that resumes there misses no event and sees none twice. A quiet stream is kept
+/// alive within the idle timeout, so it lives to its lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_at_their_lifetime_and_resume_without_a_gap() {
+    let m = mock(MockArgs::default()).await;
+    let cfg = config(&m.base_url(), "max_concurrency = 1", "[server]\nstream_lifetime_s = 3\nidle_timeout_s = 1.5");
+    let s = Server::start(&cfg);
+    let api = s.api();
+    let t = Instant::now();
+    let quiet = read_stream(&api, "/events", None, secs(10)).await;
+    let lived = t.elapsed();
+    assert!(lived >= Duration::from_millis(2500) && lived < Duration::from_secs(5), "a quiet stream lived {lived:?}");
+    assert_eq!(quiet.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["stream.reconnect"], "{quiet:?}");
+
+    let lines: Vec<String> = (0..8).map(|i| chat_line(&format!("r-{i}"), "m", Some(json!({"latency_ms": 1000})))).collect();
+    let id = api.submit(&lines).await;
+    let mut got: Vec<(i64, String, Value)> = Vec::new();
+    let mut cursor = None;
+    let mut streams = 0;
+    loop {
+        // From the start of its history; a reconnect's Last-Event-ID takes over `after`.
+        let part = read_stream(&api, &format!("/batches/{id}/events?after=0"), cursor, secs(10)).await;
+        streams += 1;
+        let Some(last) = part.last().cloned() else { break };
+        let ended_by_life = last.1 == "stream.reconnect";
+        if ended_by_life {
+            assert_eq!(last.2["after"], last.0, "the reconnect event names its cursor: {last:?}");
+        }
+        cursor = Some(last.0);
+        got.extend(part.into_iter().filter(|e| e.1 != "stream.reconnect"));
+        if !ended_by_life {
+            break;
+        }
+        assert!(streams < 20, "the batch never ended");
+    }
+    assert!(streams >= 2, "the batch outlived a stream ({streams} streams)");
+    let all = read_stream(&api, &format!("/batches/{id}/events?after=0"), None, secs(10)).await;
+    let ids = |v: &[(i64, String, Value)]| v.iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(ids(&got), ids(&all), "across {streams} streams: every event once, none missed");
+    assert_eq!(got.last().map(|e| e.2["data"]["status"].clone()), Some(json!("completed")));
+}
+
+/// `batchd status --watch` follows a batch across streams that end at their lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_resumes_streams_that_end_at_their_lifetime() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1", "[server]\nstream_lifetime_s = 1"));
+    let lines: Vec<String> = (0..3).map(|i| chat_line(&format!("w-{i}"), "m", Some(json!({"latency_ms": 1200})))).collect();
+    let id = s.api().submit(&lines).await;
+    let mut c = std::process::Command::new(BIN);
+    c.args(["status", &id, "--watch", "--server", &s.url]);
+    let out = finish(c, secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("3/3 done, 0 failed"), "{out:?}");
+}
+
+/// A receiver that answers every POST with `answer` (a status line and headers), recording
+/// each request's path; `hang`: never answers, holding the connection.
+async fn receiver(answer: &'static str, hang: bool) -> (String, Arc<Mutex<Vec<(Instant, String)>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let path = String::from_utf8_lossy(&got).split_whitespace().nth(1).unwrap_or_default().to_string();
+                log.lock().unwrap().push((Instant::now(), path));
+                if hang {
+                    tokio::time::sleep(secs(120)).await;
+                }
+                let _ = sock.write_all(format!("{answer}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+fn webhook_tenant(name: &str, url: &str) -> String {
+    format!("[[tenants]]\nname = \"{name}\"\napi_keys = [\"sk-{name}\"]\nwebhook_url = \"{url}\"\nwebhook_secret = \"whsec_c2VjcmV0LWtleS0xMjM0NTY=\"\n")
+}
+
+/// A receiver that redirects (`307 Location: http://127.0.0.1:…/internal-admin`) does not
+/// make batchd POST the signed event there: the 3xx is a failed attempt, tried again on the
+/// schedule, and the internal listener is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_never_follow_redirects() {
+    let m = mock(MockArgs::default()).await;
+    let (internal, touched) = receiver("HTTP/1.1 200 OK", false).await;
+    let internal_admin = internal.replace("/hook", "/internal-admin");
+    let redirect: &'static str = Box::leak(format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: {internal_admin}").into_boxed_str());
+    let (hook, hits) = receiver(redirect, false).await;
+    let s = Server::start(&config(&m.base_url(), "", &webhook_tenant("t", &hook)));
+    let api = s.api_with_key("sk-t");
+    let id = api.submit(&chat_lines(2, "m")).await;
+    api.wait_for(&id, &["completed"], secs(30)).await;
+    eventually("a second attempt, on the retry schedule", secs(20), || async { (hits.lock().unwrap().len() >= 2).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(touched.lock().unwrap().is_empty(), "the redirect was followed: {:?}", touched.lock().unwrap());
+    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("batchd_webhook_deliveries_total{outcome=\"delivered\"} 0"), "a redirect is not a delivery:\n{metrics}");
+    assert!(!metrics.contains("batchd_webhook_deliveries_total{outcome=\"retrying\"} 0"), "it is a failed attempt, retried");
+}
+
+/// One tenant's receiver hangs (each attempt waits the full 10 s): another tenant's webhook
+/// still arrives within a second or two of its batch's end, not after the hanging round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_receiver_delays_only_its_own_webhooks() {
+    let m = mock(MockArgs::default()).await;
+    let (hanging, stuck) = receiver("HTTP/1.1 200 OK", true).await;
+    let (fast, arrived) = receiver("HTTP/1.1 200 OK", false).await;
+    let s = Server::start(&config(&m.base_url(), "", &(webhook_tenant("slow", &hanging) + &webhook_tenant("quick", &fast))));
+    let slow = s.api_with_key("sk-slow");
+    for _ in 0..3 {
+        let id = slow.submit(&chat_lines(1, "m")).await;
+        slow.wait_for(&id, &["completed"], secs(30)).await;
+    }
+    eventually("the hanging receiver holds three attempts", secs(20), || async { (stuck.lock().unwrap().len() >= 3).then_some(()) }).await;
+    let quick = s.api_with_key("sk-quick");
+    let submitted = Instant::now();
+    let id = quick.submit(&chat_lines(1, "m")).await;
+    let at = eventually("the quick tenant's webhook", secs(30), || async { arrived.lock().unwrap().first().map(|a| a.0) }).await;
+    let took = at.saturating_duration_since(submitted);
+    assert_eq!(quick.batch(&id).await["status"], "completed");
+    eprintln!("the quick tenant's webhook arrived {took:?} after its batch was submitted, with a hanging receiver");
+    assert!(took < Duration::from_secs(3), "delayed {took:?} by another tenant's hanging receiver");
 }

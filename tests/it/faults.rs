@@ -27,6 +27,7 @@ fn hostile_answer(kind: &str) -> Option<(u16, Vec<u8>)> {
         "string_usage" => chat(r#"{"prompt_tokens":"3","completion_tokens":"two","total_tokens":"5"}"#),
         "pretty" => "{\n  \"id\": \"x\",\n  \"n\": 1.50,\n  \"usage\": {\"prompt_tokens\": 1}\n}\n".to_string(),
         "non_json_200" => "<html><body>upstream proxy says hi</body></html>".to_string(),
+        "beyond_f64_usage" => chat(r#"{"prompt_tokens":3,"completion_tokens":1e999,"total_tokens":1e999}"#),
         _ => return None,
     };
     Some((200, body.into_bytes()))
@@ -119,6 +120,12 @@ async fn serve_hostile(mut sock: TcpStream, attempts: Arc<Mutex<HashMap<String, 
                 }
                 let _ = sock.write_all(b"0\r\n\r\n").await;
             }
+            "gzip_bomb" | "zstd_bomb" => {
+                let (encoding, body) = if kind == "gzip_bomb" { ("gzip", gzip_bomb()) } else { ("zstd", zstd_bomb()) };
+                let extra = format!("content-encoding: {encoding}\r\ncontent-length: {}\r\n", body.len());
+                let _ = sock.write_all(head(200, &extra).as_bytes()).await;
+                let _ = sock.write_all(body).await;
+            }
             other => {
                 let (status, bytes) = hostile_answer(other).expect("a known kind");
                 let _ = sock.write_all(head(status, &format!("content-length: {}\r\n", bytes.len())).as_bytes()).await;
@@ -126,6 +133,37 @@ async fn serve_hostile(mut sock: TcpStream, attempts: Arc<Mutex<HashMap<String, 
             }
         }
     }
+}
+
+/// A JSON answer of `mb` MiB once decoded, as concatenated compressed pieces (gzip members,
+/// zstd frames): `{"pad":"aaa…a"}`, each MiB of `a`s compressed once and repeated.
+fn bomb(mb: usize, compress: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let chunk = compress(&vec![b'a'; 1 << 20]);
+    let mut out = compress(b"{\"pad\":\"");
+    for _ in 0..mb {
+        out.extend_from_slice(&chunk);
+    }
+    out.extend_from_slice(&compress(b"\"}"));
+    out
+}
+
+/// 200 MB of JSON in about 200 KB of gzip (the size of the issue's bomb).
+fn gzip_bomb() -> &'static [u8] {
+    static BOMB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BOMB.get_or_init(|| {
+        bomb(200, |data| {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            gz.write_all(data).unwrap();
+            gz.finish().unwrap()
+        })
+    })
+}
+
+/// 1 GB of JSON in a few dozen KB of zstd.
+fn zstd_bomb() -> &'static [u8] {
+    static BOMB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BOMB.get_or_init(|| bomb(1024, |data| zstd::stream::encode_all(data, 19).unwrap()))
 }
 
 fn hostile_line(kind: &str, i: usize) -> String {
@@ -447,4 +485,71 @@ async fn kill9_mid_upload_leaves_no_debris_after_restart() {
 
 fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+// ---- issue #19: decoded size is what counts; a paid answer stays an answer ----
+
+/// A peak-memory figure of a process, in MiB, from `/proc/PID/status` (`VmHWM:` the peak
+/// resident set).
+fn peak_rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).unwrap() / 1024
+}
+
+/// Compression bombs among ordinary answers — gzip decoding to 200 MB, zstd to 1 GB, at the
+/// default `max_response_bytes` (32 MB) — fail at once as `response_too_large`, each asked
+/// for once, in bounded memory (four in flight at most: 4 × 32 MB), and the batch finishes
+/// promptly with every other line answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_bombs_fail_at_once_in_bounded_memory() {
+    let (gzip, zstd) = (gzip_bomb().len(), zstd_bomb().len());
+    let hostile = Hostile::start().await;
+    let cfg = format!("[[upstreams]]\nname = \"hostile\"\nbase_url = \"{}\"\nmodels = [\"h\"]\nmax_concurrency = 4\n", hostile.url);
+    let s = Server::start(&cfg);
+    let api = s.api();
+    let kinds = ["gzip_bomb", "zstd_bomb", "pretty", "null_usage", "pretty"];
+    let lines: Vec<String> = (0..60).map(|i| hostile_line(kinds[i % kinds.len()], i)).collect();
+    let t = Instant::now();
+    let id = api.submit(&lines).await;
+    let b = api.wait_for(&id, &["completed"], secs(90)).await;
+    let took = t.elapsed();
+    let peak = peak_rss_mb(s.pid().unwrap());
+    eprintln!("24 bombs (gzip {gzip} B → 200 MiB, zstd {zstd} B → 1 GiB) among 60 lines, concurrency 4: done in {took:?}, server peak RSS {peak} MiB");
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (36, 24), "{b}");
+    for l in &err {
+        assert_eq!(l["error"]["code"], "response_too_large", "{l}");
+        assert!(l["error"]["message"].as_str().unwrap().contains("once decoded"), "{l}");
+    }
+    for k in ["gzip_bomb", "zstd_bomb"] {
+        let attempts = hostile.attempts_of(k);
+        assert!(attempts.len() == 12 && attempts.iter().all(|n| *n == 1), "{k}: asked for once each: {attempts:?}");
+    }
+    assert!(took < secs(30), "the batch took {took:?}");
+    assert!(peak < 250, "peak RSS {peak} MiB with bombs in flight");
+}
+
+/// A paid 2xx answer whose `usage` holds a number beyond f64 (`1e999`) stays an output line,
+/// byte for byte, its count saturated; and the output-token metric stops at its maximum
+/// instead of wrapping when such counts add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_beyond_f64_stays_an_answer_and_metrics_saturate() {
+    let hostile = Hostile::start().await;
+    let cfg = format!("[[upstreams]]\nname = \"hostile\"\nbase_url = \"{}\"\nmodels = [\"h\"]\n", hostile.url);
+    let s = Server::start(&cfg);
+    let api = s.api();
+    let lines: Vec<String> = (0..2).map(|i| hostile_line("beyond_f64_usage", i)).chain((0..3).map(|i| hostile_line("huge_usage", 10 + i))).collect();
+    let id = api.submit(&lines).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    assert_eq!(b["request_counts"], json!({"total": 5, "completed": 5, "failed": 0}), "every paid answer is an output line: {b}");
+    assert!(b["error_file_id"].is_null(), "{b}");
+    // The output holds `1e999`, which serde_json will not read: its lines are checked as text.
+    let text = api.content(b["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(text.lines().filter(|l| l.contains("\"status_code\":200")).count(), 5, "{text}");
+    let sent = String::from_utf8(hostile_answer("beyond_f64_usage").unwrap().1).unwrap();
+    assert!(text.contains(&format!("\"body\":{sent}}}")), "the answer is kept byte for byte");
+    assert_eq!(b["usage"]["output_tokens"].as_i64(), Some(i64::MAX), "{b}");
+    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    let tokens = metrics.lines().find_map(|l| l.strip_prefix("batchd_output_tokens_total ")).unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(tokens, u64::MAX.to_string(), "the output-token counter saturates");
 }

@@ -305,26 +305,50 @@ async fn slowloris_and_idle_crowds_are_closed_and_cost_little() {
     }
 }
 
-/// With `max_connections = 4`, a fifth client waits until a slot frees.
+/// With `max_connections = 4`: a fifth client waits while four connections are serving
+/// (stalled uploads), and is served at once while four are only waiting for a request (the
+/// one that waited longest is closed to make room; the others stay).
 #[tokio::test]
-async fn connections_are_capped() {
+async fn connections_are_capped_and_waiting_ones_make_room() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 2\nmax_connections = 4"));
+    let s = Server::start(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 20\nmax_connections = 4"));
     let addr = host(&s);
+    let mut uploads = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(multipart_head(&addr, Some(10_000)).as_bytes()).await.unwrap();
+        c.write_all(format!("--{BOUNDARY}\r\n").as_bytes()).await.unwrap();
+        uploads.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_millis(1500)).send().await;
+    assert!(r.is_err(), "a fifth connection is not served while four are serving");
+    drop(uploads);
+    let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_secs(10)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "served once the uploads went");
+
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(TcpStream::connect(&addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let http = reqwest::Client::new();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
-    let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_millis(700)).send().await;
-    assert!(r.is_err(), "a fifth connection is not served while four are open");
     let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_secs(10)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let waited = t.elapsed();
-    assert!(waited >= Duration::from_millis(1500), "served after {waited:?}: only once the idle ones were closed");
-    drop(idle);
+    assert!(t.elapsed() < Duration::from_secs(1), "served after {:?} with four idle connections open", t.elapsed());
+    let (first, rest) = idle.split_at_mut(1);
+    assert_shed_oldest_first(&mut first[0], &mut rest[2]).await;
+}
+
+/// The connection that waited longest was closed to make room; the youngest is still open.
+async fn assert_shed_oldest_first(oldest: &mut TcpStream, youngest: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(2), oldest.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the connection that waited longest was closed: {closed:?}");
+    let open = tokio::time::timeout(Duration::from_millis(300), youngest.read(&mut buf)).await;
+    assert!(open.is_err(), "the youngest idle connection stays open: {open:?}");
 }
 
 /// A stalled upload, a download nobody reads, a kept-alive connection left idle and a JSON
@@ -600,4 +624,213 @@ async fn tenant_keys_never_print() {
     let printed: toml::Value = toml::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
     assert_eq!(printed["tenants"][0]["api_keys"][0].as_str(), Some("<redacted>"));
     assert!(!s.log().contains(KEY), "a key reached the log");
+}
+
+// ---- issue #19: no tenant can take the server; every answer batchd writes is an envelope ----
+
+/// Sends a raw request head on a new connection and reads the answer's head and whatever of
+/// its body arrives with it; the socket stays open (kept by the caller). A connection closed
+/// before it could send its request (shed to make room: on a loaded machine a client of a
+/// crowd may be slow to write) is opened again, as any client would.
+async fn raw_request(addr: &str, head: &str) -> (TcpStream, Raw) {
+    for _ in 0..10 {
+        if let Some(answered) = try_raw_request(addr, head).await {
+            return answered;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no answer in ten connections to {addr}");
+}
+
+async fn try_raw_request(addr: &str, head: &str) -> Option<(TcpStream, Raw)> {
+    let mut c = TcpStream::connect(addr).await.ok()?;
+    c.write_all(head.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), c.read(&mut buf)).await.expect("an answer within 60 s").ok()?;
+        got.extend_from_slice(&buf[..n]);
+        match Raw::parse(&got) {
+            Some(r) if r.header("content-length").is_none_or(|l| r.body.len() >= l.parse::<usize>().unwrap()) => return Some((c, r)),
+            _ if n == 0 => return None,
+            _ => {}
+        }
+    }
+}
+
+fn two_tenants(base_url: &str) -> String {
+    config(base_url, "", "[[tenants]]\nname = \"alice\"\napi_keys = [\"sk-alice\"]\n[[tenants]]\nname = \"bob\"\napi_keys = [\"sk-bob\"]")
+}
+
+/// One tenant opens 1,100 event streams: 32 are served (its cap), the other 1,068 get a 429
+/// envelope with a request id; meanwhile `/healthz`, another tenant's upload, create and own
+/// stream are all answered within a second each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_with_a_thousand_streams_cannot_take_the_server() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&two_tenants(&m.base_url()));
+    let addr = host(&s);
+    let head = format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer sk-alice\r\nAccept: text/event-stream\r\n\r\n");
+    let t = Instant::now();
+    let opened: Vec<(TcpStream, Raw)> = futures::future::join_all((0..1100).map(|_| {
+        let (addr, head) = (addr.clone(), head.clone());
+        tokio::spawn(async move { raw_request(&addr, &head).await })
+    }))
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let streams = opened.iter().filter(|(_, r)| r.status == 200).count();
+    let refused: Vec<&Raw> = opened.iter().map(|(_, r)| r).filter(|r| r.status == 429).collect();
+    eprintln!("1,100 stream requests answered in {:?}: {streams} streams, {} refused", t.elapsed(), refused.len());
+    assert_eq!((streams, refused.len()), (32, 1068), "32 streams per tenant, every other request refused");
+    for r in refused.iter().take(20) {
+        assert_eq!(r.json()["error"]["code"], "too_many_streams");
+        assert_envelope(&r.json());
+        assert!(r.header("x-request-id").is_some() && r.header("retry-after").is_some(), "{}", r.head);
+    }
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_secs(30)).send().await.unwrap();
+    let healthz = t.elapsed();
+    assert_eq!(r.status().as_u16(), 200);
+    let bob = s.api_with_key("sk-bob");
+    let t = Instant::now();
+    let file = bob.upload(&chat_lines(3, "m")).await;
+    let upload = t.elapsed();
+    let t = Instant::now();
+    let b = bob.create_batch(&file, json!({})).await;
+    let create = t.elapsed();
+    let t = Instant::now();
+    let (_stream, own) = raw_request(&addr, &head.replace("sk-alice", "sk-bob")).await;
+    let bob_stream = t.elapsed();
+    eprintln!("with alice's streams open: /healthz {healthz:?}, bob's upload {upload:?}, create {create:?}, stream {bob_stream:?}");
+    assert_eq!(own.status, 200, "bob has streams of his own: {}", own.head);
+    for (what, took) in [("/healthz", healthz), ("bob's upload", upload), ("bob's create", create), ("bob's stream", bob_stream)] {
+        assert!(took < Duration::from_secs(1), "{what} took {took:?}");
+    }
+    bob.wait_for(b["id"].as_str().unwrap(), &["completed"], secs(30)).await;
+    drop(opened);
+}
+
+/// 1,100 sockets that connect and send nothing take every connection slot; a real request
+/// is still answered within a second: the sockets that waited longest are closed for it,
+/// the youngest stay (the header-read timeout, 30 s, is not what frees the room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_crowd_makes_room_for_a_real_request_at_once() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let addr = host(&s);
+    let mut crowd = Vec::new();
+    for _ in 0..1100 {
+        crowd.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let http = reqwest::Client::new();
+    for round in 0..3 {
+        let t = Instant::now();
+        let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_secs(30)).send().await.unwrap();
+        let took = t.elapsed();
+        eprintln!("round {round}: /healthz answered in {took:?} with 1,100 idle sockets connected");
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
+    }
+    let (first, rest) = crowd.split_at_mut(1);
+    assert_shed_oldest_first(&mut first[0], rest.last_mut().unwrap()).await;
+}
+
+/// Requests hyper's parser refuses — two different Content-Lengths, a header block over its
+/// size, too many headers, a malformed request line — get batchd's envelope and an
+/// `x-request-id` (hyper alone answers an empty body), and the server goes on serving.
+#[tokio::test]
+async fn requests_the_parser_refuses_get_the_envelope_and_a_request_id() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let addr = host(&s);
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases = [
+        (format!("POST /v1/batches HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello"), 400, "malformed_request"),
+        (format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Big: {}\r\n\r\n", "a".repeat(2_000_000)), 431, "request_header_fields_too_large"),
+        (format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n{many}\r\n"), 431, "request_header_fields_too_large"),
+        ("GARBAGE\r\n\r\n".to_string(), 400, "malformed_request"),
+    ];
+    for (head, status, code) in cases {
+        let (_c, r) = raw_request(&addr, &head).await;
+        assert_eq!(r.status, status, "{}", r.head);
+        let v = r.json();
+        assert_envelope(&v);
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(r.header("x-request-id").is_some_and(|id| id.starts_with("req_")), "{}", r.head);
+        assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+    }
+    let (_, ok) = raw_request(&addr, &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n")).await;
+    assert_eq!(ok.status, 200, "the server goes on serving");
+}
+
+/// A create with a parameter the API does not know (a misspelt `metdata`) is the hosted
+/// API's 400, and creates nothing; batchd's own `priority` is still accepted.
+#[tokio::test]
+async fn unknown_create_parameters_are_refused_and_extensions_accepted() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    let file = api.upload(&chat_lines(2, "m")).await;
+    let body = |extra: Value| {
+        let mut b = json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let (st, v) = api.post("/batches", &body(json!({"metdata": {"run": "1"}}))).await;
+    assert_eq!(st, 400, "{v}");
+    assert_envelope(&v);
+    assert_eq!(v["error"]["message"], "Unrecognized request argument supplied: metdata");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let (st, v) = api.post("/batches", &body(json!({"metdata": {}, "windw": "1h"}))).await;
+    assert_eq!((st, v["error"]["message"].as_str()), (400, Some("Unrecognized request arguments supplied: metdata, windw")));
+    let (_, list) = api.get("/batches").await;
+    assert!(list["data"].as_array().unwrap().is_empty(), "nothing was created: {list}");
+    let b = api.create_batch(&file, json!({"priority": 3, "metadata": {"run": "1"}, "output_expires_after": {"anchor": "created_at", "seconds": 3600}})).await;
+    assert_eq!(b["metadata"]["run"], "1", "{b}");
+}
+
+/// `GET /v1/models/{id}` answers each model of the list (an id with a slash too) and a 404
+/// `model_not_found` for others; `created` is the same on every call.
+#[tokio::test]
+async fn models_are_retrieved_one_by_one_with_a_stable_created() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "aliases = { \"org/fast-model\" = \"gpt-4o-mini\" }", ""));
+    let api = s.api();
+    let (_, first) = api.get("/models").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, second) = api.get("/models").await;
+    assert_eq!(first, second, "the list, created included, is the same a second later");
+    let data = first["data"].as_array().unwrap();
+    assert!(data.iter().any(|m| m["id"] == "org/fast-model"), "{first}");
+    for model in data {
+        let id = model["id"].as_str().unwrap();
+        let (st, one) = api.get(&format!("/models/{id}")).await;
+        assert_eq!((st, &one), (200, model), "{id}");
+    }
+    let (st, v) = api.get("/models/no-such-model").await;
+    assert_eq!(st, 404, "{v}");
+    assert_envelope(&v);
+    assert_eq!((v["error"]["code"].as_str(), v["error"]["param"].as_str()), (Some("model_not_found"), Some("model")));
+}
+
+/// `/v1/usage` with a start time at the ends of i64 is a 400 envelope naming the parameter,
+/// not empty totals (or an overflow).
+#[tokio::test]
+async fn usage_times_out_of_range_are_refused() {
+    let m = mock(MockArgs::default()).await;
+    let s = Server::start(&config(&m.base_url(), "", ""));
+    let api = s.api();
+    api.wait_for(&api.submit(&chat_lines(2, "m")).await, &["completed"], secs(20)).await;
+    for q in ["start_time=-9223372036854775808", "start_time=-1", "start_time=0&end_time=9223372036854775807"] {
+        let (st, v) = api.get(&format!("/usage?{q}")).await;
+        assert_eq!(st, 400, "{q}: {v}");
+        assert_envelope(&v);
+    }
+    let (st, v) = api.get("/usage?start_time=0").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["total"]["num_model_requests"], 2, "the earliest start counts everything: {v}");
 }

@@ -254,7 +254,8 @@ async fn an_upstream_out_of_quota_is_paused_and_its_lines_go_to_the_other() {
     let shown = upstreams.as_array().unwrap().iter().find(|u| u["name"] == "broke").expect("both pools are shown").clone();
     assert_eq!(shown["paused"], true, "{shown}");
     assert_eq!(shown["pause_reason"], "quota_exhausted", "{shown}");
-    assert!(shown["pause_detail"].as_str().unwrap().contains("exceeded your current quota"), "{shown}");
+    // Status and class only: every tenant on the upstream reads this (issue #19).
+    assert!(shown["pause_detail"].as_str().unwrap().starts_with("429 Too Many Requests (out of quota); trying again in"), "{shown}");
     let text = metrics(&s).await;
     assert_eq!(gauge(&text, "batchd_upstream_paused", "broke"), Some(1.0), "{text}");
     assert_eq!(gauge(&text, "batchd_upstream_paused", "ok"), Some(0.0));
@@ -337,7 +338,7 @@ async fn out_of_quota_alone_the_batch_waits_and_status_and_run_say_why() {
     println!("{}", status.stdout);
     assert_eq!(status.code, 0, "{status:?}");
     assert!(status.stdout.contains("upstream mock (throughput)"), "batchd status shows the upstream: {}", status.stdout);
-    assert!(status.stdout.contains("paused (429 Too Many Requests: You exceeded your current quota"), "{}", status.stdout);
+    assert!(status.stdout.contains("paused (429 Too Many Requests (out of quota); trying again in"), "{}", status.stdout);
 
     // `batchd run` says it in its progress line.
     let dir = tempfile::tempdir().unwrap();

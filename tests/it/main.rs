@@ -21,3 +21,4 @@ mod limits;
 mod memory;
 mod props;
 mod translate;
+mod upgrade;

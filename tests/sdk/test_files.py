@@ -214,3 +214,17 @@ def test_cannot_delete_input_of_running_batch(client):
     assert d.deleted is True
     # The batch still references it and is unchanged.
     assert client.batches.retrieve(b.id).status == "completed"
+
+
+def test_deleting_while_paging_empties_the_list(launcher, mock):
+    """Issue 19: the SDK's auto-pagination asks each next page `after` the last file of the
+    page, which this loop has just deleted; the loop empties the list instead of stopping
+    with a 400 after two deletes."""
+    own = launcher.server(upstream=mock.base_url).client()
+    ids = [upload(own, SAMPLE, filename=f"page-{i}.jsonl").id for i in range(5)]
+    deleted = []
+    for f in own.files.list(limit=2):
+        assert own.files.delete(f.id).deleted
+        deleted.append(f.id)
+    assert deleted == ids[::-1], "every file, newest first, each once"
+    assert own.files.list().data == []

@@ -1,17 +1,21 @@
 """Issue #10 as the SDK sees it: request ids, a 409 the SDK does not retry, the image and video
 batch endpoints, the default expiry of batch files, Idempotency-Key reuse, repeated JSON keys,
-ignored malformed ranges and non-ASCII file names."""
+ignored malformed ranges and non-ASCII file names. Issue #19: an unknown create parameter is the
+hosted API's 400, `client.models.retrieve`, a stable `created`, and the envelope and request id
+on an answer to a request the HTTP parser refuses (raw socket, and through the SDK)."""
 
 from __future__ import annotations
 
+import json
+import socket
 import uuid
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx2
 import openai
 import pytest
 
-from sdkutil import CHAT, assert_envelope, chat_line, envelope_of, upload, wait_for, write_jsonl
+from sdkutil import CHAT, MODEL, assert_envelope, chat_line, envelope_of, upload, wait_for, write_jsonl
 
 THIRTY_DAYS = 30 * 86_400
 
@@ -118,3 +122,56 @@ def test_non_ascii_file_names_are_kept_and_sent_back_rfc5987(client):
     cd = r.headers.get("content-disposition")
     assert f"filename*=UTF-8''{quote(name, safe='')}" in cd, cd
     assert 'filename="donn_es _.jsonl"' in cd, cd
+
+
+def test_an_unknown_create_parameter_is_the_hosted_apis_400(server):
+    c, sent = counting_client(server)
+    f = upload(c, [chat_line("unknown-1")])
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h", extra_body={"metdata": {"run": "1"}})
+    assert ei.value.body["message"] == "Unrecognized request argument supplied: metdata"
+    assert_envelope(envelope_of(ei.value), param=None)
+    assert envelope_of(ei.value)["error"]["type"] == "invalid_request_error"
+    assert sent.count("POST /v1/batches") == 1, f"a 400 is not retried: {sent}"
+    assert all(b.input_file_id != f.id for b in c.batches.list(limit=100)), "nothing was created"
+    b = c.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h", extra_body={"priority": 2})
+    wait_for(c, b.id, ("completed",))
+
+
+def test_models_retrieve_and_a_stable_created(client):
+    listed = {m.id: m for m in client.models.list()}
+    again = {m.id: m for m in client.models.list()}
+    assert {k: m.created for k, m in listed.items()} == {k: m.created for k, m in again.items()}, "created is stable"
+    for model_id in (MODEL, "mini"):
+        m = client.models.retrieve(model_id)
+        assert (m.id, m.object, m.created, m.owned_by) == (model_id, "model", listed[model_id].created, listed[model_id].owned_by)
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.models.retrieve("no-such-model")
+    assert_envelope(envelope_of(ei.value), code="model_not_found", param="model")
+
+
+def raw_answer(url: str, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Sends `request` on a raw socket and reads the answer to its end (the server closes)."""
+    host = urlsplit(url)
+    with socket.create_connection((host.hostname, host.port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return lines[0], headers, body
+
+
+def test_requests_the_http_parser_refuses_get_the_envelope(server):
+    status, headers, body = raw_answer(server.url, b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
+    assert status.startswith("HTTP/1.1 400"), status
+    assert headers["x-request-id"].startswith("req_"), headers
+    assert_envelope(json.loads(body), code="malformed_request")
+    c = server.client()
+    with pytest.raises(openai.APIStatusError) as ei:
+        c.files.list(extra_headers={f"X-Many-{i}": "v" for i in range(150)})
+    assert ei.value.status_code == 431
+    assert ei.value.request_id and ei.value.request_id.startswith("req_"), "the SDK reads the request id"
+    assert_envelope(envelope_of(ei.value), code="request_header_fields_too_large")

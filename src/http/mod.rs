@@ -1,9 +1,13 @@
 //! The HTTP/1 server under the API: an accept loop with a connection cap, per-connection
 //! timeouts and graceful shutdown (what `axum::serve` leaves open).
 //!
-//! - At most `max_connections` connections are open at once. The loop takes a slot before it
-//!   accepts, so further clients wait in the kernel's backlog ([`LISTEN_BACKLOG`]) instead of
-//!   costing memory here.
+//! - At most `max_connections` connections are open at once. When every slot is taken and
+//!   another client connects, the connection that has waited longest for a request (one that
+//!   never sent one, or a kept-alive one nobody uses) is closed to make room (`crowd`): a
+//!   crowd of idle sockets costs a real client one shed connection, not the header-read
+//!   timeout. A connection serving a request is never cut for room; when every one is
+//!   serving, further clients wait in the kernel's backlog ([`LISTEN_BACKLOG`]). Event
+//!   streams, which serve for long, may hold only a share of the slots (`api::events`).
 //! - A request's head must arrive within `header_read_timeout`, counted from the first read of
 //!   a new connection and from the moment a kept-alive connection goes idle (hyper's timer):
 //!   a client sending its headers byte by byte is cut off.
@@ -17,15 +21,22 @@
 //! - On shutdown: stop accepting, let every connection finish its current exchange and close,
 //!   and wait at most `grace` for them.
 //!
+//! - A request the HTTP parser refuses (hyper answers it by itself) gets batchd's error
+//!   envelope and an `x-request-id` like every other answer (`refusal`, `socket`).
+//!
 //! Request timeouts and request ids are layers of the router ([`crate::api`]), not of this
 //! module.
+
+mod bodies;
+mod crowd;
+mod refusal;
+mod socket;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -33,7 +44,7 @@ use axum::http::header::CONNECTION;
 use axum::http::HeaderValue;
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -42,6 +53,9 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use crate::config::HttpLimits;
+use bodies::{Answer, Tracked};
+use crowd::{Crowd, Member, Phase};
+use socket::Watched;
 
 /// How long a closed connection drains what its client still sends, at most…
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -51,6 +65,11 @@ const LINGER_QUIET: Duration = Duration::from_millis(250);
 const LINGER_BYTES: u64 = 64 << 20;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long the accept loop waits for a shed connection's slot before shedding another, and
+/// for a slot at all before looking again for a connection to shed.
+const SHED_WAIT: Duration = Duration::from_millis(100);
+/// How long batchd's answer to an unparsable request may take to be written.
+const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// Connections the kernel completes and queues while all slots are taken.
 pub const LISTEN_BACKLOG: u32 = 1024;
@@ -67,14 +86,11 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves `app` on `listener` until `shutdown` resolves, then stops as the module doc says.
 pub async fn serve(listener: TcpListener, app: axum::Router, limits: HttpLimits, shutdown: impl Future<Output = ()>, grace: Duration) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let crowd = Arc::new(Crowd::default());
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = &mut shutdown => break,
-        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => stream,
@@ -86,8 +102,12 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: HttpLimits,
             },
             _ = &mut shutdown => break,
         };
+        let permit = tokio::select! {
+            p = slot(&slots, &crowd) => p,
+            _ = &mut shutdown => break,
+        };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(connection(stream, app.clone(), limits, stop.clone(), permit));
+        tracker.spawn(connection(stream, app.clone(), limits, stop.clone(), crowd.join(), permit));
     }
     drop(listener);
     stop.cancel();
@@ -97,46 +117,79 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: HttpLimits,
     }
 }
 
+/// A connection slot: a free one, else the slot of the connection that has waited longest
+/// for a request (shed), else the first slot to free up.
+async fn slot(slots: &Arc<Semaphore>, crowd: &Crowd) -> OwnedSemaphorePermit {
+    loop {
+        if let Ok(p) = slots.clone().try_acquire_owned() {
+            return p;
+        }
+        if crowd.shed_longest_waiting() {
+            tracing::debug!(open = crowd.open(), "every connection slot is taken: closed the connection that waited longest for a request");
+        }
+        if let Ok(p) = tokio::time::timeout(SHED_WAIT, slots.clone().acquire_owned()).await {
+            return p.expect("the semaphore is never closed");
+        }
+    }
+}
+
 type BoxedResponse = Pin<Box<dyn Future<Output = Result<axum::response::Response, Infallible>> + Send>>;
 
-/// Serves one connection; `_permit` holds its slot until the socket is closed.
-async fn connection(stream: TcpStream, app: axum::Router, limits: HttpLimits, stop: CancellationToken, _permit: OwnedSemaphorePermit) {
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Watched { inner: stream, activity: activity.clone() });
+/// Serves one connection; `_permit` holds its slot, and `member` its place in the crowd,
+/// until the socket is closed.
+async fn connection(stream: TcpStream, app: axum::Router, limits: HttpLimits, stop: CancellationToken, member: Member, _permit: OwnedSemaphorePermit) {
+    let conn = member.conn.clone();
+    let io = TokioIo::new(Watched::new(stream, conn.clone()));
+    let served = conn.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| -> BoxedResponse {
+        served.serving();
         let mut app = app.clone();
         let unread = Arc::new(AtomicBool::new(!req.body().is_end_stream()));
         let req = req.map(|inner| Body::new(Tracked { inner, unread: unread.clone() }));
+        let conn = served.clone();
         Box::pin(async move {
             let mut resp = app.call(req).await?;
             if unread.load(Ordering::Relaxed) {
                 resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok(resp)
+            Ok(resp.map(|b| Body::new(Answer::new(b, conn))))
         })
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
-    let mut conn = builder.serve_connection(io, service);
-    let idle = activity.idle_for(limits.idle_timeout);
+    let mut http = builder.serve_connection(io, service);
+    let idle = conn.idle_for(limits.idle_timeout);
     tokio::pin!(idle);
-    let mut stopping = false;
+    let (mut stopping, mut shedding) = (false, false);
     let ended = loop {
         tokio::select! {
-            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
+            r = std::future::poll_fn(|cx| http.poll_without_shutdown(cx)) => break r,
             _ = &mut idle => {
                 tracing::debug!("closing a connection on which nothing moved for the idle timeout");
                 return;
             }
+            _ = conn.shed.cancelled(), if !shedding => {
+                if conn.phase() == Phase::Waiting {
+                    return;
+                }
+                shedding = true;
+                Pin::new(&mut http).graceful_shutdown();
+            }
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
-                Pin::new(&mut conn).graceful_shutdown();
+                Pin::new(&mut http).graceful_shutdown();
             }
         }
     };
     match ended {
-        Ok(()) if !stopping => linger(conn.into_parts().io.into_inner().inner).await,
+        Ok(()) if !stopping => linger(http.into_parts().io.into_inner().inner).await,
         Ok(()) => {}
+        Err(e) if e.is_parse() || e.is_parse_too_large() => {
+            let mut socket = http.into_parts().io.into_inner();
+            if tokio::time::timeout(REFUSAL_FLUSH, socket.flush()).await.is_ok_and(|r| r.is_ok()) {
+                linger(socket.inner).await;
+            }
+        }
         Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
     }
 }
@@ -155,112 +208,5 @@ async fn linger(mut stream: TcpStream) {
             Ok(Ok(n)) if n > 0 => drained += n as u64,
             _ => break,
         }
-    }
-}
-
-/// A request body that notes when it has been read to its end.
-struct Tracked {
-    inner: Incoming,
-    unread: Arc<AtomicBool>,
-}
-
-impl HttpBody for Tracked {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.unread.store(false, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// When bytes last moved on a connection.
-struct Activity {
-    start: Instant,
-    /// Milliseconds after `start` of the last read or write that moved a byte.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-
-    /// Resolves once nothing has moved for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
-        loop {
-            let quiet = self.quiet_for();
-            if quiet >= timeout {
-                return;
-            }
-            tokio::time::sleep(timeout - quiet).await;
-        }
-    }
-}
-
-/// A socket that records in its [`Activity`] each read or write that moves a byte.
-struct Watched {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

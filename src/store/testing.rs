@@ -1,4 +1,5 @@
-//! A fresh PostgreSQL database per test, for this crate's tests and the black-box ones.
+//! A fresh PostgreSQL database per test, for this crate's tests and the black-box ones
+//! (built for tests and the `test-support` feature only).
 //!
 //! `BATCHD_TEST_POSTGRES_URL` names a server and a database to connect to for
 //! administration (`postgres://postgres@127.0.0.1:5432/test`); each [`TestDatabase`] creates

@@ -20,22 +20,34 @@
 //! - `/v1/completions`: `prompt`; `/v1/embeddings`: `input`;
 //! - anything else: the model alone.
 //!
-//! Only the first [`MAX_CHUNKS`] chunks (64 KiB) count: lines that share more than that are
-//! grouped together and keep their file order among themselves.
+//! Only the first [`MAX_CHUNKS`] chunks (16 KiB, about 4,000 tokens) count: lines that share
+//! more than that are grouped together and keep their file order among themselves. That
+//! bounds a key to 260 bytes, which the validator's external sort writes once per line.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// Bytes of the rendered stream per chunk: about 64 tokens, 4 blocks of vLLM's 16.
 pub const CHUNK: usize = 256;
-/// Chunks hashed at most: 64 KiB of the leading part.
-pub const MAX_CHUNKS: usize = 256;
+/// Chunks hashed at most: 16 KiB of the leading part.
+pub const MAX_CHUNKS: usize = 64;
+
+/// Whether a server's prefix cache serves requests to `path` (`/v1/...`): not embeddings nor
+/// moderations, whose requests are computed whole and share no decoding.
+pub fn cacheable(path: &str) -> bool {
+    matches!(path.strip_prefix("/v1").unwrap_or(path), "/chat/completions" | "/completions" | "/responses" | "/messages")
+}
 
 /// A line's prefix key: the model's hash, then one word per chunk of its leading part.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PrefixKey(Vec<u32>);
 
 impl PrefixKey {
+    /// The key of a line whose prefix does not count: its model alone.
+    pub fn model_only(model: &str) -> PrefixKey {
+        Chain::new(model).finish()
+    }
+
     /// The words: the model's hash first.
     pub fn words(&self) -> &[u32] {
         &self.0
@@ -202,9 +214,9 @@ mod tests {
         // Lines: doc d, then a sub-topic t (a second shared message), then a question.
         let mut lines: Vec<(PrefixKey, (usize, usize))> = vec![];
         for q in 0..4 {
-            for d in 0..3 {
+            for (d, doc) in docs.iter().enumerate() {
                 for t in 0..2 {
-                    let body = json!({"model": "m", "messages": [{"role": "system", "content": docs[d]},
+                    let body = json!({"model": "m", "messages": [{"role": "system", "content": doc},
                         {"role": "user", "content": format!("topic {t} ").repeat(80)}, {"role": "user", "content": format!("q{q}")}]});
                     lines.push((key(&serde_json::to_vec(&body).unwrap()), (d, t)));
                 }
@@ -236,7 +248,9 @@ mod tests {
         let (r1, r2) = (prefix_key("/v1/responses", "m", &resp(&long, "a")), prefix_key("/v1/responses", "m", &resp(&long, "b")));
         assert!(r1.shared_chunks(&r2) >= 3 && r1 != r2);
         let comp = |p: &str| serde_json::to_vec(&json!({"model": "m", "prompt": p})).unwrap();
-        assert!(prefix_key("/v1/completions", "m", &comp(&format!("{long}1"))).shared_chunks(&prefix_key("/v1/completions", "m", &comp(&format!("{long}2")))) >= 3);
+        assert!(
+            prefix_key("/v1/completions", "m", &comp(&format!("{long}1"))).shared_chunks(&prefix_key("/v1/completions", "m", &comp(&format!("{long}2")))) >= 3
+        );
         let msgs = serde_json::to_vec(&json!({"model": "m", "system": long, "messages": [{"role": "user", "content": "q"}]})).unwrap();
         assert!(prefix_key("/v1/messages", "m", &msgs).words().len() > 4);
         assert_eq!(prefix_key("/v1/moderations", "m", &comp(&long)).words().len(), 1, "not cached by prefix: the model alone");
@@ -247,7 +261,9 @@ mod tests {
     fn keys_are_bounded_and_piece_boundaries_count() {
         let huge = key(&chat(&"y".repeat(10 * CHUNK * MAX_CHUNKS), "q"));
         assert_eq!(huge.words().len(), MAX_CHUNKS + 1, "the model, then at most MAX_CHUNKS chunks");
-        let split = |a: &str, b: &str| serde_json::to_vec(&json!({"model": "m", "messages": [{"role": "user", "content": a}, {"role": "user", "content": b}]})).unwrap();
+        let split = |a: &str, b: &str| {
+            serde_json::to_vec(&json!({"model": "m", "messages": [{"role": "user", "content": a}, {"role": "user", "content": b}]})).unwrap()
+        };
         assert_ne!(key(&split("ab", "c")), key(&split("a", "bc")));
         let k = key(&chat("s", "q"));
         assert_eq!(k.to_bytes().len(), 4 * k.words().len());

@@ -11,10 +11,11 @@
 //!   prefill per uncached token, decode steps that cost more with more sequences, preemption
 //!   with recompute when the cache is full. Pure and deterministic.
 //!
-//! This module runs the engine on its own thread, in (scaled) real time: requests arrive over
+//! This module runs the engine as a tokio task, in (scaled) real time: requests arrive over
 //! a channel and join at the next step; each step sleeps its simulated duration divided by
-//! `speedup` (against a deadline, so the sleep's coarseness does not add up); finished
-//! requests are answered through their oneshot. A request whose HTTP client goes away is
+//! `speedup` (until a deadline, so the timer's millisecond coarseness does not add up; an
+//! idle engine waits on the channel, never polls); finished requests are answered through
+//! their oneshot. A request whose HTTP client goes away is
 //! aborted in the engine, as vLLM aborts it. Its state is published after every step for
 //! `GET /metrics`, under vLLM's metric names.
 
@@ -25,10 +26,11 @@ pub mod prompt;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 pub use engine::{Done, Params, Refused, Snapshot};
 use engine::{Engine, ReqId};
@@ -148,7 +150,7 @@ enum Cmd {
 
 /// A running engine simulator: its thread stops when this is dropped.
 pub struct Sim {
-    tx: mpsc::Sender<Cmd>,
+    tx: mpsc::UnboundedSender<Cmd>,
     published: Arc<Mutex<Snapshot>>,
     next_id: AtomicU64,
     params: Params,
@@ -171,11 +173,12 @@ impl Drop for Pending<'_> {
 }
 
 impl Sim {
+    /// Starts the engine's task (on the current tokio runtime); it ends when this is dropped.
     pub fn start(args: &SimArgs) -> Sim {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let published = Arc::new(Mutex::new(Snapshot::default()));
         let (params, speedup, out) = (args.params(), args.sim_speedup, published.clone());
-        std::thread::Builder::new().name("engine-sim".into()).spawn(move || drive(Engine::new(params), speedup, &rx, &out)).expect("the engine thread starts");
+        tokio::spawn(drive(Engine::new(params), speedup, rx, out));
         Sim { tx, published, next_id: AtomicU64::new(0), params, speedup }
     }
 
@@ -221,38 +224,38 @@ impl Clock {
     }
 
     /// Adds one step and sleeps until the wall clock reaches it.
-    fn advance(&mut self, step: Duration) {
+    async fn advance(&mut self, step: Duration) {
         self.simulated += step;
         let due = self.origin + self.simulated.div_f64(self.speedup);
         let now = Instant::now();
         match due.checked_duration_since(now) {
-            Some(wait) => std::thread::sleep(wait),
+            Some(_) => tokio::time::sleep_until(due).await,
             None if now - due > MAX_LAG => self.origin += now - due - MAX_LAG,
             None => {}
         }
     }
 }
 
-/// The engine thread: takes requests, steps, answers; returns when every `Sim` is gone.
-fn drive(mut engine: Engine, speedup: f64, rx: &mpsc::Receiver<Cmd>, out: &Mutex<Snapshot>) {
+/// The engine's task: takes requests, steps, answers; returns when the `Sim` is gone.
+async fn drive(mut engine: Engine, speedup: f64, mut rx: mpsc::UnboundedReceiver<Cmd>, out: Arc<Mutex<Snapshot>>) {
     let mut replies: HashMap<ReqId, oneshot::Sender<Result<Done, Refused>>> = HashMap::new();
     let mut clock = Clock { origin: Instant::now(), simulated: Duration::ZERO, speedup };
     loop {
         if engine.is_idle() {
-            let Ok(cmd) = rx.recv() else { return };
+            let Some(cmd) = rx.recv().await else { return };
             clock.restart();
             take(&mut engine, &mut replies, cmd);
         }
         loop {
             match rx.try_recv() {
                 Ok(cmd) => take(&mut engine, &mut replies, cmd),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
         }
         *out.lock().unwrap_or_else(|e| e.into_inner()) = engine.snapshot();
         let Some(step) = engine.step() else { continue };
-        clock.advance(step.duration);
+        clock.advance(step.duration).await;
         *out.lock().unwrap_or_else(|e| e.into_inner()) = engine.snapshot();
         for done in step.finished {
             if let Some(reply) = replies.remove(&done.id) {
@@ -352,8 +355,8 @@ mod tests {
         assert!(matches!(err, SimError::Refused(Refused::TooLong { .. })), "{err}");
     }
 
-    #[test]
-    fn metrics_use_vllm_names_and_prometheus_counter_suffixes() {
+    #[tokio::test]
+    async fn metrics_use_vllm_names_and_prometheus_counter_suffixes() {
         let sim = Sim::start(&SimArgs::default());
         let text = metrics_text(&sim, 2.0);
         for line in [

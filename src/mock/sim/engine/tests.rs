@@ -211,6 +211,16 @@ fn explore() {
             l.swap(i, (st % (i as u64 + 1)) as usize);
         }
         let (shuffled, s) = replay(p, l).unwrap();
-        println!("blocks {blocks} out {out}: grouped {:.1}s (pre {} hits {}) shuffled {:.1}s (pre {} hits {} preempt {}) ratio {:.2}", grouped.as_secs_f64(), g.preemptions, g.prefix_hits, shuffled.as_secs_f64(), s.preemptions, s.prefix_hits, s.preemptions, shuffled.as_secs_f64()/grouped.as_secs_f64());
+        println!(
+            "blocks {blocks} out {out}: grouped {:.1}s (pre {} hits {}) shuffled {:.1}s (pre {} hits {} preempt {}) ratio {:.2}",
+            grouped.as_secs_f64(),
+            g.preemptions,
+            g.prefix_hits,
+            shuffled.as_secs_f64(),
+            s.preemptions,
+            s.prefix_hits,
+            s.preemptions,
+            shuffled.as_secs_f64() / grouped.as_secs_f64()
+        );
     }
 }

@@ -58,6 +58,11 @@ async fn run_once(prefix_order: bool) -> (Vec<Value>, String) {
     let (out, err) = final_results(&api, &b, LINES).await;
     assert!(err.is_empty(), "{err:?}");
     assert_eq!(m.stats().unique_request_ids, LINES as u64);
+    // The Batch object shows the prompt tokens the server's cache served (its hit rate).
+    let usage = &b["usage"];
+    let cached = usage["input_tokens_details"]["cached_tokens"].as_f64().unwrap_or(0.0);
+    let input = usage["input_tokens"].as_f64().unwrap_or(0.0);
+    assert!((cached / input - hit_rate(&out)).abs() < 0.01, "the batch's usage carries the server's cache hits: {usage}");
     (out, s.log())
 }
 

@@ -154,6 +154,10 @@ pub struct RawUpstream {
     /// `api = "anthropic"` only: the `max_tokens` sent for a chat-completions line that sets
     /// none (Anthropic requires it). Unset: such a line fails validation.
     pub default_max_tokens: Option<u64>,
+    /// Dispatch a batch's lines grouped by shared prompt prefix, longest first, so that the
+    /// server's prefix cache computes each shared prefix once (default `true`; embeddings and
+    /// moderations are always sent in file order).
+    pub prefix_order: Option<bool>,
 }
 
 /// The API an upstream speaks; lines in the other one are translated (`upstream::translate`).
@@ -340,6 +344,7 @@ pub struct UpstreamConfig {
     pub metrics_url: Option<String>,
     pub api: UpstreamApi,
     pub default_max_tokens: Option<u64>,
+    pub prefix_order: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -606,6 +611,7 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         metrics_url: u.metrics_url.clone(),
         api,
         default_max_tokens: u.default_max_tokens,
+        prefix_order: u.prefix_order.unwrap_or(true),
     })
 }
 
@@ -825,6 +831,7 @@ impl UpstreamConfig {
             metrics_url: self.metrics_url.clone(),
             api: Some(self.api),
             default_max_tokens: self.default_max_tokens,
+            prefix_order: Some(self.prefix_order),
         }
     }
 }

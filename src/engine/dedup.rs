@@ -1,12 +1,12 @@
 //! Duplicate `custom_id` detection in bounded memory: an external sort.
 //!
 //! Each full line adds one record — the 64-bit hash of its `custom_id`, its line number and
-//! the id itself — to a run buffer of at most [`RUN_BYTES`]. A full buffer is sorted by
-//! (hash, id, line) and appended to an anonymous temporary file as one sorted run. At the
-//! end the runs are merged (k-way, one small read buffer per run): records with the same id
-//! come out next to each other in line order, so every record after the first of its group
-//! is a duplicate of that first line. A file whose records fit in one buffer (about 100,000
-//! short ids) is sorted in memory and never touches the disk.
+//! the id itself — to the external sort of `engine::extsort` (a run buffer of at most
+//! [`RUN_BYTES`], sorted runs spilled to an anonymous file, merged at the end), ordered by
+//! (hash, id): records with the same id come out next to each other in line order (the sort
+//! is stable), so every record after the first of its group is a duplicate of that first
+//! line. A file whose records fit in one buffer (about 100,000 short ids) is sorted in
+//! memory and never touches the disk.
 //!
 //! Why this method rather than the alternatives:
 //! - a set of hashes in memory (what this replaced: 128-bit hashes in a `HashMap`, 52 MB at
@@ -20,29 +20,20 @@
 //! The hash only makes comparisons cheap: two ids are equal only when their bytes are, so a
 //! collision between different ids costs one extra comparison and is never reported as a
 //! duplicate. Memory: the run buffer and its index (at most [`RUN_BYTES`] together), plus
-//! the merge's read buffers (at most [`MERGE_BYTES`]; 4 KiB a run beyond 512 runs, which a
-//! 2 GB input cannot reach, its records being shorter than its lines). Disk: 18 bytes plus
-//! the id per line.
+//! the merge's read buffers (at most `extsort::MERGE_BYTES`; 4 KiB a run beyond 512 runs,
+//! which a 2 GB input cannot reach, its records being shorter than its lines). Disk: 20
+//! bytes plus the id per line.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::PathBuf;
 
-/// Run buffer and its sort index together stay below this.
-pub const RUN_BYTES: usize = 4 << 20;
-/// All the merge's read buffers together (unless there are very many runs).
-pub const MERGE_BYTES: usize = 2 << 20;
-/// Record header: hash (8), line (8), id length (2).
-const HEAD: usize = 18;
+use super::extsort::{ExtSort, RUN_BYTES};
+
+/// Record header: hash (8), line (8); the id follows.
+const HEAD: usize = 16;
 /// Ids are compared by at most this many bytes: 512 characters of UTF-8, the validator's limit.
 pub const MAX_ID: usize = 2048;
-/// A run's read buffer holds at least one whole record.
-const MIN_READ: usize = 4096;
-/// What one index entry costs in memory.
-const INDEX_ENTRY: usize = std::mem::size_of::<(u64, u32)>();
 
 /// The hash of an id; replaceable in tests to force collisions.
 pub type HashFn = fn(&[u8]) -> u64;
@@ -51,8 +42,7 @@ fn xxh3(id: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(id)
 }
 
-/// One record as stored in a run.
-#[derive(Clone, Copy)]
+/// One record as the sort holds it.
 struct Rec<'a> {
     hash: u64,
     line: u64,
@@ -60,24 +50,16 @@ struct Rec<'a> {
 }
 
 impl<'a> Rec<'a> {
-    /// The record at the start of `b`, if `b` holds all of it.
-    fn parse(b: &'a [u8]) -> Option<Rec<'a>> {
-        let head = b.get(..HEAD)?;
-        let len = u16::from_le_bytes([head[16], head[17]]) as usize;
-        Some(Rec {
-            hash: u64::from_le_bytes(head[..8].try_into().unwrap()),
-            line: u64::from_le_bytes(head[8..16].try_into().unwrap()),
-            id: b.get(HEAD..HEAD + len)?,
-        })
+    fn parse(b: &'a [u8]) -> Rec<'a> {
+        Rec { hash: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")), line: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")), id: &b[HEAD..] }
     }
+}
 
-    fn size(&self) -> usize {
-        HEAD + self.id.len()
-    }
-
-    fn order(&self, other: &Rec<'_>) -> Ordering {
-        (self.hash, self.id, self.line).cmp(&(other.hash, other.id, other.line))
-    }
+/// By (hash, id): the sort is stable and records are added in line order, so each group of
+/// equal ids comes out in line order.
+fn by_id(a: &[u8], b: &[u8]) -> Ordering {
+    let (a, b) = (Rec::parse(a), Rec::parse(b));
+    (a.hash, a.id).cmp(&(b.hash, b.id))
 }
 
 /// A duplicate: `line` repeats the `custom_id` first used on `first`.
@@ -90,19 +72,8 @@ pub struct Duplicate<'a> {
 /// Finds repeated ids among the records added; see the module doc.
 pub struct DupFinder {
     hash: HashFn,
-    run_bytes: usize,
-    dir: Option<PathBuf>,
-    buf: Vec<u8>,
-    /// (hash, offset in `buf`) of each record of the current run.
-    index: Vec<(u64, u32)>,
-    spill: Option<Spill>,
-}
-
-/// The temporary file and the byte range of each sorted run in it.
-struct Spill {
-    file: File,
-    runs: Vec<(u64, u64)>,
-    len: u64,
+    sort: ExtSort,
+    rec: Vec<u8>,
 }
 
 impl Default for DupFinder {
@@ -121,81 +92,24 @@ impl DupFinder {
 
     /// With another hash function and run size (tests force collisions and spills).
     pub fn with_hash(dir: Option<PathBuf>, hash: HashFn, run_bytes: usize) -> Self {
-        DupFinder { hash, run_bytes, dir, buf: Vec::new(), index: Vec::new(), spill: None }
+        DupFinder { hash, sort: ExtSort::new(dir, by_id, run_bytes), rec: Vec::new() }
     }
 
     /// Adds the id of `line`; lines must be added in increasing order. Only the first
     /// [`MAX_ID`] bytes of an id count.
     pub fn add(&mut self, line: u64, id: &str) -> io::Result<()> {
         let id = &id.as_bytes()[..id.len().min(MAX_ID)];
-        let hash = (self.hash)(id);
-        self.index.push((hash, self.buf.len() as u32));
-        self.buf.extend_from_slice(&hash.to_le_bytes());
-        self.buf.extend_from_slice(&line.to_le_bytes());
-        self.buf.extend_from_slice(&(id.len() as u16).to_le_bytes());
-        self.buf.extend_from_slice(id);
-        if self.buf.len() + self.index.len() * INDEX_ENTRY >= self.run_bytes {
-            self.spill_run()?;
-        }
-        Ok(())
-    }
-
-    /// Sorts the current run's index by (hash, id, line); records were added in line order,
-    /// so their offsets break ties between equal ids.
-    fn sort_run(&mut self) {
-        let buf = &self.buf;
-        let id_at = |off: u32| Rec::parse(&buf[off as usize..]).expect("complete record").id;
-        self.index.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| id_at(a.1).cmp(id_at(b.1))).then(a.1.cmp(&b.1)));
-    }
-
-    fn spill_run(&mut self) -> io::Result<()> {
-        if self.index.is_empty() {
-            return Ok(());
-        }
-        self.sort_run();
-        let spill = match &mut self.spill {
-            Some(s) => s,
-            None => {
-                let file = match &self.dir {
-                    Some(d) => {
-                        std::fs::create_dir_all(d)?;
-                        tempfile::tempfile_in(d)?
-                    }
-                    None => tempfile::tempfile()?,
-                };
-                self.spill.insert(Spill { file, runs: Vec::new(), len: 0 })
-            }
-        };
-        let start = spill.len;
-        let mut w = io::BufWriter::with_capacity(256 << 10, &spill.file);
-        for &(_, off) in &self.index {
-            let rec = Rec::parse(&self.buf[off as usize..]).expect("complete record");
-            w.write_all(&self.buf[off as usize..off as usize + rec.size()])?;
-        }
-        w.flush()?;
-        drop(w);
-        spill.len += self.buf.len() as u64;
-        spill.runs.push((start, spill.len));
-        self.buf.clear();
-        self.index.clear();
-        Ok(())
+        self.rec.clear();
+        self.rec.extend_from_slice(&(self.hash)(id).to_le_bytes());
+        self.rec.extend_from_slice(&line.to_le_bytes());
+        self.rec.extend_from_slice(id);
+        self.sort.push(&self.rec)
     }
 
     /// Reports every duplicate, in no particular order.
-    pub fn finish(mut self, mut report: impl FnMut(Duplicate<'_>)) -> io::Result<()> {
+    pub fn finish(self, mut report: impl FnMut(Duplicate<'_>)) -> io::Result<()> {
         let mut groups = Groups::default();
-        if self.spill.is_none() {
-            self.sort_run();
-            for &(_, off) in &self.index {
-                groups.next(Rec::parse(&self.buf[off as usize..]).expect("complete record"), &mut report);
-            }
-            return Ok(());
-        }
-        self.spill_run()?;
-        self.buf = Vec::new();
-        self.index = Vec::new();
-        let spill = self.spill.take().expect("spilled");
-        merge(&spill, |rec| groups.next(rec, &mut report))
+        self.sort.finish(|r| groups.next(Rec::parse(r), &mut report))
     }
 }
 
@@ -222,101 +136,6 @@ impl Groups {
             None => self.first = Some((rec.hash, rec.id.to_vec(), rec.line)),
         }
     }
-}
-
-/// Reads one sorted run of the spill file through a small buffer.
-struct RunReader<'f> {
-    file: &'f File,
-    pos: u64,
-    end: u64,
-    buf: Vec<u8>,
-    at: usize,
-}
-
-impl<'f> RunReader<'f> {
-    fn new(file: &'f File, (start, end): (u64, u64), cap: usize) -> Self {
-        RunReader { file, pos: start, end, buf: Vec::with_capacity(cap), at: 0 }
-    }
-
-    /// The next record, refilling the buffer when it does not hold a whole one.
-    fn next(&mut self) -> io::Result<Option<Rec<'_>>> {
-        if Rec::parse(&self.buf[self.at..]).is_none() {
-            self.refill()?;
-        }
-        let Some(rec) = Rec::parse(&self.buf[self.at..]) else {
-            return if self.at == self.buf.len() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
-        };
-        self.at += rec.size();
-        Ok(Some(rec))
-    }
-
-    fn refill(&mut self) -> io::Result<()> {
-        self.buf.drain(..self.at);
-        self.at = 0;
-        let have = self.buf.len();
-        let room = (self.buf.capacity() - have).min((self.end - self.pos) as usize);
-        self.buf.resize(have + room, 0);
-        self.file.read_exact_at(&mut self.buf[have..], self.pos)?;
-        self.pos += room as u64;
-        Ok(())
-    }
-}
-
-/// The head record of one run, ordered so that `BinaryHeap` pops the smallest first.
-struct Head {
-    hash: u64,
-    id: Vec<u8>,
-    line: u64,
-    run: usize,
-}
-
-impl Head {
-    fn rec(&self) -> Rec<'_> {
-        Rec { hash: self.hash, line: self.line, id: &self.id }
-    }
-
-    fn set(&mut self, r: Rec<'_>) {
-        (self.hash, self.line) = (r.hash, r.line);
-        self.id.clear();
-        self.id.extend_from_slice(r.id);
-    }
-}
-
-impl PartialEq for Head {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Head {}
-impl PartialOrd for Head {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Head {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.rec().order(&self.rec())
-    }
-}
-
-/// Merges the sorted runs into one sorted stream of records.
-fn merge(spill: &Spill, mut each: impl FnMut(Rec<'_>)) -> io::Result<()> {
-    let cap = (MERGE_BYTES / spill.runs.len()).max(MIN_READ);
-    let mut readers: Vec<RunReader<'_>> = spill.runs.iter().map(|&r| RunReader::new(&spill.file, r, cap)).collect();
-    let mut heap = BinaryHeap::with_capacity(readers.len());
-    for (run, r) in readers.iter_mut().enumerate() {
-        if let Some(rec) = r.next()? {
-            heap.push(Head { hash: rec.hash, id: rec.id.to_vec(), line: rec.line, run });
-        }
-    }
-    while let Some(mut top) = heap.peek_mut() {
-        each(top.rec());
-        match readers[top.run].next()? {
-            Some(rec) => top.set(rec),
-            None => drop(std::collections::binary_heap::PeekMut::pop(top)),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //! without this gate a one-second stall piled up twenty thousand finished lines (+35 MB).
 //! Before each line a feeder waits at the health gate (no call whose answer could not be
 //! stored), skips lines already durable or already owned by this node (see `book`), and
-//! stops when its unit's lease is lost. Each line then runs as its own task (`dispatch`) and
+//! stops when its unit's lease is lost. A unit is a range of the input, read in one piece,
+//! or (a batch in prefix order) a range of the batch's order file, whose lines are read by
+//! ranged reads of the input ([`Source::pending`]). Each line then runs as its own task (`dispatch`) and
 //! its result goes to the writer.
 
 use std::collections::{HashMap, HashSet};
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +32,7 @@ use super::book::LineGuard;
 use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
 use super::lines::{LineSplitter, ParsedLine};
+use super::order::{self, Entry};
 use super::{Active, Inner};
 use crate::store::{InputFormat, WorkUnit};
 use crate::upstream::Route;
@@ -124,8 +128,7 @@ struct Waiting {
 
 async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
     let inner = &ctx.inner;
-    let done: HashSet<u64> = inner.store.done_lines(&ctx.batch_id, unit).await.ctx("reading the unit's finished lines")?.into_iter().collect();
-    let mut lines = unit_lines(&inner.blob, &ctx.blob_key, unit, ctx.format, &ctx.batch_id, &ctx.path).await?.into_iter().filter(|p| !done.contains(&p.line));
+    let mut lines = ctx.source().pending(&*inner.store, unit).await?.into_iter();
     let mut waiting = futures::stream::FuturesUnordered::new();
     let (mut turns, mut turns_open) = (ctx.turns.clone(), true);
     loop {
@@ -205,32 +208,91 @@ async fn acquire_writable(
     }
 }
 
-/// Reads a unit's bytes and prepares its request lines (blank lines skipped).
-pub(super) async fn unit_lines(
-    blob: &crate::blob::Blob,
-    key: &str,
-    unit: &WorkUnit,
-    format: InputFormat,
-    batch_id: &Arc<str>,
-    path: &Arc<str>,
-) -> Result<Vec<Prepared>> {
-    let bytes = blob.get_range(key, unit.byte_offset..unit.byte_offset + unit.byte_len).await.ctx("reading the input file")?;
-    let mut out = Vec::with_capacity(unit.line_count as usize);
-    let mut splitter = LineSplitter::new(usize::MAX, unit.first_line, 0);
-    let mut spans = Vec::with_capacity(unit.line_count as usize);
-    let mut keep = |l: super::lines::RawLine<'_>| {
-        if !l.is_blank() {
-            spans.push((l.no, l.offset as usize, l.bytes.len()));
-        }
-    };
-    splitter.feed(&bytes, &mut keep);
-    splitter.finish(&mut keep);
-    let epoch = (unit.epoch > 0).then_some(unit.epoch);
-    for (no, off, len) in spans {
-        let line = bytes.slice(off..off + len);
-        out.push(prepare(line, no, unit.idx, epoch, format, batch_id, path));
+impl RunCtx {
+    pub fn source(&self) -> Source<'_> {
+        Source { blob: &self.inner.blob, input_key: &self.blob_key, format: self.format, batch_id: &self.batch_id, path: &self.path }
     }
-    Ok(out)
+}
+
+/// Where a batch's lines are read from, and how they are prepared.
+pub(super) struct Source<'a> {
+    pub blob: &'a crate::blob::Blob,
+    pub input_key: &'a str,
+    pub format: InputFormat,
+    pub batch_id: &'a Arc<str>,
+    pub path: &'a Arc<str>,
+}
+
+/// Nearby lines of an ordered unit are read together when at most this many bytes lie
+/// between them ...
+const READ_GAP: u64 = 16 << 10;
+/// ... and one read stays below this.
+const MAX_READ: u64 = 1 << 20;
+/// Ranged reads of one ordered unit in flight at once (an object store answers each in
+/// tens of milliseconds; a local file at once).
+const READS_IN_FLIGHT: usize = 8;
+
+impl Source<'_> {
+    /// The unit's request lines that have no durable result yet, in dispatch order.
+    pub async fn pending(&self, store: &dyn crate::store::Store, unit: &WorkUnit) -> Result<Vec<Prepared>> {
+        if unit.ordered {
+            return self.pending_listed(store, unit).await;
+        }
+        let done: HashSet<u64> = store.done_lines(self.batch_id, unit).await.ctx("reading the unit's finished lines")?.into_iter().collect();
+        Ok(self.unit_lines(unit).await?.into_iter().filter(|p| !done.contains(&p.line)).collect())
+    }
+
+    /// Reads a file-order unit's bytes and prepares its request lines (blank lines skipped).
+    async fn unit_lines(&self, unit: &WorkUnit) -> Result<Vec<Prepared>> {
+        let bytes = self.blob.get_range(self.input_key, unit.byte_offset..unit.byte_offset + unit.byte_len).await.ctx("reading the input file")?;
+        let mut out = Vec::with_capacity(unit.line_count as usize);
+        let mut splitter = LineSplitter::new(usize::MAX, unit.first_line, 0);
+        let mut spans = Vec::with_capacity(unit.line_count as usize);
+        let mut keep = |l: super::lines::RawLine<'_>| {
+            if !l.is_blank() {
+                spans.push((l.no, l.offset as usize, l.bytes.len()));
+            }
+        };
+        splitter.feed(&bytes, &mut keep);
+        splitter.finish(&mut keep);
+        for (no, off, len) in spans {
+            out.push(self.prepare(bytes.slice(off..off + len), no, unit));
+        }
+        Ok(out)
+    }
+
+    /// An ordered unit: its entries from the order file, those not yet durable, then their
+    /// lines by ranged reads of the input (nearby ones together), in the order's order.
+    async fn pending_listed(&self, store: &dyn crate::store::Store, unit: &WorkUnit) -> Result<Vec<Prepared>> {
+        let key = order::order_key(self.batch_id);
+        let records = self.blob.get_range(&key, unit.byte_offset..unit.byte_offset + unit.byte_len).await.ctx("reading the dispatch order")?;
+        let mut entries = Entry::parse_all(&records);
+        let lines: Vec<u64> = entries.iter().map(|e| e.line).collect();
+        let done: HashSet<u64> = store.done_among(self.batch_id, &lines).await.ctx("reading the unit's finished lines")?.into_iter().collect();
+        entries.retain(|e| !done.contains(&e.line));
+        let spans = order::spans(&entries, READ_GAP, MAX_READ);
+        // Collected first: a lazy map over `spans` would make the future not `Send` enough.
+        let reads: Vec<_> = spans.iter().map(|(range, _)| self.blob.get_range(self.input_key, range.clone())).collect();
+        let chunks: Vec<Bytes> = futures::stream::iter(reads).buffered(READS_IN_FLIGHT).try_collect().await.ctx("reading the input file")?;
+        let mut lines: Vec<Option<Bytes>> = vec![None; entries.len()];
+        for ((range, members), chunk) in spans.iter().zip(chunks) {
+            for &i in members {
+                let at = (entries[i].offset - range.start) as usize;
+                lines[i] = Some(chunk.slice(at..at + entries[i].len as usize));
+            }
+        }
+        Ok(entries.iter().zip(lines).map(|(e, line)| self.prepare(line.expect("every entry is in a span"), e.line, unit)).collect())
+    }
+
+    fn prepare(&self, line: Bytes, no: u64, unit: &WorkUnit) -> Prepared {
+        let epoch = (unit.epoch > 0).then_some(unit.epoch);
+        prepare(line, no, unit.idx, epoch, self.format, self.batch_id, self.path)
+    }
+
+    /// Line `no` read outside any unit (a retry's copy).
+    pub fn prepare_line(&self, line: Bytes, no: u64) -> Prepared {
+        prepare(line, no, 0, None, self.format, self.batch_id, self.path)
+    }
 }
 
 fn prepare(line: Bytes, no: u64, unit_idx: i64, epoch: Option<i64>, format: InputFormat, batch_id: &Arc<str>, path: &Arc<str>) -> Prepared {

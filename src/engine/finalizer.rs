@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use super::dispatch::error_record;
 use super::error::{Context, Result};
-use super::feeder::unit_lines;
+use super::feeder::Source;
+use super::order::order_key;
 use super::Inner;
 use crate::blob::BlobWriter;
 use crate::store::{BatchRecord, BatchStatus, FileRecord, Finish, InputFormat, ResultRecord};
@@ -28,6 +29,10 @@ pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) ->
     let (output_file, error_file) = write_files(inner, b).await?;
     let finish = Finish { status, at: crate::now_unix(), output_file, error_file };
     inner.store.finish_batch(&b.id, &finish).await.ctx("recording the final status")?;
+    // Nothing reads the dispatch order of a final batch (a retry reads the input in file order).
+    if let Err(e) = inner.blob.delete(&order_key(&b.id)).await {
+        tracing::warn!(batch = %b.id, error = %crate::Chain(&e), "deleting the dispatch order failed");
+    }
     inner.live.outbox_changed();
     crate::memory::release_free_memory();
     tracing::info!(batch = %b.id, status = status.as_str(), "batch finished");
@@ -43,14 +48,13 @@ async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str)
     let file = inner.store.get_file(&b.tenant, &b.input_file_id, 0).await.ctx("reading the input file record")?;
     let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
     let format = b.input_format.unwrap_or(InputFormat::Full);
+    let src = Source { blob: &inner.blob, input_key: &file.blob_key, format, batch_id: &batch_id, path: &path };
     for unit in units {
-        let done: std::collections::HashSet<u64> = inner.store.done_lines(&b.id, &unit).await.ctx("reading finished lines")?.into_iter().collect();
-        if done.len() as u64 >= unit.line_count {
+        let lines = src.pending(&*inner.store, &unit).await?;
+        if lines.is_empty() {
             continue;
         }
-        let lines = unit_lines(&inner.blob, &file.blob_key, &unit, format, &batch_id, &path).await?;
-        let records: Vec<_> =
-            lines.iter().filter(|p| !done.contains(&p.line)).map(|p| ResultRecord { epoch: None, ..error_record(p, code, message) }).collect();
+        let records: Vec<_> = lines.iter().map(|p| ResultRecord { epoch: None, ..error_record(p, code, message) }).collect();
         inner.store.commit_results(&inner.node, &records).await.ctx("recording the unfinished lines")?;
     }
     Ok(())

@@ -8,7 +8,10 @@
 //! - `supervisor` finds batches with work and runs each one's steps, turning every failure
 //!   into a typed [`Error`]: it waits out an unavailable store, retries the unexpected a few
 //!   times, and fails the one batch whose step cannot succeed; it never stops itself;
-//! - [`validator`] streams the input once and cuts it into work units;
+//! - [`validator`] streams the input once and cuts it into work units; [`prefix`] keys each
+//!   line by the leading part the server will compute, and [`order`] sorts lines by those
+//!   keys (with `extsort`, the external sort the duplicate finder `dedup` uses too) into a
+//!   dispatch order whose ranges become the units, when lines share prefixes;
 //! - `runner` leases units and feeds their lines to the upstream pools; batches share a
 //!   pool fairly because each batch waits in the pool's FIFO queue with `2 × priority` feeders;
 //! - `dispatch` runs one line's attempts with back-off and turns the answer into a result;
@@ -30,12 +33,15 @@ mod cluster;
 mod dedup;
 mod dispatch;
 pub mod error;
+mod extsort;
 mod feeder;
 mod finalizer;
 pub mod health;
 mod janitor;
 pub mod lines;
 mod live;
+pub mod order;
+pub mod prefix;
 mod progress;
 pub mod rates;
 mod retry;

@@ -1,8 +1,9 @@
 //! The input of a retry batch: exactly the lines of a final batch that are in its error log
 //! (narrowed by kind and upstream status), with their `custom_id`s unchanged.
 //!
-//! Memory stays bounded whatever the batch's size: the input is read one work unit at a
-//! time, and the error log one page at a time, side by side. Both are in line order and
+//! Memory stays bounded whatever the batch's size: the input is streamed (in file order, not
+//! by work units, which may follow a dispatch order), and the error log is read one page at
+//! a time, side by side. Both are in line order and
 //! every error record names one input line by its (unique) `custom_id`, so a line is taken
 //! when it is the next error record's line. Lines are written as full batch lines (a bare
 //! body keeps its `line-N` id), so the new batch's results match the original lines.
@@ -12,8 +13,12 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use bytes::Bytes;
+use futures::StreamExt;
+
 use super::error::{Context, Result};
-use super::feeder::unit_lines;
+use super::feeder::Source;
+use super::lines::{LineSplitter, RawLine};
 use super::{Engine, Inner};
 use crate::store::{BatchRecord, FileRecord, InputFormat};
 
@@ -147,18 +152,33 @@ impl Engine {
     }
 }
 
-/// Streams the unit lines, writing those the error cursor takes; returns how many.
+/// Streams the input's lines, writing those the error cursor takes; returns how many.
 async fn copy_failed(inner: &Inner, b: &BatchRecord, filter: &RetryFilter, blob_key: &str, w: &mut crate::blob::BlobWriter) -> Result<u64> {
     let mut cursor = ErrorCursor { inner, batch_id: &b.id, filter, after: 0, page: VecDeque::new(), done: false };
     let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
-    let format = b.input_format.unwrap_or(InputFormat::Full);
-    let mut written = 0;
-    for unit in inner.store.units(&b.id).await.ctx("reading the work units")? {
+    let src = Source { blob: &inner.blob, input_key: blob_key, format: b.input_format.unwrap_or(InputFormat::Full), batch_id: &batch_id, path: &path };
+    let mut input = inner.blob.get_stream(blob_key).await.ctx("reading the input file")?;
+    let mut splitter = LineSplitter::new(usize::MAX, 1, 0);
+    let (mut written, mut more) = (0, true);
+    while more {
+        let mut lines = Vec::new();
+        let mut keep = |l: RawLine<'_>| {
+            if !l.is_blank() {
+                lines.push((l.no, Bytes::copy_from_slice(l.bytes)));
+            }
+        };
+        match input.next().await {
+            Some(chunk) => splitter.feed(&chunk.ctx("reading the input file")?, &mut keep),
+            None => {
+                splitter.finish(&mut keep);
+                more = false;
+            }
+        }
         let mut out = String::new();
-        let mut exhausted = false;
-        for p in unit_lines(&inner.blob, blob_key, &unit, format, &batch_id, &path).await? {
+        for (no, line) in lines {
+            let p = src.prepare_line(line, no);
             let Some((next, take)) = cursor.peek().await?.cloned() else {
-                exhausted = true;
+                more = false;
                 break;
             };
             if next != p.custom_id {
@@ -171,9 +191,6 @@ async fn copy_failed(inner: &Inner, b: &BatchRecord, filter: &RetryFilter, blob_
             cursor.page.pop_front();
         }
         w.write(out.as_bytes()).await.ctx("writing the retry input")?;
-        if exhausted {
-            break;
-        }
     }
     Ok(written)
 }

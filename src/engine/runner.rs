@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::error::{Context, Error, Result};
 use super::feeder::{self, RunCtx};
+use super::order::{order_key, Ordered};
 use super::validator::{validate_stream, Validator};
 use super::{finalizer, Active, Inner};
 use crate::store::{BatchRecord, BatchStatus, InputFormat, LineError};
@@ -80,8 +81,12 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> Result<()> {
     if let Some(dir) = inner.cfg.scratch_dir() {
         v = v.spill_to(dir);
     }
+    let v = v.order_by_prefix(inner.cfg.scratch_dir());
     let report = validate_stream(stream, file.bytes as u64, v).await.ctx("reading the input file")?;
     crate::memory::release_free_memory();
+    if let Some(order) = report.order {
+        store_order(inner, &b.id, order).await?;
+    }
     let now = crate::now_unix();
     if report.errors.is_empty() {
         inner.store.mark_validated(&b.id, &report.validated, now).await.ctx("recording the work units")?;
@@ -92,6 +97,36 @@ async fn validate(inner: &Inner, b: &BatchRecord) -> Result<()> {
     }
     inner.live.outbox_changed();
     Ok(())
+}
+
+/// Uploads a batch's dispatch order before its units, which read it, are recorded (a crash
+/// in between validates again and writes the same order again).
+async fn store_order(inner: &Inner, batch_id: &str, order: Ordered) -> Result<()> {
+    let mut w = inner.blob.writer(&order_key(batch_id));
+    let copied = copy_file(order.file, &mut w).await;
+    if copied.is_err() {
+        w.abort().await;
+        return copied;
+    }
+    w.finish().await.ctx("writing the dispatch order")?;
+    tracing::info!(batch = %batch_id, shared = order.shared, units = order.units.len(), "lines ordered by shared prefix");
+    Ok(())
+}
+
+/// Copies a local file into a blob writer, 256 KiB at a time.
+async fn copy_file(file: std::fs::File, w: &mut crate::blob::BlobWriter) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::from_std(file);
+    let io = |e: std::io::Error| crate::blob::Error::from(e);
+    file.rewind().await.map_err(io).ctx("reading the dispatch order")?;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = file.read(&mut buf).await.map_err(io).ctx("reading the dispatch order")?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.write(&buf[..n]).await.ctx("writing the dispatch order")?;
+    }
 }
 
 async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {

@@ -6,7 +6,10 @@
 //! format only what a report can list ([`MAX_ERRORS`]) is kept, plus counts. It reports
 //! every problem with its 1-based line (the [`MAX_ERRORS`] lowest lines, whatever order
 //! they are found in) and, for a good file, cuts it into work units (line ranges with their
-//! byte offsets; one per `unit_lines` lines, so a few hundred for a million lines).
+//! byte offsets; one per `unit_lines` lines, so a few hundred for a million lines). Asked
+//! to ([`Validator::order_by_prefix`]), it also keys every line by its prompt prefix
+//! (`engine::prefix`) and sorts them (`engine::order`, an external sort like the duplicate
+//! finder's): when the lines share prefixes, the units are cut from that order instead.
 
 use std::collections::{BTreeMap, BinaryHeap};
 use std::path::PathBuf;
@@ -15,6 +18,8 @@ use futures::{Stream, StreamExt};
 
 use super::dedup::{DupFinder, Duplicate};
 use super::lines::{Body, Field, LineSplitter, ParsedLine, RawLine};
+use super::order::{Cut, Entry, OrderBuilder, Ordered};
+use super::prefix::{self, PrefixKey};
 use crate::config::Limits;
 use crate::store::{InputFormat, LineError, Validated, WorkUnit};
 use crate::upstream::Router;
@@ -29,10 +34,14 @@ const MAX_CUSTOM_ID: usize = 512;
 const MAX_UNIT_BYTES: u64 = 2 << 20;
 
 /// What validation found, good or bad.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Report {
     pub errors: Vec<LineError>,
+    /// For a good file: its units, cut from the dispatch order when `order` is set.
     pub validated: Validated,
+    /// The dispatch order file, for a good file whose lines share prompt prefixes (only when
+    /// asked for with [`Validator::order_by_prefix`]).
+    pub order: Option<Ordered>,
     /// Requests and token estimates per model, as named in the lines.
     pub models: BTreeMap<String, ModelSummary>,
     pub estimated_input_tokens: u64,
@@ -64,6 +73,9 @@ pub struct Validator<'a> {
     requests: u64,
     units: Vec<WorkUnit>,
     open: Option<WorkUnit>,
+    /// Lines and their prefix keys, when units follow the prefix order.
+    order: Option<OrderBuilder>,
+    scratch: Option<PathBuf>,
 }
 
 /// The errors to report: the [`MAX_ERRORS`] with the lowest lines (file-level errors, which
@@ -153,13 +165,27 @@ impl<'a> Validator<'a> {
             requests: 0,
             units: vec![],
             open: None,
+            order: None,
+            scratch: None,
         }
+    }
+
+    /// Cuts units in prefix order when the lines share prefixes (see `engine::order`); the
+    /// sort spills to `dir` (or the system's temporary directory). Embeddings and
+    /// moderations, which a prefix cache does not serve, keep file order.
+    pub fn order_by_prefix(mut self, dir: Option<PathBuf>) -> Self {
+        if prefix::cacheable(self.endpoint) {
+            self.order = Some(OrderBuilder::new(dir.clone()));
+            self.scratch = dir;
+        }
+        self
     }
 
     /// Duplicate detection spills its sorted runs to an anonymous file in `dir` (by default
     /// the system's temporary directory): about 20 bytes plus the id per line.
     pub fn spill_to(mut self, dir: PathBuf) -> Self {
-        self.dups = DupFinder::new(Some(dir));
+        self.dups = DupFinder::new(Some(dir.clone()));
+        self.scratch = Some(dir);
         self
     }
 
@@ -197,6 +223,7 @@ impl<'a> Validator<'a> {
             Ok(p) => {
                 self.check(l.no, &p, l.bytes.len() as u64);
                 self.check_translation(l.no, &p, l.bytes);
+                self.add_to_order(l, &p);
             }
         }
     }
@@ -262,6 +289,22 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Keys the line by its prompt prefix, where its upstream orders by prefix (by its model
+    /// alone elsewhere, so that such lines keep their file order).
+    fn add_to_order(&mut self, l: RawLine<'_>, p: &ParsedLine<'_>) {
+        let Some(order) = &mut self.order else { return };
+        let model = p.model.as_str().unwrap_or_default();
+        let key = match p.body_bytes(l.bytes) {
+            Some(body) if self.router.prefix_ordered(model) => prefix::prefix_key(self.endpoint, model, body),
+            _ => PrefixKey::model_only(model),
+        };
+        let entry = Entry { line: l.no, offset: l.offset, len: l.bytes.len() as u32 };
+        if let Err(e) = order.add(&key, entry) {
+            self.spill_error.get_or_insert(e);
+            self.order = None;
+        }
+    }
+
     /// A line whose model is served by an upstream speaking another API (`api` in its
     /// configuration) is translated at dispatch; what cannot be translated is refused here,
     /// with the line's number and the parameter's name, before anything is sent. Only such
@@ -312,6 +355,7 @@ impl<'a> Validator<'a> {
             byte_offset: l.offset,
             byte_len: 0,
             epoch: 0,
+            ordered: false,
         });
         unit.end_line = l.no + 1;
         unit.byte_len = l.offset + l.len - unit.byte_offset;
@@ -372,9 +416,19 @@ impl<'a> Validator<'a> {
             errors.push(err("too_many_errors", None, None, m));
         }
         let model = (self.models.len() == 1).then(|| self.models.keys().next().cloned()).flatten();
+        let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES };
+        let order = match self.order.take().filter(|_| errors.is_empty()) {
+            Some(o) => o.finish(&self.batch_id, cut, self.scratch.clone())?,
+            None => None,
+        };
+        let units = match &order {
+            Some(o) => o.units.clone(),
+            None => self.units,
+        };
         Ok(Report {
             errors,
-            validated: Validated { total: self.requests, model, format, units: self.units, est_tokens: self.tokens },
+            order,
+            validated: Validated { total: self.requests, model, format, units, est_tokens: self.tokens },
             models: self.models,
             estimated_input_tokens: self.tokens,
         })

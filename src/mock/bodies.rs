@@ -36,6 +36,9 @@ const ECHO_CHARS: usize = 40;
 pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
+    /// Prompt tokens found in the prefix cache (reported only by the engine simulator, as
+    /// vLLM reports them in `prompt_tokens_details`).
+    pub cached: Option<u64>,
 }
 
 fn now_s() -> u64 {
@@ -103,7 +106,11 @@ fn first_text(v: Option<&Value>) -> &str {
 }
 
 fn usage_json(u: Usage) -> Value {
-    json!({"prompt_tokens": u.prompt, "completion_tokens": u.completion, "total_tokens": u.prompt + u.completion})
+    let mut v = json!({"prompt_tokens": u.prompt, "completion_tokens": u.completion, "total_tokens": u.prompt + u.completion});
+    if let Some(cached) = u.cached {
+        v["prompt_tokens_details"] = json!({"cached_tokens": cached});
+    }
+    v
 }
 
 fn chat(sh: &Shared, model: &str, req: &Value, u: Usage) -> Value {
@@ -133,7 +140,7 @@ fn responses(sh: &Shared, model: &str, req: &Value, u: Usage) -> Value {
         "output": [{"type": "message", "id": sh.new_id("msg_"), "status": "completed", "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": u.prompt, "output_tokens": u.completion, "total_tokens": u.prompt + u.completion,
-                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+                  "input_tokens_details": {"cached_tokens": u.cached.unwrap_or(0)}, "output_tokens_details": {"reasoning_tokens": 0}},
     })
 }
 

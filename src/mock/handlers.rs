@@ -149,9 +149,14 @@ async fn serve(ep: Endpoint, sh: &Shared, headers: &HeaderMap, body: &Bytes, see
             Some(fail_response(status, retry_after_s, body_text))
         }
         Plan::Succeed { completion_tokens } => {
-            sleep_ms(base_ms + cfg.per_token_ms * completion_tokens as f64).await;
+            let per_token = if sh.sim.is_some() { 0.0 } else { cfg.per_token_ms * completion_tokens as f64 };
+            sleep_ms(base_ms + per_token).await;
+            let u = match usage(ep, sh, &req, body.len(), completion_tokens).await {
+                Ok(u) => u,
+                Err(refused) => return Some(refused),
+            };
             let encoding = ctl.as_ref().and_then(|c| c.encoding.as_deref()).filter(|e| accepts(headers, e));
-            Some(succeed(ep, sh, &req, body.len(), completion_tokens, encoding))
+            Some(succeed(ep, sh, &req, u, encoding))
         }
     }
 }
@@ -212,8 +217,27 @@ async fn sleep_ms(ms: f64) {
     }
 }
 
-fn succeed(ep: Endpoint, sh: &Shared, req: &Value, body_len: usize, completion_tokens: u32, encoding: Option<&str>) -> Response {
-    let mut u = Usage { prompt: (body_len as u64 / 4).max(1), completion: u64::from(completion_tokens) };
+/// The token counts of a successful answer: bytes / 4 of the body and the configured
+/// completion, or what the engine simulator computed (its refusal is a ready answer).
+async fn usage(ep: Endpoint, sh: &Shared, req: &Value, body_len: usize, completion_tokens: u32) -> Result<Usage, Response> {
+    let Some(sim) = &sh.sim else {
+        return Ok(Usage { prompt: (body_len as u64 / 4).max(1), completion: u64::from(completion_tokens), cached: None });
+    };
+    let output = if ep.generates() { requested_max(req).unwrap_or(completion_tokens) } else { 0 };
+    match sim.run(super::sim::prompt::tokens(ep, req), output).await {
+        Ok(d) => Ok(Usage { prompt: d.prompt_tokens.into(), completion: d.output_tokens.into(), cached: Some(d.cached_tokens.into()) }),
+        Err(super::sim::SimError::Refused(r)) => Err(error_response(400, &r.to_string())),
+        Err(e @ super::sim::SimError::Stopped) => Err(error_response(503, &e.to_string())),
+    }
+}
+
+/// The output length a request asks for (`max_tokens` and its newer spellings): the engine
+/// simulator generates exactly that many tokens, as a benchmark run with `ignore_eos` does.
+fn requested_max(req: &Value) -> Option<u32> {
+    ["max_tokens", "max_completion_tokens", "max_output_tokens"].iter().find_map(|k| req.get(*k)?.as_u64()).map(|n| n.min(u64::from(u32::MAX)) as u32)
+}
+
+fn succeed(ep: Endpoint, sh: &Shared, req: &Value, mut u: Usage, encoding: Option<&str>) -> Response {
     if ep == Endpoint::Messages {
         u = super::messages::usage(req, u);
     }
@@ -352,10 +376,14 @@ pub async fn get_stats(State(sh): St, Query(q): Query<StatsQuery>) -> Response {
     json_response(StatusCode::OK, &serde_json::to_value(sh.stats(window, ids)).unwrap_or_default())
 }
 
-/// `GET /metrics`: the queue for `slots` as vLLM reports it.
+/// `GET /metrics`: the engine simulator's state, or the queue for `slots`, as vLLM reports it.
 pub async fn metrics(State(sh): St) -> Response {
     let queued = sh.queued.load(Relaxed);
-    let waiting = queued as f64 + sh.behaviour().extra_waiting;
+    let extra = sh.behaviour().extra_waiting;
+    if let Some(sim) = &sh.sim {
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], super::sim::metrics_text(sim, queued as f64 + extra)).into_response();
+    }
+    let waiting = queued as f64 + extra;
     let running = sh.in_flight().saturating_sub(queued);
     let text = format!(
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n# TYPE vllm:num_requests_waiting gauge\n\

@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn answers_stop_as_the_request_says() {
-        let u = Usage { prompt: 5, completion: 16 };
+        let u = Usage { prompt: 5, completion: 16, cached: None };
         let req =
             json!({"max_tokens": 100, "messages": [{"role": "user", "content": "count to three, then END and more"}], "stop_sequences": ["END", "three"]});
         let (content, stop, seq) = text_answer(&req, u);

@@ -33,6 +33,7 @@ mod bodies;
 mod handlers;
 mod limits;
 mod messages;
+pub mod sim;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -101,6 +102,8 @@ pub struct MockArgs {
     /// nginx `limit_req` rate in requests per second, no burst, 429 with no header (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub limit_rps: f64,
+    #[command(flatten)]
+    pub sim: sim::SimArgs,
 }
 
 impl Default for MockArgs {
@@ -121,6 +124,7 @@ impl Default for MockArgs {
             rpm: 0.0,
             tpm: 0.0,
             limit_rps: 0.0,
+            sim: sim::SimArgs::default(),
         }
     }
 }
@@ -140,6 +144,7 @@ impl MockServer {
     /// Binds, starts serving in a background tokio task, returns at once.
     pub async fn start(args: MockArgs) -> std::io::Result<MockServer> {
         Behaviour::from_args(&args).validate().map_err(std::io::Error::other)?;
+        args.sim.validate().map_err(std::io::Error::other)?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);

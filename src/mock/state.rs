@@ -223,6 +223,8 @@ pub struct Shared {
     pub limits: super::limits::Limits,
     pub queued: AtomicU64,
     pub compressed: AtomicU64,
+    /// The engine simulator answering successes (`--engine-sim`).
+    pub sim: Option<super::sim::Sim>,
 }
 
 /// Decrements `in_flight` when dropped, so cancelled requests are accounted for.
@@ -273,6 +275,7 @@ impl Shared {
             limits: super::limits::Limits::new(&Behaviour::from_args(args)),
             queued: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
+            sim: args.sim.engine_sim.then(|| super::sim::Sim::start(&args.sim)),
         }
     }
 

@@ -41,6 +41,8 @@ fn units(batch: &str, n: i64, lines_per_unit: u64) -> Vec<WorkUnit> {
             byte_offset: i as u64 * 100,
             byte_len: 100,
             epoch: 0,
+            // The second unit lists its lines in an order file: the flag must round-trip.
+            ordered: i == 1,
         })
         .collect()
 }
@@ -282,8 +284,13 @@ pub async fn results_idempotent(store: &dyn Store) {
     let b = store.get_batch(None, "batch_rs").await.unwrap();
     assert_eq!((b.completed, b.failed), (12, 8));
     assert_eq!(b.usage.total_tokens, 100);
-    let unit = &store.units("batch_rs").await.unwrap()[0];
+    let all_units = store.units("batch_rs").await.unwrap();
+    assert_eq!(all_units.iter().map(|u| u.ordered).collect::<Vec<_>>(), [false, true]);
+    let unit = &all_units[0];
     assert_eq!(store.done_lines("batch_rs", unit).await.unwrap(), (1..=10).collect::<Vec<_>>());
+    let asked: Vec<u64> = [25, 3, 19, 4000, 7].into_iter().chain(30..1000).collect();
+    assert_eq!(store.done_among("batch_rs", &asked).await.unwrap(), [3, 7, 19], "lines of an ordered unit, asked in any order, over several statements");
+    assert!(store.done_among("batch_rs", &[]).await.unwrap().is_empty());
     assert!(store.lease_unit("batch_rs", "n", LONG).await.unwrap().is_none(), "done units are not leased");
     let (all, last) = store.results_chunk("batch_rs", None, 0, 100).await.unwrap().unwrap();
     let ids: Vec<String> = all.lines().map(str::to_owned).collect();

@@ -184,6 +184,9 @@ pub trait Work: Send + Sync {
     async fn units(&self, batch_id: &str) -> Result<Vec<WorkUnit>>;
     /// Line numbers of the unit that already have a durable result.
     async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>>;
+    /// Those of `lines` (line numbers of one batch, any order) that already have a durable
+    /// result, ascending: the finished lines of a unit that lists its lines (`ordered`).
+    async fn done_among(&self, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>>;
     /// Appends results in one transaction, counting only lines not recorded before and
     /// ignoring lines of batches already final; checks each leased unit's epoch and owner
     /// against `node` (see [`CommitOutcome::lost`]).

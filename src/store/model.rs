@@ -185,24 +185,29 @@ impl BatchRecord {
     }
 }
 
-/// A range of input lines, leased and run as one piece of work.
+/// A range of input lines, leased and run as one piece of work; or, for a batch dispatched in
+/// prefix order (`ordered`), a range of its order file (`engine::order`).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct WorkUnit {
     pub batch_id: String,
     pub idx: i64,
-    /// Physical 1-based number of the unit's first line.
+    /// Physical 1-based number of the unit's first line (ordered: its lowest line).
     #[sqlx(try_from = "i64")]
     pub first_line: u64,
-    /// Physical 1-based number one past the unit's last line.
+    /// Physical 1-based number one past the unit's last line (ordered: past its highest).
     #[sqlx(try_from = "i64")]
     pub end_line: u64,
     /// Number of request lines (blank lines excluded) in the unit.
     #[sqlx(try_from = "i64")]
     pub line_count: u64,
+    /// The unit's bytes: of the input file, or (ordered) of the batch's order file.
     #[sqlx(try_from = "i64")]
     pub byte_offset: u64,
     #[sqlx(try_from = "i64")]
     pub byte_len: u64,
+    /// The unit lists its lines in the batch's order file rather than holding a range of
+    /// the input (`engine::order`).
+    pub ordered: bool,
     /// Lease epoch: raised by one each time the unit is leased, so a commit can tell whether
     /// the lease it worked under is still the current one (0: never leased).
     pub epoch: i64,

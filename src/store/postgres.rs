@@ -151,6 +151,17 @@ impl Dialect for Postgres {
         Ok(stmt.scalars::<i64>(&mut *pool.acquire().await.map_err(Self::error)?).await?.into_iter().map(|l| l as u64).collect())
     }
 
+    async fn done_among(_log: &(), pool: &Pool<Self>, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>> {
+        let lines: Vec<i64> = lines.iter().map(|&l| l as i64).collect();
+        let done: Vec<i64> = sqlx::query_scalar("SELECT line FROM results WHERE batch_id = $1 AND line = ANY($2::bigint[]) ORDER BY line")
+            .bind(batch_id)
+            .bind(lines)
+            .fetch_all(&mut *pool.acquire().await.map_err(Self::error)?)
+            .await
+            .map_err(Self::error)?;
+        Ok(done.into_iter().map(|l| l as u64).collect())
+    }
+
     async fn results_chunk(_log: &(), pool: &Pool<Self>, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
         let mut s =
             Self::sql("SELECT string_agg(record, E'\\n' ORDER BY line), max(line) FROM (SELECT record, line FROM results WHERE batch_id = $1 AND line > $2")

@@ -134,6 +134,23 @@ impl Dialect for Sqlite {
         Ok(stmt.scalars::<i64>(conn).await?.into_iter().map(key_line).collect())
     }
 
+    /// `key IN (...)`, a statement per [`ROWS_PER_INSERT`] lines.
+    async fn done_among(log: &Seqs, pool: &Pool<Self>, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>> {
+        let conn = &mut *pool.acquire().await.map_err(Self::error)?;
+        let seq = log.seq(conn, batch_id).await?;
+        let mut done = Vec::new();
+        for chunk in lines.chunks(ROWS_PER_INSERT) {
+            let mut s = Self::sql("SELECT key FROM results WHERE key IN (");
+            for (i, &line) in chunk.iter().enumerate() {
+                s.push(if i == 0 { "" } else { ", " }).push_bind(result_key(seq, line));
+            }
+            s.push(")");
+            done.extend(s.one_off().scalars::<i64>(conn).await?.into_iter().map(key_line));
+        }
+        done.sort_unstable();
+        Ok(done)
+    }
+
     async fn results_chunk(log: &Seqs, pool: &Pool<Self>, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
         let conn = &mut *pool.acquire().await.map_err(Self::error)?;
         let seq = log.seq(conn, batch_id).await?;

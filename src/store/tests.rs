@@ -282,7 +282,17 @@ mod postgres {
         let store = std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
         store.insert_file(&conformance::sample_file("rc", "file-rc")).await.unwrap();
         store.insert_batch(&conformance::sample_batch("rc", "batch_rc", "file-rc"), None).await.unwrap();
-        let unit = WorkUnit { batch_id: "batch_rc".into(), idx: 0, first_line: 1, end_line: 1001, line_count: 1000, byte_offset: 0, byte_len: 1, epoch: 0 };
+        let unit = WorkUnit {
+            batch_id: "batch_rc".into(),
+            idx: 0,
+            first_line: 1,
+            end_line: 1001,
+            line_count: 1000,
+            byte_offset: 0,
+            byte_len: 1,
+            epoch: 0,
+            ordered: false,
+        };
         let v = Validated { total: 1000, model: None, format: InputFormat::Full, units: vec![unit], est_tokens: 0 };
         assert!(store.mark_validated("batch_rc", &v, 1).await.unwrap());
         let nodes: Vec<_> = (0..4)
@@ -327,6 +337,7 @@ mod postgres {
                 byte_offset: 0,
                 byte_len: 1,
                 epoch: 0,
+                ordered: false,
             })
             .collect();
         let v = Validated { total: 1000, model: None, format: InputFormat::Full, units, est_tokens: 0 };

@@ -167,6 +167,12 @@ impl Router {
         Ok(())
     }
 
+    /// Whether lines for `model` are dispatched in prefix order: a pool serving it says so
+    /// (`prefix_order`, on by default). Allocates nothing.
+    pub fn prefix_ordered(&self, model: &str) -> bool {
+        self.pools.iter().any(|p| p.cfg.prefix_order && resolve_in(&p.cfg, model).is_some())
+    }
+
     pub fn knows(&self, model: &str) -> bool {
         self.pools.iter().any(|p| resolve_in(&p.cfg, model).is_some())
     }

@@ -24,14 +24,14 @@ use batchd::store::testing::TestDatabase;
 use serde_json::{json, Value};
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.
-struct Shared {
+pub(crate) struct Shared {
     db: TestDatabase,
     bucket: Option<TestBucket>,
     dir: tempfile::TempDir,
 }
 
 impl Shared {
-    async fn new(test: &str) -> Option<Shared> {
+    pub(crate) async fn new(test: &str) -> Option<Shared> {
         let db = TestDatabase::create(test).await?;
         let bucket = TestBucket::create(test).await;
         Some(Shared { db, bucket, dir: tempfile::tempdir().unwrap() })
@@ -52,7 +52,7 @@ impl Shared {
         self.bucket.as_ref().map(|b| b.env().into_iter().map(|(k, v)| (k.to_string(), v)).collect()).unwrap_or_default()
     }
 
-    fn node(&self, config: &str) -> Server {
+    pub(crate) fn node(&self, config: &str) -> Server {
         self.node_on(config, &self.db.url)
     }
 
@@ -68,7 +68,7 @@ fn cluster_config(base_url: &str, concurrency: usize) -> String {
 }
 
 /// Upstream requests one node has sent, from its `/metrics` (summed over labels).
-async fn node_requests(s: &Server) -> u64 {
+pub(crate) async fn node_requests(s: &Server) -> u64 {
     let text = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
     text.lines()
         .filter(|l| l.starts_with("batchd_upstream_requests_total"))

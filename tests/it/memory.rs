@@ -78,19 +78,30 @@ fn peak_heap<T>(f: impl FnOnce() -> T) -> (T, usize) {
 /// duplicate finder's run buffer), where every 25,000th line repeats the `custom_id` of
 /// line 1; returns the report and the peak of heap bytes allocated meanwhile.
 fn validate(router: &Router, n: usize) -> (Report, usize) {
+    validate_lines(router, n, false, |i| {
+        let id = if i > 0 && i % 25_000 == 0 { 0 } else { i };
+        format!(
+            r#"{{"custom_id":"req-{id:0>96}","method":"POST","url":"/v1/chat/completions","body":{{"model":"m","messages":[{{"role":"user","content":"line {i}"}}]}}}}"#
+        )
+    })
+}
+
+/// Validates `n` lines made by `line(i)`, in prefix order if `ordered`; the report and the
+/// peak of heap bytes allocated meanwhile.
+fn validate_lines(router: &Router, n: usize, ordered: bool, line: impl Fn(usize) -> String) -> (Report, usize) {
     let limits = Limits { max_lines: 10_000_000, max_file_bytes: u64::MAX, ..Limits::default() };
     let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
     peak_heap(move || {
         let mut v = Validator::new("batch_memory", "/v1/chat/completions", router, limits, 2000);
+        if ordered {
+            v = v.order_by_prefix(None);
+        }
         let mut splitter = LineSplitter::new(limits.max_line_bytes as usize, 1, 0);
         let mut i = 0;
         while i < n {
             chunk.clear();
-            while chunk.len() < (1 << 20) - 512 && i < n {
-                let id = if i > 0 && i % 25_000 == 0 { 0 } else { i };
-                let line = format!(
-                    r#"{{"custom_id":"req-{id:0>96}","method":"POST","url":"/v1/chat/completions","body":{{"model":"m","messages":[{{"role":"user","content":"line {i}"}}]}}}}"#
-                );
+            while chunk.len() < (1 << 20) - 1024 && i < n {
+                let line = line(i);
                 chunk.extend_from_slice(line.as_bytes());
                 chunk.push(b'\n');
                 i += 1;
@@ -124,4 +135,35 @@ fn validation_memory_does_not_grow_with_lines() {
     }
     assert!(big_peak < 10 << 20, "validating 80,000 lines peaked at {big_peak} heap bytes");
     assert!(big_peak < small_peak + (256 << 10), "twice the lines took more memory: {small_peak} → {big_peak} bytes");
+}
+
+/// Issue 26: keying every line by its prompt prefix and sorting the lines into a dispatch
+/// order keeps validation's memory flat too: a million lines take no more heap than two
+/// hundred thousand, where both sorts (duplicates and order) already spill sorted runs to
+/// anonymous files; the order itself is written to another, and only the units (a few
+/// hundred) stay in memory.
+#[test]
+fn ordering_memory_does_not_grow_with_lines() {
+    let mut raw = RawConfig::default();
+    raw.upstreams.push(RawUpstream { name: "any".into(), base_url: "http://127.0.0.1:9/v1".into(), models: vec!["*".into()], ..Default::default() });
+    let router = Router::new(&raw.resolve().unwrap().upstreams).unwrap();
+    let prompts: Vec<String> = (0..100).map(|p| format!("system prompt {p:03} ").repeat(20)).collect();
+    let line = |i: usize| {
+        format!(
+            r#"{{"custom_id":"r{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"m","messages":[{{"role":"system","content":"{}"}},{{"role":"user","content":"q{i}"}}]}}}}"#,
+            prompts[(i * 7919) % 100]
+        )
+    };
+    let (small, small_peak) = validate_lines(&router, 200_000, true, line);
+    let (big, big_peak) = validate_lines(&router, 1_000_000, true, line);
+    println!("peak heap in prefix order: {small_peak} bytes for 200,000 lines, {big_peak} bytes for 1,000,000 lines");
+    for (r, n) in [(&small, 200_000u64), (&big, 1_000_000)] {
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let order = r.order.as_ref().expect("the lines share 100 prompts: ordered");
+        assert_eq!(order.len, n * 20, "one record per line");
+        assert_eq!(r.validated.units.iter().map(|u| u.line_count).sum::<u64>(), n);
+        assert!(r.validated.units.iter().all(|u| u.ordered));
+    }
+    assert!(big_peak < 16 << 20, "ordering 1,000,000 lines peaked at {big_peak} heap bytes");
+    assert!(big_peak < small_peak + (1 << 20), "five times the lines took more memory: {small_peak} → {big_peak} bytes");
 }

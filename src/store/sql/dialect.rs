@@ -83,6 +83,8 @@ pub trait Dialect: Database + Sized {
     async fn insert_results<'a>(log: &Self::Log, conn: &mut Self::Connection, live: &[&'a ResultRecord]) -> Result<Vec<&'a ResultRecord>>;
     /// See [`crate::store::Work::done_lines`].
     async fn done_lines(log: &Self::Log, pool: &Pool<Self>, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>>;
+    /// See [`crate::store::Work::done_among`].
+    async fn done_among(log: &Self::Log, pool: &Pool<Self>, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>>;
     /// See [`crate::store::Work::results_chunk`].
     async fn results_chunk(log: &Self::Log, pool: &Pool<Self>, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>>;
     /// See [`crate::store::Work::result_by_custom_id`].

@@ -68,13 +68,13 @@ impl<D: Dialect> SqlStore<D> {
     /// Inserts a validated batch's work units, a multi-row statement per chunk.
     async fn insert_units(conn: &mut D::Connection, id: &str, units: &[WorkUnit]) -> Result<()> {
         for chunk in units.chunks(ROWS_PER_STATEMENT) {
-            let mut s = D::sql("INSERT INTO units (batch_id, idx, first_line, end_line, line_count, byte_offset, byte_len) VALUES ");
+            let mut s = D::sql("INSERT INTO units (batch_id, idx, first_line, end_line, line_count, byte_offset, byte_len, ordered) VALUES ");
             for (i, u) in chunk.iter().enumerate() {
                 s.push(if i == 0 { "(" } else { ", (" }).push_bind(id);
                 for v in [u.idx, u.first_line as i64, u.end_line as i64, u.line_count as i64, u.byte_offset as i64, u.byte_len as i64] {
                     s.push(", ").push_bind(v);
                 }
-                s.push(")");
+                s.push(", ").push_bind(u.ordered).push(")");
             }
             s.one_off().execute(conn).await?;
         }
@@ -225,6 +225,10 @@ impl<D: Dialect> Work for SqlStore<D> {
 
     async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>> {
         D::done_lines(&self.log, &self.pool, batch_id, unit).await
+    }
+
+    async fn done_among(&self, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>> {
+        D::done_among(&self.log, &self.pool, batch_id, lines).await
     }
 
     async fn commit_results(&self, node: &str, results: &[ResultRecord]) -> Result<CommitOutcome> {

@@ -289,6 +289,9 @@ pub struct Controller {
     /// Answers and overloads of the last second or two (for clusters of overloads).
     answers: Accumulator,
     overloads: Accumulator,
+    /// Until when the stray overloads of late asked their lines to wait: once a cluster shows
+    /// the limit is the pool's, the pool waits as long.
+    stray_until: Option<Instant>,
     last_send: Option<Instant>,
     /// When the rate-limit headers last said something.
     headers_at: Option<Instant>,
@@ -339,6 +342,7 @@ impl Controller {
             ramp: None,
             answers: Accumulator::new(now, Duration::from_secs(1)),
             overloads: Accumulator::new(now, Duration::from_secs(1)),
+            stray_until: None,
             last_send: None,
             headers_at: None,
         }
@@ -600,10 +604,14 @@ impl Controller {
         self.overloads.add(now, 1.0);
         // No request left, or too few tokens for this one, explain a 429: pacing by the
         // headers is the cure, not a smaller window or a learned rate.
-        let explained = obs.signal == Signal::RateLimited && self.headers_explain(t, obs.headers);
-        if !explained && obs.retry_after.is_some_and(|d| !d.is_zero()) && !self.clustered(now) {
-            // Stray: the line waits out its own Retry-After; the pool goes on.
-            return;
+        let explained = obs.signal == Signal::RateLimited && self.headers_explain(now, t, obs.headers);
+        let asked = obs.retry_after.filter(|d| !d.is_zero());
+        if let (false, Some(d)) = (explained, asked) {
+            self.stray_until = self.stray_until.max(Some(now + d));
+            if !self.clustered(now) {
+                // Stray: the line waits out its own Retry-After; the pool goes on.
+                return;
+            }
         }
         if !explained && self.fresh(now, t) {
             let recent = self.last_decrease.is_some_and(|d| now - d < RECENT_OVERLOAD);
@@ -626,6 +634,12 @@ impl Controller {
             _ if explained => self.header_wait(now, t.raw_tokens * self.token_scale).min(obs.retry_after.unwrap_or(MAX_PAUSE)).max(MIN_PAUSE),
             Some(d) if !d.is_zero() => d,
             _ => self.backoff_pause(),
+        };
+        // A cluster: the waits the stray ones asked for were the pool's too.
+        let clustered = !explained && self.clustered(now);
+        let wait = match self.stray_until {
+            Some(u) if clustered && u > now => wait.max(u - now),
+            _ => wait,
         };
         let detail = match obs.retry_after {
             Some(d) if !explained => format!("{} from upstream; retry-after {}", obs.detail, human(d)),
@@ -781,8 +795,15 @@ impl Controller {
     /// plus `max_tokens` its own way), or others use the same key. The token scale grows
     /// (to at least what the tokens left prove), and the 429 is the headers' to cure, not
     /// the window's.
-    fn headers_explain(&mut self, t: &Ticket, h: &RateHeaders) -> bool {
+    fn headers_explain(&mut self, now: Instant, t: &Ticket, h: &RateHeaders) -> bool {
         if h.requests.remaining.is_some_and(|r| r < 1.0) {
+            // Nothing was left when this request came, whatever order its answer came back
+            // in: the bucket holds at most what refilled since, less what was sent after it.
+            let sent_after = (self.seq - t.seq - 1) as f64;
+            if let Some(b) = &mut self.header_requests {
+                let cur = (b.tokens + (now - b.at).as_secs_f64() * b.per_sec).min(b.capacity);
+                (b.tokens, b.at) = (cur.min(-sent_after), now);
+            }
             return true;
         }
         let Some(left) = h.tokens.remaining else { return false };

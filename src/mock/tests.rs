@@ -372,10 +372,12 @@ async fn server_side_limits_queue_and_metrics() {
     assert!(t.elapsed() >= Duration::from_millis(2000), "one slot: the second request waited for the first");
     assert!(metrics.contains(want), "1 queued + 2 extra: {metrics}");
 
-    client.post(&url).json(&json!({"slots": 0, "latency_ms": 0, "rpm": 120, "limit_start": 0.01})).send().await.unwrap();
+    // 6 rpm with one request's worth left: the next token is 10 s away, however slow the
+    // machine is between the two requests.
+    client.post(&url).json(&json!({"slots": 0, "latency_ms": 0, "rpm": 6, "limit_start": 0.17})).send().await.unwrap();
     let ok = post(&srv, "/chat/completions", &body, None).await;
     assert_eq!(ok.status(), StatusCode::OK);
-    assert_eq!(header(&ok, "x-ratelimit-limit-requests"), Some("120"));
+    assert_eq!(header(&ok, "x-ratelimit-limit-requests"), Some("6"));
     assert_eq!(header(&ok, "x-ratelimit-remaining-requests"), Some("0"));
     let limited = post(&srv, "/chat/completions", &body, None).await;
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);

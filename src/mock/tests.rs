@@ -259,10 +259,10 @@ async fn max_in_window_finds_densest_burst() {
         let srv = &srv;
         futures::future::join_all((0..n).map(move |_| async move { post(srv, "/embeddings", &json!({"input": "w"}), None).await }))
     };
-    // Bursts 1.5 s apart and a window of 1 s: a loaded machine may spread a burst's arrivals
-    // over a few hundred milliseconds, never over a second, nor bring the two together.
+    // The gap is long and the window wide, so that a loaded machine spreading a burst over
+    // a few hundred milliseconds still finds the same answer.
     burst(5).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     burst(3).await;
     let get = |q: &'static str| {
         let url = format!("http://{}/stats?window_ms={q}", srv.addr());
@@ -339,9 +339,8 @@ async fn seeded_faults_are_reproducible_and_proportional() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_limits_queue_and_metrics() {
-    // Latencies of seconds, so that a loaded machine cannot finish one request before the
-    // others of the same join arrive.
-    let srv = start(MockArgs { latency_ms: 2000, capacity: 2, ..args() }).await;
+    // Latencies long enough that a loaded machine still has all three requests in flight at once.
+    let srv = start(MockArgs { latency_ms: 1000, capacity: 2, ..args() }).await;
     let body = chat_body("x");
     let three = futures::future::join_all((0..3).map(|_| post(&srv, "/chat/completions", &body, None))).await;
     let mut statuses: Vec<u16> = three.iter().map(|r| r.status().as_u16()).collect();
@@ -352,24 +351,22 @@ async fn server_side_limits_queue_and_metrics() {
 
     let url = format!("http://{}/config", srv.addr());
     let client = Client::new();
-    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 1000, "extra_waiting": 2})).send().await.unwrap();
+    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 500, "extra_waiting": 2})).send().await.unwrap();
     let t = Instant::now();
     let two = futures::future::join_all((0..2).map(|_| post(&srv, "/chat/completions", &body, None)));
     let want = "vllm:num_requests_waiting{model_name=\"mock-model\"} 3";
     let metrics = async {
+        // Read while the first request holds the slot (500 ms): 1 queued + 2 extra.
         let mut text = String::new();
-        for _ in 0..30 {
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        while t.elapsed() < Duration::from_millis(450) && !text.contains(want) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
-            if text.contains(want) {
-                break;
-            }
         }
         text
     };
     let (two, metrics) = tokio::join!(two, metrics);
     assert!(two.iter().all(|r| r.status() == StatusCode::OK));
-    assert!(t.elapsed() >= Duration::from_millis(2000), "one slot: the second request waited for the first");
+    assert!(t.elapsed() >= Duration::from_millis(1000), "one slot: the second request waited for the first");
     assert!(metrics.contains(want), "1 queued + 2 extra: {metrics}");
 
     // 6 rpm with one request's worth left: the next token is 10 s away, however slow the

@@ -358,10 +358,9 @@ async fn server_side_limits_queue_and_metrics() {
     let metrics = async {
         // Read while the first request holds the slot (2 s): 1 queued + 2 extra. At least one
         // read, however late a loaded machine lets it start.
-        let mut text = String::new();
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
+            let text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
             if text.contains(want) || t.elapsed() > Duration::from_millis(1800) {
                 break text;
             }

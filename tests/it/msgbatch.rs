@@ -341,3 +341,44 @@ async fn kill9_mid_batch_every_custom_id_once() {
     assert_eq!(results.len(), N, "every custom_id exactly once");
     assert!(results.values().all(|r| r["type"] == "succeeded"));
 }
+
+/// `batchd run` on `{"custom_id", "params"}` lines: run as a Message Batch, its output and
+/// errors files in Anthropic's result lines; through an Anthropic upstream (a 400 in the
+/// errors file) and through an OpenAI-compatible one (every request translated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_run_takes_and_writes_anthropics_format() {
+    let m = mock(MockArgs::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lines: Vec<String> = (0..6).map(|i| request(&format!("r{i}"), "claude-x", if i == 4 { json!({"mock": {"status": 400}}) } else { json!({}) }).to_string()).collect();
+    std::fs::write(d.join("in.jsonl"), jsonl(&lines)).unwrap();
+    std::fs::write(d.join("batchd.toml"), format!("[[upstreams]]\nname = \"a\"\nbase_url = \"{}\"\napi = \"anthropic\"\nmodels = [\"*\"]\n", m.base_url())).unwrap();
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(BIN);
+        c.current_dir(d).env_remove("BATCHD_UPSTREAM").env_remove("BATCHD_CONFIG").args(args);
+        finish(c, secs(60))
+    };
+    let read = |name: &str| -> Vec<Value> { std::fs::read_to_string(d.join(name)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+
+    let r = run(&["run", "in.jsonl", "--config", "batchd.toml", "-o", "out.jsonl", "--errors", "err.jsonl", "-q"]);
+    assert_eq!(r.code, 4, "one request failed: {}", r.stderr);
+    let (out, err) = (by_custom_id(&read("out.jsonl")), by_custom_id(&read("err.jsonl")));
+    assert_eq!((out.len(), err.len()), (5, 1));
+    assert!(out.values().all(|r| r["type"] == "succeeded" && r["message"]["type"] == "message"), "{out:?}");
+    assert_eq!(out["r2"]["message"]["content"][0]["text"], "echo: hello from r2", "each answer belongs to its request");
+    assert_eq!(err["r4"]["type"], "errored");
+    assert_eq!(err["r4"]["error"]["error"]["type"], "invalid_request_error");
+
+    let plain: Vec<String> = (0..4).map(|i| request(&format!("p{i}"), "local-x", json!({"system": "Be brief."})).to_string()).collect();
+    std::fs::write(d.join("plain.jsonl"), jsonl(&plain)).unwrap();
+    let r = run(&["run", "plain.jsonl", "--upstream", &m.base_url(), "-o", "p.out.jsonl", "--errors", "p.err.jsonl", "-q"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = by_custom_id(&read("p.out.jsonl"));
+    assert_eq!(out.len(), 4);
+    for (cid, r) in &out {
+        assert_eq!(r["type"], "succeeded");
+        assert!(r["message"]["id"].as_str().unwrap().starts_with("msg_"), "translated back into a Message: {r}");
+        assert_eq!(r["message"]["content"][0]["text"], format!("echo: hello from {cid}"));
+    }
+    assert!(read("p.err.jsonl").is_empty());
+}

@@ -21,10 +21,10 @@ use clap::Args;
 use tokio::io::AsyncReadExt;
 
 use super::progress::{Display, Snapshot};
+use crate::api::message_batches::{anthropic_lines, intake::LINE_URL};
 use crate::blob::Blob;
 use crate::config::RawConfig;
 use crate::engine::Engine;
-use crate::api::message_batches::{anthropic_lines, intake::LINE_URL};
 use crate::store::{BatchApi, BatchRecord, BatchStatus, FileRecord, Store};
 use crate::upstream::Router;
 

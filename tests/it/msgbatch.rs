@@ -20,7 +20,10 @@ const BOB: &str = "sk-bob";
 /// the same mock), tenants alice and bob.
 fn server(m: &MockServer, upstream_extra: &str, extra: &str) -> Server {
     let up = |name: &str, api: &str, model: &str| {
-        format!("[[upstreams]]\nname = \"{name}\"\nbase_url = \"{}\"\napi = \"{api}\"\napi_key_env = \"{KEY_ENV}\"\nmodels = [\"{model}\"]\n{upstream_extra}\n", m.base_url())
+        format!(
+            "[[upstreams]]\nname = \"{name}\"\nbase_url = \"{}\"\napi = \"{api}\"\napi_key_env = \"{KEY_ENV}\"\nmodels = [\"{model}\"]\n{upstream_extra}\n",
+            m.base_url()
+        )
     };
     let cfg = format!(
         "{}{}\n[batches]\ncompletion_windows = [\"24h\", \"3s\"]\n\n[[tenants]]\nname = \"alice\"\napi_keys = [\"{ALICE}\"]\n[[tenants]]\nname = \"bob\"\napi_keys = [\"{BOB}\"]\n{extra}\n",
@@ -350,9 +353,11 @@ async fn batchd_run_takes_and_writes_anthropics_format() {
     let m = mock(MockArgs::default()).await;
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let lines: Vec<String> = (0..6).map(|i| request(&format!("r{i}"), "claude-x", if i == 4 { json!({"mock": {"status": 400}}) } else { json!({}) }).to_string()).collect();
+    let lines: Vec<String> =
+        (0..6).map(|i| request(&format!("r{i}"), "claude-x", if i == 4 { json!({"mock": {"status": 400}}) } else { json!({}) }).to_string()).collect();
     std::fs::write(d.join("in.jsonl"), jsonl(&lines)).unwrap();
-    std::fs::write(d.join("batchd.toml"), format!("[[upstreams]]\nname = \"a\"\nbase_url = \"{}\"\napi = \"anthropic\"\nmodels = [\"*\"]\n", m.base_url())).unwrap();
+    std::fs::write(d.join("batchd.toml"), format!("[[upstreams]]\nname = \"a\"\nbase_url = \"{}\"\napi = \"anthropic\"\nmodels = [\"*\"]\n", m.base_url()))
+        .unwrap();
     let run = |args: &[&str]| {
         let mut c = std::process::Command::new(BIN);
         c.current_dir(d).env_remove("BATCHD_UPSTREAM").env_remove("BATCHD_CONFIG").args(args);

@@ -442,7 +442,8 @@ mod tests {
         let small = Limits { max_bytes: 300, ..LIMITS };
         assert!(matches!(intake(&format!(r#"{{"requests": [{}]}}"#, many.join(",")), small).await.0, Err(Refusal::TooLarge(300))));
         let big = req("big", &GOOD.replace("hi", &"h".repeat(2000)));
-        assert!(problems(intake(&format!(r#"{{"requests": [{big}]}}"#), Limits { max_bytes: 1 << 20, ..LIMITS }).await.0)[0].contains("requests.0: the request has"));
+        assert!(problems(intake(&format!(r#"{{"requests": [{big}]}}"#), Limits { max_bytes: 1 << 20, ..LIMITS }).await.0)[0]
+            .contains("requests.0: the request has"));
         assert_eq!(problems(intake(r#"{"requests": []}"#, LIMITS).await.0), ["requests: List should have at least 1 item"]);
         assert_eq!(problems(intake(r#"{}"#, LIMITS).await.0), ["requests: Field required"]);
         assert!(problems(intake(r#"{"requests": [1, "#, LIMITS).await.0).iter().any(|p| p.contains("not valid JSON")));

@@ -179,7 +179,12 @@ fn window(st: &AppState, asked: Option<&Value>) -> Result<(String, i64), ApiErro
     }
 }
 
-async fn retrieve(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTenant, headers: HeaderMap, Path(id): Path<String>) -> AnthropicResult<Json<Value>> {
+async fn retrieve(
+    State(st): State<AppState>,
+    AnthropicTenant(tenant): AnthropicTenant,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AnthropicResult<Json<Value>> {
     Ok(object(&headers, &tenant_batch(&st, &tenant, &id).await?))
 }
 
@@ -206,7 +211,12 @@ async fn list(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTena
     Ok(Json(json!({"data": data, "has_more": page.has_more, "first_id": first, "last_id": last})))
 }
 
-async fn cancel(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTenant, headers: HeaderMap, Path(id): Path<String>) -> AnthropicResult<Json<Value>> {
+async fn cancel(
+    State(st): State<AppState>,
+    AnthropicTenant(tenant): AnthropicTenant,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AnthropicResult<Json<Value>> {
     tenant_batch(&st, &tenant, &id).await?;
     let b = st.store.request_cancel(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_batch(&id).0))?;
     if b.status == crate::store::BatchStatus::Cancelling {

@@ -187,7 +187,8 @@ mod tests {
         );
         let refused = json!({"custom_id": "c", "response": null, "error": {"code": "unsupported_parameter", "message": "no"}});
         assert_eq!(individual_response(&refused)["result"]["error"]["error"], json!({"type": "invalid_request_error", "message": "no"}));
-        let too_large = json!({"custom_id": "c", "response": {"status_code": 413, "body": {"type": "error", "error": {"type": "request_too_large", "message": "big"}}}});
+        let too_large =
+            json!({"custom_id": "c", "response": {"status_code": 413, "body": {"type": "error", "error": {"type": "request_too_large", "message": "big"}}}});
         assert_eq!(individual_response(&too_large)["result"]["error"]["error"]["type"], "invalid_request_error");
         let cancelled = json!({"custom_id": "d", "response": null, "error": {"code": "batch_cancelled", "message": "x"}});
         assert_eq!(individual_response(&cancelled), json!({"custom_id": "d", "result": {"type": "canceled"}}));

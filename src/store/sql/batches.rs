@@ -120,9 +120,8 @@ impl<D: Dialect> Batches for SqlStore<D> {
 
     async fn list_batches(&self, tenant: &str, limit: u32, after: Option<&str>) -> Result<Page<BatchRecord>> {
         let cursor = self.cursor_seq("batches", tenant, after).await?;
-        let stmt = D::sql(
-            "SELECT * FROM batches WHERE tenant = $1 AND deleted_at IS NULL AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3",
-        );
+        let stmt =
+            D::sql("SELECT * FROM batches WHERE tenant = $1 AND deleted_at IS NULL AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3");
         let rows: Vec<BatchRow> = self.read(stmt.bind(tenant).bind(cursor).bind(limit as i64 + 1)).await?;
         Ok(page(readable(rows), limit))
     }

@@ -184,6 +184,14 @@ async fn a_message_batch_runs_on_both_kinds_of_upstream_and_reads_in_anthropics_
     let openai = s.api_with_key(ALICE).batch(&id).await;
     assert_eq!((openai["endpoint"].as_str(), openai["status"].as_str()), (Some("/v1/messages"), Some("completed")), "{openai}");
     assert_eq!((openai["request_counts"]["completed"].as_u64(), openai["request_counts"]["failed"].as_u64()), (Some(4), Some(1)));
+    // Its failed request retried through OpenAI's extension: the new batch is a Message Batch.
+    let (status, retried) = s.api_with_key(ALICE).post(&format!("/batches/{id}/retry"), &json!({})).await;
+    assert_eq!(status, 200, "{retried}");
+    let again = retried["id"].as_str().unwrap();
+    assert!(again.starts_with("msgbatch_"), "{retried}");
+    let ended = alice.wait_ended(again, secs(30)).await;
+    assert_eq!(ended["request_counts"]["errored"], 1, "{ended}");
+    assert_eq!(by_custom_id(&alice.results(&ended).await).keys().collect::<Vec<_>>(), ["refused-upstream"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,10 +270,13 @@ async fn tenants_lists_both_ways_and_delete() {
     let busy = alice.send(alice.http.delete(format!("{}/{}", alice.base, ids[0]))).await;
     assert_anthropic_error(&busy, 400, "invalid_request_error");
     alice.wait_ended(&oldest, secs(30)).await;
+    let input = s.api_with_key(ALICE).batch(&oldest).await["input_file_id"].as_str().unwrap().to_string();
     let gone = alice.send(alice.http.delete(format!("{}/{oldest}", alice.base))).await;
     assert_eq!((gone.status, gone.body.clone()), (200, json!({"id": oldest, "type": "message_batch_deleted"})));
     assert_eq!(alice.get(&format!("/{oldest}")).await.status, 404);
     assert!(!names(&alice.get("?limit=100").await.body).contains(&oldest));
+    let (status, _) = s.api_with_key(ALICE).get(&format!("/files/{input}")).await;
+    assert_eq!(status, 404, "its input file went with it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,7 +284,7 @@ async fn cancel_mid_run_ends_with_every_request_succeeded_or_canceled() {
     let m = upstream(MockArgs { latency_ms: 150, ..Default::default() }).await;
     let s = server(&m, "max_concurrency = 2", "");
     let alice = Msg::new(&s, ALICE);
-    let requests: Vec<Value> = (0..40).map(|i| request(&format!("r{i}"), if i % 2 == 0 { "claude-x" } else { "local-x" }, json!({}))).collect();
+    let requests: Vec<Value> = (0..30).map(|i| request(&format!("r{i}"), if i % 2 == 0 { "claude-x" } else { "local-x" }, json!({}))).collect();
     let id = alice.created(requests).await["id"].as_str().unwrap().to_string();
     eventually("some requests succeed", secs(20), || async {
         let b = alice.retrieve(&id).await;
@@ -397,4 +397,56 @@ async fn batchd_run_takes_and_writes_anthropics_format() {
         assert_eq!(r["message"]["content"][0]["text"], format!("echo: hello from {cid}"));
     }
     assert!(read("p.err.jsonl").is_empty());
+}
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+    kb * 1024
+}
+
+/// A create is read as it arrives: a 24 MB body of 12,000 requests raises the server's peak
+/// memory by far less than its size; over the request limit it is a 400 naming the limit, and
+/// over the byte limit (here the server's own, lower than Anthropic's 256 MB) a 413 — also
+/// for a chunked body that declares no length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_are_streamed_and_bounded() {
+    let m = upstream(MockArgs::default()).await;
+    let s = server(&m, "", "[limits]\nmax_lines = 12000\nmax_file_bytes = 26000000\n");
+    let alice = Msg::new(&s, ALICE);
+    let pad = "x".repeat(1900);
+    let body = |n: usize| {
+        let reqs: Vec<String> = (0..n).map(|i| request(&format!("r{i}"), "claude-x", json!({"system": pad})).to_string()).collect();
+        format!("{{\"requests\": [{}]}}", reqs.join(","))
+    };
+    let big = body(12_000);
+    assert!(big.len() > 24_000_000);
+    let t0 = Instant::now();
+    // Nothing runs it: the create alone is measured (the batch is cancelled right after).
+    let before = peak_rss(s.pid().unwrap());
+    let a = alice.send(alice.http.post(&alice.base).header("content-type", "application/json").body(big)).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let grown = peak_rss(s.pid().unwrap()).saturating_sub(before);
+    println!("a 24 MB create took {:?} and raised the server's peak memory by {} MB", t0.elapsed(), grown >> 20);
+    assert!(grown < 12_000_000, "the body was held in memory: peak grew by {grown} bytes");
+    let id = a.body["id"].as_str().unwrap().to_string();
+    assert_eq!(a.body["request_counts"]["processing"], 12_000);
+    alice.send(alice.http.post(format!("{}/{id}/cancel", alice.base))).await;
+
+    let t0 = Instant::now();
+    let few =
+        format!("{{\"requests\": [{}]}}", (0..12_001).map(|i| request(&format!("r{i}"), "claude-x", json!({})).to_string()).collect::<Vec<_>>().join(","));
+    let a = alice.create(&serde_json::from_str(&few).unwrap()).await;
+    assert_anthropic_error(&a, 400, "invalid_request_error");
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("requests: a Message Batch holds at most 12000 requests"), "{}", a.body);
+    println!("12,001 requests refused in {:?}", t0.elapsed());
+    let t0 = Instant::now();
+
+    let chunks: Vec<Result<String, std::io::Error>> =
+        (0..30).map(|_| Ok(format!("{},", request("same", "claude-x", json!({"system": "y".repeat(1_000_000)}))))).collect();
+    let stream = futures::stream::iter(std::iter::once(Ok("{\"requests\": [".to_string())).chain(chunks));
+    let chunked = alice.send(alice.http.post(&alice.base).header("content-type", "application/json").body(reqwest::Body::wrap_stream(stream))).await;
+    assert_anthropic_error(&chunked, 413, "request_too_large");
+    println!("a chunked body over the limit refused in {:?}", t0.elapsed());
 }

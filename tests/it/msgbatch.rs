@@ -284,7 +284,7 @@ async fn cancel_mid_run_ends_with_every_request_succeeded_or_canceled() {
     let m = upstream(MockArgs { latency_ms: 150, ..Default::default() }).await;
     let s = server(&m, "max_concurrency = 2", "");
     let alice = Msg::new(&s, ALICE);
-    let requests: Vec<Value> = (0..30).map(|i| request(&format!("r{i}"), if i % 2 == 0 { "claude-x" } else { "local-x" }, json!({}))).collect();
+    let requests: Vec<Value> = (0..40).map(|i| request(&format!("r{i}"), if i % 2 == 0 { "claude-x" } else { "local-x" }, json!({}))).collect();
     let id = alice.created(requests).await["id"].as_str().unwrap().to_string();
     eventually("some requests succeed", secs(20), || async {
         let b = alice.retrieve(&id).await;

@@ -450,3 +450,21 @@ async fn creates_are_streamed_and_bounded() {
     assert_anthropic_error(&chunked, 413, "request_too_large");
     println!("a chunked body over the limit refused in {:?}", t0.elapsed());
 }
+
+/// A body within the byte limit whose requests, written as lines of batchd's format (a little
+/// longer), would not be: a 413 too, and nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_input_file_is_held_to_the_servers_limit_too() {
+    let m = upstream(MockArgs::default()).await;
+    let s = server(&m, "", "[limits]\nmax_file_bytes = 100000\n");
+    let alice = Msg::new(&s, ALICE);
+    let requests: Vec<Value> =
+        (0..1100).map(|i| json!({"custom_id": format!("r{i}"), "params": {"model": "claude-x", "max_tokens": 1, "messages": []}})).collect();
+    let body = json!({"requests": requests}).to_string();
+    assert!(body.len() < 100_000 && body.len() > 80_000, "{}", body.len());
+    let a = alice.send(alice.http.post(&alice.base).header("content-type", "application/json").body(body)).await;
+    assert_anthropic_error(&a, 413, "request_too_large");
+    let (_, files) = s.api_with_key(ALICE).get("/files").await;
+    assert_eq!(files["data"], json!([]));
+    assert_eq!(alice.get("").await.body["data"], json!([]));
+}

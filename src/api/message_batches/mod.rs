@@ -118,12 +118,15 @@ async fn create(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTe
 async fn store_requests(st: &AppState, key: &str, body: Body, limits: Limits) -> AnthropicResult<(Accepted, u64)> {
     let (mut lines, intake) = intake::start(body.into_data_stream(), Checker::new(st.router.clone(), limits));
     let mut w = st.blob.writer(key);
+    // The lines are a little longer than the requests: the file is held to the server's limit too.
+    let max_file = st.cfg.limits.max_file_bytes;
     while let Some(line) = lines.recv().await {
-        if let Err(e) = w.write(&line).await {
+        let written = if w.written() + line.len() as u64 > max_file { Err(too_large(max_file)) } else { w.write(&line).await.map_err(AnthropicError::from) };
+        if let Err(e) = written {
             drop(lines);
             let _ = intake.outcome().await;
             w.abort().await;
-            return Err(e.into());
+            return Err(e);
         }
     }
     match intake.outcome().await {

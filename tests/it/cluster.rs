@@ -3,7 +3,8 @@
 //! against the project's mock upstream. Each test makes a fresh database (and bucket) and is
 //! skipped, with a message, when `BATCHD_TEST_POSTGRES_URL` is unset.
 //!
-//! - any node serves any call; work is shared; a cancel through one node stops all of them;
+//! - any node serves any call; work is shared; a cancel through one node stops all of them
+//!   within a second of its answer, whatever `lease_ttl_s`;
 //!   priorities and fair share hold across nodes as on one;
 //!   every node's Batch object shows the cluster's rate and deadline risk;
 //! - a node killed with SIGKILL loses its leases at `lease_ttl` and the others finish its
@@ -196,6 +197,56 @@ async fn three_nodes_share_work_survive_kill9_and_sigterm() {
     let (_, files) = apis[2].get("/files?purpose=batch_output").await;
     let ours = files["data"].as_array().unwrap().iter().filter(|f| f["filename"].as_str().unwrap_or_default().starts_with(&id)).count();
     assert_eq!(ours, 1, "one output file");
+}
+
+/// The mock's call count and calls in flight, sampled every 100 ms for `span`: (ms since the
+/// first sample, calls, in flight).
+async fn sample_calls(m: &MockServer, span: Duration) -> Vec<(u128, u64, u64)> {
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    while t0.elapsed() <= span {
+        let st = m.stats();
+        samples.push((t0.elapsed().as_millis(), st.requests, st.in_flight));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// Issue #27: a cancel through one node stops the calls of every node within a second of its
+/// answer, and aborts their calls in flight, with the default `lease_ttl_s` (30 s) and with
+/// 60 s: nodes learn of the cancel as it commits, not at their next lease renewal (TTL/3).
+/// Three nodes, 24 calls at once at 50 ms, the batch created through node 3 and cancelled
+/// through node 2 while every node sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_another_node_stops_every_node_within_a_second_whatever_the_lease_ttl() {
+    for ttl in [None, Some(60)] {
+        let name = format!("cancel_stops_every_node_ttl_{}", ttl.unwrap_or(30));
+        let Some(shared) = Shared::new(&name).await else { return };
+        let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
+        let ttl_line = ttl.map(|t| format!("lease_ttl_s = {t}\n")).unwrap_or_default();
+        let cfg = config(&m.base_url(), "max_concurrency = 24", &format!("[engine]\n{ttl_line}unit_lines = 100"));
+        let nodes: Vec<Server> = (0..3).map(|_| shared.node(&cfg)).collect();
+        let apis: Vec<Api> = nodes.iter().map(Server::api).collect();
+        let id = apis[2].submit(&chat_lines(5000, "m")).await;
+        for (i, n) in nodes.iter().enumerate() {
+            eventually(&format!("node {} takes part", i + 1), secs(30), || async move { (node_requests(n).await > 0).then_some(()) }).await;
+        }
+        let before = apis[0].batch(&id).await;
+        assert_eq!(before["status"], "in_progress", "the batch must still run when it is cancelled: {before}");
+        let in_flight_at_cancel = m.stats().in_flight;
+        let (st, c) = apis[1].post(&format!("/batches/{id}/cancel"), &json!({})).await;
+        assert_eq!(st, 200, "{c}");
+        let samples = sample_calls(&m, secs(3)).await;
+        let last = samples.last().unwrap().1;
+        let last_call_ms = samples.iter().find(|s| s.1 == last).map_or(0, |s| s.0);
+        let settled_ms = samples.iter().find(|s| s.2 == 0).map_or(u128::MAX, |s| s.0);
+        println!("lease_ttl_s {}: {in_flight_at_cancel} calls in flight at the cancel; the last call by {last_call_ms} ms, none in flight from {settled_ms} ms", ttl.unwrap_or(30));
+        assert!(in_flight_at_cancel > 0, "test premise: calls were in flight at the cancel");
+        let late: Vec<_> = samples.iter().filter(|s| s.0 >= 1000 && (s.1 != last || s.2 != 0)).collect();
+        assert!(late.is_empty(), "lease_ttl_s {}: calls made or in flight 1 s after the cancel's answer (ms, calls, in flight): {late:?}", ttl.unwrap_or(30));
+        let b = apis[0].wait_for(&id, &["cancelled"], secs(30)).await;
+        assert!(b["request_counts"]["completed"].as_u64().unwrap() < 5000, "the batch was cut short: {b}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

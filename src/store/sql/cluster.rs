@@ -35,4 +35,8 @@ impl<D: Dialect> Cluster for SqlStore<D> {
         release_node::<D>(&mut tx, Some(node)).await?;
         self.commit(tx).await
     }
+
+    async fn status_feed(&self) -> Result<Option<Box<dyn StatusFeed>>> {
+        D::status_feed(&self.pool).await
+    }
 }

@@ -204,8 +204,8 @@ pub trait Work: Send + Sync {
 pub trait Cluster: Send + Sync {
     /// Records that `node` is alive until `ttl` from now (store clock), with what it
     /// publishes (`info`, JSON text); forgets nodes whose heartbeat lapsed; returns the live
-    /// nodes, `node` included.
-    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Vec<NodeInfo>>;
+    /// nodes, `node` included, and the store's clock.
+    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Membership>;
     /// A node leaving gracefully: its row, leases and claims go at once.
     async fn leave(&self, node: &str) -> Result<()>;
     /// Every node's batch status changes as they commit, where the database can push them

@@ -57,6 +57,13 @@ impl Shared {
         self.node_on(config, &self.db.url)
     }
 
+    /// A node with more environment (a faked clock).
+    fn node_with_env(&self, config: &str, extra: &[(String, String)]) -> Server {
+        let mut env = self.env();
+        env.extend(extra.iter().cloned());
+        Server::start_with(config, &self.args(&self.db.url), &env)
+    }
+
     fn node_on(&self, config: &str, database: &str) -> Server {
         let s = Server::start_with(config, &self.args(database), &self.env());
         assert!(!s.dir.join("data").exists(), "a node with --database and --blob writes nothing to local disk");
@@ -559,4 +566,86 @@ async fn failed_starts_never_join_the_cluster() {
         assert_eq!(limit().await.as_deref(), Some("8"), "the healthy node keeps its whole share");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Debian's libfaketime (the thread-safe build), when installed (`scripts/test.sh` installs it).
+fn libfaketime() -> Option<&'static str> {
+    ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+/// The environment that moves a process's wall clock by `offset` (libfaketime's "+3m",
+/// "-3m", "+25h"); its monotonic clock stays true.
+fn skewed_clock(lib: &str, offset: &str) -> Vec<(String, String)> {
+    [("LD_PRELOAD", lib), ("FAKETIME", offset), ("FAKETIME_DONT_FAKE_MONOTONIC", "1"), ("FAKETIME_NO_CACHE", "1")]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec()
+}
+
+/// Issue #21: one clock for the cluster. One node of two runs with its wall clock 3 minutes
+/// ahead, 3 minutes behind, or 25 hours ahead (libfaketime); batches with a 2-minute window
+/// (24 h for the 25 h skew), created through either node and run by both, do not expire
+/// early, and their stored times are the database's; a 3-second batch created through the
+/// true node and run by the skewed one alone expires on time, neither early nor late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_node_clock_changes_no_expiry_and_no_stored_time() {
+    let Some(lib) = libfaketime() else {
+        println!("skipped: libfaketime is not installed (Debian's faketime; scripts/test.sh installs it)");
+        return;
+    };
+    for (skew, window, window_s) in [("+3m", "2m", 120), ("-3m", "2m", 120), ("+25h", "24h", 86_400)] {
+        let Some(shared) = Shared::new(&format!("skewed_clock_{}", skew.replace(['+', '-'], "x"))).await else { return };
+        let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+        let cfg = format!(
+            "[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\nmodels = [\"*\"]\nmax_concurrency = 4\n\n\
+             [batches]\ncompletion_windows = [\"{window}\", \"3s\"]\n\n[engine]\nlease_ttl_s = 3\nunit_lines = 10\n",
+            m.base_url()
+        );
+        let mut honest = shared.node(&cfg);
+        let skewed = shared.node_with_env(&cfg, &skewed_clock(lib, skew));
+        let (a, b) = (honest.api(), skewed.api());
+        let file = a.upload(&chat_lines(200, "m")).await;
+        let t0 = now_secs();
+        let via_skewed = b.create_batch(&file, json!({"completion_window": window})).await;
+        let via_honest = a.create_batch(&file, json!({"completion_window": window})).await;
+        for (who, c) in [("the skewed node", &via_skewed), ("the true node", &via_honest)] {
+            let created = c["created_at"].as_i64().unwrap();
+            assert!((created - t0).abs() <= 2, "{skew}: created_at through {who} is the database's time ({t0}): {c}");
+            assert_eq!(c["expires_at"].as_i64().unwrap() - created, window_s, "{skew}: {c}");
+        }
+        eventually(&format!("{skew}: the skewed node takes part"), secs(30), || async { (node_requests(&skewed).await > 0).then_some(()) }).await;
+        tokio::time::sleep(secs(3)).await;
+        for c in [&via_skewed, &via_honest] {
+            let seen = b.batch(c["id"].as_str().unwrap()).await;
+            assert_eq!(seen["status"], "in_progress", "{skew}: a {window} batch does not expire within seconds: {seen}");
+            let p = &seen["progress"];
+            if let (Some(finish), Some(eta)) = (p["projected_finish_at"].as_i64(), p["eta_seconds"].as_i64()) {
+                let now = now_secs();
+                assert!((finish - eta - now).abs() <= 2, "{skew}: the skewed node projects from the database's time ({now}): {p}");
+                assert_eq!(p["at_risk"], finish > seen["expires_at"].as_i64().unwrap(), "{skew}: at_risk against the stored expiry: {p}");
+            }
+        }
+        for c in [&via_skewed, &via_honest] {
+            let (st, body) = a.post(&format!("/batches/{}/cancel", c["id"].as_str().unwrap()), &json!({})).await;
+            assert_eq!(st, 200, "{body}");
+        }
+
+        // The skewed node alone runs a 3-second batch the true node created.
+        let short = a.create_batch(&file, json!({"completion_window": "3s"})).await;
+        let created = Instant::now();
+        assert!(honest.sigterm(), "the true node stops");
+        let id = short["id"].as_str().unwrap();
+        let ended = b.wait_for(id, &["expired", "completed", "failed", "cancelled"], secs(60)).await;
+        let took = created.elapsed();
+        println!("{skew}: a 3 s batch run by the skewed node alone ended {} after {took:?}", ended["status"]);
+        assert_eq!(ended["status"], "expired", "{skew}: {ended}");
+        assert!(took >= Duration::from_millis(2_000) && took <= secs(6), "{skew}: a 3 s batch expired after {took:?}: neither early nor late");
+        let late = ended["finalizing_at"].as_i64().unwrap() - ended["expires_at"].as_i64().unwrap();
+        assert!((0..=2).contains(&late), "{skew}: the stored times say it began finalizing {late} s after its expiry: {ended}");
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }

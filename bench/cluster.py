@@ -8,6 +8,11 @@ does against one node.
   One embedded node (the baseline), then three nodes with the default `lease_ttl_s` (30 s),
   the batch created through node 3 and cancelled through node 2.
 
+- throughput: one batch on 1, 2 and 3 nodes against an upstream that is the bottleneck (the
+  mock serves 24 at once at 100 ms and queues the rest; `max_concurrency = 24` for the
+  cluster): lines/s and its ratio to one node's, store commits and PostgreSQL transactions
+  per 1,000 results (all nodes together), and the peak in flight at the mock.
+
 Each figure needs PostgreSQL and S3 (see bench.py's scale step); without them it is n/a.
 """
 
@@ -21,9 +26,11 @@ import time
 from pathlib import Path
 
 SIZES = {
-    "full": {"cancel_lines": 16000, "cancel_reps": 5},
-    "quick": {"cancel_lines": 16000, "cancel_reps": 3},
+    "full": {"cancel_lines": 16000, "cancel_reps": 5, "bound_lines": 6000},
+    "quick": {"cancel_lines": 16000, "cancel_reps": 3, "bound_lines": 2000},
 }
+BOUND_SLOTS = 24
+BOUND_LATENCY_MS = 100
 CONCURRENCY = 24
 LATENCY_MS = 50
 WATCH_S = 2.5
@@ -136,13 +143,77 @@ def cancel_delays(bench, bench_mod, pg: str, s3: str, s: dict) -> None:
                           "target": target, "result": "PASS" if worst3 <= 1.0 else "MISS"})
 
 
+def counters(bench_mod, apis: list) -> tuple[float, float]:
+    """Store commits and results committed, summed over the nodes."""
+    c = r = 0.0
+    for a in apis:
+        m = bench_mod.read_metrics(a) or {}
+        c += bench_mod.counter(m, "batchd_store_commits_total") or 0.0
+        r += bench_mod.counter(m, "batchd_results_committed_total") or 0.0
+    return c, r
+
+
+def bound_run(bench, bench_mod, pg: str, s3: str, nodes: int, path: Path, n: int) -> dict:
+    """One n-line batch on `nodes` fresh nodes against the bound upstream."""
+    database, blob = bench.fresh_backends(pg, s3)
+    srvs = [bench.serve_on(f"bound{nodes}-node{i + 1}", BOUND_SLOTS, database, blob, s3) for i in range(nodes)]
+    try:
+        apis = [a for _, a in srvs]
+        time.sleep(2.5 if nodes > 1 else 0.5)  # every node joined
+        fid, _ = bench_mod.upload(apis[0].host + ":" + str(apis[0].port), path)
+        bench.mock_api.request("POST", "/stats/reset")
+        c0, x0 = counters(bench_mod, apis), xacts(pg, database)
+        t0 = time.perf_counter()
+        b = bench_mod.create_batch(apis[-1], fid)
+        r = bench_mod.follow(apis[0], b["id"], t0, bench.sizes["timeout_s"])
+        elapsed = time.perf_counter() - t0
+        if r["batch"]["status"] != "completed":
+            raise RuntimeError(f"the batch ended {r['batch']['status']}")
+        time.sleep(1.5)  # the last commits reach /metrics and pg_stat
+        c1, x1 = counters(bench_mod, apis), xacts(pg, database)
+        st = mock_stats(bench)
+    finally:
+        for srv, _ in srvs:
+            srv.stop()
+    results = max(c1[1] - c0[1], 1.0)
+    return {"rate": n / elapsed, "commits_k": (c1[0] - c0[0]) * 1000 / results, "xacts_k": (x1 - x0) * 1000 / results,
+            "peak": st.get("peak_in_flight")}
+
+
+def throughput(bench, bench_mod, pg: str, s3: str, s: dict) -> None:
+    n = s["bound_lines"]
+    path = bench.work / "bound.jsonl"
+    bench_mod.write_small(path, n)
+    runs = {}
+    try:
+        bench.mock_api.json("POST", "/config", {"latency_ms": BOUND_LATENCY_MS, "slots": BOUND_SLOTS})
+        for nodes in (1, 2, 3):
+            runs[nodes] = bound_run(bench, bench_mod, pg, s3, nodes, path, n)
+    except Exception as e:
+        bench.error(f"{len(runs) + 1} nodes ÷ 1, upstream-bound ({n:,} lines)", "ratio ≥ 0.90", e)
+        return
+    finally:
+        bench.mock_api.json("POST", "/config", {"latency_ms": 0, "slots": 0})
+    one = runs[1]["rate"]
+    for nodes, r in runs.items():
+        bench.note(f"{nodes} node(s), {n:,} lines against {BOUND_SLOTS} slots at {BOUND_LATENCY_MS} ms: {r['rate']:,.0f} lines/s "
+                   f"(create → completed), peak in flight {r['peak']}; per 1,000 results: {r['commits_k']:.0f} store commits, "
+                   f"{r['xacts_k']:.0f} PostgreSQL transactions")
+        if nodes > 1:
+            ratio = r["rate"] / one
+            bench.figures.append({"figure": f"{nodes} nodes ÷ 1, upstream-bound ({n:,} lines, C={BOUND_SLOTS}, L={BOUND_LATENCY_MS}ms)",
+                                  "measured": f"{r['rate']:,.0f} lines/s", "baseline": f"{one:,.0f} lines/s (one node)",
+                                  "ratio": ratio, "target": "ratio ≥ 0.90", "result": "PASS" if ratio >= 0.9 else "MISS"})
+
+
 def run(bench, bench_mod) -> None:
     s = SIZES["quick" if bench.args.quick else "full"]
     pg, s3 = os.environ.get("BATCHD_BENCH_POSTGRES_URL"), os.environ.get("BATCHD_BENCH_S3_URL")
-    print("\n[cluster] cross-node cancel delay against one node's", flush=True)
+    print("\n[cluster] cross-node cancel delay against one node's; 1/2/3 nodes on an upstream-bound run", flush=True)
     if not pg or not s3 or not shutil.which("psql"):
         bench.note("skipped: needs BATCHD_BENCH_POSTGRES_URL, BATCHD_BENCH_S3_URL and psql")
         bench.figures.append({"figure": "cluster figures", "measured": "n/a (no PostgreSQL or S3)", "baseline": "",
                               "ratio": None, "target": "", "result": "n/a"})
         return
     cancel_delays(bench, bench_mod, pg, s3, s)
+    throughput(bench, bench_mod, pg, s3, s)

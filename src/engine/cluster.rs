@@ -6,7 +6,9 @@
 //! lapsed). When renewal keeps failing for a whole `lease_ttl`, the leases must be presumed
 //! lost, so every feeder stops until renewal works again.
 //!
-//! Each beat also reads the store's clock, the cluster's one clock (see [`crate::clock`]).
+//! Each beat also reads the store's clock, the cluster's one clock (see [`crate::clock`]),
+//! and, being a write, tells whether the database takes writes (`batchd_store_writable` is
+//! true to the last attempt on an idle node too; the writer's commits tell it as well).
 //!
 //! Upstream limits are cluster-wide totals: each node takes its share of every upstream's
 //! `max_concurrency`, `rpm` and `tpm` (`Limiter::set_share`), by the number of live nodes
@@ -91,6 +93,7 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
     match inner.store.heartbeat(&inner.node, inner.started_at, ttl, &info).await {
         Ok(crate::store::Membership { nodes, clock_ms }) => {
             crate::clock::observe(clock_ms, before, crate::clock::host_ms());
+            inner.health.set_writable(true);
             let n = nodes.len().max(1);
             // Nodes come oldest first, the same order on every node: the rank splits limits.
             let rank = nodes.iter().position(|x| x.id == inner.node).unwrap_or(0);
@@ -107,6 +110,10 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
         }
         Err(e) => {
             tracing::debug!(error = %crate::Chain(&e), "heartbeat failed");
+            if e.is_transient() {
+                // The heartbeat is a write: an idle node knows the database is out too.
+                inner.health.set_writable(false);
+            }
             Vec::new()
         }
     }

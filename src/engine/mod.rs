@@ -65,6 +65,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::blob::Blob;
 use crate::config::Config;
@@ -217,13 +218,16 @@ impl Engine {
             janitor::sweep_debris(&inner, Duration::ZERO).await;
         }
         cluster::join(&inner, exclusive).await;
-        inner.tasks.spawn(supervisor::supervise(inner.clone()));
-        inner.tasks.spawn(cluster::heartbeat(inner.clone()));
-        inner.tasks.spawn(scheduler::run(inner.clone()));
-        inner.tasks.spawn(janitor::janitor(inner.clone()));
-        inner.tasks.spawn(stall::watch(inner.clone()));
-        inner.tasks.spawn(webhooks::deliver(inner.clone()));
-        inner.tasks.spawn(statuses::listen(inner.clone()));
+        // Every engine log line names this node (the spans of batches, units and lines nest in it).
+        let span = tracing::info_span!("node", id = %inner.node);
+        tracing::info!(parent: &span, live_nodes = inner.live_nodes.load(Ordering::Relaxed), "the engine started");
+        inner.tasks.spawn(supervisor::supervise(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(cluster::heartbeat(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(scheduler::run(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(janitor::janitor(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(stall::watch(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(webhooks::deliver(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(statuses::listen(inner.clone()).instrument(span));
         Ok(Engine { inner })
     }
 

@@ -125,7 +125,7 @@ async fn on_failure(inner: &Arc<Inner>, id: &str, err: Error) {
         *n
     };
     match &err {
-        Error::Unavailable(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), "the store is unavailable; the batch waits"),
+        Error::Unavailable(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), "{} is unavailable; the batch waits", err.outage()),
         Error::Retry(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), attempt = failures, "a batch step failed; retrying"),
         Error::Permanent { .. } => {}
     }

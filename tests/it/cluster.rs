@@ -247,7 +247,10 @@ async fn a_cancel_through_another_node_stops_every_node_within_a_second_whatever
         let last = samples.last().unwrap().1;
         let last_call_ms = samples.iter().find(|s| s.1 == last).map_or(0, |s| s.0);
         let settled_ms = samples.iter().find(|s| s.2 == 0).map_or(u128::MAX, |s| s.0);
-        println!("lease_ttl_s {}: {in_flight_at_cancel} calls in flight at the cancel; the last call by {last_call_ms} ms, none in flight from {settled_ms} ms", ttl.unwrap_or(30));
+        println!(
+            "lease_ttl_s {}: {in_flight_at_cancel} calls in flight at the cancel; the last call by {last_call_ms} ms, none in flight from {settled_ms} ms",
+            ttl.unwrap_or(30)
+        );
         assert!(in_flight_at_cancel > 0, "test premise: calls were in flight at the cancel");
         let late: Vec<_> = samples.iter().filter(|s| s.0 >= 1000 && (s.1 != last || s.2 != 0)).collect();
         assert!(late.is_empty(), "lease_ttl_s {}: calls made or in flight 1 s after the cancel's answer (ms, calls, in flight): {late:?}", ttl.unwrap_or(30));
@@ -705,7 +708,10 @@ async fn three_nodes_keep_up_with_one_on_a_bound_upstream() {
     let b = api.wait_for(&id, &["completed", "failed", "expired", "cancelled"], secs(120)).await;
     let rate = 6000.0 / t0.elapsed().as_secs_f64();
     let calls = node_requests(&joined).await;
-    println!("6,000 lines, a node joining mid-batch: {rate:.0} lines/s (one node: {one_big:.0}); it made {calls} calls in the batch's last {:?}", joined_at.elapsed());
+    println!(
+        "6,000 lines, a node joining mid-batch: {rate:.0} lines/s (one node: {one_big:.0}); it made {calls} calls in the batch's last {:?}",
+        joined_at.elapsed()
+    );
     assert_eq!(b["status"], "completed", "{b}");
     assert!(calls > 0, "the joining node works before the batch ends");
     assert!(rate >= KEEP_UP * one_big, "a node joining mid-batch: {rate:.0} lines/s against {one_big:.0} on one node");

@@ -34,6 +34,7 @@ pub async fn supervise(inner: Arc<Inner>) {
     loop {
         match inner.store.batches_in(&WORK_STATUSES).await {
             Ok(batches) => {
+                inner.live.set_working(&batches);
                 signal_runs(&inner, &batches);
                 for (id, _) in batches {
                     start_batch(&inner, id);

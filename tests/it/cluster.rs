@@ -411,6 +411,17 @@ async fn database_connection_cut_mid_batch_pauses_and_resumes_exactly_once() {
     println!("GET during the cut answered {st} in {:?}", t0.elapsed());
     assert_eq!(st, 503, "a call that needs the database answers 503 while it is gone: {body}");
     assert_eq!(body["error"]["type"], "server_error", "in the error envelope: {body}");
+    // /metrics answers from memory at once, and says the store takes no writes.
+    let t0 = Instant::now();
+    let text = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
+    println!("/metrics during the cut answered in {:?}", t0.elapsed());
+    assert!(t0.elapsed() < secs(1), "a scrape never waits on the store ({:?})", t0.elapsed());
+    assert!(text.contains("batchd_lines_pending"), "the store's figures as last read: {text}");
+    eventually("batchd_store_writable says 0 through the cut", secs(10), || async {
+        let text = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l.trim() == "batchd_store_writable 0").then_some(())
+    })
+    .await;
     // The engine pauses: once the calls in flight have finished, nothing new is sent.
     tokio::time::sleep(secs(1)).await;
     let paused_at = m.stats().requests;

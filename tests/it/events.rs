@@ -445,7 +445,10 @@ async fn an_upstreams_error_text_stays_with_the_line_that_caused_it() {
     let (alice, bob) = (s.api_with_key("sk-alice"), s.api_with_key("sk-bob"));
     let echo = |status: u16| format!(r#"{{"error":{{"message":"upstream error {status} while processing prompt: {SECRET}","type":"server_error"}}}}"#);
     let mut lines: Vec<String> = (0..3).map(|i| chat_line(&format!("{SECRET}-{i}"), "m", Some(json!({"status": 500, "body_text": echo(500)})))).collect();
-    lines.push(chat_line("limited", "m", Some(json!({"status": 429, "body_text": echo(429), "fail_times": 1, "retry_after_s": 3}))));
+    // Four 429s with a retry-after: a cluster, which pauses the pool (one would be stray).
+    lines.extend(
+        (0..4).map(|i| chat_line(&format!("limited-{i}"), "m", Some(json!({"status": 429, "body_text": echo(429), "fail_times": 1, "retry_after_s": 3})))),
+    );
     let bob_batch = bob.submit(&lines).await;
     let slow: Vec<String> = (0..4).map(|i| chat_line(&format!("a-{i}"), "m", Some(json!({"latency_ms": 2500})))).collect();
     let alice_batch = alice.submit(&slow).await;
@@ -457,7 +460,7 @@ async fn an_upstreams_error_text_stays_with_the_line_that_caused_it() {
 
     let b = bob.wait_for(&bob_batch, &["completed"], secs(60)).await;
     let (out, err) = bob.results(&b).await;
-    assert_eq!((out.len(), err.len()), (1, 3), "{b}");
+    assert_eq!((out.len(), err.len()), (4, 3), "{b}");
     for l in &err {
         let message = l["response"]["body"]["error"]["message"].as_str().unwrap();
         assert!(message.contains(SECRET), "bob's own error file keeps the whole text: {l}");

@@ -7,8 +7,9 @@
 //! lost, so every feeder stops until renewal works again.
 //!
 //! Each beat also reads the store's clock, the cluster's one clock (see [`crate::clock`]),
-//! and, being a write, tells whether the database takes writes (`batchd_store_writable` is
-//! true to the last attempt on an idle node too; the writer's commits tell it as well).
+//! and, being a write, tells whether the database takes writes: `batchd_store_writable` is
+//! true to the last attempt on an idle node too (the writer's commits, which also hold the
+//! engine's health gate, tell it as well).
 //!
 //! Upstream limits are cluster-wide totals: each node takes its share of every upstream's
 //! `max_concurrency`, `rpm` and `tpm` (`Limiter::set_share`), by the number of live nodes
@@ -93,7 +94,7 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
     match inner.store.heartbeat(&inner.node, inner.started_at, ttl, &info).await {
         Ok(crate::store::Membership { nodes, clock_ms }) => {
             crate::clock::observe(clock_ms, before, crate::clock::host_ms());
-            inner.health.set_writable(true);
+            inner.beat_writes.store(true, Ordering::Relaxed);
             let n = nodes.len().max(1);
             // Nodes come oldest first, the same order on every node: the rank splits limits.
             let rank = nodes.iter().position(|x| x.id == inner.node).unwrap_or(0);
@@ -112,7 +113,7 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
             tracing::debug!(error = %crate::Chain(&e), "heartbeat failed");
             if e.is_transient() {
                 // The heartbeat is a write: an idle node knows the database is out too.
-                inner.health.set_writable(false);
+                inner.beat_writes.store(false, Ordering::Relaxed);
             }
             Vec::new()
         }

@@ -185,7 +185,7 @@ impl Engine {
         let mut scrape = Scrape {
             store_commits: self.store_commits(),
             results_committed: get(&s.results_committed),
-            store_writable: self.store_writable(),
+            store_writable: self.store_writable() && inner.beat_writes.load(Ordering::Relaxed),
             retries_waiting: get(&s.retries_waiting),
             output_tokens: get(&s.output_tokens),
             batches_failed_by_engine: get(&s.batches_failed),

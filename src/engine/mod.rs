@@ -150,6 +150,9 @@ pub(crate) struct Inner {
     rank: AtomicUsize,
     /// The store's status feed is open: other nodes' changes arrive as they commit.
     listening: AtomicBool,
+    /// The last heartbeat (a write) went through: with the writer's health, what
+    /// `batchd_store_writable` tells.
+    beat_writes: AtomicBool,
     /// Consecutive failed steps per batch (see `supervisor`).
     failures: Mutex<HashMap<String, u32>>,
     scheduler: scheduler::Scheduler,
@@ -208,6 +211,7 @@ impl Engine {
             live_nodes: AtomicUsize::new(1),
             rank: AtomicUsize::new(0),
             listening: AtomicBool::new(false),
+            beat_writes: AtomicBool::new(true),
             failures: Mutex::default(),
             scheduler: scheduler::Scheduler::default(),
             live,

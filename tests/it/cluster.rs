@@ -654,7 +654,9 @@ async fn a_skewed_node_clock_changes_no_expiry_and_no_stored_time() {
         let took = created.elapsed();
         println!("{skew}: a 3 s batch run by the skewed node alone ended {} after {took:?}", ended["status"]);
         assert_eq!(ended["status"], "expired", "{skew}: {ended}");
-        assert!(took >= Duration::from_millis(2_000) && took <= secs(6), "{skew}: a 3 s batch expired after {took:?}: neither early nor late");
+        // Without one clock: at once (+3m, +25h) or about 3 minutes late (-3m); the bound allows
+        // for a loaded machine (finalization is part of it).
+        assert!(took >= Duration::from_millis(2_000) && took <= secs(10), "{skew}: a 3 s batch expired after {took:?}: neither early nor late");
         let late = ended["finalizing_at"].as_i64().unwrap() - ended["expires_at"].as_i64().unwrap();
         assert!((0..=2).contains(&late), "{skew}: the stored times say it began finalizing {late} s after its expiry: {ended}");
     }

@@ -351,22 +351,24 @@ async fn server_side_limits_queue_and_metrics() {
 
     let url = format!("http://{}/config", srv.addr());
     let client = Client::new();
-    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 500, "extra_waiting": 2})).send().await.unwrap();
+    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 2000, "extra_waiting": 2})).send().await.unwrap();
     let t = Instant::now();
     let two = futures::future::join_all((0..2).map(|_| post(&srv, "/chat/completions", &body, None)));
     let want = "vllm:num_requests_waiting{model_name=\"mock-model\"} 3";
     let metrics = async {
-        // Read while the first request holds the slot (500 ms): 1 queued + 2 extra.
-        let mut text = String::new();
-        while t.elapsed() < Duration::from_millis(450) && !text.contains(want) {
+        // Read while the first request holds the slot (2 s): 1 queued + 2 extra. At least one
+        // read, however late a loaded machine lets it start.
+        loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
+            let text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
+            if text.contains(want) || t.elapsed() > Duration::from_millis(1800) {
+                break text;
+            }
         }
-        text
     };
     let (two, metrics) = tokio::join!(two, metrics);
     assert!(two.iter().all(|r| r.status() == StatusCode::OK));
-    assert!(t.elapsed() >= Duration::from_millis(1000), "one slot: the second request waited for the first");
+    assert!(t.elapsed() >= Duration::from_millis(4000), "one slot: the second request waited for the first");
     assert!(metrics.contains(want), "1 queued + 2 extra: {metrics}");
 
     // 6 rpm with one request's worth left: the next token is 10 s away, however slow the

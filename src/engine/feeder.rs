@@ -33,7 +33,7 @@ use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
 use super::lines::{LineSplitter, ParsedLine};
 use super::order::{self, Entry};
-use super::{Active, Inner};
+use super::{remote, Active, Inner};
 use crate::store::{InputFormat, WorkUnit};
 use crate::upstream::Route;
 
@@ -126,9 +126,22 @@ struct Waiting {
     owned: LineGuard,
 }
 
+/// Feeds a unit: lines served by a batch-kind upstream go into remote batches (`remote`, a
+/// task of the run, so that a cancel still collects what they finished), the others online.
 async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
+    let pending = ctx.source().pending(&*ctx.inner.store, unit).await?;
+    let (remote, online) = remote::split(pending, |m| ctx.inner.router.resolve(m));
+    let remote = (!remote.is_empty()).then(|| ctx.lines.spawn(remote::run_unit(ctx.clone(), unit.clone(), token.clone(), remote)));
+    let fed = feed_online(ctx, online, unit, token, routes).await;
+    if let Some(task) = remote {
+        task.await.map_err(|e| Error::Retry(Box::new(e)).context("driving the unit's remote batches"))??;
+    }
+    fed
+}
+
+async fn feed_online(ctx: &Arc<RunCtx>, pending: Vec<Prepared>, _unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
     let inner = &ctx.inner;
-    let mut lines = ctx.source().pending(&*inner.store, unit).await?.into_iter();
+    let mut lines = pending.into_iter();
     let mut waiting = futures::stream::FuturesUnordered::new();
     let (mut turns, mut turns_open) = (ctx.turns.clone(), true);
     loop {

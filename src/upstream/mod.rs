@@ -23,6 +23,7 @@ mod decode;
 mod dialect;
 mod limiter;
 mod probe;
+pub mod remote;
 mod signals;
 pub mod translate;
 
@@ -48,6 +49,8 @@ pub struct Pool {
     pub limiter: Arc<Limiter>,
     /// Starts the `metrics_url` probe on first use.
     probe: Once,
+    /// A batch-kind upstream's Batch API client (`engine::remote` sends its lines there).
+    pub remote: Option<remote::RemoteUpstream>,
 }
 
 /// A line that an upstream serving its model cannot be sent: it cannot be said in the API
@@ -117,7 +120,11 @@ impl Router {
             .map(|c| {
                 let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
-                let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new() };
+                let remote = match c.kind {
+                    crate::config::UpstreamKind::OpenaiBatch => Some(remote::RemoteUpstream { api: Arc::new(remote::OpenAiBatch::new(c)?), queue: Default::default() }),
+                    _ => None,
+                };
+                let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new(), remote };
                 Ok(Arc::new(pool))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;

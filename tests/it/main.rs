@@ -21,5 +21,6 @@ mod limits;
 mod memory;
 mod prefix;
 mod props;
+mod remote;
 mod translate;
 mod upgrade;

@@ -20,7 +20,8 @@ fn provider(m: &MockServer, extra_upstream: &str) -> Server {
 
 /// A local batchd whose only upstream is the batch API at `base` (`…/v1`).
 fn local_config(base: &str, extra: &str) -> String {
-    config(base, &format!("kind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n{extra}"), "")
+    let shard = if extra.contains("max_lines") { "" } else { "max_lines = 100\n" };
+    config(base, &format!("kind = \"openai-batch\"\n{shard}poll_interval_s = 0.1\n{extra}"), "")
 }
 
 fn local(base: &str, extra: &str) -> Server {

@@ -680,7 +680,9 @@ fn resolve_remote(u: &RawUpstream, kind: UpstreamKind) -> Result<RemoteBatchConf
     let d = RemoteBatchConfig::default();
     let set = u.max_lines.is_some() || u.max_bytes.is_some() || u.poll_interval_s.is_some() || u.completion_window.is_some();
     match kind {
-        UpstreamKind::Online if set => return Err("max_lines, max_bytes, poll_interval_s and completion_window are only used with kind = \"openai-batch\"".into()),
+        UpstreamKind::Online if set => {
+            return Err("max_lines, max_bytes, poll_interval_s and completion_window are only used with kind = \"openai-batch\"".into())
+        }
         UpstreamKind::Online => return Ok(d),
         UpstreamKind::AnthropicBatch => return Err("kind = \"anthropic-batch\" is not supported yet; use \"openai-batch\" or \"online\"".into()),
         UpstreamKind::OpenaiBatch => {}

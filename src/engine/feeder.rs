@@ -139,7 +139,13 @@ async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken
     fed
 }
 
-async fn feed_online(ctx: &Arc<RunCtx>, pending: Vec<Prepared>, _unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
+async fn feed_online(
+    ctx: &Arc<RunCtx>,
+    pending: Vec<Prepared>,
+    _unit: &WorkUnit,
+    token: &CancellationToken,
+    routes: &mut HashMap<String, Option<Route>>,
+) -> Result<()> {
     let inner = &ctx.inner;
     let mut lines = pending.into_iter();
     let mut waiting = futures::stream::FuturesUnordered::new();

@@ -238,7 +238,15 @@ pub trait Remote: Send + Sync {
     /// Records a planned remote batch; a key recorded before is left as it was (`false`).
     async fn plan_remote(&self, r: &RemoteBatch) -> Result<bool>;
     /// Moves a remote batch to `state`, recording what became known (a `None` keeps the old value).
-    async fn update_remote(&self, key: &str, state: RemoteState, input_file_id: Option<&str>, remote_id: Option<&str>, remote_status: Option<&str>, now: i64) -> Result<()>;
+    async fn update_remote(
+        &self,
+        key: &str,
+        state: RemoteState,
+        input_file_id: Option<&str>,
+        remote_id: Option<&str>,
+        remote_status: Option<&str>,
+        now: i64,
+    ) -> Result<()>;
     /// The remote batches of a batch (of one unit, when given), oldest first.
     async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
 }

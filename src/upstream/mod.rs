@@ -121,7 +121,9 @@ impl Router {
                 let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
                 let remote = match c.kind {
-                    crate::config::UpstreamKind::OpenaiBatch => Some(remote::RemoteUpstream { api: Arc::new(remote::OpenAiBatch::new(c)?), queue: Default::default() }),
+                    crate::config::UpstreamKind::OpenaiBatch => {
+                        Some(remote::RemoteUpstream { api: Arc::new(remote::OpenAiBatch::new(c)?), queue: Default::default() })
+                    }
                     _ => None,
                 };
                 let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new(), remote };

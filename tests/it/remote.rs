@@ -253,10 +253,9 @@ async fn an_expired_remote_batch_is_followed_up_within_the_window() {
     let s = local(&format!("{}/v1", p.url), "completion_window = \"3s\"");
     let api = s.api();
     let id = api.submit(&chat_lines(60, "m")).await;
-    let expired = eventually("the first remote batch to expire", secs(60), || async {
-        remote_batches(&p.api()).await.into_iter().find(|r| r["status"] == "expired")
-    })
-    .await;
+    let expired =
+        eventually("the first remote batch to expire", secs(60), || async { remote_batches(&p.api()).await.into_iter().find(|r| r["status"] == "expired") })
+            .await;
     let ran = expired["request_counts"]["completed"].as_u64().unwrap();
     assert!(ran < 60, "the remote ran only part of it before its window closed: {expired}");
     reqwest::Client::new().post(format!("{}/config", m.base_url().trim_end_matches("/v1"))).json(&json!({"latency_ms": 0})).send().await.unwrap();

@@ -60,12 +60,15 @@ pub struct Routed {
     pub target: Arc<str>,
 }
 
+/// A pool and the model id it expects.
+type Target = (Arc<Pool>, Arc<str>);
+
 /// Takes out of `lines` those whose model a batch-kind upstream serves (the first such
 /// target of the route).
 pub fn split(lines: Vec<Prepared>, route_of: impl Fn(&str) -> Option<Route>) -> (Vec<Routed>, Vec<Prepared>) {
     let mut remote = Vec::new();
     let mut online = Vec::with_capacity(lines.len());
-    let mut cache: HashMap<String, Option<(Arc<Pool>, Arc<str>)>> = HashMap::new();
+    let mut cache: HashMap<String, Option<Target>> = HashMap::new();
     for p in lines {
         let target = cache
             .entry(p.model.clone())
@@ -234,7 +237,10 @@ impl Driver<'_> {
             let Some(found) = self.call(|| up.api.find_tagged(&row.key, row.created_at)).await else { return Ok(None) };
             if let Some(st) = found {
                 tracing::info!(key = %row.key, remote = %st.id, "adopted a remote batch created before a restart");
-                store.update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), crate::now_unix()).await.ctx("recording a remote batch")?;
+                store
+                    .update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), crate::now_unix())
+                    .await
+                    .ctx("recording a remote batch")?;
                 return Ok(Some(st));
             }
         }
@@ -297,7 +303,12 @@ impl Driver<'_> {
                 Ok(st) => {
                     failpoint("remote-created-unrecorded");
                     let now = crate::now_unix();
-                    self.ctx.inner.store.update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), now).await.ctx("recording a remote batch")?;
+                    self.ctx
+                        .inner
+                        .store
+                        .update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), now)
+                        .await
+                        .ctx("recording a remote batch")?;
                     tracing::info!(key = %row.key, remote = %st.id, lines = row.line_count, "remote batch created");
                     return Ok(Some(st));
                 }
@@ -383,7 +394,12 @@ impl Driver<'_> {
             self.ctx.inner.writer.send(r).await;
         }
         self.ctx.inner.writer.flush().await;
-        self.ctx.inner.store.update_remote(&row.key, RemoteState::Collected, None, None, Some(&st.status), crate::now_unix()).await.ctx("recording a remote batch")?;
+        self.ctx
+            .inner
+            .store
+            .update_remote(&row.key, RemoteState::Collected, None, None, Some(&st.status), crate::now_unix())
+            .await
+            .ctx("recording a remote batch")?;
         Ok(c.retry)
     }
 

@@ -33,7 +33,15 @@ impl<D: Dialect> Remote for SqlStore<D> {
         Ok(n == 1)
     }
 
-    async fn update_remote(&self, key: &str, state: RemoteState, input_file_id: Option<&str>, remote_id: Option<&str>, remote_status: Option<&str>, now: i64) -> Result<()> {
+    async fn update_remote(
+        &self,
+        key: &str,
+        state: RemoteState,
+        input_file_id: Option<&str>,
+        remote_id: Option<&str>,
+        remote_status: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
         let mut tx = self.write().await?;
         let n = D::sql(
             "UPDATE remote_batches SET state = $1, input_file_id = COALESCE($2, input_file_id), remote_id = COALESCE($3, remote_id),

@@ -267,3 +267,28 @@ async fn an_expired_remote_batch_is_followed_up_within_the_window() {
     assert_no_duplicate_remote(&remote);
     assert!(remote.len() >= 2, "{remote:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_token_limit_is_learned_and_respected() {
+    let m = mock(MockArgs { latency_ms: 5, ..Default::default() }).await;
+    // The provider's tenant may have about two of the local's remote batches queued at once.
+    let tenant = "[[tenants]]\nname = \"local\"\napi_keys = [\"sk-provider\"]\nmax_queued_tokens = 12000\n";
+    let p = Server::start(&config(&m.base_url(), "max_attempts = 1", tenant));
+    let papi = p.api_with_key("sk-provider");
+    let s = Server::start_with(
+        &local_config(&format!("{}/v1", p.url), "api_key_env = \"PROVIDER_KEY\""),
+        &[],
+        &[("PROVIDER_KEY".into(), "sk-provider".into())],
+    );
+    let api = s.api();
+    let id = api.submit(&chat_lines(800, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(180)).await;
+    let (out, _) = final_results(&api, &b, 800).await;
+    assert_eq!(out.len(), 800);
+    let remote = remote_batches(&papi).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 8, "refused creates created nothing: {remote:?}");
+    assert!(s.log().contains("its limit is learned"), "the refusal was learned");
+    let refusals = s.log().matches("its limit is learned").count();
+    assert!(refusals < 8, "once learned, creates wait for room instead of being refused each time ({refusals} refusals)");
+}

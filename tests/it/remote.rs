@@ -67,14 +67,19 @@ fn assert_answers_match(out: &[Value]) {
 async fn a_batch_spans_many_remote_batches_and_comes_back_whole() {
     let m = mock(MockArgs::default()).await;
     let p = provider(&m, "");
-    let s = local(&format!("{}/v1", p.url), "");
+    let prices = "[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n";
+    let s = Server::start(&config(&format!("{}/v1", p.url), "kind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1", prices));
     let api = s.api();
     let id = api.submit(&chat_lines(1000, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(120)).await;
     let (out, err) = final_results(&api, &b, 1000).await;
     assert_eq!((out.len(), err.len()), (1000, 0));
     assert_answers_match(&out);
-    assert!(b["usage"]["total_tokens"].as_i64().unwrap() > 0, "usage comes back with the results: {b}");
+    let u = &b["usage"];
+    let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
+    assert!(input > 0.0 && output > 0.0, "usage comes back with the results: {b}");
+    let cost = b["cost"].as_f64().expect("a priced batch has a cost");
+    assert!((cost - (input * 2.0 + output * 8.0) / 1e6 * 0.5).abs() < 1e-5, "the batch price: {cost} for {u}");
     let remote = remote_batches(&p.api()).await;
     assert_eq!(remote.len(), 10, "1,000 lines in ⌈1000/100⌉ remote batches");
     assert_no_duplicate_remote(&remote);
@@ -291,4 +296,34 @@ async fn a_remote_token_limit_is_learned_and_respected() {
     assert!(s.log().contains("its limit is learned"), "the refusal was learned");
     let refusals = s.log().matches("its limit is learned").count();
     assert!(refusals < 8, "once learned, creates wait for room instead of being refused each time ({refusals} refusals)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_run_over_a_batch_upstream_resumes_after_ctrl_c_without_creating_again() {
+    let m = mock(MockArgs { latency_ms: 30, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 4");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("in.jsonl"), jsonl(&chat_lines(300, "m"))).unwrap();
+    std::fs::write(d.join("local.toml"), local_config(&format!("{}/v1", p.url), "")).unwrap();
+    let run = || {
+        let mut c = std::process::Command::new(BIN);
+        c.current_dir(d).args(["run", "in.jsonl", "--config", "local.toml", "-o", "out.jsonl", "--errors", "err.jsonl", "--quiet"]);
+        c
+    };
+    let child = run().stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let papi = p.api();
+    eventually("the run's remote batches at the provider", secs(60), || async { (remote_batches(&papi).await.len() == 3).then_some(()) }).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let first = wait_out(child, secs(30));
+    assert_eq!(first.code, 130, "{first:?}");
+    assert!(!d.join("out.jsonl").exists(), "interrupted before the remote batches ended");
+    let second = finish(run(), secs(120));
+    assert_eq!(second.code, 0, "{second:?}");
+    let out: Vec<Value> = std::fs::read_to_string(d.join("out.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_exactly_once(&out, &[], 300);
+    assert_answers_match(&out);
+    let remote = remote_batches(&papi).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 3, "the resumed run followed the remote batches the first one created: {remote:?}");
 }

@@ -358,7 +358,10 @@ impl Driver<'_> {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.ctx.h.cancelled.cancelled(), if !cancel_sent => continue,
                 _ = self.token.cancelled(), if self.mode() == Mode::Run => continue,
-                _ = self.ctx.h.abort.cancelled() => return None,
+                _ = self.ctx.h.abort.cancelled() => {
+                    self.cancel_at_expiry(up, &st.id).await;
+                    return None;
+                }
             }
             match up.api.get(&st.id).await {
                 Ok(s) => {
@@ -370,6 +373,19 @@ impl Driver<'_> {
                     wait = (wait * 2).min(POLL_CAP);
                 }
             }
+        }
+    }
+
+    /// The batch expired here: its open remote batch is cancelled (best effort, briefly), so
+    /// the remote stops working, and billing, for lines that end as `batch_expired`.
+    async fn cancel_at_expiry(&self, up: &RemoteUpstream, id: &str) {
+        if !self.expires_at.is_some_and(|t| crate::now_unix() >= t) {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), up.api.cancel(id)).await {
+            Ok(Ok(_)) => tracing::info!(remote = %id, "the batch expired; its remote batch is cancelled"),
+            Ok(Err(e)) => tracing::warn!(remote = %id, error = %crate::Chain(&e), "the batch expired; cancelling its remote batch failed"),
+            Err(_) => tracing::warn!(remote = %id, "the batch expired; cancelling its remote batch timed out"),
         }
     }
 

@@ -1112,4 +1112,27 @@ mod tests {
         let bad: RawConfig = toml::from_str("[webhooks]\nurl='http://x'\nsecret='whsec_***'").unwrap();
         assert!(bad.resolve().unwrap_err().to_string().contains("not base64"));
     }
+
+    /// A batch-kind upstream's settings resolve with the hosted caps as defaults, print and
+    /// load back; they are refused on an online upstream, as is the kind not supported yet.
+    #[test]
+    fn batch_kind_upstreams_resolve_and_refuse_what_does_not_apply() {
+        let up = |extra: &str| format!("[[upstreams]]\nname='h'\nbase_url='http://127.0.0.1:9/v1'\n{extra}");
+        let c = toml::from_str::<RawConfig>(&up("kind='openai-batch'\nmax_lines=100\npoll_interval_s=0.5")).unwrap().resolve().unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!((u.kind, u.remote.max_lines, u.remote.max_bytes), (UpstreamKind::OpenaiBatch, 100, 200 * MB));
+        assert_eq!((u.remote.poll_interval, u.remote.completion_window.as_str()), (Duration::from_millis(500), "24h"));
+        let printed = toml::to_string(&u.effective()).unwrap();
+        let back: RawUpstream = toml::from_str(&printed).unwrap();
+        assert_eq!((back.kind, back.max_lines), (Some(UpstreamKind::OpenaiBatch), Some(100)), "{printed}");
+        let online = toml::from_str::<RawConfig>(&up("")).unwrap().resolve().unwrap();
+        assert_eq!(online.upstreams[0].kind, UpstreamKind::Online);
+        let refused = |extra: &str| toml::from_str::<RawConfig>(&up(extra)).unwrap().resolve().unwrap_err().to_string();
+        assert!(refused("max_lines=5").contains("only used with kind = \"openai-batch\""));
+        assert!(refused("kind='anthropic-batch'").contains("not supported yet"));
+        assert!(refused("kind='openai-batch'\napi='anthropic'").contains("cannot be combined"));
+        assert!(refused("kind='openai-batch'\nmax_lines=0").contains("at least 1"));
+        assert!(refused("kind='openai-batch'\npoll_interval_s=-1").contains("positive"));
+        assert!(toml::from_str::<RawConfig>(&up("kind='batch'")).is_err(), "an unknown kind");
+    }
 }

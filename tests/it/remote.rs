@@ -280,11 +280,8 @@ async fn a_remote_token_limit_is_learned_and_respected() {
     let tenant = "[[tenants]]\nname = \"local\"\napi_keys = [\"sk-provider\"]\nmax_queued_tokens = 12000\n";
     let p = Server::start(&config(&m.base_url(), "max_attempts = 1", tenant));
     let papi = p.api_with_key("sk-provider");
-    let s = Server::start_with(
-        &local_config(&format!("{}/v1", p.url), "api_key_env = \"PROVIDER_KEY\""),
-        &[],
-        &[("PROVIDER_KEY".into(), "sk-provider".into())],
-    );
+    let s =
+        Server::start_with(&local_config(&format!("{}/v1", p.url), "api_key_env = \"PROVIDER_KEY\""), &[], &[("PROVIDER_KEY".into(), "sk-provider".into())]);
     let api = s.api();
     let id = api.submit(&chat_lines(800, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(180)).await;

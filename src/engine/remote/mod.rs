@@ -379,7 +379,7 @@ impl Driver<'_> {
     /// The batch expired here: its open remote batch is cancelled (best effort, briefly), so
     /// the remote stops working, and billing, for lines that end as `batch_expired`.
     async fn cancel_at_expiry(&self, up: &RemoteUpstream, id: &str) {
-        if !self.expires_at.is_some_and(|t| crate::now_unix() >= t) {
+        if self.expires_at.is_none_or(|t| crate::now_unix() < t) {
             return;
         }
         match tokio::time::timeout(Duration::from_secs(5), up.api.cancel(id)).await {

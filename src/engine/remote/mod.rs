@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
@@ -53,29 +54,48 @@ const FOLLOW_UP_MARGIN_S: i64 = 2;
 /// kills itself (SIGKILL) right after a remote create answered and before it is recorded.
 const FAILPOINT_ENV: &str = "BATCHD_FAILPOINT";
 
-/// A line bound for a remote batch, with the pool that takes it.
-pub struct Routed {
-    pub p: Prepared,
-    pub pool: Arc<Pool>,
-    pub target: Arc<str>,
-}
-
 /// A pool and the model id it expects.
 type Target = (Arc<Pool>, Arc<str>);
 
+/// What a unit's driver keeps of a line between steps: a few numbers. Its bytes are read
+/// again from the input when a remote batch is uploaded or collected, so a unit waiting hours
+/// on a remote holds no line in memory.
+struct Meta {
+    /// Index into [`RemoteLines::targets`].
+    target: usize,
+    est_tokens: u64,
+    bytes: u64,
+}
+
+/// A unit's lines bound for remote batches.
+#[derive(Default)]
+pub struct RemoteLines {
+    targets: Vec<Target>,
+    lines: HashMap<u64, Meta>,
+}
+
+impl RemoteLines {
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+}
+
 /// Takes out of `lines` those whose model a batch-kind upstream serves (the first such
 /// target of the route).
-pub fn split(lines: Vec<Prepared>, route_of: impl Fn(&str) -> Option<Route>) -> (Vec<Routed>, Vec<Prepared>) {
-    let mut remote = Vec::new();
+pub fn split(lines: Vec<Prepared>, route_of: impl Fn(&str) -> Option<Route>) -> (RemoteLines, Vec<Prepared>) {
+    let mut remote = RemoteLines::default();
     let mut online = Vec::with_capacity(lines.len());
-    let mut cache: HashMap<String, Option<Target>> = HashMap::new();
+    let mut cache: HashMap<String, Option<usize>> = HashMap::new();
     for p in lines {
-        let target = cache
-            .entry(p.model.clone())
-            .or_insert_with(|| route_of(&p.model).and_then(|r| r.targets.into_iter().find(|(pool, _)| pool.remote.is_some())))
-            .clone();
+        let target = *cache.entry(p.model.clone()).or_insert_with(|| {
+            let t = route_of(&p.model).and_then(|r| r.targets.into_iter().find(|(pool, _)| pool.remote.is_some()))?;
+            remote.targets.push(t);
+            Some(remote.targets.len() - 1)
+        });
         match target {
-            Some((pool, target)) => remote.push(Routed { p, pool, target }),
+            Some(target) => {
+                remote.lines.insert(p.line, Meta { target, est_tokens: p.est_tokens, bytes: p.body.len() as u64 + 96 });
+            }
             None => online.push(p),
         }
     }
@@ -96,18 +116,68 @@ struct Driver<'a> {
     ctx: &'a Arc<RunCtx>,
     unit: &'a WorkUnit,
     token: &'a CancellationToken,
-    lines: HashMap<u64, Routed>,
+    lines: HashMap<u64, Meta>,
+    targets: Vec<Target>,
     expires_at: Option<i64>,
 }
 
-/// Drives a unit's remote lines until each has a durable result (or the unit stops here).
-pub async fn run_unit(ctx: Arc<RunCtx>, unit: WorkUnit, token: CancellationToken, lines: Vec<Routed>) -> Result<()> {
-    let b = ctx.inner.store.get_batch(None, &ctx.batch_id).await.ctx("reading the batch")?;
-    let d = Driver { ctx: &ctx, unit: &unit, token: &token, lines: lines.into_iter().map(|r| (r.p.line, r)).collect(), expires_at: b.expires_at };
-    d.run().await
+/// Unexpected failures a unit's driver retries before its error ends the run.
+const DRIVER_RETRIES: u32 = 3;
+
+/// Drives a unit's remote lines until each has a durable result (or the unit stops here),
+/// then hands the unit back to the feeders' bookkeeping. It waits out an unavailable store,
+/// retries the unexpected a few times; an error it cannot get past stops the batch's run,
+/// which ends with it.
+pub async fn drive_unit(ctx: Arc<RunCtx>, unit: WorkUnit, token: CancellationToken, lines: RemoteLines) {
+    let span = tracing::info_span!("remote", batch_id = %ctx.batch_id, idx = unit.idx, lines = lines.lines.len());
+    let r = run_unit(&ctx, &unit, &token, lines).instrument(span).await;
+    ctx.inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&unit.key());
+    if let Err(e) = r {
+        tracing::warn!(batch = %ctx.batch_id, unit = unit.idx, error = %crate::Chain(&e), "a unit's remote batches failed");
+        ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.context(&format!("driving unit {}'s remote batches", unit.idx)));
+        ctx.h.stop.cancel();
+    }
+}
+
+async fn run_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, lines: RemoteLines) -> Result<()> {
+    let mut failures = 0;
+    let b = loop {
+        match ctx.inner.store.get_batch(None, &ctx.batch_id).await {
+            Ok(b) => break b,
+            Err(e) if e.is_transient() && !token.is_cancelled() => tokio::time::sleep(Duration::from_secs(1)).await,
+            Err(e) => return Err(Error::from(e).context("reading the batch")),
+        }
+    };
+    let d = Driver { ctx, unit, token, lines: lines.lines, targets: lines.targets, expires_at: b.expires_at };
+    loop {
+        match d.run().await {
+            Ok(()) => return Ok(()),
+            Err(e @ Error::Unavailable(_)) => tracing::warn!(error = %crate::Chain(&e), "the store is unavailable; remote batches wait"),
+            Err(e @ Error::Retry(_)) if failures < DRIVER_RETRIES => {
+                failures += 1;
+                tracing::warn!(error = %crate::Chain(&e), "driving remote batches failed; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+        let mut wait = Duration::from_secs(1);
+        if !d.pause(&mut wait).await {
+            return Ok(());
+        }
+    }
 }
 
 impl Driver<'_> {
+    fn target(&self, line: u64) -> Option<&Target> {
+        self.lines.get(&line).map(|m| &self.targets[m.target])
+    }
+
+    /// The unit's lines among `wanted` that have no durable result yet, read again.
+    async fn prepared(&self, wanted: &[u64]) -> Result<HashMap<u64, Prepared>> {
+        let wanted: HashSet<u64> = wanted.iter().copied().collect();
+        let pending = self.ctx.source().pending(&*self.ctx.inner.store, self.unit).await?;
+        Ok(pending.into_iter().filter(|p| wanted.contains(&p.line)).map(|p| (p.line, p)).collect())
+    }
+
     fn mode(&self) -> Mode {
         if self.ctx.h.cancelled.is_cancelled() {
             Mode::Cancel
@@ -137,7 +207,7 @@ impl Driver<'_> {
                 if round < MAX_ROUNDS && self.window_allows() {
                     planned = self.plan(rows.len(), &fresh).await?;
                 } else {
-                    self.give_up(&fresh, &mut failures).await;
+                    self.give_up(&fresh, &mut failures).await?;
                 }
             }
             if open.is_empty() && planned.is_empty() {
@@ -156,37 +226,45 @@ impl Driver<'_> {
     }
 
     /// Lines out of rounds or out of time: their last failure stands.
-    async fn give_up(&self, lines: &[u64], failures: &mut HashMap<u64, crate::store::ResultRecord>) {
+    async fn give_up(&self, lines: &[u64], failures: &mut HashMap<u64, crate::store::ResultRecord>) -> Result<()> {
+        let prepared = self.prepared(lines).await?;
         for l in lines {
-            let Some(r) = self.lines.get(l) else { continue };
-            let rec = failures.remove(l).unwrap_or_else(|| dispatch::error_record(&r.p, "remote_retries_exhausted", "no remote batch could run this line"));
+            let rec = match (failures.remove(l), prepared.get(l)) {
+                (Some(rec), _) => rec,
+                (None, Some(p)) => dispatch::error_record(p, "remote_retries_exhausted", "no remote batch could run this line"),
+                (None, None) => continue,
+            };
             self.ctx.inner.writer.send(rec).await;
         }
         self.ctx.inner.writer.flush().await;
+        Ok(())
     }
 
     /// Records remote batches for `fresh` lines (keys numbered after the unit's `known` ones).
     async fn plan(&self, known: usize, fresh: &[u64]) -> Result<Vec<RemoteBatch>> {
         let items: Vec<shard::Item<'_>> = fresh
             .iter()
-            .filter_map(|l| self.lines.get(l))
-            .map(|r| shard::Item { line: r.p.line, upstream: &r.pool.cfg.name, model: &r.target, bytes: r.p.body.len() as u64 + 96 })
+            .filter_map(|l| self.lines.get(l).map(|m| (l, m)))
+            .map(|(l, m)| {
+                let (pool, target) = &self.targets[m.target];
+                shard::Item { line: *l, upstream: &pool.cfg.name, model: target, bytes: m.bytes }
+            })
             .collect();
-        let limits = |l: &u64| self.lines.get(l).map(|r| (r.pool.cfg.remote.max_lines, r.pool.cfg.remote.max_bytes));
+        let limits = |l: &u64| self.target(*l).map(|(pool, _)| (pool.cfg.remote.max_lines, pool.cfg.remote.max_bytes));
         let (max_lines, max_bytes) = fresh.first().and_then(limits).unwrap_or((u64::MAX, u64::MAX));
         let mut out = Vec::new();
         let now = crate::now_unix();
         for (i, lines) in shard::shards(&items, max_lines, max_bytes).into_iter().enumerate() {
-            let first = &self.lines[&lines[0]];
+            let (pool, target) = &self.targets[self.lines[&lines[0]].target];
             let row = RemoteBatch {
                 key: format!("{}-u{}-{}", self.ctx.batch_id, self.unit.idx, known + i),
                 batch_id: self.ctx.batch_id.to_string(),
                 unit_idx: self.unit.idx,
-                upstream: first.pool.cfg.name.clone(),
-                model: first.target.to_string(),
+                upstream: pool.cfg.name.clone(),
+                model: target.to_string(),
                 lines: RemoteBatch::join_lines(&lines),
                 line_count: lines.len() as i64,
-                est_tokens: lines.iter().map(|l| self.lines[l].p.est_tokens).sum::<u64>().min(i64::MAX as u64) as i64,
+                est_tokens: lines.iter().map(|l| self.lines[l].est_tokens).sum::<u64>().min(i64::MAX as u64) as i64,
                 state: RemoteState::Planned.as_str().into(),
                 input_file_id: None,
                 remote_id: None,
@@ -252,7 +330,7 @@ impl Driver<'_> {
         let file_id = match &row.input_file_id {
             Some(id) => id.clone(),
             None => {
-                let jsonl = self.input(row).await;
+                let jsonl = self.input(row).await?;
                 let name = format!("{}.jsonl", row.key);
                 let Some(id) = self.call(|| up.api.upload(&name, jsonl.clone())).await else { return Ok(None) };
                 store.update_remote(&row.key, RemoteState::Uploaded, Some(&id), None, None, crate::now_unix()).await.ctx("recording a remote upload")?;
@@ -264,28 +342,30 @@ impl Driver<'_> {
 
     /// The remote batch's input: each line with batchd's stable custom_id, its body as the
     /// pool sends it (aliases resolved). Lines the pool cannot be sent get their error here.
-    async fn input(&self, row: &RemoteBatch) -> Bytes {
+    async fn input(&self, row: &RemoteBatch) -> Result<Bytes> {
         let mut out = Vec::new();
-        for l in row.line_numbers() {
-            let Some(r) = self.lines.get(&l) else { continue };
-            let body = match r.pool.outgoing(&r.p.path, &r.p.body, &r.p.model, &r.target) {
+        let lines = row.line_numbers();
+        let prepared = self.prepared(&lines).await?;
+        for l in lines {
+            let (Some(p), Some((pool, target))) = (prepared.get(&l), self.target(l)) else { continue };
+            let body = match pool.outgoing(&p.path, &p.body, &p.model, target) {
                 Ok(o) if o.translation == Translation::None => o.body,
                 _ => {
-                    let msg = format!("/v1{} lines cannot be sent to the batch upstream {:?}", r.p.path, r.pool.cfg.name);
-                    self.ctx.inner.writer.send(dispatch::error_record(&r.p, "unsupported_value", &msg)).await;
+                    let msg = format!("/v1{} lines cannot be sent to the batch upstream {:?}", p.path, pool.cfg.name);
+                    self.ctx.inner.writer.send(dispatch::error_record(p, "unsupported_value", &msg)).await;
                     continue;
                 }
             };
             let line = serde_json::json!({
                 "custom_id": collect::remote_custom_id(l),
                 "method": "POST",
-                "url": format!("/v1{}", r.p.path),
+                "url": format!("/v1{}", p.path),
                 "body": serde_json::from_slice::<serde_json::Value>(&body).unwrap_or(serde_json::Value::Null),
             });
             out.extend_from_slice(line.to_string().as_bytes());
             out.push(b'\n');
         }
-        Bytes::from(out)
+        Ok(Bytes::from(out))
     }
 
     /// Creates the remote batch within the learned token limit, then records it.
@@ -397,9 +477,8 @@ impl Driver<'_> {
     /// the remote batch collected.
     async fn bring_back(&self, up: &RemoteUpstream, row: &RemoteBatch, st: RemoteStatus) -> Result<HashMap<u64, crate::store::ResultRecord>> {
         let Some(got) = self.call(|| up.api.results(&st)).await else { return Ok(HashMap::new()) };
-        let held: Vec<u64> = row.line_numbers();
-        let done: HashSet<u64> = self.ctx.inner.store.done_among(&self.ctx.batch_id, &held).await.ctx("reading finished lines")?.into_iter().collect();
-        let lines: HashMap<u64, &Prepared> = held.iter().filter(|l| !done.contains(l)).filter_map(|l| self.lines.get(l)).map(|r| (r.p.line, &r.p)).collect();
+        let prepared = self.prepared(&row.line_numbers()).await?;
+        let lines: HashMap<u64, &Prepared> = prepared.iter().map(|(l, p)| (*l, p)).collect();
         let c = collect::collect(&st, got, &lines, self.mode() == Mode::Cancel);
         if st.errors.iter().any(|(code, _)| code == "token_limit_exceeded") {
             up.queue.refused(0);

@@ -5,9 +5,10 @@
 //! - [`config`]: layered configuration (defaults < `batchd.toml` < `BATCHD_*` < flags),
 //!   validated once into a ready-to-use [`config::Config`].
 //! - [`api`]: the HTTP front door (`/v1/files`, `/v1/batches`, `/v1/models`, `/healthz`, the
-//!   extensions — progress, event streams, retry, usage, quotas, validation — and the web
-//!   console at `/`, its files built in from `console/`); every error leaves through
-//!   [`error::ApiError`] in OpenAI's envelope.
+//!   extensions — progress, event streams, retry, usage, quotas, validation — Anthropic's
+//!   Message Batches API on the same batches (`/v1/messages/batches`), and the web console at
+//!   `/`, its files built in from `console/`); every error leaves through [`error::ApiError`]
+//!   in OpenAI's envelope (Anthropic's on its routes).
 //! - [`store`]: metadata (files, batches, work units, results, the event outbox, webhook
 //!   deliveries, nodes) behind the [`store::Store`] traits; SQLite is the embedded default,
 //!   PostgreSQL serves many nodes; one conformance suite for both.

@@ -132,6 +132,15 @@ pub trait Batches: Send + Sync {
     async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord>;
     /// Newest first; `after` is the id of the last item of the previous page.
     async fn list_batches(&self, tenant: &str, limit: u32, after: Option<&str>) -> Result<Page<BatchRecord>>;
+    /// Newest first, only the batches created through `api`; `cursor` names the item a page
+    /// starts after (older items) or before (newer items, still listed newest first).
+    async fn list_batches_of(&self, tenant: &str, api: BatchApi, limit: u32, cursor: ListCursor<'_>) -> Result<Page<BatchRecord>>;
+    /// Deletes a final batch for its tenant: it is gone from every read made for a tenant
+    /// (its row stays, for the list cursors naming it). `Conflict` while it is not final.
+    async fn delete_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord>;
+    /// Records the lines a cancel or an expiry ends before they ran, once: a finalization
+    /// done again after a crash keeps the first count.
+    async fn note_unrun(&self, id: &str, lines: i64) -> Result<()>;
     /// `validating`/`in_progress` → `cancelling`; any other status is returned unchanged.
     async fn request_cancel(&self, tenant: &str, id: &str, now: i64) -> Result<BatchRecord>;
     /// Ids and statuses of the batches in any of `statuses`, oldest first. Only these two

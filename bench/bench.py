@@ -1043,6 +1043,10 @@ class Bench:
         import prefix as prefix_step  # bench/prefix.py, beside this file
         prefix_step.run(self, sys.modules[__name__])
 
+    def remote(self) -> None:
+        import remote as remote_step  # bench/remote.py, beside this file
+        remote_step.run(self, sys.modules[__name__])
+
     def drop_databases(self) -> None:
         for pg, name in self.databases:
             subprocess.run(["psql", pg, "-q", "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], capture_output=True)
@@ -1442,7 +1446,7 @@ class Bench:
         try:
             for name, f in (("dispatch", self.dispatch), ("saturation", self.saturation), ("big", self.big), ("flat", self.flat),
                             ("limits", self.limits), ("scale", self.scale), ("cluster", self.cluster),
-                            ("prefix", self.prefix)):
+                            ("prefix", self.prefix), ("remote", self.remote)):
                 if only is None or name in only:
                     f()
         finally:
@@ -1510,7 +1514,7 @@ def main() -> int:
     ap.add_argument("--bin", required=True, help="the batchd binary")
     ap.add_argument("--work", required=True, help="scratch directory (inputs, data dirs, logs)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, about 30 s")
-    ap.add_argument("--only", help="comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix")
+    ap.add_argument("--only", help="comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix,remote")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--pidfile", help="append the pid of every child here")
     args = ap.parse_args()

@@ -9,7 +9,7 @@
 # Options:
 #   --quick         smaller sizes
 #   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
-#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix
+#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix,remote
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
 #   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)

@@ -158,6 +158,59 @@ pub struct RawUpstream {
     /// server's prefix cache computes each shared prefix once (default `true`; embeddings and
     /// moderations are always sent in file order).
     pub prefix_order: Option<bool>,
+    /// `online` (default: each line is one call) or `openai-batch` (lines are gathered into
+    /// remote batches at a hosted Batch API; see `engine::remote` and docs/remote-batches.md).
+    pub kind: Option<UpstreamKind>,
+    /// Batch kinds: most lines in one remote batch (default 50,000, the hosted API's cap).
+    pub max_lines: Option<u64>,
+    /// Batch kinds: most bytes in one remote batch's input file (default 200 MB).
+    pub max_bytes: Option<u64>,
+    /// Batch kinds: first interval between polls of a remote batch; it doubles up to 60 s
+    /// (default 5 s).
+    pub poll_interval_s: Option<f64>,
+    /// Batch kinds: the `completion_window` asked of the remote (default `24h`).
+    pub completion_window: Option<String>,
+}
+
+/// How an upstream is used: one call per line, or remote batches at a hosted Batch API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamKind {
+    #[default]
+    Online,
+    /// The OpenAI Batch + Files API at `base_url` (OpenAI, compatible providers, a batchd).
+    OpenaiBatch,
+    /// Anthropic's Message Batches API (not yet supported).
+    AnthropicBatch,
+}
+
+impl UpstreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamKind::Online => "online",
+            UpstreamKind::OpenaiBatch => "openai-batch",
+            UpstreamKind::AnthropicBatch => "anthropic-batch",
+        }
+    }
+
+    pub fn is_batch(self) -> bool {
+        self != UpstreamKind::Online
+    }
+}
+
+/// How lines are gathered into remote batches at a batch-kind upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteBatchConfig {
+    pub max_lines: u64,
+    pub max_bytes: u64,
+    pub poll_interval: Duration,
+    pub completion_window: String,
+}
+
+impl Default for RemoteBatchConfig {
+    fn default() -> Self {
+        RemoteBatchConfig { max_lines: 50_000, max_bytes: 200 * MB, poll_interval: Duration::from_secs(5), completion_window: "24h".into() }
+    }
 }
 
 /// The API an upstream speaks; lines in the other one are translated (`upstream::translate`).
@@ -345,6 +398,9 @@ pub struct UpstreamConfig {
     pub api: UpstreamApi,
     pub default_max_tokens: Option<u64>,
     pub prefix_order: bool,
+    pub kind: UpstreamKind,
+    /// Batch kinds only: how lines are gathered into remote batches.
+    pub remote: RemoteBatchConfig,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -593,6 +649,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if !(timeout_s > 0.0 && timeout_s.is_finite()) {
         return Err(bad("timeout_s must be positive".into()));
     }
+    let kind = u.kind.unwrap_or_default();
+    let remote = resolve_remote(u, kind).map_err(bad)?;
     Ok(UpstreamConfig {
         name: u.name.clone(),
         base_url: u.base_url.trim_end_matches('/').to_string(),
@@ -612,7 +670,40 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         api,
         default_max_tokens: u.default_max_tokens,
         prefix_order: u.prefix_order.unwrap_or(true),
+        kind,
+        remote,
     })
+}
+
+/// The remote-batch settings of an upstream, refused on an online one.
+fn resolve_remote(u: &RawUpstream, kind: UpstreamKind) -> Result<RemoteBatchConfig, String> {
+    let d = RemoteBatchConfig::default();
+    let set = u.max_lines.is_some() || u.max_bytes.is_some() || u.poll_interval_s.is_some() || u.completion_window.is_some();
+    match kind {
+        UpstreamKind::Online if set => {
+            return Err("max_lines, max_bytes, poll_interval_s and completion_window are only used with kind = \"openai-batch\"".into())
+        }
+        UpstreamKind::Online => return Ok(d),
+        UpstreamKind::AnthropicBatch => return Err("kind = \"anthropic-batch\" is not supported yet; use \"openai-batch\" or \"online\"".into()),
+        UpstreamKind::OpenaiBatch => {}
+    }
+    if u.api == Some(UpstreamApi::Anthropic) {
+        return Err("kind = \"openai-batch\" speaks OpenAI's API; it cannot be combined with api = \"anthropic\"".into());
+    }
+    let poll = u.poll_interval_s.unwrap_or(d.poll_interval.as_secs_f64());
+    if !(poll > 0.0 && poll.is_finite()) {
+        return Err("poll_interval_s must be positive".into());
+    }
+    let cfg = RemoteBatchConfig {
+        max_lines: u.max_lines.unwrap_or(d.max_lines),
+        max_bytes: u.max_bytes.unwrap_or(d.max_bytes),
+        poll_interval: Duration::from_secs_f64(poll),
+        completion_window: u.completion_window.clone().unwrap_or(d.completion_window),
+    };
+    if cfg.max_lines == 0 || cfg.max_bytes == 0 {
+        return Err("max_lines and max_bytes must be at least 1".into());
+    }
+    Ok(cfg)
 }
 
 fn check_unique_names(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
@@ -832,6 +923,11 @@ impl UpstreamConfig {
             api: Some(self.api),
             default_max_tokens: self.default_max_tokens,
             prefix_order: Some(self.prefix_order),
+            kind: Some(self.kind),
+            max_lines: self.kind.is_batch().then_some(self.remote.max_lines),
+            max_bytes: self.kind.is_batch().then_some(self.remote.max_bytes),
+            poll_interval_s: self.kind.is_batch().then_some(self.remote.poll_interval.as_secs_f64()),
+            completion_window: self.kind.is_batch().then(|| self.remote.completion_window.clone()),
         }
     }
 }
@@ -1015,5 +1111,28 @@ mod tests {
         assert!(half.resolve().unwrap_err().to_string().contains("both a URL and a secret"));
         let bad: RawConfig = toml::from_str("[webhooks]\nurl='http://x'\nsecret='whsec_***'").unwrap();
         assert!(bad.resolve().unwrap_err().to_string().contains("not base64"));
+    }
+
+    /// A batch-kind upstream's settings resolve with the hosted caps as defaults, print and
+    /// load back; they are refused on an online upstream, as is the kind not supported yet.
+    #[test]
+    fn batch_kind_upstreams_resolve_and_refuse_what_does_not_apply() {
+        let up = |extra: &str| format!("[[upstreams]]\nname='h'\nbase_url='http://127.0.0.1:9/v1'\n{extra}");
+        let c = toml::from_str::<RawConfig>(&up("kind='openai-batch'\nmax_lines=100\npoll_interval_s=0.5")).unwrap().resolve().unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!((u.kind, u.remote.max_lines, u.remote.max_bytes), (UpstreamKind::OpenaiBatch, 100, 200 * MB));
+        assert_eq!((u.remote.poll_interval, u.remote.completion_window.as_str()), (Duration::from_millis(500), "24h"));
+        let printed = toml::to_string(&u.effective()).unwrap();
+        let back: RawUpstream = toml::from_str(&printed).unwrap();
+        assert_eq!((back.kind, back.max_lines), (Some(UpstreamKind::OpenaiBatch), Some(100)), "{printed}");
+        let online = toml::from_str::<RawConfig>(&up("")).unwrap().resolve().unwrap();
+        assert_eq!(online.upstreams[0].kind, UpstreamKind::Online);
+        let refused = |extra: &str| toml::from_str::<RawConfig>(&up(extra)).unwrap().resolve().unwrap_err().to_string();
+        assert!(refused("max_lines=5").contains("only used with kind = \"openai-batch\""));
+        assert!(refused("kind='anthropic-batch'").contains("not supported yet"));
+        assert!(refused("kind='openai-batch'\napi='anthropic'").contains("cannot be combined"));
+        assert!(refused("kind='openai-batch'\nmax_lines=0").contains("at least 1"));
+        assert!(refused("kind='openai-batch'\npoll_interval_s=-1").contains("positive"));
+        assert!(toml::from_str::<RawConfig>(&up("kind='batch'")).is_err(), "an unknown kind");
     }
 }

@@ -250,6 +250,26 @@ fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultR
     }
 }
 
+/// The record of an answer a remote batch brought back for line `p` (see `engine::remote`).
+pub fn remote_answer_record(p: &Prepared, status: u16, request_id: Option<&str>, body: &[u8]) -> ResultRecord {
+    let request_id = request_id.unwrap_or(&p.request_id);
+    let (ok, record, usage) = match parse_body(body) {
+        Some((text, usage)) => ((200..300).contains(&status), answer_line(p, status, request_id, &text), usage),
+        None => (false, answer_line(p, status, request_id, &non_json_error_body(status, body)), Usage::default()),
+    };
+    ResultRecord {
+        batch_id: p.batch_id.to_string(),
+        line: p.line,
+        unit_idx: p.unit_idx,
+        custom_id: p.custom_id.clone(),
+        ok,
+        record,
+        usage,
+        model: p.model.clone(),
+        epoch: p.epoch,
+    }
+}
+
 /// The error body recorded for an answer that is not JSON (nginx's HTML 502 or 413 page, a
 /// proxy's plain text): OpenAI's error envelope with code `upstream_error` and a short
 /// excerpt of the text, its HTML tags dropped.

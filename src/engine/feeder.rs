@@ -33,7 +33,7 @@ use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
 use super::lines::{LineSplitter, ParsedLine};
 use super::order::{self, Entry};
-use super::{Active, Inner};
+use super::{remote, Active, Inner};
 use crate::store::{InputFormat, WorkUnit};
 use crate::upstream::Route;
 
@@ -57,6 +57,9 @@ pub struct RunCtx {
     pub turns: watch::Receiver<usize>,
     /// One permit per finished line waiting for room in the writer's queue.
     pub queued: tokio::sync::Semaphore,
+    /// The error a unit's remote batches could not get past (see `remote::drive_unit`): the
+    /// run ends with it.
+    pub failed: std::sync::Mutex<Option<Error>>,
 }
 
 /// Runs the batch's feeders until no unit is left to lease here, the batch stops, or one of
@@ -83,9 +86,11 @@ async fn feed(ctx: Arc<RunCtx>) -> Result<()> {
         let token = hold(inner, &unit, &ctx.h);
         let span = tracing::info_span!("unit", batch_id = %ctx.batch_id, idx = unit.idx, lines = unit.line_count, epoch = unit.epoch);
         let fed = feed_unit(&ctx, &unit, &token, &mut routes).instrument(span).await;
-        inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&unit.key());
+        if !matches!(fed, Ok(true)) {
+            inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&unit.key());
+        }
         match fed {
-            Ok(()) => failures = 0,
+            Ok(_) => failures = 0,
             Err(e) => pause_or_fail(&ctx, e.context(&format!("feeding unit {}", unit.idx)), &mut failures).await?,
         }
     }
@@ -126,9 +131,24 @@ struct Waiting {
     owned: LineGuard,
 }
 
-async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
+/// Feeds a unit: lines served by a batch-kind upstream go into remote batches, the others
+/// online. The remote batches are driven by a task of the run (`remote::drive_unit`), which
+/// holds the unit until they end — hours, at a hosted API — while the feeder moves on to the
+/// next unit; `true` when such a task took the unit over.
+async fn feed_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<bool> {
+    let pending = ctx.source().pending(&*ctx.inner.store, unit).await?;
+    let (remote, online) = remote::split(pending, |m| ctx.inner.router.resolve(m));
+    let remote = !remote.is_empty() && {
+        ctx.lines.spawn(remote::drive_unit(ctx.clone(), unit.clone(), token.clone(), remote));
+        true
+    };
+    feed_online(ctx, online, token, routes).await?;
+    Ok(remote)
+}
+
+async fn feed_online(ctx: &Arc<RunCtx>, pending: Vec<Prepared>, token: &CancellationToken, routes: &mut HashMap<String, Option<Route>>) -> Result<()> {
     let inner = &ctx.inner;
-    let mut lines = ctx.source().pending(&*inner.store, unit).await?.into_iter();
+    let mut lines = pending.into_iter();
     let mut waiting = futures::stream::FuturesUnordered::new();
     let (mut turns, mut turns_open) = (ctx.turns.clone(), true);
     loop {

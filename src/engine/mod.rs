@@ -15,6 +15,7 @@
 //! - `runner` leases units and feeds their lines to the upstream pools; batches share a
 //!   pool fairly because each batch waits in the pool's FIFO queue with `2 × priority` feeders;
 //! - `dispatch` runs one line's attempts with back-off and turns the answer into a result;
+//!   lines served by a batch-kind upstream go into remote batches instead (`remote`);
 //! - `writer` makes results durable in groups (one commit per many results) — a result is
 //!   counted only once its group is committed; while the store cannot write, the
 //!   [`health`] gate holds every new upstream call;
@@ -47,6 +48,7 @@ pub mod order;
 pub mod prefix;
 mod progress;
 pub mod rates;
+mod remote;
 mod retry;
 mod runner;
 mod scheduler;

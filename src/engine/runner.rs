@@ -148,6 +148,7 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {
         lines: TaskTracker::new(),
         turns,
         queued: tokio::sync::Semaphore::new(feeder::MAX_QUEUED),
+        failed: Default::default(),
     });
     let expiry = expiry_sleep(b.expires_at);
     tokio::pin!(expiry);
@@ -159,14 +160,23 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {
     if expired {
         h.abort.cancel();
     }
-    h.stop.cancel();
+    // Feeding ended: the line tasks finish. Remote units (`remote::drive_unit`) go on until
+    // their remote batches end, so the batch's stop is given only when feeding failed; a
+    // cancel, an expiry or a shutdown reaches them through it meanwhile.
+    if expired || fed.is_err() {
+        h.stop.cancel();
+    }
     ctx.lines.close();
     tokio::select! {
         _ = ctx.lines.wait() => {}
-        _ = &mut expiry, if !expired => { expired = true; h.abort.cancel(); ctx.lines.wait().await; }
+        _ = &mut expiry, if !expired => { expired = true; h.abort.cancel(); h.stop.cancel(); ctx.lines.wait().await; }
     }
+    h.stop.cancel();
     inner.writer.flush().await;
     fed?;
+    if let Some(e) = ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
     conclude(inner, &b.id, expired).await
 }
 

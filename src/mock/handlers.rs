@@ -33,6 +33,10 @@ struct Control {
     hang: bool,
     retry_after_s: Option<f64>,
     fail_times: Option<u32>,
+    /// Count `fail_times` attempts by body even when a request id is sent (a line resent
+    /// under another id, as in a follow-up remote batch).
+    #[serde(default)]
+    by_body: bool,
     body_text: Option<String>,
     completion_tokens: Option<u32>,
     /// `gzip` or `zstd`: compress a successful answer when the request accepts it.
@@ -143,7 +147,8 @@ fn with_headers(mut resp: Response, extra: HeaderMap) -> Response {
 /// Plans and answers a request admitted by the limits.
 #[allow(clippy::too_many_arguments)]
 async fn serve(ep: Endpoint, sh: &Shared, headers: &HeaderMap, body: &Bytes, seen: u64, req: Value, ctl: Option<Control>, cfg: Behaviour) -> Option<Response> {
-    let attempt = || if seen > 0 { seen } else { sh.body_attempt(hash_bytes(body)) };
+    let by_body = ctl.as_ref().is_some_and(|c| c.by_body);
+    let attempt = || if seen > 0 && !by_body { seen } else { sh.body_attempt(hash_bytes(body)) };
     let plan = match &ctl {
         Some(c) => controlled_plan(ep, &cfg, c, attempt),
         None => random_plan(ep, sh, &cfg),

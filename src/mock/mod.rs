@@ -23,7 +23,7 @@
 //! A request whose body holds a top-level `"mock"` object is deterministic
 //! instead (no random faults): `status`, `latency_ms`, `hang`,
 //! `retry_after_s`, `fail_times` (fail the first N attempts with the same
-//! `x-request-id`, or the same body when it has none), `body_text`,
+//! `x-request-id`, or the same body when it has none or `by_body` is set), `body_text`,
 //! `completion_tokens`, `encoding` (`gzip` or `zstd`: compress the answer
 //! when the request's `Accept-Encoding` allows it).
 //!

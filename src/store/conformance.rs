@@ -102,6 +102,7 @@ pub async fn run_all(store: &dyn Store) {
     queued_counts_unfinished_lines(store).await;
     admission_keeps_the_queue_within_its_limits(store).await;
     list_cursors_survive_deletion(store).await;
+    remote_batches_are_recorded_once_and_move_on(store).await;
     message_batches_list_by_api_both_ways_and_delete_once_ended(store).await;
 }
 
@@ -615,6 +616,41 @@ pub async fn list_cursors_survive_deletion(store: &dyn Store) {
     assert_eq!(p.items.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-cur5"], "and after the janitor purged it");
     assert!(matches!(store.list_files("cur-other", &q(Some("file-cur2"), false), 0).await, Err(Error::NotFound)), "another tenant's deleted id is unknown");
     assert!(matches!(store.list_files(t, &q(Some("file-never"), false), 0).await, Err(Error::NotFound)), "an id never stored is unknown");
+}
+
+/// A remote batch is recorded once per key (a second plan of the same key changes nothing),
+/// moves on keeping what an update leaves out, and is read back per unit, oldest first.
+pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
+    let row = |key: &str, unit: i64, at: i64| RemoteBatch {
+        key: key.into(),
+        batch_id: "batch_remote".into(),
+        unit_idx: unit,
+        upstream: "hosted".into(),
+        model: "m".into(),
+        lines: RemoteBatch::join_lines(&[1, 2, 5]),
+        line_count: 3,
+        est_tokens: 42,
+        state: RemoteState::Planned.as_str().into(),
+        input_file_id: None,
+        remote_id: None,
+        remote_status: None,
+        created_at: at,
+        updated_at: at,
+    };
+    assert!(store.plan_remote(&row("k0", 0, 10)).await.unwrap());
+    assert!(!store.plan_remote(&RemoteBatch { lines: "9".into(), ..row("k0", 0, 10) }).await.unwrap(), "a key is planned once");
+    assert!(store.plan_remote(&row("k1", 0, 11)).await.unwrap());
+    assert!(store.plan_remote(&row("k2", 1, 12)).await.unwrap());
+    store.update_remote("k0", RemoteState::Uploaded, Some("file-1"), None, None, 20).await.unwrap();
+    store.update_remote("k0", RemoteState::Created, None, Some("rb-1"), Some("validating"), 21).await.unwrap();
+    assert!(matches!(store.update_remote("nope", RemoteState::Created, None, None, None, 1).await, Err(Error::NotFound)));
+    let unit0 = store.remote_batches("batch_remote", Some(0)).await.unwrap();
+    assert_eq!(unit0.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k0", "k1"]);
+    let k0 = &unit0[0];
+    assert_eq!((k0.state(), k0.input_file_id.as_deref(), k0.remote_id.as_deref()), (RemoteState::Created, Some("file-1"), Some("rb-1")));
+    assert_eq!((k0.line_numbers(), k0.est_tokens, k0.updated_at), (vec![1, 2, 5], 42, 21));
+    assert_eq!(store.remote_batches("batch_remote", None).await.unwrap().len(), 3);
+    assert!(store.remote_batches("batch_other", None).await.unwrap().is_empty());
 }
 
 /// Anthropic's Message Batches: listed apart from OpenAI's batches, newest first, a page

@@ -62,7 +62,7 @@ pub use url::DatabaseUrl;
 
 /// The store traits, for code that calls them on a concrete backend.
 pub mod prelude {
-    pub use super::{Batches, Cluster, Files, Outbox, Store, Work};
+    pub use super::{Batches, Cluster, Files, Outbox, Remote, Store, Work};
 }
 
 /// One page of a list, with whether more follow.
@@ -260,8 +260,28 @@ pub trait Outbox: Send + Sync {
     async fn delivery_attempts(&self, event_id: i64) -> Result<Vec<DeliveryAttempt>>;
 }
 
+/// Remote batches at batch-kind upstreams (`engine::remote`): each is recorded before each
+/// step's side effect, so that a restart resumes it instead of creating it again.
+#[async_trait]
+pub trait Remote: Send + Sync {
+    /// Records a planned remote batch; a key recorded before is left as it was (`false`).
+    async fn plan_remote(&self, r: &RemoteBatch) -> Result<bool>;
+    /// Moves a remote batch to `state`, recording what became known (a `None` keeps the old value).
+    async fn update_remote(
+        &self,
+        key: &str,
+        state: RemoteState,
+        input_file_id: Option<&str>,
+        remote_id: Option<&str>,
+        remote_status: Option<&str>,
+        now: i64,
+    ) -> Result<()>;
+    /// The remote batches of a batch (of one unit, when given), oldest first.
+    async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
+}
+
 /// Everything a node needs from its metadata store.
-pub trait Store: Files + Batches + Work + Cluster + Outbox + 'static {
+pub trait Store: Files + Batches + Work + Cluster + Outbox + Remote + 'static {
     /// Number of write transactions committed since start (for the durability budget).
     fn commits(&self) -> u64;
 }

@@ -444,3 +444,67 @@ pub enum Admission {
     /// over a limit.
     OverQuota { queued: Queued, requests: i64, tokens: i64 },
 }
+
+/// Where a remote batch stands; each state is recorded before the next step's side effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteState {
+    /// Its lines are chosen; nothing sent yet (or an upload whose file id was not recorded).
+    Planned,
+    /// Its input file is at the remote; the create may or may not have happened.
+    Uploaded,
+    /// The remote created it (its id is known): polled until it ends.
+    Created,
+    /// Ended at the remote and its results are durable here.
+    Collected,
+}
+
+impl RemoteState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteState::Planned => "planned",
+            RemoteState::Uploaded => "uploaded",
+            RemoteState::Created => "created",
+            RemoteState::Collected => "collected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RemoteState> {
+        [RemoteState::Planned, RemoteState::Uploaded, RemoteState::Created, RemoteState::Collected].into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One remote batch: a shard of a unit's lines, of one model, at one batch-kind upstream.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RemoteBatch {
+    /// The idempotency key, also the `batchd_key` metadata tag at the remote.
+    pub key: String,
+    pub batch_id: String,
+    pub unit_idx: i64,
+    pub upstream: String,
+    pub model: String,
+    /// Line numbers, comma-separated (see [`RemoteBatch::line_numbers`]).
+    pub lines: String,
+    pub line_count: i64,
+    pub est_tokens: i64,
+    pub state: String,
+    pub input_file_id: Option<String>,
+    pub remote_id: Option<String>,
+    pub remote_status: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl RemoteBatch {
+    pub fn line_numbers(&self) -> Vec<u64> {
+        self.lines.split(',').filter_map(|l| l.parse().ok()).collect()
+    }
+
+    pub fn join_lines(lines: &[u64]) -> String {
+        lines.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// The recorded state (an unknown one reads as `planned`: reconciled, never created twice).
+    pub fn state(&self) -> RemoteState {
+        RemoteState::parse(&self.state).unwrap_or(RemoteState::Planned)
+    }
+}

@@ -26,6 +26,7 @@ mod dialect;
 mod limiter;
 mod outcome;
 mod probe;
+pub mod remote;
 mod signals;
 mod startup;
 pub mod translate;
@@ -53,6 +54,8 @@ pub struct Pool {
     pub limiter: Arc<Limiter>,
     /// Starts the `metrics_url` probe on first use.
     probe: Once,
+    /// A batch-kind upstream's Batch API client (`engine::remote` sends its lines there).
+    pub remote: Option<remote::RemoteUpstream>,
     /// What the start-up look found wrong (a base URL answering 404).
     warning: std::sync::Mutex<Option<String>>,
     /// The upstream's own figures, as last read from `metrics_url`, and when.
@@ -126,6 +129,12 @@ impl Router {
             .map(|c| {
                 let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
+                let remote = match c.kind {
+                    crate::config::UpstreamKind::OpenaiBatch => {
+                        Some(remote::RemoteUpstream { api: Arc::new(remote::OpenAiBatch::new(c)?), queue: Default::default() })
+                    }
+                    _ => None,
+                };
                 let pool = Pool {
                     limiter,
                     conns: client::build(c)?,
@@ -135,6 +144,7 @@ impl Router {
                     probe: Once::new(),
                     warning: Default::default(),
                     engine: Default::default(),
+                    remote,
                 };
                 Ok(Arc::new(pool))
             })

@@ -22,5 +22,6 @@ mod memory;
 mod msgbatch;
 mod prefix;
 mod props;
+mod remote;
 mod translate;
 mod upgrade;

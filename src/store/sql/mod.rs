@@ -16,6 +16,7 @@ mod cluster;
 pub mod dialect;
 mod files;
 mod outbox;
+mod remote;
 mod results;
 mod rows;
 mod work;

@@ -1,0 +1,74 @@
+//! Remote batches at batch-kind upstreams: the record a restart resumes from (`engine::remote`).
+
+use async_trait::async_trait;
+
+use super::{Dialect, SqlStore};
+use crate::store::*;
+
+#[async_trait]
+impl<D: Dialect> Remote for SqlStore<D> {
+    async fn plan_remote(&self, r: &RemoteBatch) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let n = D::sql(
+            "INSERT INTO remote_batches (key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&r.key)
+        .bind(&r.batch_id)
+        .bind(r.unit_idx)
+        .bind(&r.upstream)
+        .bind(&r.model)
+        .bind(&r.lines)
+        .bind(r.line_count)
+        .bind(r.est_tokens)
+        .bind(&r.state)
+        .bind(r.input_file_id.as_deref())
+        .bind(r.remote_id.as_deref())
+        .bind(r.remote_status.as_deref())
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&mut tx)
+        .await?;
+        self.commit(tx).await?;
+        Ok(n == 1)
+    }
+
+    async fn update_remote(
+        &self,
+        key: &str,
+        state: RemoteState,
+        input_file_id: Option<&str>,
+        remote_id: Option<&str>,
+        remote_status: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.write().await?;
+        let n = D::sql(
+            "UPDATE remote_batches SET state = $1, input_file_id = COALESCE($2, input_file_id), remote_id = COALESCE($3, remote_id),
+                 remote_status = COALESCE($4, remote_status), updated_at = $5
+             WHERE key = $6",
+        )
+        .bind(state.as_str())
+        .bind(input_file_id)
+        .bind(remote_id)
+        .bind(remote_status)
+        .bind(now)
+        .bind(key)
+        .execute(&mut tx)
+        .await?;
+        if n == 0 {
+            return Err(Error::NotFound);
+        }
+        self.commit(tx).await
+    }
+
+    async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
+        let stmt = D::sql(
+            "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at
+             FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key",
+        )
+        .bind(batch_id)
+        .bind(unit_idx);
+        stmt.fetch_all(&mut *self.conn().await?).await
+    }
+}

@@ -1,0 +1,326 @@
+//! Batch-kind upstreams (`kind = "openai-batch"`): a second `batchd serve` (its own data dir,
+//! the mock upstream behind it) plays the hosted provider, a real implementation of the
+//! OpenAI Batch + Files API. Shards are small (`max_lines = 100`) so a batch spans many
+//! remote batches. Every test counts the remote batches on the remote itself: none is ever
+//! created twice, and every custom_id comes back exactly once locally.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// The provider: a batchd over the mock, each line tried once there (so its failures show in
+/// its error file), windows short enough to expire.
+fn provider(m: &MockServer, extra_upstream: &str) -> Server {
+    Server::start(&config(&m.base_url(), &format!("max_attempts = 1\n{extra_upstream}"), ""))
+}
+
+/// A local batchd whose only upstream is the batch API at `base` (`…/v1`).
+fn local_config(base: &str, extra: &str) -> String {
+    let shard = if extra.contains("max_lines") { "" } else { "max_lines = 100\n" };
+    config(base, &format!("kind = \"openai-batch\"\n{shard}poll_interval_s = 0.1\n{extra}"), "")
+}
+
+fn local(base: &str, extra: &str) -> Server {
+    Server::start(&local_config(base, extra))
+}
+
+/// Every batch the provider holds, newest first.
+async fn remote_batches(api: &Api) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+        let (st, page) = api.get(&format!("/batches?limit=100{q}")).await;
+        assert_eq!(st, 200, "{page}");
+        let items = page["data"].as_array().unwrap().clone();
+        after = items.last().and_then(|b| b["id"].as_str()).map(str::to_owned);
+        all.extend(items);
+        if !page["has_more"].as_bool().unwrap_or(false) {
+            return all;
+        }
+    }
+}
+
+/// No two remote batches carry the same tag, and each carries one.
+fn assert_no_duplicate_remote(batches: &[Value]) {
+    let mut keys: Vec<&str> = batches.iter().map(|b| b["metadata"]["batchd_key"].as_str().expect("every remote batch is tagged")).collect();
+    keys.sort();
+    let n = keys.len();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "a remote batch was created twice: {keys:?}");
+}
+
+/// Each output line answers its own request: the mock echoes the line's own text.
+fn assert_answers_match(out: &[Value]) {
+    for l in out {
+        let cid = l["custom_id"].as_str().unwrap();
+        let text = l["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+        assert!(text.contains(&format!("hello from {cid}")), "line {cid} got another line's answer: {text:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_spans_many_remote_batches_and_comes_back_whole() {
+    let m = mock(MockArgs::default()).await;
+    let p = provider(&m, "");
+    let prices = "[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n";
+    let s = Server::start(&config(&format!("{}/v1", p.url), "kind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1", prices));
+    let api = s.api();
+    let id = api.submit(&chat_lines(1000, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(120)).await;
+    let (out, err) = final_results(&api, &b, 1000).await;
+    assert_eq!((out.len(), err.len()), (1000, 0));
+    assert_answers_match(&out);
+    let u = &b["usage"];
+    let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
+    assert!(input > 0.0 && output > 0.0, "usage comes back with the results: {b}");
+    let cost = b["cost"].as_f64().expect("a priced batch has a cost");
+    assert!((cost - (input * 2.0 + output * 8.0) / 1e6 * 0.5).abs() < 1e-5, "the batch price: {cost} for {u}");
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 10, "1,000 lines in ⌈1000/100⌉ remote batches");
+    assert_no_duplicate_remote(&remote);
+    assert!(remote.iter().all(|r| r["request_counts"]["total"] == 100 && r["status"] == "completed"), "{remote:?}");
+    assert_eq!(m.stats().requests, 1000, "the provider's upstream saw each line once");
+    assert!(remote.iter().all(|r| !r["id"].as_str().unwrap().contains(&id[6..])), "remote ids are the provider's own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_after_the_remote_create_adopts_the_batch_instead_of_creating_it_again() {
+    let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
+    let p = provider(&m, "");
+    let mut s = Server::start_with(&local_config(&format!("{}/v1", p.url), ""), &[], &[("BATCHD_FAILPOINT".into(), "remote-created-unrecorded".into())]);
+    let api = s.api();
+    let id = api.submit(&chat_lines(300, "m")).await;
+    // The failpoint kills the local batchd (SIGKILL) right after the first create answered.
+    eventually("the local batchd to die at the failpoint", secs(30), || async {
+        api.request(reqwest::Method::GET, "/batches").send().await.is_err().then_some(())
+    })
+    .await;
+    let before = remote_batches(&p.api()).await;
+    assert!(!before.is_empty(), "the remote holds the batch created before the kill");
+    s.env.clear();
+    s.restart();
+    let api = s.api();
+    let b = api.wait_for(&id, &["completed"], secs(120)).await;
+    let (out, _) = final_results(&api, &b, 300).await;
+    assert_eq!(out.len(), 300);
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 3, "300 lines, 3 remote batches, none created twice: {remote:?}");
+    assert_eq!(m.stats().requests, 300, "no line paid twice at the provider");
+    assert!(s.log().contains("adopted a remote batch created before a restart"), "the restart reconciled by tag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_propagates_and_keeps_finished_work() {
+    let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let s = local(&format!("{}/v1", p.url), "max_lines = 50");
+    let api = s.api();
+    let id = api.submit(&chat_lines(250, "m")).await;
+    let premote = p.api();
+    eventually("the remote to finish some lines", secs(60), || async {
+        let done: u64 = remote_batches(&premote).await.iter().map(|r| r["request_counts"]["completed"].as_u64().unwrap_or(0)).sum();
+        (done >= 20).then_some(())
+    })
+    .await;
+    let (st, _) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(st, 200);
+    let b = api.wait_for(&id, &["cancelled"], secs(60)).await;
+    let (out, err) = api.results(&b).await;
+    assert_exactly_once(&out, &err, 250);
+    assert!(err.iter().all(|l| l["error"]["code"] == "batch_cancelled"), "{err:?}");
+    let remote = remote_batches(&premote).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 5, "250 lines in remote batches of 50: {remote:?}");
+    assert!(remote.iter().all(|r| r["status"] == "cancelled" || r["status"] == "completed"), "the cancel reached the remote: {remote:?}");
+    assert!(remote.iter().any(|r| r["status"] == "cancelled"), "{remote:?}");
+    let finished: u64 = remote.iter().map(|r| r["request_counts"]["completed"].as_u64().unwrap()).sum();
+    assert_eq!(out.len() as u64, finished, "every line the remote finished is kept, and no other");
+    assert!(out.len() >= 20 && out.len() < 250, "{}", out.len());
+    let requests = m.stats().requests;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(m.stats().requests, requests, "nothing runs at the remote after the cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_line_failures_go_into_a_follow_up_remote_batch() {
+    let m = mock(MockArgs::default()).await;
+    let p = provider(&m, "");
+    let s = local(&format!("{}/v1", p.url), "");
+    let api = s.api();
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            let mock = match i % 10 {
+                0 => Some(json!({"fail_times": 1, "by_body": true, "status": 500})),
+                5 => Some(json!({"fail_times": 1, "by_body": true, "status": 502})),
+                7 => Some(json!({"status": 400})),
+                _ => None,
+            };
+            chat_line(&format!("req-{i}"), "m", mock)
+        })
+        .collect();
+    let id = api.submit(&lines).await;
+    let b = api.wait_for(&id, &["completed"], secs(120)).await;
+    let (out, err) = final_results(&api, &b, 200).await;
+    assert_eq!((out.len(), err.len()), (180, 20), "the 500s and 502s succeed on the follow-up; a 400 is final");
+    assert!(err.iter().all(|l| l["response"]["status_code"] == 400), "{err:?}");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 3, "two remote batches, then one follow-up of the 40 failed lines: {remote:?}");
+    assert_eq!(remote[0]["request_counts"]["total"], 40, "the follow-up holds only the retryable failures");
+}
+
+/// A proxy in front of the provider that can answer 500 to polls and follow the provider
+/// to a new port after a restart.
+struct Proxy {
+    url: String,
+    target: Arc<Mutex<String>>,
+    fail_polls: Arc<AtomicBool>,
+    polls_failed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn proxy(target: &str) -> Proxy {
+    use axum::extract::{Request, State};
+    use axum::response::IntoResponse;
+    type St = (Arc<Mutex<String>>, Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>, reqwest::Client);
+    async fn forward(State((target, fail, failed, http)): State<St>, req: Request) -> axum::response::Response {
+        let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+        if fail.load(Ordering::SeqCst) && req.method() == axum::http::Method::GET && path.starts_with("/v1/batches/") {
+            failed.fetch_add(1, Ordering::SeqCst);
+            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"boom\"}}").into_response();
+        }
+        let url = format!("{}{path}", target.lock().unwrap());
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let mut r = http.request(parts.method.clone(), url).body(body);
+        for (k, v) in parts.headers.iter().filter(|(k, _)| *k != "host") {
+            r = r.header(k, v);
+        }
+        match r.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let ct = resp.headers().get("content-type").cloned();
+                let bytes = resp.bytes().await.unwrap_or_default();
+                let mut out = (status, bytes).into_response();
+                if let Some(ct) = ct {
+                    out.headers_mut().insert("content-type", ct);
+                }
+                out
+            }
+            Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+    let target = Arc::new(Mutex::new(target.to_string()));
+    let (fail_polls, polls_failed) = (Arc::new(AtomicBool::new(false)), Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let app = axum::Router::new().fallback(forward).with_state((target.clone(), fail_polls.clone(), polls_failed.clone(), reqwest::Client::new()));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Proxy { url, target, fail_polls, polls_failed }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_answered_500_and_a_remote_killed_mid_run_are_waited_out() {
+    let m = mock(MockArgs { latency_ms: 10, ..Default::default() }).await;
+    let mut p = provider(&m, "max_concurrency = 4");
+    let px = proxy(&p.url).await;
+    let s = local(&format!("{}/v1", px.url), "");
+    let api = s.api();
+    let id = api.submit(&chat_lines(400, "m")).await;
+    eventually("the remote batches to be created", secs(30), || async { (remote_batches(&p.api()).await.len() == 4).then_some(()) }).await;
+    px.fail_polls.store(true, Ordering::SeqCst);
+    eventually("polls to fail", secs(30), || async { (px.polls_failed.load(Ordering::SeqCst) >= 5).then_some(()) }).await;
+    p.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.spawn();
+    *px.target.lock().unwrap() = p.url.clone();
+    px.fail_polls.store(false, Ordering::SeqCst);
+    let b = api.wait_for(&id, &["completed"], secs(180)).await;
+    let (out, _) = final_results(&api, &b, 400).await;
+    assert_eq!(out.len(), 400);
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 4, "polling failures create nothing new: {remote:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_remote_batch_is_followed_up_within_the_window() {
+    let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let s = local(&format!("{}/v1", p.url), "completion_window = \"3s\"");
+    let api = s.api();
+    let id = api.submit(&chat_lines(60, "m")).await;
+    let expired =
+        eventually("the first remote batch to expire", secs(60), || async { remote_batches(&p.api()).await.into_iter().find(|r| r["status"] == "expired") })
+            .await;
+    let ran = expired["request_counts"]["completed"].as_u64().unwrap();
+    assert!(ran < 60, "the remote ran only part of it before its window closed: {expired}");
+    reqwest::Client::new().post(format!("{}/config", m.base_url().trim_end_matches("/v1"))).json(&json!({"latency_ms": 0})).send().await.unwrap();
+    let b = api.wait_for(&id, &["completed"], secs(60)).await;
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "the expired lines ran in a follow-up");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_no_duplicate_remote(&remote);
+    assert!(remote.len() >= 2, "{remote:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_token_limit_is_learned_and_respected() {
+    let m = mock(MockArgs { latency_ms: 5, ..Default::default() }).await;
+    // The provider's tenant may have about two of the local's remote batches queued at once.
+    let tenant = "[[tenants]]\nname = \"local\"\napi_keys = [\"sk-provider\"]\nmax_queued_tokens = 12000\n";
+    let p = Server::start(&config(&m.base_url(), "max_attempts = 1", tenant));
+    let papi = p.api_with_key("sk-provider");
+    let s =
+        Server::start_with(&local_config(&format!("{}/v1", p.url), "api_key_env = \"PROVIDER_KEY\""), &[], &[("PROVIDER_KEY".into(), "sk-provider".into())]);
+    let api = s.api();
+    let id = api.submit(&chat_lines(800, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(180)).await;
+    let (out, _) = final_results(&api, &b, 800).await;
+    assert_eq!(out.len(), 800);
+    let remote = remote_batches(&papi).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 8, "refused creates created nothing: {remote:?}");
+    assert!(s.log().contains("its limit is learned"), "the refusal was learned");
+    let refusals = s.log().matches("its limit is learned").count();
+    assert!(refusals < 8, "once learned, creates wait for room instead of being refused each time ({refusals} refusals)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_run_over_a_batch_upstream_resumes_after_ctrl_c_without_creating_again() {
+    let m = mock(MockArgs { latency_ms: 30, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 4");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("in.jsonl"), jsonl(&chat_lines(300, "m"))).unwrap();
+    std::fs::write(d.join("local.toml"), local_config(&format!("{}/v1", p.url), "")).unwrap();
+    let run = || {
+        let mut c = std::process::Command::new(BIN);
+        c.current_dir(d).args(["run", "in.jsonl", "--config", "local.toml", "-o", "out.jsonl", "--errors", "err.jsonl", "--quiet"]);
+        c
+    };
+    let child = run().stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let papi = p.api();
+    eventually("the run's remote batches at the provider", secs(60), || async { (remote_batches(&papi).await.len() == 3).then_some(()) }).await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let first = wait_out(child, secs(30));
+    assert_eq!(first.code, 130, "{first:?}");
+    assert!(!d.join("out.jsonl").exists(), "interrupted before the remote batches ended");
+    let second = finish(run(), secs(120));
+    assert_eq!(second.code, 0, "{second:?}");
+    let out: Vec<Value> = std::fs::read_to_string(d.join("out.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_exactly_once(&out, &[], 300);
+    assert_answers_match(&out);
+    let remote = remote_batches(&papi).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 3, "the resumed run followed the remote batches the first one created: {remote:?}");
+}

@@ -909,3 +909,36 @@ fn bad_configurations_are_refused_with_one_clear_message() {
         assert!(out.stdout.is_empty(), "nothing printed as if it worked: {}", out.stdout);
     }
 }
+
+// ---------------------------------------------------------------- serve with no upstream
+
+/// `serve` with no upstream refuses a batch at create with one 400 that names the model and
+/// says what to do (not one `model_not_found` per line later); with `OPENAI_BASE_URL` set it
+/// takes that upstream (and `OPENAI_API_KEY`), as every OpenAI-compatible tool does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_upstream_refuses_at_create_or_takes_openai_base_url() {
+    let bare = Server::start_with("", &[], &[]);
+    let api = bare.api();
+    let file = api.upload(&chat_lines(100, "gpt-4o-mini")).await;
+    let (code, body) = api.post("/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(code, 400, "{body}");
+    assert_envelope(&body);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("no upstream serves model \"gpt-4o-mini\""), "{msg}");
+    assert!(msg.contains("--upstream URL") && msg.contains("README"), "{msg}");
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    let (_, list) = api.get("/batches").await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(0), "nothing was created: {list}");
+
+    let m = mock(MockArgs::default()).await;
+    let env = [("OPENAI_BASE_URL".to_string(), m.base_url()), ("OPENAI_API_KEY".to_string(), "sk-from-env".to_string())];
+    let s = Server::start_with("", &[], &env);
+    let api = s.api();
+    let id = api.submit(&chat_lines(5, "gpt-4o-mini")).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    assert_eq!(b["request_counts"]["completed"], 5, "{b}");
+    let mut c = cmd(&s.dir);
+    c.args(["serve", "--print-config"]).envs(env.iter().cloned());
+    let cfg = finish(c, secs(20));
+    assert!(cfg.stdout.contains(&m.base_url()) && cfg.stdout.contains("OPENAI_API_KEY"), "the upstream and its key variable: {}", cfg.stdout);
+}

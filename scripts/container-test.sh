@@ -16,7 +16,8 @@
 #
 #   scripts/container-test.sh [BINARY]     # default: $CARGO_TARGET_DIR/debug/batchd
 #
-# Needs root (podman as root, with runc) and Debian's podman, runc and mmdebstrap (installed
+# Needs root (podman as root, with runc) and Debian's podman, runc, catatonit (a pod's
+# infra container) and mmdebstrap (installed
 # with apt-get when missing). The base image (localhost/batchd-base:bookworm) is made once by
 # `mmdebstrap --variant=minbase bookworm` + `podman import` and kept in podman's storage.
 set -euo pipefail
@@ -28,17 +29,20 @@ base="localhost/batchd-base:bookworm"
 image="localhost/batchd:ci"
 run_id="batchd-ci-$$"
 ulimits=(--ulimit nofile=20000:20000 --ulimit nproc=32768:32768)
-podman() { command podman --runtime runc "$@"; }
+# No systemd here to time health checks: the test runs them itself (`podman healthcheck run`).
+notimer=(--health-interval disable)
+# podman, less its complaints that there is no systemd to time health checks.
+podman() { command podman --runtime runc "$@" 2> >(grep -v 'systemd connection' >&2); }
 say() { echo "container-test: $*" >&2; }
 
 [[ -x "$bin" ]] || { say "no binary at $bin (build it first: cargo build)"; exit 1; }
 [[ "$(id -u)" == 0 ]] || { say "needs root (podman as root with runc)"; exit 1; }
 missing=()
-for p in podman runc mmdebstrap; do command -v "$p" >/dev/null || missing+=("$p"); done
+for p in podman runc mmdebstrap catatonit; do command -v "$p" >/dev/null || missing+=("$p"); done
 if ((${#missing[@]})); then
     say "installing ${missing[*]} with apt-get"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc mmdebstrap >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc catatonit mmdebstrap >&2
 fi
 
 if ! podman image exists "$base"; then
@@ -47,6 +51,15 @@ if ! podman image exists "$base"; then
 fi
 
 work="$(mktemp -d)"
+# The ulimits also for what podman starts by itself (a pod's infra container): the defaults it
+# asks for (nofile 1048576) are refused on these machines.
+cat >"$work/containers.conf" <<CONF
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+CONF
+export CONTAINERS_CONF="$work/containers.conf"
 cleanup() {
     podman pod rm -f "$run_id" >/dev/null 2>&1 || true
     podman rm -f "$run_id-compose" "$run_id-mock2" >/dev/null 2>&1 || true
@@ -71,7 +84,7 @@ rm -rf "$work/ctx"
 [[ "$(podman image inspect -f '{{.Config.User}}' "$image")" == "10001:10001" ]] || { say "image user is not 10001:10001"; exit 1; }
 podman image inspect -f '{{.Config.Healthcheck.Test}}' "$image" | grep -q "batchd health" || { say "no HEALTHCHECK in the image"; exit 1; }
 podman image inspect -f '{{json .Config.Volumes}}' "$image" | grep -q '"/data"' || { say "no /data volume"; exit 1; }
-version="$(podman run --rm "${ulimits[@]}" "$image" --version)"
+version="$(podman run --rm "${ulimits[@]}" --no-healthcheck "$image" --version)"
 say "in the image: $version"
 [[ "$version" =~ \(commit\ [0-9a-f]{7,}\) ]] || { say "--version does not name a commit: $version"; exit 1; }
 
@@ -92,9 +105,9 @@ chmod 0644 "$work/batchd.toml"
 say "pod $run_id: mock upstream + batchd from the image, port 8080 published on 127.0.0.1:$port"
 podman pod create --name "$run_id" -p "127.0.0.1:$port:8080" >/dev/null
 podman volume create "$run_id-data" >/dev/null
-podman run -d --pod "$run_id" --name "$run_id-mock" "${ulimits[@]}" "$image" mock-upstream --listen 127.0.0.1:8000 --latency-ms 5 >/dev/null
+podman run -d --pod "$run_id" --name "$run_id-mock" "${ulimits[@]}" --no-healthcheck "$image" mock-upstream --listen 127.0.0.1:8000 --latency-ms 5 >/dev/null
 start_batchd() {
-    podman run -d --pod "$run_id" --name "$run_id-batchd" "${ulimits[@]}" \
+    podman run -d --pod "$run_id" --name "$run_id-batchd" "${ulimits[@]}" "${notimer[@]}" \
         -v "$work/batchd.toml:/etc/batchd/batchd.toml:ro" -v "$run_id-data:/data" "$image" >/dev/null
 }
 start_batchd
@@ -168,7 +181,7 @@ env["BATCHD_UPSTREAM"] = mock
 env["BATCHD_LISTEN"] = f"127.0.0.1:{port}"
 open(out, "w").write("".join(f"{k}={v}\n" for k, v in env.items()))
 PY
-    podman run -d --name "$run_id-compose" --network host "${ulimits[@]}" --env-file "$env_file" "$image" serve >/dev/null
+    podman run -d --name "$run_id-compose" --network host "${ulimits[@]}" --no-healthcheck --env-file "$env_file" "$image" serve >/dev/null
     for _ in $(seq 1 100); do podman exec "$run_id-compose" batchd health --url "http://127.0.0.1:$cport/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
     "$py" tests/container/drive.py "http://127.0.0.1:$cport/v1" unused 20
     podman rm -f "$run_id-compose" >/dev/null

@@ -12,6 +12,7 @@ stopped. After a block that starts servers with `&`, the walk waits for their po
 consecutive ```python blocks is one program (the steps continue one another), run as written.
 """
 import re
+import shlex
 import sys
 
 FENCE = re.compile(r"^```(\w*)\s*$")
@@ -50,7 +51,7 @@ def sh_line(line):
     for prefix, why in (("cargo install", "this build's batchd is on PATH"), ("podman ", "scripts/container-test.sh runs the image"),
                         ("docker ", "scripts/container-test.sh runs the image"), ("scripts/test.sh", "it is what runs this walk")):
         if stripped.startswith(prefix):
-            return [f"echo 'walk: skipped `{stripped}`: {why}' >&2"], []
+            return [f"echo {shlex.quote(f'walk: skipped `{stripped}`: {why}')} >&2"], []
     if re.match(r"^batchd serve\b", stripped) and not stripped.endswith("&"):
         # The first command: a server in the foreground. Start it, ask it, stop it.
         return [f"{stripped} & first=$!", "wait_port 8080", "batchd health", "kill $first; wait $first || true",

@@ -45,7 +45,7 @@ impl App {
         let Backends { store, blob, exclusive, locks } = Backends::open(&cfg).await?;
         let router = Arc::new(Router::new(&cfg.upstreams).context("building upstream clients")?);
         if cfg.upstreams.is_empty() {
-            tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
+            tracing::warn!("no upstream configured: batches are refused at create (start with --upstream URL or set OPENAI_BASE_URL)");
         }
         let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), exclusive).await?;
         let streams = api::stream_slots::StreamSlots::new(cfg.http.streams);

@@ -68,6 +68,9 @@ BATCHD_BIN="$target/debug/batchd" "$py" -m pytest -q tests/sdk
 echo "== openai Node SDK tests =="
 scripts/node-sdk-test.sh "$target/debug/batchd"
 
+echo "== the README, walked from a fresh clone =="
+scripts/readme-test.sh "$target/debug/batchd"
+
 echo "== the container image (podman; packs the debug binary built above) =="
 if [[ "$(id -u)" == 0 ]]; then
     scripts/container-test.sh "$target/debug/batchd"

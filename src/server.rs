@@ -4,9 +4,9 @@
 //! [`App::build`] binds the listener (port 0 is fine), then opens the backends and starts the
 //! engine, which joins the cluster only then (a node that cannot serve never joins); [`App::run`]
 //! serves (through [`crate::http`]: connection cap and timeouts) until the shutdown future
-//! resolves, then stops in order: stop accepting, let in-flight HTTP calls finish (within a
-//! grace period), stop leasing, give in-flight lines a grace period, flush the result writer,
-//! release leases.
+//! resolves, then stops both halves at once: the HTTP server stops accepting and lets in-flight
+//! calls finish (within a grace period) while the engine stops leasing, gives in-flight lines a
+//! grace period, flushes the result writer and releases leases.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,13 +67,27 @@ impl App {
         let app = api::router(self.state);
         // Event streams never end by themselves: end them when shutdown starts.
         let streams = engine.streams_stop();
+        // The engine stops at the signal, while the HTTP server drains, not after it: a stop
+        // then takes at most one grace for HTTP or two for the engine (in-flight calls, then
+        // making their results durable), 20 s, inside a 30 s stop timeout.
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let signalled = stopping.clone();
         let shutdown = async move {
             shutdown.await;
             streams.cancel();
+            signalled.cancel();
         };
-        crate::http::serve(self.listener, app, limits, shutdown, SHUTDOWN_GRACE).await;
-        tracing::info!("HTTP server stopped; stopping the engine");
-        engine.shutdown(SHUTDOWN_GRACE).await;
+        let http = async {
+            crate::http::serve(self.listener, app, limits, shutdown, SHUTDOWN_GRACE).await;
+            tracing::info!("HTTP server stopped");
+            stopping.cancel();
+        };
+        let engine_stop = async {
+            stopping.cancelled().await;
+            tracing::info!("stopping the engine");
+            engine.shutdown(SHUTDOWN_GRACE).await;
+        };
+        tokio::join!(http, engine_stop);
         Ok(())
     }
 }

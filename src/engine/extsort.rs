@@ -50,6 +50,17 @@ struct Spill {
     len: u64,
 }
 
+/// Makes room for `extra` more bytes in `buf`, doubling as a `Vec` does but never past `limit`
+/// (unless one record needs it): plain doubling from an odd first size would reserve up to
+/// twice the run buffer just before it spills.
+fn reserve_within(buf: &mut Vec<u8>, extra: usize, limit: usize) {
+    let need = buf.len() + extra;
+    if need > buf.capacity() {
+        let want = (buf.capacity() * 2).min(limit).max(need);
+        buf.reserve_exact(want - buf.len());
+    }
+}
+
 /// The record stored at the start of `b`, if `b` holds all of it; and its stored size.
 fn parse(b: &[u8]) -> Option<(&[u8], usize)> {
     let len = u32::from_le_bytes(b.get(..LEN)?.try_into().ok()?) as usize;
@@ -69,6 +80,7 @@ impl ExtSort {
 
     /// Adds one record.
     pub fn push(&mut self, rec: &[u8]) -> io::Result<()> {
+        reserve_within(&mut self.buf, LEN + rec.len(), self.run_bytes);
         self.index.push(self.buf.len() as u32);
         self.buf.extend_from_slice(&(rec.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(rec);

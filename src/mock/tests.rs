@@ -259,14 +259,16 @@ async fn max_in_window_finds_densest_burst() {
         let srv = &srv;
         futures::future::join_all((0..n).map(move |_| async move { post(srv, "/embeddings", &json!({"input": "w"}), None).await }))
     };
+    // The gap is long and the window wide, so that a loaded machine spreading a burst over
+    // a few hundred milliseconds still finds the same answer.
     burst(5).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     burst(3).await;
     let get = |q: &'static str| {
         let url = format!("http://{}/stats?window_ms={q}", srv.addr());
         async move { Client::new().get(url).send().await.unwrap().json::<Value>().await.unwrap() }
     };
-    assert_eq!(get("150").await["max_in_window"], 5);
+    assert_eq!(get("1000").await["max_in_window"], 5);
     assert_eq!(get("60000").await["max_in_window"], 8);
     assert_eq!(srv.stats().max_in_window, 8);
 }
@@ -337,7 +339,8 @@ async fn seeded_faults_are_reproducible_and_proportional() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_limits_queue_and_metrics() {
-    let srv = start(MockArgs { latency_ms: 200, capacity: 2, ..args() }).await;
+    // Latencies long enough that a loaded machine still has all three requests in flight at once.
+    let srv = start(MockArgs { latency_ms: 1000, capacity: 2, ..args() }).await;
     let body = chat_body("x");
     let three = futures::future::join_all((0..3).map(|_| post(&srv, "/chat/completions", &body, None))).await;
     let mut statuses: Vec<u16> = three.iter().map(|r| r.status().as_u16()).collect();
@@ -348,17 +351,23 @@ async fn server_side_limits_queue_and_metrics() {
 
     let url = format!("http://{}/config", srv.addr());
     let client = Client::new();
-    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 100, "extra_waiting": 2})).send().await.unwrap();
+    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 500, "extra_waiting": 2})).send().await.unwrap();
     let t = Instant::now();
     let two = futures::future::join_all((0..2).map(|_| post(&srv, "/chat/completions", &body, None)));
+    let want = "vllm:num_requests_waiting{model_name=\"mock-model\"} 3";
     let metrics = async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap()
+        // Read while the first request holds the slot (500 ms): 1 queued + 2 extra.
+        let mut text = String::new();
+        while t.elapsed() < Duration::from_millis(450) && !text.contains(want) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
+        }
+        text
     };
     let (two, metrics) = tokio::join!(two, metrics);
     assert!(two.iter().all(|r| r.status() == StatusCode::OK));
-    assert!(t.elapsed() >= Duration::from_millis(200), "one slot: the second request waited for the first");
-    assert!(metrics.contains("vllm:num_requests_waiting{model_name=\"mock-model\"} 3"), "1 queued + 2 extra: {metrics}");
+    assert!(t.elapsed() >= Duration::from_millis(1000), "one slot: the second request waited for the first");
+    assert!(metrics.contains(want), "1 queued + 2 extra: {metrics}");
 
     client.post(&url).json(&json!({"slots": 0, "latency_ms": 0, "rpm": 120, "limit_start": 0.01})).send().await.unwrap();
     let ok = post(&srv, "/chat/completions", &body, None).await;

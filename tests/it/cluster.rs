@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.
 pub(crate) struct Shared {
-    db: TestDatabase,
+    pub(crate) db: TestDatabase,
     bucket: Option<TestBucket>,
     dir: tempfile::TempDir,
 }
@@ -77,7 +77,7 @@ pub(crate) async fn node_requests(s: &Server) -> u64 {
 }
 
 /// The nodes whose heartbeat has not lapsed, by the database's clock.
-async fn live_nodes(db: &sqlx::PgPool) -> Vec<String> {
+pub(crate) async fn live_nodes(db: &sqlx::PgPool) -> Vec<String> {
     sqlx::query_scalar("SELECT id FROM nodes WHERE expires_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint ORDER BY id")
         .fetch_all(db)
         .await

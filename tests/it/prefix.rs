@@ -144,6 +144,13 @@ async fn two_nodes_share_an_ordered_batch() {
     let m = sim_mock(5.0).await;
     let cfg = sim_config(&m.base_url(), true);
     let (a, b) = (shared.node(&cfg), shared.node(&cfg));
+    // Both nodes have joined (each takes half of the limit) before the batch exists.
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    crate::common::eventually("both nodes live", secs(20), || {
+        let db = db.clone();
+        async move { (crate::cluster::live_nodes(&db).await.len() == 2).then_some(()) }
+    })
+    .await;
     let id = a.api().submit(&shuffled_lines()).await;
     let done_batch = b.api().wait_for(&id, &["completed"], secs(120)).await;
     let (out, err) = final_results(&b.api(), &done_batch, LINES).await;

@@ -18,6 +18,11 @@ pub fn batch_id() -> String {
     format!("batch_{}", random_suffix(24))
 }
 
+/// A new Message Batch id (Anthropic's API), `msgbatch_` followed by 24 random alphanumerics.
+pub fn message_batch_id() -> String {
+    format!("msgbatch_{}", random_suffix(24))
+}
+
 /// A new id of an HTTP exchange (`x-request-id`, when the client sent none), `req_` followed
 /// by 24 random alphanumerics.
 pub fn http_request_id() -> String {

@@ -47,6 +47,7 @@ impl App {
         if cfg.upstreams.is_empty() {
             tracing::warn!("no upstream configured: batches are refused at create (start with --upstream URL or set OPENAI_BASE_URL)");
         }
+        router.look_at_start();
         let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), exclusive).await?;
         let streams = api::stream_slots::StreamSlots::new(cfg.http.streams);
         let state = AppState { store, blob, engine, router, cfg, streams };

@@ -1,5 +1,6 @@
-//! Authentication: `Authorization: Bearer KEY` maps to a tenant. With no keys configured,
-//! every caller is the tenant `default`. A missing or unknown key is a 401 `invalid_api_key`.
+//! Authentication: `Authorization: Bearer KEY` (or `x-api-key: KEY`, as Anthropic's clients
+//! send it) maps to a tenant. With no keys configured, every caller is the tenant `default`.
+//! A missing or unknown key is a 401 `invalid_api_key`.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -9,6 +10,9 @@ use super::AppState;
 use crate::error::ApiError;
 
 pub use crate::config::DEFAULT_TENANT;
+
+/// Anthropic's API key header.
+pub const X_API_KEY: &str = "x-api-key";
 
 /// The tenant making the call; every store call of a handler is scoped to it.
 #[derive(Debug, Clone)]
@@ -22,7 +26,8 @@ impl FromRequestParts<AppState> for Tenant {
             return Ok(Tenant(DEFAULT_TENANT.into()));
         }
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let Some(key) = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))) else {
+        let bearer = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")));
+        let Some(key) = bearer.or_else(|| parts.headers.get(X_API_KEY).and_then(|v| v.to_str().ok())) else {
             return Err(ApiError::unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."));
         };
         match st.cfg.tenant_for_key(key.trim()) {

@@ -218,7 +218,7 @@ fn check_output_expiry(v: Option<&Value>) -> ApiResult<Option<i64>> {
 }
 
 /// The `priority` extension: an integer share from 1 (default) to 8.
-fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
+pub(super) fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
     match v {
         None | Some(Value::Null) => Ok(1),
         Some(Value::Number(n)) if n.as_i64().is_some_and(|p| (1..=MAX_PRIORITY).contains(&p)) => Ok(n.as_i64().unwrap_or(1)),

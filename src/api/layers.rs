@@ -7,7 +7,8 @@
 //! - An error response's cause is logged once, here ([`log_errors`]), in the request's span.
 //! - The request timeout bounds the time to the response head. Uploads (`POST /v1/files`)
 //!   are exempt: their handler reads the whole body, which may rightly take long; a stalled
-//!   upload is cut by the connection's idle timeout instead ([`crate::http`]). Downloads
+//!   upload is cut by the connection's idle timeout instead ([`crate::http`]). So are Message
+//!   Batch creates (`POST /v1/messages/batches`), whose body holds the requests. Downloads
 //!   are not cut: their head is sent at once and their body streams after it.
 
 use std::time::Duration;
@@ -78,7 +79,7 @@ pub async fn log_errors(req: Request, next: Next) -> Response {
 
 /// Answers 408 in the error envelope when the response head takes longer than `limit`.
 pub async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    if req.method() == Method::POST && req.uri().path() == "/v1/files" {
+    if req.method() == Method::POST && matches!(req.uri().path(), "/v1/files" | "/v1/messages/batches") {
         return next.run(req).await;
     }
     match tokio::time::timeout(limit, next.run(req)).await {

@@ -1,7 +1,8 @@
 //! The HTTP front door: OpenAI's Files and Batches APIs (plus `/v1/models` and `/healthz`),
 //! and the extensions that tell what a batch is doing: progress, event streams, retry,
 //! usage and quotas (`progress`, `events`, `retry`, `usage`, `quota`), validation without a
-//! batch (`validate`), list filters (`filter`); and the web console at `/` (`console`).
+//! batch (`validate`), list filters (`filter`); Anthropic's Message Batches API on the same
+//! batches (`message_batches`); and the web console at `/` (`console`).
 //! Event streams are counted per tenant and in all ([`stream_slots`]), so no tenant can hold
 //! every connection.
 //!
@@ -19,6 +20,7 @@ mod extract;
 mod files;
 mod filter;
 pub mod layers;
+pub mod message_batches;
 mod models;
 mod multipart;
 mod progress;
@@ -99,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/quota", get(quota::get))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::retrieve))
+        .merge(message_batches::routes())
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .nest("/v1", v1)

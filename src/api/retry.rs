@@ -65,6 +65,10 @@ fn retry_record(b: &BatchRecord, input_file_id: &str) -> BatchRecord {
     r.metadata = Some(metadata);
     r.priority = b.priority;
     r.output_expires_after = b.output_expires_after;
+    if b.api == crate::store::BatchApi::Anthropic {
+        r.id = crate::ids::message_batch_id();
+        r.api = b.api;
+    }
     r
 }
 

@@ -215,6 +215,12 @@ pub fn upstream_lines(upstreams: &serde_json::Value) -> Vec<String> {
             }
             if let Some(e) = u["last_error"].as_str() {
                 l += &format!("; last error: {e}");
+                if let Some(at) = u["last_error_at_ms"].as_u64() {
+                    l += &format!(" ({} ago)", human(Duration::from_millis(crate::now_unix_ms().saturating_sub(at))));
+                }
+            }
+            if let Some(w) = u["warning"].as_str() {
+                l += &format!("; warning: {w}");
             }
             l
         })

@@ -4,6 +4,12 @@
 //! `<output>.batchd/`). The input file and the batch get ids derived from the input's path,
 //! size, modification time and endpoint, so running the same command again finds the same
 //! batch and resumes it from its durable results; nothing that finished is sent again.
+//!
+//! An input in Anthropic's Message Batches format (one `{"custom_id", "params"}` per line,
+//! told by its first line) is run as a Message Batch: each line becomes a `/v1/messages`
+//! request line as it is copied in (line numbers kept, so validation errors name the
+//! user's lines), and the output and errors files hold Anthropic's result lines
+//! (`{"custom_id", "result": {"type": "succeeded", "message"}}`, `errored`, …).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -15,10 +21,11 @@ use clap::Args;
 use tokio::io::AsyncReadExt;
 
 use super::progress::{Display, Pause, Rates, Snapshot};
+use crate::api::message_batches::{anthropic_lines, intake::LINE_URL};
 use crate::blob::Blob;
 use crate::config::RawConfig;
 use crate::engine::Engine;
-use crate::store::{BatchRecord, BatchStatus, FileRecord, Store};
+use crate::store::{BatchApi, BatchRecord, BatchStatus, FileRecord, Store};
 use crate::upstream::Router;
 
 pub const EXAMPLES: &str = "Examples:
@@ -28,6 +35,8 @@ pub const EXAMPLES: &str = "Examples:
 
 Input lines are full batch requests ({\"custom_id\",\"method\",\"url\",\"body\"}) or bare request
 bodies ({\"model\": ..., \"messages\": ...}); bare line N gets custom_id \"line-N\".
+Lines in Anthropic's Message Batches format ({\"custom_id\",\"params\"}) are run as
+/v1/messages requests, and their results written in Anthropic's format.
 Ctrl-C stops cleanly; run the same command again to resume.
 
 Exit codes: 0 every line succeeded; 1 error; 3 the input failed validation;
@@ -143,12 +152,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
 async fn open_batch(store: &dyn Store, blob: &Blob, args: &RunArgs) -> anyhow::Result<BatchRecord> {
     let path = std::fs::canonicalize(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let meta = std::fs::metadata(&path)?;
+    let anthropic = is_anthropic(&path).await?;
+    let endpoint = if anthropic { LINE_URL.to_string() } else { args.endpoint.clone() };
     let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let key = format!("run:{}:{}:{mtime}:{}", path.display(), meta.len(), args.endpoint);
+    let key = format!("run:{}:{}:{mtime}:{endpoint}", path.display(), meta.len());
     let file_id = crate::ids::batch_output_file_id(&key, "input");
     let now = crate::now_unix();
     if store.get_file(TENANT, &file_id, now).await.is_err() {
-        let bytes = copy_into_blob(&path, blob, &format!("files/{file_id}")).await?;
+        let bytes = copy_into_blob(&path, blob, &format!("files/{file_id}"), anthropic).await?;
         let filename = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let rec = FileRecord {
             id: file_id.clone(),
@@ -162,13 +173,52 @@ async fn open_batch(store: &dyn Store, blob: &Blob, args: &RunArgs) -> anyhow::R
         };
         store.insert_file(&rec).await?;
     }
-    let b = BatchRecord::new(crate::ids::batch_id(), TENANT.into(), file_id, args.endpoint.clone(), "365d".into(), now, now + RUN_WINDOW_S);
+    let (id, api) = if anthropic { (crate::ids::message_batch_id(), BatchApi::Anthropic) } else { (crate::ids::batch_id(), BatchApi::OpenAi) };
+    let mut b = BatchRecord::new(id, TENANT.into(), file_id, endpoint, "365d".into(), now, now + RUN_WINDOW_S);
+    b.api = api;
     Ok(store.insert_batch(&b, Some(&key)).await?)
 }
 
-async fn copy_into_blob(path: &Path, blob: &Blob, key: &str) -> anyhow::Result<u64> {
+/// Whether the input is in Anthropic's Message Batches format: its first line that is not
+/// blank is an object with `params` and no `url` or `body`.
+async fn is_anthropic(path: &Path) -> anyhow::Result<bool> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::fs::File::open(path).await?).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        return Ok(v.get("params").is_some() && v.get("url").is_none() && v.get("body").is_none());
+    }
+    Ok(false)
+}
+
+/// A line of Anthropic's format as a line of batchd's (`/v1/messages`); any other line is
+/// kept as it is, for validation to report with its number.
+pub fn messages_line(line: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(mut m)) if m.contains_key("params") && !m.contains_key("url") => {
+            let custom_id = m.remove("custom_id").unwrap_or_default();
+            let body = m.remove("params").unwrap_or_default();
+            serde_json::json!({"custom_id": custom_id, "method": "POST", "url": LINE_URL, "body": body}).to_string()
+        }
+        _ => line.to_string(),
+    }
+}
+
+async fn copy_into_blob(path: &Path, blob: &Blob, key: &str, anthropic: bool) -> anyhow::Result<u64> {
     let mut f = tokio::fs::File::open(path).await?;
     let mut w = blob.writer(key);
+    if anthropic {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(f).lines();
+        while let Some(line) = lines.next_line().await? {
+            w.write(messages_line(&line).as_bytes()).await?;
+            w.write(b"\n").await?;
+        }
+        return Ok(w.finish().await?);
+    }
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).await?;
@@ -225,8 +275,9 @@ async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path
         }
         return Ok(3);
     }
-    save(store, blob, &b.tenant, b.output_file_id.as_deref(), output).await?;
-    save(store, blob, &b.tenant, b.error_file_id.as_deref(), errors).await?;
+    let anthropic = b.api == BatchApi::Anthropic;
+    save(store, blob, &b.tenant, b.output_file_id.as_deref(), output, anthropic).await?;
+    save(store, blob, &b.tenant, b.error_file_id.as_deref(), errors, anthropic).await?;
     if !quiet {
         eprintln!(
             "{}: {} succeeded → {}; {} failed → {}\ntokens: {} in, {} out",
@@ -242,17 +293,33 @@ async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path
     Ok(if b.failed > 0 { 4 } else { 0 })
 }
 
-/// Writes a result file (empty when the batch has none), atomically.
-async fn save(store: &dyn Store, blob: &Blob, tenant: &str, file_id: Option<&str>, to: &Path) -> anyhow::Result<()> {
+/// Writes a result file (empty when the batch has none), atomically; in Anthropic's result
+/// lines for a Message Batch.
+async fn save(store: &dyn Store, blob: &Blob, tenant: &str, file_id: Option<&str>, to: &Path, anthropic: bool) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
     let tmp = to.with_extension("jsonl.partial");
     let mut out = tokio::fs::File::create(&tmp).await.with_context(|| format!("writing {}", tmp.display()))?;
     if let Some(id) = file_id {
         let f = store.get_file(tenant, id, 0).await?;
         let mut s = blob.get_stream(&f.blob_key).await?;
-        use futures::StreamExt;
-        use tokio::io::AsyncWriteExt;
+        // Anthropic's lines are rendered whole lines at a time: a chunk's last partial line
+        // waits for the next chunk.
+        let mut pending: Vec<u8> = vec![];
         while let Some(chunk) = s.next().await {
-            out.write_all(&chunk?).await?;
+            let chunk = chunk?;
+            if !anthropic {
+                out.write_all(&chunk).await?;
+                continue;
+            }
+            pending.extend_from_slice(&chunk);
+            if let Some(end) = pending.iter().rposition(|&b| b == b'\n') {
+                let whole: Vec<u8> = pending.drain(..=end).collect();
+                out.write_all(anthropic_lines(&String::from_utf8_lossy(&whole)).as_bytes()).await?;
+            }
+        }
+        if !pending.is_empty() {
+            out.write_all(anthropic_lines(&String::from_utf8_lossy(&pending)).as_bytes()).await?;
         }
         out.flush().await?;
     }

@@ -3,11 +3,12 @@
 //! Retryable outcomes (connect errors, timeouts, 408/409/429/5xx) are tried again on the pool
 //! with the most free capacity (another pool than the one that failed, when there is one);
 //! the concurrency slot is given back while waiting, after the pool's limiter has learned
-//! from the outcome. A 429 that says "slow down", a 529 / `overloaded_error`, and
-//! `insufficient_quota` pause the upstream and cost the line no attempt (it waits for the
-//! pause, bounded by the batch's expiry); other failures use one of `max_attempts`, after
-//! full-jitter exponential back-off never sooner than the upstream's `Retry-After`. Other
-//! answers are final.
+//! from the outcome. A 429 that says "slow down", a 503, a 529 / `overloaded_error`, and
+//! `insufficient_quota` cost the line no attempt: it waits out its own `Retry-After` (a
+//! stray refusal is the line's alone) and then any pause of the upstream (the pool's, when
+//! the refusals are), bounded by the batch's expiry; other failures use one of
+//! `max_attempts`, after full-jitter exponential back-off never sooner than the upstream's
+//! `Retry-After`. Other answers are final.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,13 +71,13 @@ pub async fn run_line(
         inner.live.metrics.upstream_call(&pool.cfg.name, &outcome, sent_at.elapsed());
         let signal = pool.settle(permit, &outcome);
         // "Slow down" and "out of quota" are the upstream's state, not the line's fault:
-        // they cost no attempt (the batch's expiry bounds them), and the pool's pause spaces
-        // the next try.
+        // they cost no attempt (the batch's expiry bounds them); the line waits what the
+        // upstream asked of it, and the pool's pause (if the pool paused) spaces the next try.
         let burns = signal.burns_attempt();
         if !outcome.is_retryable() || (burns && attempt >= max_attempts) {
             return Some(record(p, &pool, outcome, inner));
         }
-        let wait = if burns { backoff(attempt, outcome.retry_after()) } else { slow_down_jitter() };
+        let wait = if burns { backoff(attempt, outcome.retry_after()) } else { outcome.retry_after().unwrap_or_default() + slow_down_jitter() };
         tracing::debug!(line = p.line, attempt, upstream = %pool.cfg.name, ?signal, wait_ms = wait.as_millis() as u64, "retrying");
         count(&inner.stats.retries_total, 1);
         inner.live.metrics.retry(&pool.cfg.name);

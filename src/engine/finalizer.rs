@@ -45,6 +45,10 @@ async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str)
     if units.is_empty() {
         return Ok(());
     }
+    // Counted before any is filled in, and recorded once (a finalization done again keeps it):
+    // what Anthropic's request_counts tell as canceled or expired rather than errored.
+    let now = inner.store.get_batch(None, &b.id).await.ctx("reading the batch")?;
+    inner.store.note_unrun(&b.id, now.total - now.completed - now.failed).await.ctx("recording the lines left unrun")?;
     let file = inner.store.get_file(&b.tenant, &b.input_file_id, 0).await.ctx("reading the input file record")?;
     let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
     let format = b.input_format.unwrap_or(InputFormat::Full);

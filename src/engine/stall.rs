@@ -34,10 +34,22 @@ pub struct Clues {
     /// Lines in flight and waiting on retries, on every node.
     pub counts: LineCounts,
     pub stalled_for: f64,
+    /// What the start-up look at the upstreams serving the batch found wrong ("upstream X:
+    /// GET …/models answered 404 …").
+    pub warnings: Vec<String>,
 }
 
-/// The most likely reason a batch does not move, in words.
+/// The most likely reason a batch does not move, in words, with what the start-up look at
+/// its upstreams found wrong.
 pub fn reason(c: &Clues) -> String {
+    let r = likeliest(c);
+    if c.warnings.is_empty() {
+        return r;
+    }
+    format!("{r}; {}", c.warnings.join("; "))
+}
+
+fn likeliest(c: &Clues) -> String {
     if !c.store_writable {
         return "the store cannot take writes (disk full or database unreachable); upstream calls are held until it can".into();
     }
@@ -84,9 +96,11 @@ fn clues(inner: &Inner, b: &BatchRecord, counts: LineCounts, stalled_for: f64, s
         Some(route) => route.targets.iter().map(|(p, _)| p.cfg.name.clone()).collect(),
         None => inner.router.pools().iter().map(|p| p.cfg.name.clone()).collect(),
     };
-    let pauses = inner.router.states().iter().filter(|s| serving.contains(&s.name)).map(|s| s.pause_reason.zip(s.pause_words())).collect();
+    let states: Vec<_> = inner.router.states().into_iter().filter(|s| serving.contains(&s.name)).collect();
+    let pauses = states.iter().map(|s| s.pause_reason.zip(s.pause_words())).collect();
+    let warnings = states.iter().filter_map(|s| Some(format!("upstream {}: {}", s.name, s.warning.as_ref()?))).collect();
     let upstreams = serving.into_iter().map(|n| (n.clone(), inner.live.metrics.recent(&n))).collect();
-    Clues { store_writable, pauses, upstreams, counts, stalled_for }
+    Clues { store_writable, pauses, upstreams, counts, stalled_for, warnings }
 }
 
 /// The watcher task (see the module doc).
@@ -187,9 +201,11 @@ mod tests {
             ..base_clone()
         };
         assert_eq!(reason(&one_paused), "all 2 lines in progress are waiting on retries", "another upstream still takes lines");
+        let wrong_url = Clues { warnings: vec!["upstream a: GET http://h/v1/models answered 404: its base_url is likely wrong".into()], ..base_clone() };
+        assert!(reason(&wrong_url).ends_with("; upstream a: GET http://h/v1/models answered 404: its base_url is likely wrong"), "{}", reason(&wrong_url));
     }
 
     fn base_clone() -> Clues {
-        Clues { store_writable: true, pauses: vec![], upstreams: vec![], counts: LineCounts::default(), stalled_for: 30.0 }
+        Clues { store_writable: true, pauses: vec![], upstreams: vec![], counts: LineCounts::default(), stalled_for: 30.0, warnings: vec![] }
     }
 }

@@ -12,9 +12,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::behaviour::{Behaviour, BehaviourPatch};
 use super::bodies::{self, Endpoint, Usage};
 use super::limits::Refusal;
-use super::state::{hash_bytes, Behaviour, BehaviourPatch, Shared};
+use super::state::{hash_bytes, Shared};
 use std::sync::atomic::Ordering::Relaxed;
 
 pub type St = State<Arc<Shared>>;
@@ -107,7 +108,7 @@ fn refuse(sh: &Shared, cfg: &Behaviour, body_len: usize, limit_headers: &mut Hea
     let tokens = (body_len / 4) as f64 + cfg.completion_tokens as f64;
     match if limited { sh.limits.admit(tokens, limit_headers) } else { Ok(()) } {
         Ok(()) => {}
-        Err(Refusal::Nginx) => return Some((StatusCode::TOO_MANY_REQUESTS, [(header::CONTENT_TYPE, "text/html")], NGINX_429).into_response()),
+        Err(Refusal::Nginx) => return Some(nginx_refusal(cfg.refusal_status)),
         Err(Refusal::RateLimited { wait }) => {
             let mut resp = error_response(429, "Rate limit reached for requests (simulated OpenAI limiter).");
             resp.headers_mut().insert("retry-after-ms", HeaderValue::from(wait.as_millis().max(1) as u64));
@@ -116,6 +117,9 @@ fn refuse(sh: &Shared, cfg: &Behaviour, body_len: usize, limit_headers: &mut Hea
         }
     }
     if cfg.capacity > 0 && sh.in_flight() > cfg.capacity {
+        if cfg.refusal_status == 503 {
+            return Some(nginx_refusal(503));
+        }
         let body = serde_json::json!({"error": "Model is overloaded", "error_type": "overloaded"});
         return Some(json_response(StatusCode::TOO_MANY_REQUESTS, &body));
     }
@@ -123,6 +127,13 @@ fn refuse(sh: &Shared, cfg: &Behaviour, body_len: usize, limit_headers: &mut Hea
 }
 
 const NGINX_429: &str = "<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+const NGINX_503: &str = "<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
+/// nginx's refusal page for `limit_req` / `limit_conn`: 429, or its default 503.
+fn nginx_refusal(status: u16) -> Response {
+    let (code, page) = if status == 503 { (StatusCode::SERVICE_UNAVAILABLE, NGINX_503) } else { (StatusCode::TOO_MANY_REQUESTS, NGINX_429) };
+    (code, [(header::CONTENT_TYPE, "text/html")], page).into_response()
+}
 
 fn with_headers(mut resp: Response, extra: HeaderMap) -> Response {
     resp.headers_mut().extend(extra);

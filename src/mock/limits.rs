@@ -1,12 +1,15 @@
 //! The mock upstream's server-side limits, as real upstreams enforce them:
 //! - `capacity`: above that many requests in flight, an immediate 429 with no header (TGI's
-//!   `max_concurrent_requests`, LiteLLM's `max_parallel_requests`);
+//!   `max_concurrent_requests`, LiteLLM's `max_parallel_requests`), or nginx's 503 for
+//!   `limit_conn` with `refusal_status = 503`;
 //! - `rpm` / `tpm`: OpenAI's limiter, a bucket of `limit` refilled at `limit` per minute,
 //!   reported on every answer in `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`,
 //!   and a 429 with `retry-after-ms` when empty (`limit_start` sets how full the buckets
-//!   start, as if someone else had been using the key);
-//! - `limit_rps`: nginx's `limit_req` with no burst and `limit_req_status 429`, computed as
-//!   nginx does (whole milliseconds), answered at once with an HTML page and no header;
+//!   start, as if someone else had been using the key). The bucket holds `limit_period_s`
+//!   of the limit: a minute, or a second for a limit enforced over shorter periods;
+//! - `limit_rps`: nginx's `limit_req` with no burst and `limit_req_status 429` (or nginx's
+//!   default 503), computed as nginx does (whole milliseconds), answered at once with an
+//!   HTML page and no header;
 //! - `slots`: a GPU server's batch: requests wait in a FIFO queue for one of `slots` before
 //!   their latency starts, so latency rises with load.
 
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
 
-use super::state::Behaviour;
+use super::behaviour::Behaviour;
 
 /// Why a request is refused before it is served.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,22 +36,26 @@ pub struct Limits {
 
 struct State {
     /// The settings the buckets were made for; new ones reset them.
-    made_for: (f64, f64, f64, f64),
+    made_for: (f64, f64, f64, f64, f64),
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     nginx: Option<Nginx>,
     slot_count: u64,
 }
 
+/// A per-minute `limit` held as a bucket of `size` (the limit, or less when it is enforced
+/// over a shorter period), refilled at `limit / 60` a second.
 struct Bucket {
     limit: f64,
+    size: f64,
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(limit: f64, start: f64) -> Bucket {
-        Bucket { limit, tokens: limit * start, at: Instant::now() }
+    fn new(limit: f64, start: f64, period_s: f64) -> Bucket {
+        let size = (limit * period_s / 60.0).max(1.0);
+        Bucket { limit, size, tokens: size * start, at: Instant::now() }
     }
 
     fn per_s(&self) -> f64 {
@@ -56,18 +63,18 @@ impl Bucket {
     }
 
     fn refill(&mut self, now: Instant) {
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_s()).min(self.limit);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_s()).min(self.size);
         self.at = now;
     }
 
     /// Until `n` tokens are there.
     fn wait_for(&self, n: f64) -> Duration {
-        Duration::from_secs_f64(((n.min(self.limit) - self.tokens).max(0.0) / self.per_s()).max(0.001))
+        Duration::from_secs_f64(((n.min(self.size) - self.tokens).max(0.0) / self.per_s()).max(0.001))
     }
 
     /// `limit`, `remaining`, `reset` as OpenAI writes them (reset: until the bucket is full).
     fn headers(&self, kind: &str, h: &mut HeaderMap) {
-        let reset = Duration::from_secs_f64(((self.limit - self.tokens).max(0.0) / self.per_s()).min(86_400.0));
+        let reset = Duration::from_secs_f64(((self.size - self.tokens).max(0.0) / self.per_s()).min(86_400.0));
         let mut put = |name: String, v: String| {
             if let (Ok(n), Ok(v)) = (axum::http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&v)) {
                 h.insert(n, v);
@@ -89,8 +96,10 @@ struct Nginx {
 impl Limits {
     pub fn new(b: &Behaviour) -> Limits {
         let slots = tokio::sync::Semaphore::new(b.slots as usize);
-        let l =
-            Limits { state: Mutex::new(State { made_for: (-1.0, -1.0, -1.0, -1.0), requests: None, tokens: None, nginx: None, slot_count: b.slots }), slots };
+        let l = Limits {
+            state: Mutex::new(State { made_for: (-1.0, -1.0, -1.0, -1.0, -1.0), requests: None, tokens: None, nginx: None, slot_count: b.slots }),
+            slots,
+        };
         l.configure(b);
         l
     }
@@ -103,11 +112,11 @@ impl Limits {
     /// added or taken away.
     pub fn configure(&self, b: &Behaviour) {
         let mut st = self.lock();
-        let key = (b.rpm, b.tpm, b.limit_start, b.limit_rps);
+        let key = (b.rpm, b.tpm, b.limit_start, b.limit_rps, b.limit_period_s);
         if st.made_for != key {
             st.made_for = key;
-            st.requests = (b.rpm > 0.0).then(|| Bucket::new(b.rpm, b.limit_start));
-            st.tokens = (b.tpm > 0.0).then(|| Bucket::new(b.tpm, b.limit_start));
+            st.requests = (b.rpm > 0.0).then(|| Bucket::new(b.rpm, b.limit_start, b.limit_period_s));
+            st.tokens = (b.tpm > 0.0).then(|| Bucket::new(b.tpm, b.limit_start, b.limit_period_s));
             st.nginx = (b.limit_rps > 0.0).then_some(Nginx { rate_milli: b.limit_rps * 1000.0, excess: 0.0, last: None });
         }
         if b.slots > st.slot_count {
@@ -137,7 +146,7 @@ impl Limits {
         for (b, n) in [(requests.as_mut(), 1.0), (tok.as_mut(), tokens)] {
             if let Some(b) = b {
                 b.refill(now);
-                if b.tokens < n.min(b.limit) {
+                if b.tokens < n.min(b.size) {
                     wait = wait.max(b.wait_for(n));
                 }
             }
@@ -209,6 +218,25 @@ mod limit_tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    }
+
+    #[test]
+    fn a_per_second_bucket_announces_the_minute_and_refills_by_the_second() {
+        // 1,200 rpm held as 20 requests refilled at 20/s.
+        let l = Limits::new(&Behaviour { rpm: 1200.0, limit_period_s: 1.0, ..behaviour() });
+        let mut h = HeaderMap::new();
+        assert!(l.admit(1.0, &mut h).is_ok());
+        assert_eq!(h["x-ratelimit-limit-requests"], "1200");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "19");
+        let reset = crate::upstream::parse_go_duration(h["x-ratelimit-reset-requests"].to_str().unwrap()).unwrap();
+        assert!(reset <= Duration::from_millis(50), "one request's worth until the bucket is full again: {reset:?}");
+        for _ in 0..19 {
+            assert!(l.admit(1.0, &mut HeaderMap::new()).is_ok());
+        }
+        match l.admit(1.0, &mut HeaderMap::new()) {
+            Err(Refusal::RateLimited { wait }) => assert!(wait <= Duration::from_millis(50), "the next token within 50 ms: {wait:?}"),
+            other => panic!("the 21st request in the same instant is refused: {other:?}"),
+        }
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! 500s, 429s with `retry-after` / `retry-after-ms`, and hangs (never
 //! answering until the client gives up), plus an `api_key` check (401).
 //! And the limits real upstreams enforce (see `limits`): a concurrency cap
-//! answering 429 (`capacity`), OpenAI's rpm/tpm limiter with its
-//! `x-ratelimit-*` headers, nginx's `limit_req`, `insufficient_quota`
+//! answering 429 or 503 (`capacity`, `refusal_status`), OpenAI's rpm/tpm limiter with its
+//! `x-ratelimit-*` headers (over a minute, or a second: `limit_period_s`), nginx's
+//! `limit_req` (429 or 503), random 429s with a chosen retry-after (`rate_429`,
+//! `retry_after_s`), one thread of its own (`--threads 1`), `insufficient_quota`
 //! (`quota_exhausted`), and `slots` with a FIFO queue behind them, so latency
 //! rises with load; `GET /metrics` reports that queue as vLLM does
 //! (`vllm:num_requests_waiting`).
@@ -29,6 +31,7 @@
 //! `GET /stats?window_ms=N&ids=1` and `POST /stats/reset` (see [`Stats`]),
 //! `GET /metrics` (Prometheus text).
 
+mod behaviour;
 mod bodies;
 mod handlers;
 mod limits;
@@ -49,8 +52,9 @@ use axum::Router;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use behaviour::Behaviour;
 use bodies::Endpoint;
-pub use state::{Behaviour, Stats};
+pub use state::Stats;
 
 use state::Shared;
 
@@ -99,9 +103,19 @@ pub struct MockArgs {
     /// Tokens per minute, OpenAI-style with x-ratelimit-* headers (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub tpm: f64,
-    /// nginx `limit_req` rate in requests per second, no burst, 429 with no header (0: none).
+    /// nginx `limit_req` rate in requests per second, no burst, refused with no header (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub limit_rps: f64,
+    /// Seconds of the rpm/tpm limit the buckets hold: 60, or 1 for a limit enforced per second.
+    #[arg(long, default_value_t = 60.0)]
+    pub limit_period_s: f64,
+    /// Status of the `--capacity` and `--limit-rps` refusals: 429, or 503 as nginx answers.
+    #[arg(long, default_value_t = 429)]
+    pub refusal_status: u16,
+    /// Serve on a runtime of its own with this many threads (1: one thread, as a small
+    /// CPU-bound server); 0 shares the process's.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     #[command(flatten)]
     pub sim: sim::SimArgs,
 }
@@ -124,6 +138,9 @@ impl Default for MockArgs {
             rpm: 0.0,
             tpm: 0.0,
             limit_rps: 0.0,
+            limit_period_s: 60.0,
+            refusal_status: 429,
+            threads: 0,
             sim: sim::SimArgs::default(),
         }
     }
@@ -229,14 +246,55 @@ fn router(shared: Arc<Shared>) -> Router {
 
 /// CLI entry: start, print `mock-upstream listening on http://ADDR`, serve until ctrl-c/SIGTERM.
 pub async fn run(args: MockArgs) -> anyhow::Result<()> {
-    use std::io::Write;
+    if args.threads > 0 {
+        return run_on_own_runtime(args).await;
+    }
     let server = MockServer::start(args).await?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "mock-upstream listening on http://{}", server.addr())?;
-    out.flush()?;
-    drop(out);
+    announce(server.addr())?;
     stop_signal().await;
     server.shutdown().await;
+    Ok(())
+}
+
+fn announce(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "mock-upstream listening on http://{addr}")?;
+    out.flush()
+}
+
+/// `--threads N`: the server runs on a runtime of N threads of its own (one thread: a
+/// current-thread runtime), so that it is as fast as a small server, not as the whole process.
+async fn run_on_own_runtime(args: MockArgs) -> anyhow::Result<()> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let threads = args.threads;
+    let thread = std::thread::Builder::new().name("mock-upstream".into()).spawn(move || {
+        let rt = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+        };
+        let rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => return drop(ready_tx.send(Err(e))),
+        };
+        rt.block_on(async move {
+            match MockServer::start(args).await {
+                Ok(server) => {
+                    let _ = ready_tx.send(Ok(server.addr()));
+                    let _ = stop_rx.await;
+                    server.shutdown().await;
+                }
+                Err(e) => drop(ready_tx.send(Err(e))),
+            }
+        });
+    })?;
+    let addr = ready_rx.await.map_err(|_| anyhow::anyhow!("the mock's runtime ended before it started"))??;
+    announce(addr)?;
+    stop_signal().await;
+    let _ = stop_tx.send(());
+    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("the mock's runtime panicked"))?;
     Ok(())
 }
 

@@ -351,28 +351,32 @@ async fn server_side_limits_queue_and_metrics() {
 
     let url = format!("http://{}/config", srv.addr());
     let client = Client::new();
-    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 500, "extra_waiting": 2})).send().await.unwrap();
+    client.post(&url).json(&json!({"capacity": 0, "slots": 1, "latency_ms": 2000, "extra_waiting": 2})).send().await.unwrap();
     let t = Instant::now();
     let two = futures::future::join_all((0..2).map(|_| post(&srv, "/chat/completions", &body, None)));
     let want = "vllm:num_requests_waiting{model_name=\"mock-model\"} 3";
     let metrics = async {
-        // Read while the first request holds the slot (500 ms): 1 queued + 2 extra.
-        let mut text = String::new();
-        while t.elapsed() < Duration::from_millis(450) && !text.contains(want) {
+        // Read while the first request holds the slot (2 s): 1 queued + 2 extra. At least one
+        // read, however late a loaded machine lets it start.
+        loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
+            let text = client.get(format!("http://{}/metrics", srv.addr())).send().await.unwrap().text().await.unwrap();
+            if text.contains(want) || t.elapsed() > Duration::from_millis(1800) {
+                break text;
+            }
         }
-        text
     };
     let (two, metrics) = tokio::join!(two, metrics);
     assert!(two.iter().all(|r| r.status() == StatusCode::OK));
-    assert!(t.elapsed() >= Duration::from_millis(1000), "one slot: the second request waited for the first");
+    assert!(t.elapsed() >= Duration::from_millis(4000), "one slot: the second request waited for the first");
     assert!(metrics.contains(want), "1 queued + 2 extra: {metrics}");
 
-    client.post(&url).json(&json!({"slots": 0, "latency_ms": 0, "rpm": 120, "limit_start": 0.01})).send().await.unwrap();
+    // 6 rpm with one request's worth left: the next token is 10 s away, however slow the
+    // machine is between the two requests.
+    client.post(&url).json(&json!({"slots": 0, "latency_ms": 0, "rpm": 6, "limit_start": 0.17})).send().await.unwrap();
     let ok = post(&srv, "/chat/completions", &body, None).await;
     assert_eq!(ok.status(), StatusCode::OK);
-    assert_eq!(header(&ok, "x-ratelimit-limit-requests"), Some("120"));
+    assert_eq!(header(&ok, "x-ratelimit-limit-requests"), Some("6"));
     assert_eq!(header(&ok, "x-ratelimit-remaining-requests"), Some("0"));
     let limited = post(&srv, "/chat/completions", &body, None).await;
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -383,6 +387,15 @@ async fn server_side_limits_queue_and_metrics() {
     assert_eq!(broke.status(), StatusCode::TOO_MANY_REQUESTS);
     let v: Value = broke.json().await.unwrap();
     assert_eq!(v["error"]["code"], "insufficient_quota");
+
+    // nginx's default refusals: 503 for limit_conn (capacity) and limit_req, with no header.
+    client.post(&url).json(&json!({"quota_exhausted": false, "limit_rps": 1, "refusal_status": 503})).send().await.unwrap();
+    let first = post(&srv, "/chat/completions", &body, None).await;
+    let second = post(&srv, "/chat/completions", &body, None).await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 503), "the second within a second is refused with 503");
+    assert!(header(&second, "retry-after").is_none());
+    let bad = client.post(&url).json(&json!({"refusal_status": 500})).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST, "only 429 or 503");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

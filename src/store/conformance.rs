@@ -102,6 +102,7 @@ pub async fn run_all(store: &dyn Store) {
     queued_counts_unfinished_lines(store).await;
     admission_keeps_the_queue_within_its_limits(store).await;
     list_cursors_survive_deletion(store).await;
+    message_batches_list_by_api_both_ways_and_delete_once_ended(store).await;
 }
 
 pub async fn files_roundtrip_and_isolation(store: &dyn Store) {
@@ -456,8 +457,10 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
 }
 
 pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
-    let ids = |nodes: Vec<NodeInfo>| nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
-    ids(store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap());
+    let ids = |m: Membership| m.nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
+    let first = store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap();
+    assert!((first.clock_ms - crate::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
+    ids(first);
     let both = ids(store.heartbeat("hb-2", 20, LONG, r#"{"x":1}"#).await.unwrap());
     assert_eq!(both, ["hb-1", "hb-2"], "live nodes, oldest first");
     store.heartbeat("hb-1", 10, GONE, "{}").await.unwrap();
@@ -612,4 +615,52 @@ pub async fn list_cursors_survive_deletion(store: &dyn Store) {
     assert_eq!(p.items.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-cur5"], "and after the janitor purged it");
     assert!(matches!(store.list_files("cur-other", &q(Some("file-cur2"), false), 0).await, Err(Error::NotFound)), "another tenant's deleted id is unknown");
     assert!(matches!(store.list_files(t, &q(Some("file-never"), false), 0).await, Err(Error::NotFound)), "an id never stored is unknown");
+}
+
+/// Anthropic's Message Batches: listed apart from OpenAI's batches, newest first, a page
+/// after or before a cursor; deleted only once final, then gone from the tenant's reads (not
+/// the engine's), its id still a cursor; the unrun count recorded once.
+pub async fn message_batches_list_by_api_both_ways_and_delete_once_ended(store: &dyn Store) {
+    let t = "mb";
+    store.insert_file(&sample_file(t, "file-mb")).await.unwrap();
+    let mut ids = vec![];
+    for i in 0..7 {
+        let id = format!("msgbatch_mb{i}");
+        let mut b = sample_batch(t, &id, "file-mb");
+        b.api = BatchApi::Anthropic;
+        store.insert_batch(&b, None).await.unwrap();
+        // An OpenAI batch between every two: never in the Anthropic list.
+        store.insert_batch(&sample_batch(t, &format!("batch_mb{i}"), "file-mb"), None).await.unwrap();
+        ids.push(id);
+    }
+    ids.reverse(); // newest first, as lists are
+    let list = |cursor| async move { store.list_batches_of(t, BatchApi::Anthropic, 3, cursor).await.unwrap() };
+    let names = |p: &Page<BatchRecord>| p.items.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
+    let first = list(ListCursor::First).await;
+    assert_eq!((names(&first), first.has_more), (ids[0..3].to_vec(), true));
+    assert!(first.items.iter().all(|b| b.api == BatchApi::Anthropic));
+    let next = list(ListCursor::After(&ids[2])).await;
+    assert_eq!((names(&next), next.has_more), (ids[3..6].to_vec(), true));
+    let last = list(ListCursor::After(&ids[5])).await;
+    assert_eq!((names(&last), last.has_more), (ids[6..].to_vec(), false));
+    let back = list(ListCursor::Before(&ids[6])).await;
+    assert_eq!((names(&back), back.has_more), (ids[3..6].to_vec(), true), "the page just above the cursor, newest first");
+    let top = list(ListCursor::Before(&ids[2])).await;
+    assert_eq!((names(&top), top.has_more), (ids[0..2].to_vec(), false));
+    assert_eq!(store.list_batches(t, 100, None).await.unwrap().items.len(), 14, "OpenAI's list shows both kinds");
+
+    let id = ids[3].as_str();
+    assert!(matches!(store.delete_batch(t, id).await, Err(Error::Conflict(_))), "a batch not ended is not deleted");
+    assert!(matches!(store.delete_batch("mb-other", id).await, Err(Error::NotFound)));
+    store.note_unrun(id, 4).await.unwrap();
+    store.note_unrun(id, 9).await.unwrap();
+    store.finish_batch(id, &Finish { status: BatchStatus::Cancelled, at: 2_000, output_file: None, error_file: None }).await.unwrap();
+    let deleted = store.delete_batch(t, id).await.unwrap();
+    assert_eq!((deleted.status, deleted.unrun), (BatchStatus::Cancelled, Some(4)), "the first unrun count stays");
+    assert!(matches!(store.get_batch(Some(t), id).await, Err(Error::NotFound)), "a deleted batch is gone for its tenant");
+    assert!(store.get_batch(None, id).await.is_ok(), "the engine still reads it");
+    assert!(matches!(store.delete_batch(t, id).await, Err(Error::NotFound)), "deleted once");
+    let after = list(ListCursor::After(id)).await;
+    assert_eq!(names(&after), ids[4..7].to_vec(), "a deleted batch's id still places the next page");
+    assert!(!list(ListCursor::First).await.items.iter().chain(store.list_batches(t, 100, None).await.unwrap().items.iter()).any(|b| b.id == id));
 }

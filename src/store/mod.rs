@@ -132,6 +132,15 @@ pub trait Batches: Send + Sync {
     async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord>;
     /// Newest first; `after` is the id of the last item of the previous page.
     async fn list_batches(&self, tenant: &str, limit: u32, after: Option<&str>) -> Result<Page<BatchRecord>>;
+    /// Newest first, only the batches created through `api`; `cursor` names the item a page
+    /// starts after (older items) or before (newer items, still listed newest first).
+    async fn list_batches_of(&self, tenant: &str, api: BatchApi, limit: u32, cursor: ListCursor<'_>) -> Result<Page<BatchRecord>>;
+    /// Deletes a final batch for its tenant: it is gone from every read made for a tenant
+    /// (its row stays, for the list cursors naming it). `Conflict` while it is not final.
+    async fn delete_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord>;
+    /// Records the lines a cancel or an expiry ends before they ran, once: a finalization
+    /// done again after a crash keeps the first count.
+    async fn note_unrun(&self, id: &str, lines: i64) -> Result<()>;
     /// `validating`/`in_progress` → `cancelling`; any other status is returned unchanged.
     async fn request_cancel(&self, tenant: &str, id: &str, now: i64) -> Result<BatchRecord>;
     /// Ids and statuses of the batches in any of `statuses`, oldest first. Only these two
@@ -204,10 +213,30 @@ pub trait Work: Send + Sync {
 pub trait Cluster: Send + Sync {
     /// Records that `node` is alive until `ttl` from now (store clock), with what it
     /// publishes (`info`, JSON text); forgets nodes whose heartbeat lapsed; returns the live
-    /// nodes, `node` included.
-    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Vec<NodeInfo>>;
+    /// nodes, `node` included, and the store's clock.
+    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Membership>;
     /// A node leaving gracefully: its row, leases and claims go at once.
     async fn leave(&self, node: &str) -> Result<()>;
+    /// Every node's batch status changes as they commit, where the database can push them
+    /// (PostgreSQL's `LISTEN`); `None` where it cannot (the embedded store, which has no
+    /// other node). A change committed while no feed is open is missed: a caller that opens
+    /// one reads the statuses it cares about afterwards.
+    async fn status_feed(&self) -> Result<Option<Box<dyn StatusFeed>>>;
+}
+
+/// A batch's new status, as a transition committed it (on any node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    pub batch_id: String,
+    pub status: BatchStatus,
+}
+
+/// The status changes of every node (see [`Cluster::status_feed`]).
+#[async_trait]
+pub trait StatusFeed: Send {
+    /// The next change; an error once the feed's connection is lost (a new feed must be
+    /// opened, and changes committed meanwhile are missed).
+    async fn next(&mut self) -> Result<StatusChange>;
 }
 
 #[async_trait]

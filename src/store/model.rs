@@ -103,6 +103,43 @@ pub enum InputFormat {
     Bare,
 }
 
+/// The API a batch was created through: it says how the batch's object and results are
+/// rendered, never how it runs (the engine runs every batch the same way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchApi {
+    /// OpenAI's Batch API (`/v1/batches`).
+    #[default]
+    OpenAi,
+    /// Anthropic's Message Batches API (`/v1/messages/batches`).
+    Anthropic,
+}
+
+impl BatchApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchApi::OpenAi => "openai",
+            BatchApi::Anthropic => "anthropic",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BatchApi> {
+        match s {
+            "openai" => Some(BatchApi::OpenAi),
+            "anthropic" => Some(BatchApi::Anthropic),
+            _ => None,
+        }
+    }
+}
+
+/// Where a page of a list starts: after the item `After` names (older items, the default
+/// direction), or before the item `Before` names (newer items).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListCursor<'a> {
+    First,
+    After(&'a str),
+    Before(&'a str),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchRecord {
     pub id: String,
@@ -144,6 +181,10 @@ pub struct BatchRecord {
     /// Hash of the create request, stored with its idempotency key: a later create with the
     /// same key and another hash is refused.
     pub idempotency_hash: Option<String>,
+    /// The API the batch was created through.
+    pub api: BatchApi,
+    /// Lines a cancel or an expiry ended before they ran (known once finalizing has begun).
+    pub unrun: Option<i64>,
 }
 
 impl BatchRecord {
@@ -181,6 +222,8 @@ impl BatchRecord {
             est_tokens: 0,
             est_requests: 0,
             idempotency_hash: None,
+            api: BatchApi::OpenAi,
+            unrun: None,
         }
     }
 }
@@ -317,6 +360,15 @@ pub struct DeliveryAttempt {
     /// `Some(unix ms)`: try again then; `None`: done (delivered, or given up when not 2xx).
     pub retry_at_ms: Option<i64>,
     pub delivered: bool,
+}
+
+/// What a heartbeat learns: the live nodes and the store's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Membership {
+    /// Oldest first (by `started_at`, then id).
+    pub nodes: Vec<NodeInfo>,
+    /// The store's clock during the heartbeat, in unix milliseconds (see [`crate::clock`]).
+    pub clock_ms: i64,
 }
 
 /// A live node, as its last heartbeat described it.

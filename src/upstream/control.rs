@@ -5,8 +5,17 @@
 //! the time passed in: it never reads a clock, so it is tested on a simulated upstream.
 //!
 //! Throughput mode is loss-based, as TCP and Netflix's AIMD limit are:
+//! - a new upstream (or one idle for [`FORGET_AFTER`]) starts with a small window that grows
+//!   while it is full, doubling every [`SLOW_START_STEP`] and with every answer (slow start),
+//!   until the first overload: first contact draws the refusals of a few milliseconds of
+//!   sending, not of a whole window;
 //! - a success grows the window by `1/window` when the window was full (about one slot per
 //!   round trip), four times slower within a slot of where the last overload happened;
+//! - a stray overload is the line's, not the pool's: an overload that names its own wait
+//!   (`Retry-After`) but that no rate-limit header explains and no cluster of overloads across
+//!   requests follows (fewer than [`CLUSTER_MIN`], or under [`CLUSTER_SHARE`] of the answers of
+//!   the last second) neither pauses the pool nor shrinks anything: a proxy balancing over
+//!   several deployments answers so when one of them is limited. Its line waits out the wait;
 //! - an overload (429 without rate-limit headers that explain it, 503, 529,
 //!   `overloaded_error`) decreases at most once per round trip: only an answer to a request
 //!   sent after the previous decrease counts (an epoch), as TCP reacts once per window.
@@ -28,7 +37,11 @@
 //! The upstream's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers are obeyed
 //! before any 429: each answer re-synchronises a bucket holding `remaining` minus what was
 //! sent after that request, refilled at `(limit − remaining) / reset` (OpenAI's meaning of
-//! reset: until the limit is whole again). A 429 those headers explain only pauses. A
+//! reset: until the limit is whole again). The limit is per minute, but the bucket behind it
+//! may hold less: a reset shorter than a per-minute bucket would need says how much (OpenAI
+//! enforces 60,000 requests a minute as 1,000 a second): the bucket holds
+//! `remaining + limit / 60 × reset` and refills at `limit / 60`, so a per-second limiter is
+//! paced to the second. A 429 those headers explain only pauses. A
 //! request is charged its token estimate times a scale that a 429 with tokens left above the
 //! estimate raises (the upstream counts more than batchd estimated) and successes let decay.
 //!
@@ -39,6 +52,10 @@
 //! the knee where latency starts to rise; a round with no rise adds √window, so capacity
 //! comes back within a few round trips once online traffic falls. Queued requests reported by the upstream's metrics
 //! (vLLM, SGLang) shrink it too. It starts at 2 and doubles per round until latency rises.
+//!
+//! What is learned ages out: a rate learned from overloads, the headers' buckets, the last
+//! error (always shown with its time) are forgotten after [`FORGET_AFTER`] without news, and a
+//! pool idle that long starts slowly again.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -69,6 +86,16 @@ const UNREACHABLE_AFTER: u32 = 3;
 /// Standby: latency may exceed the lowest seen by this factor before the window shrinks.
 const STANDBY_TOLERANCE: f64 = 1.1;
 const STANDBY_START: f64 = 2.0;
+/// Throughput: the window a new upstream starts with, and how often slow start doubles it
+/// while it is full.
+const INITIAL_WINDOW: f64 = 4.0;
+pub const SLOW_START_STEP: Duration = Duration::from_millis(10);
+/// A cluster of overloads: at least this many in the last second, and at least this share of
+/// its answers. Fewer, an overload with its own `Retry-After` is stray.
+pub const CLUSTER_MIN: f64 = 4.0;
+pub const CLUSTER_SHARE: f64 = 0.25;
+/// How long a learned figure, an idle window or the last error is kept without news.
+pub const FORGET_AFTER: Duration = Duration::from_secs(300);
 /// How long the lowest latency is remembered (two buckets of this length).
 const MIN_RTT_BUCKET: Duration = Duration::from_secs(15);
 /// Window of the concurrency estimate (Little's law over recent successes).
@@ -93,7 +120,8 @@ pub enum Signal {
     /// 429 "slow down" (not a quota).
     RateLimited,
     /// 503, 529 or `overloaded_error`; `slow_down` when the upstream said so explicitly
-    /// (529 / `overloaded_error`), which like a 429 costs the line no attempt.
+    /// (529 / `overloaded_error`). Like a 429, it costs the line no attempt: nginx answers 503
+    /// for `limit_req` and `limit_conn`.
     Overloaded {
         slow_down: bool,
     },
@@ -109,9 +137,11 @@ pub enum Signal {
 }
 
 impl Signal {
-    /// Whether an attempt that ended so counts against the line's `max_attempts`.
+    /// Whether an attempt that ended so counts against the line's `max_attempts`: overloads
+    /// (429, 503, 529) and quota never do; the batch's completion window bounds them, also
+    /// a server answering 503 to everything.
     pub fn burns_attempt(self) -> bool {
-        !matches!(self, Signal::RateLimited | Signal::Quota | Signal::Overloaded { slow_down: true })
+        !matches!(self, Signal::RateLimited | Signal::Quota | Signal::Overloaded { .. })
     }
 }
 
@@ -252,7 +282,19 @@ pub struct Controller {
     round: Round,
     queue: Option<(Instant, f64)>,
     pub counters: Counters,
-    last_error: Option<String>,
+    /// The last failure, in words, and when it came.
+    last_error: Option<(Instant, String)>,
+    /// Slow start's time ramp: since when, from which window, the window has been full.
+    ramp: Option<(Instant, f64)>,
+    /// Answers and overloads of the last second or two (for clusters of overloads).
+    answers: Accumulator,
+    overloads: Accumulator,
+    /// Until when the stray overloads of late asked their lines to wait: once a cluster shows
+    /// the limit is the pool's, the pool waits as long.
+    stray_until: Option<Instant>,
+    last_send: Option<Instant>,
+    /// When the rate-limit headers last said something.
+    headers_at: Option<Instant>,
 }
 
 /// Standby's current measurement round.
@@ -267,9 +309,9 @@ impl Controller {
         let standby = bounds.mode == UpstreamMode::Standby;
         Controller {
             bounds,
-            window: if standby { STANDBY_START.min(max) } else { max },
+            window: if standby { STANDBY_START } else { INITIAL_WINDOW }.min(max),
             window_at_loss: 0.0,
-            slow_start: standby,
+            slow_start: true,
             rate: None,
             rate_at_loss: 0.0,
             rate_updated: now,
@@ -297,6 +339,12 @@ impl Controller {
             queue: None,
             counters: Counters::new(now),
             last_error: None,
+            ramp: None,
+            answers: Accumulator::new(now, Duration::from_secs(1)),
+            overloads: Accumulator::new(now, Duration::from_secs(1)),
+            stray_until: None,
+            last_send: None,
+            headers_at: None,
         }
     }
 
@@ -339,8 +387,60 @@ impl Controller {
         self.pause.as_ref().filter(|p| p.until > now)
     }
 
-    pub fn last_error(&self) -> Option<&str> {
-        self.last_error.as_deref()
+    /// The last failure and when it came, unless older than [`FORGET_AFTER`].
+    pub fn last_error(&self, now: Instant) -> Option<(Instant, &str)> {
+        self.last_error.as_ref().filter(|(at, _)| now - *at < FORGET_AFTER).map(|(at, e)| (*at, e.as_str()))
+    }
+
+    fn set_error(&mut self, now: Instant, detail: &str) {
+        self.last_error = Some((now, detail.to_string()));
+    }
+
+    /// Whether slow start is growing the window by time: a waiter for a slot should look
+    /// again soon ([`Controller::tick`]).
+    pub fn ramping(&self) -> bool {
+        self.slow_start && self.bounds.mode == UpstreamMode::Throughput && self.window < self.max()
+    }
+
+    /// Slow start's time ramp: while the window is full, it doubles every
+    /// [`SLOW_START_STEP`]; a window not full restarts the ramp from where it is.
+    pub fn tick(&mut self, now: Instant, in_flight: usize) {
+        if !self.ramping() {
+            self.ramp = None;
+            return;
+        }
+        match self.ramp {
+            Some((t0, w0)) if in_flight + 1 >= self.slots() => {
+                let doublings = ((now - t0).as_secs_f64() / SLOW_START_STEP.as_secs_f64()).min(20.0);
+                self.window = self.window.max(w0 * 2f64.powf(doublings)).min(self.max());
+            }
+            _ => self.ramp = Some((now, self.window)),
+        }
+    }
+
+    /// Forgets what is older than [`FORGET_AFTER`]: a learned rate with no overload since,
+    /// headers not heard since, and (throughput) a window not used since, which starts
+    /// slowly again.
+    fn age(&mut self, now: Instant) {
+        let stale = |t: Option<Instant>| t.is_some_and(|t| now - t >= FORGET_AFTER);
+        if self.rate.is_some() && stale(self.last_decrease) {
+            (self.rate, self.rate_at_loss, self.probing_since) = (None, 0.0, None);
+        }
+        if stale(self.headers_at) {
+            (self.header_requests, self.header_tokens, self.headers_at) = (None, None, None);
+        }
+        if self.bounds.mode == UpstreamMode::Throughput && stale(self.last_send) {
+            (self.window, self.slow_start, self.window_at_loss, self.ramp) = (INITIAL_WINDOW.min(self.max()), true, 0.0, None);
+        }
+    }
+
+    /// [`Controller::learned_rate`], unless what taught it is older than [`FORGET_AFTER`].
+    pub fn learned_rate_at(&self, now: Instant) -> Option<f64> {
+        let stale = |t: Option<Instant>| t.is_none_or(|t| now - t >= FORGET_AFTER);
+        if stale(self.last_decrease) && stale(self.headers_at) {
+            return None;
+        }
+        self.learned_rate()
     }
 
     /// The sending rate learned from 429s or announced by rate-limit headers, per second.
@@ -359,6 +459,7 @@ impl Controller {
     /// Lets one request go now (and returns its ticket), or says until when to wait: a
     /// pause, an empty header bucket, or the learned rate's schedule.
     pub fn gate(&mut self, now: Instant, est_tokens: u64, in_flight: usize) -> Result<Ticket, Instant> {
+        self.age(now);
         if let Some(p) = self.pause(now) {
             return Err(p.until);
         }
@@ -386,6 +487,7 @@ impl Controller {
             }
         }
         self.sends.add(now, 1.0);
+        self.last_send = Some(now);
         if in_flight + 1 >= self.slots() {
             self.filled_at = Some(self.seq);
         }
@@ -408,13 +510,16 @@ impl Controller {
     /// this one included.
     pub fn record(&mut self, now: Instant, t: &Ticket, obs: &Observation, in_flight: usize) {
         self.sync_headers(now, t, obs.headers);
+        self.answers.add(now, 1.0);
         match obs.signal {
             Signal::Ok => self.on_ok(now, t, in_flight),
             Signal::RateLimited | Signal::Overloaded { .. } => self.on_overload(now, t, obs, in_flight),
             Signal::Quota => self.on_quota(now, obs),
             Signal::Timeout => self.on_timeout(now, t, obs, in_flight),
             Signal::Unreachable => self.on_unreachable(now, obs),
-            Signal::Failed => self.last_error = Some(obs.detail.to_string()),
+            Signal::Failed => self.set_error(now, obs.detail),
+            // A final answer says nothing about load; a 404 is still shown (a wrong base URL).
+            Signal::Neutral if !obs.detail.is_empty() => self.set_error(now, obs.detail),
             Signal::Neutral => {}
         }
         if obs.signal != Signal::Unreachable {
@@ -446,6 +551,11 @@ impl Controller {
 
     fn grow_window(&mut self, t: &Ticket, in_flight: usize) {
         if !self.window_bound(t, in_flight) || self.window >= self.max() {
+            return;
+        }
+        if self.slow_start {
+            // One slot per answer: the window doubles every round trip.
+            self.window = (self.window + 1.0).min(self.max());
             return;
         }
         let near_loss = self.window_at_loss > 0.0 && (self.window_at_loss - 1.5..self.window_at_loss + 1.0).contains(&self.window);
@@ -490,35 +600,64 @@ impl Controller {
     fn on_overload(&mut self, now: Instant, t: &Ticket, obs: &Observation, in_flight: usize) {
         let reason = if obs.signal == Signal::RateLimited { PauseReason::RateLimited } else { PauseReason::Overloaded };
         self.counters.count(now, reason);
-        self.last_error = Some(obs.detail.to_string());
+        self.set_error(now, obs.detail);
+        self.overloads.add(now, 1.0);
         // No request left, or too few tokens for this one, explain a 429: pacing by the
         // headers is the cure, not a smaller window or a learned rate.
-        let explained = obs.signal == Signal::RateLimited && self.headers_explain(t, obs.headers);
+        let explained = obs.signal == Signal::RateLimited && self.headers_explain(now, t, obs.headers);
+        let asked = obs.retry_after.filter(|d| !d.is_zero());
+        if let (false, Some(d)) = (explained, asked) {
+            self.stray_until = self.stray_until.max(Some(now + d));
+            if !self.clustered(now) {
+                // Stray: the line waits out its own Retry-After; the pool goes on.
+                return;
+            }
+        }
         if !explained && self.fresh(now, t) {
             let recent = self.last_decrease.is_some_and(|d| now - d < RECENT_OVERLOAD);
             self.epoch += 1;
             self.last_decrease = Some(now);
             self.strikes += 1;
+            // A refusal that names its own wait paces the pool by it: it teaches no rate (a
+            // rate is for limiters that say nothing), so that waits it asked for and a rate
+            // halved on each of them do not compound.
+            let says_nothing = asked.is_none();
             if t.paced {
-                self.decrease_rate(now);
+                if says_nothing {
+                    self.decrease_rate(now);
+                }
             } else if self.window_bound(t, in_flight) && self.window >= 2.0 {
                 self.decrease_window(now);
-            } else if self.rate.is_some() || ((self.window < 2.0 || recent) && self.oks.rate(now).is_some_and(|g| g > 0.0)) {
+            } else if says_nothing && (self.rate.is_some() || ((self.window < 2.0 || recent) && self.oks.rate(now).is_some_and(|g| g > 0.0))) {
                 self.decrease_rate(now);
             }
             // Else an isolated overload while the window had room, or nothing gets through
             // at any pace (that is no rate limit): the pause, doubling, is enough.
         }
+        // The headers say to the millisecond when the next request may go; a Retry-After in
+        // whole seconds (Anthropic's) would idle the pool and then let a burst go.
         let wait = match obs.retry_after {
+            _ if explained => self.header_wait(now, t.raw_tokens * self.token_scale).min(obs.retry_after.unwrap_or(MAX_PAUSE)).max(MIN_PAUSE),
             Some(d) if !d.is_zero() => d,
-            _ if explained => self.header_wait(now, t.raw_tokens * self.token_scale).max(MIN_PAUSE),
             _ => self.backoff_pause(),
         };
+        // A cluster: the waits the stray ones asked for were the pool's too.
+        let clustered = !explained && self.clustered(now);
+        let wait = match self.stray_until {
+            Some(u) if clustered && u > now => wait.max(u - now),
+            _ => wait,
+        };
         let detail = match obs.retry_after {
-            Some(d) => format!("{} from upstream; retry-after {}", obs.detail, human(d)),
-            None => format!("{} from upstream; pausing {}", obs.detail, human(wait)),
+            Some(d) if !explained => format!("{} from upstream; retry-after {}", obs.detail, human(d)),
+            _ => format!("{} from upstream; pausing {}", obs.detail, human(wait)),
         };
         self.pause_for(now, wait, reason, detail);
+    }
+
+    /// Whether the overloads of the last second are a cluster: the limit is the pool's.
+    fn clustered(&mut self, now: Instant) -> bool {
+        let (bad, all) = (self.overloads.sum(now), self.answers.sum(now));
+        bad >= CLUSTER_MIN && bad >= CLUSTER_SHARE * all
     }
 
     /// Only an answer to a request sent after the last decrease may decrease again, and not
@@ -555,6 +694,7 @@ impl Controller {
         self.rate = Some(r);
         self.rate_updated = now;
         self.probing_since = None;
+        self.slow_start = false;
         self.next_send = self.next_send.max(now);
         tracing::debug!(rate = r, "upstream rate limited; sending rate learned");
     }
@@ -571,7 +711,7 @@ impl Controller {
     }
 
     fn on_quota(&mut self, now: Instant, obs: &Observation) {
-        self.last_error = Some(obs.detail.to_string());
+        self.set_error(now, obs.detail);
         if self.pause(now).is_some_and(|p| p.reason == PauseReason::QuotaExhausted) {
             return; // an answer to a request sent before the pause began
         }
@@ -582,16 +722,17 @@ impl Controller {
     }
 
     fn on_timeout(&mut self, now: Instant, t: &Ticket, obs: &Observation, in_flight: usize) {
-        self.last_error = Some(obs.detail.to_string());
+        self.set_error(now, obs.detail);
         if self.window_bound(t, in_flight) && t.epoch == self.epoch {
             self.epoch += 1;
             self.window = (self.window * BETA_TIMEOUT).max(1.0);
             self.last_decrease = Some(now);
+            self.slow_start = false;
         }
     }
 
     fn on_unreachable(&mut self, now: Instant, obs: &Observation) {
-        self.last_error = Some(obs.detail.to_string());
+        self.set_error(now, obs.detail);
         self.unreachable_strikes += 1;
         if self.unreachable_strikes >= UNREACHABLE_AFTER {
             let k = (self.unreachable_strikes - UNREACHABLE_AFTER).min(5);
@@ -660,8 +801,15 @@ impl Controller {
     /// plus `max_tokens` its own way), or others use the same key. The token scale grows
     /// (to at least what the tokens left prove), and the 429 is the headers' to cure, not
     /// the window's.
-    fn headers_explain(&mut self, t: &Ticket, h: &RateHeaders) -> bool {
+    fn headers_explain(&mut self, now: Instant, t: &Ticket, h: &RateHeaders) -> bool {
         if h.requests.remaining.is_some_and(|r| r < 1.0) {
+            // Nothing was left when this request came, whatever order its answer came back
+            // in: the bucket holds at most what refilled since, less what was sent after it.
+            let sent_after = (self.seq - t.seq - 1) as f64;
+            if let Some(b) = &mut self.header_requests {
+                let cur = (b.tokens + (now - b.at).as_secs_f64() * b.per_sec).min(b.capacity);
+                (b.tokens, b.at) = (cur.min(-sent_after), now);
+            }
             return true;
         }
         let Some(left) = h.tokens.remaining else { return false };
@@ -689,6 +837,7 @@ impl Controller {
             return;
         }
         self.headers_seq = Some(t.seq);
+        self.headers_at = Some(now);
         let sent_after = (self.seq - t.seq - 1) as f64;
         let tokens_after = self.tokens_sent - t.tokens_before - t.est_tokens;
         let share = 1.0 / self.bounds.nodes.max(1) as f64;
@@ -708,15 +857,24 @@ struct HeaderBucket {
 }
 
 impl HeaderBucket {
+    /// Re-synchronises with one answer's `limit`, `remaining` and `reset` (until the limit is
+    /// whole again). The limit is per minute; a reset shorter than a per-minute bucket would
+    /// need means a smaller bucket refilled at the same pace (a limit enforced per second),
+    /// a longer one a slower pace (a limit per day). A full bucket (reset 0) says nothing of
+    /// its size: the size learned before stays.
     fn sync(slot: &mut Option<HeaderBucket>, d: &Dimension, share: f64, used_after: f64, now: Instant) {
         let Some(remaining) = d.remaining else { return };
-        let per_sec = match (d.limit, d.reset) {
-            (Some(l), Some(r)) if l > remaining && !r.is_zero() => (l - remaining) / r.as_secs_f64(),
-            (Some(l), _) => l / 60.0,
-            // Nothing says how it refills: a bucket would never open again once empty.
-            (None, _) => return,
+        // Nothing says how it refills: a bucket would never open again once empty.
+        let Some(limit) = d.limit else { return };
+        let per_minute = limit / 60.0;
+        let (per_sec, size) = match d.reset {
+            Some(r) if limit > remaining && !r.is_zero() => {
+                let per_sec = per_minute.min((limit - remaining) / r.as_secs_f64());
+                (per_sec, (remaining + per_sec * r.as_secs_f64()).min(limit))
+            }
+            _ => (per_minute, slot.as_ref().map_or(limit, |b| b.capacity / share).max(remaining)),
         };
-        let capacity = (share * d.limit.unwrap_or(remaining)).max(1.0);
+        let capacity = (share * size).max(1.0);
         *slot = Some(HeaderBucket { tokens: share * remaining - used_after, capacity, per_sec: share * per_sec, at: now });
     }
 
@@ -800,6 +958,12 @@ impl Accumulator {
         self.roll(now);
         self.cur += v;
         self.seen = true;
+    }
+
+    /// The sum over the last one to two buckets.
+    fn sum(&mut self, now: Instant) -> f64 {
+        self.roll(now);
+        self.prev + self.cur
     }
 
     /// Sum per second over the last one to two buckets; `None` before any value.

@@ -1,8 +1,11 @@
 //! The controller against simulated upstreams, in simulated time: the scenarios of issue
 //! #11 (a concurrency cap that answers 429, nginx's `limit_req`, OpenAI's rate-limit
-//! headers, a shared GPU server in standby mode, uniformly slow lines), each run for some
-//! simulated seconds in a few milliseconds of real time, with the same assertions the
-//! engine tests make against the mock upstream.
+//! headers, a shared GPU server in standby mode, uniformly slow lines) and of issue #20
+//! (stray 429s with a Retry-After, a per-second limiter, 503 refusals at a cap and at a
+//! rate, first contact, a fast single-threaded server, saturation at C = 256 and L = 200 ms),
+//! each run for some simulated seconds in a few milliseconds of real time, with the same
+//! assertions the engine tests make against the mock upstream. One test per shape, so that a
+//! change to the loop cannot pass one shape by breaking another.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -40,19 +43,32 @@ impl Lcg {
     }
 }
 
-/// TGI's `max_concurrent_requests`: above `cap` in flight, an immediate 429 with no header.
+/// The refusal of a limiter that sends no header: TGI's and LiteLLM's 429, or nginx's
+/// default 503 for `limit_req` and `limit_conn`.
+const REFUSED_429: Signal = Signal::RateLimited;
+const REFUSED_503: Signal = Signal::Overloaded { slow_down: false };
+
+/// TGI's `max_concurrent_requests` (or nginx's `limit_conn`): above `cap` in flight, an
+/// immediate refusal with no header.
 struct Capacity {
     cap: usize,
     latency: Duration,
     busy: Vec<Instant>,
     rng: Lcg,
+    refusal: Signal,
+}
+
+impl Capacity {
+    fn new(cap: usize, latency: Duration, refusal: Signal) -> Capacity {
+        Capacity { cap, latency, busy: Vec::new(), rng: Lcg(1), refusal }
+    }
 }
 
 impl Upstream for Capacity {
     fn send(&mut self, now: Instant) -> Reply {
         self.busy.retain(|t| *t > now);
         if self.busy.len() >= self.cap {
-            return Reply { at: now + Duration::from_micros(300), signal: Signal::RateLimited, retry_after: None, headers: RateHeaders::default() };
+            return Reply { at: now + Duration::from_micros(300), signal: self.refusal, retry_after: None, headers: RateHeaders::default() };
         }
         let at = now + self.rng.around(self.latency);
         self.busy.push(at);
@@ -69,6 +85,13 @@ struct Nginx {
     origin: Instant,
     latency: Duration,
     rng: Lcg,
+    refusal: Signal,
+}
+
+impl Nginx {
+    fn new(rate_per_s: f64, origin: Instant, refusal: Signal) -> Nginx {
+        Nginx { rate_per_s, excess: 0.0, last_ms: None, origin, latency: Duration::from_millis(20), rng: Lcg(3), refusal }
+    }
 }
 
 impl Upstream for Nginx {
@@ -78,7 +101,7 @@ impl Upstream for Nginx {
         let elapsed = self.last_ms.map_or(u64::MAX / 2, |l| ms - l) as f64;
         let excess = (self.excess - self.rate_per_s * elapsed + 1000.0).max(0.0);
         if excess > 0.0 {
-            return Reply { at: arrive, signal: Signal::RateLimited, retry_after: None, headers: RateHeaders::default() };
+            return Reply { at: arrive, signal: self.refusal, retry_after: None, headers: RateHeaders::default() };
         }
         (self.excess, self.last_ms) = (excess, Some(ms));
         Reply { at: now + self.rng.around(self.latency), signal: Signal::Ok, retry_after: None, headers: RateHeaders::default() }
@@ -86,25 +109,34 @@ impl Upstream for Nginx {
 }
 
 /// OpenAI's request limit: a bucket of `limit` refilled at `limit` per minute, reported on
-/// every answer; a 429 with `retry-after-ms` when empty.
+/// every answer; a 429 with `retry-after-ms` when empty. The bucket holds `period` seconds of
+/// the limit: a minute, or one second for a limit enforced over shorter periods.
 struct OpenAi {
     limit: f64,
     tokens: f64,
     at: Instant,
     latency: Duration,
     rng: Lcg,
+    period: f64,
+}
+
+impl OpenAi {
+    fn new(limit: f64, tokens: f64, at: Instant) -> OpenAi {
+        OpenAi { limit, tokens, at, latency: Duration::from_millis(20), rng: Lcg(5), period: 60.0 }
+    }
 }
 
 impl Upstream for OpenAi {
     fn send(&mut self, now: Instant) -> Reply {
         let per_s = self.limit / 60.0;
-        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * per_s).min(self.limit);
+        let size = per_s * self.period;
+        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * per_s).min(size);
         self.at = now;
         let ok = self.tokens >= 1.0;
         if ok {
             self.tokens -= 1.0;
         }
-        let reset = Duration::from_secs_f64((self.limit - self.tokens) / per_s);
+        let reset = Duration::from_secs_f64((size - self.tokens) / per_s);
         let requests = Dimension { limit: Some(self.limit), remaining: Some(self.tokens.floor()), reset: Some(reset) };
         let headers = RateHeaders { requests, tokens: Dimension::default() };
         if ok {
@@ -173,6 +205,25 @@ impl Upstream for Slots {
     }
 }
 
+/// A proxy balancing over deployments, one of them limited: a share of its answers are 429
+/// with a `retry-after-ms`, at random, whatever the load.
+struct Stray {
+    share: f64,
+    retry_after: Duration,
+    latency: Duration,
+    rng: Lcg,
+}
+
+impl Upstream for Stray {
+    fn send(&mut self, now: Instant) -> Reply {
+        let at = now + self.rng.around(self.latency);
+        if self.rng.unit() < self.share {
+            return Reply { at, signal: Signal::RateLimited, retry_after: Some(self.retry_after), headers: RateHeaders::default() };
+        }
+        Reply { at, signal: Signal::Ok, retry_after: None, headers: RateHeaders::default() }
+    }
+}
+
 /// What a run counted after its warm-up.
 #[derive(Debug, Default, Clone)]
 struct Tally {
@@ -181,11 +232,20 @@ struct Tally {
     limited: u64,
     max_window: f64,
     min_window: f64,
+    /// Steps the pool spent paused.
+    paused_steps: u64,
+    steps: u64,
+    /// The window when counting began: a window that never fell below it never shrank.
+    start_window: f64,
 }
 
 impl Tally {
+    /// The share of calls refused (429, 503, 529).
     fn share_429(&self) -> f64 {
         self.limited as f64 / self.sent.max(1) as f64
+    }
+    fn paused_share(&self) -> f64 {
+        self.paused_steps as f64 / self.steps.max(1) as f64
     }
 }
 
@@ -230,11 +290,13 @@ impl Sim {
             if counting {
                 match signal {
                     Signal::Ok => self.tally.ok += 1,
-                    Signal::RateLimited => self.tally.limited += 1,
+                    Signal::RateLimited | Signal::Overloaded { .. } => self.tally.limited += 1,
                     _ => {}
                 }
             }
         }
+        // A waiter for a slot lets slow start grow the window by time, as the limiter does.
+        self.ctl.tick(now, self.in_flight.len());
         while self.in_flight.len() < self.ctl.slots() {
             let Ok(t) = self.ctl.gate(now, self.est_tokens, self.in_flight.len()) else { break };
             let reply = up.send(now);
@@ -246,6 +308,8 @@ impl Sim {
         if counting {
             self.tally.max_window = self.tally.max_window.max(self.ctl.window());
             self.tally.min_window = self.tally.min_window.min(self.ctl.window());
+            self.tally.steps += 1;
+            self.tally.paused_steps += u64::from(self.ctl.pause(now).is_some());
         }
     }
 
@@ -255,6 +319,7 @@ impl Sim {
             self.step(up, false);
         }
         let end = self.now + measure;
+        self.tally.start_window = self.ctl.window();
         while self.now < end {
             self.step(up, true);
         }
@@ -267,7 +332,7 @@ fn a_concurrency_cap_answering_429_is_found_and_kept() {
     // Issue #11: 16 slots, 20 ms per answer, max_concurrency 64. Before: 86 % of calls 429,
     // 0.6 of the upstream's 800 req/s.
     let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
-    let mut up = Capacity { cap: 16, latency: Duration::from_millis(20), busy: Vec::new(), rng: Lcg(1) };
+    let mut up = Capacity::new(16, Duration::from_millis(20), REFUSED_429);
     let secs = 10.0;
     let t = sim.run(&mut up, Duration::from_secs(2), Duration::from_secs_f64(secs));
     let tput = t.ok as f64 / secs / 800.0;
@@ -278,7 +343,7 @@ fn a_concurrency_cap_answering_429_is_found_and_kept() {
     assert!(sim.ctl.learned_rate().is_none(), "a concurrency cap teaches no rate");
     let warmup_429s = {
         let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
-        let mut up = Capacity { cap: 16, latency: Duration::from_millis(20), busy: Vec::new(), rng: Lcg(1) };
+        let mut up = Capacity::new(16, Duration::from_millis(20), REFUSED_429);
         sim.run(&mut up, Duration::ZERO, Duration::from_secs(1)).limited
     };
     println!("429s in the first second: {warmup_429s}");
@@ -291,7 +356,7 @@ fn nginx_limit_req_without_retry_after_is_learned_as_a_rate() {
     // max_concurrency 16.
     let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
     let origin = sim.now;
-    let mut up = Nginx { rate_per_s: 20.0, excess: 0.0, last_ms: None, origin, latency: Duration::from_millis(20), rng: Lcg(3) };
+    let mut up = Nginx::new(20.0, origin, REFUSED_429);
     let secs = 30.0;
     let t = sim.run(&mut up, Duration::from_secs(5), Duration::from_secs_f64(secs));
     let tput = t.ok as f64 / secs / 20.0;
@@ -307,7 +372,7 @@ fn openai_headers_pace_the_pool_before_any_429() {
     // Issue #11: 1,200 rpm announced in x-ratelimit-* headers, the bucket nearly empty at
     // the start, 429 with retry-after-ms when empty; no rpm configured, max_concurrency 64.
     let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
-    let mut up = OpenAi { limit: 1200.0, tokens: 10.0, at: sim.now, latency: Duration::from_millis(20), rng: Lcg(5) };
+    let mut up = OpenAi::new(1200.0, 10.0, sim.now);
     let secs = 20.0;
     let t = sim.run(&mut up, Duration::from_secs(2), Duration::from_secs_f64(secs));
     let tput = t.ok as f64 / secs / 20.0;
@@ -316,15 +381,16 @@ fn openai_headers_pace_the_pool_before_any_429() {
     assert!(tput >= 0.95, "throughput {tput:.3} of the announced limit");
     let learned = sim.ctl.learned_rate().expect("the headers' rate") * 60.0;
     assert!((1100.0..=1300.0).contains(&learned), "learned {learned} rpm");
-    assert!(sim.ctl.window() > 32.0, "a 429 the headers explain does not shrink the window: {}", sim.ctl.window());
+    assert!(t.min_window >= t.start_window, "a 429 the headers explain does not shrink the window: {t:?}");
 }
 
 /// Runs a pool of 64 against a token budget of 60,000 a minute (1,000 tokens/s) that the
 /// upstream announces in `x-ratelimit-*-tokens`, the request budget far from binding and the
 /// token bucket nearly empty at the start: each request costs `cost` tokens, batchd
 /// estimates `est`. Returns the tally, the throughput as a share of the token budget, and
-/// the window at the end.
-fn token_budget(cost: f64, est: u64, latency: Duration) -> (Tally, f64, f64) {
+/// whether the window shrank while counting (the window grows only while full: paced by the
+/// headers, it stays where slow start left it).
+fn token_budget(cost: f64, est: u64, latency: Duration) -> (Tally, f64, bool) {
     let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
     sim.est_tokens = est;
     let mut up = OpenAiTokens { tpm: 60_000.0, tokens: 500.0, cost, at: sim.now, latency, rng: Lcg(9) };
@@ -336,7 +402,8 @@ fn token_budget(cost: f64, est: u64, latency: Duration) -> (Tally, f64, f64) {
         t.share_429(),
         sim.ctl.window()
     );
-    (t, tput, sim.ctl.window())
+    let shrank = t.min_window < t.start_window;
+    (t, tput, shrank)
 }
 
 #[test]
@@ -344,11 +411,11 @@ fn openai_token_headers_pace_the_pool_before_any_429() {
     // Issue #11: a token budget announced in x-ratelimit-*-tokens (50 tokens a request:
     // 20 req/s), no tpm configured, max_concurrency 64, 20 ms per answer. Without pacing by
     // the token headers the pool would send 64 at a time and get mostly 429s.
-    let (t, tput, window) = token_budget(50.0, 50, Duration::from_millis(20));
+    let (t, tput, shrank) = token_budget(50.0, 50, Duration::from_millis(20));
     assert!(t.share_429() <= 0.05, "the token headers are obeyed before the limit is hit: {:.4}", t.share_429());
     assert!(tput >= 0.85, "throughput {tput:.3} of the announced token budget");
     assert!(tput <= 1.01, "never more than the budget: {tput:.3}");
-    assert!(window > 32.0, "a 429 the headers explain does not shrink the window: {window}");
+    assert!(!shrank, "a 429 the headers explain does not shrink the window: {t:?}");
 }
 
 #[test]
@@ -359,10 +426,10 @@ fn a_token_estimate_below_what_the_upstream_charges_is_corrected() {
     // throughput to 0.66 of the budget; with the upstream charging 4× the estimate, 10 % of
     // calls were 429. Such 429s now raise the token scale the header bucket charges.
     for (cost, est, latency) in [(60.0, 50, 2000), (200.0, 50, 500), (100.0, 50, 20)] {
-        let (t, tput, window) = token_budget(cost, est, Duration::from_millis(latency));
+        let (t, tput, shrank) = token_budget(cost, est, Duration::from_millis(latency));
         assert!(t.share_429() <= 0.05, "cost {cost} for an estimate of {est}: 429 share {:.4}", t.share_429());
         assert!(tput >= 0.85, "cost {cost} for an estimate of {est}: throughput {tput:.3} of the token budget");
-        assert!(window > 32.0, "cost {cost} for an estimate of {est}: the window is not what binds, yet it fell to {window}");
+        assert!(!shrank, "cost {cost} for an estimate of {est}: the window is not what binds, yet it shrank: {t:?}");
     }
 }
 
@@ -435,6 +502,15 @@ fn uniformly_slow_timeouts_do_not_collapse_the_window() {
     let mut ctl = Controller::new(Sim::bounds(UpstreamMode::Throughput, 20), Instant::now());
     let mut now = Instant::now();
     let h = RateHeaders::default();
+    // Slow start first: 16 answers with the window full grow it from 4 to 20.
+    let ok = Observation { signal: Signal::Ok, retry_after: None, headers: &h, detail: "" };
+    for _ in 0..16 {
+        let n = ctl.slots();
+        let t = ctl.gate(now, 0, n - 1).unwrap();
+        now += Duration::from_millis(10);
+        ctl.record(now, &t, &ok, n);
+    }
+    assert_eq!(ctl.window(), 20.0);
     for _attempt in 0..3 {
         let tickets: Vec<Ticket> = (0..20).map(|i| ctl.gate(now, 0, i).unwrap()).collect();
         now += Duration::from_secs(1);
@@ -452,16 +528,21 @@ fn a_429_pauses_the_pool_and_quota_pauses_it_long() {
     let now = Instant::now();
     let mut ctl = Controller::new(Sim::bounds(UpstreamMode::Throughput, 8), now);
     let h = RateHeaders::default();
-    let t = ctl.gate(now, 0, 0).unwrap();
     let obs = Observation { signal: Signal::RateLimited, retry_after: Some(Duration::from_secs(2)), headers: &h, detail: "429 Too Many Requests" };
-    ctl.record(now, &t, &obs, 1);
+    // One 429 with its own Retry-After is the line's; a cluster of them (four, and every
+    // answer of the last second) is the pool's.
+    let tickets: Vec<Ticket> = (0..4).map(|i| ctl.gate(now, 0, i).unwrap()).collect();
+    for (i, t) in tickets.iter().enumerate() {
+        ctl.record(now, t, &obs, 4 - i);
+        assert_eq!(ctl.pause(now).is_some(), i == 3, "paused after {} 429s", i + 1);
+    }
     let p = ctl.pause(now).expect("paused");
     assert_eq!(p.until, now + Duration::from_secs(2));
     assert_eq!(p.reason, PauseReason::RateLimited);
     assert!(p.detail.contains("retry-after 2 s"), "{}", p.detail);
     assert_eq!(ctl.gate(now + Duration::from_secs(1), 0, 0).unwrap_err(), now + Duration::from_secs(2));
     assert!(ctl.gate(now + Duration::from_secs(2), 0, 0).is_ok());
-    assert_eq!(ctl.counters.last_minute(now), (1, 0));
+    assert_eq!(ctl.counters.last_minute(now), (4, 0));
     assert_eq!(ctl.counters.last_minute(now + Duration::from_secs(61)), (0, 0), "only the last minute counts");
 
     let later = now + Duration::from_secs(3);
@@ -476,6 +557,9 @@ fn a_429_pauses_the_pool_and_quota_pauses_it_long() {
     ctl.record(later, &t2, &obs, 1);
     assert_eq!(ctl.pause(later).unwrap().until, until, "answers from before the pause do not lengthen it");
     assert!(!Signal::Quota.burns_attempt() && !Signal::RateLimited.burns_attempt() && Signal::Timeout.burns_attempt());
+    assert!(!Signal::Overloaded { slow_down: false }.burns_attempt(), "a 503 costs no attempt either");
+    assert_eq!(ctl.last_error(later).map(|e| e.0), Some(later), "the last error shows with its time");
+    assert!(ctl.last_error(later + FORGET_AFTER).is_none(), "and ages out");
 }
 
 #[test]
@@ -496,7 +580,7 @@ fn a_learned_rate_is_re_divided_when_the_nodes_change() {
     // upstream's rate is half; when it leaves again, the whole.
     let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
     let origin = sim.now;
-    let mut up = Nginx { rate_per_s: 20.0, excess: 0.0, last_ms: None, origin, latency: Duration::from_millis(20), rng: Lcg(3) };
+    let mut up = Nginx::new(20.0, origin, REFUSED_429);
     sim.run(&mut up, Duration::from_secs(10), Duration::ZERO);
     let alone = sim.ctl.learned_rate().expect("a rate was learned");
     sim.ctl.set_bounds(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 8) });
@@ -517,7 +601,7 @@ fn two_nodes_share_a_rate_limit_announced_in_headers() {
     let mut a = Sim::new(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 32) });
     let mut b = Sim::new(Bounds { nodes: 2, ..Sim::bounds(UpstreamMode::Throughput, 32) });
     b.now = a.now;
-    let mut up = OpenAi { limit: 1200.0, tokens: 10.0, at: a.now, latency: Duration::from_millis(20), rng: Lcg(5) };
+    let mut up = OpenAi::new(1200.0, 10.0, a.now);
     let secs = 20;
     let warm = a.now + Duration::from_secs(2);
     let end = warm + Duration::from_secs(secs);
@@ -542,6 +626,140 @@ fn two_nodes_share_a_rate_limit_announced_in_headers() {
         let rpm = s.ctl.learned_rate().expect("the headers' rate") * 60.0;
         assert!((550.0..=650.0).contains(&rpm), "each node learns its half of 1,200 rpm: {rpm}");
     }
+}
+
+/// Ok answers per second of a 20-second run of max_concurrency 64 against `up`, after 2 s of
+/// warm-up, with its tally.
+fn throughput_of(up: &mut dyn Upstream, max: usize) -> (f64, Tally, Sim) {
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, max));
+    let secs = 20.0;
+    let t = sim.run(up, Duration::from_secs(2), Duration::from_secs_f64(secs));
+    (t.ok as f64 / secs, t, sim)
+}
+
+#[test]
+fn stray_429s_cost_only_their_own_lines() {
+    // Issue #20 (1): 5 % of answers 429 at random with retry-after-ms 500, whatever the load
+    // (a proxy over several deployments, one of them limited). Before: each paused the whole
+    // pool, and a batch that takes 1.3 s clean had not finished after 300 s.
+    let latency = Duration::from_millis(200);
+    let (clean, _, _) = throughput_of(&mut Stray { share: 0.0, retry_after: Duration::from_millis(500), latency, rng: Lcg(13) }, 64);
+    let mut up = Stray { share: 0.05, retry_after: Duration::from_millis(500), latency, rng: Lcg(13) };
+    let (tput, t, sim) = throughput_of(&mut up, 64);
+    let ratio = tput / clean;
+    println!("stray 429s: {t:?}, {tput:.0} against {clean:.0} clean ({ratio:.3}), paused {:.3} of the time", t.paused_share());
+    assert!(ratio >= 0.9, "the batch keeps {ratio:.3} of its clean throughput");
+    assert!(t.paused_share() < 0.05, "a stray 429 does not pause the pool: paused {:.3} of the time", t.paused_share());
+    assert!(t.min_window >= 60.0, "nor shrink the window: {t:?}");
+    assert!(sim.ctl.learned_rate().is_none(), "nor teach a rate");
+    // The same 429s, a fifth of all answers and more, are a cluster: the pool's to pace.
+    let mut up = Stray { share: 0.5, retry_after: Duration::from_millis(500), latency, rng: Lcg(13) };
+    let (_, t, _) = throughput_of(&mut up, 64);
+    println!("half the answers 429: {t:?}, paused {:.3} of the time", t.paused_share());
+    assert!(t.paused_share() > 0.1 && t.max_window < 32.0, "a cluster pauses the pool and shrinks its window: {t:?}");
+}
+
+#[test]
+fn a_per_second_limiter_is_paced_to_the_second() {
+    // Issue #20 (2): 1,200 rpm held as a bucket of 20 refilled at 20/s; every answer says
+    // limit 1,200, what remains, and the reset until the bucket is full; a 429 carries
+    // retry-after-ms until the next token. Before: 97 % of calls refused.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+    let mut up = OpenAi { period: 1.0, ..OpenAi::new(1200.0, 20.0, sim.now) };
+    let secs = 20.0;
+    let first = sim.run(&mut up, Duration::ZERO, Duration::from_secs(1));
+    let t = sim.run(&mut up, Duration::from_secs(1), Duration::from_secs_f64(secs));
+    let tput = t.ok as f64 / secs / 20.0;
+    let learned = sim.ctl.learned_rate().map(|r| r * 60.0);
+    println!("per-second bucket: first second {first:?}; then {t:?}, {tput:.3} of 20 req/s, {:.4} refused, learned {learned:?} rpm", t.share_429());
+    assert!(t.share_429() <= 0.10, "at most 10 % of calls refused: {:.4}", t.share_429());
+    assert!(tput >= 0.85, "throughput {tput:.3} of the limit");
+    assert!(tput <= 1.01, "never above it: {tput:.3}");
+    assert!(learned.is_some_and(|r| (1100.0..=1300.0).contains(&r)), "the limit is still 1,200 a minute: {learned:?}");
+    assert!(first.limited <= 10, "first contact: {} refused", first.limited);
+}
+
+#[test]
+fn refusals_of_503_are_learned_as_429s_are() {
+    // Issue #20 (3): nginx answers 503 for `limit_conn` and `limit_req` by default. A cap
+    // of 16 and a rate of 20/s refusing with 503 are found as their 429 twins are.
+    for refusal in [REFUSED_503, REFUSED_429] {
+        let (tput, t, sim) = throughput_of(&mut Capacity::new(16, Duration::from_millis(20), refusal), 64);
+        println!("cap 16 refusing {refusal:?}: {t:?}, {:.3} of 800 req/s", tput / 800.0);
+        assert!(t.share_429() <= 0.02 && tput >= 0.9 * 800.0 && t.max_window < 18.5, "{refusal:?}: {t:?}");
+        assert!(sim.ctl.learned_rate().is_none());
+        let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
+        let mut up = Nginx::new(20.0, sim.now, refusal);
+        let t = sim.run(&mut up, Duration::from_secs(5), Duration::from_secs(30));
+        let tput = t.ok as f64 / 30.0 / 20.0;
+        println!("nginx 20 r/s refusing {refusal:?}: {t:?}, {tput:.3} of the limit");
+        assert!(t.share_429() <= 0.05 && tput >= 0.85, "{refusal:?}: {t:?}, {tput:.3}");
+    }
+}
+
+#[test]
+fn first_contact_draws_a_handful_of_refusals() {
+    // Issue #20 (4): a fresh pool of 64 used to open at 64 in flight: 123 429s (nginx) in the
+    // first second. Slow start opens at 4 and doubles every 10 ms while the window is full;
+    // nginx without a burst refuses any two requests within 50 ms, so learning its rate takes
+    // a few more.
+    let mut refused = Vec::new();
+    for refusal in [REFUSED_429, REFUSED_503] {
+        let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+        let mut up = Nginx::new(20.0, sim.now, refusal);
+        let nginx = sim.run(&mut up, Duration::ZERO, Duration::from_secs(1));
+        let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+        let cap = sim.run(&mut Capacity::new(16, Duration::from_millis(20), refusal), Duration::ZERO, Duration::from_secs(1));
+        refused.push((nginx.limited, cap.limited));
+    }
+    println!("refusals in the first second (nginx 20 r/s, cap 16), 429 then 503: {refused:?}");
+    for (nginx, cap) in refused {
+        assert!(nginx <= 15 && cap <= 10, "a handful at most: {nginx} from nginx, {cap} from the cap");
+    }
+}
+
+#[test]
+fn on_a_fast_single_threaded_server_the_window_grows_while_throughput_does() {
+    // Issue #20 (5): an instant upstream on one thread serves one request at a time (20 µs
+    // each); its latency rises with every request in flight, its throughput does not fall.
+    // That is no reason to shrink: the window stays where throughput stopped rising.
+    let mut up = Slots::new(1, Duration::from_micros(20), Instant::now());
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+    up.free_at = std::iter::once(Reverse(sim.now)).collect();
+    let t = sim.run(&mut up, Duration::from_millis(200), Duration::from_secs(2));
+    let tput = t.ok as f64 / 2.0 / 50_000.0;
+    println!("single-threaded instant server: {t:?}, {tput:.3} of 50,000 req/s");
+    assert!(tput >= 0.95, "throughput {tput:.3} of what the server serves");
+    assert!(t.min_window >= 32.0, "the window never collapses: {t:?}");
+}
+
+#[test]
+fn saturation_at_c256_l200_keeps_097_of_c_over_l_from_the_first_request() {
+    // Issue #20 (5): slow start must not cost the saturation benchmark its 0.97 of C/L: a
+    // 20-second batch at C = 256 against an upstream of 200 ms that refuses nothing,
+    // counted from the first request.
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 256));
+    let mut up = Slots::new(100_000, Duration::from_millis(200), sim.now);
+    let t = sim.run(&mut up, Duration::ZERO, Duration::from_secs(20));
+    let ratio = t.ok as f64 / 20.0 / 1280.0;
+    println!("saturation: {t:?}, {ratio:.3} of C/L");
+    assert!(ratio >= 0.97, "{ratio:.3} of C/L");
+}
+
+#[test]
+fn learned_figures_age_out_and_an_idle_pool_starts_slowly_again() {
+    let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 16));
+    let origin = sim.now;
+    let mut up = Nginx::new(20.0, origin, REFUSED_429);
+    sim.run(&mut up, Duration::from_secs(10), Duration::ZERO);
+    assert!(sim.ctl.learned_rate_at(sim.now).is_some());
+    let later = sim.now + FORGET_AFTER + Duration::from_secs(1);
+    assert_eq!(sim.ctl.learned_rate_at(later), None, "a rate not heard of for {FORGET_AFTER:?} is not shown");
+    assert!(sim.ctl.last_error(later).is_none(), "nor is the last error");
+    let t = sim.ctl.gate(later, 0, 0).expect("not paused");
+    assert_eq!(sim.ctl.learned_rate(), None, "the rate is forgotten once the pool sends again");
+    assert_eq!(sim.ctl.window(), INITIAL_WINDOW, "and the window starts small again");
+    let _ = t;
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::client::{Answer, Outcome};
+use super::outcome::{Answer, Outcome};
 use super::translate::{self, Refused, ToMessages, CHAT_PATH, MESSAGES_PATH};
 use super::Pool;
 use crate::config::{UpstreamApi, UpstreamConfig};

@@ -3,7 +3,8 @@
 //!
 //! - Concurrency never exceeds the controller's window, which never exceeds this node's
 //!   share of `max_concurrency`. A window that shrinks destroys permits as they come back
-//!   (a debt), so a slot freed by an overload is not handed to the next line.
+//!   (a debt), so a slot freed by an overload is not handed to the next line. While slow
+//!   start grows the window by time, waiters for a slot look again every few milliseconds.
 //! - Configured RPM/TPM are hard ceilings: buckets refilled at `limit/61` per second holding
 //!   at most that much, so no 60-second window ever holds more than `limit` (the bucket's
 //!   one-second burst plus sixty seconds of refill). TPM is charged an estimate before
@@ -30,6 +31,8 @@ use crate::config::UpstreamConfig;
 /// by [`Limiter::settle_tokens`] (an estimate larger than the real usage) are seen promptly.
 const MAX_BUCKET_SLEEP: Duration = Duration::from_millis(50);
 const MAX_GATE_SLEEP: Duration = Duration::from_millis(250);
+/// How often a waiter for a slot lets slow start grow the window.
+const RAMP_TICK: Duration = Duration::from_millis(2);
 
 pub struct Limiter {
     sem: Arc<Semaphore>,
@@ -127,14 +130,20 @@ impl Limiter {
     /// Waits for a concurrency slot, then for the rate buckets, then for the controller's
     /// gate (a slot is taken first so that a send never lags its rate token).
     pub async fn acquire(self: &Arc<Self>, est_tokens: u64) -> Permit {
-        let inner = self.sem.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let inner = self.slot().await;
         let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone() };
         self.take_bucket(|st| st.rpm.as_mut(), 1.0).await;
         self.take_bucket(|st| st.tpm.as_mut(), est_tokens as f64).await;
         let _turn = self.gate.lock().await;
         loop {
             let now = Instant::now();
-            let res = self.lock().ctl.gate(now, est_tokens, self.in_flight.load(Ordering::Relaxed));
+            let res = {
+                let mut st = self.lock();
+                let res = st.ctl.gate(now, est_tokens, self.in_flight.load(Ordering::Relaxed));
+                // A pool idle for long starts slowly again: the gate may have shrunk the window.
+                self.resize(&mut st);
+                res
+            };
             match res {
                 Ok(t) => {
                     self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -143,6 +152,22 @@ impl Limiter {
                 }
                 Err(until) => tokio::time::sleep_until(until.min(now + MAX_GATE_SLEEP)).await,
             }
+        }
+    }
+
+    /// A concurrency slot. While slow start grows the window by time, a waiter looks again
+    /// every [`RAMP_TICK`] and lets the window grow ([`Controller::tick`]).
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        loop {
+            if !self.lock().ctl.ramping() {
+                return self.sem.clone().acquire_owned().await.expect("the semaphore is never closed");
+            }
+            if let Ok(p) = tokio::time::timeout(RAMP_TICK, self.sem.clone().acquire_owned()).await {
+                return p.expect("the semaphore is never closed");
+            }
+            let mut st = self.lock();
+            st.ctl.tick(Instant::now(), self.in_flight.load(Ordering::Relaxed));
+            self.resize(&mut st);
         }
     }
 
@@ -167,8 +192,9 @@ impl Limiter {
     pub fn settle(&self, permit: Permit, obs: &Observation) {
         if let Some(t) = permit.ticket.as_ref() {
             let mut st = self.lock();
-            let in_flight = self.in_flight.load(Ordering::Relaxed);
-            st.ctl.record(Instant::now(), t, obs, in_flight);
+            let (now, in_flight) = (Instant::now(), self.in_flight.load(Ordering::Relaxed));
+            st.ctl.tick(now, in_flight);
+            st.ctl.record(now, t, obs, in_flight);
             self.resize(&mut st);
         }
         drop(permit);
@@ -327,6 +353,13 @@ mod tests {
     async fn an_overload_shrinks_the_window_and_successes_grow_it_back() {
         let l = Arc::new(Limiter::new(&cfg(8, 0)));
         let h = RateHeaders::default();
+        assert_eq!(l.window(), 4.0, "a new upstream starts slowly");
+        while l.window() < 8.0 {
+            let held: Vec<Permit> = futures::future::join_all((0..l.window() as usize).map(|_| l.acquire(0))).await;
+            for p in held {
+                l.settle(p, &obs(Signal::Ok, &h));
+            }
+        }
         let mut held: Vec<Permit> = futures::future::join_all((0..8).map(|_| l.acquire(0))).await;
         assert_eq!(l.in_flight(), 8);
         l.settle(held.pop().unwrap(), &obs(Signal::RateLimited, &h));
@@ -475,9 +508,12 @@ mod tests {
     async fn a_paused_pool_lets_nothing_through_until_the_pause_ends() {
         let l = Arc::new(Limiter::new(&cfg(4, 0)));
         let h = RateHeaders::default();
-        let p = l.acquire(0).await;
         let o = Observation { signal: Signal::RateLimited, retry_after: Some(Duration::from_secs(3)), headers: &h, detail: "429" };
-        l.settle(p, &o);
+        // A cluster of 429s (four in a second, every answer): the limit is the pool's.
+        let held: Vec<Permit> = futures::future::join_all((0..4).map(|_| l.acquire(0))).await;
+        for p in held {
+            l.settle(p, &o);
+        }
         assert!(l.paused());
         assert_eq!(l.free(), 0, "a paused pool offers no free slot to the router");
         let start = Instant::now();

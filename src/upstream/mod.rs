@@ -8,8 +8,10 @@
 //! [`Pool`]s and never print.
 //!
 //! Each pool learns its upstream's limits by itself (`control`, enforced by `limiter`), from
-//! what its answers say (`signals`) and, in standby mode, from the upstream's own metrics
-//! (`probe`). [`Router::states`] shows what was learned ([`UpstreamState`]).
+//! what its answers say (`signals`, over the `outcome` of each attempt) and from the
+//! upstream's own metrics (`probe`: vLLM's, SGLang's or llama.cpp's, in both modes). A look
+//! at each upstream's `/models` at start (`startup`) warns of a base URL that answers 404.
+//! [`Router::states`] shows what was learned ([`UpstreamState`]).
 //!
 //! A pool speaks the API its configuration says (`api`: OpenAI's, or Anthropic's Messages);
 //! a line written in the other is translated for it and its answer translated back
@@ -22,17 +24,20 @@ mod control;
 mod decode;
 mod dialect;
 mod limiter;
+mod outcome;
 mod probe;
 mod signals;
+mod startup;
 pub mod translate;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Once};
 
-pub use client::{Answer, Outcome, TransportError};
 pub use control::{human, PauseReason, Signal};
 pub use dialect::{Outgoing, Translation};
 pub use limiter::{Limiter, Permit};
+pub use outcome::{Answer, Outcome, TransportError};
+pub use probe::EngineMetrics;
 pub use signals::parse_go_duration;
 
 use crate::config::{UpstreamConfig, UpstreamMode};
@@ -48,6 +53,10 @@ pub struct Pool {
     pub limiter: Arc<Limiter>,
     /// Starts the `metrics_url` probe on first use.
     probe: Once,
+    /// What the start-up look found wrong (a base URL answering 404).
+    warning: std::sync::Mutex<Option<String>>,
+    /// The upstream's own figures, as last read from `metrics_url`, and when.
+    engine: std::sync::Mutex<Option<(tokio::time::Instant, EngineMetrics)>>,
 }
 
 /// A line that an upstream serving its model cannot be sent: it cannot be said in the API
@@ -117,7 +126,16 @@ impl Router {
             .map(|c| {
                 let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
-                let pool = Pool { limiter, conns: client::build(c)?, auth, uris: Default::default(), cfg: c.clone(), probe: Once::new() };
+                let pool = Pool {
+                    limiter,
+                    conns: client::build(c)?,
+                    auth,
+                    uris: Default::default(),
+                    cfg: c.clone(),
+                    probe: Once::new(),
+                    warning: Default::default(),
+                    engine: Default::default(),
+                };
                 Ok(Arc::new(pool))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
@@ -126,6 +144,13 @@ impl Router {
 
     pub fn pools(&self) -> &[Arc<Pool>] {
         &self.pools
+    }
+
+    /// Looks at every upstream's `/models` in the background (see `startup`).
+    pub fn look_at_start(&self) {
+        for p in &self.pools {
+            startup::spawn(Arc::downgrade(p), p.auth.clone());
+        }
     }
 
     /// Resolves a model name (or alias) to the pools that serve it.
@@ -219,9 +244,16 @@ pub struct UpstreamState {
     pub paused_until_ms: Option<u64>,
     pub pause_reason: Option<PauseReason>,
     pub pause_detail: Option<String>,
+    /// What the start-up look found wrong (a base URL answering 404), in words.
+    pub warning: Option<String>,
+    /// The last failure in words, and when it came (Unix time in milliseconds); neither once
+    /// it is older than five minutes.
     pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
     pub rate_limited_last_minute: u64,
     pub overloaded_last_minute: u64,
+    /// The upstream's own figures from `metrics_url`, when read in the last few seconds.
+    pub engine: Option<EngineMetrics>,
 }
 
 impl UpstreamState {
@@ -239,7 +271,9 @@ impl Pool {
     pub fn settle(&self, permit: Permit, outcome: &Outcome) -> Signal {
         let signal = signals::classify(outcome);
         // Words are for failures only (last_error, pause details): a success costs none.
-        let detail = if matches!(signal, Signal::Ok | Signal::Neutral) { String::new() } else { signals::describe(outcome) };
+        // A 404 is a final answer, but shown: a wrong base URL answers nothing else.
+        let not_found = matches!(outcome, Outcome::Answer(a) if a.status == 404);
+        let detail = if matches!(signal, Signal::Ok | Signal::Neutral) && !not_found { String::new() } else { signals::describe(outcome) };
         let headers = match outcome {
             Outcome::Answer(a) => a.rate_limits,
             Outcome::Transport(_) => Default::default(),
@@ -255,32 +289,52 @@ impl Pool {
         self.limiter.with_controller(|c, limit| {
             let pause = c.pause(now);
             let (rate_limited, overloaded) = c.counters.last_minute(now);
+            let last_error = c.last_error(now);
             UpstreamState {
                 name: self.cfg.name.clone(),
                 mode: self.cfg.mode,
                 in_flight: self.limiter.in_flight(),
                 window: (c.window() * 10.0).round() / 10.0,
                 limit,
-                learned_rpm: c.learned_rate().map(|r| (r * 600.0).round() / 10.0),
+                learned_rpm: c.learned_rate_at(now).map(|r| (r * 600.0).round() / 10.0),
                 paused: pause.is_some(),
                 paused_until_ms: pause.map(|p| now_ms + (p.until - now).as_millis() as u64),
                 pause_reason: pause.map(|p| p.reason),
                 pause_detail: pause.map(|p| p.detail.clone()),
-                last_error: c.last_error().map(str::to_owned),
+                warning: self.warning.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                last_error: last_error.map(|e| e.1.to_owned()),
+                last_error_at_ms: last_error.map(|e| now_ms.saturating_sub((now - e.0).as_millis() as u64)),
                 rate_limited_last_minute: rate_limited,
                 overloaded_last_minute: overloaded,
+                engine: self.engine.lock().unwrap_or_else(|p| p.into_inner()).filter(|(at, _)| now - *at < ENGINE_FRESH).map(|e| e.1),
             }
         })
     }
 
-    /// Starts polling `metrics_url` (standby only), once, for as long as the pool lives.
+    /// The start-up look found something wrong.
+    fn warn(&self, words: String) {
+        *self.warning.lock().unwrap_or_else(|p| p.into_inner()) = Some(words);
+    }
+
+    /// A new reading of the upstream's own figures: kept, and its queue handed to the limiter.
+    fn on_metrics(&self, m: EngineMetrics) {
+        *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some((tokio::time::Instant::now(), m));
+        if let Some(waiting) = m.waiting {
+            self.limiter.on_queue(waiting);
+        }
+    }
+
+    /// Starts polling `metrics_url` (in either mode), once, for as long as the pool lives.
     fn start_probe(self: &Arc<Self>) {
-        if self.cfg.mode != UpstreamMode::Standby || self.cfg.metrics_url.is_none() {
+        if self.cfg.metrics_url.is_none() {
             return;
         }
         self.probe.call_once(|| probe::spawn(Arc::downgrade(self)));
     }
 }
+
+/// How long a reading of `metrics_url` is shown.
+const ENGINE_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn resolve_in<'a>(cfg: &'a UpstreamConfig, model: &'a str) -> Option<&'a str> {
     if let Some(target) = cfg.aliases.get(model) {
@@ -352,14 +406,17 @@ mod tests {
                 "paused_until_ms",
                 "pause_reason",
                 "pause_detail",
+                "warning",
                 "last_error",
+                "last_error_at_ms",
                 "rate_limited_last_minute",
-                "overloaded_last_minute"
+                "overloaded_last_minute",
+                "engine"
             ],
             "the contract's fields, in order"
         );
         assert_eq!(v["mode"], "throughput");
-        assert_eq!(v["window"], 64.0);
+        assert_eq!(v["window"], 4.0, "a new upstream starts slowly");
         assert!(v["pause_reason"].is_null());
         assert_eq!(r.states_for(Some("m2")).iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["b"]);
         let paused = UpstreamState {

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::HeaderMap;
 
-use super::client::{Answer, Outcome, TransportError};
 use super::control::{Dimension, RateHeaders, Signal};
+use super::outcome::{Answer, Outcome, TransportError};
 
 /// Longest wait taken from a header (a day's quota reset is not a reason to sleep longer).
 const MAX_HEADER_WAIT: Duration = Duration::from_secs(3600);

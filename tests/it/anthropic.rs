@@ -195,13 +195,18 @@ async fn anthropic_rate_limit_headers_are_read_into_the_learned_rate() {
     };
     let (out, _) = final_results(&api, &b, N).await;
     assert_eq!(out.len(), N, "no line failed for being rate limited");
-    // No bound on the share of 429s here: Anthropic's Retry-After is whole seconds, each 429
-    // pauses the pool a second, after which the header bucket lets a window go on the last
-    // `remaining` it saw, which answers reordered across connections can make stale. Measured:
-    // 13 to 36 % of the calls in steady state, against about 20 % with no headers read at all
-    // (with OpenAI's millisecond retry-after-ms, 0 %). That is the controller's to improve
-    // (a 429 whose headers say nothing is left could resync the bucket whatever its order);
-    // the learned rate below is what tells the headers apart.
+    // Anthropic's Retry-After is whole seconds: each 429 used to pause the pool a second,
+    // after which the header bucket let a window go on the last `remaining` it saw, which
+    // answers reordered across connections can make stale (13 to 36 % of the calls refused).
+    // Now a 429 the headers explain waits only for the bucket's next request, and one saying
+    // nothing is left resyncs the bucket whatever its order.
+    let st = m.stats();
+    let refused = st.by_status.get("429").copied().unwrap_or(0) as f64 / st.requests.max(1) as f64;
+    println!("anthropic 1,200 rpm: {refused:.3} of {} calls refused, learned {learned:?} rpm", st.requests);
+    // Measured 1.6 % and 4 % run alone, 18 % with 28 tests in parallel on a load of 10 (answers
+    // reordered across connections by a starved scheduler): a bound below the 13–36 % of
+    // before that a loaded CI still meets.
+    assert!(refused <= 0.25, "at most a quarter of the calls refused: {refused:.3} of {}", st.requests);
     let learned = learned.expect("the headers' rate is shown while running");
     assert!((900.0..=1400.0).contains(&learned), "learned {learned} rpm from the anthropic-ratelimit-requests-* headers of a 1,200 rpm limit");
 }

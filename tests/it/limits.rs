@@ -227,6 +227,98 @@ async fn slow_down_429s_cost_no_attempt_but_500s_do() {
 }
 
 // ---------------------------------------------------------------------------------------
+// issue #20: shapes the mock did not make before
+// ---------------------------------------------------------------------------------------
+
+/// Lines per second of a batch from first seen in progress to completed.
+async fn lines_per_second(api: &Api, m: &MockServer, lines: &[String]) -> (f64, Value) {
+    let (b, samples, _) = run_sampled(api, m, lines, secs(120)).await;
+    let (first, last) = (samples.iter().find(|s| s.requests > 0).expect("calls were made"), samples.last().unwrap());
+    (last.ok as f64 / (last.at - first.at).as_secs_f64().max(1e-3), b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_429s_cost_only_their_own_lines() {
+    // 5 % of answers 429 at random with retry-after-ms 500, whatever the load (a proxy over
+    // several deployments, one of them limited). Before, each paused the whole pool: the
+    // issue's 3,000-line batch had not finished after 300 s. Run beside a clean twin at the
+    // same moment, so that the busy machine weighs on both alike.
+    const N: usize = 1500;
+    let stray = mock(MockArgs { latency_ms: 50, rate_429: 0.05, retry_after_s: 0.5, seed: Some(7), ..Default::default() }).await;
+    let clean = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
+    let s = Server::start(&config(&stray.base_url(), "max_concurrency = 64\nmax_attempts = 1", ""));
+    let c = Server::start(&config(&clean.base_url(), "max_concurrency = 64", ""));
+    let lines = chat_lines(N, "m");
+    let (api, capi) = (s.api(), c.api());
+    let ((rate, b), (clean_rate, _)) = tokio::join!(lines_per_second(&api, &stray, &lines), lines_per_second(&capi, &clean, &lines));
+    let (out, err) = final_results(&api, &b, N).await;
+    let st = stray.stats();
+    println!("stray 429s: {rate:.0} lines/s against {clean_rate:.0} clean ({:.2}); statuses {:?}", rate / clean_rate, st.by_status);
+    assert_eq!((out.len(), err.len()), (N, 0), "a 429 costs no attempt, even with max_attempts = 1");
+    assert!(st.by_status.get("429").copied().unwrap_or(0) >= 30, "the mock did refuse about 5 %: {:?}", st.by_status);
+    assert!(rate >= 0.7 * clean_rate, "the batch keeps {:.2} of its clean throughput", rate / clean_rate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_second_limiter_is_paced_to_the_second() {
+    // 2,400 rpm held as a bucket of 40 refilled at 40/s: every answer announces the minute's
+    // limit and a reset until the bucket is full; a 429 carries retry-after-ms until the
+    // next token. Before (1,200 rpm, 600 lines): 97 % of calls refused.
+    const N: u64 = 300;
+    let m = mock(MockArgs { latency_ms: 20, rpm: 2400.0, limit_period_s: 1.0, ..Default::default() }).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 64\nmax_attempts = 2", ""));
+    let api = s.api();
+    let (b, samples, upstreams) = run_sampled(&api, &m, &chat_lines(N as usize, "m"), secs(60)).await;
+    let (out, _) = final_results(&api, &b, N as usize).await;
+    let st = steady(&samples, N);
+    let all = m.stats();
+    let refused = all.by_status.get("429").copied().unwrap_or(0) as f64 / all.requests as f64;
+    println!("per-second 2,400 rpm: {st:?}, {:.2} of 40 req/s, {refused:.3} of all calls refused; upstreams {upstreams}", st.ok_per_s / 40.0);
+    assert_eq!(out.len() as u64, N, "no line failed");
+    assert!(refused <= 0.10, "at most 10 % of calls refused: {refused:.3}");
+    assert!(st.ok_per_s / 40.0 >= 0.8, "throughput {:.2} of the limit", st.ok_per_s / 40.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_503_cost_no_attempt() {
+    // nginx answers 503 for limit_req and limit_conn by default: with max_attempts = 2, 5–126
+    // of 500 lines failed before. Lines told 503 twice (a third attempt with max_attempts =
+    // 2), and a limit_req of 20 r/s answering 503, all end served.
+    let m = mock(MockArgs { limit_rps: 20.0, refusal_status: 503, latency_ms: 20, ..Default::default() }).await;
+    let s = Server::start(&config(&m.base_url(), "max_concurrency = 16\nmax_attempts = 2", ""));
+    let api = s.api();
+    let mut lines = chat_lines(60, "m");
+    lines.extend((0..3).map(|i| chat_line(&format!("busy-{i}"), "m", Some(json!({"status": 503, "fail_times": 2})))));
+    let id = api.submit(&lines).await;
+    let b = api.wait_for(&id, &["completed"], secs(60)).await;
+    let (out, err) = final_results(&api, &b, lines.len()).await;
+    let st = m.stats();
+    println!("503s: statuses {:?}", st.by_status);
+    assert!(st.by_status.get("503").copied().unwrap_or(0) >= 3, "the mock refused with 503: {:?}", st.by_status);
+    assert_eq!((out.len(), err.len()), (lines.len(), 0), "no line failed for a 503: {err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_url_answering_404_is_a_warning_at_start_and_on_the_upstream() {
+    // infinity-emb serves /embeddings, not /v1/embeddings: a base_url with the wrong prefix
+    // answers 404 to everything, and the batch used to end `completed` with no word anywhere.
+    let m = mock(MockArgs::default()).await;
+    let wrong = format!("http://{}/v2", m.addr());
+    let s = Server::start(&config(&wrong, "", ""));
+    let sr = &s;
+    eventually("the start-up look warns of the 404", secs(10), || async move { sr.log().contains("answered 404").then_some(()) }).await;
+    let api = s.api();
+    let id = api.submit(&chat_lines(3, "m")).await;
+    let b = api.wait_for(&id, &["completed", "failed"], secs(20)).await;
+    let (_, err) = final_results(&api, &b, 3).await;
+    assert!(err.iter().all(|l| l["response"]["status_code"] == 404), "{err:?}");
+    let states = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    assert!(states.contains("batchd_upstream"), "metrics still served");
+    let log = s.log();
+    assert!(log.contains("base_url is likely wrong"), "the warning says what to fix: {}", &log[log.len().saturating_sub(2000)..]);
+}
+
+// ---------------------------------------------------------------------------------------
 // quota, several upstreams, what is shown
 // ---------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ mod faults;
 mod hardening;
 mod limits;
 mod memory;
+mod msgbatch;
 mod prefix;
 mod props;
 mod translate;

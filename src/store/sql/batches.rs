@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use super::outbox::status_event;
 use super::rows::BatchRow;
-use super::{page, Dialect, SqlStore, Stmt};
+use super::{page, Dialect, SqlStore, Stmt, FINAL};
 use crate::store::*;
 
 /// The sums of the usage columns of `batch_usage`, for `GROUP BY` reads.
@@ -41,8 +41,8 @@ async fn by_key<D: Dialect>(conn: &mut D::Connection, tenant: &str, key: &str) -
 fn insert_batch<'q, D: Dialect>(b: &'q BatchRecord, idempotency_key: Option<&'q str>) -> Stmt<'q, D> {
     D::sql(
         "INSERT INTO batches (id, tenant, idempotency_key, endpoint, input_file_id, completion_window,
-             metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash, est_requests)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             metadata, status, created_at, expires_at, priority, output_expires_after, idempotency_hash, est_requests, api)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
     )
     .bind(&b.id)
@@ -59,6 +59,15 @@ fn insert_batch<'q, D: Dialect>(b: &'q BatchRecord, idempotency_key: Option<&'q 
     .bind(b.output_expires_after)
     .bind(&b.idempotency_hash)
     .bind(b.est_requests.max(0))
+    .bind(b.api.as_str())
+}
+
+/// The batches of `rows` that can be read: one that cannot is left out (and logged) rather
+/// than failing a list.
+fn readable(rows: Vec<BatchRow>) -> Vec<BatchRecord> {
+    rows.into_iter()
+        .filter_map(|r| BatchRecord::try_from(r).map_err(|e| tracing::error!(error = %crate::Chain(&e), "a batch row cannot be read; listing the others")).ok())
+        .collect()
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -104,22 +113,54 @@ impl<D: Dialect> Batches for SqlStore<D> {
     }
 
     async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord> {
-        let stmt = D::sql("SELECT * FROM batches WHERE id = $1 AND (CAST($2 AS TEXT) IS NULL OR tenant = $2)").bind(id).bind(tenant);
+        // A tenant's read does not see a deleted batch; the engine's does.
+        let stmt = D::sql("SELECT * FROM batches WHERE id = $1 AND (CAST($2 AS TEXT) IS NULL OR (tenant = $2 AND deleted_at IS NULL))").bind(id).bind(tenant);
         stmt.fetch_one::<BatchRow>(&mut *self.conn().await?).await?.try_into()
     }
 
     async fn list_batches(&self, tenant: &str, limit: u32, after: Option<&str>) -> Result<Page<BatchRecord>> {
         let cursor = self.cursor_seq("batches", tenant, after).await?;
-        let stmt = D::sql("SELECT * FROM batches WHERE tenant = $1 AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3");
+        let stmt =
+            D::sql("SELECT * FROM batches WHERE tenant = $1 AND deleted_at IS NULL AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3");
         let rows: Vec<BatchRow> = self.read(stmt.bind(tenant).bind(cursor).bind(limit as i64 + 1)).await?;
-        // A row that cannot be read is left out (and logged) rather than failing the list.
-        let items = rows
-            .into_iter()
-            .filter_map(|r| {
-                BatchRecord::try_from(r).map_err(|e| tracing::error!(error = %crate::Chain(&e), "a batch row cannot be read; listing the others")).ok()
-            })
-            .collect();
-        Ok(page(items, limit))
+        Ok(page(readable(rows), limit))
+    }
+
+    async fn list_batches_of(&self, tenant: &str, api: BatchApi, limit: u32, cursor: ListCursor<'_>) -> Result<Page<BatchRecord>> {
+        let (after, newer) = match cursor {
+            ListCursor::First => (None, false),
+            ListCursor::After(id) => (Some(id), false),
+            ListCursor::Before(id) => (Some(id), true),
+        };
+        let seq = self.cursor_seq("batches", tenant, after).await?;
+        let mut s = D::sql("SELECT * FROM batches WHERE tenant = $1 AND api = $2 AND deleted_at IS NULL").bind(tenant).bind(api.as_str());
+        if let Some(seq) = seq {
+            s.push(if newer { " AND seq > " } else { " AND seq < " }).push_bind(seq);
+        }
+        // A page of newer items is the one just above the cursor: read upwards, then turned.
+        s.push(if newer { " ORDER BY seq ASC LIMIT " } else { " ORDER BY seq DESC LIMIT " }).push_bind(limit as i64 + 1);
+        let mut p = page(readable(self.read(s).await?), limit);
+        if newer {
+            p.items.reverse();
+        }
+        Ok(p)
+    }
+
+    async fn delete_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord> {
+        let b = self.get_batch(Some(tenant), id).await?;
+        if !b.status.is_final() {
+            return Err(Error::Conflict(format!("batch {id} is {}, not ended", b.status.as_str())));
+        }
+        let now = D::NOW_MS;
+        let stmt = D::sql(format!("UPDATE batches SET deleted_at = {now} WHERE id = $1 AND tenant = $2 AND deleted_at IS NULL AND status IN {FINAL}"));
+        match self.write_one(stmt.bind(id).bind(tenant)).await? {
+            1 => Ok(b),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    async fn note_unrun(&self, id: &str, lines: i64) -> Result<()> {
+        self.write_one(D::sql("UPDATE batches SET unrun = $1 WHERE id = $2 AND unrun IS NULL").bind(lines.max(0)).bind(id)).await.map(|_| ())
     }
 
     async fn request_cancel(&self, tenant: &str, id: &str, now: i64) -> Result<BatchRecord> {

@@ -103,6 +103,8 @@ pub(super) struct BatchRow {
     #[sqlx(try_from = "Count")]
     est_requests: i64,
     idempotency_hash: Option<String>,
+    api: String,
+    unrun: Option<i64>,
 }
 
 fn json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Option<T> {
@@ -114,6 +116,7 @@ impl TryFrom<BatchRow> for BatchRecord {
 
     fn try_from(r: BatchRow) -> Result<BatchRecord> {
         let status = BatchStatus::parse(&r.status).ok_or_else(|| Error::corrupt(format!("batch {} has an unknown status {:?}", r.id, r.status)))?;
+        let api = BatchApi::parse(&r.api).ok_or_else(|| Error::corrupt(format!("batch {} has an unknown api {:?}", r.id, r.api)))?;
         Ok(BatchRecord {
             id: r.id,
             tenant: r.tenant,
@@ -152,6 +155,8 @@ impl TryFrom<BatchRow> for BatchRecord {
             est_tokens: r.est_tokens,
             est_requests: r.est_requests,
             idempotency_hash: r.idempotency_hash,
+            api,
+            unrun: r.unrun,
         })
     }
 }

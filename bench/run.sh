@@ -9,7 +9,11 @@
 # Options:
 #   --quick         smaller sizes
 #   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
-#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix,remote
+#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix,remote, and build:
+#                   a cold `cargo build --release` of `git archive HEAD` (a tree without .git,
+#                   as from a tarball) in a scratch target dir, timed, with the binary's size
+#                   against its 40 MB budget and its split debug info (only when named: it takes
+#                   20 minutes to an hour on 2 shared cores; not run in CI)
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
 #   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)
@@ -51,6 +55,39 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# --only build: the cold release build, measured on its own (see the usage above).
+build_step() {
+  local scratch t0 secs bin dwp size load0 load1 version
+  scratch="$(mktemp -d "${TMPDIR:-/tmp}/batchd-build.XXXXXX")"
+  trap 'rm -rf "$scratch"' RETURN
+  mkdir "$scratch/src"
+  git -C "$REPO" archive HEAD | tar -x -C "$scratch/src"
+  load0="$(cut -d' ' -f1 /proc/loadavg)"
+  echo "== cold cargo build --release (git archive HEAD, no .git; scratch target $scratch/target; load $load0)"
+  t0=$(date +%s.%N)
+  (cd "$scratch/src" && CARGO_TARGET_DIR="$scratch/target" cargo build --release --locked --bin batchd -q)
+  secs=$(echo "$(date +%s.%N) - $t0" | bc)
+  load1="$(cut -d' ' -f1 /proc/loadavg)"
+  bin="$scratch/target/release/batchd"
+  dwp="$scratch/target/release/batchd.dwp"
+  size=$(stat -c %s "$bin")
+  version="$("$bin" --version)"
+  printf '\n| figure | measured | budget | ratio |\n|---|---|---|---|\n'
+  printf '| cold `cargo build --release` (load %s → %s, %s cores) | %.0f s (%dm%02.0fs) | report | |\n' "$load0" "$load1" "$(nproc)" "$secs" "$(echo "$secs / 60" | bc)" "$(echo "$secs % 60" | bc)"
+  printf '| release binary size | %.1f MB | 40 MB | %.2f |\n' "$(echo "$size / 1000000" | bc -l)" "$(echo "$size / 40000000" | bc -l)"
+  if [ -f "$dwp" ]; then
+    printf '| split debug info (batchd.dwp, keep for crash reports) | %.1f MB | report | |\n' "$(echo "$(stat -c %s "$dwp") / 1000000" | bc -l)"
+  else
+    printf '| split debug info | MISSING: no %s | | |\n' "$dwp"
+  fi
+  printf '| `batchd --version` from a tree without .git | %s | | |\n' "$version"
+}
+if [[ ",$ONLY," == *",build,"* ]]; then
+  build_step
+  ONLY="$(echo ",$ONLY," | sed 's/,build,/,/; s/^,//; s/,$//')"
+  [ -z "$ONLY" ] && exit 0
+fi
+
 BIN="${BATCHD_BIN:-$REPO/target/release/batchd}"
 if [ -n "${BATCHD_BIN:-}" ]; then BUILD=0; fi
 
@@ -69,6 +106,7 @@ if [ ! -x "$BIN" ]; then
   echo "error: no batchd binary at $BIN (run without --no-build, or set BATCHD_BIN)" >&2
   exit 1
 fi
+echo "== binary: $BIN, $(( $(stat -c %s "$BIN") / 1000000 )) MB (budget 40 MB; cold build time: --only build)"
 
 if ! command -v wrk >/dev/null 2>&1 && ! command -v oha >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,10 +1,22 @@
 // The throughput chart of a batch page: requests/s (left axis) and tokens/s (right axis) over
 // time, drawn by the vendored uPlot (loaded by index.html as the global `uPlot`).
 
-import { h, fmtNum } from './ui.js';
+import { h, fmtNum, fmtTime } from './ui.js';
 
 function cssVar(name, fallback) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim() || fallback;
+}
+
+const pad = (n) => String(n).padStart(2, '0');
+
+/** The time axis in ISO form, as everywhere else in the console: HH:MM:SS, HH:MM, or the date. */
+export function isoTicks(u, vals, space, incr) {
+  return vals.map((v) => {
+    const d = new Date(v * 1000);
+    if (incr >= 86400) return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+    const hm = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+    return incr >= 60 ? hm : `${hm}:${pad(d.getSeconds())}`;
+  });
 }
 
 /** Whole seconds at least: readings are a second apart at best. */
@@ -46,12 +58,12 @@ export class RateChart {
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, req: { range: (u, min, max) => [0, Math.max(1, max) * 1.1] }, tok: { range: (u, min, max) => [0, Math.max(1, max) * 1.1] } },
       axes: [
-        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 }, incrs: TIME_INCRS },
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 }, incrs: TIME_INCRS, values: isoTicks },
         ax('req', 3, 'requests/s'),
         ax('tok', 1, 'tokens/s'),
       ],
       series: [
-        {},
+        { value: (u, v) => (v === null || v === undefined ? '—' : fmtTime(v)) },
         { label: 'requests/s', scale: 'req', stroke: req, width: 2, fill: `${req}22`, paths, value: (u, v) => fmtNum(v, 1), points: { show: false } },
         { label: 'tokens/s', scale: 'tok', stroke: tok, width: 2, dash: [6, 4], paths, value: (u, v) => fmtNum(v, 0), points: { show: false } },
       ],

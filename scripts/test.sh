@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: the style gates (rustfmt, clippy), Rust unit, conformance and black-box tests (real binary, real SQLite,
-# the project's mock upstream), then the official openai Python SDK suite against the real
-# server, then the web console's tests in headless Chromium. Installs what it needs (a Python
+# the project's mock upstream), then the official openai Python and Node SDK suites against the
+# real server, then the container image (scripts/container-test.sh: built from the debug binary,
+# a batch through its published port), then the web console's tests in headless Chromium. Installs what it needs (a Python
 # venv with the pinned SDK; Debian's chromium and playwright-core) by itself.
 #
 # The PostgreSQL and S3 tests run against the local PostgreSQL server (127.0.0.1:5432, trust
@@ -73,6 +74,22 @@ fi
 echo "== openai SDK tests =="
 py="$(scripts/sdk-venv.sh | tail -n1)"
 BATCHD_BIN="$target/debug/batchd" "$py" -m pytest -q tests/sdk
+
+echo "== openai Node SDK tests =="
+scripts/node-sdk-test.sh "$target/debug/batchd"
+
+echo "== the README, walked from a fresh clone =="
+scripts/readme-test.sh "$target/debug/batchd"
+
+echo "== the container image (podman; packs the debug binary built above) =="
+if [[ "$(id -u)" == 0 ]]; then
+    scripts/container-test.sh "$target/debug/batchd"
+elif [[ "${CI:-}" == "true" ]]; then
+    echo "ERROR: the container test needs root (podman as root with runc); CI does not skip it" >&2
+    exit 1
+else
+    echo "WARNING: not root: the container test (scripts/container-test.sh) is skipped" >&2
+fi
 
 echo "== web console tests (headless Chromium) =="
 scripts/browser-setup.sh

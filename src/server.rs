@@ -4,9 +4,9 @@
 //! [`App::build`] binds the listener (port 0 is fine), then opens the backends and starts the
 //! engine, which joins the cluster only then (a node that cannot serve never joins); [`App::run`]
 //! serves (through [`crate::http`]: connection cap and timeouts) until the shutdown future
-//! resolves, then stops in order: stop accepting, let in-flight HTTP calls finish (within a
-//! grace period), stop leasing, give in-flight lines a grace period, flush the result writer,
-//! release leases.
+//! resolves, then stops both halves at once: the HTTP server stops accepting and lets in-flight
+//! calls finish (within a grace period) while the engine stops leasing, gives in-flight lines a
+//! grace period, flushes the result writer and releases leases.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ impl App {
         let Backends { store, blob, exclusive, locks } = Backends::open(&cfg).await?;
         let router = Arc::new(Router::new(&cfg.upstreams).context("building upstream clients")?);
         if cfg.upstreams.is_empty() {
-            tracing::warn!("no upstream configured: every batch will fail validation (pass --upstream URL)");
+            tracing::warn!("no upstream configured: batches are refused at create (start with --upstream URL or set OPENAI_BASE_URL)");
         }
         router.look_at_start();
         let engine = Engine::start(store.clone(), blob.clone(), router.clone(), cfg.clone(), exclusive).await?;
@@ -68,13 +68,27 @@ impl App {
         let app = api::router(self.state);
         // Event streams never end by themselves: end them when shutdown starts.
         let streams = engine.streams_stop();
+        // The engine stops at the signal, while the HTTP server drains, not after it: a stop
+        // then takes at most one grace for HTTP or two for the engine (in-flight calls, then
+        // making their results durable), 20 s, inside a 30 s stop timeout.
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let signalled = stopping.clone();
         let shutdown = async move {
             shutdown.await;
             streams.cancel();
+            signalled.cancel();
         };
-        crate::http::serve(self.listener, app, limits, shutdown, SHUTDOWN_GRACE).await;
-        tracing::info!("HTTP server stopped; stopping the engine");
-        engine.shutdown(SHUTDOWN_GRACE).await;
+        let http = async {
+            crate::http::serve(self.listener, app, limits, shutdown, SHUTDOWN_GRACE).await;
+            tracing::info!("HTTP server stopped");
+            stopping.cancel();
+        };
+        let engine_stop = async {
+            stopping.cancelled().await;
+            tracing::info!("stopping the engine");
+            engine.shutdown(SHUTDOWN_GRACE).await;
+        };
+        tokio::join!(http, engine_stop);
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ import { api, download, eachJsonLine, followEvents } from '../api.js';
 import { RateChart } from '../chart.js';
 import {
   h, fill, notice, toast, statusBadge, progressBar, timeEl, fmtNum, fmtDuration, fmtTime,
-  metadataChips, isFinal, confirmDialog, actionButton, table,
+  metadataChips, isFinal, confirmDialog, actionButton, table, endedAt,
 } from '../ui.js';
 
 const POLL_MS = 2000;
@@ -17,14 +17,15 @@ const RESUME_MS = 500;
 const PROGRESS_EVERY_MS = 5000;
 const ERRORS_EVERY_MS = 10000;
 
-export async function renderBatch(main, { params: [id] }) {
-  const page = new BatchPage(main, id);
+export async function renderBatch(main, { params: [id], config }) {
+  const page = new BatchPage(main, id, config);
   await page.start();
   return () => page.stop();
 }
 
 class BatchPage {
-  constructor(main, id) {
+  constructor(main, id, config) {
+    this.authRequired = Boolean(config && config.auth_required);
     this.main = main;
     this.id = id;
     this.abort = new AbortController();
@@ -46,7 +47,7 @@ class BatchPage {
     } catch (e) {
       if (e.status === 404) {
         fill(this.main, h('h1', {}, 'Batch not found'),
-          h('p', {}, 'There is no batch ', h('code', {}, this.id), ' for this key. ', h('a', { href: '/' }, 'Back to the batches.')));
+          h('p', {}, 'There is no batch ', h('code', {}, this.id), this.authRequired ? ' for this key. ' : ' on this server. ', h('a', { href: '/' }, 'Back to the batches.')));
       } else if (e.status !== 401) {
         fill(this.main, h('h1', {}, 'Batch'), notice(`The batch could not be read: ${e.message}`));
       }
@@ -211,6 +212,7 @@ class BatchPage {
       stat('Requests/s', p && running ? fmtNum(p.requests_per_second, 1) : '—'),
       stat('Tokens/s', p && running ? fmtNum(p.tokens_per_second, 0) : '—'),
       stat('ETA', p && running && p.eta_seconds !== null ? fmtDuration(p.eta_seconds) : '—'),
+      ...(running ? [] : finishedStats(b, c, stat)),
       stat('Last result', p && p.seconds_since_last_result !== null && running ? `${fmtDuration(p.seconds_since_last_result)} ago` : '—'));
     this.renderFlags(p);
     this.renderUpstreams(p ? p.upstreams : null);
@@ -311,9 +313,13 @@ class BatchPage {
     if (!list.length) { fill(this.el.upstreams, h('p', { class: 'muted' }, 'No upstream serves this batch.')); return; }
     const pause = (u) => {
       if (!u.paused) return 'no';
-      const why = u.pause_detail || (u.pause_reason ? u.pause_reason.replace('_', ' ') : 'paused');
+      // The reason in words, until when, and what the upstream said (the detail without the
+      // server's own "from upstream; retry-after …" / "; trying again in …" tail: the time is
+      // the "until" already).
+      const why = u.pause_reason ? u.pause_reason.replaceAll('_', ' ') : 'paused';
       const until = u.paused_until_ms ? ` until ${fmtTime(Math.ceil(u.paused_until_ms / 1000))}` : '';
-      return h('span', { class: 'n-bad' }, `yes: ${why}${until}`);
+      const said = (u.pause_detail || '').split(/ from upstream;|; trying again in |; pausing /)[0].trim().replace(/\.$/, '');
+      return h('span', { class: 'n-bad pause' }, `yes: ${why}${until}`, said ? h('span', { class: 'small said' }, `upstream said: ${said}`) : null);
     };
     const opt = (v, f) => (v === undefined || v === null ? '—' : f(v));
     fill(this.el.upstreams, table('Upstreams serving this batch',
@@ -476,6 +482,19 @@ class BatchPage {
 }
 
 /** The status, code and message of a result line (an upstream answer or batchd's own error). */
+/** A finished batch's duration (from in progress, or created, to its end) and average rate. */
+function finishedStats(b, c, stat) {
+  const end = endedAt(b);
+  const start = b.in_progress_at ?? b.created_at;
+  if (end === null || start === null || start === undefined) return [];
+  const took = Math.max(0, end - start);
+  const done = c.succeeded + c.failed;
+  return [
+    stat('Took', fmtDuration(took)),
+    stat('Average', took > 0 ? `${fmtNum(done / took, 1)} req/s` : '—'),
+  ];
+}
+
 function describeError(l) {
   if (l.response) {
     const err = (l.response.body && l.response.body.error) || {};

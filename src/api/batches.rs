@@ -91,6 +91,23 @@ pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &str
     Ok(file)
 }
 
+/// A server started without any upstream refuses a batch at create, once, rather than failing
+/// each of its lines with `model_not_found` later. The message names the first line's model.
+async fn no_upstream_refusal(st: &AppState, file: &FileRecord) -> ApiResult<()> {
+    if !st.cfg.upstreams.is_empty() {
+        return Ok(());
+    }
+    let head = st.blob.get_range(&file.blob_key, 0..(file.bytes.max(0) as u64).min(64 * 1024)).await.unwrap_or_default();
+    let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let model = serde_json::from_slice::<Value>(first).ok().and_then(|v| v.pointer("/body/model").and_then(Value::as_str).map(str::to_owned));
+    let model = model.map_or_else(|| "of this file".to_string(), |m| format!("{m:?}"));
+    Err(ApiError::invalid(
+        "input_file_id",
+        format!("no upstream serves model {model}: this server has no upstream configured; start with --upstream URL (or set OPENAI_BASE_URL) or see README"),
+    )
+    .code("model_not_found"))
+}
+
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
     st.writable()?;
     known_params(&body, &CREATE_PARAMS)?;
@@ -105,6 +122,7 @@ pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers:
     let output_expires_after = check_output_expiry(body.get("output_expires_after"))?;
     let priority = check_priority(body.get("priority"))?;
     let file = batch_input(&st, &tenant, &input_file_id).await?;
+    no_upstream_refusal(&st, &file).await?;
     let lines = super::quota::lines_of(&st, &tenant, &file).await?;
     let now = crate::now_unix();
     let mut record = BatchRecord::new(crate::ids::batch_id(), tenant, input_file_id, endpoint, window, now, now + duration.as_secs() as i64);

@@ -27,7 +27,8 @@ pub const EXAMPLES: &str = "Examples:
   batchd cancel batch_abc123
   BATCHD_SERVER=http://gpu-box:8080 BATCHD_API_KEY=sk-team-a batchd list
 
-Exit codes: 0 success; 1 error (the server's message is printed); 4 `status --watch`
+Exit codes: 0 success; 1 error (the server's message is printed), or `cancel` of a batch that
+had already ended; 4 `status --watch`
 followed the batch to its end, but not every line succeeded (some are in the errors file, or
 the batch ended failed, expired or cancelled).";
 
@@ -57,7 +58,16 @@ impl Client {
         }
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or_default();
-        bail!("server answered {status}: {}", body["error"]["message"].as_str().unwrap_or("(no message)"))
+        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            let hint = if self.key.is_some() {
+                "the API key given is not one of the server's: check --api-key / BATCHD_API_KEY"
+            } else {
+                "pass --api-key KEY (or set BATCHD_API_KEY)"
+            };
+            bail!("server answered {status}: {message}\n{hint}");
+        }
+        bail!("server answered {status}: {message}")
     }
 
     pub(super) async fn json(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
@@ -69,8 +79,10 @@ impl Client {
 pub struct SubmitArgs {
     /// The input JSONL file.
     pub file: PathBuf,
+    /// The endpoint every line targets (a full line's url must match it).
     #[arg(long, default_value = "/v1/chat/completions")]
     pub endpoint: String,
+    /// How long the batch may run (one of the server's completion windows).
     #[arg(long, default_value = "24h")]
     pub completion_window: String,
     /// Metadata as KEY=VALUE (repeatable).
@@ -101,6 +113,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
+    /// The batch id (batch_…), as `submit` and `list` print it.
     pub id: String,
     /// Follow the batch with a live progress display until it ends.
     #[arg(long)]
@@ -124,7 +137,11 @@ fn snapshot(b: &Value) -> Snapshot {
         eta_seconds: b["progress"]["eta_seconds"].as_u64(),
         retries_waiting: 0,
         note: None,
-        paused: super::progress::paused_words(&b["progress"]["upstreams"]),
+        paused: super::progress::paused_list(&b["progress"]["upstreams"]),
+        took_seconds: ["completed_at", "failed_at", "expired_at", "cancelled_at"]
+            .iter()
+            .find_map(|k| b[*k].as_i64())
+            .map(|end| (end - b["in_progress_at"].as_i64().or(b["created_at"].as_i64()).unwrap_or(end)).max(0) as u64),
     }
 }
 
@@ -135,7 +152,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
     let path = format!("/batches/{}", a.id);
     if !a.watch {
         let b = c.json(c.req(reqwest::Method::GET, &path)).await?;
-        print_batch(&b, a.json);
+        print_batch(&b, a.json, ALL_ERRORS);
         return Ok(0);
     }
     let mut display = Display::new(false);
@@ -148,7 +165,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
     if let Some(b) = followed {
         let s = snapshot(&b);
         display.finish(&s);
-        print_batch(&b, a.json);
+        print_batch(&b, a.json, ALL_ERRORS);
         return Ok(if s.status == "completed" && s.failed == 0 { 0 } else { 4 });
     }
     // An older server without event streams: poll.
@@ -157,7 +174,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
         let s = snapshot(&b);
         if FINAL.contains(&s.status.as_str()) {
             display.finish(&s);
-            print_batch(&b, a.json);
+            print_batch(&b, a.json, ALL_ERRORS);
             return Ok(if s.status == "completed" && s.failed == 0 { 0 } else { 4 });
         }
         display.update(&s);
@@ -165,7 +182,11 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
     }
 }
 
-fn print_batch(b: &Value, as_json: bool) {
+/// How many of a batch's validation errors `status` and `cancel` print (every one), and `list`.
+const ALL_ERRORS: usize = usize::MAX;
+const LIST_ERRORS: usize = 1;
+
+fn print_batch(b: &Value, as_json: bool, max_errors: usize) {
     if as_json {
         println!("{}", serde_json::to_string_pretty(b).unwrap_or_default());
         return;
@@ -184,17 +205,22 @@ fn print_batch(b: &Value, as_json: bool) {
     for l in super::progress::upstream_lines(&b["progress"]["upstreams"]) {
         println!("  {l}");
     }
-    for e in b["errors"]["data"].as_array().into_iter().flatten() {
+    let errors = b["errors"]["data"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for e in errors.iter().take(max_errors) {
         // File-level errors (empty_file, too_many_errors, ...) have `"line": null`.
         let at = e["line"].as_u64().map(|l| format!("line {l}: ")).unwrap_or_default();
         println!("  {at}[{}] {}", e["code"].as_str().unwrap_or_default(), e["message"].as_str().unwrap_or_default());
+    }
+    if errors.len() > max_errors {
+        println!("  … and {} more errors: batchd status {}", errors.len() - max_errors, b["id"].as_str().unwrap_or_default());
     }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct DownloadArgs {
+    /// The batch id (batch_…), as `submit` and `list` print it.
     pub id: String,
-    /// Directory to write `<id>_output.jsonl` and `<id>_errors.jsonl` into.
+    /// Directory to write `<id>_output.jsonl` and `<id>_error.jsonl` into (the server's names).
     #[arg(short, long, default_value = ".")]
     pub output_dir: PathBuf,
     #[command(flatten)]
@@ -207,7 +233,7 @@ pub async fn download(a: DownloadArgs) -> anyhow::Result<i32> {
     let c = Client::new(&a.server);
     let b = c.json(c.req(reqwest::Method::GET, &format!("/batches/{}", a.id))).await?;
     tokio::fs::create_dir_all(&a.output_dir).await?;
-    for (field, suffix) in [("output_file_id", "output"), ("error_file_id", "errors")] {
+    for (field, suffix) in [("output_file_id", "output"), ("error_file_id", "error")] {
         let Some(fid) = b[field].as_str() else { continue };
         let to = a.output_dir.join(format!("{}_{suffix}.jsonl", a.id));
         let resp = c.send(c.req(reqwest::Method::GET, &format!("/files/{fid}/content"))).await?;
@@ -227,6 +253,7 @@ pub async fn download(a: DownloadArgs) -> anyhow::Result<i32> {
 
 #[derive(Args, Debug, Clone)]
 pub struct IdArgs {
+    /// The batch id (batch_…), as `submit` and `list` print it.
     pub id: String,
     #[command(flatten)]
     pub server: ServerArgs,
@@ -235,12 +262,18 @@ pub struct IdArgs {
 pub async fn cancel(a: IdArgs) -> anyhow::Result<i32> {
     let c = Client::new(&a.server);
     let b = c.json(c.req(reqwest::Method::POST, &format!("/batches/{}/cancel", a.id))).await?;
-    print_batch(&b, false);
+    print_batch(&b, false, ALL_ERRORS);
+    let status = b["status"].as_str().unwrap_or_default();
+    if status != "cancelling" && status != "cancelled" {
+        eprintln!("batch {} had already ended ({status}): nothing to cancel", a.id);
+        return Ok(1);
+    }
     Ok(0)
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct ListArgs {
+    /// How many batches to show, newest first.
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
     #[command(flatten)]
@@ -251,7 +284,7 @@ pub async fn list(a: ListArgs) -> anyhow::Result<i32> {
     let c = Client::new(&a.server);
     let page = c.json(c.req(reqwest::Method::GET, &format!("/batches?limit={}", a.limit))).await?;
     for b in page["data"].as_array().into_iter().flatten() {
-        print_batch(b, false);
+        print_batch(b, false, LIST_ERRORS);
     }
     Ok(0)
 }

@@ -6,6 +6,7 @@
 //! cancelled); 130 `run` interrupted.
 
 mod client;
+mod health;
 mod migrate;
 mod progress;
 mod retry;
@@ -16,8 +17,11 @@ mod watch;
 
 use clap::{Parser, Subcommand};
 
+/// `batchd --version`: the crate version and the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BATCHD_COMMIT"), ")");
+
 #[derive(Parser, Debug)]
-#[command(name = "batchd", version, about = "Self-hosted, OpenAI-compatible Batch API server", long_about = None)]
+#[command(name = "batchd", version = VERSION, about = "Self-hosted, OpenAI-compatible Batch API server", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -60,6 +64,9 @@ pub enum Command {
     /// List batches, newest first.
     #[command(after_help = client::EXAMPLES)]
     List(client::ListArgs),
+    /// Ask a server's /healthz (the container image's health check).
+    #[command(after_help = health::EXAMPLES)]
+    Health(health::HealthArgs),
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
@@ -75,5 +82,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Download(a) => client::download(a).await,
         Command::Cancel(a) => client::cancel(a).await,
         Command::List(a) => client::list(a).await,
+        Command::Health(a) => health::run(a).await,
     }
 }

@@ -18,13 +18,14 @@ pub const EXAMPLES: &str = "Examples:
   batchd retry errors.jsonl --input prompts.jsonl -o retry.jsonl --code batch_expired,request_timeout
 
 Bare input lines are written as full lines keeping their custom_id (line-N), so the
-retry's results match the original lines. Exit codes: 0 written; 1 error.";
+retry's results match the original lines. Exit codes: 0 written; 1 error, or no failed line
+matches --status / --code (nothing is written then).";
 
 #[derive(Args, Debug, Clone)]
 pub struct RetryArgs {
     /// A batch id on the server, or the errors file of a finished batch.
     pub errors: PathBuf,
-    /// The batch's input file (local form).
+    /// The batch's input file (local form: with an errors file).
     #[arg(long)]
     pub input: Option<PathBuf>,
     /// Where to write the retry input (local form).
@@ -41,7 +42,7 @@ pub struct RetryArgs {
     /// Only lines with one of these error codes (e.g. batch_expired, request_timeout).
     #[arg(long, value_delimiter = ',')]
     pub code: Vec<String>,
-    /// Endpoint for bare input lines.
+    /// Endpoint for bare input lines (local form).
     #[arg(long, default_value = "/v1/chat/completions")]
     pub endpoint: String,
 }
@@ -55,22 +56,37 @@ fn selected(line: &Value, args: &RetryArgs) -> bool {
     status.is_some_and(|s| args.status.contains(&s)) || code.is_some_and(|c| args.code.iter().any(|x| x == c))
 }
 
-fn failed_ids(args: &RetryArgs) -> anyhow::Result<HashSet<String>> {
+/// The failed lines of an errors file: the custom_ids `--status`/`--code` select, and a tally
+/// of every failed line by what failed it ("400", "batch_expired"), to say why none matched.
+struct Failed {
+    selected: HashSet<String>,
+    total: usize,
+    by_cause: std::collections::BTreeMap<String, usize>,
+}
+
+fn failed_ids(args: &RetryArgs) -> anyhow::Result<Failed> {
     let f = std::fs::File::open(&args.errors).with_context(|| format!("reading {}", args.errors.display()))?;
-    let mut ids = HashSet::new();
+    let mut failed = Failed { selected: HashSet::new(), total: 0, by_cause: Default::default() };
     for (i, line) in BufReader::new(f).lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
         let v: Value = serde_json::from_str(&line).with_context(|| format!("{} line {}", args.errors.display(), i + 1))?;
+        failed.total += 1;
+        let cause = match (v["response"]["status_code"].as_u64(), v["error"]["code"].as_str()) {
+            (Some(s), _) => format!("status {s}"),
+            (None, Some(c)) => format!("code {c}"),
+            (None, None) => "unknown".into(),
+        };
+        *failed.by_cause.entry(cause).or_default() += 1;
         if selected(&v, args) {
             if let Some(id) = v["custom_id"].as_str() {
-                ids.insert(id.to_string());
+                failed.selected.insert(id.to_string());
             }
         }
     }
-    Ok(ids)
+    Ok(failed)
 }
 
 pub async fn run(args: RetryArgs) -> anyhow::Result<i32> {
@@ -103,7 +119,13 @@ async fn on_server(args: &RetryArgs, id: &str) -> anyhow::Result<i32> {
 }
 
 fn local(args: &RetryArgs, input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<i32> {
-    let ids = failed_ids(args)?;
+    let failed = failed_ids(args)?;
+    if failed.selected.is_empty() {
+        let causes: Vec<String> = failed.by_cause.iter().map(|(c, n)| format!("{c} ×{n}")).collect();
+        let why = if failed.total == 0 { String::new() } else { format!(" (they failed with {})", causes.join(", ")) };
+        anyhow::bail!("none of the {} failed lines in {} match{}{}; nothing written", failed.total, args.errors.display(), filter_words(args), why);
+    }
+    let ids = failed.selected;
     let input = std::fs::File::open(input).with_context(|| format!("reading {}", input.display()))?;
     let mut out = BufWriter::new(std::fs::File::create(output)?);
     let mut written = 0;
@@ -127,6 +149,18 @@ fn local(args: &RetryArgs, input: &std::path::Path, output: &std::path::Path) ->
         written += 1;
     }
     out.flush()?;
-    eprintln!("{written} of {} failed lines written to {}", ids.len(), output.display());
+    eprintln!("{written} of {} failed lines written to {}{}", failed.total, output.display(), filter_words(args));
     Ok(0)
+}
+
+/// " --status 429,500 --code batch_expired", or "" without filters.
+fn filter_words(args: &RetryArgs) -> String {
+    let mut w = String::new();
+    if !args.status.is_empty() {
+        w += &format!(" --status {}", args.status.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
+    }
+    if !args.code.is_empty() {
+        w += &format!(" --code {}", args.code.join(","));
+    }
+    w
 }

@@ -14,13 +14,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tokio::io::AsyncReadExt;
 
-use super::progress::{Display, Snapshot};
+use super::progress::{Display, Pause, Rates, Snapshot};
 use crate::api::message_batches::{anthropic_lines, intake::LINE_URL};
 use crate::blob::Blob;
 use crate::config::RawConfig;
@@ -233,12 +233,11 @@ async fn copy_into_blob(path: &Path, blob: &Blob, key: &str, anthropic: bool) ->
 /// Shows progress until the batch is final.
 async fn watch(store: &dyn Store, engine: &Engine, router: &Router, id: &str, quiet: bool) -> anyhow::Result<BatchRecord> {
     let mut display = Display::new(quiet);
-    let mut tokens = (Instant::now(), engine.stats().output_tokens.load(Ordering::Relaxed), 0.0);
+    let mut rates = Rates::new();
     loop {
         let b = store.get_batch(None, id).await?;
-        let mut snap = snapshot(&b, engine, &mut tokens);
-        let paused: Vec<String> = router.states().iter().filter_map(|s| s.pause_words()).collect();
-        snap.paused = (!paused.is_empty()).then(|| paused.join("; "));
+        let mut snap = snapshot(&b, engine, &mut rates);
+        snap.paused = router.states().iter().filter_map(|s| Some(Pause { words: s.pause_reason?.words(&s.name), until_ms: s.paused_until_ms? })).collect();
         if b.status.is_final() {
             display.finish(&snap);
             return Ok(b);
@@ -248,29 +247,23 @@ async fn watch(store: &dyn Store, engine: &Engine, router: &Router, id: &str, qu
     }
 }
 
-fn snapshot(b: &BatchRecord, engine: &Engine, tokens: &mut (Instant, u64, f64)) -> Snapshot {
-    let now_tokens = engine.stats().output_tokens.load(Ordering::Relaxed);
-    let dt = tokens.0.elapsed().as_secs_f64();
-    if dt >= 1.0 {
-        tokens.2 = (now_tokens - tokens.1) as f64 / dt;
-        *tokens = (Instant::now(), now_tokens, tokens.2);
-    }
+fn snapshot(b: &BatchRecord, engine: &Engine, rates: &mut Rates) -> Snapshot {
+    let tokens = engine.stats().output_tokens.load(Ordering::Relaxed);
+    let (requests_per_second, tokens_per_second) = rates.observe((b.completed + b.failed) as u64, tokens);
     let progress = engine.progress(b);
-    let average = match (b.in_progress_at, b.completed_at.or(b.cancelled_at).or(b.expired_at)) {
-        (Some(start), Some(end)) => (b.completed + b.failed) as f64 / (end - start).max(1) as f64,
-        _ => 0.0,
-    };
+    let end = b.completed_at.or(b.cancelled_at).or(b.expired_at).or(b.failed_at);
     Snapshot {
         status: b.status.as_str().into(),
         total: b.total as u64,
         completed: b.completed as u64,
         failed: b.failed as u64,
-        requests_per_second: progress.as_ref().map_or(average, |p| p.requests_per_second),
-        tokens_per_second: tokens.2,
+        requests_per_second,
+        tokens_per_second,
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         retries_waiting: engine.stats().retries_waiting.load(Ordering::Relaxed),
         note: None,
-        paused: None,
+        paused: vec![],
+        took_seconds: end.map(|e| (e - b.in_progress_at.unwrap_or(b.created_at)).max(0) as u64),
     }
 }
 
@@ -287,7 +280,7 @@ async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path
     save(store, blob, &b.tenant, b.error_file_id.as_deref(), errors, anthropic).await?;
     if !quiet {
         eprintln!(
-            "{}: {} succeeded → {}; {} failed → {}; tokens in {} out {}",
+            "{}: {} succeeded → {}; {} failed → {}\ntokens: {} in, {} out",
             b.status.as_str(),
             b.completed,
             output.display(),

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 use futures::TryStreamExt;
 use tokio_util::io::ReaderStream;
@@ -54,7 +55,7 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<i32> {
         Some(e) => e,
         None => first_url(&args.input).await.unwrap_or_else(|| "/v1/chat/completions".into()),
     };
-    let file = tokio::fs::File::open(&args.input).await?;
+    let file = tokio::fs::File::open(&args.input).await.with_context(|| format!("reading {}", args.input.display()))?;
     let size = file.metadata().await?.len();
     let stream = ReaderStream::with_capacity(file, 1 << 20).map_err(anyhow::Error::from);
     let v = Validator::new("batch_validate", &endpoint, &router, cfg.limits, cfg.engine.unit_lines);
@@ -66,18 +67,25 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<i32> {
         InputFormat::Full => "full batch requests",
         InputFormat::Bare => "bare request bodies (custom_id line-N)",
     };
-    println!("{} requests · {} bytes · {format} · endpoint {endpoint}", report.validated.total, size);
-    let mut cost = None;
+    println!("{} · {} bytes · {format} · endpoint {endpoint}", plural(report.validated.total, "request"), size);
+    let mut cost: Option<Cost> = None;
     for (m, sum) in &report.models {
-        println!("  model {m}: {} requests, ~{} input tokens, ≤{} output tokens (max_tokens)", sum.requests, sum.input_tokens, sum.max_output_tokens);
+        let output = match sum.max_output_tokens {
+            0 => "output tokens not bounded (no max_tokens)".to_string(),
+            n => format!("≤{n} output tokens (max_tokens)"),
+        };
+        println!("  model {m}: {}, ~{} input tokens, {output}", plural(sum.requests, "request"), sum.input_tokens);
         if let Some(p) = cfg.prices.get(m) {
-            let c = (sum.input_tokens as f64 * p.input_per_million + sum.max_output_tokens as f64 * p.output_per_million) / 1e6;
-            *cost.get_or_insert(0.0) += c;
+            let full = (sum.input_tokens as f64 * p.input_per_million + sum.max_output_tokens as f64 * p.output_per_million) / 1e6;
+            let c = cost.get_or_insert(Cost::default());
+            c.full += full;
+            c.batch += full * (1.0 - p.batch_discount);
+            c.unbounded |= sum.max_output_tokens == 0;
         }
     }
     println!("estimated input tokens: {} (bytes/4)", report.estimated_input_tokens);
     if let Some(c) = cost {
-        println!("estimated cost: {c:.4} (configured [prices]; output at most max_tokens)");
+        println!("{}", c.words());
     }
     if !models_checked {
         println!("models were not checked: pass --config with [[upstreams]] to check them");
@@ -88,6 +96,35 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<i32> {
     } else {
         println!("{} errors", report.errors.len());
         Ok(3)
+    }
+}
+
+/// The estimated cost of the priced models: at the batch price and at the full one.
+#[derive(Default)]
+struct Cost {
+    full: f64,
+    batch: f64,
+    /// Some lines set no max_tokens: their output is not counted.
+    unbounded: bool,
+}
+
+impl Cost {
+    fn words(&self) -> String {
+        let output = if self.unbounded { "output of lines without max_tokens not counted" } else { "output at most max_tokens" };
+        if (self.full - self.batch).abs() < f64::EPSILON {
+            format!("estimated cost: {:.4} (configured [prices]; {output})", self.full)
+        } else {
+            format!("estimated cost: {:.4} at the batch price ({:.4} without batch_discount; configured [prices]; {output})", self.batch, self.full)
+        }
+    }
+}
+
+/// "1 request", "2 requests".
+pub(super) fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

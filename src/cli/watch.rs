@@ -65,6 +65,7 @@ async fn add_progress(c: &Client, id: &str, s: &mut Snapshot) {
     s.eta_seconds = p["eta_seconds"].as_u64();
     s.retries_waiting = p["counts"]["retrying"].as_u64().unwrap_or(0);
     s.note = p["stalled"]["reason"].as_str().map(|r| format!("STALLED: {r}"));
+    s.paused = super::progress::paused_list(&p["upstreams"]);
 }
 
 fn apply(s: &mut Snapshot, e: &SseEvent) {
@@ -121,7 +122,21 @@ pub async fn follow(c: &Client, id: &str, display: &mut Display, mut s: Snapshot
         failures = 0;
         let mut parser = SseParser::default();
         let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
+        loop {
+            // No event for a second: redraw anyway (a pause's countdown moves), with fresh
+            // rates and pauses once a second.
+            let chunk = match tokio::time::timeout(Duration::from_secs(1), body.next()).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(_) => {
+                    if last_progress.elapsed() >= Duration::from_secs(1) {
+                        last_progress = Instant::now();
+                        add_progress(c, id, &mut s).await;
+                    }
+                    display.update(&s);
+                    continue;
+                }
+            };
             let Ok(chunk) = chunk else { break };
             let mut events = Vec::new();
             parser.feed(&String::from_utf8_lossy(&chunk), &mut events);

@@ -383,3 +383,69 @@ max_concurrency = 1
   assertNoErrors(assert, p);
   await p.close();
 });
+
+test('desktop width: cells break between words only, the chart speaks ISO, a finished batch says how long it took, a pause reads cleanly, not-found without keys', async () => {
+  const refusing = await startMock('--rate-429', '1', '--retry-after-s', '30');
+  const open = await startServer(`
+[[upstreams]]
+name = "mock"
+base_url = "${mockUrl}/v1"
+models = ["m"]
+
+[[upstreams]]
+name = "limited"
+base_url = "${refusing}/v1"
+models = ["busy"]
+`);
+  const api = apiClient(open.url, null);
+  const done = await api.submit(Array.from({ length: 40 }, (_, i) => chatLine(`r-${i}`, { latency_ms: 1500 })), { metadata: { job: 'desktop-width' } });
+  for (let i = 0; i < 300 && (await api.get(`/batches/${done.id}`)).status !== 'completed'; i += 1) await new Promise((r) => setTimeout(r, 100));
+  const busyLine = JSON.stringify({ custom_id: 'x', method: 'POST', url: '/v1/chat/completions', body: { model: 'busy', messages: [{ role: 'user', content: 'hi' }] } });
+  const busy = await api.submit([busyLine]);
+
+  const p = await openPage(browser, { width: 1280 });
+  const { page } = p;
+  await page.goto(`${open.url}/`);
+  await page.locator('table.batches tbody tr').nth(1).waitFor();
+  // Every endpoint and every date in the list is on one line (one client rect each).
+  const broken = await page.evaluate(() => [...document.querySelectorAll('table.batches td time, table.batches td .mono')]
+    .filter((el) => el.getClientRects().length !== 1).map((el) => el.textContent));
+  assert.deepEqual(broken, [], 'no endpoint or date breaks across lines at 1280 px');
+  const endpoint = await page.locator('table.batches td .mono', { hasText: '/v1/chat/completions' }).first().textContent();
+  assert.equal(endpoint, '/v1/chat/completions');
+
+  // The finished batch: how long it took and its average rate, next to the counts.
+  await page.goto(`${open.url}/batches/${done.id}`);
+  await page.locator('.badge.st-completed').waitFor();
+  const took = await page.locator('dd[data-stat="Took"]').textContent();
+  assert.match(took, /^\d+ (s|min)/, took);
+  assert.match(await page.locator('dd[data-stat="Average"]').textContent(), /^[\d.,]+ req\/s$/);
+  // The chart's time axis in ISO form (HH:MM:SS by the second, HH:MM by the minute, the date by the day).
+  const ticks = await page.evaluate(async () => {
+    const { isoTicks } = await import('/assets/chart.js');
+    const t = Date.UTC(2026, 11, 7, 12, 0, 5) / 1000;
+    return [isoTicks(null, [t], 0, 5)[0], isoTicks(null, [t], 0, 60)[0], isoTicks(null, [t], 0, 86400)[0]];
+  });
+  assert.match(ticks[0], /^\d\d:\d\d:05$/);
+  assert.match(ticks[1], /^\d\d:\d\d$/);
+  assert.match(ticks[2], /^2026-12-0[78]$/);
+
+  // A paused upstream: reason, until when, and what the upstream said, once each.
+  await page.goto(`${open.url}/batches/${busy.id}`);
+  const pause = page.locator('.pause');
+  await pause.waitFor({ timeout: 30_000 });
+  const text = await pause.textContent();
+  assert.match(text, /^yes: rate limited until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d/, text);
+  assert.ok(!/from upstream;|trying again in|\)\./.test(text), `no server tail or doubled text: ${text}`);
+  assert.equal((text.match(/429/g) || []).length <= 1, true, text);
+  await api.post(`/batches/${busy.id}/cancel`, {});
+
+  // Not found, on a server without keys: no word of a key.
+  p.expectHttpError('/v1/batches/batch_nosuch', 404);
+  await page.goto(`${open.url}/batches/batch_nosuch`);
+  await page.getByRole('heading', { name: 'Batch not found' }).waitFor();
+  const nf = await page.locator('main p').first().textContent();
+  assert.match(nf, /There is no batch batch_nosuch on this server\./);
+  assertNoErrors(assert, p);
+  await p.close();
+});

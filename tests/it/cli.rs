@@ -330,7 +330,7 @@ fn validate_prints_each_error_with_its_line_and_a_summary() {
     let r = batchd(d, &["validate", "good.jsonl"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("3 requests"), "{}", r.stdout);
-    assert!(r.stdout.contains("model gpt-a: 2 requests") && r.stdout.contains("model gpt-b: 1 requests"), "{}", r.stdout);
+    assert!(r.stdout.contains("model gpt-a: 2 requests") && r.stdout.contains("model gpt-b: 1 request,"), "{}", r.stdout);
     let est: u64 = r
         .stdout
         .lines()
@@ -412,7 +412,14 @@ async fn retry_writes_exactly_the_failed_lines_filtered_by_status_or_code() {
     assert_eq!(retry("all.jsonl", &[]), vec![lines[1].clone(), lines[3].clone(), lines[4].clone()], "every failed line, verbatim, in input order");
     assert_eq!(retry("s400.jsonl", &["--status", "400"]), vec![lines[1].clone()]);
     assert_eq!(retry("s5xx.jsonl", &["--status", "500,503"]), vec![lines[3].clone()]);
-    assert_eq!(retry("s429.jsonl", &["--status", "429"]), Vec::<String>::new(), "no line answered 429");
+    // No failed line answered 429: exit 1, nothing written, and the message says what they failed with.
+    let r = batchd(d, &["retry", "err.jsonl", "--input", "in.jsonl", "-o", "s429.jsonl", "--status", "429"]);
+    assert_eq!(r.code, 1, "a filter that matches nothing is not a success: {r:?}");
+    assert!(r.stderr.contains("none of the 3 failed lines in err.jsonl match --status 429"), "{}", r.stderr);
+    assert!(r.stderr.contains("status 400 ×1") && r.stderr.contains("status 500 ×1"), "what they failed with: {}", r.stderr);
+    assert!(!d.join("s429.jsonl").exists(), "nothing written");
+    let r = batchd(d, &["retry", "err.jsonl", "--input", "in.jsonl", "-o", "s400.jsonl", "--status", "400"]);
+    assert!(r.stderr.contains("1 of 3 failed lines written to s400.jsonl --status 400"), "{}", r.stderr);
     assert_eq!(retry("timeout.jsonl", &["--code", "request_timeout"]), vec![lines[4].clone()]);
     assert_eq!(retry("either.jsonl", &["--status", "400", "--code", "request_timeout"]), vec![lines[1].clone(), lines[4].clone()]);
 
@@ -464,6 +471,13 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("401") && r.stderr.contains("Incorrect API key"), "the server's message: {}", r.stderr);
     assert!(r.stdout.is_empty(), "{r:?}");
+    assert!(r.stderr.contains("check --api-key"), "the hint names the flag: {}", r.stderr);
+    // No key at all: the hint says to pass --api-key (not the HTTP header).
+    let mut c = cmd(d);
+    c.args(["list", "--server", &s.url]);
+    let r = finish(c, Duration::from_secs(30));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("pass --api-key KEY (or set BATCHD_API_KEY)"), "{}", r.stderr);
     // Flags win over the environment.
     let mut c = cmd(d);
     c.args(["list", "--server", &s.url, "--api-key", "sk-wrong"]).env("BATCHD_API_KEY", KEY);
@@ -509,10 +523,10 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert_eq!(j["object"], "batch");
     assert_eq!(j["request_counts"], json!({"total": 12, "completed": 11, "failed": 1}));
 
-    // download writes <id>_output.jsonl and <id>_errors.jsonl, byte for byte.
+    // download writes <id>_output.jsonl and <id>_error.jsonl (the server's names), byte for byte.
     let r = client(d, &s, &["download", &id, "-o", "results"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let (out, err) = (d.join("results").join(format!("{id}_output.jsonl")), d.join("results").join(format!("{id}_errors.jsonl")));
+    let (out, err) = (d.join("results").join(format!("{id}_output.jsonl")), d.join("results").join(format!("{id}_error.jsonl")));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), api.content(b["output_file_id"].as_str().unwrap()).await);
     assert_eq!(std::fs::read_to_string(&err).unwrap(), api.content(b["error_file_id"].as_str().unwrap()).await);
     let (o, e) = (read_jsonl(&out), read_jsonl(&err));
@@ -535,7 +549,7 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert!(r.stdout.contains("cancelled"), "{}", r.stdout);
     let r = client(d, &s, &["download", &slow, "-o", "results"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let e = read_jsonl(&d.join("results").join(format!("{slow}_errors.jsonl")));
+    let e = read_jsonl(&d.join("results").join(format!("{slow}_error.jsonl")));
     assert_eq!(e.len(), 6, "every cancelled line is in the errors file: {e:?}");
     assert!(e.iter().all(|l| l["error"]["code"] == "batch_cancelled"), "{e:?}");
 
@@ -556,11 +570,27 @@ async fn client_commands_submit_status_download_cancel_list() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("no result files"), "{}", r.stderr);
 
-    // list: newest first, --limit honoured.
+    // cancel of a batch that had already ended: says so, exit 1.
+    let r = client(d, &s, &["cancel", &id]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(&format!("batch {id} had already ended (completed): nothing to cancel")), "{}", r.stderr);
+
+    // A batch with 40 invalid lines: `status` prints each error, `list` only the first and a count.
+    let junk: Vec<String> = (0..40).map(|i| format!("not json {i}")).collect();
+    write_lines(&d.join("junk.jsonl"), &junk);
+    let r = client(d, &s, &["submit", "junk.jsonl"]);
+    let junk_id = r.stdout.trim().to_string();
+    api.wait_for(&junk_id, &["failed"], Duration::from_secs(20)).await;
+    let r = client(d, &s, &["status", &junk_id]);
+    assert_eq!(r.stdout.matches("[invalid_json_line]").count(), 40, "{}", r.stdout);
+
+    // list: newest first, --limit honoured, one error per failed batch.
     let r = client(d, &s, &["list"]);
     assert_eq!(r.code, 0, "{r:?}");
     let listed: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("batch_")).map(|l| l.split_whitespace().next().unwrap()).collect();
-    assert_eq!(listed, vec![empty.as_str(), slow.as_str(), id.as_str()], "{}", r.stdout);
+    assert_eq!(listed, vec![junk_id.as_str(), empty.as_str(), slow.as_str(), id.as_str()], "{}", r.stdout);
+    assert_eq!(r.stdout.matches("[invalid_json_line]").count(), 1, "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("… and 39 more errors: batchd status {junk_id}")), "{}", r.stdout);
     let r = client(d, &s, &["list", "--limit", "1"]);
     assert_eq!(r.stdout.lines().filter(|l| l.starts_with("batch_")).count(), 1, "{}", r.stdout);
 
@@ -585,7 +615,7 @@ async fn client_commands_submit_status_download_cancel_list() {
 fn help_of_every_subcommand_has_examples_and_exit_codes() {
     let tmp = tempfile::tempdir().unwrap();
     // (subcommand, strings its help must contain beyond "Examples:")
-    let cases: [(&str, &[&str]); 10] = [
+    let cases: [(&str, &[&str]); 11] = [
         ("serve", &[]),
         ("mock-upstream", &[]),
         ("run", &["Exit codes", "130", "resume", "line-N"]),
@@ -596,6 +626,7 @@ fn help_of_every_subcommand_has_examples_and_exit_codes() {
         ("download", &["Exit codes"]),
         ("cancel", &["Exit codes"]),
         ("list", &["Exit codes"]),
+        ("health", &["Exit codes", "/healthz"]),
     ];
     for (sub, wants) in cases {
         let r = batchd(tmp.path(), &[sub, "--help"]);
@@ -605,6 +636,12 @@ fn help_of_every_subcommand_has_examples_and_exit_codes() {
         for w in wants {
             assert!(r.stdout.contains(w), "{sub} --help mentions {w:?}:\n{}", r.stdout);
         }
+        let undescribed = undescribed_args(&r.stdout);
+        assert!(undescribed.is_empty(), "{sub} --help: {undescribed:?} have no description:\n{}", r.stdout);
+    }
+    for sub in ["status", "download", "cancel"] {
+        let r = batchd(tmp.path(), &[sub, "--help"]);
+        assert!(r.stdout.contains("<ID>") && r.stdout.contains("The batch id (batch_…)"), "{sub}: <ID> is described:\n{}", r.stdout);
     }
     let r = batchd(tmp.path(), &["run", "--help"]);
     for code in ["0 ", "1 ", "3 ", "4 ", "130 "] {
@@ -614,9 +651,31 @@ fn help_of_every_subcommand_has_examples_and_exit_codes() {
     assert_eq!(r.code, 2, "bad usage is exit 2: {r:?}");
 }
 
+/// The arguments and options of a `--help` text that have no description: clap prints one after
+/// the name on the same line, or (when long) on the next, more indented line; a lone
+/// `[default: …]` or `[env: …]` is no description.
+fn undescribed_args(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut missing = vec![];
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        if !(l.starts_with("  ") && (t.starts_with('-') || t.starts_with('<'))) {
+            continue;
+        }
+        let same_line = t.split("  ").map(str::trim).filter(|p| !p.is_empty()).nth(1);
+        let next_line = lines.get(i + 1).filter(|n| n.len() - n.trim_start().len() > l.len() - t.len()).map(|n| n.trim());
+        let described = same_line.or(next_line).is_some_and(|d| !d.starts_with('['));
+        if !described {
+            missing.push(t.to_string());
+        }
+    }
+    missing
+}
+
 // ---------------------------------------------------------------- the progress bar on a terminal
 
-const PTY_COLS: u16 = 200;
+/// 80 columns: the progress display must fit a classic terminal without wrapping.
+const PTY_COLS: u16 = 80;
 
 /// A very small terminal, `PTY_COLS` wide with auto-wrap: enough of VT100 to show what
 /// indicatif draws.
@@ -794,16 +853,26 @@ async fn progress_bar_on_a_terminal_shows_counts_rate_and_eta_and_moves() {
     assert_eq!((total1, total2), (N as u64, N as u64), "the bar shows done/total: {first:?} {second:?}");
     assert!(done2 > done1, "the counts move: {first:?} then {second:?}");
     assert!(done2 < N as u64, "the run is still going (else this test learns nothing): {second:?}");
-    assert!(second.contains(&format!("done {done2}")), "{second:?}");
     let rate: f64 =
         second.split(" · ").find_map(|p| p.strip_suffix(" req/s")).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("req/s on the bar: {second:?}"));
     assert!(rate > 0.0, "a real rate mid-run: {second:?}");
+    // The details on the line below: counts and tokens/s, measured over the same moments as
+    // req/s (the mock answers 16 completion tokens a line).
+    let row = screen.iter().position(|l| *l == second).unwrap();
+    let details = screen.get(row + 1).unwrap_or_else(|| panic!("a details line under the bar:\n{}", screen.join("\n")));
+    assert!(details.trim_start().starts_with("done ") && details.contains(" · failed 0"), "{details:?}");
+    let tok: f64 =
+        details.split(" · ").find_map(|p| p.strip_suffix(" tok/s")).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("tok/s in the details: {details:?}"));
+    assert!((8.0..=32.0).contains(&(tok / rate)), "tok/s and req/s describe the same moments (16 tokens a line): {tok} / {rate}");
     let eta = second.split(" · ").find_map(|p| p.strip_prefix("ETA ")).unwrap_or_else(|| panic!("ETA on the bar: {second:?}"));
     assert!(eta.ends_with('s') && eta[..eta.len() - 1].chars().any(|c| c.is_ascii_digit()), "an ETA in time units mid-run: {second:?}");
     eprintln!("snapshot 1: {first}\nsnapshot 2: {second}");
     let bars = screen.iter().filter(|l| counts(l).is_some() && l.contains("ETA")).count();
     assert_eq!(bars, 1, "the bar redraws in place, it does not scroll:\n{}", screen.join("\n"));
-    assert_eq!(screen.len(), 2, "mid-run the screen is the batch line and the bar:\n{}", screen.join("\n"));
+    assert_eq!(screen.len(), 3, "mid-run the screen is the batch line, the bar and its details, none wrapped:\n{}", screen.join("\n"));
+    for l in &screen {
+        assert!(l.chars().count() < PTY_COLS as usize, "a line fits {PTY_COLS} columns: {l:?}");
+    }
     assert!(screen[0].starts_with("batch batch_"), "{screen:?}");
 
     let code = wait_code(&mut child, Duration::from_secs(60));
@@ -823,10 +892,15 @@ async fn progress_bar_on_a_terminal_shows_counts_rate_and_eta_and_moves() {
     eprintln!("final screen:\n{}", screen.join("\n"));
     let last = screen.iter().rev().find(|l| counts(l).is_some()).unwrap_or_else(|| panic!("final bar:\n{}", screen.join("\n")));
     assert_eq!(counts(last), Some((N as u64, N as u64)), "the final screen shows the total done:\n{}", screen.join("\n"));
-    assert!(last.contains(&format!("done {N}")) && last.contains("completed"), "{last:?}");
-    assert_eq!(screen.len(), 3, "the final screen is the batch line, the finished bar and the summary:\n{}", screen.join("\n"));
+    assert!(last.contains("completed in ") && last.contains(" req/s avg"), "the final bar says how long it took and the average rate: {last:?}");
+    assert_eq!(screen.len(), 5, "the final screen is the batch line, the finished bar, its details and the summary (two lines):\n{}", screen.join("\n"));
     assert_eq!(&screen[1], last);
-    assert!(screen[2].starts_with(&format!("completed: {N} succeeded")), "summary on its own line:\n{}", screen.join("\n"));
+    assert!(screen[2].trim_start().starts_with(&format!("done {N} · failed 0")), "{:?}", screen[2]);
+    assert!(screen[3].starts_with(&format!("completed: {N} succeeded")), "summary on its own line:\n{}", screen.join("\n"));
+    assert!(screen[4].starts_with("tokens: ") && screen[4].contains(" in, "), "{:?}", screen[4]);
+    for l in &screen {
+        assert!(l.chars().count() < PTY_COLS as usize, "a line fits {PTY_COLS} columns: {l:?}");
+    }
     assert_eq!(read_jsonl(&d.join("out.jsonl")).len(), N);
 }
 
@@ -866,6 +940,28 @@ fn validate_estimates_cost_from_configured_prices() {
     assert!((got - want).abs() < 0.01, "cost {got} != {want}");
     let without = batchd(d, &["validate", "in.jsonl"]);
     assert!(!without.stdout.contains("estimated cost"), "no prices, no cost: {}", without.stdout);
+
+    // batch_discount: the estimate is at the batch price, and says the full one.
+    let discounted = std::fs::read_to_string(d.join("prices.toml")).unwrap() + "batch_discount = 0.5\n";
+    std::fs::write(d.join("discount.toml"), discounted).unwrap();
+    let r = batchd(d, &["validate", "in.jsonl", "--config", "discount.toml"]);
+    let line = r.stdout.lines().find(|l| l.starts_with("estimated cost:")).unwrap_or_else(|| panic!("no cost line: {}", r.stdout));
+    let got: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((got - want * 0.5).abs() < 0.01, "half price with batch_discount = 0.5: {got} != {}: {line}", want * 0.5);
+    assert!(line.contains(&format!("{want:.4} without batch_discount")), "{line}");
+
+    // One line without max_tokens: "1 request" (not "1 requests"), and its output is not bounded (not "≤0").
+    let one = json!({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "priced", "messages": []}});
+    write_lines(&d.join("one.jsonl"), &[one.to_string()]);
+    let r = batchd(d, &["validate", "one.jsonl", "--config", "discount.toml"]);
+    assert!(r.stdout.starts_with("1 request ·") && r.stdout.contains("model priced: 1 request,"), "{}", r.stdout);
+    assert!(r.stdout.contains("output tokens not bounded (no max_tokens)") && !r.stdout.contains("≤0"), "{}", r.stdout);
+    assert!(r.stdout.contains("output of lines without max_tokens not counted"), "{}", r.stdout);
+
+    // A missing input file is named.
+    let r = batchd(d, &["validate", "nosuch.jsonl"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("reading nosuch.jsonl") && r.stderr.contains("No such file"), "{}", r.stderr);
 }
 
 /// A configuration batchd cannot use is refused before anything starts, with exit code 1 and
@@ -908,4 +1004,37 @@ fn bad_configurations_are_refused_with_one_clear_message() {
         assert_eq!(out.stderr.matches("error:").count(), 1, "one message: {}", out.stderr);
         assert!(out.stdout.is_empty(), "nothing printed as if it worked: {}", out.stdout);
     }
+}
+
+// ---------------------------------------------------------------- serve with no upstream
+
+/// `serve` with no upstream refuses a batch at create with one 400 that names the model and
+/// says what to do (not one `model_not_found` per line later); with `OPENAI_BASE_URL` set it
+/// takes that upstream (and `OPENAI_API_KEY`), as every OpenAI-compatible tool does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_upstream_refuses_at_create_or_takes_openai_base_url() {
+    let bare = Server::start_with("", &[], &[]);
+    let api = bare.api();
+    let file = api.upload(&chat_lines(100, "gpt-4o-mini")).await;
+    let (code, body) = api.post("/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(code, 400, "{body}");
+    assert_envelope(&body);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("no upstream serves model \"gpt-4o-mini\""), "{msg}");
+    assert!(msg.contains("--upstream URL") && msg.contains("README"), "{msg}");
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    let (_, list) = api.get("/batches").await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(0), "nothing was created: {list}");
+
+    let m = mock(MockArgs::default()).await;
+    let env = [("OPENAI_BASE_URL".to_string(), m.base_url()), ("OPENAI_API_KEY".to_string(), "sk-from-env".to_string())];
+    let s = Server::start_with("", &[], &env);
+    let api = s.api();
+    let id = api.submit(&chat_lines(5, "gpt-4o-mini")).await;
+    let b = api.wait_for(&id, &["completed"], secs(30)).await;
+    assert_eq!(b["request_counts"]["completed"], 5, "{b}");
+    let mut c = cmd(&s.dir);
+    c.args(["serve", "--print-config"]).envs(env.iter().cloned());
+    let cfg = finish(c, secs(20));
+    assert!(cfg.stdout.contains(&m.base_url()) && cfg.stdout.contains("OPENAI_API_KEY"), "the upstream and its key variable: {}", cfg.stdout);
 }

@@ -271,6 +271,33 @@ async fn sigterm_is_graceful_and_repeats_nothing() {
     assert_eq!(st.duplicate_request_ids, 0, "after a graceful stop no call is repeated");
 }
 
+/// The worst case of a stop, as a pod's grace period sees it: lines that hang at the upstream
+/// and an upload that stalls mid-body. The engine stops at the signal while the HTTP server
+/// drains, so the stop takes one grace period (10 s), not the HTTP one and then the engine's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_hung_lines_and_a_stalled_upload_stops_within_one_grace() {
+    use tokio::io::AsyncWriteExt;
+    let m = mock(MockArgs::default()).await;
+    let mut s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
+    let api = s.api();
+    let lines: Vec<String> = (0..8).map(|i| chat_line(&format!("hang-{i}"), "m", Some(json!({"latency_ms": 120_000})))).collect();
+    api.submit(&lines).await;
+    eventually("8 calls hang at the upstream", secs(20), || async { (m.stats().in_flight == 8).then_some(()) }).await;
+    // An upload whose body stops half-way: the HTTP server waits for it until its grace ends.
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!("POST /v1/files HTTP/1.1\r\nhost: {addr}\r\ncontent-type: multipart/form-data; boundary=b\r\ncontent-length: 100000\r\n\r\n--b\r\n");
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    assert!(s.sigterm(), "SIGTERM ends batchd with exit status 0");
+    let took = t0.elapsed();
+    println!("stop with 8 hung calls and a stalled upload took {took:?}");
+    assert!(took < secs(15), "one grace period (10 s), not two: {took:?}");
+    assert!(took >= secs(9), "the in-flight calls had their grace period: {took:?}");
+    drop(stalled);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_with_upstream_faults_keeps_final_answers_exactly_once() {
     const N: usize = 800;

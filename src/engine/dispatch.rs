@@ -230,28 +230,16 @@ fn answer_line(p: &Prepared, status: u16, request_id: &str, body: &str) -> Strin
 }
 
 fn answer_record(p: &Prepared, pool: &Pool, a: Answer, inner: &Inner) -> ResultRecord {
-    let request_id = a.request_id.as_deref().unwrap_or(&p.request_id);
-    let (ok, line, usage) = match parse_body(&a.body) {
-        Some((body, usage)) => ((200..300).contains(&a.status), answer_line(p, a.status, request_id, &body), usage),
-        None => (false, answer_line(p, a.status, request_id, &non_json_error_body(a.status, &a.body)), Usage::default()),
-    };
-    pool.limiter.settle_tokens(p.est_tokens, usage.total_tokens.max(0) as u64);
-    count(&inner.stats.output_tokens, usage.output_tokens.max(0) as u64);
-    ResultRecord {
-        batch_id: p.batch_id.to_string(),
-        line: p.line,
-        unit_idx: p.unit_idx,
-        custom_id: p.custom_id.clone(),
-        ok,
-        record: line,
-        usage,
-        model: p.model.clone(),
-        epoch: p.epoch,
-    }
+    let record = record_of_answer(p, a.status, a.request_id.as_deref(), &a.body);
+    pool.limiter.settle_tokens(p.est_tokens, record.usage.total_tokens.max(0) as u64);
+    count(&inner.stats.output_tokens, record.usage.output_tokens.max(0) as u64);
+    record
 }
 
-/// The record of an answer a remote batch brought back for line `p` (see `engine::remote`).
-pub fn remote_answer_record(p: &Prepared, status: u16, request_id: Option<&str>, body: &[u8]) -> ResultRecord {
+/// The record of an answer to line `p`: the output line when its body is JSON (a 2xx is a
+/// success), else the error line of its text. Online answers and those a remote batch brought
+/// back (see `engine::remote`) are recorded alike.
+pub fn record_of_answer(p: &Prepared, status: u16, request_id: Option<&str>, body: &[u8]) -> ResultRecord {
     let request_id = request_id.unwrap_or(&p.request_id);
     let (ok, record, usage) = match parse_body(body) {
         Some((text, usage)) => ((200..300).contains(&status), answer_line(p, status, request_id, &text), usage),

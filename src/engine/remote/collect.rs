@@ -88,7 +88,7 @@ fn retryable(rl: &RemoteLine) -> bool {
 
 fn record(p: &Prepared, rl: &RemoteLine) -> ResultRecord {
     match (rl.status_code, rl.body.as_deref()) {
-        (Some(status), Some(body)) => dispatch::remote_answer_record(p, status, rl.request_id.as_deref(), body.as_bytes()),
+        (Some(status), Some(body)) => dispatch::record_of_answer(p, status, rl.request_id.as_deref(), body.as_bytes()),
         _ => {
             let (code, message) = rl.error.clone().unwrap_or_else(|| ("remote_error".into(), "the remote gave no answer for this line".into()));
             dispatch::error_record(p, &code, &message)

@@ -142,7 +142,7 @@ pub async fn fallback(method: Method, OriginalUri(uri): OriginalUri, headers: He
     if !api && wants_html && (method == Method::GET || method == Method::HEAD) {
         return serve(0, &headers);
     }
-    super::not_found(uri).await.into_response()
+    super::not_found(uri).await
 }
 
 #[cfg(test)]

@@ -40,7 +40,12 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
     req.headers_mut().insert(X_REQUEST_ID, value.clone());
     req.extensions_mut().insert(RequestId(id));
+    // Anthropic's SDKs read the id from `request-id`: every answer below its routes has both.
+    let anthropic = req.uri().path().starts_with("/v1/messages");
     let mut resp = next.run(req).await;
+    if anthropic {
+        resp.headers_mut().insert("request-id", value.clone());
+    }
     resp.headers_mut().insert(X_REQUEST_ID, value);
     resp
 }

@@ -33,7 +33,7 @@ mod validate;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -123,12 +123,22 @@ async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> im
     ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], st.engine.metrics_text().await)
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("Unknown request URL: {}. Please check the URL for typos.", uri.path()))
+async fn not_found(uri: axum::http::Uri) -> Response {
+    in_its_envelope(&uri, ApiError::not_found(format!("Unknown request URL: {}. Please check the URL for typos.", uri.path())))
 }
 
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let mut e = ApiError::bad_request(format!("{method} is not supported on {}.", uri.path()));
     e.status = StatusCode::METHOD_NOT_ALLOWED;
-    e
+    in_its_envelope(&uri, e)
+}
+
+/// An error no handler made (an unknown route, a method a route does not take), in the
+/// envelope of the API its path belongs to: Anthropic's below `/v1/messages`, else OpenAI's.
+fn in_its_envelope(uri: &axum::http::Uri, e: ApiError) -> Response {
+    if uri.path().starts_with("/v1/messages") {
+        message_batches::AnthropicError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }

@@ -234,6 +234,13 @@ async fn bad_creates_are_refused_with_every_index_in_anthropics_envelope_and_lea
     assert_anthropic_error(&Msg::new(&s, "wrong-key").get("").await, 401, "authentication_error");
     assert_anthropic_error(&alice.get("/msgbatch_nope").await, 404, "not_found_error");
     assert_anthropic_error(&alice.get("/msgbatch_nope/results").await, 404, "not_found_error");
+    // Routes no handler serves answer in Anthropic's envelope below /v1/messages too.
+    assert_anthropic_error(&alice.get("/msgbatch_nope/unknown").await, 404, "not_found_error");
+    let put = alice.send(alice.http.put(format!("{}/msgbatch_nope/cancel", alice.base))).await;
+    assert_anthropic_error(&put, 405, "invalid_request_error");
+    let openai = s.api_with_key(ALICE).get("/nothing-here").await;
+    assert_eq!(openai.0, 404);
+    assert!(openai.1["error"]["message"].is_string() && openai.1.get("type").is_none(), "OpenAI's envelope elsewhere: {}", openai.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

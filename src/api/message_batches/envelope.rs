@@ -1,5 +1,6 @@
-//! Anthropic's side of the HTTP edge: its error envelope, its `request-id` header, and the
-//! caller's tenant read from `x-api-key` as well as `Authorization: Bearer`.
+//! Anthropic's side of the HTTP edge: its error envelope and the caller's tenant read from
+//! `x-api-key` as well as `Authorization: Bearer` (the `request-id` header is set in
+//! `api::layers::request_id`).
 //!
 //! Handlers of the Message Batches API fail with an [`AnthropicError`]: the same
 //! [`ApiError`] every other handler makes (so store and blob errors convert once, in
@@ -9,11 +10,11 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::super::{layers::RequestId, AppState, Tenant};
+use super::super::{AppState, Tenant};
 use crate::error::ApiError;
 use crate::upstream::translate::anthropic_error_type;
 
@@ -67,14 +68,4 @@ impl FromRequestParts<AppState> for AnthropicTenant {
         })?;
         Ok(AnthropicTenant(t))
     }
-}
-
-/// Anthropic's `request-id` response header: the request's id (`x-request-id` too).
-pub async fn request_id_header(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let id = req.extensions().get::<RequestId>().and_then(|r| HeaderValue::from_str(&r.0).ok());
-    let mut resp = next.run(req).await;
-    if let Some(id) = id {
-        resp.headers_mut().insert("request-id", id);
-    }
-    resp
 }

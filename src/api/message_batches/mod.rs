@@ -29,7 +29,8 @@ use super::files::{cursor_error, not_found_as, parse_limit, BATCH_FILE_EXPIRY};
 use super::AppState;
 use crate::error::ApiError;
 use crate::store::{BatchApi, BatchRecord, FileRecord, ListCursor};
-use envelope::{AnthropicError, AnthropicResult, AnthropicTenant};
+pub use envelope::AnthropicError;
+use envelope::{AnthropicResult, AnthropicTenant};
 use intake::{Accepted, Checker, Limits, Refusal};
 
 /// Message Batches end processing this long after creation, as on Anthropic's API, unless the
@@ -44,7 +45,6 @@ pub fn routes() -> Router<AppState> {
         .route("/messages/batches/{id}", get(retrieve).delete(delete))
         .route("/messages/batches/{id}/cancel", post(cancel))
         .route("/messages/batches/{id}/results", get(results))
-        .layer(axum::middleware::from_fn(envelope::request_id_header))
 }
 
 fn no_such_batch(id: &str) -> AnthropicError {

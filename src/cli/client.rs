@@ -7,18 +7,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
+use super::connection::{Client, ServerArgs, FINAL};
 use super::progress::{Display, Snapshot};
-use crate::config::Secret;
-
-#[derive(Args, Debug, Clone)]
-pub struct ServerArgs {
-    /// The batchd server's URL.
-    #[arg(long, env = "BATCHD_SERVER", default_value = "http://127.0.0.1:8080")]
-    pub server: String,
-    /// API key, when the server has tenants configured.
-    #[arg(long, env = "BATCHD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<Secret>,
-}
 
 pub const EXAMPLES: &str = "Examples:
   batchd submit prompts.jsonl --server http://127.0.0.1:8080
@@ -31,49 +21,6 @@ Exit codes: 0 success; 1 error (the server's message is printed), or `cancel` of
 had already ended; 4 `status --watch`
 followed the batch to its end, but not every line succeeded (some are in the errors file, or
 the batch ended failed, expired or cancelled).";
-
-pub(super) struct Client {
-    http: reqwest::Client,
-    base: String,
-    key: Option<Secret>,
-}
-
-impl Client {
-    pub(super) fn new(a: &ServerArgs) -> Client {
-        Client { http: reqwest::Client::new(), base: format!("{}/v1", a.server.trim_end_matches('/')), key: a.api_key.clone() }
-    }
-
-    pub(super) fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let r = self.http.request(m, format!("{}{path}", self.base));
-        match &self.key {
-            Some(k) => r.bearer_auth(k.expose()),
-            None => r,
-        }
-    }
-
-    pub(super) async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = r.send().await.with_context(|| format!("cannot reach the server at {}", self.base))?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or_default();
-        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
-        if status == reqwest::StatusCode::UNAUTHORIZED {
-            let hint = if self.key.is_some() {
-                "the API key given is not one of the server's: check --api-key / BATCHD_API_KEY"
-            } else {
-                "pass --api-key KEY (or set BATCHD_API_KEY)"
-            };
-            bail!("server answered {status}: {message}\n{hint}");
-        }
-        bail!("server answered {status}: {message}")
-    }
-
-    pub(super) async fn json(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        Ok(self.send(r).await?.json().await?)
-    }
-}
 
 #[derive(Args, Debug, Clone)]
 pub struct SubmitArgs {
@@ -144,8 +91,6 @@ fn snapshot(b: &Value) -> Snapshot {
             .map(|end| (end - b["in_progress_at"].as_i64().or(b["created_at"].as_i64()).unwrap_or(end)).max(0) as u64),
     }
 }
-
-pub(super) const FINAL: [&str; 4] = ["completed", "failed", "expired", "cancelled"];
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
     let c = Client::new(&a.server);

@@ -6,6 +6,7 @@
 //! cancelled); 130 `run` interrupted.
 
 mod client;
+mod connection;
 mod health;
 mod migrate;
 mod progress;

@@ -35,7 +35,7 @@ pub struct RetryArgs {
     #[arg(long, value_delimiter = ',')]
     pub include: Vec<String>,
     #[command(flatten)]
-    pub server: super::client::ServerArgs,
+    pub server: super::connection::ServerArgs,
     /// Only lines whose upstream answered one of these HTTP statuses (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub status: Vec<u16>,
@@ -102,7 +102,7 @@ pub async fn run(args: RetryArgs) -> anyhow::Result<i32> {
 
 /// `POST /v1/batches/{id}/retry`; prints the new batch's id.
 async fn on_server(args: &RetryArgs, id: &str) -> anyhow::Result<i32> {
-    let c = super::client::Client::new(&args.server);
+    let c = super::connection::Client::new(&args.server);
     let mut body = serde_json::Map::new();
     if !args.include.is_empty() {
         body.insert("include".into(), args.include.clone().into());

@@ -11,7 +11,7 @@ use anyhow::bail;
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::client::{Client, FINAL};
+use super::connection::{Client, FINAL};
 use super::progress::{Display, Snapshot};
 
 /// One server-sent event.

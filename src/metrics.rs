@@ -339,6 +339,29 @@ mod tests {
         Outcome::Answer(Answer { status, body: Default::default(), request_id: None, retry_after: None, rate_limits: Default::default() })
     }
 
+    /// Every family `/metrics` renders is in the table of docs/deploy.md.
+    #[test]
+    fn every_family_is_documented() {
+        let docs = include_str!("../docs/deploy.md");
+        let engine = crate::upstream::EngineMetrics {
+            kv_cache_usage: Some(0.5),
+            waiting: Some(1.0),
+            running: Some(2.0),
+            preemptions: Some(0.0),
+            prefix_cache_hit_rate: Some(0.4),
+        };
+        let u = UpstreamGauges { name: "a".into(), learned_rpm: Some(60.0), window_reason: Some(WindowReason::KvCache), engine: Some(engine), ..Default::default() };
+        let text = Metrics::default().render(&Scrape { upstreams: vec![u], ..Default::default() });
+        assert!(text.contains("batchd_upstream_window_reason{upstream=\"a\",reason=\"kv_cache\"} 1"), "{text}");
+        assert!(text.contains("batchd_upstream_prefix_cache_hit_rate{upstream=\"a\"} 0.4"), "{text}");
+        let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+        assert!(families.len() > 20, "{families:?}");
+        for f in families {
+            let base = f.trim_end_matches("_total");
+            assert!(docs.contains(&format!("`{base}")), "{f} is not in the metrics table of docs/deploy.md");
+        }
+    }
+
     #[test]
     fn families_render_with_their_labels() {
         let m = Metrics::default();

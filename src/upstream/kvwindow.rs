@@ -12,7 +12,8 @@
 //!   one (twice that) shrinks the cap by [`SHRINK`]; a short but non-empty queue holds it:
 //!   that is the aim, the server full with work ready;
 //! - an empty queue with the cache below the point grows the cap towards the requests the
-//!   cache would hold at the point, at most doubling per sample, and only while batchd
+//!   cache would hold at the point, at most [`MAX_GROWTH`] times per sample (the learned window's slow start
+//!   fills it in milliseconds), and only while batchd
 //!   uses the cap (nothing is learned from a cap nobody fills).
 //!
 //! Without the figures (no `metrics_url`, or a page naming neither the KV cache nor the
@@ -29,7 +30,7 @@ pub const SHRINK: f64 = 0.8;
 /// The cap while a `metrics_url` is configured but has not answered yet.
 pub const FIRST_CAP: f64 = 4.0;
 /// Most growth per sample.
-const MAX_GROWTH: f64 = 2.0;
+const MAX_GROWTH: f64 = 8.0;
 
 /// Why the window is what it is (shown per upstream in `/progress` and `/metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -132,7 +133,7 @@ impl KvWindow {
     }
 
     /// Queue empty, cache below the point, the cap in use: towards what the cache holds at
-    /// the point, no further than a remembered ceiling unless the cache has plenty of room.
+    /// the point (at most [`MAX_GROWTH`] times the cap), no further than a remembered ceiling unless the cache has plenty of room.
     fn grow(&self, base: f64, running: f64, kv: f64) -> (f64, WindowReason) {
         let at_point = if kv > 0.01 { running * KV_POINT / kv } else { f64::INFINITY };
         let mut target = at_point.min(base * MAX_GROWTH).max(base + 1.0);
@@ -173,13 +174,13 @@ mod tests {
     #[test]
     fn an_empty_queue_and_room_in_the_cache_grow_the_cap_towards_the_point() {
         let mut w = KvWindow::default();
-        // 4 running use 10 % of the cache: 36 would fill it to the point; at most doubling.
+        // 4 running use 10 % of the cache: 36 would fill it to the point; at most 8 times.
         let c = w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0).unwrap();
-        assert_eq!((c.slots, c.reason), (8.0, WindowReason::KvCache));
-        let c = w.update(&m(0.2, 0.0, 8.0, 0.0), 8, 256.0).unwrap();
-        assert_eq!(c.slots, 16.0);
-        let c = w.update(&m(0.4, 0.0, 16.0, 0.0), 16, 256.0).unwrap();
-        assert_eq!(c.slots, 32.0);
+        assert_eq!((c.slots, c.reason), (32.0, WindowReason::KvCache));
+        let c = w.update(&m(0.005, 0.0, 2.0, 0.0), 32, 1000.0).unwrap();
+        assert_eq!(c.slots, 256.0, "a nearly empty cache: 8 times");
+        let mut w = KvWindow::default();
+        w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0);
         let c = w.update(&m(0.8, 0.0, 32.0, 0.0), 32, 256.0).unwrap();
         assert_eq!(c.slots, 36.0, "no further than the point: 32 × 0.9 / 0.8");
         let c = w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0).unwrap();

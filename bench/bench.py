@@ -1035,6 +1035,10 @@ class Bench:
                              "ratio": two["throughput"] / one["throughput"], "target": target, "result": "report"})
         self.figures.append(commits_figure("PostgreSQL, two nodes", two["metrics"]))
 
+    def cluster(self) -> None:
+        import cluster as cluster_step  # bench/cluster.py, beside this file
+        cluster_step.run(self, sys.modules[__name__])
+
     def prefix(self) -> None:
         import prefix as prefix_step  # bench/prefix.py, beside this file
         prefix_step.run(self, sys.modules[__name__])
@@ -1437,7 +1441,8 @@ class Bench:
         only = set(self.args.only.split(",")) if self.args.only else None
         try:
             for name, f in (("dispatch", self.dispatch), ("saturation", self.saturation), ("big", self.big), ("flat", self.flat),
-                            ("limits", self.limits), ("scale", self.scale), ("prefix", self.prefix)):
+                            ("limits", self.limits), ("scale", self.scale), ("cluster", self.cluster),
+                            ("prefix", self.prefix)):
                 if only is None or name in only:
                     f()
         finally:
@@ -1505,7 +1510,7 @@ def main() -> int:
     ap.add_argument("--bin", required=True, help="the batchd binary")
     ap.add_argument("--work", required=True, help="scratch directory (inputs, data dirs, logs)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, about 30 s")
-    ap.add_argument("--only", help="comma list of dispatch,saturation,big,flat,limits,scale,prefix")
+    ap.add_argument("--only", help="comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--pidfile", help="append the pid of every child here")
     args = ap.parse_args()

@@ -9,13 +9,14 @@
 # Options:
 #   --quick         smaller sizes
 #   --no-build      do not run `cargo build --release --bin batchd` (use the binary as it is)
-#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,prefix
+#   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
 #   BATCHD_BIN=PATH use that binary instead of target/release/batchd (implies --no-build)
 #
 # The scale figures (one node on PostgreSQL + S3 against the embedded default, two nodes
-# against one, store transactions per 1,000 results on PostgreSQL) need PostgreSQL (taken from
+# against one, store transactions per 1,000 results on PostgreSQL) and the cluster figures
+# (the cross-node cancel delay beside one node's) need PostgreSQL (taken from
 # BATCHD_BENCH_POSTGRES_URL, else 127.0.0.1:5432 when it answers) and an S3 server
 # (BATCHD_BENCH_S3_URL, else moto started by scripts/s3-server.sh); without them they are n/a.
 #
@@ -111,7 +112,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-if [ -z "$ONLY" ] || [[ ",$ONLY," == *",scale,"* ]]; then
+if [ -z "$ONLY" ] || [[ ",$ONLY," == *",scale,"* ]] || [[ ",$ONLY," == *",cluster,"* ]]; then
   if [ -z "${BATCHD_BENCH_POSTGRES_URL:-}" ] && command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; then
     export BATCHD_BENCH_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
   fi

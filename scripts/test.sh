@@ -50,6 +50,16 @@ if [[ -z "${BATCHD_TEST_S3_URL+set}" ]]; then
         echo "WARNING: could not start the S3 test server; the S3 tests will be skipped" >&2
     fi
 fi
+# libfaketime, for the skewed-clock cluster test (Debian's faketime; skipped without it).
+if [[ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 && ! -e /usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1 ]]; then
+    sudo=""
+    [[ "$(id -u)" == 0 ]] || sudo="sudo"
+    echo "== installing faketime with apt-get (the skewed-clock test) ==" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq faketime >&2 \
+        || { $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq faketime >&2; }; }; then
+        echo "WARNING: could not install faketime; the skewed-clock test will be skipped" >&2
+    fi
+fi
 [[ -n "${BATCHD_TEST_POSTGRES_URL:-}" ]] || unset BATCHD_TEST_POSTGRES_URL
 [[ -n "${BATCHD_TEST_S3_URL:-}" ]] || unset BATCHD_TEST_S3_URL
 

@@ -37,6 +37,7 @@ pub mod api;
 pub mod backend;
 pub mod blob;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -51,19 +52,20 @@ pub mod store;
 pub mod upstream;
 pub mod wire;
 
-/// Seconds since the Unix epoch, the unit of every timestamp on the wire.
+/// Seconds since the Unix epoch, the unit of every timestamp on the wire, by the cluster's
+/// clock (see [`clock`]).
 pub fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    clock::now_ms().div_euclid(1000)
 }
 
-/// Milliseconds since the Unix epoch (for pauses that end within seconds).
+/// Milliseconds since the Unix epoch (for pauses that end within seconds), by the cluster's clock.
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    clock::now_ms().max(0) as u64
 }
 
-/// Seconds since the Unix epoch, with a fraction (for rates and ages).
+/// Seconds since the Unix epoch, with a fraction (for rates and ages), by the cluster's clock.
 pub fn now_unix_f64() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    clock::now_ms() as f64 / 1000.0
 }
 
 /// Displays an error with every cause under it, `outer: inner: innermost`: how a log line or

@@ -6,6 +6,11 @@
 //! lapsed). When renewal keeps failing for a whole `lease_ttl`, the leases must be presumed
 //! lost, so every feeder stops until renewal works again.
 //!
+//! Each beat also reads the store's clock, the cluster's one clock (see [`crate::clock`]),
+//! and, being a write, tells whether the database takes writes: `batchd_store_writable` is
+//! true to the last attempt on an idle node too (the writer's commits, which also hold the
+//! engine's health gate, tell it as well).
+//!
 //! Upstream limits are cluster-wide totals: each node takes its share of every upstream's
 //! `max_concurrency`, `rpm` and `tpm` (`Limiter::set_share`), by the number of live nodes
 //! and its rank among them (oldest first), re-divided as soon as a heartbeat sees a node join
@@ -85,8 +90,11 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
     let batches: serde_json::Map<String, serde_json::Value> =
         inner.book.all_counts().into_iter().map(|(id, c)| (id.to_string(), json!({"in_flight": c.in_flight, "retrying": c.retrying}))).collect();
     let info = json!({"batches": batches, "store_writable": inner.health.is_writable()}).to_string();
+    let before = crate::clock::host_ms();
     match inner.store.heartbeat(&inner.node, inner.started_at, ttl, &info).await {
-        Ok(nodes) => {
+        Ok(crate::store::Membership { nodes, clock_ms }) => {
+            crate::clock::observe(clock_ms, before, crate::clock::host_ms());
+            inner.beat_writes.store(true, Ordering::Relaxed);
             let n = nodes.len().max(1);
             // Nodes come oldest first, the same order on every node: the rank splits limits.
             let rank = nodes.iter().position(|x| x.id == inner.node).unwrap_or(0);
@@ -103,6 +111,10 @@ pub async fn beat(inner: &Inner, ttl: Duration) -> Vec<crate::store::NodeInfo> {
         }
         Err(e) => {
             tracing::debug!(error = %crate::Chain(&e), "heartbeat failed");
+            if e.is_transient() {
+                // The heartbeat is a write: an idle node knows the database is out too.
+                inner.beat_writes.store(false, Ordering::Relaxed);
+            }
             Vec::new()
         }
     }

@@ -1,7 +1,8 @@
 //! [`Error`]: what can go wrong in a batch step, and what the engine does about it.
 //!
-//! - [`Error::Unavailable`]: the store or blob store is down or out of space. Nothing is
-//!   wrong with the batch; the step waits with back-off for as long as it takes.
+//! - [`Error::Unavailable`]: the database or the object store is down or out of space
+//!   ([`Error::outage`] tells which). Nothing is wrong with the batch; the step waits with
+//!   back-off for as long as it takes.
 //! - [`Error::Retry`]: something unexpected. The step is tried again with back-off a few
 //!   times, then treated as permanent, so no loop retries forever.
 //! - [`Error::Permanent`]: this batch cannot go on (its input vanished, its stored state is
@@ -37,6 +38,23 @@ struct Doing {
 }
 
 impl Error {
+    /// What an `Unavailable` error says is out, by the error its chain holds: "the object
+    /// store" (a blob store error) or "the database" (a store error); "the store" otherwise.
+    pub fn outage(&self) -> &'static str {
+        let Error::Unavailable(cause) = self else { return "the store" };
+        let mut at: Option<&(dyn std::error::Error + 'static)> = Some(cause.as_ref());
+        while let Some(e) = at {
+            if e.is::<blob::Error>() {
+                return "the object store";
+            }
+            if e.is::<store::Error>() {
+                return "the database";
+            }
+            at = e.source();
+        }
+        "the store"
+    }
+
     pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
         Error::Permanent { code, message: message.into() }
     }

@@ -106,7 +106,7 @@ fn hold(inner: &Inner, unit: &WorkUnit, h: &Active) -> CancellationToken {
 /// few times; a permanent error (or too many) goes back to the runner.
 async fn pause_or_fail(ctx: &RunCtx, e: Error, failures: &mut u32) -> Result<()> {
     match e {
-        Error::Unavailable(_) => tracing::warn!(batch = %ctx.batch_id, error = %crate::Chain(&e), "the store is unavailable; feeding waits"),
+        Error::Unavailable(_) => tracing::warn!(batch = %ctx.batch_id, error = %crate::Chain(&e), "{} is unavailable; feeding waits", e.outage()),
         Error::Retry(_) if *failures < FEEDER_RETRIES => {
             *failures += 1;
             tracing::warn!(batch = %ctx.batch_id, error = %crate::Chain(&e), "feeding failed; retrying");

@@ -1,4 +1,5 @@
-//! What the engine tells about itself while it runs: metrics, a tick each time this node
+//! What the engine tells about itself while it runs: metrics (answered from memory, the
+//! store's figures as last read), a tick each time this node
 //! appends to the event outbox, the live nodes' published state, and the token that ends
 //! long-lived HTTP streams at shutdown.
 //!
@@ -23,11 +24,33 @@ pub struct Live {
     nodes: Mutex<Vec<NodeInfo>>,
     /// Cancelled when the HTTP server starts to shut down: event streams end then.
     pub streams_stop: CancellationToken,
+    /// What `/metrics` shows of the store, kept in memory so that a scrape never waits on it.
+    view: Mutex<StoreView>,
 }
+
+/// The store's figures as last read: the working batches by status (the supervisor's look,
+/// every second), the lines pending (read in the background when a scrape finds them older
+/// than [`VIEW_AGE`]).
+#[derive(Default)]
+struct StoreView {
+    by_status: Vec<(&'static str, i64)>,
+    lines_pending: i64,
+    pending_read_at: Option<std::time::Instant>,
+    reading: bool,
+}
+
+const VIEW_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+const WORKING: [BatchStatus; 4] = [BatchStatus::Validating, BatchStatus::InProgress, BatchStatus::Finalizing, BatchStatus::Cancelling];
 
 impl Default for Live {
     fn default() -> Self {
-        Live { metrics: Metrics::default(), outbox: watch::Sender::new(0), nodes: Mutex::default(), streams_stop: CancellationToken::new() }
+        Live {
+            metrics: Metrics::default(),
+            outbox: watch::Sender::new(0),
+            nodes: Mutex::default(),
+            streams_stop: CancellationToken::new(),
+            view: Mutex::default(),
+        }
     }
 }
 
@@ -50,6 +73,29 @@ impl Live {
 
     pub fn set_nodes(&self, nodes: Vec<NodeInfo>) {
         *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = nodes;
+    }
+
+    /// The working batches as the supervisor just read them.
+    pub fn set_working(&self, batches: &[(String, BatchStatus)]) {
+        let by_status = WORKING.iter().map(|w| (w.as_str(), batches.iter().filter(|(_, st)| st == w).count() as i64)).collect();
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).by_status = by_status;
+    }
+
+    /// Whether the lines pending are due for a read (and marks one as started).
+    fn pending_due(&self) -> bool {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let due = !v.reading && v.pending_read_at.is_none_or(|t| t.elapsed() >= VIEW_AGE);
+        v.reading |= due;
+        due
+    }
+
+    fn set_pending(&self, lines: Option<i64>) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.reading = false;
+        v.pending_read_at = Some(std::time::Instant::now());
+        if let Some(n) = lines {
+            v.lines_pending = n;
+        }
     }
 }
 
@@ -130,7 +176,8 @@ impl Engine {
         nodes.iter().filter(|n| n.id != self.inner.node).map(|n| serde_json::from_str(&n.info).unwrap_or_default()).collect()
     }
 
-    /// Prometheus text of everything `/metrics` shows.
+    /// Prometheus text of everything `/metrics` shows, from memory: the store's figures are
+    /// the last read (see `StoreView`), so a scrape answers at once through a store outage.
     pub async fn metrics_text(&self) -> String {
         let inner = &self.inner;
         let s = &inner.stats;
@@ -138,19 +185,24 @@ impl Engine {
         let mut scrape = Scrape {
             store_commits: self.store_commits(),
             results_committed: get(&s.results_committed),
-            store_writable: self.store_writable(),
+            store_writable: self.store_writable() && inner.beat_writes.load(Ordering::Relaxed),
             retries_waiting: get(&s.retries_waiting),
             output_tokens: get(&s.output_tokens),
             batches_failed_by_engine: get(&s.batches_failed),
             upstreams: inner.router.states().iter().map(UpstreamGauges::from).collect(),
             ..Default::default()
         };
-        let working = [BatchStatus::Validating, BatchStatus::InProgress, BatchStatus::Finalizing, BatchStatus::Cancelling];
-        if let Ok(batches) = inner.store.batches_in(&working).await {
-            scrape.batches_by_status = working.iter().map(|w| (w.as_str(), batches.iter().filter(|(_, st)| st == w).count() as i64)).collect();
+        if inner.live.pending_due() {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let read = tokio::time::timeout(std::time::Duration::from_secs(30), inner.store.queued(None)).await;
+                inner.live.set_pending(read.ok().and_then(Result::ok).map(|q| q.requests));
+            });
         }
-        if let Ok(q) = inner.store.queued(None).await {
-            scrape.lines_pending = q.requests;
+        {
+            let v = inner.live.view.lock().unwrap_or_else(|p| p.into_inner());
+            scrape.batches_by_status.clone_from(&v.by_status);
+            scrape.lines_pending = v.lines_pending;
         }
         inner.live.metrics.render(&scrape)
     }

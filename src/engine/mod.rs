@@ -20,13 +20,16 @@
 //!   [`health`] gate holds every new upstream call;
 //! - `finalizer` streams the result log into the output and error files;
 //! - `cluster` keeps this node's heartbeat, leases and claims alive and stops the feeders
-//!   of units it lost; `janitor` removes expired files and crash debris.
+//!   of units it lost; `statuses` applies every node's status changes (a cancel, an
+//!   expiry, a failure) to this node's runs as they commit; `janitor` removes expired
+//!   files and crash debris.
 //!
 //! Steps one node does alone (validation, finalization) are claimed on the batch; units are
 //! leased with an epoch, so a node that lost a lease learns it at its next commit or
 //! heartbeat. Cancel and expiry are signals: a per-batch token stops the feeders at once and
-//! aborts in-flight calls. A `kill -9` is safe at any instant: on restart a unit resumes at
-//! the lines that have no durable result, so only calls in flight at the crash are repeated.
+//! aborts in-flight calls, on every node (see `statuses`). A `kill -9` is safe at any
+//! instant: on restart a unit resumes at the lines that have no durable result, so only
+//! calls in flight at the crash are repeated.
 
 mod book;
 mod cluster;
@@ -48,19 +51,21 @@ mod retry;
 mod runner;
 mod scheduler;
 pub mod stall;
+mod statuses;
 mod supervisor;
 pub mod validator;
 mod webhooks;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::blob::Blob;
 use crate::config::Config;
@@ -108,6 +113,14 @@ impl Active {
             self.abort.cancel();
         }
     }
+
+    /// The batch's run ended elsewhere (finalizing, completed, failed, expired): stop
+    /// feeding, drop the lines waiting on retries and abort the calls on the wire.
+    fn halt(&self) {
+        self.cancelled.cancel();
+        self.stop.cancel();
+        self.abort.cancel();
+    }
 }
 
 /// The units this node holds a lease on, each with the token that stops its feeder.
@@ -135,6 +148,11 @@ pub(crate) struct Inner {
     live_nodes: AtomicUsize,
     /// This node's rank among them (oldest first), for its share of upstream limits.
     rank: AtomicUsize,
+    /// The store's status feed is open: other nodes' changes arrive as they commit.
+    listening: AtomicBool,
+    /// The last heartbeat (a write) went through: with the writer's health, what
+    /// `batchd_store_writable` tells.
+    beat_writes: AtomicBool,
     /// Consecutive failed steps per batch (see `supervisor`).
     failures: Mutex<HashMap<String, u32>>,
     scheduler: scheduler::Scheduler,
@@ -192,6 +210,8 @@ impl Engine {
             held,
             live_nodes: AtomicUsize::new(1),
             rank: AtomicUsize::new(0),
+            listening: AtomicBool::new(false),
+            beat_writes: AtomicBool::new(true),
             failures: Mutex::default(),
             scheduler: scheduler::Scheduler::default(),
             live,
@@ -202,12 +222,16 @@ impl Engine {
             janitor::sweep_debris(&inner, Duration::ZERO).await;
         }
         cluster::join(&inner, exclusive).await;
-        inner.tasks.spawn(supervisor::supervise(inner.clone()));
-        inner.tasks.spawn(cluster::heartbeat(inner.clone()));
-        inner.tasks.spawn(scheduler::run(inner.clone()));
-        inner.tasks.spawn(janitor::janitor(inner.clone()));
-        inner.tasks.spawn(stall::watch(inner.clone()));
-        inner.tasks.spawn(webhooks::deliver(inner.clone()));
+        // Every engine log line names this node (the spans of batches, units and lines nest in it).
+        let span = tracing::info_span!("node", id = %inner.node);
+        tracing::info!(parent: &span, live_nodes = inner.live_nodes.load(Ordering::Relaxed), "the engine started");
+        inner.tasks.spawn(supervisor::supervise(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(cluster::heartbeat(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(scheduler::run(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(janitor::janitor(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(stall::watch(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(webhooks::deliver(inner.clone()).instrument(span.clone()));
+        inner.tasks.spawn(statuses::listen(inner.clone()).instrument(span));
         Ok(Engine { inner })
     }
 

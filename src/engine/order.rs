@@ -87,11 +87,32 @@ pub struct Ordered {
     pub shared: u64,
 }
 
-/// How units are cut: at most `lines` lines and about `bytes` bytes of input each.
+/// How units are cut: at most `lines` lines and about `bytes` bytes of input each, and
+/// smaller late in a batch (see [`Cut::lines_now`]) when the batch's `total` lines are known.
 #[derive(Debug, Clone, Copy)]
 pub struct Cut {
     pub lines: u64,
     pub bytes: u64,
+    /// The batch's request lines (0: unknown, no tapering).
+    pub total: u64,
+}
+
+/// A unit holds at most this fraction (1/TAPER) of the lines still to cut ...
+const TAPER: u64 = 16;
+/// ... but no fewer lines than this (unless `Cut::lines` is smaller).
+const MIN_UNIT_LINES: u64 = 25;
+
+impl Cut {
+    /// The most lines the next unit may hold when `remaining` lines are still to cut: units
+    /// shrink towards the end of a batch, so that every node with a share of the upstream has
+    /// lines to send until the batch's last moments (a node holding no unit leaves its share
+    /// unused: one 2,000-line unit ran on one node of three at a third of the rate).
+    pub fn lines_now(&self, remaining: u64) -> u64 {
+        if self.total == 0 {
+            return self.lines;
+        }
+        (remaining / TAPER).max(MIN_UNIT_LINES).min(self.lines).max(1)
+    }
 }
 
 impl OrderBuilder {
@@ -203,7 +224,7 @@ impl Units {
         u.byte_len += RECORD as u64;
         *bytes += u64::from(e.len);
         self.pos += 1;
-        if u.line_count >= self.cut.lines || *bytes >= self.cut.bytes {
+        if u.line_count >= self.cut.lines_now(self.cut.total.saturating_sub(self.pos - u.line_count)) || *bytes >= self.cut.bytes {
             self.close();
         }
     }
@@ -278,9 +299,19 @@ mod tests {
     }
 
     #[test]
+    fn units_shrink_late_in_a_batch_and_never_grow_past_the_cut() {
+        let cut = Cut { lines: 2000, bytes: u64::MAX, total: 2000 };
+        assert_eq!(cut.lines_now(2000), 125, "a 2,000-line batch starts with sixteenths");
+        assert_eq!(cut.lines_now(100), MIN_UNIT_LINES, "and ends with units of 25");
+        assert_eq!(cut.lines_now(10_000_000), 2000, "a big batch is cut by unit_lines");
+        assert_eq!(Cut { lines: 10, bytes: u64::MAX, total: 2000 }.lines_now(2000), 10, "never more than unit_lines");
+        assert_eq!(Cut { lines: 2000, bytes: u64::MAX, total: 0 }.lines_now(5), 2000, "no tapering without a total");
+    }
+
+    #[test]
     fn lines_sharing_a_document_are_listed_together_and_units_cover_the_order() {
         for run_bytes in [usize::MAX, 2000] {
-            let (o, doc_of) = build(7, 30, run_bytes, Cut { lines: 16, bytes: u64::MAX });
+            let (o, doc_of) = build(7, 30, run_bytes, Cut { lines: 16, bytes: u64::MAX, total: 0 });
             let mut o = o.expect("every line shares its document");
             let entries = read(&mut o);
             let mut lines: Vec<u64> = entries.iter().map(|e| e.line).collect();
@@ -305,8 +336,8 @@ mod tests {
 
     #[test]
     fn a_batch_that_shares_nothing_gets_no_order_and_units_end_at_their_bytes() {
-        assert!(build(300, 1, usize::MAX, Cut { lines: 16, bytes: u64::MAX }).0.is_none(), "no line shares a document");
-        let (o, _) = build(2, 10, usize::MAX, Cut { lines: 1000, bytes: 2700 });
+        assert!(build(300, 1, usize::MAX, Cut { lines: 16, bytes: u64::MAX, total: 0 }).0.is_none(), "no line shares a document");
+        let (o, _) = build(2, 10, usize::MAX, Cut { lines: 1000, bytes: 2700, total: 0 });
         assert_eq!(o.unwrap().units.iter().map(|u| u.line_count).collect::<Vec<_>>(), [3, 3, 3, 3, 3, 3, 2], "900-byte lines, 2,700 bytes a unit");
         assert!(!worth_it(0, 0) && !worth_it(9, 1000) && worth_it(10, 1000));
     }

@@ -5,9 +5,11 @@
 //! `Unavailable` waits (the store is down or full; the batch is fine), `Retry` is tried
 //! again a few times with growing pauses, `Permanent` fails that batch with a clear message.
 //! A step that panics counts as `Retry`. Either way the other batches go on. Each step runs
-//! with fresh cancellation handles.
+//! with fresh cancellation handles. Each look also signals this node's runs of batches whose
+//! status changed elsewhere (the fallback of `statuses`).
 
 use std::any::Any;
+use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::error::Error;
-use super::{runner, Active, Inner};
+use super::{runner, statuses, Active, Inner};
 use crate::store::{BatchStatus, LineError};
 
 const WORK_STATUSES: [BatchStatus; 4] = [BatchStatus::Validating, BatchStatus::InProgress, BatchStatus::Cancelling, BatchStatus::Finalizing];
@@ -32,26 +34,49 @@ pub async fn supervise(inner: Arc<Inner>) {
     loop {
         match inner.store.batches_in(&WORK_STATUSES).await {
             Ok(batches) => {
-                for (id, status) in batches {
-                    start_batch(&inner, id, status);
+                inner.live.set_working(&batches);
+                signal_runs(&inner, &batches);
+                for (id, _) in batches {
+                    start_batch(&inner, id);
                 }
             }
             Err(e) => tracing::warn!(error = %crate::Chain(&e), "cannot list batches to run; retrying"),
         }
         tokio::select! {
             _ = inner.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(statuses::look_period(&inner)) => {}
             _ = inner.soft_stop.cancelled() => return,
         }
     }
 }
 
-fn start_batch(inner: &Arc<Inner>, id: String, status: BatchStatus) {
+/// The fallback for changes the status feed did not bring (see `statuses`): signals this
+/// node's runs of the batches listed, and of those that left the working statuses (their
+/// status read once each, while the run is not yet signalled).
+fn signal_runs(inner: &Arc<Inner>, listed: &[(String, BatchStatus)]) {
+    for (id, status) in listed {
+        statuses::apply(inner, id, *status);
+    }
+    let gone: Vec<String> = {
+        let active = inner.active.lock().unwrap_or_else(|p| p.into_inner());
+        let listed: HashSet<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+        active.iter().filter(|(id, a)| !listed.contains(id.as_str()) && !a.cancelled.is_cancelled()).map(|(id, _)| id.clone()).collect()
+    };
+    for id in gone {
+        let inner = inner.clone();
+        inner.tasks.clone().spawn(async move {
+            match inner.store.get_batch(None, &id).await {
+                Ok(b) => statuses::apply(&inner, &id, b.status),
+                Err(crate::store::Error::NotFound) => statuses::apply(&inner, &id, BatchStatus::Failed),
+                Err(e) => tracing::debug!(batch = %id, error = %crate::Chain(&e), "cannot read the status of a batch run here"),
+            }
+        });
+    }
+}
+
+fn start_batch(inner: &Arc<Inner>, id: String) {
     let mut active = inner.active.lock().unwrap();
-    if let Some(a) = active.get(&id) {
-        if status == BatchStatus::Cancelling && !a.cancelled.is_cancelled() {
-            a.cancel(inner.cfg.finish_in_flight_on_cancel);
-        }
+    if active.contains_key(&id) {
         return;
     }
     let handles = Active { stop: inner.soft_stop.child_token(), abort: inner.hard_stop.child_token(), cancelled: CancellationToken::new() };
@@ -101,7 +126,7 @@ async fn on_failure(inner: &Arc<Inner>, id: &str, err: Error) {
         *n
     };
     match &err {
-        Error::Unavailable(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), "the store is unavailable; the batch waits"),
+        Error::Unavailable(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), "{} is unavailable; the batch waits", err.outage()),
         Error::Retry(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), attempt = failures, "a batch step failed; retrying"),
         Error::Permanent { .. } => {}
     }

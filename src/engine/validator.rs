@@ -6,7 +6,8 @@
 //! format only what a report can list ([`MAX_ERRORS`]) is kept, plus counts. It reports
 //! every problem with its 1-based line (the [`MAX_ERRORS`] lowest lines, whatever order
 //! they are found in) and, for a good file, cuts it into work units (line ranges with their
-//! byte offsets; one per `unit_lines` lines, so a few hundred for a million lines). Asked
+//! byte offsets; one per `unit_lines` lines, so a few hundred for a million lines, smaller
+//! towards the end so that every node has lines until the batch's last moments). Asked
 //! to ([`Validator::order_by_prefix`]), it also keys every line by its prompt prefix
 //! (`engine::prefix`) and sorts them (`engine::order`, an external sort like the duplicate
 //! finder's): when the lines share prefixes, the units are cut from that order instead.
@@ -71,6 +72,8 @@ pub struct Validator<'a> {
     models: BTreeMap<String, ModelSummary>,
     tokens: u64,
     requests: u64,
+    /// The file's size in bytes, when known (units are cut smaller late in the file).
+    size: u64,
     units: Vec<WorkUnit>,
     open: Option<WorkUnit>,
     /// Lines and their prefix keys, when units follow the prefix order.
@@ -163,6 +166,7 @@ impl<'a> Validator<'a> {
             models: BTreeMap::new(),
             tokens: 0,
             requests: 0,
+            size: 0,
             units: vec![],
             open: None,
             order: None,
@@ -195,6 +199,7 @@ impl<'a> Validator<'a> {
 
     /// Checks the file size before reading it.
     pub fn check_size(&mut self, bytes: u64) -> bool {
+        self.size = bytes;
         if bytes > self.limits.max_file_bytes {
             let m = format!("The file has {bytes} bytes, over the limit of {} bytes.", self.limits.max_file_bytes);
             self.push(err("file_too_large", None, None, m));
@@ -360,9 +365,22 @@ impl<'a> Validator<'a> {
         unit.end_line = l.no + 1;
         unit.byte_len = l.offset + l.len - unit.byte_offset;
         unit.line_count += request as u64;
-        if unit.line_count >= self.unit_lines || unit.byte_len >= MAX_UNIT_BYTES {
+        let (count, len, from) = (unit.line_count, unit.byte_len, unit.byte_offset);
+        if count >= self.unit_cap(from, l.offset + l.len) || len >= MAX_UNIT_BYTES {
             self.close_unit();
         }
+    }
+
+    /// The most lines of a unit that starts at byte `from`, `seen` bytes into the file: fewer
+    /// late in the batch (see [`Cut::lines_now`]), the lines still to come estimated from the
+    /// file's size and the requests a byte so far.
+    fn unit_cap(&self, from: u64, seen: u64) -> u64 {
+        let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES, total: self.size };
+        if self.size == 0 || seen == 0 {
+            return self.unit_lines;
+        }
+        let remaining = u128::from(self.size.saturating_sub(from)) * u128::from(self.requests) / u128::from(seen);
+        cut.lines_now(remaining.min(u128::from(u64::MAX)) as u64)
     }
 
     fn close_unit(&mut self) {
@@ -416,7 +434,7 @@ impl<'a> Validator<'a> {
             errors.push(err("too_many_errors", None, None, m));
         }
         let model = (self.models.len() == 1).then(|| self.models.keys().next().cloned()).flatten();
-        let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES };
+        let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES, total: self.requests };
         let order = match self.order.take().filter(|_| errors.is_empty()) {
             Some(o) => o.finish(&self.batch_id, cut, self.scratch.clone())?,
             None => None,

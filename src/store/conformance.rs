@@ -457,8 +457,10 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
 }
 
 pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
-    let ids = |nodes: Vec<NodeInfo>| nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
-    ids(store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap());
+    let ids = |m: Membership| m.nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
+    let first = store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap();
+    assert!((first.clock_ms - crate::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
+    ids(first);
     let both = ids(store.heartbeat("hb-2", 20, LONG, r#"{"x":1}"#).await.unwrap());
     assert_eq!(both, ["hb-1", "hb-2"], "live nodes, oldest first");
     store.heartbeat("hb-1", 10, GONE, "{}").await.unwrap();

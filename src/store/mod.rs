@@ -213,10 +213,30 @@ pub trait Work: Send + Sync {
 pub trait Cluster: Send + Sync {
     /// Records that `node` is alive until `ttl` from now (store clock), with what it
     /// publishes (`info`, JSON text); forgets nodes whose heartbeat lapsed; returns the live
-    /// nodes, `node` included.
-    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Vec<NodeInfo>>;
+    /// nodes, `node` included, and the store's clock.
+    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Membership>;
     /// A node leaving gracefully: its row, leases and claims go at once.
     async fn leave(&self, node: &str) -> Result<()>;
+    /// Every node's batch status changes as they commit, where the database can push them
+    /// (PostgreSQL's `LISTEN`); `None` where it cannot (the embedded store, which has no
+    /// other node). A change committed while no feed is open is missed: a caller that opens
+    /// one reads the statuses it cares about afterwards.
+    async fn status_feed(&self) -> Result<Option<Box<dyn StatusFeed>>>;
+}
+
+/// A batch's new status, as a transition committed it (on any node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    pub batch_id: String,
+    pub status: BatchStatus,
+}
+
+/// The status changes of every node (see [`Cluster::status_feed`]).
+#[async_trait]
+pub trait StatusFeed: Send {
+    /// The next change; an error once the feed's connection is lost (a new feed must be
+    /// opened, and changes committed meanwhile are missed).
+    async fn next(&mut self) -> Result<StatusChange>;
 }
 
 #[async_trait]

@@ -362,6 +362,15 @@ pub struct DeliveryAttempt {
     pub delivered: bool,
 }
 
+/// What a heartbeat learns: the live nodes and the store's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Membership {
+    /// Oldest first (by `started_at`, then id).
+    pub nodes: Vec<NodeInfo>,
+    /// The store's clock during the heartbeat, in unix milliseconds (see [`crate::clock`]).
+    pub clock_ms: i64,
+}
+
 /// A live node, as its last heartbeat described it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct NodeInfo {

@@ -10,6 +10,10 @@
 //!   appends to the outbox (its ids become visible in commit order);
 //! - results are inserted with one `UNNEST … ON CONFLICT DO NOTHING RETURNING` statement,
 //!   which tells exactly which lines were new; the log is keyed by (batch id, line);
+//! - every status change is told to the other nodes with `pg_notify` in the transition's
+//!   transaction (delivered at its commit, on channel [`STATUS_CHANNEL`]); each node listens
+//!   on a connection of its own ([`PgStatusFeed`]), so a cancel, an expiry or a failure
+//!   through one node stops the others' work at once, at no cost while nothing changes;
 //! - the schema is migrated with `sqlx::migrate!` on a dedicated connection, under sqlx's
 //!   advisory lock, so nodes starting together migrate once.
 //!
@@ -23,13 +27,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::{Connection, Pool, Transaction};
 
 pub use sqlx::Postgres;
 
 use super::sql::{driver_glue, Dialect, Record, SqlStore, Stmt};
-use super::{schema, Error, Result, ResultRecord, StoredResult, WorkUnit};
+use super::{schema, BatchStatus, Error, Result, ResultRecord, StatusChange, StatusFeed, StoredResult, WorkUnit};
 
 /// The scale-out store.
 pub type PgStore = SqlStore<Postgres>;
@@ -41,6 +45,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first key of the per-tenant advisory lock that admissions take ("quota" in ASCII);
 /// the second is the tenant's hash.
 const QUOTA_LOCK: i32 = 0x7175_6f74;
+/// The channel batch status changes are notified on; the payload is `<status> <batch id>`.
+pub const STATUS_CHANNEL: &str = "batchd_status";
 /// The advisory lock key of the outbox (an arbitrary constant: "batchd" in ASCII).
 const OUTBOX_LOCK: i64 = 0x6261_7463_6864;
 
@@ -145,6 +151,18 @@ impl Dialect for Postgres {
         Ok(keys.iter().filter_map(|(b, l)| by_key.get(&(b.as_str(), *l)).copied()).collect())
     }
 
+    async fn notify_status(conn: &mut PgConnection, batch_id: &str, status: BatchStatus) -> Result<()> {
+        let payload = format!("{} {batch_id}", status.as_str());
+        Self::sql("SELECT pg_notify($1, $2)").bind(STATUS_CHANNEL).bind(payload).execute(conn).await.map(|_| ())
+    }
+
+    async fn status_feed(pool: &Pool<Self>) -> Result<Option<Box<dyn StatusFeed>>> {
+        let mut listener = PgListener::connect_with(pool).await.map_err(Self::error)?;
+        listener.eager_reconnect(false);
+        listener.listen(STATUS_CHANNEL).await.map_err(Self::error)?;
+        Ok(Some(Box::new(PgStatusFeed(listener))))
+    }
+
     async fn done_lines(_log: &(), pool: &Pool<Self>, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>> {
         let stmt = Self::sql("SELECT line FROM results WHERE batch_id = $1 AND line >= $2 AND line < $3 ORDER BY line");
         let stmt = stmt.bind(batch_id).bind(unit.first_line as i64).bind(unit.end_line as i64);
@@ -183,5 +201,43 @@ impl Dialect for Postgres {
         let (line, custom_id, ok, record) =
             stmt.bind(batch_id).bind(custom_id).fetch_one::<(i64, String, bool, String)>(&mut *pool.acquire().await.map_err(Self::error)?).await?;
         Ok(StoredResult { line: line as u64, custom_id, ok, record })
+    }
+}
+
+/// The status changes of every node, on a `LISTEN`ing connection of this node's pool.
+pub struct PgStatusFeed(PgListener);
+
+#[async_trait]
+impl StatusFeed for PgStatusFeed {
+    async fn next(&mut self) -> Result<StatusChange> {
+        loop {
+            match self.0.try_recv().await {
+                Ok(Some(n)) => match parse_status_payload(n.payload()) {
+                    Some(change) => return Ok(change),
+                    None => tracing::debug!(payload = n.payload(), "an unreadable status notification; ignored"),
+                },
+                Ok(None) => return Err(Error::Unavailable("the connection listening for status changes was lost".into())),
+                Err(e) => return Err(Postgres::error(e)),
+            }
+        }
+    }
+}
+
+/// Reads a notification's `<status> <batch id>`.
+fn parse_status_payload(payload: &str) -> Option<StatusChange> {
+    let (status, id) = payload.split_once(' ')?;
+    Some(StatusChange { batch_id: id.to_string(), status: BatchStatus::parse(status)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_payloads_read_back_and_odd_ones_are_refused() {
+        let c = parse_status_payload("cancelling batch_abc").unwrap();
+        assert_eq!((c.batch_id.as_str(), c.status), ("batch_abc", BatchStatus::Cancelling));
+        assert!(parse_status_payload("cancelling").is_none());
+        assert!(parse_status_payload("paused batch_abc").is_none());
     }
 }

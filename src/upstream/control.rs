@@ -644,11 +644,17 @@ impl Controller {
             self.epoch += 1;
             self.last_decrease = Some(now);
             self.strikes += 1;
+            // A refusal that names its own wait paces the pool by it: it teaches no rate (a
+            // rate is for limiters that say nothing), so that waits it asked for and a rate
+            // halved on each of them do not compound.
+            let says_nothing = asked.is_none();
             if t.paced {
-                self.decrease_rate(now);
+                if says_nothing {
+                    self.decrease_rate(now);
+                }
             } else if self.window_bound(t, in_flight) && self.window >= 2.0 {
                 self.decrease_window(now);
-            } else if self.rate.is_some() || ((self.window < 2.0 || recent) && self.oks.rate(now).is_some_and(|g| g > 0.0)) {
+            } else if says_nothing && (self.rate.is_some() || ((self.window < 2.0 || recent) && self.oks.rate(now).is_some_and(|g| g > 0.0))) {
                 self.decrease_rate(now);
             }
             // Else an isolated overload while the window had room, or nothing gets through

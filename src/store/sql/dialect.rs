@@ -17,7 +17,7 @@ use sqlx::postgres::{PgRow, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::{Database, Encode, FromRow, Pool, Transaction, Type};
 
-use crate::store::{Error, Result, ResultRecord, StoredResult, WorkUnit};
+use crate::store::{BatchStatus, Error, Result, ResultRecord, StatusFeed, StoredResult, WorkUnit};
 
 /// A value that binds to a statement on every database the store runs on.
 pub trait Param<'q>: 'q + Send + Encode<'q, Sqlite> + Type<Sqlite> + Encode<'q, Postgres> + Type<Postgres> {}
@@ -91,6 +91,18 @@ pub trait Dialect: Database + Sized {
     async fn result_by_custom_id(log: &Self::Log, pool: &Pool<Self>, batch_id: &str, custom_id: &str) -> Result<StoredResult>;
     /// A batch became final: nothing more is added to its log.
     fn forget_batch(_log: &Self::Log, _batch_id: &str) {}
+
+    /// Inside a transition's transaction: tells the nodes listening to [`Dialect::status_feed`]
+    /// that `batch_id` is now `status`, once the transaction commits. Nothing where no other
+    /// node can listen.
+    async fn notify_status(_conn: &mut Self::Connection, _batch_id: &str, _status: BatchStatus) -> Result<()> {
+        Ok(())
+    }
+
+    /// See [`crate::store::Cluster::status_feed`]; `None` where the database cannot push.
+    async fn status_feed(_pool: &Pool<Self>) -> Result<Option<Box<dyn StatusFeed>>> {
+        Ok(None)
+    }
 
     /// A statement of this dialect, with `$N` placeholders.
     fn sql<'q>(text: impl Into<String>) -> Stmt<'q, Self> {

@@ -1,7 +1,8 @@
 //! The event outbox and webhook deliveries.
 //!
 //! Status events are appended by the transitions themselves ([`status_event`]), in their
-//! transaction; a final status also queues the batch's webhook delivery there. Commits of
+//! transaction; a final status also queues the batch's webhook delivery there, and every
+//! status is told to the nodes listening for it ([`Dialect::notify_status`]) at the commit. Commits of
 //! results append progress ([`progress_event`]), at most one a second per batch.
 //!
 //! Readers page through the outbox by id (`id > cursor`), so ids must become visible in
@@ -40,6 +41,7 @@ pub(super) async fn status_event<D: Dialect>(conn: &mut D::Connection, batch_id:
          FROM batches WHERE id = $2 RETURNING id"
     ));
     let id: i64 = stmt.bind(now).bind(batch_id).scalar(conn).await?.ok_or(Error::NotFound)?;
+    D::notify_status(conn, batch_id, status).await?;
     if status.is_final() {
         D::sql(format!("INSERT INTO webhook_deliveries (event_id, next_attempt_ms) VALUES ($1, {})", D::NOW_MS)).bind(id).execute(conn).await?;
     }

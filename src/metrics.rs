@@ -350,7 +350,13 @@ mod tests {
             preemptions: Some(0.0),
             prefix_cache_hit_rate: Some(0.4),
         };
-        let u = UpstreamGauges { name: "a".into(), learned_rpm: Some(60.0), window_reason: Some(WindowReason::KvCache), engine: Some(engine), ..Default::default() };
+        let u = UpstreamGauges {
+            name: "a".into(),
+            learned_rpm: Some(60.0),
+            window_reason: Some(WindowReason::KvCache),
+            engine: Some(engine),
+            ..Default::default()
+        };
         let text = Metrics::default().render(&Scrape { upstreams: vec![u], ..Default::default() });
         assert!(text.contains("batchd_upstream_window_reason{upstream=\"a\",reason=\"kv_cache\"} 1"), "{text}");
         assert!(text.contains("batchd_upstream_prefix_cache_hit_rate{upstream=\"a\"} 0.4"), "{text}");

@@ -154,13 +154,7 @@ mod tests {
     use super::*;
 
     fn m(kv: f64, waiting: f64, running: f64, preemptions: f64) -> EngineMetrics {
-        EngineMetrics {
-            kv_cache_usage: Some(kv),
-            waiting: Some(waiting),
-            running: Some(running),
-            preemptions: Some(preemptions),
-            prefix_cache_hit_rate: None,
-        }
+        EngineMetrics { kv_cache_usage: Some(kv), waiting: Some(waiting), running: Some(running), preemptions: Some(preemptions), prefix_cache_hit_rate: None }
     }
 
     #[test]

@@ -35,8 +35,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Once};
 
 pub use control::{human, PauseReason, Signal};
-pub use kvwindow::WindowReason;
 pub use dialect::{Outgoing, Translation};
+pub use kvwindow::WindowReason;
 pub use limiter::{Limiter, Permit};
 pub use outcome::{Answer, Outcome, TransportError};
 pub use probe::EngineMetrics;

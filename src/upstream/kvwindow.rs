@@ -120,10 +120,11 @@ impl KvWindow {
             (base.min(running * KV_POINT / kv).max(1.0), WindowReason::KvCache)
         } else if waiting > 2.0 * queue_long(running) {
             ((SHRINK * base).max(1.0), WindowReason::Queue)
-        } else if waiting > queue_long(running) || waiting >= 1.0 {
+        } else if waiting >= 1.0 {
+            // Short but not empty is the aim; long (over `queue_long`) stops growth alike.
             (base, WindowReason::Queue)
         } else if in_flight + 1.0 < base {
-            (base, WindowReason::Queue)
+            (base, WindowReason::KvCache)
         } else {
             self.grow(base, running, kv)
         };

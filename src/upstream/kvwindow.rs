@@ -12,8 +12,8 @@
 //!   one (twice that) shrinks the cap by [`SHRINK`]; a short but non-empty queue holds it:
 //!   that is the aim, the server full with work ready;
 //! - an empty queue with the cache below the point grows the cap towards the requests the
-//!   cache would hold at the point, at most [`MAX_GROWTH`] times per sample (the learned window's slow start
-//!   fills it in milliseconds), and only while batchd
+//!   cache would hold at the point, at most [`MAX_GROWTH`] times per sample while the cache is nearly empty, twice
+//!   once it holds something, and only while batchd
 //!   uses the cap (nothing is learned from a cap nobody fills).
 //!
 //! Without the figures (no `metrics_url`, or a page naming neither the KV cache nor the
@@ -29,8 +29,13 @@ pub const ROOM: f64 = 0.6;
 pub const SHRINK: f64 = 0.8;
 /// The cap while a `metrics_url` is configured but has not answered yet.
 pub const FIRST_CAP: f64 = 4.0;
-/// Most growth per sample.
+/// Most growth per sample: fast while the cache is nearly empty (the learned window's slow
+/// start fills the cap within milliseconds), doubling once it holds something (its usage
+/// per running request is a noisy figure to project from).
 const MAX_GROWTH: f64 = 8.0;
+const GROWTH: f64 = 2.0;
+/// Below this share of the KV cache the cap may grow [`MAX_GROWTH`] times per sample.
+const NEARLY_EMPTY: f64 = 0.1;
 
 /// Why the window is what it is (shown per upstream in `/progress` and `/metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -134,17 +139,19 @@ impl KvWindow {
     }
 
     /// Queue empty, cache below the point, the cap in use: towards what the cache holds at
-    /// the point (at most [`MAX_GROWTH`] times the cap), no further than a remembered ceiling unless the cache has plenty of room.
+    /// the point (at most [`MAX_GROWTH`] or [`GROWTH`] times the cap), no further than a remembered ceiling unless the cache has plenty of room.
     fn grow(&self, base: f64, running: f64, kv: f64) -> (f64, WindowReason) {
-        let at_point = if kv > 0.01 { running * KV_POINT / kv } else { f64::INFINITY };
-        let mut target = at_point.min(base * MAX_GROWTH).max(base + 1.0);
+        if kv <= 0.01 {
+            // Nothing in the cache (an idle moment between requests): no figure to project from.
+            return (base, WindowReason::KvCache);
+        }
+        let at_point = running * KV_POINT / kv;
+        let growth = if kv < NEARLY_EMPTY { MAX_GROWTH } else { GROWTH };
+        let target = at_point.min(base * growth).max(base + 1.0);
         if let Some(ceiling) = self.ceiling.filter(|_| kv >= ROOM) {
             if target > ceiling {
                 return (base.max(ceiling), WindowReason::KvCache);
             }
-        }
-        if target.is_infinite() {
-            target = base + 1.0;
         }
         (target, WindowReason::KvCache)
     }
@@ -169,13 +176,18 @@ mod tests {
     #[test]
     fn an_empty_queue_and_room_in_the_cache_grow_the_cap_towards_the_point() {
         let mut w = KvWindow::default();
-        // 4 running use 10 % of the cache: 36 would fill it to the point; at most 8 times.
-        let c = w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0).unwrap();
+        // 4 running use 5 % of the cache: 72 would fill it to the point; at most 8 times.
+        let c = w.update(&m(0.05, 0.0, 4.0, 0.0), 4, 256.0).unwrap();
         assert_eq!((c.slots, c.reason), (32.0, WindowReason::KvCache));
-        let c = w.update(&m(0.005, 0.0, 2.0, 0.0), 32, 1000.0).unwrap();
-        assert_eq!(c.slots, 256.0, "a nearly empty cache: 8 times");
+        let c = w.update(&m(0.02, 0.0, 2.0, 0.0), 32, 1000.0).unwrap();
+        assert_eq!(c.slots, 90.0, "a nearly empty cache: up to 8 times, here to the point");
+        let c = w.update(&m(0.0, 0.0, 0.0, 0.0), 90, 1000.0).unwrap();
+        assert_eq!(c.slots, 90.0, "an idle moment (nothing in the cache) says nothing: hold");
         let mut w = KvWindow::default();
-        w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0);
+        let c = w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0).unwrap();
+        assert_eq!(c.slots, 8.0, "10 % of the cache in use: twice");
+        w.update(&m(0.2, 0.0, 8.0, 0.0), 8, 256.0);
+        w.update(&m(0.4, 0.0, 16.0, 0.0), 16, 256.0);
         let c = w.update(&m(0.8, 0.0, 32.0, 0.0), 32, 256.0).unwrap();
         assert_eq!(c.slots, 36.0, "no further than the point: 32 × 0.9 / 0.8");
         let c = w.update(&m(0.1, 0.0, 4.0, 0.0), 4, 256.0).unwrap();

@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::upstream::{Outcome, PauseReason, TransportError};
+use crate::upstream::{Outcome, PauseReason, TransportError, WindowReason};
 
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -193,6 +193,10 @@ pub struct UpstreamGauges {
     pub pause_seconds_remaining: f64,
     pub rate_limited_last_minute: u64,
     pub overloaded_last_minute: u64,
+    /// Why the window is what it is.
+    pub window_reason: Option<WindowReason>,
+    /// The server's own figures (`metrics_url`), when read lately.
+    pub engine: Option<crate::upstream::EngineMetrics>,
 }
 
 impl From<&crate::upstream::UpstreamState> for UpstreamGauges {
@@ -209,6 +213,8 @@ impl From<&crate::upstream::UpstreamState> for UpstreamGauges {
             pause_seconds_remaining: left_ms as f64 / 1000.0,
             rate_limited_last_minute: s.rate_limited_last_minute,
             overloaded_last_minute: s.overloaded_last_minute,
+            window_reason: Some(s.window_reason),
+            engine: s.engine,
         }
     }
 }
@@ -290,6 +296,37 @@ impl Scrape {
         r.register("batchd_upstream_pause_seconds_remaining", "Seconds until the upstream's pause ends, 0 while not paused", left);
         r.register("batchd_upstream_rate_limited_last_minute", "429 answers in the last minute", limited);
         r.register("batchd_upstream_overloaded_last_minute", "Overloaded answers (503, 529) in the last minute", overloaded);
+        self.register_engines(r);
+    }
+
+    /// Why each window is what it is, and what each server reports of itself (`metrics_url`).
+    fn register_engines(&self, r: &mut Registry) {
+        type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+        let reason = Family::<Labels, Gauge>::default();
+        let hit_rate = Family::<Labels, FloatGauge>::default();
+        let preemptions = Family::<Labels, FloatGauge>::default();
+        let kv = Family::<Labels, FloatGauge>::default();
+        let waiting = Family::<Labels, FloatGauge>::default();
+        for u in &self.upstreams {
+            if let Some(why) = u.window_reason {
+                for r in WindowReason::ALL {
+                    let labels = vec![("upstream", u.name.clone()), ("reason", r.as_str().to_string())];
+                    reason.get_or_create(&labels).set((why == r) as i64);
+                }
+            }
+            let Some(e) = &u.engine else { continue };
+            let l = upstream(&u.name);
+            for (family, value) in [(&hit_rate, e.prefix_cache_hit_rate), (&preemptions, e.preemptions), (&kv, e.kv_cache_usage), (&waiting, e.waiting)] {
+                if let Some(v) = value {
+                    family.get_or_create(&l).set(v);
+                }
+            }
+        }
+        r.register("batchd_upstream_window_reason", "1 for why the window is what it is (slow_start, learned, kv_cache, queue), 0 for the others", reason);
+        r.register("batchd_upstream_prefix_cache_hit_rate", "Share of prompt tokens the upstream's prefix cache served, as it reports", hit_rate);
+        r.register("batchd_upstream_preemptions", "Preemptions the upstream reports since it started", preemptions);
+        r.register("batchd_upstream_kv_cache_usage", "Share of the upstream's KV cache in use, as it reports", kv);
+        r.register("batchd_upstream_waiting", "Requests queued in the upstream, as it reports", waiting);
     }
 }
 
@@ -300,6 +337,35 @@ mod tests {
 
     fn answer(status: u16) -> Outcome {
         Outcome::Answer(Answer { status, body: Default::default(), request_id: None, retry_after: None, rate_limits: Default::default() })
+    }
+
+    /// Every family `/metrics` renders is in the table of docs/deploy.md.
+    #[test]
+    fn every_family_is_documented() {
+        let docs = include_str!("../docs/deploy.md");
+        let engine = crate::upstream::EngineMetrics {
+            kv_cache_usage: Some(0.5),
+            waiting: Some(1.0),
+            running: Some(2.0),
+            preemptions: Some(0.0),
+            prefix_cache_hit_rate: Some(0.4),
+        };
+        let u = UpstreamGauges {
+            name: "a".into(),
+            learned_rpm: Some(60.0),
+            window_reason: Some(WindowReason::KvCache),
+            engine: Some(engine),
+            ..Default::default()
+        };
+        let text = Metrics::default().render(&Scrape { upstreams: vec![u], ..Default::default() });
+        assert!(text.contains("batchd_upstream_window_reason{upstream=\"a\",reason=\"kv_cache\"} 1"), "{text}");
+        assert!(text.contains("batchd_upstream_prefix_cache_hit_rate{upstream=\"a\"} 0.4"), "{text}");
+        let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+        assert!(families.len() > 20, "{families:?}");
+        for f in families {
+            let base = f.trim_end_matches("_total");
+            assert!(docs.contains(&format!("`{base}")), "{f} is not in the metrics table of docs/deploy.md");
+        }
     }
 
     #[test]

@@ -62,6 +62,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::kvwindow::{Cap, WindowReason};
 use crate::config::UpstreamMode;
 
 const BETA_WINDOW: f64 = 0.9;
@@ -295,6 +296,8 @@ pub struct Controller {
     last_send: Option<Instant>,
     /// When the rate-limit headers last said something.
     headers_at: Option<Instant>,
+    /// The cap the inference server's own figures put on the window (`kvwindow`).
+    cap: Option<Cap>,
 }
 
 /// Standby's current measurement round.
@@ -345,6 +348,7 @@ impl Controller {
             stray_until: None,
             last_send: None,
             headers_at: None,
+            cap: None,
         }
     }
 
@@ -373,14 +377,36 @@ impl Controller {
         self.bounds.max_concurrency.max(1) as f64
     }
 
-    /// The window: requests allowed in flight.
+    /// The window: requests allowed in flight (the learned one, under the server's cap).
     pub fn window(&self) -> f64 {
-        self.window
+        self.cap.map_or(self.window, |c| self.window.min(c.slots))
     }
 
     /// Whole slots of the window (at least one).
     pub fn slots(&self) -> usize {
-        (self.window.floor() as usize).clamp(1, self.bounds.max_concurrency.max(1))
+        (self.window().floor() as usize).clamp(1, self.bounds.max_concurrency.max(1))
+    }
+
+    /// Caps the window by the inference server's figures (throughput mode), or lifts the cap
+    /// (`None`: the figures went away). The learned window under a lifted cap starts from
+    /// where the cap held it, not from where it had grown to unused.
+    pub fn set_cap(&mut self, cap: Option<Cap>) {
+        if cap.is_none() {
+            if let Some(c) = self.cap {
+                self.window = self.window.min(c.slots.max(1.0));
+            }
+        }
+        self.cap = cap.filter(|_| self.bounds.mode == UpstreamMode::Throughput);
+    }
+
+    /// Why the window is what it is: the server's cap when it binds, else slow start or
+    /// what the answers taught.
+    pub fn reason(&self) -> WindowReason {
+        match self.cap {
+            Some(c) if c.slots < self.window => c.reason,
+            _ if self.slow_start && self.bounds.mode == UpstreamMode::Throughput => WindowReason::SlowStart,
+            _ => WindowReason::Learned,
+        }
     }
 
     pub fn pause(&self, now: Instant) -> Option<&Pause> {

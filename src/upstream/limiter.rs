@@ -25,6 +25,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::control::{Bounds, Controller, Observation, Ticket};
+use super::kvwindow::KvWindow;
+use super::probe::EngineMetrics;
 use crate::config::UpstreamConfig;
 
 /// Longest a bucket or gate waiter sleeps before looking again, so that tokens credited back
@@ -63,6 +65,8 @@ struct State {
     share: usize,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
+    /// Throughput: the cap the server's figures put on the window.
+    kv: KvWindow,
 }
 
 /// A slot of the upstream's concurrency; returned on drop. [`Limiter::settle`] tells the
@@ -91,9 +95,14 @@ impl Limiter {
     pub fn new(cfg: &UpstreamConfig) -> Limiter {
         let base = Base { mode: cfg.mode, max_concurrency: cfg.max_concurrency.max(1), rpm: cfg.rpm, tpm: cfg.tpm };
         let now = Instant::now();
-        let ctl = Controller::new(bounds(&base, 1, base.max_concurrency), now);
+        let mut ctl = Controller::new(bounds(&base, 1, base.max_concurrency), now);
+        if cfg.metrics_url.is_some() {
+            // Slow start waits for the server's first figures rather than racing past its
+            // KV cache in the first milliseconds; a `metrics_url` that fails lifts this.
+            ctl.set_cap(Some(KvWindow::before_first_sample()));
+        }
         let capacity = ctl.slots();
-        let state = State { ctl, capacity, max: base.max_concurrency, share: 1, rpm: None, tpm: None };
+        let state = State { ctl, capacity, max: base.max_concurrency, share: 1, rpm: None, tpm: None, kv: KvWindow::default() };
         let l = Limiter {
             sem: Arc::new(Semaphore::new(capacity)),
             debt: AtomicUsize::new(0),
@@ -200,10 +209,27 @@ impl Limiter {
         drop(permit);
     }
 
-    /// Standby: queued requests reported by the upstream's metrics.
-    pub fn on_queue(&self, waiting: f64) {
+    /// A reading of the upstream's own figures: its queue steers standby; in throughput
+    /// mode its KV cache, queue and preemptions cap the window (`kvwindow`).
+    pub fn on_metrics(&self, m: &EngineMetrics) {
         let mut st = self.lock();
-        st.ctl.on_queue(Instant::now(), waiting);
+        let now = Instant::now();
+        if let Some(waiting) = m.waiting {
+            st.ctl.on_queue(now, waiting);
+        }
+        if self.base.mode == crate::config::UpstreamMode::Throughput {
+            let max = st.max as f64;
+            let cap = st.kv.update(m, self.in_flight(), max);
+            st.ctl.set_cap(cap);
+        }
+        self.resize(&mut st);
+    }
+
+    /// The figures could not be read: the learned window alone rules again.
+    pub fn metrics_lost(&self) {
+        let mut st = self.lock();
+        st.kv.reset();
+        st.ctl.set_cap(None);
         self.resize(&mut st);
     }
 

@@ -23,6 +23,7 @@ mod conn;
 mod control;
 mod decode;
 mod dialect;
+mod kvwindow;
 mod limiter;
 mod outcome;
 mod probe;
@@ -36,6 +37,7 @@ use std::sync::{Arc, Once};
 
 pub use control::{human, PauseReason, Signal};
 pub use dialect::{Outgoing, Translation};
+pub use kvwindow::WindowReason;
 pub use limiter::{Limiter, Permit};
 pub use outcome::{Answer, Outcome, TransportError};
 pub use probe::EngineMetrics;
@@ -246,6 +248,9 @@ pub struct UpstreamState {
     pub mode: UpstreamMode,
     pub in_flight: usize,
     pub window: f64,
+    /// Why the window is what it is: `slow_start`, `learned` (from the answers), `kv_cache`
+    /// or `queue` (the server's own figures hold it).
+    pub window_reason: WindowReason,
     /// This node's share of `max_concurrency`.
     pub limit: usize,
     pub learned_rpm: Option<f64>,
@@ -305,6 +310,7 @@ impl Pool {
                 mode: self.cfg.mode,
                 in_flight: self.limiter.in_flight(),
                 window: (c.window() * 10.0).round() / 10.0,
+                window_reason: c.reason(),
                 limit,
                 learned_rpm: c.learned_rate_at(now).map(|r| (r * 600.0).round() / 10.0),
                 paused: pause.is_some(),
@@ -329,9 +335,13 @@ impl Pool {
     /// A new reading of the upstream's own figures: kept, and its queue handed to the limiter.
     fn on_metrics(&self, m: EngineMetrics) {
         *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some((tokio::time::Instant::now(), m));
-        if let Some(waiting) = m.waiting {
-            self.limiter.on_queue(waiting);
-        }
+        self.limiter.on_metrics(&m);
+    }
+
+    /// `metrics_url` failed or named nothing known: the window follows the answers alone.
+    fn on_metrics_lost(&self) {
+        *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.limiter.metrics_lost();
     }
 
     /// Starts polling `metrics_url` (in either mode), once, for as long as the pool lives.
@@ -410,6 +420,7 @@ mod tests {
                 "mode",
                 "in_flight",
                 "window",
+                "window_reason",
                 "limit",
                 "learned_rpm",
                 "paused",
@@ -427,6 +438,7 @@ mod tests {
         );
         assert_eq!(v["mode"], "throughput");
         assert_eq!(v["window"], 4.0, "a new upstream starts slowly");
+        assert_eq!(v["window_reason"], "slow_start");
         assert!(v["pause_reason"].is_null());
         assert_eq!(r.states_for(Some("m2")).iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["b"]);
         let paused = UpstreamState {

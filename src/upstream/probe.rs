@@ -111,11 +111,17 @@ pub(super) fn spawn(pool: Weak<Pool>) {
                 }
                 Ok(_) if !warned_unknown => {
                     warned_unknown = true;
+                    if let Some(p) = pool.upgrade() {
+                        p.on_metrics_lost();
+                    }
                     tracing::warn!(upstream = %name, url = %url, "metrics_url names none of the figures batchd knows (vLLM's, SGLang's or llama.cpp's); it is not used");
                 }
                 Ok(_) => {}
                 Err(e) if !failing => {
                     failing = true;
+                    if let Some(p) = pool.upgrade() {
+                        p.on_metrics_lost();
+                    }
                     tracing::warn!(upstream = %name, error = %e, "metrics_url could not be read; the window follows the answers alone");
                 }
                 Err(_) => {}

@@ -74,6 +74,8 @@ pub struct Validator<'a> {
     requests: u64,
     /// The file's size in bytes, when known (units are cut smaller late in the file).
     size: u64,
+    /// Whether units are cut smaller late in the batch (not for a hosted batch API's lines).
+    taper: bool,
     units: Vec<WorkUnit>,
     open: Option<WorkUnit>,
     /// Lines and their prefix keys, when units follow the prefix order.
@@ -167,6 +169,7 @@ impl<'a> Validator<'a> {
             tokens: 0,
             requests: 0,
             size: 0,
+            taper: true,
             units: vec![],
             open: None,
             order: None,
@@ -336,6 +339,9 @@ impl<'a> Validator<'a> {
         match self.models.get_mut(model) {
             Some(m) => m.requests += 1,
             None => {
+                // A model at a hosted batch API: its units are its remote batches' shards, cut
+                // at full size (see `engine::remote`), not smaller late in the batch.
+                self.taper &= !self.router.batched(model);
                 let name = if self.models.len() < MAX_MODELS { model } else { OTHER_MODELS };
                 self.models.entry(name.to_string()).or_default().requests += 1;
             }
@@ -376,7 +382,7 @@ impl<'a> Validator<'a> {
     /// file's size and the requests a byte so far.
     fn unit_cap(&self, from: u64, seen: u64) -> u64 {
         let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES, total: self.size };
-        if self.size == 0 || seen == 0 {
+        if !self.taper || self.size == 0 || seen == 0 {
             return self.unit_lines;
         }
         let remaining = u128::from(self.size.saturating_sub(from)) * u128::from(self.requests) / u128::from(seen);
@@ -434,7 +440,7 @@ impl<'a> Validator<'a> {
             errors.push(err("too_many_errors", None, None, m));
         }
         let model = (self.models.len() == 1).then(|| self.models.keys().next().cloned()).flatten();
-        let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES, total: self.requests };
+        let cut = Cut { lines: self.unit_lines, bytes: MAX_UNIT_BYTES, total: if self.taper { self.requests } else { 0 } };
         let order = match self.order.take().filter(|_| errors.is_empty()) {
             Some(o) => o.finish(&self.batch_id, cut, self.scratch.clone())?,
             None => None,

@@ -204,6 +204,11 @@ impl Router {
         Ok(())
     }
 
+    /// Whether lines for `model` go to a hosted batch API (an upstream of a batch `kind`).
+    pub fn batched(&self, model: &str) -> bool {
+        self.pools.iter().any(|p| p.cfg.kind.is_batch() && resolve_in(&p.cfg, model).is_some())
+    }
+
     /// Whether lines for `model` are dispatched in prefix order: a pool serving it says so
     /// (`prefix_order`, on by default). Allocates nothing.
     pub fn prefix_ordered(&self, model: &str) -> bool {

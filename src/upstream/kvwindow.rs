@@ -12,9 +12,9 @@
 //!   one (twice that) shrinks the cap by [`SHRINK`]; a short but non-empty queue holds it:
 //!   that is the aim, the server full with work ready;
 //! - an empty queue with the cache below the point grows the cap towards the requests the
-//!   cache would hold at the point, at most [`MAX_GROWTH`] times per sample while the cache is nearly empty, twice
-//!   once it holds something, and only while batchd
-//!   uses the cap (nothing is learned from a cap nobody fills).
+//!   cache would hold at the point: at most [`MAX_GROWTH`] times per sample while the cache is
+//!   nearly empty, twice once it holds something, and only while batchd uses the cap (nothing
+//!   is learned from a cap nobody fills).
 //!
 //! Without the figures (no `metrics_url`, or a page naming neither the KV cache nor the
 //! queue) there is no cap: the learned window alone rules, as it did before.
@@ -139,7 +139,8 @@ impl KvWindow {
     }
 
     /// Queue empty, cache below the point, the cap in use: towards what the cache holds at
-    /// the point (at most [`MAX_GROWTH`] or [`GROWTH`] times the cap), no further than a remembered ceiling unless the cache has plenty of room.
+    /// the point (at most [`MAX_GROWTH`] or [`GROWTH`] times the cap), no further than a
+    /// remembered ceiling unless the cache has plenty of room.
     fn grow(&self, base: f64, running: f64, kv: f64) -> (f64, WindowReason) {
         if kv <= 0.01 {
             // Nothing in the cache (an idle moment between requests): no figure to project from.

@@ -400,8 +400,9 @@ models = ["busy"]
   const api = apiClient(open.url, null);
   const done = await api.submit(Array.from({ length: 40 }, (_, i) => chatLine(`r-${i}`, { latency_ms: 1500 })), { metadata: { job: 'desktop-width' } });
   for (let i = 0; i < 300 && (await api.get(`/batches/${done.id}`)).status !== 'completed'; i += 1) await new Promise((r) => setTimeout(r, 100));
-  const busyLine = JSON.stringify({ custom_id: 'x', method: 'POST', url: '/v1/chat/completions', body: { model: 'busy', messages: [{ role: 'user', content: 'hi' }] } });
-  const busy = await api.submit([busyLine]);
+  // Eight lines: a cluster of 429s is the pool's limit (one alone would only delay its line).
+  const busyLine = (i) => JSON.stringify({ custom_id: `x-${i}`, method: 'POST', url: '/v1/chat/completions', body: { model: 'busy', messages: [{ role: 'user', content: 'hi' }] } });
+  const busy = await api.submit(Array.from({ length: 8 }, (_, i) => busyLine(i)));
 
   const p = await openPage(browser, { width: 1280 });
   const { page } = p;

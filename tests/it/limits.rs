@@ -256,7 +256,10 @@ async fn stray_429s_cost_only_their_own_lines() {
     println!("stray 429s: {rate:.0} lines/s against {clean_rate:.0} clean ({:.2}); statuses {:?}", rate / clean_rate, st.by_status);
     assert_eq!((out.len(), err.len()), (N, 0), "a 429 costs no attempt, even with max_attempts = 1");
     assert!(st.by_status.get("429").copied().unwrap_or(0) >= 30, "the mock did refuse about 5 %: {:?}", st.by_status);
-    assert!(rate >= 0.7 * clean_rate, "the batch keeps {:.2} of its clean throughput", rate / clean_rate);
+    // The figure, 0.7 of clean, is the benchmark's (0.83 in `bench/run.sh --only limits`);
+    // here two servers share two cores with the rest of the suite (0.68–0.9 seen). Before, every
+    // stray 429 paused the pool: 5–8 lines/s against ~290, a ratio near 0.02.
+    assert!(rate >= 0.5 * clean_rate, "the batch keeps {:.2} of its clean throughput", rate / clean_rate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

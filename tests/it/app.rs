@@ -12,7 +12,7 @@
 //! embedded store every in-process node runs on. Tests of a crash, a signal, a cluster of
 //! nodes or the process's memory start the real binary (`Server::start`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -153,9 +153,4 @@ fn log_dispatch(path: &Path) -> tracing::Dispatch {
         .with_ansi(false)
         .finish();
     tracing::Dispatch::new(subscriber)
-}
-
-/// The node's log file under its directory (the binary's stderr goes to the same file).
-pub fn log_path(dir: &Path) -> PathBuf {
-    dir.join("batchd.log")
 }

@@ -29,6 +29,9 @@ pub struct Server {
     pub extra_args: Vec<String>,
     /// Extra environment of the child (e.g. the `AWS_*` keys of a shared bucket).
     pub env: Vec<(String, String)>,
+    /// One HTTP client for every [`Api`] of this server (a client costs tens of milliseconds
+    /// to make: its TLS roots).
+    http: reqwest::Client,
 }
 
 impl Server {
@@ -52,7 +55,8 @@ impl Server {
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("batchd.toml"), config).unwrap();
         let data = data.unwrap_or_else(|| dir.join("data"));
-        let mut s = Server { child: None, app: None, in_process, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: args.to_vec(), env: env.to_vec() };
+        let (extra_args, env, http) = (args.to_vec(), env.to_vec(), reqwest::Client::new());
+        let mut s = Server { child: None, app: None, in_process, url: String::new(), dir, data, _tmp: Some(tmp), extra_args, env, http };
         s.spawn();
         s
     }
@@ -61,7 +65,7 @@ impl Server {
     pub fn spawn(&mut self) {
         if self.in_process {
             let cfg = InProcess::config(&self.data, &self.dir.join("batchd.toml"), &self.extra_args, &self.env);
-            let app = InProcess::start(cfg, &crate::app::log_path(&self.dir));
+            let app = InProcess::start(cfg, &self.dir.join("batchd.log"));
             self.url = app.url.clone();
             self.app = Some(app);
             return;
@@ -85,11 +89,16 @@ impl Server {
     }
 
     pub fn api(&self) -> Api {
-        Api::new(&self.url, None)
+        Api::with_client(self.http(), &self.url, None)
     }
 
     pub fn api_with_key(&self, key: &str) -> Api {
-        Api::new(&self.url, Some(key))
+        Api::with_client(self.http(), &self.url, Some(key))
+    }
+
+    /// The HTTP client this server's [`Api`]s share.
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
     }
 
     /// SIGKILL: no chance to flush or clean up (the binary only: a crash is a process's).
@@ -133,7 +142,7 @@ impl Server {
 
     /// `GET /metrics`, as text.
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap()
+        self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
     }
 
     pub fn log(&self) -> String {
@@ -201,7 +210,11 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, key: Option<&str>) -> Api {
-        Api { http: reqwest::Client::new(), base: format!("{url}/v1"), key: key.map(str::to_owned) }
+        Self::with_client(reqwest::Client::new(), url, key)
+    }
+
+    pub fn with_client(http: reqwest::Client, url: &str, key: Option<&str>) -> Api {
+        Api { http, base: format!("{url}/v1"), key: key.map(str::to_owned) }
     }
 
     fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

@@ -60,7 +60,7 @@ struct Answer {
 
 impl Msg {
     fn new(s: &Server, key: &str) -> Msg {
-        Msg { http: reqwest::Client::new(), base: format!("{}/v1/messages/batches", s.url), key: key.into() }
+        Msg { http: s.http(), base: format!("{}/v1/messages/batches", s.url), key: key.into() }
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Answer {
@@ -265,7 +265,7 @@ async fn tenants_lists_both_ways_and_delete() {
     let openai_id = s.api_with_key(ALICE).submit(&[chat_line("c", "local-x", None)]).await;
     assert_eq!(alice.get(&format!("/{openai_id}")).await.status, 404);
     // Bearer is the same tenant as x-api-key.
-    let bearer = reqwest::Client::new().get(format!("{}/v1/messages/batches?limit=2", s.url)).bearer_auth(ALICE).send().await.unwrap();
+    let bearer = s.http().get(format!("{}/v1/messages/batches?limit=2", s.url)).bearer_auth(ALICE).send().await.unwrap();
     let page: Value = bearer.json().await.unwrap();
     let names = |p: &Value| p["data"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!((names(&page), page["has_more"].clone()), (ids[0..2].to_vec(), json!(true)));

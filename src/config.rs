@@ -158,8 +158,9 @@ pub struct RawUpstream {
     /// server's prefix cache computes each shared prefix once (default `true`; embeddings and
     /// moderations are always sent in file order).
     pub prefix_order: Option<bool>,
-    /// `online` (default: each line is one call) or `openai-batch` (lines are gathered into
-    /// remote batches at a hosted Batch API; see `engine::remote` and docs/remote-batches.md).
+    /// `online` (default: each line is one call), `openai-batch` or `anthropic-batch` (lines
+    /// are gathered into remote batches at a hosted Batch API; see `engine::remote` and
+    /// docs/remote-batches.md).
     pub kind: Option<UpstreamKind>,
     /// Batch kinds: most lines in one remote batch (default 50,000, the hosted API's cap).
     pub max_lines: Option<u64>,
@@ -180,7 +181,8 @@ pub enum UpstreamKind {
     Online,
     /// The OpenAI Batch + Files API at `base_url` (OpenAI, compatible providers, a batchd).
     OpenaiBatch,
-    /// Anthropic's Message Batches API (not yet supported).
+    /// Anthropic's Message Batches API at `base_url` (Anthropic, a batchd); implies `api =
+    /// "anthropic"`.
     AnthropicBatch,
 }
 
@@ -210,6 +212,17 @@ pub struct RemoteBatchConfig {
 impl Default for RemoteBatchConfig {
     fn default() -> Self {
         RemoteBatchConfig { max_lines: 50_000, max_bytes: 200 * MB, poll_interval: Duration::from_secs(5), completion_window: "24h".into() }
+    }
+}
+
+impl RemoteBatchConfig {
+    /// The hosted API's own caps as defaults: OpenAI's 50,000 lines / 200 MB, Anthropic's
+    /// 100,000 requests / 256 MB.
+    pub fn for_kind(kind: UpstreamKind) -> RemoteBatchConfig {
+        match kind {
+            UpstreamKind::AnthropicBatch => RemoteBatchConfig { max_lines: 100_000, max_bytes: 256 * MB, ..Default::default() },
+            _ => RemoteBatchConfig::default(),
+        }
     }
 }
 
@@ -632,7 +645,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if u.ca_file.is_some() && !u.base_url.starts_with("https://") {
         return Err(bad("ca_file is only used with an https:// base_url".into()));
     }
-    let api = u.api.unwrap_or_default();
+    let kind = u.kind.unwrap_or_default();
+    let api = api_of(u, kind).map_err(bad)?;
     if u.default_max_tokens.is_some() && api != UpstreamApi::Anthropic {
         return Err(bad("default_max_tokens is only used with api = \"anthropic\"".into()));
     }
@@ -649,7 +663,6 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if !(timeout_s > 0.0 && timeout_s.is_finite()) {
         return Err(bad("timeout_s must be positive".into()));
     }
-    let kind = u.kind.unwrap_or_default();
     let remote = resolve_remote(u, kind).map_err(bad)?;
     Ok(UpstreamConfig {
         name: u.name.clone(),
@@ -675,20 +688,32 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     })
 }
 
+/// The API an upstream speaks: a batch kind names its own (`anthropic-batch` is Anthropic's
+/// Messages, so chat lines are translated for it), and refuses another.
+fn api_of(u: &RawUpstream, kind: UpstreamKind) -> Result<UpstreamApi, String> {
+    let own = match kind {
+        UpstreamKind::Online => return Ok(u.api.unwrap_or_default()),
+        UpstreamKind::OpenaiBatch => UpstreamApi::OpenAi,
+        UpstreamKind::AnthropicBatch => UpstreamApi::Anthropic,
+    };
+    match u.api {
+        Some(api) if api != own => Err(format!("kind = \"{}\" speaks {}; it cannot be combined with api = \"{}\"", kind.as_str(), own.words(), api.as_str())),
+        _ => Ok(own),
+    }
+}
+
 /// The remote-batch settings of an upstream, refused on an online one.
 fn resolve_remote(u: &RawUpstream, kind: UpstreamKind) -> Result<RemoteBatchConfig, String> {
-    let d = RemoteBatchConfig::default();
+    let d = RemoteBatchConfig::for_kind(kind);
     let set = u.max_lines.is_some() || u.max_bytes.is_some() || u.poll_interval_s.is_some() || u.completion_window.is_some();
     match kind {
         UpstreamKind::Online if set => {
-            return Err("max_lines, max_bytes, poll_interval_s and completion_window are only used with kind = \"openai-batch\"".into())
+            return Err(
+                "max_lines, max_bytes, poll_interval_s and completion_window are only used with a batch kind (\"openai-batch\", \"anthropic-batch\")".into()
+            )
         }
         UpstreamKind::Online => return Ok(d),
-        UpstreamKind::AnthropicBatch => return Err("kind = \"anthropic-batch\" is not supported yet; use \"openai-batch\" or \"online\"".into()),
-        UpstreamKind::OpenaiBatch => {}
-    }
-    if u.api == Some(UpstreamApi::Anthropic) {
-        return Err("kind = \"openai-batch\" speaks OpenAI's API; it cannot be combined with api = \"anthropic\"".into());
+        UpstreamKind::OpenaiBatch | UpstreamKind::AnthropicBatch => {}
     }
     let poll = u.poll_interval_s.unwrap_or(d.poll_interval.as_secs_f64());
     if !(poll > 0.0 && poll.is_finite()) {
@@ -1114,7 +1139,7 @@ mod tests {
     }
 
     /// A batch-kind upstream's settings resolve with the hosted caps as defaults, print and
-    /// load back; they are refused on an online upstream, as is the kind not supported yet.
+    /// load back; they are refused on an online upstream; a batch kind speaks its own API.
     #[test]
     fn batch_kind_upstreams_resolve_and_refuse_what_does_not_apply() {
         let up = |extra: &str| format!("[[upstreams]]\nname='h'\nbase_url='http://127.0.0.1:9/v1'\n{extra}");
@@ -1128,9 +1153,12 @@ mod tests {
         let online = toml::from_str::<RawConfig>(&up("")).unwrap().resolve().unwrap();
         assert_eq!(online.upstreams[0].kind, UpstreamKind::Online);
         let refused = |extra: &str| toml::from_str::<RawConfig>(&up(extra)).unwrap().resolve().unwrap_err().to_string();
-        assert!(refused("max_lines=5").contains("only used with kind = \"openai-batch\""));
-        assert!(refused("kind='anthropic-batch'").contains("not supported yet"));
+        assert!(refused("max_lines=5").contains("only used with a batch kind"));
         assert!(refused("kind='openai-batch'\napi='anthropic'").contains("cannot be combined"));
+        assert!(refused("kind='anthropic-batch'\napi='openai'").contains("cannot be combined"));
+        let a = toml::from_str::<RawConfig>(&up("kind='anthropic-batch'\ndefault_max_tokens=64")).unwrap().resolve().unwrap();
+        let a = &a.upstreams[0];
+        assert_eq!((a.kind, a.api, a.remote.max_lines, a.remote.max_bytes), (UpstreamKind::AnthropicBatch, UpstreamApi::Anthropic, 100_000, 256 * MB));
         assert!(refused("kind='openai-batch'\nmax_lines=0").contains("at least 1"));
         assert!(refused("kind='openai-batch'\npoll_interval_s=-1").contains("positive"));
         assert!(toml::from_str::<RawConfig>(&up("kind='batch'")).is_err(), "an unknown kind");

@@ -651,6 +651,9 @@ pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
     assert_eq!((k0.line_numbers(), k0.est_tokens, k0.updated_at), (vec![1, 2, 5], 42, 21));
     assert_eq!(store.remote_batches("batch_remote", None).await.unwrap().len(), 3);
     assert!(store.remote_batches("batch_other", None).await.unwrap().is_empty());
+    assert_eq!(store.remote_ids("hosted", 21).await.unwrap(), ["rb-1"], "recorded remote ids, touched since");
+    assert!(store.remote_ids("hosted", 22).await.unwrap().is_empty());
+    assert!(store.remote_ids("other", 0).await.unwrap().is_empty());
 }
 
 /// Anthropic's Message Batches: listed apart from OpenAI's batches, newest first, a page

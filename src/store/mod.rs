@@ -278,6 +278,9 @@ pub trait Remote: Send + Sync {
     ) -> Result<()>;
     /// The remote batches of a batch (of one unit, when given), oldest first.
     async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
+    /// The remote ids recorded for `upstream`'s remote batches touched at or after `since`
+    /// (the batches a reconciliation by content need not look into: they are known).
+    async fn remote_ids(&self, upstream: &str, since: i64) -> Result<Vec<String>>;
 }
 
 /// Everything a node needs from its metadata store.

@@ -71,4 +71,10 @@ impl<D: Dialect> Remote for SqlStore<D> {
         .bind(unit_idx);
         stmt.fetch_all(&mut *self.conn().await?).await
     }
+
+    async fn remote_ids(&self, upstream: &str, since: i64) -> Result<Vec<String>> {
+        let stmt = D::sql("SELECT remote_id FROM remote_batches WHERE upstream = $1 AND remote_id IS NOT NULL AND updated_at >= $2").bind(upstream).bind(since);
+        let rows: Vec<(String,)> = stmt.fetch_all(&mut *self.conn().await?).await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
 }

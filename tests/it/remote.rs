@@ -405,6 +405,13 @@ async fn a_remote_token_limit_is_learned_and_respected() {
         Server::start_with(&local_config(&format!("{}/v1", p.url), "api_key_env = \"PROVIDER_KEY\""), &[], &[("PROVIDER_KEY".into(), "sk-provider".into())]);
     let api = s.api();
     let id = api.submit(&chat_lines(800, "m")).await;
+    let queued = eventually("tokens enqueued at the remote, shown in /v1/quota", secs(60), || async {
+        let (_, q) = api.get("/quota").await;
+        let r = q["remote_upstreams"][0].clone();
+        (r["queued_tokens"].as_u64().unwrap_or(0) > 0).then_some(r)
+    })
+    .await;
+    assert_eq!((queued["upstream"].as_str(), queued["kind"].as_str()), (Some("mock"), Some("openai-batch")), "{queued}");
     let b = api.wait_for(&id, &["completed"], secs(180)).await;
     let (out, _) = final_results(&api, &b, 800).await;
     assert_eq!(out.len(), 800);
@@ -414,6 +421,11 @@ async fn a_remote_token_limit_is_learned_and_respected() {
     assert!(s.log().contains("its limit is learned"), "the refusal was learned");
     let refusals = s.log().matches("its limit is learned").count();
     assert!(refusals < 8, "once learned, creates wait for room instead of being refused each time ({refusals} refusals)");
+    let (_, q) = api.get("/quota").await;
+    let r = &q["remote_upstreams"][0];
+    let limit = r["learned_limit"].as_u64().expect("the learned limit is shown");
+    assert!(limit > 0, "{r}");
+    assert_eq!((r["queued_tokens"].as_u64(), r["room"].as_u64()), (Some(0), Some(limit)), "nothing left enqueued once every remote batch ended: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

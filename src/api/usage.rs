@@ -39,6 +39,33 @@ fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
+/// The remote batches of a batch at batch-kind upstreams (none configured: `None`, no read),
+/// each with the tokens its results reported and its `cost` at the batch price; their costs
+/// sum into the batch's.
+pub async fn remote_batches(st: &AppState, batch_id: &str) -> Option<Value> {
+    if !st.router.pools().iter().any(|p| p.remote.is_some()) {
+        return None;
+    }
+    let rows = match st.store.remote_batches(batch_id, None).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(batch = batch_id, error = %crate::Chain(&e), "cannot read the batch's remote batches");
+            return None;
+        }
+    };
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let cost = price_of(st, &r.model).map(|p| round6(p.cost(r.input_tokens, r.output_tokens)));
+            serde_json::json!({
+                "id": r.remote_id, "upstream": r.upstream, "model": r.model, "state": r.state, "status": r.remote_status,
+                "lines": r.line_count, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "cost": cost,
+            })
+        })
+        .collect();
+    (!list.is_empty()).then_some(Value::Array(list))
+}
+
 /// The `cost` of a batch so far; `None` when no price applies (or none is configured).
 pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
     if st.cfg.prices.is_empty() {

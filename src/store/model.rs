@@ -492,6 +492,9 @@ pub struct RemoteBatch {
     pub remote_status: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The tokens its results reported, recorded when it was collected.
+    pub input_tokens: i64,
+    pub output_tokens: i64,
 }
 
 impl RemoteBatch {

@@ -160,6 +160,12 @@ async fn spans_many_remote_batches(kind: Kind, n: usize) {
     assert!(input > 0.0 && output > 0.0, "usage comes back with the results: {b}");
     let cost = b["cost"].as_f64().expect("a priced batch has a cost");
     assert!((cost - (input * 2.0 + output * 8.0) / 1e6 * 0.5).abs() < 1e-5, "the batch price: {cost} for {u}");
+    let shards = b["remote_batches"].as_array().expect("the batch lists its remote batches");
+    assert_eq!(shards.len(), n.div_ceil(100), "{shards:?}");
+    let (shard_cost, shard_output): (f64, f64) =
+        shards.iter().fold((0.0, 0.0), |(c, o), r| (c + r["cost"].as_f64().unwrap(), o + r["output_tokens"].as_f64().unwrap()));
+    assert!(shards.iter().all(|r| r["state"] == "collected" && r["lines"] == 100 && r["output_tokens"].as_i64() > Some(0)), "{shards:?}");
+    assert!((shard_cost - cost).abs() < 1e-5 && shard_output == output, "each remote batch's cost at the batch price, summing to the batch's: {shards:?}");
     let remote = kind.remote_batches(&p.api()).await;
     assert_eq!(remote.len(), n.div_ceil(100), "{n} lines in ⌈{n}/100⌉ remote batches");
     assert_no_duplicate_remote(&remote);

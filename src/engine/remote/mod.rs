@@ -296,6 +296,8 @@ impl Driver<'_> {
                 remote_status: None,
                 created_at: now,
                 updated_at: now,
+                input_tokens: 0,
+                output_tokens: 0,
             };
             self.ctx.inner.store.plan_remote(&row).await.ctx("recording a remote batch")?;
             out.push(row);
@@ -540,17 +542,15 @@ impl Driver<'_> {
             up.queue.refused(0);
         }
         tracing::info!(key = %row.key, remote = %st.id, status = %st.status, results = c.results.len(), follow_up = c.retry.len(), "remote batch collected");
+        // What the remote billed: every answer it gave, those followed up included.
+        let (input, output) =
+            c.results.iter().chain(c.retry.values()).fold((0i64, 0i64), |(i, o), r| (i + r.usage.input_tokens.max(0), o + r.usage.output_tokens.max(0)));
         for r in c.results {
             super::count(&self.ctx.inner.stats.output_tokens, r.usage.output_tokens.max(0) as u64);
             self.ctx.inner.writer.send(r).await;
         }
         self.ctx.inner.writer.flush().await;
-        self.ctx
-            .inner
-            .store
-            .update_remote(&row.key, RemoteState::Collected, None, None, Some(&st.status), crate::now_unix())
-            .await
-            .ctx("recording a remote batch")?;
+        self.ctx.inner.store.collect_remote(&row.key, &st.status, input, output, crate::now_unix()).await.ctx("recording a remote batch")?;
         Ok(c.retry)
     }
 

@@ -62,9 +62,27 @@ impl<D: Dialect> Remote for SqlStore<D> {
         self.commit(tx).await
     }
 
+    async fn collect_remote(&self, key: &str, remote_status: &str, input_tokens: i64, output_tokens: i64, now: i64) -> Result<()> {
+        let mut tx = self.write().await?;
+        let n = D::sql("UPDATE remote_batches SET state = $1, remote_status = $2, input_tokens = $3, output_tokens = $4, updated_at = $5 WHERE key = $6")
+            .bind(RemoteState::Collected.as_str())
+            .bind(remote_status)
+            .bind(input_tokens)
+            .bind(output_tokens)
+            .bind(now)
+            .bind(key)
+            .execute(&mut tx)
+            .await?;
+        if n == 0 {
+            return Err(Error::NotFound);
+        }
+        self.commit(tx).await
+    }
+
     async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
         let stmt = D::sql(
-            "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at
+            "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at,
+                 input_tokens, output_tokens
              FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key",
         )
         .bind(batch_id)

@@ -498,6 +498,10 @@ pub struct RemoteBatch {
 }
 
 impl RemoteBatch {
+    /// The `remote_status` of a record of lines a remote could not finish in time, sent
+    /// online to the batch upstream's `fallback` (at full price).
+    pub const ONLINE_FALLBACK: &'static str = "online_fallback";
+
     pub fn line_numbers(&self) -> Vec<u64> {
         self.lines.split(',').filter_map(|l| l.parse().ok()).collect()
     }

@@ -400,6 +400,47 @@ async fn expired_remote_followed_up(kind: Kind) {
     assert!(remote.len() >= 2, "{remote:?}");
 }
 
+/// `fallback = "online"`: what an expired remote batch left unfinished runs online at the
+/// fallback upstream (a second mock, to count it) instead of in a follow-up remote batch, and
+/// the batch's cost prices those lines in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_remote_batch_falls_back_to_an_online_upstream_at_full_price() {
+    let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let online = mock(MockArgs::default()).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let cfg = format!(
+        "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
+         completion_window = \"3s\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\n\
+         [batches]\ncompletion_windows = [\"24h\", \"3s\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n",
+        p.url,
+        online.base_url()
+    );
+    let s = Server::start(&cfg);
+    let api = s.api();
+    let id = api.submit(&chat_lines(60, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(90)).await;
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 1, "no follow-up remote batch: the fallback took the rest: {remote:?}");
+    assert_eq!(remote[0]["status"], "expired");
+    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
+    assert!(ran < 60, "{remote:?}");
+    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not");
+    let shards = b["remote_batches"].as_array().unwrap();
+    let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
+    assert_eq!(fb.len(), 1, "{shards:?}");
+    assert_eq!((fb[0]["upstream"].as_str(), fb[0]["lines"].as_u64()), (Some("online"), Some(60 - ran)), "{fb:?}");
+    let (fin, fout) = (fb[0]["input_tokens"].as_f64().unwrap(), fb[0]["output_tokens"].as_f64().unwrap());
+    assert!(fout > 0.0, "{fb:?}");
+    assert!((fb[0]["cost"].as_f64().unwrap() - (fin * 2.0 + fout * 8.0) / 1e6).abs() < 1e-6, "full price: {fb:?}");
+    let u = &b["usage"];
+    let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
+    let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5 + (fin * 2.0 + fout * 8.0) / 1e6 * 0.5;
+    assert!((b["cost"].as_f64().unwrap() - expected).abs() < 1e-5, "batch price for the remote's lines, full price for the fallback's: {b}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_token_limit_is_learned_and_respected() {
     let m = mock(MockArgs { latency_ms: 5, ..Default::default() }).await;

@@ -33,6 +33,7 @@
 //! refusal for too many enqueued tokens is learned and respected (`TokenQueue`).
 
 mod collect;
+mod fallback;
 mod shard;
 
 use std::collections::{HashMap, HashSet};
@@ -229,9 +230,14 @@ impl Driver<'_> {
             fresh.sort_unstable();
             let mut planned = Vec::new();
             if !fresh.is_empty() && self.mode() == Mode::Run {
-                if round < MAX_ROUNDS && self.window_allows() {
+                let in_time = round < MAX_ROUNDS && self.window_allows();
+                let expired = rows.iter().any(|r| r.remote_status.as_deref() == Some("expired"));
+                if (expired || !in_time) && self.has_fallback(&fresh) {
+                    fresh = self.fall_back(&fresh, rows.len()).await?;
+                }
+                if !fresh.is_empty() && in_time {
                     planned = self.plan(rows.len(), &fresh).await?;
-                } else {
+                } else if !fresh.is_empty() {
                     self.give_up(&fresh, &mut failures).await?;
                 }
             }

@@ -504,3 +504,27 @@ async fn batchd_run_over_a_batch_upstream_resumes_after_ctrl_c_without_creating_
     assert_no_duplicate_remote(&remote);
     assert_eq!(remote.len(), 3, "the resumed run followed the remote batches the first one created: {remote:?}");
 }
+
+/// `batchd run`'s progress moves with the remote's own counts while its remote batches run
+/// (their results come back only when each ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_run_over_a_batch_upstream_shows_the_remote_counts_as_progress() {
+    let m = mock(MockArgs { latency_ms: 60, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("in.jsonl"), jsonl(&chat_lines(200, "m"))).unwrap();
+    std::fs::write(d.join("local.toml"), local_config(&format!("{}/v1", p.url), "max_lines = 200")).unwrap();
+    let mut c = std::process::Command::new(BIN);
+    c.current_dir(d).args(["run", "in.jsonl", "--config", "local.toml", "-o", "out.jsonl", "--errors", "err.jsonl"]);
+    let out = finish(c, secs(120));
+    assert_eq!(out.code, 0, "{out:?}");
+    let at_remote: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("progress:") && l.contains("done at the remote")).collect();
+    let line = at_remote.first().unwrap_or_else(|| panic!("no progress line fed by the remote's counts: {}", out.stderr));
+    let figure = |prefix: &str| -> u64 { line.split(prefix).nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap() };
+    let (position, done, failed) = (figure("progress: "), figure("done "), figure("failed "));
+    assert!(position > done + failed, "the bar counts the lines done at the remote: {line}");
+    let remote: u64 = line.split(" done at the remote").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(position, done + failed + remote, "{line}");
+    assert_eq!(std::fs::read_to_string(d.join("out.jsonl")).unwrap().lines().count(), 200);
+}

@@ -80,6 +80,30 @@ enum FindError {
     Remote(RemoteError),
 }
 
+/// The lines a remote batch counts done, in [`EngineStats::remote_done`](super::EngineStats)
+/// while it is open (progress fed by the remote's counts), taken out again when dropped: once
+/// its results are durable (they count then as the batch's own), or the unit leaves it.
+struct SeenDone<'a> {
+    stat: &'a std::sync::atomic::AtomicU64,
+    n: u64,
+}
+
+impl SeenDone<'_> {
+    fn see(&mut self, st: &RemoteStatus) {
+        let now = st.completed + st.failed;
+        if now > self.n {
+            super::count(self.stat, now - self.n);
+            self.n = now;
+        }
+    }
+}
+
+impl Drop for SeenDone<'_> {
+    fn drop(&mut self) {
+        let _ = self.stat.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |v| Some(v.saturating_sub(self.n)));
+    }
+}
+
 /// A pool and the model id it expects.
 type Target = (Arc<Pool>, Arc<str>);
 
@@ -331,7 +355,8 @@ impl Driver<'_> {
                 None => return Ok(HashMap::new()),
             },
         };
-        let Some(st) = self.follow(&up, &row, st).await else { return Ok(HashMap::new()) };
+        let mut seen = SeenDone { stat: &self.ctx.inner.stats.remote_done, n: 0 };
+        let Some(st) = self.follow(&up, &row, st, &mut seen).await else { return Ok(HashMap::new()) };
         up.queue.release(row.est_tokens as u64);
         self.bring_back(&up, &row, st).await
     }
@@ -477,11 +502,12 @@ impl Driver<'_> {
 
     /// Polls until the remote batch ends (cancelling it at the remote on a user's cancel);
     /// `None` when this node leaves it to another run.
-    async fn follow(&self, up: &RemoteUpstream, row: &RemoteBatch, mut st: RemoteStatus) -> Option<RemoteStatus> {
+    async fn follow(&self, up: &RemoteUpstream, row: &RemoteBatch, mut st: RemoteStatus, seen: &mut SeenDone<'_>) -> Option<RemoteStatus> {
         let first = self.poll_interval(&row.upstream);
         let mut wait = first;
         let mut cancel_sent = false;
         loop {
+            seen.see(&st);
             if st.is_final() {
                 return Some(st);
             }

@@ -19,7 +19,7 @@ use super::extract::Query;
 use super::{AppState, Tenant};
 use crate::config::Price;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{RemoteBatch, Usage, UsageRow};
+use crate::store::{BatchId, RemoteBatch, Usage, UsageRow};
 
 /// The price of `model` (or of the model its alias names).
 fn price_of(st: &AppState, model: &str) -> Option<Price> {
@@ -42,14 +42,14 @@ fn round6(x: f64) -> f64 {
 /// The remote batches of a batch at batch-kind upstreams (none configured: `None`, no read),
 /// each with the tokens its results reported and its `cost` at the batch price; their costs
 /// sum into the batch's.
-pub async fn remote_batches(st: &AppState, batch_id: &str) -> Option<Value> {
+pub async fn remote_batches(st: &AppState, batch_id: &BatchId) -> Option<Value> {
     if !st.router.pools().iter().any(|p| p.remote.is_some()) {
         return None;
     }
     let rows = match st.store.remote_batches(batch_id, None).await {
         Ok(rows) => rows,
         Err(e) => {
-            tracing::warn!(batch = batch_id, error = %crate::Chain(&e), "cannot read the batch's remote batches");
+            tracing::warn!(batch = %batch_id, error = %crate::Chain(&e), "cannot read the batch's remote batches");
             return None;
         }
     };
@@ -78,7 +78,7 @@ fn row_cost(p: &Price, r: &RemoteBatch) -> f64 {
 
 /// What lines run online by a batch upstream's `fallback` cost above the batch price their
 /// usage is counted at.
-async fn fallback_surcharge(st: &AppState, batch_id: &str) -> f64 {
+async fn fallback_surcharge(st: &AppState, batch_id: &BatchId) -> f64 {
     if !st.router.pools().iter().any(|p| p.cfg.remote.fallback.is_some()) {
         return 0.0;
     }
@@ -90,7 +90,7 @@ async fn fallback_surcharge(st: &AppState, batch_id: &str) -> f64 {
 }
 
 /// The `cost` of a batch so far; `None` when no price applies (or none is configured).
-pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
+pub async fn batch_cost(st: &AppState, batch_id: &BatchId) -> Option<f64> {
     if st.cfg.prices.is_empty() {
         return None;
     }
@@ -100,7 +100,7 @@ pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
             Some(round6(cost + fallback_surcharge(st, batch_id).await))
         }
         Err(e) => {
-            tracing::warn!(batch = batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
+            tracing::warn!(batch = %batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
             None
         }
     }

@@ -78,7 +78,7 @@ impl Driver<'_> {
         let now = crate::now_unix();
         let row = RemoteBatch {
             key: key.to_string(),
-            batch_id: self.ctx.batch_id.to_string(),
+            batch_id: self.ctx.batch_id.clone(),
             unit_idx: self.unit.idx,
             upstream: upstream.to_string(),
             model: model.to_string(),

@@ -7,7 +7,7 @@
 //! Anthropic's), and every custom_id comes back exactly once locally. The scenarios that
 //! both kinds share run once per kind.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -292,26 +292,33 @@ async fn failures_follow_up(kind: Kind) {
     assert_eq!(remote[0]["request_counts"]["total"], 40, "the follow-up holds only the retryable failures");
 }
 
-/// A proxy in front of the provider that can answer 500 to polls and follow the provider
-/// to a new port after a restart.
+/// A proxy in front of the provider that can answer 500 to polls, lose the answers of
+/// creates it did pass on (the remote created the batch; the local batchd sees a 500), and
+/// follow the provider to a new port after a restart.
+#[derive(Clone)]
 struct Proxy {
     url: String,
     target: Arc<Mutex<String>>,
     fail_polls: Arc<AtomicBool>,
-    polls_failed: Arc<std::sync::atomic::AtomicU64>,
+    polls_failed: Arc<AtomicU64>,
+    /// Creates whose answer is still to be lost.
+    lose_creates: Arc<AtomicU64>,
 }
 
 async fn proxy(target: &str) -> Proxy {
     use axum::extract::{Request, State};
     use axum::response::IntoResponse;
-    type St = (Arc<Mutex<String>>, Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>, reqwest::Client);
-    async fn forward(State((target, fail, failed, http)): State<St>, req: Request) -> axum::response::Response {
+    fn boom() -> axum::response::Response {
+        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"boom\"}}").into_response()
+    }
+    async fn forward(State((px, http)): State<(Proxy, reqwest::Client)>, req: Request) -> axum::response::Response {
         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-        if fail.load(Ordering::SeqCst) && req.method() == axum::http::Method::GET && path.starts_with("/v1/batches/") {
-            failed.fetch_add(1, Ordering::SeqCst);
-            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"boom\"}}").into_response();
+        if px.fail_polls.load(Ordering::SeqCst) && req.method() == axum::http::Method::GET && path.starts_with("/v1/batches/") {
+            px.polls_failed.fetch_add(1, Ordering::SeqCst);
+            return boom();
         }
-        let url = format!("{}{path}", target.lock().unwrap());
+        let create = req.method() == axum::http::Method::POST && (path == "/v1/batches" || path == "/v1/messages/batches");
+        let url = format!("{}{path}", px.target.lock().unwrap());
         let (parts, body) = req.into_parts();
         let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
         let mut r = http.request(parts.method.clone(), url).body(body);
@@ -319,6 +326,7 @@ async fn proxy(target: &str) -> Proxy {
             r = r.header(k, v);
         }
         match r.send().await {
+            Ok(_) if create && px.lose_creates.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() => boom(),
             Ok(resp) => {
                 let status = resp.status();
                 let ct = resp.headers().get("content-type").cloned();
@@ -332,13 +340,41 @@ async fn proxy(target: &str) -> Proxy {
             Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
         }
     }
-    let target = Arc::new(Mutex::new(target.to_string()));
-    let (fail_polls, polls_failed) = (Arc::new(AtomicBool::new(false)), Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let app = axum::Router::new().fallback(forward).with_state((target.clone(), fail_polls.clone(), polls_failed.clone(), reqwest::Client::new()));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
+    let px = Proxy {
+        url: format!("http://{}", l.local_addr().unwrap()),
+        target: Arc::new(Mutex::new(target.to_string())),
+        fail_polls: Default::default(),
+        polls_failed: Default::default(),
+        lose_creates: Default::default(),
+    };
+    let app = axum::Router::new().fallback(forward).with_state((px.clone(), reqwest::Client::new()));
     tokio::spawn(async move { axum::serve(l, app).await });
-    Proxy { url, target, fail_polls, polls_failed }
+    px
+}
+
+/// Anthropic's create has no idempotency key: a create that reached the remote but whose
+/// answer was lost (a 500 here) is looked for before it is sent again, and adopted once the
+/// batch it made has ended and shows its tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_a_create_whose_answer_was_lost_is_adopted_not_made_twice() {
+    let m = mock(MockArgs { latency_ms: 10, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 4");
+    let px = proxy(&p.url).await;
+    px.lose_creates.store(2, Ordering::SeqCst);
+    let s = local_of(Kind::Anthropic, &format!("{}/v1", px.url), "");
+    let api = s.api();
+    let id = api.submit(&chat_lines(300, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(120)).await;
+    let (out, err) = final_results(&api, &b, 300).await;
+    assert_eq!((out.len(), err.len()), (300, 0));
+    assert_answers_match(&out);
+    assert_eq!(px.lose_creates.load(Ordering::SeqCst), 0, "two create answers were lost");
+    let remote = Kind::Anthropic.remote_batches(&p.api()).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 3, "300 lines, 3 Message Batches, none created twice: {remote:?}");
+    assert_eq!(m.stats().requests, 300, "no line paid twice at the provider");
+    assert_eq!(s.log().matches("adopted a remote batch created before a restart").count(), 2, "both lost creates were found again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

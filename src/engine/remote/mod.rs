@@ -418,7 +418,7 @@ impl Driver<'_> {
         };
         let Some(found) = self.call(find).await else { return Ok(Reconciled::Stopped) };
         let Some(st) = found else { return Ok(Reconciled::Absent) };
-        tracing::info!(key = %row.key, remote = %st.id, "adopted a remote batch created before a restart");
+        tracing::info!(key = %row.key, remote = %st.id, "adopted a remote batch created before a restart or a lost answer");
         store.update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), crate::now_unix()).await.ctx("recording a remote batch")?;
         Ok(Reconciled::Adopted(Box::new(st)))
     }

@@ -34,11 +34,8 @@
 //! - [`schema`]: the migrations of each database and what a node does with a schema not its
 //!   own; [`migrate`] copies an embedded install into PostgreSQL; [`url`] names a database.
 //!
-//! The checks in `conformance` (built for tests and the `test-support` feature) run against
-//! both dialects.
+//! The conformance suite that both dialects pass is test code: `tests/it/store/`.
 
-#[cfg(any(test, feature = "test-support"))]
-pub mod conformance;
 mod error;
 pub mod migrate;
 mod model;
@@ -46,10 +43,6 @@ pub mod postgres;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;
-#[cfg(any(test, feature = "test-support"))]
-pub mod testing;
-#[cfg(test)]
-mod tests;
 pub mod url;
 
 use std::time::Duration;

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use super::*;
+use batchd::store::prelude::*;
+use batchd::store::*;
 
 const NODE: &str = "node-a";
 const LONG: Duration = Duration::from_secs(60);
@@ -464,7 +465,7 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
 pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
     let ids = |m: Membership| m.nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
     let first = store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap();
-    assert!((first.clock_ms - crate::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
+    assert!((first.clock_ms - batchd::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
     ids(first);
     let both = ids(store.heartbeat("hb-2", 20, LONG, r#"{"x":1}"#).await.unwrap());
     assert_eq!(both, ["hb-1", "hb-2"], "live nodes, oldest first");
@@ -487,7 +488,7 @@ pub async fn usage_per_model_and_hour(store: &dyn Store) {
     let per_model = store.batch_usage(&"batch_use".into()).await.unwrap();
     let got: Vec<_> = per_model.iter().map(|u| (u.model.as_str(), u.requests, u.usage.total_tokens)).collect();
     assert_eq!(got, [("a", 3, 15), ("b", 2, 10)], "failed lines count as requests too");
-    let now = crate::now_unix();
+    let now = batchd::now_unix();
     let rows = store.usage("use", now - 7_200, now + 7_200).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 5);
     assert!(rows.iter().all(|r| r.hour % 3600 == 0 && r.hour <= now));

@@ -462,9 +462,16 @@ pub struct RemoteBatch {
     pub remote_status: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The tokens its results reported, recorded when it was collected.
+    pub input_tokens: i64,
+    pub output_tokens: i64,
 }
 
 impl RemoteBatch {
+    /// The `remote_status` of a record of lines a remote could not finish in time, sent
+    /// online to the batch upstream's `fallback` (at full price).
+    pub const ONLINE_FALLBACK: &'static str = "online_fallback";
+
     pub fn line_numbers(&self) -> Vec<u64> {
         self.lines.split(',').filter_map(|l| l.parse().ok()).collect()
     }

@@ -12,7 +12,8 @@
 #   --only LIST     comma list of dispatch,saturation,big,flat,limits,scale,cluster,prefix,remote, and build:
 #                   a cold `cargo build --release` of `git archive HEAD` (a tree without .git,
 #                   as from a tarball) in a scratch target dir, timed (wall and CPU), with the
-#                   binary's size against its 40 MB budget and its split debug info (only when
+#                   binary's size against its 40 MB budget, its split debug info and cargo's
+#                   per-crate --timings report (bench/.last-build-timings.html) (only when
 #                   named: it takes 20 minutes to an hour on 2 shared cores; not run in CI)
 #   --keep          keep the scratch directory (inputs, data dirs, logs of every process)
 #   --json FILE     also write the results as JSON (default: bench/.last-run.json)
@@ -40,7 +41,7 @@ KEEP=0
 ONLY=""
 JSON="$HERE/.last-run.json"
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -69,7 +70,7 @@ build_step() {
   # writes "wall user sys" to fd 2, which goes to a file; cargo's own messages keep the
   # terminal's stderr (fd 3).
   local TIMEFORMAT='%R %U %S' cpu user sys
-  { time (cd "$scratch/src" && CARGO_TARGET_DIR="$scratch/target" cargo build --release --locked --bin batchd -q 2>&3); } 3>&2 2>"$scratch/time"
+  { time (cd "$scratch/src" && CARGO_TARGET_DIR="$scratch/target" cargo build --release --locked --bin batchd -q --timings 2>&3); } 3>&2 2>"$scratch/time"
   read -r secs user sys <"$scratch/time"
   cpu=$(echo "$user + $sys" | bc)
   load1="$(cut -d' ' -f1 /proc/loadavg)"
@@ -87,6 +88,9 @@ build_step() {
     printf '| split debug info | MISSING: no %s | | |\n' "$dwp"
   fi
   printf '| `batchd --version` from a tree without .git | %s | | |\n' "$version"
+  # Which crates the time goes to: cargo's per-crate report, kept beside the JSON results.
+  cp "$scratch/target/cargo-timings/cargo-timing.html" "$HERE/.last-build-timings.html"
+  echo "per-crate build times: bench/.last-build-timings.html"
 }
 if [[ ",$ONLY," == *",build,"* ]]; then
   build_step

@@ -1,11 +1,11 @@
 //! Identifiers: random ids for files, batches and HTTP exchanges, stable ids for batch
 //! request lines.
 
-use rand::distributions::Alphanumeric;
+use rand::distr::Alphanumeric;
 use rand::Rng;
 
 fn random_suffix(len: usize) -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
 
 /// A new file id, `file-` followed by 24 random alphanumerics.

@@ -58,16 +58,16 @@ impl<'r> Decode<'r, Postgres> for Count {
 /// A `batches` row as read; its counters are [`Count`]s.
 #[derive(sqlx_macros::FromRow)]
 pub(super) struct BatchRow {
-    id: String,
+    id: BatchId,
     tenant: String,
     endpoint: String,
-    input_file_id: String,
+    input_file_id: FileId,
     completion_window: String,
     metadata: Option<String>,
     model: Option<String>,
     status: String,
-    output_file_id: Option<String>,
-    error_file_id: Option<String>,
+    output_file_id: Option<FileId>,
+    error_file_id: Option<FileId>,
     errors: Option<String>,
     created_at: Count,
     in_progress_at: Option<i64>,

@@ -1,11 +1,12 @@
 //! This node's place among the nodes sharing the store: a heartbeat every second (with the
 //! live state only this node knows, and its stakes in each upstream), lease and claim
-//! renewal every third of `lease_ttl`.
+//! renewal every tenth of `lease_ttl` (at least a second).
 //!
 //! Renewal returns the units the node still holds; the feeder of any other unit it thinks it
 //! holds is stopped at once (another node took the unit over after this node's lease
 //! lapsed), and calls for it not yet sent are dropped (`leases`). A renewal that fails is
-//! tried again at the next beat, so an outage shorter than `lease_ttl` loses no lease. When
+//! tried again at the next beat, so a database outage loses no lease unless it lasts about
+//! `lease_ttl` (at least 9/10 of it, less a second or two). When
 //! renewal keeps failing for a whole `lease_ttl`, the leases must be presumed lost, so every
 //! feeder stops until renewal works again.
 //!
@@ -31,6 +32,8 @@ use super::{shares, Inner};
 use crate::store::UnitKey;
 
 const BEAT: Duration = Duration::from_secs(1);
+/// Leases are renewed every `lease_ttl / RENEWALS` (at least a beat apart).
+const RENEWALS: u32 = 10;
 /// The soonest a beat follows the one before when this node's claims no longer fit its demand.
 const EARLY: Duration = Duration::from_millis(250);
 /// How often the heartbeat task looks whether an early beat is due.
@@ -64,7 +67,8 @@ pub async fn join(inner: &Inner, exclusive: bool) {
 
 pub async fn heartbeat(inner: Arc<Inner>) {
     let ttl = inner.cfg.engine.lease_ttl;
-    let (mut last_beat, mut next_renewal, mut renewed_ok) = (Instant::now(), Instant::now() + ttl / 3, Instant::now());
+    let every = (ttl / RENEWALS).max(BEAT);
+    let (mut last_beat, mut next_renewal, mut renewed_ok) = (Instant::now(), Instant::now() + every, Instant::now());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -81,7 +85,7 @@ pub async fn heartbeat(inner: Arc<Inner>) {
         }
         match renew(&inner, ttl).await {
             Ok(asked) => {
-                (renewed_ok, next_renewal) = (asked, asked + ttl / 3);
+                (renewed_ok, next_renewal) = (asked, asked + every);
             }
             Err(e) => {
                 next_renewal = Instant::now() + BEAT;

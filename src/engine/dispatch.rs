@@ -68,6 +68,15 @@ pub async fn run_line(
             tracing::debug!(batch = %p.batch_id, unit = p.unit_idx, line = p.line, "the unit's lease is gone; the call is dropped unsent");
             return None;
         }
+        while !permit.current() {
+            // Taken before this node's claim lapsed (it was frozen): the slot may be another
+            // node's by now.
+            drop(permit);
+            (pool, target, permit) = tokio::select! {
+                got = route.acquire(p.est_tokens, None) => got,
+                _ = cancelled.cancelled() => return None,
+            };
+        }
         count(&inner.stats.sent, 1);
         let sent_at = std::time::Instant::now();
         let span = tracing::debug_span!("attempt", n = attempt, upstream = %pool.cfg.name, model = %target);

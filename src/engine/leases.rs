@@ -71,7 +71,9 @@ impl Leases {
             match self.map().get(key) {
                 None => return false,
                 Some(l) if l.until > Instant::now() => return true,
-                Some(l) => tracing::debug!(batch = %key.batch_id, unit = key.idx, lapsed_ms = l.until.elapsed().as_millis() as u64, "a lease ran out on this node's clock; the call waits for a renewal"),
+                Some(l) => {
+                    tracing::debug!(batch = %key.batch_id, unit = key.idx, lapsed_ms = l.until.elapsed().as_millis() as u64, "a lease ran out on this node's clock; the call waits for a renewal")
+                }
             }
             tokio::select! {
                 r = renewals.changed() => if r.is_err() { return false },

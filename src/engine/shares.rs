@@ -120,6 +120,7 @@ impl Stakes {
                 granted
             };
             let stake = Stake { claim, demand };
+            tracing::debug!(upstream = %pool.cfg.name, claim, demand, target, granted, held = pool.limiter.held(), stakes = ?stakes, "upstream slots claimed");
             last.insert(pool.cfg.name.clone(), Published { stake, target });
             out.insert(pool.cfg.name.clone(), serde_json::to_value(stake).unwrap_or_default());
         }

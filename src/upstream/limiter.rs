@@ -54,6 +54,9 @@ pub struct Limiter {
     waiting: AtomicUsize,
     /// The most of `held + waiting` since the last [`Limiter::take_demand`].
     peak_demand: AtomicUsize,
+    /// Times this node's claim lapsed before it was renewed: a permit taken before a lapse
+    /// is stale (see [`Permit::current`]).
+    lapses: AtomicUsize,
     /// One waiter at a time at the gate.
     gate: tokio::sync::Mutex<()>,
     state: Mutex<State>,
@@ -89,6 +92,19 @@ pub struct Permit {
     inner: Option<OwnedSemaphorePermit>,
     ticket: Option<Ticket>,
     limiter: Arc<Limiter>,
+    /// The limiter's lapses when the slot was taken.
+    lapses: usize,
+}
+
+impl Permit {
+    /// Whether the permit may still be used: this node's claim has not lapsed since it was
+    /// taken. A node frozen (SIGSTOP) with permits in hand must not use them on resuming:
+    /// the other nodes may have taken its slots meanwhile; it gives them back and waits
+    /// for new ones within its renewed claim.
+    pub fn current(&self) -> bool {
+        let l = &self.limiter;
+        l.lapses.load(Ordering::Acquire) == self.lapses && !l.lock().claim_until.is_some_and(|u| u <= Instant::now())
+    }
 }
 
 impl Drop for Permit {
@@ -125,6 +141,7 @@ impl Limiter {
             held: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             peak_demand: AtomicUsize::new(0),
+            lapses: AtomicUsize::new(0),
             gate: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
             base,
@@ -177,7 +194,11 @@ impl Limiter {
 
     /// The claim holds until `until` (`None`: for good); past it, no request passes the gate.
     pub fn claim_until(&self, until: Option<std::time::Instant>) {
-        self.lock().claim_until = until.map(Instant::from_std);
+        let mut st = self.lock();
+        if st.claim_until.is_some_and(|u| u <= Instant::now()) {
+            self.lapses.fetch_add(1, Ordering::AcqRel);
+        }
+        st.claim_until = until.map(Instant::from_std);
     }
 
     /// Slots taken (on the wire or about to be).
@@ -220,7 +241,9 @@ impl Limiter {
             self.held.fetch_add(1, Ordering::AcqRel);
             slot
         };
-        let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone() };
+        // Stamped when the slot is taken: a slot taken before a lapse is known is stale.
+        let lapses = self.lapses.load(Ordering::Acquire);
+        let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone(), lapses };
         self.take_bucket(|st| st.rpm.as_mut(), 1.0).await;
         self.take_bucket(|st| st.tpm.as_mut(), est_tokens as f64).await;
         let _turn = self.gate.lock().await;

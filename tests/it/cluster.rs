@@ -341,43 +341,64 @@ async fn backends_from_the_environment_or_the_config_file_need_no_data_dir() {
     }
 }
 
-/// A TCP proxy in front of PostgreSQL that the test can break (every connection dropped,
-/// new ones closed at once) and restore: a database restart or a network cut, crates.io-style.
+/// A TCP proxy in front of PostgreSQL or the S3 server that the test can break (every
+/// connection dropped, new ones closed at once: a restart), make hang (connections kept open,
+/// nothing forwarded: a network cut that drops packets) and restore.
 struct ChaosProxy {
     port: u16,
-    broken: tokio::sync::watch::Sender<bool>,
+    mode: tokio::sync::watch::Sender<Mode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Up,
+    Refused,
+    Hanging,
 }
 
 impl ChaosProxy {
     async fn start(target: std::net::SocketAddr) -> ChaosProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let broken = tokio::sync::watch::Sender::new(false);
-        let rx = broken.subscribe();
+        let mode = tokio::sync::watch::Sender::new(Mode::Up);
+        let rx = mode.subscribe();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let mut rx = rx.clone();
                 tokio::spawn(async move {
-                    if *rx.borrow_and_update() {
+                    let now = *rx.borrow_and_update();
+                    if now == Mode::Refused {
+                        return;
+                    }
+                    if now == Mode::Hanging {
+                        // Held open, silent, until the proxy is restored.
+                        let _ = rx.wait_for(|m| *m == Mode::Up).await;
                         return;
                     }
                     let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = rx.wait_for(|broken| *broken) => {}
+                    let cut = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        m = rx.wait_for(|m| *m != Mode::Up) => m.map(|m| *m).unwrap_or(Mode::Refused),
+                    };
+                    if cut == Mode::Hanging {
+                        let _ = rx.wait_for(|m| *m == Mode::Up).await;
                     }
                 });
             }
         });
-        ChaosProxy { port, broken }
+        ChaosProxy { port, mode }
     }
 
     fn cut(&self) {
-        self.broken.send_replace(true);
+        self.mode.send_replace(Mode::Refused);
+    }
+
+    fn hang(&self) {
+        self.mode.send_replace(Mode::Hanging);
     }
 
     fn restore(&self) {
-        self.broken.send_replace(false);
+        self.mode.send_replace(Mode::Up);
     }
 }
 
@@ -576,6 +597,41 @@ async fn a_database_outage_shorter_than_the_lease_ttl_loses_no_lease() {
     assert_eq!((st.unique_request_ids, st.duplicate_request_ids), (N as u64, 0), "every line sent once");
 }
 
+/// Issue #21: how soon a call that needs the object store answers 503 while the S3 server is
+/// cut off, refused (a restart) or hanging (packets dropped) — the figures docs/deploy.md
+/// gives — and that it does answer, in the error envelope, well before a client's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_cut_answers_503_in_seconds_refused_or_hanging() {
+    let Some(shared) = Shared::new("an_object_store_cut_answers_503_in_seconds").await else { return };
+    let Some(bucket) = &shared.bucket else { return };
+    let endpoint = bucket.endpoint.trim_start_matches("http://");
+    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
+    let proxy = ChaosProxy::start(target).await;
+    let mut env = shared.env();
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    let m = mock(MockArgs::default()).await;
+    let node = Server::start_with(&cluster_config(&m.base_url(), 8), &shared.args(&shared.db.url), &env);
+    let api = node.api();
+    let file = api.upload(&chat_lines(10, "m")).await;
+    for (kind, cut) in [("refused", Mode::Refused), ("hanging", Mode::Hanging)] {
+        if cut == Mode::Hanging {
+            proxy.hang()
+        } else {
+            proxy.cut()
+        }
+        let t0 = Instant::now();
+        let r = api.request(reqwest::Method::GET, &format!("/files/{file}/content")).send().await.unwrap();
+        let (st, body) = (r.status().as_u16(), r.text().await.unwrap());
+        let took = t0.elapsed();
+        println!("S3 {kind}: GET /files/{{id}}/content answered {st} after {took:?}");
+        proxy.restore();
+        assert_eq!(st, 503, "{kind}: {body}");
+        assert!(took < secs(40), "{kind}: a download waits {took:?} for an unreachable object store");
+        tokio::time::sleep(secs(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_moves_an_embedded_install_with_its_running_batch() {
     const N: usize = 400;
@@ -672,6 +728,33 @@ async fn failed_starts_never_join_the_cluster() {
         assert_eq!(limit().await.as_deref(), Some("8"), "the healthy node keeps its whole share");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Issue #21: a node older than the schema (a newer batchd migrated the database during a
+/// rolling upgrade) refuses to start with a message that says so and what to do, instead of
+/// sqlx's "migration N was previously applied but is missing"; the running nodes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_older_than_the_schema_says_so_and_the_others_go_on() {
+    let Some(shared) = Shared::new("a_node_older_than_the_schema_says_so").await else { return };
+    let m = mock(MockArgs::default()).await;
+    let cfg = cluster_config(&m.base_url(), 8);
+    let running = shared.node(&cfg);
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'from a newer batchd', TRUE, '\\x00', 1)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let mut c = std::process::Command::new(BIN);
+    c.args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(running.dir.join("batchd.toml")).args(shared.args(&shared.db.url));
+    c.envs(shared.env()).env_remove("BATCHD_LOG");
+    let out = finish(c, secs(60));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("newer than this batchd knows") && out.stderr.contains("upgrade this batchd"), "{out:?}");
+    assert!(!out.stderr.contains("previously applied but is missing"), "{out:?}");
+    let id = running.api().submit(&chat_lines(20, "m")).await;
+    assert_eq!(running.api().wait_for(&id, &["completed", "failed"], secs(60)).await["status"], "completed", "the running node goes on");
 }
 
 /// Debian's libfaketime (the thread-safe build), when installed (`scripts/test.sh` installs it).

@@ -537,6 +537,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_claim_bounds_the_slots_and_a_lapsed_one_sends_nothing() {
+        let l = Arc::new(Limiter::new(&cfg(8, 0)));
+        assert_eq!(l.set_claim(0), 0);
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "a claim of 0 sends nothing");
+        assert_eq!((l.waiting(), l.take_demand()), (1, 1), "a waiter is demand");
+        assert_eq!(l.set_claim(2), 2);
+        let first = waiter.await.unwrap();
+        assert!(first.current());
+        assert_eq!(l.set_claim(0), 1, "a lowered claim publishes the slot still taken");
+        drop(first);
+        assert_eq!((l.held(), l.free()), (0, 0), "the slot taken beyond the claim is destroyed as it comes back");
+
+        l.set_claim(2);
+        l.claim_until(Some(std::time::Instant::now() + Duration::from_millis(30)));
+        let stale = l.acquire(0).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(!stale.current(), "past its claim, a slot is not used");
+        let blocked = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!blocked.is_finished(), "a lapsed claim lets nothing through the gate");
+        l.claim_until(Some(std::time::Instant::now() + Duration::from_secs(30)));
+        let waited = blocked.await.unwrap();
+        assert!(!waited.current() && !stale.current(), "slots taken before the renewal are stale: they must be taken again");
+        drop((waited, stale));
+        assert!(l.acquire(0).await.current(), "a slot taken within the renewed claim is used");
+    }
+
+    #[tokio::test]
     async fn set_share_divides_the_limits() {
         let l = Arc::new(Limiter::new(&cfg(10, 120)));
         assert_eq!(l.limit(), 10);

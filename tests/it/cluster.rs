@@ -192,7 +192,7 @@ async fn three_nodes_share_work_survive_kill9_and_sigterm() {
     // Finalization happened once: one completed event, one output file.
     let store = batchd::store::postgres::PgStore::open(&shared.db.url).await.unwrap();
     use batchd::store::prelude::*;
-    let filter = batchd::store::EventFilter { tenant: None, batch_id: Some(id.clone()) };
+    let filter = batchd::store::EventFilter { tenant: None, batch_id: Some(id.as_str().into()) };
     let finals: Vec<_> = store
         .events_after(&filter, 0, 10_000)
         .await

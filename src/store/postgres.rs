@@ -51,7 +51,7 @@ pub const STATUS_CHANNEL: &str = "batchd_status";
 /// The advisory lock key of the outbox (an arbitrary constant: "batchd" in ASCII).
 const OUTBOX_LOCK: i64 = 0x6261_7463_6864;
 /// The advisory lock key that heartbeats take turns under ("nodes" in ASCII).
-const NODES_LOCK: i64 = 0x6e6f_6465_73;
+const NODES_LOCK: i64 = 0x006e_6f64_6573;
 
 impl SqlStore<Postgres> {
     /// Connects to `url` (`postgres://user@host:5432/db`) and migrates the schema.

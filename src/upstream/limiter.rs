@@ -103,7 +103,7 @@ impl Permit {
     /// for new ones within its renewed claim.
     pub fn current(&self) -> bool {
         let l = &self.limiter;
-        l.lapses.load(Ordering::Acquire) == self.lapses && !l.lock().claim_until.is_some_and(|u| u <= Instant::now())
+        l.lapses.load(Ordering::Acquire) == self.lapses && l.lock().claim_until.is_none_or(|u| u > Instant::now())
     }
 }
 

@@ -402,6 +402,26 @@ impl ChaosProxy {
     }
 }
 
+/// A proxy in front of the shared database, and the URL that goes through it.
+async fn database_proxy(shared: &Shared) -> (ChaosProxy, String) {
+    let (_, target) = via_proxy(&shared.db.url, 0);
+    let proxy = ChaosProxy::start(target).await;
+    let (url, _) = via_proxy(&shared.db.url, proxy.port);
+    (proxy, url)
+}
+
+/// A proxy in front of the shared bucket's S3 server, and the environment that sends a node
+/// through it.
+async fn bucket_proxy(shared: &Shared, bucket: &TestBucket) -> (ChaosProxy, Vec<(String, String)>) {
+    let endpoint = bucket.endpoint.trim_start_matches("http://");
+    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
+    let proxy = ChaosProxy::start(target).await;
+    let mut env = shared.env();
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    (proxy, env)
+}
+
 fn via_proxy(url: &str, port: u16) -> (String, std::net::SocketAddr) {
     let opts: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
     let target = format!("{}:{}", opts.get_host(), opts.get_port());
@@ -416,9 +436,7 @@ async fn database_connection_cut_mid_batch_pauses_and_resumes_exactly_once() {
     const N: usize = 1500;
     let Some(shared) = Shared::new("database_connection_cut_mid_batch_pauses_and_resumes_exactly_once").await else { return };
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
-    let (_, target) = via_proxy(&shared.db.url, 0);
-    let proxy = ChaosProxy::start(target).await;
-    let (url, _) = via_proxy(&shared.db.url, proxy.port);
+    let (proxy, url) = database_proxy(&shared).await;
     let node = shared.node_on(&cluster_config(&m.base_url(), 8), &url);
     let api = node.api();
     let id = api.submit(&chat_lines(N, "m")).await;
@@ -471,12 +489,7 @@ async fn object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost() {
     const N: usize = 1500;
     let Some(shared) = Shared::new("object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost").await else { return };
     let Some(bucket) = &shared.bucket else { return };
-    let endpoint = bucket.endpoint.trim_start_matches("http://");
-    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
-    let proxy = ChaosProxy::start(target).await;
-    let mut env = shared.env();
-    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
-    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    let (proxy, env) = bucket_proxy(&shared, bucket).await;
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
     let node = Server::start_with(&cluster_config(&m.base_url(), 8), &shared.args(&shared.db.url), &env);
     let api = node.api();
@@ -575,9 +588,7 @@ async fn a_database_outage_shorter_than_the_lease_ttl_loses_no_lease() {
     const N: usize = 1500;
     let Some(shared) = Shared::new("a_database_outage_shorter_than_the_lease_ttl_loses_no_lease").await else { return };
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
-    let (_, target) = via_proxy(&shared.db.url, 0);
-    let proxy = ChaosProxy::start(target).await;
-    let (url, _) = via_proxy(&shared.db.url, proxy.port);
+    let (proxy, url) = database_proxy(&shared).await;
     let cfg = config(&m.base_url(), "max_concurrency = 8", "[engine]\nlease_ttl_s = 8\nunit_lines = 100\ncommit_interval_ms = 100");
     let (first, second) = (shared.node_on(&cfg, &url), shared.node_on(&cfg, &url));
     let api = first.api();
@@ -604,12 +615,7 @@ async fn a_database_outage_shorter_than_the_lease_ttl_loses_no_lease() {
 async fn an_object_store_cut_answers_503_in_seconds_refused_or_hanging() {
     let Some(shared) = Shared::new("an_object_store_cut_answers_503_in_seconds").await else { return };
     let Some(bucket) = &shared.bucket else { return };
-    let endpoint = bucket.endpoint.trim_start_matches("http://");
-    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
-    let proxy = ChaosProxy::start(target).await;
-    let mut env = shared.env();
-    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
-    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    let (proxy, env) = bucket_proxy(&shared, bucket).await;
     let m = mock(MockArgs::default()).await;
     let node = Server::start_with(&cluster_config(&m.base_url(), 8), &shared.args(&shared.db.url), &env);
     let api = node.api();

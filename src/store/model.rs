@@ -19,9 +19,11 @@ pub struct FileRecord {
     pub blob_key: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
+    /// The status a batch is created in.
+    #[default]
     Validating,
     Failed,
     InProgress,
@@ -142,7 +144,7 @@ pub enum ListCursor<'a> {
     Before(&'a str),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchRecord {
     pub id: BatchId,
     pub tenant: String,
@@ -192,41 +194,7 @@ pub struct BatchRecord {
 impl BatchRecord {
     /// A batch just created: `validating`, nothing counted, every optional field unset.
     pub fn new(id: BatchId, tenant: String, input_file_id: FileId, endpoint: String, completion_window: String, created_at: i64, expires_at: i64) -> Self {
-        BatchRecord {
-            id,
-            tenant,
-            endpoint,
-            input_file_id,
-            completion_window,
-            metadata: None,
-            model: None,
-            status: BatchStatus::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            errors: None,
-            created_at,
-            in_progress_at: None,
-            expires_at: Some(expires_at),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            total: 0,
-            completed: 0,
-            failed: 0,
-            usage: Usage::default(),
-            priority: 1,
-            input_format: None,
-            output_expires_after: None,
-            finalize_as: None,
-            est_tokens: 0,
-            est_requests: 0,
-            idempotency_hash: None,
-            api: BatchApi::OpenAi,
-            unrun: None,
-        }
+        BatchRecord { id, tenant, endpoint, input_file_id, completion_window, created_at, expires_at: Some(expires_at), priority: 1, ..Default::default() }
     }
 }
 
@@ -494,9 +462,16 @@ pub struct RemoteBatch {
     pub remote_status: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The tokens its results reported, recorded when it was collected.
+    pub input_tokens: i64,
+    pub output_tokens: i64,
 }
 
 impl RemoteBatch {
+    /// The `remote_status` of a record of lines a remote could not finish in time, sent
+    /// online to the batch upstream's `fallback` (at full price).
+    pub const ONLINE_FALLBACK: &'static str = "online_fallback";
+
     pub fn line_numbers(&self) -> Vec<u64> {
         self.lines.split(',').filter_map(|l| l.parse().ok()).collect()
     }

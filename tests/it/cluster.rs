@@ -20,8 +20,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::store::testing::TestDatabase;
 use batchd::blob::conformance::testing::TestBucket;
-use batchd::store::testing::TestDatabase;
 use serde_json::{json, Value};
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use super::*;
+use batchd::store::prelude::*;
+use batchd::store::*;
 
 const NODE: &str = "node-a";
 const LONG: Duration = Duration::from_secs(60);
@@ -464,7 +465,7 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
 pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
     let ids = |m: Membership| m.nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
     let first = store.heartbeat("hb-1", 10, LONG, &|_| "{}".into()).await.unwrap();
-    assert!((first.clock_ms - crate::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
+    assert!((first.clock_ms - batchd::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
     ids(first);
     let both = store.heartbeat("hb-2", 20, LONG, &|others| format!(r#"{{"saw":{}}}"#, others.iter().filter(|n| n.id == "hb-1").count())).await.unwrap();
     let mine = both.nodes.iter().find(|n| n.id == "hb-2").map(|n| n.info.clone());
@@ -489,7 +490,7 @@ pub async fn usage_per_model_and_hour(store: &dyn Store) {
     let per_model = store.batch_usage(&"batch_use".into()).await.unwrap();
     let got: Vec<_> = per_model.iter().map(|u| (u.model.as_str(), u.requests, u.usage.total_tokens)).collect();
     assert_eq!(got, [("a", 3, 15), ("b", 2, 10)], "failed lines count as requests too");
-    let now = crate::now_unix();
+    let now = batchd::now_unix();
     let rows = store.usage("use", now - 7_200, now + 7_200).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 5);
     assert!(rows.iter().all(|r| r.hour % 3600 == 0 && r.hour <= now));
@@ -642,6 +643,8 @@ pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
         remote_status: None,
         created_at: at,
         updated_at: at,
+        input_tokens: 0,
+        output_tokens: 0,
     };
     assert!(store.plan_remote(&row("k0", 0, 10)).await.unwrap());
     assert!(!store.plan_remote(&RemoteBatch { lines: "9".into(), ..row("k0", 0, 10) }).await.unwrap(), "a key is planned once");
@@ -657,6 +660,13 @@ pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
     assert_eq!((k0.line_numbers(), k0.est_tokens, k0.updated_at), (vec![1, 2, 5], 42, 21));
     assert_eq!(store.remote_batches(&"batch_remote".into(), None).await.unwrap().len(), 3);
     assert!(store.remote_batches(&"batch_other".into(), None).await.unwrap().is_empty());
+    assert_eq!(store.remote_ids("hosted", 21).await.unwrap(), ["rb-1"], "recorded remote ids, touched since");
+    store.collect_remote("k0", "completed", 300, 70, 30).await.unwrap();
+    let k0 = store.remote_batches(&"batch_remote".into(), Some(0)).await.unwrap().remove(0);
+    assert_eq!((k0.state(), k0.remote_status.as_deref(), k0.input_tokens, k0.output_tokens), (RemoteState::Collected, Some("completed"), 300, 70));
+    assert!(matches!(store.collect_remote("nope", "completed", 0, 0, 1).await, Err(Error::NotFound)));
+    assert!(store.remote_ids("hosted", 31).await.unwrap().is_empty());
+    assert!(store.remote_ids("other", 0).await.unwrap().is_empty());
 }
 
 /// Anthropic's Message Batches: listed apart from OpenAI's batches, newest first, a page

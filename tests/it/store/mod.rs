@@ -1,15 +1,19 @@
-//! The store's own tests beyond the conformance suite: what each dialect must show on its
-//! own (SQLite: a file reopened, files of older releases upgraded in place; PostgreSQL:
-//! nodes racing on one database), and the schema's state checks. PostgreSQL tests run on a
-//! fresh database each (see [`super::testing`]) and are skipped, saying so, when
-//! `BATCHD_TEST_POSTGRES_URL` is unset.
+//! The store's tests: the conformance suite ([`conformance`]) run on both dialects, and
+//! what each dialect must show on its own (SQLite: a file reopened, files of older releases
+//! upgraded in place; PostgreSQL: nodes racing on one database), and the schema's state
+//! checks. PostgreSQL tests run on a fresh database each (see [`testing`]) and are skipped,
+//! saying so, when `BATCHD_TEST_POSTGRES_URL` is unset.
+
+pub mod conformance;
+pub mod testing;
 
 use std::time::Duration;
 
-use super::postgres::PgStore;
-use super::sqlite::SqliteStore;
-use super::testing::TestDatabase;
-use super::*;
+use batchd::store::postgres::PgStore;
+use batchd::store::prelude::*;
+use batchd::store::sqlite::SqliteStore;
+use batchd::store::*;
+use testing::TestDatabase;
 
 mod sqlite {
     use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
@@ -144,7 +148,7 @@ mod sqlite {
             .unwrap();
         s.pool().close().await;
         let err = SqliteStore::open(&path).await.err().expect("a newer schema is refused");
-        let msg = crate::Chain(&err).to_string();
+        let msg = batchd::Chain(&err).to_string();
         assert!(msg.contains("version 9999") && msg.contains("upgrade this batchd"), "{msg}");
         let opts = SqliteConnectOptions::new().filename(&path);
         let pool = SqlitePoolOptions::new().connect_with(opts).await.unwrap();
@@ -237,7 +241,7 @@ mod postgres {
     #[tokio::test]
     async fn bad_url_is_reported() {
         let err = PgStore::open("postgres://host:notaport/db").await.err().expect("a bad URL");
-        assert!(crate::Chain(&err).to_string().contains("invalid PostgreSQL URL"), "{err:?}");
+        assert!(batchd::Chain(&err).to_string().contains("invalid PostgreSQL URL"), "{err:?}");
     }
 
     /// Readers page the outbox by id; with writers committing concurrently, a reader that

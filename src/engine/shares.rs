@@ -213,8 +213,8 @@ mod tests {
         let limit = 24;
         let mut stakes = vec![st(8, 0), st(8, 0), st(8, 0)];
         for _ in 0..10_000 {
-            let me = rng.gen_range(0..3);
-            stakes[me].demand = rng.gen_range(0..40);
+            let me = rng.random_range(0..3);
+            stakes[me].demand = rng.random_range(0..40);
             stakes[me].claim = grant(limit, me, &stakes);
             assert!(stakes.iter().map(|s| s.claim).sum::<usize>() <= limit, "{stakes:?}");
         }

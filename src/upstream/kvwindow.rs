@@ -110,7 +110,9 @@ impl KvWindow {
         }
         let in_flight = in_flight as f64;
         let running = m.running.unwrap_or(in_flight).max(1.0);
-        let base = self.cap.unwrap_or(in_flight.max(1.0));
+        // Before the first sample the cap is the first one (or, figures back after a gap,
+        // what was in flight under the learned window).
+        let base = self.cap.unwrap_or(in_flight.max(FIRST_CAP));
         let preempted = matches!((self.preemptions, m.preemptions), (Some(a), Some(b)) if b > a);
         if m.preemptions.is_some() {
             self.preemptions = m.preemptions;
@@ -142,13 +144,17 @@ impl KvWindow {
     /// the point (at most [`MAX_GROWTH`] or [`GROWTH`] times the cap), no further than a
     /// remembered ceiling unless the cache has plenty of room.
     fn grow(&self, base: f64, running: f64, kv: f64) -> (f64, WindowReason) {
-        if kv <= 0.01 {
+        if kv <= 0.0 {
             // Nothing in the cache (an idle moment between requests): no figure to project from.
             return (base, WindowReason::KvCache);
         }
         let at_point = running * KV_POINT / kv;
         let growth = if kv < NEARLY_EMPTY { MAX_GROWTH } else { GROWTH };
-        let target = at_point.min(base * growth).max(base + 1.0);
+        let target = at_point.min(base * growth);
+        if target < base + 1.0 {
+            // Room for less than one more request at the point: one more would pass it.
+            return (base, WindowReason::KvCache);
+        }
         if let Some(ceiling) = self.ceiling.filter(|_| kv >= ROOM) {
             if target > ceiling {
                 return (base.max(ceiling), WindowReason::KvCache);

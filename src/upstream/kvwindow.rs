@@ -13,8 +13,9 @@
 //!   that is the aim, the server full with work ready;
 //! - an empty queue with the cache below the point grows the cap towards the requests the
 //!   cache would hold at the point: at most [`MAX_GROWTH`] times per sample while the cache is
-//!   nearly empty, twice once it holds something, and only while batchd uses the cap (nothing
-//!   is learned from a cap nobody fills).
+//!   nearly empty, twice once it holds something, never while the point has room for less
+//!   than one more request (one more would pass it), and only while batchd uses the cap
+//!   (nothing is learned from a cap nobody fills).
 //!
 //! Without the figures (no `metrics_url`, or a page naming neither the KV cache nor the
 //! queue) there is no cap: the learned window alone rules, as it did before.

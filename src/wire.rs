@@ -4,11 +4,11 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::store::{BatchRecord, FileRecord, LineError};
+use crate::store::{BatchRecord, FileId, FileRecord, LineError};
 
 #[derive(Serialize)]
 pub struct FileObject {
-    pub id: String,
+    pub id: FileId,
     pub object: &'static str,
     pub bytes: i64,
     pub created_at: i64,

@@ -15,7 +15,7 @@ use super::extract::{JsonObject, Query};
 use super::files::{cursor_error, expiry, not_found_as, parse_limit};
 use super::{no_such_batch, AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{BatchRecord, BatchStatus, FileRecord};
+use crate::store::{BatchId, BatchRecord, BatchStatus, FileId, FileRecord};
 use crate::wire;
 
 pub const ENDPOINTS: [&str; 8] = [
@@ -76,7 +76,7 @@ pub(super) fn endpoint_param(body: &Map<String, Value>) -> ApiResult<String> {
 }
 
 /// The tenant's file `input_file_id`, which must have been uploaded as a batch input.
-pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &str) -> ApiResult<FileRecord> {
+pub(super) async fn batch_input(st: &AppState, tenant: &str, input_file_id: &FileId) -> ApiResult<FileRecord> {
     let file = st
         .store
         .get_file(tenant, input_file_id, crate::now_unix())
@@ -111,7 +111,7 @@ async fn no_upstream_refusal(st: &AppState, file: &FileRecord) -> ApiResult<()> 
 pub async fn create(State(st): State<AppState>, Tenant(tenant): Tenant, headers: HeaderMap, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
     st.writable()?;
     known_params(&body, &CREATE_PARAMS)?;
-    let input_file_id = string_param(&body, "input_file_id")?;
+    let input_file_id = FileId::from(string_param(&body, "input_file_id")?);
     let endpoint = endpoint_param(&body)?;
     let window = string_param(&body, "completion_window")?;
     let Some((_, duration)) = st.cfg.completion_windows.iter().find(|(w, _)| *w == window) else {
@@ -226,7 +226,7 @@ pub(super) fn check_priority(v: Option<&Value>) -> ApiResult<i64> {
     }
 }
 
-pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<BatchId>) -> ApiResult<Json<Value>> {
     let b = st.tenant_batch(&tenant, &id).await?;
     Ok(Json(render(&st, &b).await))
 }
@@ -250,12 +250,12 @@ pub async fn list(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): 
     let page = page.map_err(|e| cursor_error(e, "after"))?;
     let mut items = Vec::with_capacity(page.items.len());
     for b in &page.items {
-        items.push((b.id.clone(), render(&st, b).await));
+        items.push((b.id.to_string(), render(&st, b).await));
     }
     Ok(Json(wire::list(items, page.has_more)))
 }
 
-pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<BatchId>) -> ApiResult<Json<Value>> {
     let b = st.store.request_cancel(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_batch(&id)))?;
     if b.status == BatchStatus::Cancelling {
         st.engine.cancel(&id);
@@ -265,7 +265,7 @@ pub async fn cancel(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
 }
 
 /// Extension: the result line of one request, by `custom_id`, as soon as it is durable.
-pub async fn request_result(State(st): State<AppState>, Tenant(tenant): Tenant, Path((id, custom_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+pub async fn request_result(State(st): State<AppState>, Tenant(tenant): Tenant, Path((id, custom_id)): Path<(BatchId, String)>) -> ApiResult<Json<Value>> {
     st.tenant_batch(&tenant, &id).await?;
     let r = st
         .store
@@ -287,7 +287,7 @@ pub struct ResultsParams {
 pub async fn partial_results(
     State(st): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    Path(id): Path<BatchId>,
     Query(p): Query<ResultsParams>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;

@@ -45,7 +45,7 @@ use super::extract::Query;
 use super::stream_slots::StreamSlot;
 use super::{AppState, Tenant};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{BatchStatus, Event, EventFilter, Store};
+use crate::store::{BatchId, BatchStatus, Event, EventFilter, Store};
 
 pub const POLL: Duration = Duration::from_millis(500);
 const PAGE: u32 = 500;
@@ -69,7 +69,7 @@ fn cursor(headers: &HeaderMap, p: &StreamParams) -> ApiResult<Option<i64>> {
 pub async fn batch_events(
     State(st): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    Path(id): Path<BatchId>,
     headers: HeaderMap,
     Query(p): Query<StreamParams>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {

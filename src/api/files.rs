@@ -20,7 +20,7 @@ use super::multipart::{file_too_large, Form, Part, SLACK};
 use super::{AppState, Tenant};
 use crate::blob::BlobWriter;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{FileQuery, FileRecord};
+use crate::store::{FileId, FileQuery, FileRecord};
 use crate::wire::{self, FileObject};
 
 pub const PURPOSES: [&str; 6] = ["batch", "user_data", "fine-tune", "assistants", "vision", "evals"];
@@ -156,7 +156,7 @@ pub async fn list(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): 
     };
     let q = FileQuery { purpose: p.purpose, limit, ascending, after: p.after };
     let page = st.store.list_files(&tenant, &q, crate::now_unix()).await.map_err(|e| cursor_error(e, "after"))?;
-    let items = page.items.iter().map(|f| (f.id.clone(), FileObject::from(f))).collect();
+    let items = page.items.iter().map(|f| (f.id.to_string(), FileObject::from(f))).collect();
     Ok(Json(wire::list(items, page.has_more)))
 }
 
@@ -183,7 +183,7 @@ fn no_such_file(id: &str) -> ApiError {
     ApiError::not_found(format!("No such File object: {id}")).param("id")
 }
 
-pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<FileObject>> {
+pub async fn retrieve(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<FileId>) -> ApiResult<Json<FileObject>> {
     let f = st.store.get_file(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_file(&id)))?;
     Ok(Json(FileObject::from(&f)))
 }
@@ -195,7 +195,7 @@ pub fn not_found_as(e: crate::store::Error, f: impl FnOnce() -> ApiError) -> Api
     }
 }
 
-pub async fn delete(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<FileId>) -> ApiResult<Json<Value>> {
     let f = st.store.delete_file(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_file(&id)))?;
     if let Err(e) = st.blob.delete(&f.blob_key).await {
         tracing::warn!(file = %id, error = %crate::Chain(&e), "file row deleted but its bytes could not be removed");
@@ -203,7 +203,7 @@ pub async fn delete(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id)
     Ok(Json(json!({"id": f.id, "object": "file", "deleted": true})))
 }
 
-pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
+pub async fn content(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<FileId>, headers: axum::http::HeaderMap) -> ApiResult<Response> {
     let f = st.store.get_file(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_file(&id)))?;
     let size = f.bytes as u64;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| range_of(r, size)) {

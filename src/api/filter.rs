@@ -57,7 +57,7 @@ pub async fn page(store: &dyn Store, tenant: &str, f: &BatchFilter, limit: u32, 
     let mut cursor = after.map(str::to_owned);
     loop {
         let scanned = store.list_batches(tenant, SCAN_PAGE, cursor.as_deref()).await?;
-        cursor = scanned.items.last().map(|b| b.id.clone());
+        cursor = scanned.items.last().map(|b| b.id.to_string());
         for b in scanned.items {
             if f.matches(&b) {
                 items.push(b);

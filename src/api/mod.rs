@@ -43,7 +43,7 @@ use crate::blob::Blob;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::store::{BatchRecord, Store};
+use crate::store::{BatchId, BatchRecord, Store};
 
 pub use auth::Tenant;
 
@@ -72,7 +72,7 @@ impl AppState {
     }
 
     /// The tenant's batch `id`; another tenant's, or none, is a 404 naming the id.
-    pub async fn tenant_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord, ApiError> {
+    pub async fn tenant_batch(&self, tenant: &str, id: &BatchId) -> Result<BatchRecord, ApiError> {
         self.store.get_batch(Some(tenant), id).await.map_err(|e| files::not_found_as(e, || no_such_batch(id)))
     }
 }

@@ -14,10 +14,10 @@ use crate::engine::rates::{self, batch_rates, stalled_since, Rates};
 use crate::engine::LineCounts;
 use crate::engine::Progress;
 use crate::error::ApiResult;
-use crate::store::{BatchRecord, EventFilter};
+use crate::store::{BatchId, BatchRecord, EventFilter};
 use crate::upstream::Router;
 
-pub async fn progress(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn progress(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<BatchId>) -> ApiResult<Json<Value>> {
     let b = st.tenant_batch(&tenant, &id).await?;
     let filter = EventFilter { tenant: Some(tenant), batch_id: Some(id) };
     let events = st.store.latest_events(&filter, Some("batch.progress"), rates::EVENTS_PER_WINDOW).await?;

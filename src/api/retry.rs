@@ -13,9 +13,9 @@ use super::batches::render;
 use super::{quota, AppState, Tenant};
 use crate::engine::RetryFilter;
 use crate::error::{ApiError, ApiResult};
-use crate::store::BatchRecord;
+use crate::store::{BatchId, BatchRecord, FileId};
 
-pub async fn retry(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn retry(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<BatchId>, body: Bytes) -> ApiResult<Json<Value>> {
     let filter = parse_filter(&body)?;
     let b = st.tenant_batch(&tenant, &id).await?;
     if !b.status.is_final() {
@@ -50,18 +50,18 @@ pub async fn retry(State(st): State<AppState>, Tenant(tenant): Tenant, Path(id):
 }
 
 /// The new batch: the original's endpoint, window, metadata and priority, `retry_of` added.
-fn retry_record(b: &BatchRecord, input_file_id: &str) -> BatchRecord {
+fn retry_record(b: &BatchRecord, input_file_id: &FileId) -> BatchRecord {
     let now = crate::now_unix();
     let window = b.expires_at.map_or(86_400, |e| (e - b.created_at).max(1));
     let mut r =
-        BatchRecord::new(crate::ids::batch_id(), b.tenant.clone(), input_file_id.into(), b.endpoint.clone(), b.completion_window.clone(), now, now + window);
+        BatchRecord::new(crate::ids::batch_id(), b.tenant.clone(), input_file_id.clone(), b.endpoint.clone(), b.completion_window.clone(), now, now + window);
     let mut metadata = b.metadata.clone().unwrap_or_default();
     if metadata.len() >= 16 && !metadata.contains_key("retry_of") {
         // OpenAI allows 16 keys: make room for retry_of rather than refuse the retry.
         let drop = metadata.keys().next_back().cloned().unwrap_or_default();
         metadata.remove(&drop);
     }
-    metadata.insert("retry_of".into(), Value::String(b.id.clone()));
+    metadata.insert("retry_of".into(), Value::String(b.id.to_string()));
     r.metadata = Some(metadata);
     r.priority = b.priority;
     r.output_expires_after = b.output_expires_after;

@@ -19,7 +19,7 @@ use super::extract::Query;
 use super::{AppState, Tenant};
 use crate::config::Price;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{Usage, UsageRow};
+use crate::store::{BatchId, Usage, UsageRow};
 
 /// The price of `model` (or of the model its alias names).
 fn price_of(st: &AppState, model: &str) -> Option<Price> {
@@ -40,14 +40,14 @@ fn round6(x: f64) -> f64 {
 }
 
 /// The `cost` of a batch so far; `None` when no price applies (or none is configured).
-pub async fn batch_cost(st: &AppState, batch_id: &str) -> Option<f64> {
+pub async fn batch_cost(st: &AppState, batch_id: &BatchId) -> Option<f64> {
     if st.cfg.prices.is_empty() {
         return None;
     }
     match st.store.batch_usage(batch_id).await {
         Ok(rows) => cost_of(st, &rows.iter().collect::<Vec<_>>()),
         Err(e) => {
-            tracing::warn!(batch = batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
+            tracing::warn!(batch = %batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
             None
         }
     }

@@ -18,10 +18,10 @@ use super::extract::JsonObject;
 use super::{AppState, Tenant};
 use crate::engine::validator::{validate_stream, Report, Validator};
 use crate::error::ApiResult;
-use crate::store::InputFormat;
+use crate::store::{FileId, InputFormat};
 
 pub async fn validate(State(st): State<AppState>, Tenant(tenant): Tenant, JsonObject(body): JsonObject) -> ApiResult<Json<Value>> {
-    let input_file_id = string_param(&body, "input_file_id")?;
+    let input_file_id = FileId::from(string_param(&body, "input_file_id")?);
     let endpoint = endpoint_param(&body)?;
     let file = batch_input(&st, &tenant, &input_file_id).await?;
     let stream = st.blob.get_stream(&file.blob_key).await?;

@@ -25,7 +25,7 @@ use crate::api::message_batches::{anthropic_lines, intake::LINE_URL};
 use crate::blob::Blob;
 use crate::config::RawConfig;
 use crate::engine::Engine;
-use crate::store::{BatchApi, BatchRecord, BatchStatus, FileRecord, Store};
+use crate::store::{BatchApi, BatchId, BatchRecord, BatchStatus, FileId, FileRecord, Store};
 use crate::upstream::Router;
 
 pub const EXAMPLES: &str = "Examples:
@@ -231,7 +231,7 @@ async fn copy_into_blob(path: &Path, blob: &Blob, key: &str, anthropic: bool) ->
 }
 
 /// Shows progress until the batch is final.
-async fn watch(store: &dyn Store, engine: &Engine, router: &Router, id: &str, quiet: bool) -> anyhow::Result<BatchRecord> {
+async fn watch(store: &dyn Store, engine: &Engine, router: &Router, id: &BatchId, quiet: bool) -> anyhow::Result<BatchRecord> {
     let mut display = Display::new(quiet);
     let mut rates = Rates::new();
     loop {
@@ -276,8 +276,8 @@ async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path
         return Ok(3);
     }
     let anthropic = b.api == BatchApi::Anthropic;
-    save(store, blob, &b.tenant, b.output_file_id.as_deref(), output, anthropic).await?;
-    save(store, blob, &b.tenant, b.error_file_id.as_deref(), errors, anthropic).await?;
+    save(store, blob, &b.tenant, b.output_file_id.as_ref(), output, anthropic).await?;
+    save(store, blob, &b.tenant, b.error_file_id.as_ref(), errors, anthropic).await?;
     if !quiet {
         eprintln!(
             "{}: {} succeeded → {}; {} failed → {}\ntokens: {} in, {} out",
@@ -295,7 +295,7 @@ async fn conclude(store: &dyn Store, blob: &Blob, b: &BatchRecord, output: &Path
 
 /// Writes a result file (empty when the batch has none), atomically; in Anthropic's result
 /// lines for a Message Batch.
-async fn save(store: &dyn Store, blob: &Blob, tenant: &str, file_id: Option<&str>, to: &Path, anthropic: bool) -> anyhow::Result<()> {
+async fn save(store: &dyn Store, blob: &Blob, tenant: &str, file_id: Option<&FileId>, to: &Path, anthropic: bool) -> anyhow::Result<()> {
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
     let tmp = to.with_extension("jsonl.partial");

@@ -9,6 +9,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use crate::store::BatchId;
+
 #[derive(Default)]
 struct BatchLines {
     lines: HashSet<u64>,
@@ -26,14 +28,14 @@ pub struct LineCounts {
 
 #[derive(Clone, Default)]
 pub struct Book {
-    batches: Arc<Mutex<HashMap<Arc<str>, BatchLines>>>,
+    batches: Arc<Mutex<HashMap<BatchId, BatchLines>>>,
 }
 
 impl Book {
     /// Takes `line` of `batch`; `None` when this node already owns it. The line is given up
     /// when the guard drops, unless [`LineGuard::hand_to_writer`] passed it on (the writer
     /// then releases it once its result is committed).
-    pub fn take(&self, batch: &Arc<str>, line: u64) -> Option<LineGuard> {
+    pub fn take(&self, batch: &BatchId, line: u64) -> Option<LineGuard> {
         let mut all = self.batches.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = all.entry(batch.clone()).or_default().lines.insert(line);
         fresh.then(|| LineGuard { book: self.clone(), batch: batch.clone(), line, armed: true })
@@ -51,7 +53,7 @@ impl Book {
     }
 
     /// Marks one line of `batch` as waiting for a retry, until the guard drops.
-    pub fn retrying(&self, batch: &Arc<str>) -> RetryGuard {
+    pub fn retrying(&self, batch: &BatchId) -> RetryGuard {
         let mut all = self.batches.lock().unwrap_or_else(|p| p.into_inner());
         all.entry(batch.clone()).or_default().retrying += 1;
         RetryGuard { book: self.clone(), batch: batch.clone() }
@@ -63,7 +65,7 @@ impl Book {
     }
 
     /// Counts of every batch with lines here.
-    pub fn all_counts(&self) -> Vec<(Arc<str>, LineCounts)> {
+    pub fn all_counts(&self) -> Vec<(BatchId, LineCounts)> {
         let all = self.batches.lock().unwrap_or_else(|p| p.into_inner());
         all.iter().map(|(id, b)| (id.clone(), LineCounts { in_flight: b.lines.len().saturating_sub(b.retrying), retrying: b.retrying })).collect()
     }
@@ -72,7 +74,7 @@ impl Book {
 /// Ownership of one line by this node (see [`Book::take`]).
 pub struct LineGuard {
     book: Book,
-    batch: Arc<str>,
+    batch: BatchId,
     line: u64,
     armed: bool,
 }
@@ -94,7 +96,7 @@ impl Drop for LineGuard {
 
 pub struct RetryGuard {
     book: Book,
-    batch: Arc<str>,
+    batch: BatchId,
 }
 
 impl Drop for RetryGuard {
@@ -116,7 +118,7 @@ mod tests {
     #[test]
     fn a_line_is_owned_once_until_released() {
         let book = Book::default();
-        let b: Arc<str> = "batch_x".into();
+        let b = BatchId::from("batch_x");
         let three = book.take(&b, 3).unwrap();
         assert!(book.take(&b, 3).is_none(), "the same line cannot be taken twice");
         book.take(&b, 4).unwrap().hand_to_writer();

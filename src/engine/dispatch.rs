@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{count, Inner};
-use crate::store::{ResultRecord, Usage};
+use crate::store::{BatchId, ResultRecord, Usage};
 use crate::upstream::{Answer, Outcome, Permit, Pool, Route};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -30,7 +30,7 @@ const SLOW_DOWN_JITTER_MS: u64 = 100;
 
 /// A line ready to send.
 pub struct Prepared {
-    pub batch_id: Arc<str>,
+    pub batch_id: BatchId,
     pub line: u64,
     pub unit_idx: i64,
     /// The lease epoch of the unit the line was fed under.
@@ -246,7 +246,7 @@ pub fn record_of_answer(p: &Prepared, status: u16, request_id: Option<&str>, bod
         None => (false, answer_line(p, status, request_id, &non_json_error_body(status, body)), Usage::default()),
     };
     ResultRecord {
-        batch_id: p.batch_id.to_string(),
+        batch_id: p.batch_id.clone(),
         line: p.line,
         unit_idx: p.unit_idx,
         custom_id: p.custom_id.clone(),
@@ -306,7 +306,7 @@ pub fn error_record(p: &Prepared, code: &str, message: &str) -> ResultRecord {
         "error": {"code": code, "message": message},
     });
     ResultRecord {
-        batch_id: p.batch_id.to_string(),
+        batch_id: p.batch_id.clone(),
         line: p.line,
         unit_idx: p.unit_idx,
         custom_id: p.custom_id.clone(),

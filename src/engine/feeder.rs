@@ -34,7 +34,7 @@ use super::error::{Context, Error, Result};
 use super::lines::{LineSplitter, ParsedLine};
 use super::order::{self, Entry};
 use super::{remote, Active, Inner};
-use crate::store::{InputFormat, WorkUnit};
+use crate::store::{BatchId, InputFormat, WorkUnit};
 use crate::upstream::Route;
 
 const FEEDERS: usize = 2;
@@ -47,7 +47,7 @@ const FEEDER_RETRIES: u32 = 3;
 /// What one run of a batch needs, shared by its feeders and line tasks.
 pub struct RunCtx {
     pub inner: Arc<Inner>,
-    pub batch_id: Arc<str>,
+    pub batch_id: BatchId,
     pub blob_key: String,
     pub format: InputFormat,
     pub path: Arc<str>,
@@ -239,7 +239,7 @@ pub(super) struct Source<'a> {
     pub blob: &'a crate::blob::Blob,
     pub input_key: &'a str,
     pub format: InputFormat,
-    pub batch_id: &'a Arc<str>,
+    pub batch_id: &'a BatchId,
     pub path: &'a Arc<str>,
 }
 
@@ -315,7 +315,7 @@ impl Source<'_> {
     }
 }
 
-fn prepare(line: Bytes, no: u64, unit_idx: i64, epoch: Option<i64>, format: InputFormat, batch_id: &Arc<str>, path: &Arc<str>) -> Prepared {
+fn prepare(line: Bytes, no: u64, unit_idx: i64, epoch: Option<i64>, format: InputFormat, batch_id: &BatchId, path: &Arc<str>) -> Prepared {
     let mut p = Prepared {
         batch_id: batch_id.clone(),
         line: no,

@@ -16,7 +16,7 @@ use super::feeder::Source;
 use super::order::order_key;
 use super::Inner;
 use crate::blob::BlobWriter;
-use crate::store::{BatchRecord, BatchStatus, FileRecord, Finish, InputFormat, ResultRecord};
+use crate::store::{BatchRecord, BatchStatus, FileId, FileRecord, Finish, InputFormat, ResultRecord};
 
 pub async fn finish(inner: &Arc<Inner>, b: &BatchRecord, status: BatchStatus) -> Result<()> {
     match status {
@@ -50,9 +50,9 @@ async fn fill_missing(inner: &Inner, b: &BatchRecord, code: &str, message: &str)
     let now = inner.store.get_batch(None, &b.id).await.ctx("reading the batch")?;
     inner.store.note_unrun(&b.id, now.total - now.completed - now.failed).await.ctx("recording the lines left unrun")?;
     let file = inner.store.get_file(&b.tenant, &b.input_file_id, 0).await.ctx("reading the input file record")?;
-    let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
+    let path: Arc<str> = b.endpoint.as_str().into();
     let format = b.input_format.unwrap_or(InputFormat::Full);
-    let src = Source { blob: &inner.blob, input_key: &file.blob_key, format, batch_id: &batch_id, path: &path };
+    let src = Source { blob: &inner.blob, input_key: &file.blob_key, format, batch_id: &b.id, path: &path };
     for unit in units {
         let lines = src.pending(&*inner.store, &unit).await?;
         if lines.is_empty() {
@@ -113,14 +113,14 @@ async fn write_file(inner: &Inner, b: &BatchRecord, ok: bool, now: i64) -> Resul
     close(w, &id, b, kind, now).await
 }
 
-async fn close(w: BlobWriter, id: &str, b: &BatchRecord, kind: &str, now: i64) -> Result<Option<FileRecord>> {
+async fn close(w: BlobWriter, id: &FileId, b: &BatchRecord, kind: &str, now: i64) -> Result<Option<FileRecord>> {
     if w.written() == 0 {
         w.abort().await;
         return Ok(None);
     }
     let bytes = w.finish().await.ctx("writing the output file")?;
     Ok(Some(FileRecord {
-        id: id.to_string(),
+        id: id.clone(),
         tenant: b.tenant.clone(),
         bytes: bytes as i64,
         created_at: now,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Inner;
+use crate::store::FileId;
 
 const PERIOD: Duration = Duration::from_secs(30);
 /// Debris sweeps run every this many periods.
@@ -62,7 +63,7 @@ pub async fn sweep_debris(inner: &Inner, min_age: Duration) {
     };
     let old: Vec<_> = objects.into_iter().filter(|o| o.modified.elapsed().unwrap_or_default() >= min_age).collect();
     for chunk in old.chunks(500) {
-        let ids: Vec<String> = chunk.iter().filter_map(|o| o.key.strip_prefix("files/").map(str::to_owned)).collect();
+        let ids: Vec<FileId> = chunk.iter().filter_map(|o| o.key.strip_prefix("files/").map(FileId::from)).collect();
         let Ok(known) = inner.store.existing_file_ids(&ids).await else { return };
         for o in chunk {
             let id = o.key.strip_prefix("files/").unwrap_or_default();

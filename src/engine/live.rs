@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Engine, LineCounts};
 use crate::metrics::{Metrics, Scrape, UpstreamGauges};
-use crate::store::{BatchStatus, NodeInfo};
+use crate::store::{BatchId, BatchStatus, NodeInfo};
 
 pub struct Live {
     pub metrics: Metrics,
@@ -76,7 +76,7 @@ impl Live {
     }
 
     /// The working batches as the supervisor just read them.
-    pub fn set_working(&self, batches: &[(String, BatchStatus)]) {
+    pub fn set_working(&self, batches: &[(BatchId, BatchStatus)]) {
         let by_status = WORKING.iter().map(|w| (w.as_str(), batches.iter().filter(|(_, st)| st == w).count() as i64)).collect();
         self.view.lock().unwrap_or_else(|p| p.into_inner()).by_status = by_status;
     }

@@ -71,7 +71,7 @@ use tracing::Instrument;
 
 use crate::blob::Blob;
 use crate::config::Config;
-use crate::store::{Store, UnitKey};
+use crate::store::{BatchId, Store, UnitKey};
 use crate::upstream::Router;
 
 pub use book::LineCounts;
@@ -136,7 +136,7 @@ pub(crate) struct Inner {
     node: String,
     started_at: i64,
     writer: writer::WriterHandle,
-    active: Mutex<HashMap<String, Active>>,
+    active: Mutex<HashMap<BatchId, Active>>,
     wake: Notify,
     soft_stop: CancellationToken,
     hard_stop: CancellationToken,
@@ -156,7 +156,7 @@ pub(crate) struct Inner {
     /// `batchd_store_writable` tells.
     beat_writes: AtomicBool,
     /// Consecutive failed steps per batch (see `supervisor`).
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<BatchId, u32>>,
     scheduler: scheduler::Scheduler,
     /// Events, metrics and live cluster state (see `live`).
     live: Arc<Live>,

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use super::extsort::{ExtSort, RUN_BYTES};
 use super::prefix::PrefixKey;
-use crate::store::WorkUnit;
+use crate::store::{BatchId, WorkUnit};
 
 /// The blob holding a batch's order file (deleted when the batch is final).
 pub fn order_key(batch_id: &str) -> String {
@@ -190,7 +190,7 @@ impl Writer {
 
 /// Cuts consecutive entries of the order into units.
 struct Units {
-    batch_id: String,
+    batch_id: BatchId,
     cut: Cut,
     done: Vec<WorkUnit>,
     open: Option<(WorkUnit, u64)>,
@@ -206,7 +206,7 @@ impl Units {
         let (idx, pos) = (self.done.len() as i64, self.pos);
         let (u, bytes) = self.open.get_or_insert_with(|| {
             let u = WorkUnit {
-                batch_id: String::new(),
+                batch_id: BatchId::default(),
                 idx,
                 first_line: e.line,
                 end_line: e.line + 1,

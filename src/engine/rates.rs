@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_stalled_only_while_running_with_lines_left() {
-        let mut b = crate::store::conformance::sample_batch("t", "batch_s", "file-s");
+        let mut b = crate::store::BatchRecord::new("batch_s".into(), "t".into(), "file-s".into(), "/v1/chat/completions".into(), "24h".into(), 1_000, 87_400);
         (b.status, b.total, b.completed, b.in_progress_at) = (BatchStatus::InProgress, 10, 4, Some(100));
         let r = Rates { last_result_at: Some(150.0), ..Default::default() };
         assert_eq!(stalled_since(&b, &r, 200.0, 60.0), None);

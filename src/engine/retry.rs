@@ -20,7 +20,7 @@ use super::error::{Context, Result};
 use super::feeder::Source;
 use super::lines::{LineSplitter, RawLine};
 use super::{Engine, Inner};
-use crate::store::{BatchRecord, FileRecord, InputFormat};
+use crate::store::{BatchId, BatchRecord, FileRecord, InputFormat};
 
 /// Which error lines to retry.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ const PAGE: u32 = 1000;
 /// The error log of one batch, read a page at a time: (custom_id, taken).
 struct ErrorCursor<'a> {
     inner: &'a Inner,
-    batch_id: &'a str,
+    batch_id: &'a BatchId,
     filter: &'a RetryFilter,
     after: u64,
     page: VecDeque<(String, bool)>,
@@ -155,8 +155,8 @@ impl Engine {
 /// Streams the input's lines, writing those the error cursor takes; returns how many.
 async fn copy_failed(inner: &Inner, b: &BatchRecord, filter: &RetryFilter, blob_key: &str, w: &mut crate::blob::BlobWriter) -> Result<u64> {
     let mut cursor = ErrorCursor { inner, batch_id: &b.id, filter, after: 0, page: VecDeque::new(), done: false };
-    let (batch_id, path): (Arc<str>, Arc<str>) = (b.id.as_str().into(), b.endpoint.as_str().into());
-    let src = Source { blob: &inner.blob, input_key: blob_key, format: b.input_format.unwrap_or(InputFormat::Full), batch_id: &batch_id, path: &path };
+    let path: Arc<str> = b.endpoint.as_str().into();
+    let src = Source { blob: &inner.blob, input_key: blob_key, format: b.input_format.unwrap_or(InputFormat::Full), batch_id: &b.id, path: &path };
     let mut input = inner.blob.get_stream(blob_key).await.ctx("reading the input file")?;
     let mut splitter = LineSplitter::new(usize::MAX, 1, 0);
     let (mut written, mut more) = (0, true);

@@ -16,10 +16,10 @@ use super::feeder::{self, RunCtx};
 use super::order::{order_key, Ordered};
 use super::validator::{validate_stream, Validator};
 use super::{finalizer, Active, Inner};
-use crate::store::{BatchRecord, BatchStatus, InputFormat, LineError};
+use crate::store::{BatchId, BatchRecord, BatchStatus, InputFormat, LineError};
 
 /// Runs the step the batch's status calls for.
-pub async fn handle_batch(inner: &Arc<Inner>, id: &str, h: &Active) -> Result<()> {
+pub async fn handle_batch(inner: &Arc<Inner>, id: &BatchId, h: &Active) -> Result<()> {
     let b = load(inner, id).await?;
     tracing::Span::current().record("tenant", b.tenant.as_str());
     match b.status {
@@ -41,14 +41,14 @@ pub async fn handle_batch(inner: &Arc<Inner>, id: &str, h: &Active) -> Result<()
 }
 
 /// Reads a batch; a row that exists but cannot be read is a permanent error for it alone.
-async fn load(inner: &Inner, id: &str) -> Result<BatchRecord> {
+async fn load(inner: &Inner, id: &BatchId) -> Result<BatchRecord> {
     match inner.store.get_batch(None, id).await {
         Err(crate::store::Error::Other(m)) => Err(Error::permanent("corrupt_state", format!("the batch's stored state cannot be read ({m})"))),
         other => other.ctx("reading the batch"),
     }
 }
 
-async fn claim(inner: &Inner, id: &str) -> Result<bool> {
+async fn claim(inner: &Inner, id: &BatchId) -> Result<bool> {
     inner.store.claim_batch(id, &inner.node, inner.cfg.engine.lease_ttl).await.ctx("claiming the batch")
 }
 
@@ -135,7 +135,7 @@ async fn run(inner: &Arc<Inner>, b: &BatchRecord, h: &Active) -> Result<()> {
         Err(crate::store::Error::NotFound) => return Err(Error::permanent("input_unavailable", "the batch's input file was deleted")),
         other => other.ctx("reading the input file record")?,
     };
-    let batch_id: Arc<str> = b.id.as_str().into();
+    let batch_id = b.id.clone();
     let remaining = (b.total - b.completed - b.failed).max(0) as u64;
     let (turns, _membership) = inner.scheduler.join(&batch_id, b.priority, b.expires_at, remaining, &inner.progress);
     let ctx = Arc::new(RunCtx {
@@ -186,7 +186,7 @@ fn expiry_sleep(expires_at: Option<i64>) -> tokio::time::Sleep {
 }
 
 /// Decides how a run ended, from the durable state.
-async fn conclude(inner: &Arc<Inner>, id: &str, expired: bool) -> Result<()> {
+async fn conclude(inner: &Arc<Inner>, id: &BatchId, expired: bool) -> Result<()> {
     let b = load(inner, id).await?;
     inner.store.release_batch_leases(id, &inner.node).await.ctx("handing back leases")?;
     let all_done = b.completed + b.failed >= b.total;

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::progress::ProgressBook;
+use crate::store::BatchId;
 
 /// Share of the capacity every running batch keeps, split by priority.
 pub const FLOOR: f64 = 0.1;
@@ -132,7 +133,7 @@ struct Entry {
 /// The batches running on this node and their turns.
 #[derive(Clone, Default)]
 pub struct Scheduler {
-    batches: Arc<Mutex<HashMap<Arc<str>, Entry>>>,
+    batches: Arc<Mutex<HashMap<BatchId, Entry>>>,
 }
 
 impl Scheduler {
@@ -140,7 +141,7 @@ impl Scheduler {
     /// entry goes when the returned guard drops.
     pub fn join(
         &self,
-        batch: &Arc<str>,
+        batch: &BatchId,
         priority: i64,
         expires_at: Option<i64>,
         remaining: u64,
@@ -156,7 +157,7 @@ impl Scheduler {
     /// Recomputes every batch's turns from its progress.
     pub fn rebalance(&self, progress: &ProgressBook, now: i64) {
         let all = self.batches.lock().unwrap_or_else(|p| p.into_inner());
-        let ids: Vec<&Arc<str>> = all.keys().collect();
+        let ids: Vec<&BatchId> = all.keys().collect();
         let demands: Vec<Demand> = ids
             .iter()
             .map(|id| {
@@ -179,7 +180,7 @@ impl Scheduler {
 /// Keeps a batch registered with the scheduler while it runs.
 pub struct Membership {
     scheduler: Scheduler,
-    batch: Arc<str>,
+    batch: BatchId,
 }
 
 impl Drop for Membership {

@@ -20,7 +20,7 @@ use serde_json::json;
 use super::rates::{batch_rates, stalled_since};
 use super::{Engine, Inner, LineCounts};
 use crate::metrics::UpstreamRecent;
-use crate::store::{BatchRecord, BatchStatus, EventFilter};
+use crate::store::{BatchId, BatchRecord, BatchStatus, EventFilter};
 use crate::upstream::PauseReason;
 
 /// What the reason is guessed from.
@@ -107,7 +107,7 @@ fn clues(inner: &Inner, b: &BatchRecord, counts: LineCounts, stalled_for: f64, s
 pub(crate) async fn watch(inner: Arc<Inner>) {
     let every = (inner.cfg.stall_after / 4).clamp(Duration::from_millis(500), Duration::from_secs(15));
     let engine = Engine { inner: inner.clone() };
-    let mut known: HashMap<String, bool> = HashMap::new();
+    let mut known: HashMap<BatchId, bool> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -124,10 +124,10 @@ pub(crate) async fn watch(inner: Arc<Inner>) {
 }
 
 /// Checks one batch and tells a change of its stall state.
-async fn look(engine: &Engine, id: &str, known: &mut HashMap<String, bool>) -> crate::store::Result<()> {
+async fn look(engine: &Engine, id: &BatchId, known: &mut HashMap<BatchId, bool>) -> crate::store::Result<()> {
     let inner = &engine.inner;
     let b = inner.store.get_batch(None, id).await?;
-    let filter = EventFilter { tenant: None, batch_id: Some(id.to_string()) };
+    let filter = EventFilter { tenant: None, batch_id: Some(id.clone()) };
     let events = inner.store.latest_events(&filter, Some("batch.progress"), 1).await?;
     let now = crate::now_unix_f64();
     let r = engine.refine(id, batch_rates(&b, &events, now));
@@ -136,17 +136,17 @@ async fn look(engine: &Engine, id: &str, known: &mut HashMap<String, bool>) -> c
     if was == Some(since.is_some()) {
         return Ok(());
     }
-    known.insert(id.to_string(), since.is_some());
+    known.insert(id.clone(), since.is_some());
     let last = inner.store.latest_events(&filter, Some("batch.stalled"), 1).await?;
     let told = last.first().and_then(|e| serde_json::from_str::<serde_json::Value>(&e.data).ok()).is_some_and(|v| v["stalled"] == true);
     let data = match since {
         Some(s) if !told => {
             let reason = engine.stall_reason(&b, engine.live_counts(id), now - s);
-            tracing::warn!(batch = id, since = s as i64, reason = %reason, "the batch is stalled");
+            tracing::warn!(batch = %id, since = s as i64, reason = %reason, "the batch is stalled");
             json!({"stalled": true, "since": s as i64, "reason": reason, "request_counts": counts(&b)})
         }
         None if told => {
-            tracing::info!(batch = id, "the batch moves again");
+            tracing::info!(batch = %id, "the batch moves again");
             json!({"stalled": false, "since": null, "reason": null, "recovered_at": now as i64, "request_counts": counts(&b)})
         }
         _ => return Ok(()),

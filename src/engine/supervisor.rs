@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::error::Error;
 use super::{runner, statuses, Active, Inner};
-use crate::store::{BatchStatus, LineError};
+use crate::store::{BatchId, BatchStatus, LineError};
 
 const WORK_STATUSES: [BatchStatus; 4] = [BatchStatus::Validating, BatchStatus::InProgress, BatchStatus::Cancelling, BatchStatus::Finalizing];
 /// Consecutive unexpected failures of one batch's steps before it is failed.
@@ -53,11 +53,11 @@ pub async fn supervise(inner: Arc<Inner>) {
 /// The fallback for changes the status feed did not bring (see `statuses`): signals this
 /// node's runs of the batches listed, and of those that left the working statuses (their
 /// status read once each, while the run is not yet signalled).
-fn signal_runs(inner: &Arc<Inner>, listed: &[(String, BatchStatus)]) {
+fn signal_runs(inner: &Arc<Inner>, listed: &[(BatchId, BatchStatus)]) {
     for (id, status) in listed {
         statuses::apply(inner, id, *status);
     }
-    let gone: Vec<String> = {
+    let gone: Vec<BatchId> = {
         let active = inner.active.lock().unwrap_or_else(|p| p.into_inner());
         let listed: HashSet<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
         active.iter().filter(|(id, a)| !listed.contains(id.as_str()) && !a.cancelled.is_cancelled()).map(|(id, _)| id.clone()).collect()
@@ -74,7 +74,7 @@ fn signal_runs(inner: &Arc<Inner>, listed: &[(String, BatchStatus)]) {
     }
 }
 
-fn start_batch(inner: &Arc<Inner>, id: String) {
+fn start_batch(inner: &Arc<Inner>, id: BatchId) {
     let mut active = inner.active.lock().unwrap();
     if active.contains_key(&id) {
         return;
@@ -115,19 +115,19 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 /// Handles a failed step: fails the batch when the error is permanent or the retries are
 /// used up, else pauses (the batch stays "active" meanwhile, so the supervisor does not
 /// start it again before the pause ends).
-async fn on_failure(inner: &Arc<Inner>, id: &str, err: Error) {
+async fn on_failure(inner: &Arc<Inner>, id: &BatchId, err: Error) {
     if inner.soft_stop.is_cancelled() {
         return;
     }
     let failures = {
         let mut all = inner.failures.lock().unwrap();
-        let n = all.entry(id.to_string()).or_default();
+        let n = all.entry(id.clone()).or_default();
         *n += 1;
         *n
     };
     match &err {
-        Error::Unavailable(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), "{} is unavailable; the batch waits", err.outage()),
-        Error::Retry(_) => tracing::warn!(batch = id, error = %crate::Chain(&err), attempt = failures, "a batch step failed; retrying"),
+        Error::Unavailable(_) => tracing::warn!(batch = %id, error = %crate::Chain(&err), "{} is unavailable; the batch waits", err.outage()),
+        Error::Retry(_) => tracing::warn!(batch = %id, error = %crate::Chain(&err), attempt = failures, "a batch step failed; retrying"),
         Error::Permanent { .. } => {}
     }
     if gives_up(&err, failures) {
@@ -155,17 +155,17 @@ fn pause_after(failures: u32) -> Duration {
 }
 
 /// Fails a batch the engine cannot go on with, keeping the reason in `errors`.
-async fn fail(inner: &Inner, id: &str, err: &Error) {
+async fn fail(inner: &Inner, id: &BatchId, err: &Error) {
     let (code, message) = match err {
         Error::Permanent { code, message } => (*code, message.clone()),
         other => ("internal_error", format!("The batch could not be processed after {MAX_RETRIES} attempts: {}", crate::Chain(other))),
     };
-    tracing::error!(batch = id, code, error = %message, "failing the batch");
+    tracing::error!(batch = %id, code, error = %message, "failing the batch");
     let e = LineError { code: code.into(), message, param: None, line: None };
     match inner.store.fail_batch(id, &[e], crate::now_unix()).await {
         Ok(true) => super::count(&inner.stats.batches_failed, 1),
         Ok(false) => {}
-        Err(e) => tracing::error!(batch = id, error = %crate::Chain(&e), "could not mark the batch failed; it will be tried again"),
+        Err(e) => tracing::error!(batch = %id, error = %crate::Chain(&e), "could not mark the batch failed; it will be tried again"),
     }
 }
 

@@ -22,7 +22,7 @@ use super::lines::{Body, Field, LineSplitter, ParsedLine, RawLine};
 use super::order::{Cut, Entry, OrderBuilder, Ordered};
 use super::prefix::{self, PrefixKey};
 use crate::config::Limits;
-use crate::store::{InputFormat, LineError, Validated, WorkUnit};
+use crate::store::{BatchId, InputFormat, LineError, Validated, WorkUnit};
 use crate::upstream::Router;
 
 pub const MAX_ERRORS: usize = 1000;
@@ -58,7 +58,7 @@ pub struct ModelSummary {
 }
 
 pub struct Validator<'a> {
-    batch_id: String,
+    batch_id: BatchId,
     endpoint: &'a str,
     router: &'a Router,
     limits: Limits,

@@ -21,14 +21,6 @@ use super::sql::{Count, Dialect};
 use super::sqlite::{Sqlite, SqliteStore};
 use super::{Error, Result};
 
-fn pg_err(e: sqlx::Error) -> Error {
-    Postgres::error(e)
-}
-
-fn sqlite_err(e: sqlx::Error) -> Error {
-    Sqlite::error(e)
-}
-
 /// Rows read from SQLite and written to PostgreSQL per statement.
 const PAGE: i64 = 500;
 
@@ -68,7 +60,7 @@ pub async fn copy_plan(conn: &mut PgConnection) -> Result<Vec<Table>> {
     )
     .fetch_all(&mut *conn)
     .await
-    .map_err(pg_err)?;
+    .map_err(Postgres::error)?;
     let mut plan: Vec<Table> = Vec::new();
     for (table, column, ty, default) in columns {
         if NOT_COPIED.contains(&table.as_str()) || NODE_STATE.contains(&(table.as_str(), column.as_str())) {
@@ -114,14 +106,14 @@ fn page_columns(table: &Table, rows: &[SqliteRow]) -> Result<Vec<Column>> {
 
 /// Whether the target holds any file, batch or event (then nothing is copied).
 pub async fn target_is_empty(pg: &PgStore) -> Result<bool> {
-    let mut conn = pg.pool().acquire().await.map_err(pg_err)?;
+    let mut conn = pg.pool().acquire().await.map_err(Postgres::error)?;
     target_is_empty_tx(&mut conn).await
 }
 
 /// Copies every row of `from` into the empty `to`, in one transaction.
 pub async fn copy_rows(from: &SqliteStore, to: &PgStore) -> Result<Copied> {
-    let mut tx = to.pool().begin().await.map_err(pg_err)?;
-    sqlx::query("LOCK TABLE files, batches, events IN EXCLUSIVE MODE").execute(&mut *tx).await.map_err(pg_err)?;
+    let mut tx = to.pool().begin().await.map_err(Postgres::error)?;
+    sqlx::query("LOCK TABLE files, batches, events IN EXCLUSIVE MODE").execute(&mut *tx).await.map_err(Postgres::error)?;
     if !target_is_empty_tx(&mut tx).await? {
         return Err(Error::Conflict("the target database already holds files, batches or events".into()));
     }
@@ -133,9 +125,9 @@ pub async fn copy_rows(from: &SqliteStore, to: &PgStore) -> Result<Copied> {
     copied.push(("results".into(), copy_results(from, &mut tx).await?));
     for (table, col) in plan.iter().filter_map(|t| Some((&t.name, t.serial.as_ref()?))) {
         let sql = format!("SELECT setval(pg_get_serial_sequence('{table}', '{col}'), COALESCE(max({col}), 0) + 1, false) FROM {table}");
-        sqlx::query(&sql).execute(&mut *tx).await.map_err(pg_err)?;
+        sqlx::query(&sql).execute(&mut *tx).await.map_err(Postgres::error)?;
     }
-    tx.commit().await.map_err(pg_err)?;
+    tx.commit().await.map_err(Postgres::error)?;
     Ok(copied)
 }
 
@@ -143,7 +135,7 @@ async fn target_is_empty_tx(tx: &mut PgConnection) -> Result<bool> {
     let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM files) OR EXISTS (SELECT 1 FROM batches) OR EXISTS (SELECT 1 FROM events)")
         .fetch_one(&mut *tx)
         .await
-        .map_err(pg_err)?;
+        .map_err(Postgres::error)?;
     Ok(!any)
 }
 
@@ -153,7 +145,7 @@ async fn copy_table(from: &SqliteStore, tx: &mut PgConnection, table: &Table) ->
     let select = format!("SELECT rowid AS batchd_rowid, {} FROM {} WHERE rowid > ? ORDER BY rowid LIMIT ?", names.join(", "), table.name);
     let (mut after, mut n) = (0i64, 0u64);
     loop {
-        let rows = sqlx::query(&select).bind(after).bind(PAGE).fetch_all(from.pool()).await.map_err(sqlite_err)?;
+        let rows = sqlx::query(&select).bind(after).bind(PAGE).fetch_all(from.pool()).await.map_err(Sqlite::error)?;
         let Some(last) = rows.last() else { return Ok(n) };
         after = last.get("batchd_rowid");
         n += rows.len() as u64;
@@ -173,7 +165,7 @@ async fn insert_page(tx: &mut PgConnection, table: &str, names: &[&str], columns
         };
     }
     b.push(")");
-    b.build().execute(&mut *tx).await.map_err(pg_err)?;
+    b.build().execute(&mut *tx).await.map_err(Postgres::error)?;
     Ok(())
 }
 
@@ -181,7 +173,7 @@ async fn insert_page(tx: &mut PgConnection, table: &str, names: &[&str], columns
 /// (batch id, line).
 async fn copy_results(from: &SqliteStore, tx: &mut PgConnection) -> Result<u64> {
     let ids: HashMap<i64, String> =
-        sqlx::query_as::<_, (i64, String)>("SELECT seq, id FROM batches").fetch_all(from.pool()).await.map_err(sqlite_err)?.into_iter().collect();
+        sqlx::query_as::<_, (i64, String)>("SELECT seq, id FROM batches").fetch_all(from.pool()).await.map_err(Sqlite::error)?.into_iter().collect();
     let (mut after, mut n) = (i64::MIN, 0u64);
     loop {
         let rows: Vec<(i64, String, i64, String)> = sqlx::query_as("SELECT key, custom_id, ok, record FROM results WHERE key > ? ORDER BY key LIMIT ?")
@@ -189,7 +181,7 @@ async fn copy_results(from: &SqliteStore, tx: &mut PgConnection) -> Result<u64> 
             .bind(PAGE)
             .fetch_all(from.pool())
             .await
-            .map_err(sqlite_err)?;
+            .map_err(Sqlite::error)?;
         let Some(last) = rows.last() else { return Ok(n) };
         after = last.0;
         n += rows.len() as u64;
@@ -211,5 +203,5 @@ async fn copy_results(from: &SqliteStore, tx: &mut PgConnection) -> Result<u64> 
 
 /// The blob key and size of every file row of `from`, for copying the bytes first.
 pub async fn file_blobs(from: &SqliteStore) -> Result<Vec<(String, i64)>> {
-    sqlx::query_as("SELECT blob_key, bytes FROM files ORDER BY seq").fetch_all(from.pool()).await.map_err(sqlite_err)
+    sqlx::query_as("SELECT blob_key, bytes FROM files ORDER BY seq").fetch_all(from.pool()).await.map_err(Sqlite::error)
 }

@@ -34,11 +34,8 @@
 //! - [`schema`]: the migrations of each database and what a node does with a schema not its
 //!   own; [`migrate`] copies an embedded install into PostgreSQL; [`url`] names a database.
 //!
-//! The checks in `conformance` (built for tests and the `test-support` feature) run against
-//! both dialects.
+//! The conformance suite that both dialects pass is test code: `tests/it/store/`.
 
-#[cfg(any(test, feature = "test-support"))]
-pub mod conformance;
 mod error;
 pub mod migrate;
 mod model;
@@ -46,10 +43,6 @@ pub mod postgres;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;
-#[cfg(any(test, feature = "test-support"))]
-pub mod testing;
-#[cfg(test)]
-mod tests;
 pub mod url;
 
 use std::time::Duration;
@@ -100,15 +93,15 @@ pub const MAX_COUNT: i64 = i64::MAX;
 pub trait Files: Send + Sync {
     async fn insert_file(&self, file: &FileRecord) -> Result<()>;
     /// A live (not deleted, not expired at `now`) file of the tenant.
-    async fn get_file(&self, tenant: &str, id: &str, now: i64) -> Result<FileRecord>;
+    async fn get_file(&self, tenant: &str, id: &FileId, now: i64) -> Result<FileRecord>;
     async fn list_files(&self, tenant: &str, query: &FileQuery, now: i64) -> Result<Page<FileRecord>>;
     /// Deletes the row; `Conflict` while a batch that is not final reads the file.
-    async fn delete_file(&self, tenant: &str, id: &str, now: i64) -> Result<FileRecord>;
+    async fn delete_file(&self, tenant: &str, id: &FileId, now: i64) -> Result<FileRecord>;
     /// Files past their `expires_at`, for the janitor to remove (row first, then bytes).
     async fn expired_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>>;
-    async fn purge_file(&self, id: &str) -> Result<()>;
+    async fn purge_file(&self, id: &FileId) -> Result<()>;
     /// Which of `ids` have a file row (expired or not): the janitor deletes blobs with none.
-    async fn existing_file_ids(&self, ids: &[String]) -> Result<Vec<String>>;
+    async fn existing_file_ids(&self, ids: &[FileId]) -> Result<Vec<FileId>>;
 }
 
 #[async_trait]
@@ -129,7 +122,7 @@ pub trait Batches: Send + Sync {
     /// used before returns its batch whatever the queue holds.
     async fn admit_batch(&self, batch: &BatchRecord, idempotency_key: Option<&str>, limits: QueueLimits) -> Result<Admission>;
     /// `tenant: None` is the engine's tenant-blind read.
-    async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord>;
+    async fn get_batch(&self, tenant: Option<&str>, id: &BatchId) -> Result<BatchRecord>;
     /// Newest first; `after` is the id of the last item of the previous page.
     async fn list_batches(&self, tenant: &str, limit: u32, after: Option<&str>) -> Result<Page<BatchRecord>>;
     /// Newest first, only the batches created through `api`; `cursor` names the item a page
@@ -137,19 +130,19 @@ pub trait Batches: Send + Sync {
     async fn list_batches_of(&self, tenant: &str, api: BatchApi, limit: u32, cursor: ListCursor<'_>) -> Result<Page<BatchRecord>>;
     /// Deletes a final batch for its tenant: it is gone from every read made for a tenant
     /// (its row stays, for the list cursors naming it). `Conflict` while it is not final.
-    async fn delete_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord>;
+    async fn delete_batch(&self, tenant: &str, id: &BatchId) -> Result<BatchRecord>;
     /// Records the lines a cancel or an expiry ends before they ran, once: a finalization
     /// done again after a crash keeps the first count.
-    async fn note_unrun(&self, id: &str, lines: i64) -> Result<()>;
+    async fn note_unrun(&self, id: &BatchId, lines: i64) -> Result<()>;
     /// `validating`/`in_progress` → `cancelling`; any other status is returned unchanged.
-    async fn request_cancel(&self, tenant: &str, id: &str, now: i64) -> Result<BatchRecord>;
+    async fn request_cancel(&self, tenant: &str, id: &BatchId, now: i64) -> Result<BatchRecord>;
     /// Ids and statuses of the batches in any of `statuses`, oldest first. Only these two
     /// columns are read, so one unreadable row can never hide the others.
-    async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<(String, BatchStatus)>>;
+    async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<(BatchId, BatchStatus)>>;
     /// Usage per model and hour of one tenant's batches, hours in `[start, end)`.
     async fn usage(&self, tenant: &str, start: i64, end: i64) -> Result<Vec<UsageRow>>;
     /// Usage per model of one batch (all hours summed; `hour` is 0).
-    async fn batch_usage(&self, batch_id: &str) -> Result<Vec<UsageRow>>;
+    async fn batch_usage(&self, batch_id: &BatchId) -> Result<Vec<UsageRow>>;
     /// What is queued (batches `validating` or `in_progress`) for one tenant, or for every
     /// tenant with `None`: lines without a result, and their estimated input tokens (a
     /// running batch: its `est_tokens` in proportion to the lines left; a validating one:
@@ -161,41 +154,41 @@ pub trait Batches: Send + Sync {
 pub trait Work: Send + Sync {
     /// `validating` → `in_progress` with its work units. `false` when the batch left
     /// `validating` meanwhile (a cancel), in which case nothing is written.
-    async fn mark_validated(&self, id: &str, v: &Validated, now: i64) -> Result<bool>;
+    async fn mark_validated(&self, id: &BatchId, v: &Validated, now: i64) -> Result<bool>;
     /// `validating` → `failed` with `errors`. `false` when it left `validating` meanwhile.
-    async fn mark_failed(&self, id: &str, errors: &[LineError], now: i64) -> Result<bool>;
+    async fn mark_failed(&self, id: &BatchId, errors: &[LineError], now: i64) -> Result<bool>;
     /// Any status that is not final → `failed` with `errors` (a batch the engine cannot go on
     /// with: its input vanished, its stored state is unreadable). `false` if already final.
-    async fn fail_batch(&self, id: &str, errors: &[LineError], now: i64) -> Result<bool>;
+    async fn fail_batch(&self, id: &BatchId, errors: &[LineError], now: i64) -> Result<bool>;
     /// `in_progress` → `finalizing`, recording the final status it will end in (`completed`
     /// or `expired`) so that a restart mid-finalization ends it the same way. `finalizing_at`
     /// is set once. No-op for a batch in any other status.
-    async fn begin_finalizing(&self, id: &str, outcome: BatchStatus, now: i64) -> Result<()>;
+    async fn begin_finalizing(&self, id: &BatchId, outcome: BatchStatus, now: i64) -> Result<()>;
     /// Makes a batch final together with its output and error file records.
-    async fn finish_batch(&self, id: &str, finish: &Finish) -> Result<()>;
+    async fn finish_batch(&self, id: &BatchId, finish: &Finish) -> Result<()>;
 
     /// Claims a batch that is not final for a step one node does alone (validation,
     /// finalization): `true` when `node` holds the claim now (newly or again). A claim
     /// expires `ttl` after it was taken or renewed, by the store's clock.
-    async fn claim_batch(&self, id: &str, node: &str, ttl: Duration) -> Result<bool>;
-    async fn release_claim(&self, id: &str, node: &str) -> Result<()>;
+    async fn claim_batch(&self, id: &BatchId, node: &str, ttl: Duration) -> Result<bool>;
+    async fn release_claim(&self, id: &BatchId, node: &str) -> Result<()>;
 
     /// Leases the next unit of the batch that still has lines without results and no live
     /// lease, raising its epoch. Exclusive: two callers never get the same unit.
-    async fn lease_unit(&self, batch_id: &str, node: &str, ttl: Duration) -> Result<Option<WorkUnit>>;
+    async fn lease_unit(&self, batch_id: &BatchId, node: &str, ttl: Duration) -> Result<Option<WorkUnit>>;
     /// Extends every lease and claim `node` holds; returns the units it still holds.
     async fn renew_leases(&self, node: &str, ttl: Duration) -> Result<Vec<UnitKey>>;
     /// Releases the leases and claims of `node`, or all of them when `None` (an embedded
     /// store at start).
     async fn release_leases(&self, node: Option<&str>) -> Result<()>;
     /// Releases the leases `node` holds on one batch's units.
-    async fn release_batch_leases(&self, batch_id: &str, node: &str) -> Result<()>;
-    async fn units(&self, batch_id: &str) -> Result<Vec<WorkUnit>>;
+    async fn release_batch_leases(&self, batch_id: &BatchId, node: &str) -> Result<()>;
+    async fn units(&self, batch_id: &BatchId) -> Result<Vec<WorkUnit>>;
     /// Line numbers of the unit that already have a durable result.
-    async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>>;
+    async fn done_lines(&self, batch_id: &BatchId, unit: &WorkUnit) -> Result<Vec<u64>>;
     /// Those of `lines` (line numbers of one batch, any order) that already have a durable
     /// result, ascending: the finished lines of a unit that lists its lines (`ordered`).
-    async fn done_among(&self, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>>;
+    async fn done_among(&self, batch_id: &BatchId, lines: &[u64]) -> Result<Vec<u64>>;
     /// Appends results in one transaction, counting only lines not recorded before and
     /// ignoring lines of batches already final; checks each leased unit's epoch and owner
     /// against `node` (see [`CommitOutcome::lost`]).
@@ -204,9 +197,9 @@ pub trait Work: Send + Sync {
     /// those whose `ok` equals `ok`, when given), as one JSONL chunk (each record followed by
     /// a newline) and the last line it holds; `None` when there are no more. The finalizer
     /// and the partial-results endpoint page through the log this way, many records a call.
-    async fn results_chunk(&self, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>>;
+    async fn results_chunk(&self, batch_id: &BatchId, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>>;
     /// One result by `custom_id` (per-request lookup).
-    async fn result_by_custom_id(&self, batch_id: &str, custom_id: &str) -> Result<StoredResult>;
+    async fn result_by_custom_id(&self, batch_id: &BatchId, custom_id: &str) -> Result<StoredResult>;
 }
 
 #[async_trait]
@@ -227,7 +220,7 @@ pub trait Cluster: Send + Sync {
 /// A batch's new status, as a transition committed it (on any node).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusChange {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub status: BatchStatus,
 }
 
@@ -248,7 +241,7 @@ pub trait Outbox: Send + Sync {
     async fn latest_events(&self, filter: &EventFilter, kind: Option<&str>, limit: u32) -> Result<Vec<Event>>;
     /// Appends an event the engine observed (a stall); the store appends status and progress
     /// events itself.
-    async fn append_event(&self, batch_id: &str, kind: &str, data: &str, now: i64) -> Result<i64>;
+    async fn append_event(&self, batch_id: &BatchId, kind: &str, data: &str, now: i64) -> Result<i64>;
     /// Deletes `batch.progress` events of final batches created before `before`.
     async fn prune_events(&self, before: i64) -> Result<u64>;
     /// Webhook deliveries due now, claimed by `node` for `lease` (another node does not take
@@ -277,7 +270,7 @@ pub trait Remote: Send + Sync {
         now: i64,
     ) -> Result<()>;
     /// The remote batches of a batch (of one unit, when given), oldest first.
-    async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
+    async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
 }
 
 /// Everything a node needs from its metadata store.

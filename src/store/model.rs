@@ -4,10 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::ids::{BatchId, FileId};
+
 /// A stored file's metadata; its bytes live in the blob store under `blob_key`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct FileRecord {
-    pub id: String,
+    pub id: FileId,
     pub tenant: String,
     pub bytes: i64,
     pub created_at: i64,
@@ -17,9 +19,11 @@ pub struct FileRecord {
     pub blob_key: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
+    /// The status a batch is created in.
+    #[default]
     Validating,
     Failed,
     InProgress,
@@ -140,18 +144,18 @@ pub enum ListCursor<'a> {
     Before(&'a str),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchRecord {
-    pub id: String,
+    pub id: BatchId,
     pub tenant: String,
     pub endpoint: String,
-    pub input_file_id: String,
+    pub input_file_id: FileId,
     pub completion_window: String,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub model: Option<String>,
     pub status: BatchStatus,
-    pub output_file_id: Option<String>,
-    pub error_file_id: Option<String>,
+    pub output_file_id: Option<FileId>,
+    pub error_file_id: Option<FileId>,
     pub errors: Option<Vec<LineError>>,
     pub created_at: i64,
     pub in_progress_at: Option<i64>,
@@ -189,42 +193,8 @@ pub struct BatchRecord {
 
 impl BatchRecord {
     /// A batch just created: `validating`, nothing counted, every optional field unset.
-    pub fn new(id: String, tenant: String, input_file_id: String, endpoint: String, completion_window: String, created_at: i64, expires_at: i64) -> Self {
-        BatchRecord {
-            id,
-            tenant,
-            endpoint,
-            input_file_id,
-            completion_window,
-            metadata: None,
-            model: None,
-            status: BatchStatus::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            errors: None,
-            created_at,
-            in_progress_at: None,
-            expires_at: Some(expires_at),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            total: 0,
-            completed: 0,
-            failed: 0,
-            usage: Usage::default(),
-            priority: 1,
-            input_format: None,
-            output_expires_after: None,
-            finalize_as: None,
-            est_tokens: 0,
-            est_requests: 0,
-            idempotency_hash: None,
-            api: BatchApi::OpenAi,
-            unrun: None,
-        }
+    pub fn new(id: BatchId, tenant: String, input_file_id: FileId, endpoint: String, completion_window: String, created_at: i64, expires_at: i64) -> Self {
+        BatchRecord { id, tenant, endpoint, input_file_id, completion_window, created_at, expires_at: Some(expires_at), priority: 1, ..Default::default() }
     }
 }
 
@@ -232,7 +202,7 @@ impl BatchRecord {
 /// prefix order (`ordered`), a range of its order file (`engine::order`).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct WorkUnit {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub idx: i64,
     /// Physical 1-based number of the unit's first line (ordered: its lowest line).
     #[sqlx(try_from = "i64")]
@@ -265,7 +235,7 @@ impl WorkUnit {
 /// Names one work unit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UnitKey {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub idx: i64,
 }
 
@@ -283,7 +253,7 @@ pub struct Validated {
 /// One final answer for one line, as it goes into the output or error file.
 #[derive(Debug, Clone)]
 pub struct ResultRecord {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub line: u64,
     pub unit_idx: i64,
     pub custom_id: String,
@@ -323,7 +293,7 @@ pub struct Event {
     /// Increasing in commit order within one store; the SSE `id` and the resume cursor.
     pub id: i64,
     pub tenant: String,
-    pub batch_id: String,
+    pub batch_id: BatchId,
     /// `batch.status`, `batch.progress`, `batch.stalled`, …
     #[sqlx(rename = "type")]
     pub kind: String,
@@ -337,7 +307,7 @@ pub struct Event {
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
     pub tenant: Option<String>,
-    pub batch_id: Option<String>,
+    pub batch_id: Option<BatchId>,
 }
 
 /// A webhook delivery waiting to be made (the event it carries is final-status).
@@ -384,7 +354,7 @@ pub struct NodeInfo {
 /// Usage of one model within one batch during one hour.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct UsageRow {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub model: String,
     /// Unix seconds of the hour's start.
     pub hour: i64,
@@ -478,7 +448,7 @@ impl RemoteState {
 pub struct RemoteBatch {
     /// The idempotency key, also the `batchd_key` metadata tag at the remote.
     pub key: String,
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub unit_idx: i64,
     pub upstream: String,
     pub model: String,

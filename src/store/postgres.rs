@@ -139,7 +139,7 @@ impl Dialect for Postgres {
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bool[], $5::text[])
              ON CONFLICT DO NOTHING RETURNING batch_id, line",
         )
-        .bind(column(|r| &r.batch_id))
+        .bind(column(|r| r.batch_id.as_str()))
         .bind(sorted.iter().map(|r| r.line as i64).collect::<Vec<i64>>())
         .bind(column(|r| &r.custom_id))
         .bind(sorted.iter().map(|r| r.ok).collect::<Vec<bool>>())
@@ -226,7 +226,7 @@ impl StatusFeed for PgStatusFeed {
 /// Reads a notification's `<status> <batch id>`.
 fn parse_status_payload(payload: &str) -> Option<StatusChange> {
     let (status, id) = payload.split_once(' ')?;
-    Some(StatusChange { batch_id: id.to_string(), status: BatchStatus::parse(status)? })
+    Some(StatusChange { batch_id: id.into(), status: BatchStatus::parse(status)? })
 }
 
 #[cfg(test)]

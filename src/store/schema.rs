@@ -18,8 +18,9 @@
 use sqlx::migrate::{AppliedMigration, Migrate, MigrateError, Migrator};
 use sqlx::postgres::PgConnection;
 use sqlx::sqlite::SqliteConnection;
-use sqlx::Connection;
+use sqlx::{Connection, Sqlite};
 
+use super::sql::Dialect;
 use super::{Error, Result};
 
 pub static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -125,14 +126,14 @@ pub async fn migrate_postgres(conn: &mut PgConnection) -> Result<()> {
 /// migrator starts again at version 1, and fails on the existing tables) instead of running
 /// on a schema it does not know.
 pub async fn bridge_user_version(conn: &mut SqliteConnection) -> Result<()> {
-    let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *conn).await.map_err(migrate_error_sqlx)?;
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *conn).await.map_err(Sqlite::error)?;
     if version == 0 {
         return Ok(());
     }
     if version > LAST_USER_VERSION {
         return Err(Error::Other(format!("the SQLite schema's user_version is {version}; no batchd ever wrote more than {LAST_USER_VERSION}").into()));
     }
-    let mut tx = conn.begin().await.map_err(migrate_error_sqlx)?;
+    let mut tx = conn.begin().await.map_err(Sqlite::error)?;
     tx.ensure_migrations_table().await.map_err(migrate_error)?;
     for m in SQLITE.iter().filter(|m| m.version <= version) {
         sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES ($1, $2, TRUE, $3, 0)")
@@ -141,14 +142,10 @@ pub async fn bridge_user_version(conn: &mut SqliteConnection) -> Result<()> {
             .bind(&*m.checksum)
             .execute(&mut *tx)
             .await
-            .map_err(migrate_error_sqlx)?;
+            .map_err(Sqlite::error)?;
     }
-    sqlx::query("PRAGMA user_version = 0").execute(&mut *tx).await.map_err(migrate_error_sqlx)?;
-    tx.commit().await.map_err(migrate_error_sqlx)?;
+    sqlx::query("PRAGMA user_version = 0").execute(&mut *tx).await.map_err(Sqlite::error)?;
+    tx.commit().await.map_err(Sqlite::error)?;
     tracing::info!(user_version = version, "recorded the SQLite schema's version as sqlx migrations");
     Ok(())
-}
-
-fn migrate_error_sqlx(e: sqlx::Error) -> Error {
-    <sqlx::Sqlite as super::sql::Dialect>::error(e)
 }

@@ -20,8 +20,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::store::testing::TestDatabase;
 use batchd::blob::conformance::testing::TestBucket;
-use batchd::store::testing::TestDatabase;
 use serde_json::{json, Value};
 
 /// One fresh database and one fresh blob store, shared by the nodes of a test.
@@ -192,7 +192,7 @@ async fn three_nodes_share_work_survive_kill9_and_sigterm() {
     // Finalization happened once: one completed event, one output file.
     let store = batchd::store::postgres::PgStore::open(&shared.db.url).await.unwrap();
     use batchd::store::prelude::*;
-    let filter = batchd::store::EventFilter { tenant: None, batch_id: Some(id.clone()) };
+    let filter = batchd::store::EventFilter { tenant: None, batch_id: Some(id.as_str().into()) };
     let finals: Vec<_> = store
         .events_after(&filter, 0, 10_000)
         .await

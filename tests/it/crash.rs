@@ -20,7 +20,7 @@ async fn output_files_of(api: &Api, batch_id: &str) -> Vec<Value> {
 async fn durable_results(s: &Server, batch_id: &str) -> u64 {
     use batchd::store::prelude::*;
     let store = batchd::store::sqlite::SqliteStore::open(&s.dir.join("data").join("batchd.db")).await.unwrap();
-    let b = store.get_batch(None, batch_id).await.unwrap();
+    let b = store.get_batch(None, &batch_id.into()).await.unwrap();
     (b.completed + b.failed) as u64
 }
 

@@ -23,5 +23,6 @@ mod msgbatch;
 mod prefix;
 mod props;
 mod remote;
+mod store;
 mod translate;
 mod upgrade;

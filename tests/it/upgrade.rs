@@ -63,23 +63,23 @@ async fn a_release_2_data_dir_is_migrated_in_place_and_keeps_everything() {
         let blob = Blob::local(&data.join("blobs")).unwrap();
         assert!(blob_text(&blob, &files[3].blob_key).await.contains("\"custom_id\":\"u1\""), "the unused input's bytes");
 
-        let done = store.get_batch(Some("default"), B1).await.unwrap();
+        let done = store.get_batch(Some("default"), &B1.into()).await.unwrap();
         assert_eq!((done.status, done.total, done.completed, done.failed), (BatchStatus::Completed, 3, 3, 0));
         assert_eq!((done.usage.input_tokens, done.usage.output_tokens, done.usage.total_tokens), (51, 48, 99));
         assert_eq!(done.output_file_id.as_deref(), Some(OUT));
         assert_eq!(done.metadata.unwrap()["fixture"], "done");
-        let (log, last) = store.results_chunk(B1, None, 0, 100).await.unwrap().unwrap();
+        let (log, last) = store.results_chunk(&B1.into(), None, 0, 100).await.unwrap().unwrap();
         assert_eq!(last, 3);
-        let output = blob_text(&blob, &store.get_file("default", OUT, MADE_AT).await.unwrap().blob_key).await;
+        let output = blob_text(&blob, &store.get_file("default", &OUT.into(), MADE_AT).await.unwrap().blob_key).await;
         assert_eq!(log, output, "the result log and the output file hold the same three lines");
-        assert_eq!(store.result_by_custom_id(B1, "r2").await.unwrap().line, 2);
+        assert_eq!(store.result_by_custom_id(&B1.into(), "r2").await.unwrap().line, 2);
 
-        let failed = store.get_batch(None, B2).await.unwrap();
+        let failed = store.get_batch(None, &B2.into()).await.unwrap();
         assert_eq!(failed.status, BatchStatus::Failed);
         assert_eq!(failed.errors.unwrap()[0].code, "duplicate_custom_id");
-        let usage = store.batch_usage(B1).await.unwrap();
+        let usage = store.batch_usage(&B1.into()).await.unwrap();
         assert_eq!((usage[0].model.as_str(), usage[0].requests, usage[0].usage.total_tokens), ("gpt-4o-mini", 3, 99));
-        assert!(matches!(store.get_batch(Some("other"), B1).await, Err(Error::NotFound)));
+        assert!(matches!(store.get_batch(Some("other"), &B1.into()).await, Err(Error::NotFound)));
     }
     let (user_version, applied) = schema_record(&data.join("batchd.db")).await;
     assert_eq!(user_version, 0, "from now on the sqlx record alone says where the schema is");

@@ -28,7 +28,7 @@ use super::extract::Query;
 use super::files::{cursor_error, not_found_as, parse_limit, BATCH_FILE_EXPIRY};
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{BatchApi, BatchRecord, FileRecord, ListCursor};
+use crate::store::{BatchApi, BatchId, BatchRecord, FileRecord, ListCursor};
 pub use envelope::AnthropicError;
 use envelope::{AnthropicResult, AnthropicTenant};
 use intake::{Accepted, Checker, Limits, Refusal};
@@ -52,7 +52,7 @@ fn no_such_batch(id: &str) -> AnthropicError {
 }
 
 /// The tenant's Message Batch `id` (an OpenAI batch's id is not one).
-async fn tenant_batch(st: &AppState, tenant: &str, id: &str) -> AnthropicResult<BatchRecord> {
+async fn tenant_batch(st: &AppState, tenant: &str, id: &BatchId) -> AnthropicResult<BatchRecord> {
     let b = st.store.get_batch(Some(tenant), id).await.map_err(|e| not_found_as(e, || no_such_batch(id).0))?;
     if b.api != BatchApi::Anthropic {
         return Err(no_such_batch(id));
@@ -186,7 +186,7 @@ async fn retrieve(
     State(st): State<AppState>,
     AnthropicTenant(tenant): AnthropicTenant,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path(id): Path<BatchId>,
 ) -> AnthropicResult<Json<Value>> {
     Ok(object(&headers, &tenant_batch(&st, &tenant, &id).await?))
 }
@@ -218,7 +218,7 @@ async fn cancel(
     State(st): State<AppState>,
     AnthropicTenant(tenant): AnthropicTenant,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path(id): Path<BatchId>,
 ) -> AnthropicResult<Json<Value>> {
     tenant_batch(&st, &tenant, &id).await?;
     let b = st.store.request_cancel(&tenant, &id, crate::now_unix()).await.map_err(|e| not_found_as(e, || no_such_batch(&id).0))?;
@@ -230,7 +230,7 @@ async fn cancel(
 }
 
 /// Deletes an ended batch, and its input and result files with it.
-async fn delete(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTenant, Path(id): Path<String>) -> AnthropicResult<Json<Value>> {
+async fn delete(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTenant, Path(id): Path<BatchId>) -> AnthropicResult<Json<Value>> {
     tenant_batch(&st, &tenant, &id).await?;
     let b = st.store.delete_batch(&tenant, &id).await.map_err(|e| match e {
         crate::store::Error::Conflict(_) => {
@@ -254,7 +254,7 @@ async fn delete(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTe
 
 /// The results as JSONL, one `MessageBatchIndividualResponse` per request, read from the
 /// result log in chunks (constant memory), once processing has ended.
-async fn results(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTenant, Path(id): Path<String>) -> AnthropicResult<Response> {
+async fn results(State(st): State<AppState>, AnthropicTenant(tenant): AnthropicTenant, Path(id): Path<BatchId>) -> AnthropicResult<Response> {
     let b = tenant_batch(&st, &tenant, &id).await?;
     if !b.status.is_final() {
         return Err(ApiError::bad_request(format!("Message Batch {id} has not ended yet: its results are available once processing_status is ended.")).into());

@@ -189,7 +189,7 @@ impl Driver<'_> {
     }
 
     async fn run(&self) -> Result<()> {
-        let (store, batch_id) = (&self.ctx.inner.store, &*self.ctx.batch_id);
+        let (store, batch_id) = (&self.ctx.inner.store, &self.ctx.batch_id);
         let mut failures: HashMap<u64, crate::store::ResultRecord> = HashMap::new();
         let all: Vec<u64> = self.lines.keys().copied().collect();
         for round in 0.. {
@@ -258,7 +258,7 @@ impl Driver<'_> {
             let (pool, target) = &self.targets[self.lines[&lines[0]].target];
             let row = RemoteBatch {
                 key: format!("{}-u{}-{}", self.ctx.batch_id, self.unit.idx, known + i),
-                batch_id: self.ctx.batch_id.to_string(),
+                batch_id: self.ctx.batch_id.clone(),
                 unit_idx: self.unit.idx,
                 upstream: pool.cfg.name.clone(),
                 model: target.to_string(),

@@ -34,7 +34,7 @@ async fn queued_in<D: Dialect>(conn: &mut D::Connection, tenant: Option<&str>) -
 }
 
 /// The batch a tenant created with an idempotency key, if any.
-async fn by_key<D: Dialect>(conn: &mut D::Connection, tenant: &str, key: &str) -> Result<Option<String>> {
+async fn by_key<D: Dialect>(conn: &mut D::Connection, tenant: &str, key: &str) -> Result<Option<BatchId>> {
     D::sql("SELECT id FROM batches WHERE tenant = $1 AND idempotency_key = $2").bind(tenant).bind(key).scalar(conn).await
 }
 
@@ -112,7 +112,7 @@ impl<D: Dialect> Batches for SqlStore<D> {
         Ok(Admission::Admitted(Box::new(self.get_batch(Some(&b.tenant), &id).await?)))
     }
 
-    async fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<BatchRecord> {
+    async fn get_batch(&self, tenant: Option<&str>, id: &BatchId) -> Result<BatchRecord> {
         // A tenant's read does not see a deleted batch; the engine's does.
         let stmt = D::sql("SELECT * FROM batches WHERE id = $1 AND (CAST($2 AS TEXT) IS NULL OR (tenant = $2 AND deleted_at IS NULL))").bind(id).bind(tenant);
         stmt.fetch_one::<BatchRow>(&mut *self.conn().await?).await?.try_into()
@@ -146,7 +146,7 @@ impl<D: Dialect> Batches for SqlStore<D> {
         Ok(p)
     }
 
-    async fn delete_batch(&self, tenant: &str, id: &str) -> Result<BatchRecord> {
+    async fn delete_batch(&self, tenant: &str, id: &BatchId) -> Result<BatchRecord> {
         let b = self.get_batch(Some(tenant), id).await?;
         if !b.status.is_final() {
             return Err(Error::Conflict(format!("batch {id} is {}, not ended", b.status.as_str())));
@@ -159,11 +159,11 @@ impl<D: Dialect> Batches for SqlStore<D> {
         }
     }
 
-    async fn note_unrun(&self, id: &str, lines: i64) -> Result<()> {
+    async fn note_unrun(&self, id: &BatchId, lines: i64) -> Result<()> {
         self.write_one(D::sql("UPDATE batches SET unrun = $1 WHERE id = $2 AND unrun IS NULL").bind(lines.max(0)).bind(id)).await.map(|_| ())
     }
 
-    async fn request_cancel(&self, tenant: &str, id: &str, now: i64) -> Result<BatchRecord> {
+    async fn request_cancel(&self, tenant: &str, id: &BatchId, now: i64) -> Result<BatchRecord> {
         let mut tx = self.write().await?;
         let moved = D::sql(
             "UPDATE batches SET status = 'cancelling', cancelling_at = COALESCE(cancelling_at, $1)
@@ -181,10 +181,10 @@ impl<D: Dialect> Batches for SqlStore<D> {
         self.get_batch(Some(tenant), id).await
     }
 
-    async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<(String, BatchStatus)>> {
+    async fn batches_in(&self, statuses: &[BatchStatus]) -> Result<Vec<(BatchId, BatchStatus)>> {
         let mut s = D::sql("SELECT id, status FROM batches WHERE status IN (");
         s.push_list(statuses.iter().map(|st| st.as_str())).push(") ORDER BY seq ASC");
-        let rows: Vec<(String, String)> = self.read(s).await?;
+        let rows: Vec<(BatchId, String)> = self.read(s).await?;
         Ok(rows.into_iter().filter_map(|(id, s)| BatchStatus::parse(&s).map(|s| (id, s))).collect())
     }
 
@@ -198,7 +198,7 @@ impl<D: Dialect> Batches for SqlStore<D> {
         self.read(stmt.bind(tenant).bind(start).bind(end)).await
     }
 
-    async fn batch_usage(&self, batch_id: &str) -> Result<Vec<UsageRow>> {
+    async fn batch_usage(&self, batch_id: &BatchId) -> Result<Vec<UsageRow>> {
         let stmt = D::sql(format!(
             "SELECT batch_id, model, CAST(0 AS BIGINT) AS hour, {sums} FROM batch_usage WHERE batch_id = $1 GROUP BY batch_id, model ORDER BY model",
             sums = usage_sums::<D>()

@@ -64,7 +64,7 @@ impl<D: Dialect> Files for SqlStore<D> {
         self.write_one(insert_file(f, false)).await.map(|_| ())
     }
 
-    async fn get_file(&self, tenant: &str, id: &str, now: i64) -> Result<FileRecord> {
+    async fn get_file(&self, tenant: &str, id: &FileId, now: i64) -> Result<FileRecord> {
         let stmt = D::sql("SELECT * FROM files WHERE id = $1 AND tenant = $2 AND (expires_at IS NULL OR expires_at > $3)");
         stmt.bind(id).bind(tenant).bind(now).fetch_one(&mut *self.conn().await?).await
     }
@@ -82,7 +82,7 @@ impl<D: Dialect> Files for SqlStore<D> {
         Ok(page(self.read(s).await?, q.limit))
     }
 
-    async fn delete_file(&self, tenant: &str, id: &str, now: i64) -> Result<FileRecord> {
+    async fn delete_file(&self, tenant: &str, id: &FileId, now: i64) -> Result<FileRecord> {
         let file = self.get_file(tenant, id, now).await?;
         let running = format!(" AND NOT EXISTS (SELECT 1 FROM batches WHERE input_file_id = files.id AND status NOT IN {FINAL})");
         if !self.delete_file_row(id, &running).await? {
@@ -99,16 +99,16 @@ impl<D: Dialect> Files for SqlStore<D> {
         self.read(stmt.bind(now).bind(limit as i64)).await
     }
 
-    async fn purge_file(&self, id: &str) -> Result<()> {
+    async fn purge_file(&self, id: &FileId) -> Result<()> {
         self.delete_file_row(id, "").await.map(|_| ())
     }
 
-    async fn existing_file_ids(&self, ids: &[String]) -> Result<Vec<String>> {
+    async fn existing_file_ids(&self, ids: &[FileId]) -> Result<Vec<FileId>> {
         let mut found = Vec::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let mut s = D::sql("SELECT id FROM files WHERE id IN (");
             s.push_list(chunk).push(")");
-            found.extend(s.one_off().scalars::<String>(&mut *self.conn().await?).await?);
+            found.extend(s.one_off().scalars::<FileId>(&mut *self.conn().await?).await?);
         }
         Ok(found)
     }

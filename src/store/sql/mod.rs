@@ -55,8 +55,9 @@ impl<D: Dialect> SqlStore<D> {
         SqlStore { pool, commits: AtomicU64::new(0), log: D::Log::default() }
     }
 
-    /// The connection pool, for the one-off copy between backends (`store::migrate`) and tests.
-    pub(crate) fn pool(&self) -> &Pool<D> {
+    /// The connection pool, for the one-off copy between backends (`store::migrate`) and the
+    /// store's tests.
+    pub fn pool(&self) -> &Pool<D> {
         &self.pool
     }
 

@@ -99,7 +99,7 @@ impl<D: Dialect> Outbox for SqlStore<D> {
         self.read(s).await
     }
 
-    async fn append_event(&self, batch_id: &str, kind: &str, data: &str, now: i64) -> Result<i64> {
+    async fn append_event(&self, batch_id: &BatchId, kind: &str, data: &str, now: i64) -> Result<i64> {
         let mut tx = self.write().await?;
         D::lock_outbox(&mut tx).await?;
         let stmt =

@@ -62,7 +62,7 @@ impl<D: Dialect> Remote for SqlStore<D> {
         self.commit(tx).await
     }
 
-    async fn remote_batches(&self, batch_id: &str, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
+    async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
         let stmt = D::sql(
             "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at
              FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key",

@@ -67,7 +67,7 @@ async fn lock_live<'a, D: Dialect>(conn: &mut D::Connection, results: &'a [Resul
         s.push_list(chunk.iter().copied()).push(&format!(") AND status NOT IN {FINAL} ORDER BY id{}", D::FOR_UPDATE));
         live.extend(s.one_off().scalars::<String>(conn).await?);
     }
-    Ok(results.iter().filter(|r| live.contains(&r.batch_id)).collect())
+    Ok(results.iter().filter(|r| live.contains(r.batch_id.as_str())).collect())
 }
 
 /// Units among the results' leases that `node` no longer holds under the same epoch.
@@ -86,7 +86,7 @@ async fn lost_units<D: Dialect>(conn: &mut D::Connection, node: &str, results: &
     let mut lost: Vec<UnitKey> = leases
         .into_iter()
         .filter(|&(b, idx, epoch)| !held.contains(&(b.to_string(), idx, epoch)))
-        .map(|(b, idx, _)| UnitKey { batch_id: b.to_string(), idx })
+        .map(|(b, idx, _)| UnitKey { batch_id: b.into(), idx })
         .collect();
     lost.dedup();
     Ok(lost)

@@ -56,16 +56,16 @@ impl<'r> Decode<'r, Postgres> for Count {
 
 #[derive(sqlx::FromRow)]
 pub(super) struct BatchRow {
-    id: String,
+    id: BatchId,
     tenant: String,
     endpoint: String,
-    input_file_id: String,
+    input_file_id: FileId,
     completion_window: String,
     metadata: Option<String>,
     model: Option<String>,
     status: String,
-    output_file_id: Option<String>,
-    error_file_id: Option<String>,
+    output_file_id: Option<FileId>,
+    error_file_id: Option<FileId>,
     errors: Option<String>,
     #[sqlx(try_from = "Count")]
     created_at: i64,

@@ -84,7 +84,7 @@ impl<D: Dialect> SqlStore<D> {
 
 #[async_trait]
 impl<D: Dialect> Work for SqlStore<D> {
-    async fn mark_validated(&self, id: &str, v: &Validated, now: i64) -> Result<bool> {
+    async fn mark_validated(&self, id: &BatchId, v: &Validated, now: i64) -> Result<bool> {
         let mut tx = self.write().await?;
         let moved = D::sql(
             "UPDATE batches SET status = 'in_progress', in_progress_at = $1, total = $2, model = $3, input_format = $4, est_tokens = $5,
@@ -108,15 +108,15 @@ impl<D: Dialect> Work for SqlStore<D> {
         self.commit(tx).await.map(|_| true)
     }
 
-    async fn mark_failed(&self, id: &str, errors: &[LineError], now: i64) -> Result<bool> {
+    async fn mark_failed(&self, id: &BatchId, errors: &[LineError], now: i64) -> Result<bool> {
         self.transition(id, "('validating')", BatchStatus::Failed, Some(errors), now).await
     }
 
-    async fn fail_batch(&self, id: &str, errors: &[LineError], now: i64) -> Result<bool> {
+    async fn fail_batch(&self, id: &BatchId, errors: &[LineError], now: i64) -> Result<bool> {
         self.transition(id, "('validating','in_progress','finalizing','cancelling')", BatchStatus::Failed, Some(errors), now).await
     }
 
-    async fn begin_finalizing(&self, id: &str, outcome: BatchStatus, now: i64) -> Result<()> {
+    async fn begin_finalizing(&self, id: &BatchId, outcome: BatchStatus, now: i64) -> Result<()> {
         let mut tx = self.write().await?;
         let moved = D::sql(
             "UPDATE batches SET status = 'finalizing', finalizing_at = COALESCE(finalizing_at, $1), finalize_as = $2
@@ -133,7 +133,7 @@ impl<D: Dialect> Work for SqlStore<D> {
         self.commit(tx).await
     }
 
-    async fn finish_batch(&self, id: &str, f: &Finish) -> Result<()> {
+    async fn finish_batch(&self, id: &BatchId, f: &Finish) -> Result<()> {
         let mut tx = self.write().await?;
         let col = timestamp_column(f.status);
         let moved = D::sql(format!(
@@ -162,7 +162,7 @@ impl<D: Dialect> Work for SqlStore<D> {
         Ok(())
     }
 
-    async fn claim_batch(&self, id: &str, node: &str, ttl: Duration) -> Result<bool> {
+    async fn claim_batch(&self, id: &BatchId, node: &str, ttl: Duration) -> Result<bool> {
         let now = D::NOW_MS;
         let stmt = D::sql(format!(
             "UPDATE batches SET claim_owner = $1, claim_expires = {now} + $2
@@ -171,12 +171,12 @@ impl<D: Dialect> Work for SqlStore<D> {
         Ok(self.write_one(stmt.bind(node).bind(ms(ttl)).bind(id)).await? == 1)
     }
 
-    async fn release_claim(&self, id: &str, node: &str) -> Result<()> {
+    async fn release_claim(&self, id: &BatchId, node: &str) -> Result<()> {
         let stmt = D::sql("UPDATE batches SET claim_owner = NULL, claim_expires = NULL WHERE id = $1 AND claim_owner = $2");
         self.write_one(stmt.bind(id).bind(node)).await.map(|_| ())
     }
 
-    async fn lease_unit(&self, batch_id: &str, node: &str, ttl: Duration) -> Result<Option<WorkUnit>> {
+    async fn lease_unit(&self, batch_id: &BatchId, node: &str, ttl: Duration) -> Result<Option<WorkUnit>> {
         let now = D::NOW_MS;
         let stmt = D::sql(format!(
             "UPDATE units SET lease_owner = $2, lease_expires = {now} + $3, epoch = epoch + 1
@@ -199,7 +199,7 @@ impl<D: Dialect> Work for SqlStore<D> {
             .bind(node)
             .execute(&mut tx)
             .await?;
-        let held: Vec<(String, i64)> = D::sql(format!("UPDATE units SET lease_expires = {now} + $1 WHERE lease_owner = $2 RETURNING batch_id, idx"))
+        let held: Vec<(BatchId, i64)> = D::sql(format!("UPDATE units SET lease_expires = {now} + $1 WHERE lease_owner = $2 RETURNING batch_id, idx"))
             .bind(ms(ttl))
             .bind(node)
             .fetch_all(&mut tx)
@@ -214,20 +214,20 @@ impl<D: Dialect> Work for SqlStore<D> {
         self.commit(tx).await
     }
 
-    async fn release_batch_leases(&self, batch_id: &str, node: &str) -> Result<()> {
+    async fn release_batch_leases(&self, batch_id: &BatchId, node: &str) -> Result<()> {
         let stmt = D::sql("UPDATE units SET lease_owner = NULL, lease_expires = NULL WHERE batch_id = $1 AND lease_owner = $2");
         self.write_one(stmt.bind(batch_id).bind(node)).await.map(|_| ())
     }
 
-    async fn units(&self, batch_id: &str) -> Result<Vec<WorkUnit>> {
+    async fn units(&self, batch_id: &BatchId) -> Result<Vec<WorkUnit>> {
         self.read(D::sql("SELECT * FROM units WHERE batch_id = $1 ORDER BY idx").bind(batch_id)).await
     }
 
-    async fn done_lines(&self, batch_id: &str, unit: &WorkUnit) -> Result<Vec<u64>> {
+    async fn done_lines(&self, batch_id: &BatchId, unit: &WorkUnit) -> Result<Vec<u64>> {
         D::done_lines(&self.log, &self.pool, batch_id, unit).await
     }
 
-    async fn done_among(&self, batch_id: &str, lines: &[u64]) -> Result<Vec<u64>> {
+    async fn done_among(&self, batch_id: &BatchId, lines: &[u64]) -> Result<Vec<u64>> {
         D::done_among(&self.log, &self.pool, batch_id, lines).await
     }
 
@@ -235,11 +235,11 @@ impl<D: Dialect> Work for SqlStore<D> {
         self.commit_log(node, results).await
     }
 
-    async fn results_chunk(&self, batch_id: &str, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
+    async fn results_chunk(&self, batch_id: &BatchId, ok: Option<bool>, after_line: u64, limit: u32) -> Result<Option<(String, u64)>> {
         D::results_chunk(&self.log, &self.pool, batch_id, ok, after_line, limit).await
     }
 
-    async fn result_by_custom_id(&self, batch_id: &str, custom_id: &str) -> Result<StoredResult> {
+    async fn result_by_custom_id(&self, batch_id: &BatchId, custom_id: &str) -> Result<StoredResult> {
         D::result_by_custom_id(&self.log, &self.pool, batch_id, custom_id).await
     }
 }

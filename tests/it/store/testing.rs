@@ -1,5 +1,4 @@
-//! A fresh PostgreSQL database per test, for this crate's tests and the black-box ones
-//! (built for tests and the `test-support` feature only).
+//! A fresh PostgreSQL database per test, for the store's tests and the cluster tests.
 //!
 //! `BATCHD_TEST_POSTGRES_URL` names a server and a database to connect to for
 //! administration (`postgres://postgres@127.0.0.1:5432/test`); each [`TestDatabase`] creates
@@ -28,7 +27,7 @@ impl TestDatabase {
             eprintln!("skipping {test}: set {ENV}=postgres://USER@HOST:PORT/DB to run it against PostgreSQL");
             return None;
         };
-        let name = format!("batchd_test_{}", crate::ids::batch_id().trim_start_matches("batch_").to_lowercase());
+        let name = format!("batchd_test_{}", batchd::ids::batch_id().trim_start_matches("batch_").to_lowercase());
         let url = with_database(&admin, &name).unwrap_or_else(|| panic!("{ENV} must be a URL with a database path: {admin}"));
         let mut conn = admin_conn(&admin).await;
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("CREATE DATABASE");
@@ -75,7 +74,6 @@ pub fn with_database(url: &str, db: &str) -> Option<String> {
     })
 }
 
-#[cfg(test)]
 mod tests {
     #[test]
     fn database_is_replaced_and_query_kept() {

@@ -1,15 +1,19 @@
-//! The store's own tests beyond the conformance suite: what each dialect must show on its
-//! own (SQLite: a file reopened, files of older releases upgraded in place; PostgreSQL:
-//! nodes racing on one database), and the schema's state checks. PostgreSQL tests run on a
-//! fresh database each (see [`super::testing`]) and are skipped, saying so, when
-//! `BATCHD_TEST_POSTGRES_URL` is unset.
+//! The store's tests: the conformance suite ([`conformance`]) run on both dialects, and
+//! what each dialect must show on its own (SQLite: a file reopened, files of older releases
+//! upgraded in place; PostgreSQL: nodes racing on one database), and the schema's state
+//! checks. PostgreSQL tests run on a fresh database each (see [`testing`]) and are skipped,
+//! saying so, when `BATCHD_TEST_POSTGRES_URL` is unset.
+
+pub mod conformance;
+pub mod testing;
 
 use std::time::Duration;
 
-use super::postgres::PgStore;
-use super::sqlite::SqliteStore;
-use super::testing::TestDatabase;
-use super::*;
+use batchd::store::postgres::PgStore;
+use batchd::store::prelude::*;
+use batchd::store::sqlite::SqliteStore;
+use batchd::store::*;
+use testing::TestDatabase;
 
 mod sqlite {
     use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
@@ -37,7 +41,7 @@ mod sqlite {
             s.insert_file(&conformance::sample_file("t", "file-keep")).await.unwrap();
         }
         let s = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(s.get_file("t", "file-keep", 0).await.unwrap().id, "file-keep");
+        assert_eq!(s.get_file("t", &"file-keep".into(), 0).await.unwrap().id, "file-keep");
         let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(s.pool()).await.unwrap();
         assert_eq!(applied, schema::SQLITE.iter().map(|m| m.version).collect::<Vec<_>>(), "each migration recorded once");
     }
@@ -90,14 +94,14 @@ mod sqlite {
             }
         }
         let s = SqliteStore::open(&path).await.unwrap();
-        let (all, last) = s.results_chunk("batch_a", None, 0, 100).await.unwrap().unwrap();
+        let (all, last) = s.results_chunk(&"batch_a".into(), None, 0, 100).await.unwrap().unwrap();
         assert_eq!((all.as_str(), last), ("{\"b\":\"batch_a\",\"line\":1}\n{\"b\":\"batch_a\",\"line\":3}\n", 3));
-        let (errors, _) = s.results_chunk("batch_a", Some(false), 0, 100).await.unwrap().unwrap();
+        let (errors, _) = s.results_chunk(&"batch_a".into(), Some(false), 0, 100).await.unwrap().unwrap();
         assert_eq!(errors, "{\"b\":\"batch_a\",\"line\":3}\n");
-        let found = s.result_by_custom_id("batch_b", "c1").await.unwrap();
+        let found = s.result_by_custom_id(&"batch_b".into(), "c1").await.unwrap();
         assert_eq!((found.line, found.record.as_str()), (1, "{\"b\":\"batch_b\",\"line\":1}"), "the same custom_id in another batch is not mixed up");
-        let unit = &s.units("batch_a").await.unwrap()[0];
-        assert_eq!(s.done_lines("batch_a", unit).await.unwrap(), [1, 3]);
+        let unit = &s.units(&"batch_a".into()).await.unwrap()[0];
+        assert_eq!(s.done_lines(&"batch_a".into(), unit).await.unwrap(), [1, 3]);
         let again = conformance::result("batch_a", 1, true);
         let fresh = conformance::result("batch_a", 2, true);
         let out = s.commit_results("n", &[again, fresh]).await.unwrap();
@@ -144,7 +148,7 @@ mod sqlite {
             .unwrap();
         s.pool().close().await;
         let err = SqliteStore::open(&path).await.err().expect("a newer schema is refused");
-        let msg = crate::Chain(&err).to_string();
+        let msg = batchd::Chain(&err).to_string();
         assert!(msg.contains("version 9999") && msg.contains("upgrade this batchd"), "{msg}");
         let opts = SqliteConnectOptions::new().filename(&path);
         let pool = SqlitePoolOptions::new().connect_with(opts).await.unwrap();
@@ -221,7 +225,7 @@ mod postgres {
             s.insert_file(&conformance::sample_file("t", &format!("file-{i}"))).await.unwrap();
         }
         let again = PgStore::open(&db.url).await.unwrap();
-        assert_eq!(again.existing_file_ids(&(0..6).map(|i| format!("file-{i}")).collect::<Vec<_>>()).await.unwrap().len(), 6);
+        assert_eq!(again.existing_file_ids(&(0..6).map(|i| FileId::from(format!("file-{i}"))).collect::<Vec<_>>()).await.unwrap().len(), 6);
     }
 
     /// A server that cannot be reached is `Unavailable` (the API answers 503), not `Other`.
@@ -237,7 +241,7 @@ mod postgres {
     #[tokio::test]
     async fn bad_url_is_reported() {
         let err = PgStore::open("postgres://host:notaport/db").await.err().expect("a bad URL");
-        assert!(crate::Chain(&err).to_string().contains("invalid PostgreSQL URL"), "{err:?}");
+        assert!(batchd::Chain(&err).to_string().contains("invalid PostgreSQL URL"), "{err:?}");
     }
 
     /// Readers page the outbox by id; with writers committing concurrently, a reader that
@@ -255,7 +259,7 @@ mod postgres {
                 let s = store.clone();
                 tokio::spawn(async move {
                     for i in 0..50 {
-                        s.append_event(&format!("batch_ob{w}"), "batch.stalled", &format!("{{\"i\":{i}}}"), 1).await.unwrap();
+                        s.append_event(&format!("batch_ob{w}").into(), "batch.stalled", &format!("{{\"i\":{i}}}"), 1).await.unwrap();
                     }
                 })
             })
@@ -294,7 +298,7 @@ mod postgres {
             ordered: false,
         };
         let v = Validated { total: 1000, model: None, format: InputFormat::Full, units: vec![unit], est_tokens: 0 };
-        assert!(store.mark_validated("batch_rc", &v, 1).await.unwrap());
+        assert!(store.mark_validated(&"batch_rc".into(), &v, 1).await.unwrap());
         let nodes: Vec<_> = (0..4)
             .map(|n| {
                 let s = store.clone();
@@ -313,10 +317,10 @@ mod postgres {
             .collect();
         let total: u64 = futures::future::join_all(nodes).await.into_iter().map(|r| r.unwrap()).sum();
         assert_eq!(total, 1000);
-        let b = store.get_batch(None, "batch_rc").await.unwrap();
+        let b = store.get_batch(None, &"batch_rc".into()).await.unwrap();
         assert_eq!((b.completed + b.failed, b.failed), (1000, 142));
-        assert_eq!(store.units("batch_rc").await.unwrap()[0].line_count, 1000);
-        assert!(store.lease_unit("batch_rc", "n", Duration::from_secs(5)).await.unwrap().is_none(), "done counts add up");
+        assert_eq!(store.units(&"batch_rc".into()).await.unwrap()[0].line_count, 1000);
+        assert!(store.lease_unit(&"batch_rc".into(), "n", Duration::from_secs(5)).await.unwrap().is_none(), "done counts add up");
     }
 
     /// A node that writes groups of results stays within the durability budget on this backend:
@@ -341,7 +345,7 @@ mod postgres {
             })
             .collect();
         let v = Validated { total: 1000, model: None, format: InputFormat::Full, units, est_tokens: 0 };
-        store.mark_validated("batch_tx", &v, 1).await.unwrap();
+        store.mark_validated(&"batch_tx".into(), &v, 1).await.unwrap();
         let before = store.commits();
         for g in 0..2u64 {
             let recs: Vec<_> =
@@ -349,8 +353,8 @@ mod postgres {
             assert_eq!(store.commit_results("n", &recs).await.unwrap().inserted, 500);
         }
         assert_eq!(store.commits() - before, 2, "two groups of 500, two transactions");
-        assert!(store.units("batch_tx").await.unwrap().iter().all(|u| u.line_count == 200));
-        assert!(store.lease_unit("batch_tx", "n", Duration::from_secs(5)).await.unwrap().is_none());
+        assert!(store.units(&"batch_tx".into()).await.unwrap().iter().all(|u| u.line_count == 200));
+        assert!(store.lease_unit(&"batch_tx".into(), "n", Duration::from_secs(5)).await.unwrap().is_none());
     }
 
     /// A database release 2 migrated (sqlx, with 0001 and 0002) opens: its recorded
@@ -371,7 +375,7 @@ mod postgres {
             .unwrap();
         pool.close().await;
         let store = PgStore::open(&db.url).await.expect("release 2's database opens");
-        assert_eq!(store.get_file("t", "file-r2", 0).await.unwrap().bytes, 1);
+        assert_eq!(store.get_file("t", &"file-r2".into(), 0).await.unwrap().bytes, 1);
         let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(store.pool()).await.unwrap();
         assert_eq!(applied, schema::POSTGRES.iter().map(|m| m.version).collect::<Vec<_>>());
     }

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use super::*;
+use batchd::store::prelude::*;
+use batchd::store::*;
 
 const NODE: &str = "node-a";
 const LONG: Duration = Duration::from_secs(60);
@@ -74,7 +75,7 @@ async fn running_batch(store: &dyn Store, tenant: &str, id: &str, n_units: i64) 
     store.insert_file(&sample_file(tenant, &format!("file-{id}"))).await.unwrap();
     store.insert_batch(&sample_batch(tenant, id, &format!("file-{id}")), None).await.unwrap();
     let v = validated(n_units as u64 * 10, units(id, n_units, 10));
-    assert!(store.mark_validated(id, &v, 1_001).await.unwrap(), "validating batch must be markable");
+    assert!(store.mark_validated(&id.into(), &v, 1_001).await.unwrap(), "validating batch must be markable");
 }
 
 /// Runs every check on a fresh store.
@@ -109,9 +110,9 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn files_roundtrip_and_isolation(store: &dyn Store) {
     let f = sample_file("iso-a", "file-iso1");
     store.insert_file(&f).await.unwrap();
-    assert_eq!(store.get_file("iso-a", "file-iso1", 0).await.unwrap(), f);
-    assert!(matches!(store.get_file("iso-b", "file-iso1", 0).await, Err(Error::NotFound)), "other tenant must not see a file");
-    assert!(matches!(store.delete_file("iso-b", "file-iso1", 0).await, Err(Error::NotFound)), "other tenant must not delete");
+    assert_eq!(store.get_file("iso-a", &"file-iso1".into(), 0).await.unwrap(), f);
+    assert!(matches!(store.get_file("iso-b", &"file-iso1".into(), 0).await, Err(Error::NotFound)), "other tenant must not see a file");
+    assert!(matches!(store.delete_file("iso-b", &"file-iso1".into(), 0).await, Err(Error::NotFound)), "other tenant must not delete");
     assert!(store.insert_file(&f).await.is_err(), "duplicate file id must be refused");
 }
 
@@ -145,22 +146,22 @@ pub async fn file_expiry(store: &dyn Store) {
     let mut f = sample_file("exp", "file-exp");
     f.expires_at = Some(2_000);
     store.insert_file(&f).await.unwrap();
-    assert!(store.get_file("exp", "file-exp", 1_999).await.is_ok());
-    assert!(matches!(store.get_file("exp", "file-exp", 2_000).await, Err(Error::NotFound)), "expired file is gone");
+    assert!(store.get_file("exp", &"file-exp".into(), 1_999).await.is_ok());
+    assert!(matches!(store.get_file("exp", &"file-exp".into(), 2_000).await, Err(Error::NotFound)), "expired file is gone");
     let expired = store.expired_files(2_000, 100).await.unwrap();
     assert!(expired.iter().any(|f| f.id == "file-exp"));
-    store.purge_file("file-exp").await.unwrap();
+    store.purge_file(&"file-exp".into()).await.unwrap();
     assert!(!store.expired_files(2_000, 100).await.unwrap().iter().any(|f| f.id == "file-exp"));
 }
 
 pub async fn delete_conflicts_while_running(store: &dyn Store) {
     running_batch(store, "del", "batch_del", 1).await;
-    assert!(matches!(store.delete_file("del", "file-batch_del", 0).await, Err(Error::Conflict(_))));
-    assert!(store.get_file("del", "file-batch_del", 0).await.is_ok(), "a refused delete keeps the file");
+    assert!(matches!(store.delete_file("del", &"file-batch_del".into(), 0).await, Err(Error::Conflict(_))));
+    assert!(store.get_file("del", &"file-batch_del".into(), 0).await.is_ok(), "a refused delete keeps the file");
     let fin = Finish { status: BatchStatus::Completed, at: 1_100, output_file: None, error_file: None };
-    store.finish_batch("batch_del", &fin).await.unwrap();
-    store.delete_file("del", "file-batch_del", 0).await.unwrap();
-    assert!(matches!(store.get_file("del", "file-batch_del", 0).await, Err(Error::NotFound)));
+    store.finish_batch(&"batch_del".into(), &fin).await.unwrap();
+    store.delete_file("del", &"file-batch_del".into(), 0).await.unwrap();
+    assert!(matches!(store.get_file("del", &"file-batch_del".into(), 0).await, Err(Error::NotFound)));
 }
 
 pub async fn batch_idempotency_and_pagination(store: &dyn Store) {
@@ -170,7 +171,7 @@ pub async fn batch_idempotency_and_pagination(store: &dyn Store) {
     let again = store.insert_batch(&hashed("batch_bp2", "hash-2"), Some("key-1")).await.unwrap();
     assert_eq!(first.id, again.id, "same idempotency key returns the first batch");
     assert_eq!(again.idempotency_hash.as_deref(), Some("hash-1"), "with the hash of the first request");
-    assert!(matches!(store.get_batch(None, "batch_bp2").await, Err(Error::NotFound)));
+    assert!(matches!(store.get_batch(None, &"batch_bp2".into()).await, Err(Error::NotFound)));
     let other = store.insert_batch(&sample_batch("bp-other", "batch_bp3", "file-bp"), Some("key-1")).await.unwrap();
     assert_eq!(other.id, "batch_bp3", "idempotency keys are per tenant");
     for i in 4..8 {
@@ -189,14 +190,14 @@ pub async fn batch_idempotency_and_pagination(store: &dyn Store) {
 pub async fn cancel_transitions(store: &dyn Store) {
     store.insert_file(&sample_file("cx", "file-cx")).await.unwrap();
     store.insert_batch(&sample_batch("cx", "batch_cx", "file-cx"), None).await.unwrap();
-    assert!(matches!(store.request_cancel("cx-other", "batch_cx", 5).await, Err(Error::NotFound)));
-    let b = store.request_cancel("cx", "batch_cx", 5).await.unwrap();
+    assert!(matches!(store.request_cancel("cx-other", &"batch_cx".into(), 5).await, Err(Error::NotFound)));
+    let b = store.request_cancel("cx", &"batch_cx".into(), 5).await.unwrap();
     assert_eq!((b.status, b.cancelling_at), (BatchStatus::Cancelling, Some(5)));
-    assert!(!store.mark_validated("batch_cx", &validated(1, vec![]), 6).await.unwrap(), "validation must not undo a cancel");
-    assert!(!store.mark_failed("batch_cx", &[], 6).await.unwrap());
+    assert!(!store.mark_validated(&"batch_cx".into(), &validated(1, vec![]), 6).await.unwrap(), "validation must not undo a cancel");
+    assert!(!store.mark_failed(&"batch_cx".into(), &[], 6).await.unwrap());
     let fin = Finish { status: BatchStatus::Cancelled, at: 7, output_file: None, error_file: None };
-    store.finish_batch("batch_cx", &fin).await.unwrap();
-    let b = store.request_cancel("cx", "batch_cx", 8).await.unwrap();
+    store.finish_batch(&"batch_cx".into(), &fin).await.unwrap();
+    let b = store.request_cancel("cx", &"batch_cx".into(), 8).await.unwrap();
     assert_eq!((b.status, b.cancelled_at, b.cancelling_at), (BatchStatus::Cancelled, Some(7), Some(5)));
 }
 
@@ -204,7 +205,7 @@ pub async fn lease_is_exclusive(store: &dyn Store) {
     running_batch(store, "ls", "batch_ls", 20).await;
     let tasks = (0..8).map(|n| async move {
         let mut got = vec![];
-        while let Some(u) = store.lease_unit("batch_ls", &format!("node{n}"), LONG).await.unwrap() {
+        while let Some(u) = store.lease_unit(&"batch_ls".into(), &format!("node{n}"), LONG).await.unwrap() {
             got.push(u.idx);
         }
         got
@@ -216,28 +217,28 @@ pub async fn lease_is_exclusive(store: &dyn Store) {
 
 pub async fn expired_lease_is_taken_over(store: &dyn Store) {
     running_batch(store, "lx", "batch_lx", 3).await;
-    let a = store.lease_unit("batch_lx", "dead", GONE).await.unwrap().unwrap();
-    let live = store.lease_unit("batch_lx", "live", LONG).await.unwrap().unwrap();
+    let a = store.lease_unit(&"batch_lx".into(), "dead", GONE).await.unwrap().unwrap();
+    let live = store.lease_unit(&"batch_lx".into(), "live", LONG).await.unwrap().unwrap();
     assert_eq!((a.idx, live.idx), (0, 0), "an expired lease is taken over, lowest unit first");
     assert_eq!(live.epoch, a.epoch + 1, "each lease raises the epoch");
-    let b = store.lease_unit("batch_lx", "live", LONG).await.unwrap().unwrap();
-    let c = store.lease_unit("batch_lx", "third", LONG).await.unwrap().unwrap();
+    let b = store.lease_unit(&"batch_lx".into(), "live", LONG).await.unwrap().unwrap();
+    let c = store.lease_unit(&"batch_lx".into(), "third", LONG).await.unwrap().unwrap();
     assert_eq!((b.idx, c.idx), (1, 2));
-    assert!(store.lease_unit("batch_lx", "fourth", LONG).await.unwrap().is_none(), "live leases hold");
+    assert!(store.lease_unit(&"batch_lx".into(), "fourth", LONG).await.unwrap().is_none(), "live leases hold");
     let mut held = store.renew_leases("live", LONG).await.unwrap();
     held.sort();
     assert_eq!(held, [live.key(), b.key()], "renewal returns the units still held");
     assert!(store.renew_leases("dead", LONG).await.unwrap().is_empty(), "a lease taken over is not renewed");
-    store.release_batch_leases("batch_lx", "third").await.unwrap();
-    assert_eq!(store.lease_unit("batch_lx", "fourth", LONG).await.unwrap().unwrap().idx, c.idx);
+    store.release_batch_leases(&"batch_lx".into(), "third").await.unwrap();
+    assert_eq!(store.lease_unit(&"batch_lx".into(), "fourth", LONG).await.unwrap().unwrap().idx, c.idx);
     store.release_leases(Some("live")).await.unwrap();
-    assert_eq!(store.lease_unit("batch_lx", "third", LONG).await.unwrap().unwrap().idx, 0);
+    assert_eq!(store.lease_unit(&"batch_lx".into(), "third", LONG).await.unwrap().unwrap().idx, 0);
 }
 
 pub async fn lease_epochs_fence_commits(store: &dyn Store) {
     running_batch(store, "lf", "batch_lf", 2).await;
-    let old = store.lease_unit("batch_lf", "slow", GONE).await.unwrap().unwrap();
-    let new = store.lease_unit("batch_lf", "fast", LONG).await.unwrap().unwrap();
+    let old = store.lease_unit(&"batch_lf".into(), "slow", GONE).await.unwrap().unwrap();
+    let new = store.lease_unit(&"batch_lf".into(), "fast", LONG).await.unwrap().unwrap();
     assert_eq!(old.idx, new.idx);
     let out = store.commit_results("slow", &leased(&old, 1..=4)).await.unwrap();
     assert_eq!(out.inserted, 4, "a late node's answers are still recorded once");
@@ -247,27 +248,27 @@ pub async fn lease_epochs_fence_commits(store: &dyn Store) {
     assert!(out.lost.is_empty(), "the current holder keeps its lease");
     let unfenced = store.commit_results("anyone", &[result("batch_lf", 15, false)]).await.unwrap();
     assert!(unfenced.lost.is_empty(), "records written outside a lease are not fenced");
-    assert_eq!(store.get_batch(None, "batch_lf").await.unwrap().completed, 6);
+    assert_eq!(store.get_batch(None, &"batch_lf".into()).await.unwrap().completed, 6);
 }
 
 pub async fn claims_are_exclusive(store: &dyn Store) {
     running_batch(store, "cl", "batch_cl", 1).await;
-    assert!(store.claim_batch("batch_cl", "a", LONG).await.unwrap());
-    assert!(!store.claim_batch("batch_cl", "b", LONG).await.unwrap(), "a live claim holds");
-    assert!(store.claim_batch("batch_cl", "a", LONG).await.unwrap(), "the holder may claim again");
-    store.release_claim("batch_cl", "b").await.unwrap();
-    assert!(!store.claim_batch("batch_cl", "b", LONG).await.unwrap(), "only the holder releases");
-    store.release_claim("batch_cl", "a").await.unwrap();
-    assert!(store.claim_batch("batch_cl", "b", GONE).await.unwrap());
-    assert!(store.claim_batch("batch_cl", "c", LONG).await.unwrap(), "an expired claim is taken over");
-    let racing = (0..6).map(|n| async move { store.claim_batch("batch_cl", &format!("r{n}"), LONG).await.unwrap() });
+    assert!(store.claim_batch(&"batch_cl".into(), "a", LONG).await.unwrap());
+    assert!(!store.claim_batch(&"batch_cl".into(), "b", LONG).await.unwrap(), "a live claim holds");
+    assert!(store.claim_batch(&"batch_cl".into(), "a", LONG).await.unwrap(), "the holder may claim again");
+    store.release_claim(&"batch_cl".into(), "b").await.unwrap();
+    assert!(!store.claim_batch(&"batch_cl".into(), "b", LONG).await.unwrap(), "only the holder releases");
+    store.release_claim(&"batch_cl".into(), "a").await.unwrap();
+    assert!(store.claim_batch(&"batch_cl".into(), "b", GONE).await.unwrap());
+    assert!(store.claim_batch(&"batch_cl".into(), "c", LONG).await.unwrap(), "an expired claim is taken over");
+    let racing = (0..6).map(|n| async move { store.claim_batch(&"batch_cl".into(), &format!("r{n}"), LONG).await.unwrap() });
     assert!(!futures::future::join_all(racing).await.into_iter().any(|x| x), "nobody takes a live claim");
     store.release_leases(Some("c")).await.unwrap();
-    let racing = (0..6).map(|n| async move { store.claim_batch("batch_cl", &format!("r{n}"), LONG).await.unwrap() });
+    let racing = (0..6).map(|n| async move { store.claim_batch(&"batch_cl".into(), &format!("r{n}"), LONG).await.unwrap() });
     assert_eq!(futures::future::join_all(racing).await.into_iter().filter(|x| *x).count(), 1, "one racer wins a free claim");
     let fin = Finish { status: BatchStatus::Completed, at: 2_000, output_file: None, error_file: None };
-    store.finish_batch("batch_cl", &fin).await.unwrap();
-    assert!(!store.claim_batch("batch_cl", "z", LONG).await.unwrap(), "a final batch cannot be claimed");
+    store.finish_batch(&"batch_cl".into(), &fin).await.unwrap();
+    assert!(!store.claim_batch(&"batch_cl".into(), "z", LONG).await.unwrap(), "a final batch cannot be claimed");
 }
 
 pub async fn results_idempotent(store: &dyn Store) {
@@ -283,48 +284,52 @@ pub async fn results_idempotent(store: &dyn Store) {
     });
     let inserted: u64 = futures::future::join_all(racing).await.into_iter().sum();
     assert_eq!(inserted, 5, "racing commits of the same lines count them once");
-    let b = store.get_batch(None, "batch_rs").await.unwrap();
+    let b = store.get_batch(None, &"batch_rs".into()).await.unwrap();
     assert_eq!((b.completed, b.failed), (12, 8));
     assert_eq!(b.usage.total_tokens, 100);
-    let all_units = store.units("batch_rs").await.unwrap();
+    let all_units = store.units(&"batch_rs".into()).await.unwrap();
     assert_eq!(all_units.iter().map(|u| u.ordered).collect::<Vec<_>>(), [false, true]);
     let unit = &all_units[0];
-    assert_eq!(store.done_lines("batch_rs", unit).await.unwrap(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(store.done_lines(&"batch_rs".into(), unit).await.unwrap(), (1..=10).collect::<Vec<_>>());
     let asked: Vec<u64> = [25, 3, 19, 4000, 7].into_iter().chain(30..1000).collect();
-    assert_eq!(store.done_among("batch_rs", &asked).await.unwrap(), [3, 7, 19], "lines of an ordered unit, asked in any order, over several statements");
-    assert!(store.done_among("batch_rs", &[]).await.unwrap().is_empty());
-    assert!(store.lease_unit("batch_rs", "n", LONG).await.unwrap().is_none(), "done units are not leased");
-    let (all, last) = store.results_chunk("batch_rs", None, 0, 100).await.unwrap().unwrap();
+    assert_eq!(
+        store.done_among(&"batch_rs".into(), &asked).await.unwrap(),
+        [3, 7, 19],
+        "lines of an ordered unit, asked in any order, over several statements"
+    );
+    assert!(store.done_among(&"batch_rs".into(), &[]).await.unwrap().is_empty());
+    assert!(store.lease_unit(&"batch_rs".into(), "n", LONG).await.unwrap().is_none(), "done units are not leased");
+    let (all, last) = store.results_chunk(&"batch_rs".into(), None, 0, 100).await.unwrap().unwrap();
     let ids: Vec<String> = all.lines().map(str::to_owned).collect();
     let want: Vec<String> = (1..=20).map(|l| format!("{{\"custom_id\":\"c{l}\"}}")).collect();
     assert_eq!((ids, last), (want, 20), "the log reads in line order");
-    let (chunk, last) = store.results_chunk("batch_rs", Some(false), 0, 3).await.unwrap().unwrap();
+    let (chunk, last) = store.results_chunk(&"batch_rs".into(), Some(false), 0, 3).await.unwrap().unwrap();
     assert_eq!((chunk.as_str(), last), ("{\"custom_id\":\"c3\"}\n{\"custom_id\":\"c6\"}\n{\"custom_id\":\"c9\"}\n", 9), "failed lines, in order");
-    let (chunk, last) = store.results_chunk("batch_rs", Some(false), 9, 100).await.unwrap().unwrap();
+    let (chunk, last) = store.results_chunk(&"batch_rs".into(), Some(false), 9, 100).await.unwrap().unwrap();
     assert_eq!((chunk.lines().count(), last), (5, 20), "after line 9: 16..=20");
-    assert!(store.results_chunk("batch_rs", Some(false), 20, 100).await.unwrap().is_none());
-    assert_eq!(store.results_chunk("batch_rs", Some(true), 0, 1000).await.unwrap().unwrap().0.lines().count(), 12);
-    assert_eq!(store.result_by_custom_id("batch_rs", "c7").await.unwrap().line, 7);
+    assert!(store.results_chunk(&"batch_rs".into(), Some(false), 20, 100).await.unwrap().is_none());
+    assert_eq!(store.results_chunk(&"batch_rs".into(), Some(true), 0, 1000).await.unwrap().unwrap().0.lines().count(), 12);
+    assert_eq!(store.result_by_custom_id(&"batch_rs".into(), "c7").await.unwrap().line, 7);
 }
 
 pub async fn finish_is_final_and_atomic(store: &dyn Store) {
     running_batch(store, "fin", "batch_fin", 1).await;
-    store.begin_finalizing("batch_fin", BatchStatus::Completed, 1_500).await.unwrap();
-    let b = store.get_batch(None, "batch_fin").await.unwrap();
+    store.begin_finalizing(&"batch_fin".into(), BatchStatus::Completed, 1_500).await.unwrap();
+    let b = store.get_batch(None, &"batch_fin".into()).await.unwrap();
     assert_eq!((b.status, b.finalize_as), (BatchStatus::Finalizing, Some(BatchStatus::Completed)));
     let mut out = sample_file("fin", "file-fin-out");
     out.purpose = "batch_output".into();
     let fin = Finish { status: BatchStatus::Completed, at: 1_600, output_file: Some(out.clone()), error_file: None };
-    store.finish_batch("batch_fin", &fin).await.unwrap();
-    store.finish_batch("batch_fin", &fin).await.unwrap();
-    let b = store.get_batch(Some("fin"), "batch_fin").await.unwrap();
+    store.finish_batch(&"batch_fin".into(), &fin).await.unwrap();
+    store.finish_batch(&"batch_fin".into(), &fin).await.unwrap();
+    let b = store.get_batch(Some("fin"), &"batch_fin".into()).await.unwrap();
     assert_eq!((b.status, b.finalizing_at, b.completed_at), (BatchStatus::Completed, Some(1_500), Some(1_600)));
     assert_eq!(b.output_file_id.as_deref(), Some("file-fin-out"));
-    assert_eq!(store.get_file("fin", "file-fin-out", 0).await.unwrap(), out);
+    assert_eq!(store.get_file("fin", &"file-fin-out".into(), 0).await.unwrap(), out);
     let other = Finish { status: BatchStatus::Cancelled, at: 1_700, output_file: None, error_file: None };
-    store.finish_batch("batch_fin", &other).await.unwrap();
-    store.begin_finalizing("batch_fin", BatchStatus::Expired, 1_800).await.unwrap();
-    let b = store.get_batch(Some("fin"), "batch_fin").await.unwrap();
+    store.finish_batch(&"batch_fin".into(), &other).await.unwrap();
+    store.begin_finalizing(&"batch_fin".into(), BatchStatus::Expired, 1_800).await.unwrap();
+    let b = store.get_batch(Some("fin"), &"batch_fin".into()).await.unwrap();
     assert_eq!((b.status, b.cancelled_at), (BatchStatus::Completed, None), "a final batch never changes");
 }
 
@@ -334,10 +339,10 @@ pub async fn sums_saturate_and_stay_readable(store: &dyn Store) {
     let recs: Vec<_> = (1..=3).map(|l| ResultRecord { usage: huge, ..result("batch_sat", l, true) }).collect();
     store.commit_results(NODE, &recs[..1]).await.unwrap();
     store.commit_results(NODE, &recs[1..]).await.unwrap();
-    let b = store.get_batch(Some("sat"), "batch_sat").await.unwrap();
+    let b = store.get_batch(Some("sat"), &"batch_sat".into()).await.unwrap();
     assert_eq!((b.usage.input_tokens, b.usage.total_tokens, b.usage.cached_tokens), (MAX_COUNT, MAX_COUNT, 21), "sums saturate");
     assert_eq!(store.list_batches("sat", 10, None).await.unwrap().items.len(), 1, "the row still lists");
-    let per_model = store.batch_usage("batch_sat").await.unwrap();
+    let per_model = store.batch_usage(&"batch_sat".into()).await.unwrap();
     assert_eq!((per_model[0].requests, per_model[0].usage.output_tokens), (3, MAX_COUNT));
 }
 
@@ -345,23 +350,23 @@ pub async fn late_results_never_change_a_final_batch(store: &dyn Store) {
     running_batch(store, "late", "batch_late", 1).await;
     store.commit_results(NODE, &[result("batch_late", 1, true)]).await.unwrap();
     let fin = Finish { status: BatchStatus::Cancelled, at: 2_000, output_file: None, error_file: None };
-    store.finish_batch("batch_late", &fin).await.unwrap();
+    store.finish_batch(&"batch_late".into(), &fin).await.unwrap();
     let out = store.commit_results(NODE, &[result("batch_late", 2, true), result("batch_late", 3, false)]).await.unwrap();
     assert_eq!((out.inserted, out.duplicates), (0, 2), "a final batch takes no more results");
-    let b = store.get_batch(None, "batch_late").await.unwrap();
+    let b = store.get_batch(None, &"batch_late".into()).await.unwrap();
     assert_eq!((b.completed, b.failed), (1, 0));
-    assert_eq!(store.results_chunk("batch_late", None, 0, 100).await.unwrap().unwrap().0.lines().count(), 1);
+    assert_eq!(store.results_chunk(&"batch_late".into(), None, 0, 100).await.unwrap().unwrap().0.lines().count(), 1);
 }
 
 pub async fn fail_batch_from_any_live_status(store: &dyn Store) {
     running_batch(store, "fb", "batch_fb", 1).await;
-    store.lease_unit("batch_fb", NODE, LONG).await.unwrap().unwrap();
+    store.lease_unit(&"batch_fb".into(), NODE, LONG).await.unwrap().unwrap();
     let why = LineError { code: "input_unreadable".into(), message: "gone".into(), param: None, line: None };
-    assert!(store.fail_batch("batch_fb", std::slice::from_ref(&why), 3_000).await.unwrap());
-    let b = store.get_batch(None, "batch_fb").await.unwrap();
+    assert!(store.fail_batch(&"batch_fb".into(), std::slice::from_ref(&why), 3_000).await.unwrap());
+    let b = store.get_batch(None, &"batch_fb".into()).await.unwrap();
     assert_eq!((b.status, b.failed_at, b.errors.as_deref()), (BatchStatus::Failed, Some(3_000), Some(&[why.clone()][..])));
-    assert!(!store.fail_batch("batch_fb", &[why], 3_001).await.unwrap(), "a final batch is not failed again");
-    assert_eq!(store.get_batch(None, "batch_fb").await.unwrap().failed_at, Some(3_000));
+    assert!(!store.fail_batch(&"batch_fb".into(), &[why], 3_001).await.unwrap(), "a final batch is not failed again");
+    assert_eq!(store.get_batch(None, &"batch_fb".into()).await.unwrap().failed_at, Some(3_000));
 }
 
 fn kinds(events: &[Event]) -> Vec<(String, String)> {
@@ -381,11 +386,11 @@ pub async fn status_events_follow_every_transition(store: &dyn Store) {
     let recs: Vec<_> = (1..=4).map(|l| result("batch_ev", l, true)).collect();
     store.commit_results(NODE, &recs[..2]).await.unwrap();
     store.commit_results(NODE, &recs[2..]).await.unwrap();
-    store.begin_finalizing("batch_ev", BatchStatus::Completed, 1_200).await.unwrap();
-    store.begin_finalizing("batch_ev", BatchStatus::Completed, 1_201).await.unwrap();
+    store.begin_finalizing(&"batch_ev".into(), BatchStatus::Completed, 1_200).await.unwrap();
+    store.begin_finalizing(&"batch_ev".into(), BatchStatus::Completed, 1_201).await.unwrap();
     let fin = Finish { status: BatchStatus::Completed, at: 1_300, output_file: None, error_file: None };
-    store.finish_batch("batch_ev", &fin).await.unwrap();
-    store.finish_batch("batch_ev", &fin).await.unwrap();
+    store.finish_batch(&"batch_ev".into(), &fin).await.unwrap();
+    store.finish_batch(&"batch_ev".into(), &fin).await.unwrap();
     let evs = store.events_after(&mine, start, 100).await.unwrap();
     let want = [
         ("batch.status", "validating"),
@@ -407,7 +412,7 @@ pub async fn status_events_follow_every_transition(store: &dyn Store) {
     assert!(store.events_after(&other, start, 100).await.unwrap().is_empty(), "another tenant sees none");
     let one = EventFilter { tenant: Some("ev".into()), batch_id: Some("batch_nope".into()) };
     assert!(store.events_after(&one, start, 100).await.unwrap().is_empty());
-    let stalled = store.append_event("batch_ev", "batch.stalled", r#"{"reason":"x"}"#, 1_400).await.unwrap();
+    let stalled = store.append_event(&"batch_ev".into(), "batch.stalled", r#"{"reason":"x"}"#, 1_400).await.unwrap();
     assert!(stalled > evs[4].id);
     assert!(store.prune_events(i64::MAX).await.unwrap() >= 1, "progress events of final batches are pruned");
     assert_eq!(store.events_after(&mine, start, 100).await.unwrap().len(), 5);
@@ -429,7 +434,7 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
     running_batch(store, "wh", "batch_wh", 1).await;
     assert!(store.due_deliveries("n1", 10, LONG).await.unwrap().is_empty(), "nothing is queued before a batch is final");
     let fin = Finish { status: BatchStatus::Expired, at: 5_000, output_file: None, error_file: None };
-    store.finish_batch("batch_wh", &fin).await.unwrap();
+    store.finish_batch(&"batch_wh".into(), &fin).await.unwrap();
     let due = store.due_deliveries("n1", 10, LONG).await.unwrap();
     assert_eq!(due.len(), 1, "the final status queued one delivery");
     let d = &due[0];
@@ -460,18 +465,18 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
 pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
     let ids = |m: Membership| m.nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
     let first = store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap();
-    assert!((first.clock_ms - crate::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
+    assert!((first.clock_ms - batchd::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
     ids(first);
     let both = ids(store.heartbeat("hb-2", 20, LONG, r#"{"x":1}"#).await.unwrap());
     assert_eq!(both, ["hb-1", "hb-2"], "live nodes, oldest first");
     store.heartbeat("hb-1", 10, GONE, "{}").await.unwrap();
     assert_eq!(ids(store.heartbeat("hb-2", 20, LONG, "{}").await.unwrap()), ["hb-2"], "a lapsed node is forgotten");
     running_batch(store, "hb", "batch_hb", 1).await;
-    store.lease_unit("batch_hb", "hb-2", LONG).await.unwrap().unwrap();
-    store.claim_batch("batch_hb", "hb-2", LONG).await.unwrap();
+    store.lease_unit(&"batch_hb".into(), "hb-2", LONG).await.unwrap().unwrap();
+    store.claim_batch(&"batch_hb".into(), "hb-2", LONG).await.unwrap();
     store.leave("hb-2").await.unwrap();
-    assert!(store.lease_unit("batch_hb", "hb-3", LONG).await.unwrap().is_some(), "a leaving node hands its leases back");
-    assert!(store.claim_batch("batch_hb", "hb-3", LONG).await.unwrap(), "and its claims");
+    assert!(store.lease_unit(&"batch_hb".into(), "hb-3", LONG).await.unwrap().is_some(), "a leaving node hands its leases back");
+    assert!(store.claim_batch(&"batch_hb".into(), "hb-3", LONG).await.unwrap(), "and its claims");
     assert!(ids(store.heartbeat("hb-3", 30, LONG, "{}").await.unwrap()).iter().all(|i| i != "hb-2"));
     store.leave("hb-3").await.unwrap();
 }
@@ -480,10 +485,10 @@ pub async fn usage_per_model_and_hour(store: &dyn Store) {
     running_batch(store, "use", "batch_use", 1).await;
     let recs: Vec<_> = (1..=5).map(|l| ResultRecord { model: if l <= 3 { "a".into() } else { "b".into() }, ..result("batch_use", l, l != 5) }).collect();
     store.commit_results(NODE, &recs).await.unwrap();
-    let per_model = store.batch_usage("batch_use").await.unwrap();
+    let per_model = store.batch_usage(&"batch_use".into()).await.unwrap();
     let got: Vec<_> = per_model.iter().map(|u| (u.model.as_str(), u.requests, u.usage.total_tokens)).collect();
     assert_eq!(got, [("a", 3, 15), ("b", 2, 10)], "failed lines count as requests too");
-    let now = crate::now_unix();
+    let now = batchd::now_unix();
     let rows = store.usage("use", now - 7_200, now + 7_200).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 5);
     assert!(rows.iter().all(|r| r.hour % 3600 == 0 && r.hour <= now));
@@ -494,7 +499,7 @@ pub async fn usage_per_model_and_hour(store: &dyn Store) {
 pub async fn latest_events_newest_first(store: &dyn Store) {
     running_batch(store, "lat", "batch_lat", 1).await;
     store.commit_results(NODE, &[result("batch_lat", 1, true)]).await.unwrap();
-    store.append_event("batch_lat", "batch.stalled", r#"{"stalled":true}"#, 1_500).await.unwrap();
+    store.append_event(&"batch_lat".into(), "batch.stalled", r#"{"stalled":true}"#, 1_500).await.unwrap();
     let mine = EventFilter { tenant: Some("lat".into()), batch_id: Some("batch_lat".into()) };
     let all = store.latest_events(&mine, None, 10).await.unwrap();
     let kinds: Vec<&str> = all.iter().map(|e| e.kind.as_str()).collect();
@@ -523,7 +528,7 @@ pub async fn queued_counts_unfinished_lines(store: &dyn Store) {
         Queued { batches: 2, requests: 15 + 12, tokens: 150 + 1_000 },
         "lines left of running batches; validating ones by the lines counted at create and their file's size"
     );
-    store.request_cancel("que", "batch_que_v", 2_000).await.unwrap();
+    store.request_cancel("que", &"batch_que_v".into(), 2_000).await.unwrap();
     assert_eq!(store.queued(Some("que")).await.unwrap(), Queued { batches: 1, requests: 15, tokens: 150 }, "a cancelled batch queues nothing");
     assert!(store.queued(None).await.unwrap().requests >= 15, "every tenant with None");
     assert_eq!(store.queued(Some("que-other")).await.unwrap(), Queued::default(), "per tenant");
@@ -557,7 +562,7 @@ pub async fn admission_keeps_the_queue_within_its_limits(store: &dyn Store) {
     let q = store.queued(Some(t)).await.unwrap();
     assert_eq!(q, Queued { batches: 2, requests: 20, tokens: 200 }, "the refused batches were not inserted");
     let refused = ids.iter().zip(&outcomes).find(|(_, o)| matches!(o, Admission::OverQuota { .. })).unwrap().0;
-    assert!(matches!(store.get_batch(Some(t), refused).await, Err(Error::NotFound)), "a refused batch does not exist");
+    assert!(matches!(store.get_batch(Some(t), &refused.as_str().into()).await, Err(Error::NotFound)), "a refused batch does not exist");
 
     // A create retried with its idempotency key gets its batch back, however full the queue.
     let again = store.admit_batch(&batch("batch_adm_again"), Some("key-adm"), lines_25).await.unwrap();
@@ -577,7 +582,7 @@ pub async fn admission_keeps_the_queue_within_its_limits(store: &dyn Store) {
     let q = store.queued(Some(t)).await.unwrap();
     assert_eq!(q.requests, 40);
     for id in ["batch_adm_k", "batch_adm_t2", "batch_adm_free"] {
-        store.request_cancel(t, id, 2_000).await.unwrap();
+        store.request_cancel(t, &id.into(), 2_000).await.unwrap();
     }
     assert!(matches!(store.admit_batch(&batch("batch_adm_after"), None, lines_25).await.unwrap(), Admission::Admitted(_)), "room once cancelled");
     assert_eq!(store.queued(Some("adm-other")).await.unwrap(), Queued::default(), "per tenant");
@@ -598,7 +603,7 @@ pub async fn list_cursors_survive_deletion(store: &dyn Store) {
             store.delete_file(t, &f.id, 0).await.unwrap();
             deleted.push(f.id.clone());
         }
-        after = p.items.last().map(|f| f.id.clone());
+        after = p.items.last().map(|f| f.id.to_string());
         if !p.has_more {
             break;
         }
@@ -611,7 +616,7 @@ pub async fn list_cursors_survive_deletion(store: &dyn Store) {
     let p = store.list_files(t, &q(Some("file-cur2"), true), 0).await.unwrap();
     let ids: Vec<_> = p.items.iter().map(|f| f.id.as_str()).collect();
     assert_eq!(ids, ["file-cur5", "file-cur6"], "a deleted file's place holds in ascending order too");
-    store.purge_file("file-cur6").await.unwrap();
+    store.purge_file(&"file-cur6".into()).await.unwrap();
     let p = store.list_files(t, &q(Some("file-cur6"), false), 0).await.unwrap();
     assert_eq!(p.items.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-cur5"], "and after the janitor purged it");
     assert!(matches!(store.list_files("cur-other", &q(Some("file-cur2"), false), 0).await, Err(Error::NotFound)), "another tenant's deleted id is unknown");
@@ -644,13 +649,13 @@ pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
     store.update_remote("k0", RemoteState::Uploaded, Some("file-1"), None, None, 20).await.unwrap();
     store.update_remote("k0", RemoteState::Created, None, Some("rb-1"), Some("validating"), 21).await.unwrap();
     assert!(matches!(store.update_remote("nope", RemoteState::Created, None, None, None, 1).await, Err(Error::NotFound)));
-    let unit0 = store.remote_batches("batch_remote", Some(0)).await.unwrap();
+    let unit0 = store.remote_batches(&"batch_remote".into(), Some(0)).await.unwrap();
     assert_eq!(unit0.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k0", "k1"]);
     let k0 = &unit0[0];
     assert_eq!((k0.state(), k0.input_file_id.as_deref(), k0.remote_id.as_deref()), (RemoteState::Created, Some("file-1"), Some("rb-1")));
     assert_eq!((k0.line_numbers(), k0.est_tokens, k0.updated_at), (vec![1, 2, 5], 42, 21));
-    assert_eq!(store.remote_batches("batch_remote", None).await.unwrap().len(), 3);
-    assert!(store.remote_batches("batch_other", None).await.unwrap().is_empty());
+    assert_eq!(store.remote_batches(&"batch_remote".into(), None).await.unwrap().len(), 3);
+    assert!(store.remote_batches(&"batch_other".into(), None).await.unwrap().is_empty());
 }
 
 /// Anthropic's Message Batches: listed apart from OpenAI's batches, newest first, a page
@@ -671,7 +676,7 @@ pub async fn message_batches_list_by_api_both_ways_and_delete_once_ended(store: 
     }
     ids.reverse(); // newest first, as lists are
     let list = |cursor| async move { store.list_batches_of(t, BatchApi::Anthropic, 3, cursor).await.unwrap() };
-    let names = |p: &Page<BatchRecord>| p.items.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
+    let names = |p: &Page<BatchRecord>| p.items.iter().map(|b| b.id.to_string()).collect::<Vec<_>>();
     let first = list(ListCursor::First).await;
     assert_eq!((names(&first), first.has_more), (ids[0..3].to_vec(), true));
     assert!(first.items.iter().all(|b| b.api == BatchApi::Anthropic));
@@ -686,16 +691,16 @@ pub async fn message_batches_list_by_api_both_ways_and_delete_once_ended(store: 
     assert_eq!(store.list_batches(t, 100, None).await.unwrap().items.len(), 14, "OpenAI's list shows both kinds");
 
     let id = ids[3].as_str();
-    assert!(matches!(store.delete_batch(t, id).await, Err(Error::Conflict(_))), "a batch not ended is not deleted");
-    assert!(matches!(store.delete_batch("mb-other", id).await, Err(Error::NotFound)));
-    store.note_unrun(id, 4).await.unwrap();
-    store.note_unrun(id, 9).await.unwrap();
-    store.finish_batch(id, &Finish { status: BatchStatus::Cancelled, at: 2_000, output_file: None, error_file: None }).await.unwrap();
-    let deleted = store.delete_batch(t, id).await.unwrap();
+    assert!(matches!(store.delete_batch(t, &id.into()).await, Err(Error::Conflict(_))), "a batch not ended is not deleted");
+    assert!(matches!(store.delete_batch("mb-other", &id.into()).await, Err(Error::NotFound)));
+    store.note_unrun(&id.into(), 4).await.unwrap();
+    store.note_unrun(&id.into(), 9).await.unwrap();
+    store.finish_batch(&id.into(), &Finish { status: BatchStatus::Cancelled, at: 2_000, output_file: None, error_file: None }).await.unwrap();
+    let deleted = store.delete_batch(t, &id.into()).await.unwrap();
     assert_eq!((deleted.status, deleted.unrun), (BatchStatus::Cancelled, Some(4)), "the first unrun count stays");
-    assert!(matches!(store.get_batch(Some(t), id).await, Err(Error::NotFound)), "a deleted batch is gone for its tenant");
-    assert!(store.get_batch(None, id).await.is_ok(), "the engine still reads it");
-    assert!(matches!(store.delete_batch(t, id).await, Err(Error::NotFound)), "deleted once");
+    assert!(matches!(store.get_batch(Some(t), &id.into()).await, Err(Error::NotFound)), "a deleted batch is gone for its tenant");
+    assert!(store.get_batch(None, &id.into()).await.is_ok(), "the engine still reads it");
+    assert!(matches!(store.delete_batch(t, &id.into()).await, Err(Error::NotFound)), "deleted once");
     let after = list(ListCursor::After(id)).await;
     assert_eq!(names(&after), ids[4..7].to_vec(), "a deleted batch's id still places the next page");
     assert!(!list(ListCursor::First).await.items.iter().chain(store.list_batches(t, 100, None).await.unwrap().items.iter()).any(|b| b.id == id));

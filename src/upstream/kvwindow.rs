@@ -10,7 +10,9 @@
 //!   cap only passes again while the cache shows plenty of room (under [`ROOM`]);
 //! - a long waiting queue (more than [`queue_long`] of the running) stops growth, a very long
 //!   one (twice that) shrinks the cap by [`SHRINK`]; a short but non-empty queue holds it:
-//!   that is the aim, the server full with work ready;
+//!   that is the aim, the server full with work ready. A queue beside a cache under
+//!   [`NEARLY_EMPTY`] is requests that just arrived, not a full server: it does nothing (at
+//!   first contact it held the cap at 4 for a second of a 9-second benchmark);
 //! - an empty queue with the cache below the point grows the cap towards the requests the
 //!   cache would hold at the point: at most [`MAX_GROWTH`] times per sample while the cache is
 //!   nearly empty, twice once it holds something, never while the point has room for less
@@ -119,7 +121,9 @@ impl KvWindow {
             self.preemptions = m.preemptions;
         }
         let kv = m.kv_cache_usage.unwrap_or(0.0);
-        let waiting = m.waiting.unwrap_or(0.0);
+        // A queue beside a nearly empty cache is requests that just arrived (the step under
+        // way prefills others), not a full server: it neither holds nor shrinks the cap.
+        let waiting = if m.kv_cache_usage.is_some_and(|kv| kv < NEARLY_EMPTY) { 0.0 } else { m.waiting.unwrap_or(0.0) };
         let (slots, reason) = if preempted {
             let c = (SHRINK * base.min(running)).max(1.0);
             self.ceiling = Some(c);
@@ -224,6 +228,13 @@ mod tests {
         let c = w.update(&m(0.99, 0.0, 100.0, 0.0), 100, 256.0).unwrap();
         assert!((c.slots - 100.0 * 0.9 / 0.99).abs() < 1e-9, "{}", c.slots);
         assert_eq!(c.reason, WindowReason::KvCache);
+    }
+
+    #[test]
+    fn a_queue_beside_a_nearly_empty_cache_is_no_reason_to_hold() {
+        let mut w = KvWindow::default();
+        let c = w.update(&m(0.02, 3.0, 1.0, 0.0), 4, 256.0).unwrap();
+        assert_eq!((c.slots, c.reason), (32.0, WindowReason::KvCache), "3 just arrived beside 1 running, 2 % of the cache: grow");
     }
 
     #[test]

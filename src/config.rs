@@ -68,8 +68,12 @@ pub struct Price {
 impl Price {
     /// The cost of `input` and `output` tokens at this price, batch discount applied.
     pub fn cost(&self, input: i64, output: i64) -> f64 {
-        let full = input.max(0) as f64 * self.input_per_million + output.max(0) as f64 * self.output_per_million;
-        full / 1e6 * (1.0 - self.batch_discount)
+        self.full_cost(input, output) * (1.0 - self.batch_discount)
+    }
+
+    /// The cost without the batch discount (lines a batch upstream's `fallback` ran online).
+    pub fn full_cost(&self, input: i64, output: i64) -> f64 {
+        (input.max(0) as f64 * self.input_per_million + output.max(0) as f64 * self.output_per_million) / 1e6
     }
 }
 
@@ -158,8 +162,9 @@ pub struct RawUpstream {
     /// server's prefix cache computes each shared prefix once (default `true`; embeddings and
     /// moderations are always sent in file order).
     pub prefix_order: Option<bool>,
-    /// `online` (default: each line is one call) or `openai-batch` (lines are gathered into
-    /// remote batches at a hosted Batch API; see `engine::remote` and docs/remote-batches.md).
+    /// `online` (default: each line is one call), `openai-batch` or `anthropic-batch` (lines
+    /// are gathered into remote batches at a hosted Batch API; see `engine::remote` and
+    /// docs/remote-batches.md).
     pub kind: Option<UpstreamKind>,
     /// Batch kinds: most lines in one remote batch (default 50,000, the hosted API's cap).
     pub max_lines: Option<u64>,
@@ -170,6 +175,10 @@ pub struct RawUpstream {
     pub poll_interval_s: Option<f64>,
     /// Batch kinds: the `completion_window` asked of the remote (default `24h`).
     pub completion_window: Option<String>,
+    /// Batch kinds: an online upstream serving the same models, to which the lines a remote
+    /// batch could not finish in time (it expired, or the window allows no follow-up) are
+    /// sent, at full price (default: none, they fail).
+    pub fallback: Option<String>,
 }
 
 /// How an upstream is used: one call per line, or remote batches at a hosted Batch API.
@@ -180,7 +189,8 @@ pub enum UpstreamKind {
     Online,
     /// The OpenAI Batch + Files API at `base_url` (OpenAI, compatible providers, a batchd).
     OpenaiBatch,
-    /// Anthropic's Message Batches API (not yet supported).
+    /// Anthropic's Message Batches API at `base_url` (Anthropic, a batchd); implies `api =
+    /// "anthropic"`.
     AnthropicBatch,
 }
 
@@ -205,11 +215,24 @@ pub struct RemoteBatchConfig {
     pub max_bytes: u64,
     pub poll_interval: Duration,
     pub completion_window: String,
+    /// The online upstream that takes what the remote cannot finish in time.
+    pub fallback: Option<String>,
 }
 
 impl Default for RemoteBatchConfig {
     fn default() -> Self {
-        RemoteBatchConfig { max_lines: 50_000, max_bytes: 200 * MB, poll_interval: Duration::from_secs(5), completion_window: "24h".into() }
+        RemoteBatchConfig { max_lines: 50_000, max_bytes: 200 * MB, poll_interval: Duration::from_secs(5), completion_window: "24h".into(), fallback: None }
+    }
+}
+
+impl RemoteBatchConfig {
+    /// The hosted API's own caps as defaults: OpenAI's 50,000 lines / 200 MB, Anthropic's
+    /// 100,000 requests / 256 MB.
+    pub fn for_kind(kind: UpstreamKind) -> RemoteBatchConfig {
+        match kind {
+            UpstreamKind::AnthropicBatch => RemoteBatchConfig { max_lines: 100_000, max_bytes: 256 * MB, ..Default::default() },
+            _ => RemoteBatchConfig::default(),
+        }
     }
 }
 
@@ -503,6 +526,7 @@ impl RawConfig {
         let api_keys = resolve_tenants(&self.tenants)?;
         let upstreams = self.upstreams.iter().map(resolve_upstream).collect::<Result<Vec<_>, _>>()?;
         check_unique_names(&upstreams)?;
+        check_fallbacks(&upstreams)?;
         let windows = self.batches.completion_windows.clone().unwrap_or_else(|| vec!["24h".into()]);
         let completion_windows = windows.iter().map(|w| parse_window(w).map(|d| (w.clone(), d))).collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
@@ -632,7 +656,8 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if u.ca_file.is_some() && !u.base_url.starts_with("https://") {
         return Err(bad("ca_file is only used with an https:// base_url".into()));
     }
-    let api = u.api.unwrap_or_default();
+    let kind = u.kind.unwrap_or_default();
+    let api = api_of(u, kind).map_err(bad)?;
     if u.default_max_tokens.is_some() && api != UpstreamApi::Anthropic {
         return Err(bad("default_max_tokens is only used with api = \"anthropic\"".into()));
     }
@@ -649,7 +674,6 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     if !(timeout_s > 0.0 && timeout_s.is_finite()) {
         return Err(bad("timeout_s must be positive".into()));
     }
-    let kind = u.kind.unwrap_or_default();
     let remote = resolve_remote(u, kind).map_err(bad)?;
     Ok(UpstreamConfig {
         name: u.name.clone(),
@@ -675,20 +699,33 @@ fn resolve_upstream(u: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     })
 }
 
+/// The API an upstream speaks: a batch kind names its own (`anthropic-batch` is Anthropic's
+/// Messages, so chat lines are translated for it), and refuses another.
+fn api_of(u: &RawUpstream, kind: UpstreamKind) -> Result<UpstreamApi, String> {
+    let own = match kind {
+        UpstreamKind::Online => return Ok(u.api.unwrap_or_default()),
+        UpstreamKind::OpenaiBatch => UpstreamApi::OpenAi,
+        UpstreamKind::AnthropicBatch => UpstreamApi::Anthropic,
+    };
+    match u.api {
+        Some(api) if api != own => Err(format!("kind = \"{}\" speaks {}; it cannot be combined with api = \"{}\"", kind.as_str(), own.words(), api.as_str())),
+        _ => Ok(own),
+    }
+}
+
 /// The remote-batch settings of an upstream, refused on an online one.
 fn resolve_remote(u: &RawUpstream, kind: UpstreamKind) -> Result<RemoteBatchConfig, String> {
-    let d = RemoteBatchConfig::default();
-    let set = u.max_lines.is_some() || u.max_bytes.is_some() || u.poll_interval_s.is_some() || u.completion_window.is_some();
+    let d = RemoteBatchConfig::for_kind(kind);
+    let set = u.max_lines.is_some() || u.max_bytes.is_some() || u.poll_interval_s.is_some() || u.completion_window.is_some() || u.fallback.is_some();
     match kind {
         UpstreamKind::Online if set => {
-            return Err("max_lines, max_bytes, poll_interval_s and completion_window are only used with kind = \"openai-batch\"".into())
+            return Err(
+                "max_lines, max_bytes, poll_interval_s, completion_window and fallback are only used with a batch kind (\"openai-batch\", \"anthropic-batch\")"
+                    .into(),
+            )
         }
         UpstreamKind::Online => return Ok(d),
-        UpstreamKind::AnthropicBatch => return Err("kind = \"anthropic-batch\" is not supported yet; use \"openai-batch\" or \"online\"".into()),
-        UpstreamKind::OpenaiBatch => {}
-    }
-    if u.api == Some(UpstreamApi::Anthropic) {
-        return Err("kind = \"openai-batch\" speaks OpenAI's API; it cannot be combined with api = \"anthropic\"".into());
+        UpstreamKind::OpenaiBatch | UpstreamKind::AnthropicBatch => {}
     }
     let poll = u.poll_interval_s.unwrap_or(d.poll_interval.as_secs_f64());
     if !(poll > 0.0 && poll.is_finite()) {
@@ -699,11 +736,25 @@ fn resolve_remote(u: &RawUpstream, kind: UpstreamKind) -> Result<RemoteBatchConf
         max_bytes: u.max_bytes.unwrap_or(d.max_bytes),
         poll_interval: Duration::from_secs_f64(poll),
         completion_window: u.completion_window.clone().unwrap_or(d.completion_window),
+        fallback: u.fallback.clone(),
     };
     if cfg.max_lines == 0 || cfg.max_bytes == 0 {
         return Err("max_lines and max_bytes must be at least 1".into());
     }
     Ok(cfg)
+}
+
+/// A batch upstream's `fallback` names another upstream, an online one.
+fn check_fallbacks(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
+    for u in upstreams {
+        let Some(name) = &u.remote.fallback else { continue };
+        match upstreams.iter().find(|o| &o.name == name) {
+            Some(o) if !o.kind.is_batch() => {}
+            Some(_) => return Err(ConfigError::Invalid(format!("upstream {:?}: its fallback {name:?} is a batch upstream; it must be an online one", u.name))),
+            None => return Err(ConfigError::Invalid(format!("upstream {:?}: its fallback {name:?} is no upstream", u.name))),
+        }
+    }
+    Ok(())
 }
 
 fn check_unique_names(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
@@ -928,6 +979,7 @@ impl UpstreamConfig {
             max_bytes: self.kind.is_batch().then_some(self.remote.max_bytes),
             poll_interval_s: self.kind.is_batch().then_some(self.remote.poll_interval.as_secs_f64()),
             completion_window: self.kind.is_batch().then(|| self.remote.completion_window.clone()),
+            fallback: self.remote.fallback.clone(),
         }
     }
 }
@@ -1114,7 +1166,7 @@ mod tests {
     }
 
     /// A batch-kind upstream's settings resolve with the hosted caps as defaults, print and
-    /// load back; they are refused on an online upstream, as is the kind not supported yet.
+    /// load back; they are refused on an online upstream; a batch kind speaks its own API.
     #[test]
     fn batch_kind_upstreams_resolve_and_refuse_what_does_not_apply() {
         let up = |extra: &str| format!("[[upstreams]]\nname='h'\nbase_url='http://127.0.0.1:9/v1'\n{extra}");
@@ -1128,10 +1180,21 @@ mod tests {
         let online = toml::from_str::<RawConfig>(&up("")).unwrap().resolve().unwrap();
         assert_eq!(online.upstreams[0].kind, UpstreamKind::Online);
         let refused = |extra: &str| toml::from_str::<RawConfig>(&up(extra)).unwrap().resolve().unwrap_err().to_string();
-        assert!(refused("max_lines=5").contains("only used with kind = \"openai-batch\""));
-        assert!(refused("kind='anthropic-batch'").contains("not supported yet"));
+        assert!(refused("max_lines=5").contains("only used with a batch kind"));
         assert!(refused("kind='openai-batch'\napi='anthropic'").contains("cannot be combined"));
+        assert!(refused("kind='anthropic-batch'\napi='openai'").contains("cannot be combined"));
+        let a = toml::from_str::<RawConfig>(&up("kind='anthropic-batch'\ndefault_max_tokens=64")).unwrap().resolve().unwrap();
+        let a = &a.upstreams[0];
+        assert_eq!((a.kind, a.api, a.remote.max_lines, a.remote.max_bytes), (UpstreamKind::AnthropicBatch, UpstreamApi::Anthropic, 100_000, 256 * MB));
         assert!(refused("kind='openai-batch'\nmax_lines=0").contains("at least 1"));
+        assert!(refused("fallback='x'").contains("only used with a batch kind"));
+        assert!(refused("kind='openai-batch'\nfallback='nope'").contains("is no upstream"));
+        let two = |fallback_kind: &str| {
+            let t = format!("{}\nkind='openai-batch'\nfallback='o'\n[[upstreams]]\nname='o'\nbase_url='http://127.0.0.1:9/v1'\n{fallback_kind}", up(""));
+            toml::from_str::<RawConfig>(&t).unwrap().resolve()
+        };
+        assert_eq!(two("").unwrap().upstreams[0].remote.fallback.as_deref(), Some("o"));
+        assert!(two("kind='openai-batch'").unwrap_err().to_string().contains("must be an online one"));
         assert!(refused("kind='openai-batch'\npoll_interval_s=-1").contains("positive"));
         assert!(toml::from_str::<RawConfig>(&up("kind='batch'")).is_err(), "an unknown kind");
     }

@@ -44,6 +44,9 @@ pub async fn render(st: &AppState, b: &BatchRecord) -> Value {
     };
     let mut v = wire::batch_object(b, progress);
     v["cost"] = super::usage::batch_cost(st, &b.id).await.map_or(Value::Null, Value::from);
+    if let Some(remote) = super::usage::remote_batches(st, &b.id).await {
+        v["remote_batches"] = remote;
+    }
     v
 }
 

@@ -122,7 +122,28 @@ pub async fn get(State(st): State<AppState>, Tenant(tenant): Tenant) -> ApiResul
         "rate": {"requests_per_second": rps, "tokens_per_second": tps},
         "seconds_until_room": wait,
         "room_expected_at": wait.map(|w| now + w as i64),
+        "remote_upstreams": remote_queues(&st.router),
     })))
+}
+
+/// Each batch-kind upstream's enqueued tokens as this node knows them: what its open remote
+/// batches hold, the limit learned from a `token_limit_exceeded` (`null` until one), and the
+/// room left under it.
+fn remote_queues(router: &crate::upstream::Router) -> Vec<Value> {
+    router
+        .pools()
+        .iter()
+        .filter_map(|p| p.remote.as_ref().map(|r| (p, r.queue.state())))
+        .map(|(p, q)| {
+            json!({
+                "upstream": p.cfg.name,
+                "kind": p.cfg.kind.as_str(),
+                "queued_tokens": q.enqueued,
+                "learned_limit": q.limit,
+                "room": q.limit.map(|l| l.saturating_sub(q.enqueued)),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

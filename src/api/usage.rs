@@ -19,7 +19,7 @@ use super::extract::Query;
 use super::{AppState, Tenant};
 use crate::config::Price;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{BatchId, Usage, UsageRow};
+use crate::store::{BatchId, RemoteBatch, Usage, UsageRow};
 
 /// The price of `model` (or of the model its alias names).
 fn price_of(st: &AppState, model: &str) -> Option<Price> {
@@ -39,13 +39,66 @@ fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
+/// The remote batches of a batch at batch-kind upstreams (none configured: `None`, no read),
+/// each with the tokens its results reported and its `cost` at the batch price; their costs
+/// sum into the batch's.
+pub async fn remote_batches(st: &AppState, batch_id: &BatchId) -> Option<Value> {
+    if !st.router.pools().iter().any(|p| p.remote.is_some()) {
+        return None;
+    }
+    let rows = match st.store.remote_batches(batch_id, None).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(batch = %batch_id, error = %crate::Chain(&e), "cannot read the batch's remote batches");
+            return None;
+        }
+    };
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let cost = price_of(st, &r.model).map(|p| round6(row_cost(&p, r)));
+            serde_json::json!({
+                "id": r.remote_id, "upstream": r.upstream, "model": r.model, "state": r.state, "status": r.remote_status,
+                "lines": r.line_count, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "cost": cost,
+            })
+        })
+        .collect();
+    (!list.is_empty()).then_some(Value::Array(list))
+}
+
+/// A remote batch's cost: at the batch price, or at full price for lines its upstream's
+/// `fallback` ran online.
+fn row_cost(p: &Price, r: &RemoteBatch) -> f64 {
+    if r.remote_status.as_deref() == Some(RemoteBatch::ONLINE_FALLBACK) {
+        p.full_cost(r.input_tokens, r.output_tokens)
+    } else {
+        p.cost(r.input_tokens, r.output_tokens)
+    }
+}
+
+/// What lines run online by a batch upstream's `fallback` cost above the batch price their
+/// usage is counted at.
+async fn fallback_surcharge(st: &AppState, batch_id: &BatchId) -> f64 {
+    if !st.router.pools().iter().any(|p| p.cfg.remote.fallback.is_some()) {
+        return 0.0;
+    }
+    let rows = st.store.remote_batches(batch_id, None).await.unwrap_or_default();
+    rows.iter()
+        .filter(|r| r.remote_status.as_deref() == Some(RemoteBatch::ONLINE_FALLBACK))
+        .filter_map(|r| price_of(st, &r.model).map(|p| p.full_cost(r.input_tokens, r.output_tokens) - p.cost(r.input_tokens, r.output_tokens)))
+        .sum()
+}
+
 /// The `cost` of a batch so far; `None` when no price applies (or none is configured).
 pub async fn batch_cost(st: &AppState, batch_id: &BatchId) -> Option<f64> {
     if st.cfg.prices.is_empty() {
         return None;
     }
     match st.store.batch_usage(batch_id).await {
-        Ok(rows) => cost_of(st, &rows.iter().collect::<Vec<_>>()),
+        Ok(rows) => {
+            let cost = cost_of(st, &rows.iter().collect::<Vec<_>>())?;
+            Some(round6(cost + fallback_surcharge(st, batch_id).await))
+        }
         Err(e) => {
             tracing::warn!(batch = %batch_id, error = %crate::Chain(&e), "cannot read usage per model for the cost");
             None

@@ -89,6 +89,7 @@ fn snapshot(b: &Value) -> Snapshot {
             .iter()
             .find_map(|k| b[*k].as_i64())
             .map(|end| (end - b["in_progress_at"].as_i64().or(b["created_at"].as_i64()).unwrap_or(end)).max(0) as u64),
+        at_remote: 0,
     }
 }
 

@@ -25,6 +25,15 @@ pub struct Snapshot {
     pub paused: Vec<Pause>,
     /// Seconds from start to end, once the batch has ended (for the final line).
     pub took_seconds: Option<u64>,
+    /// Lines a hosted Batch API counts done in remote batches not yet brought back.
+    pub at_remote: u64,
+}
+
+impl Snapshot {
+    /// Lines done so far, those done at a remote included.
+    pub fn position(&self) -> u64 {
+        (self.completed + self.failed + self.at_remote).min(self.total.max(self.completed + self.failed))
+    }
 }
 
 /// An upstream's pause: "rate limited by local-vllm" until a time (Unix ms).
@@ -78,7 +87,7 @@ impl Display {
         match self {
             Display::Bar(bar) => {
                 bar.set_length(s.total.max(1));
-                bar.set_position(s.completed + s.failed);
+                bar.set_position(s.position());
                 bar.set_message(terminal_message(s));
             }
             Display::Plain { every, last, note } => {
@@ -130,6 +139,9 @@ pub fn details(s: &Snapshot) -> String {
     if !s.paused.is_empty() {
         parts.push(format!("paused: {}", s.paused.iter().map(Pause::now).collect::<Vec<_>>().join("; ")));
     }
+    if s.at_remote > 0 {
+        parts.push(format!("{} done at the remote, coming back", s.at_remote));
+    }
     if let Some(n) = &s.note {
         parts.push(n.clone());
     }
@@ -148,7 +160,7 @@ fn terminal_message(s: &Snapshot) -> String {
 
 /// A line for a log (stderr not a terminal): everything on one line.
 fn plain_line(s: &Snapshot) -> String {
-    format!("progress: {}/{} {} · {}", s.completed + s.failed, s.total, headline(s), details(s))
+    format!("progress: {}/{} {} · {}", s.position(), s.total, headline(s), details(s))
 }
 
 /// `text` cut to `width` characters, an ellipsis marking the cut.

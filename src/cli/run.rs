@@ -264,6 +264,7 @@ fn snapshot(b: &BatchRecord, engine: &Engine, rates: &mut Rates) -> Snapshot {
         note: None,
         paused: vec![],
         took_seconds: end.map(|e| (e - b.in_progress_at.unwrap_or(b.created_at)).max(0) as u64),
+        at_remote: engine.stats().remote_done.load(Ordering::Relaxed),
     }
 }
 

@@ -206,7 +206,7 @@ async fn feed_online(ctx: &Arc<RunCtx>, pending: Vec<Prepared>, token: &Cancella
 
 /// A slot on a pool serving `route`, taken while the store takes writes (the gate may close
 /// while a feeder waits for the slot); `None` when `stop` fires first.
-async fn acquire_writable(
+pub(super) async fn acquire_writable(
     inner: &Inner,
     route: &Route,
     est_tokens: u64,

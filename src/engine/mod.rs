@@ -89,6 +89,9 @@ pub struct EngineStats {
     pub retries_total: AtomicU64,
     pub output_tokens: AtomicU64,
     pub results_committed: AtomicU64,
+    /// Lines the remote counts as done (completed or failed) in remote batches not yet
+    /// brought back: progress that is not durable here yet (`engine::remote`).
+    pub remote_done: AtomicU64,
     /// Batches failed by the engine because a step could not succeed.
     pub batches_failed: AtomicU64,
 }

@@ -269,8 +269,14 @@ pub trait Remote: Send + Sync {
         remote_status: Option<&str>,
         now: i64,
     ) -> Result<()>;
+    /// Marks a remote batch collected: its results are durable, its final remote status and
+    /// the tokens they reported recorded.
+    async fn collect_remote(&self, key: &str, remote_status: &str, input_tokens: i64, output_tokens: i64, now: i64) -> Result<()>;
     /// The remote batches of a batch (of one unit, when given), oldest first.
     async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
+    /// The remote ids recorded for `upstream`'s remote batches touched at or after `since`
+    /// (the batches a reconciliation by content need not look into: they are known).
+    async fn remote_ids(&self, upstream: &str, since: i64) -> Result<Vec<String>>;
 }
 
 /// Everything a node needs from its metadata store.

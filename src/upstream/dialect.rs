@@ -85,6 +85,18 @@ impl Pool {
         }
     }
 
+    /// A remote batch's answer (`status`, `body`) for a line of `path`, as the line expects
+    /// it: the same translation back as [`Pool::incoming`] gives an online answer.
+    pub fn remote_answer_back(&self, path: &str, status: u16, body: Bytes, request_id: &str) -> (u16, Bytes) {
+        let t = translation(path, self.cfg.api);
+        if t == Translation::None {
+            return (status, body);
+        }
+        let a = Answer { status, body, request_id: None, retry_after: None, rate_limits: Default::default() };
+        let a = self.answer_back(a, t, request_id);
+        (a.status, a.body)
+    }
+
     fn answer_back(&self, a: Answer, t: Translation, request_id: &str) -> Answer {
         let ok = (200..300).contains(&a.status);
         let Ok(v) = serde_json::from_slice::<Value>(&a.body) else {

@@ -131,12 +131,12 @@ impl Router {
             .map(|c| {
                 let auth = c.api_key.as_ref().map(|k| client::auth_header(c.api, k)).transpose()?;
                 let limiter = Arc::new(Limiter::new(c));
-                let remote = match c.kind {
-                    crate::config::UpstreamKind::OpenaiBatch => {
-                        Some(remote::RemoteUpstream { api: Arc::new(remote::OpenAiBatch::new(c)?), queue: Default::default() })
-                    }
-                    _ => None,
+                let api: Option<Arc<dyn remote::BatchApi>> = match c.kind {
+                    crate::config::UpstreamKind::OpenaiBatch => Some(Arc::new(remote::OpenAiBatch::new(c)?)),
+                    crate::config::UpstreamKind::AnthropicBatch => Some(Arc::new(remote::AnthropicBatch::new(c)?)),
+                    crate::config::UpstreamKind::Online => None,
                 };
+                let remote = api.map(|api| remote::RemoteUpstream { api, queue: Default::default() });
                 let pool = Pool {
                     limiter,
                     conns: client::build(c)?,

@@ -16,7 +16,7 @@ const KEY: &str = "sk-ant-test-key-0123";
 /// A server whose one upstream speaks Anthropic's API, with its key from the environment.
 fn anthropic_server(m: &MockServer, extra_upstream: &str) -> Server {
     let upstream = format!("api = \"anthropic\"\napi_key_env = \"{KEY_ENV}\"\n{extra_upstream}");
-    Server::start_with(&config(&m.base_url(), &upstream, ""), &[], &[(KEY_ENV.into(), KEY.into())])
+    spawn_app_with(&config(&m.base_url(), &upstream, ""), &[], &[(KEY_ENV.into(), KEY.into())])
 }
 
 async fn anthropic_mock(args: MockArgs) -> MockServer {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn classic_flow_upload_create_poll_download() {
     let m = mock(MockArgs { latency_ms: 5, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(30, "gpt-test")).await;
     let b = api.wait_for(&id, &["completed"], Duration::from_secs(30)).await;
@@ -37,7 +37,7 @@ async fn classic_flow_upload_create_poll_download() {
 #[tokio::test]
 async fn every_endpoint_answers_bad_input_with_the_envelope_and_harms_nothing() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", "[limits]\nmax_upload_bytes = 1000"));
+    let s = spawn_app(&config(&m.base_url(), "", "[limits]\nmax_upload_bytes = 1000"));
     let api = s.api();
     let keep = api.upload(&chat_lines(2, "m")).await;
     let before = api.content(&keep).await;
@@ -77,7 +77,7 @@ async fn every_endpoint_answers_bad_input_with_the_envelope_and_harms_nothing() 
 async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
     let m = mock(MockArgs::default()).await;
     let limits = "[limits]\nmax_lines = 5\nmax_line_bytes = 2000\nmax_file_bytes = 20000";
-    let s = Server::start(&config(&m.base_url(), "", limits));
+    let s = spawn_app(&config(&m.base_url(), "", limits));
     let api = s.api();
     let good = api.submit(&chat_lines(3, "m")).await;
     let good = api.wait_for(&good, &["completed"], Duration::from_secs(20)).await;
@@ -131,7 +131,7 @@ async fn malformed_files_fail_validation_with_line_numbers_and_harm_nothing() {
 #[tokio::test]
 async fn partial_results_and_request_lookup_while_running() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let mut lines = chat_lines(5, "m");
     lines.push(chat_line("slow", "m", Some(json!({"latency_ms": 3000}))));
@@ -176,7 +176,7 @@ async fn partial_results_and_request_lookup_while_running() {
 #[tokio::test]
 async fn deleting_files_while_paging_empties_the_list() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let mut uploaded = Vec::new();
     for i in 0..5 {
@@ -210,7 +210,7 @@ async fn deleting_files_while_paging_empties_the_list() {
 #[tokio::test]
 async fn an_internal_error_is_logged_once_with_its_request_id_and_cause() {
     let m = mock(MockArgs::default()).await;
-    let mut s = Server::start(&config(&m.base_url(), "", ""));
+    let mut s = spawn_app(&config(&m.base_url(), "", ""));
     let id = s.api().submit(&chat_lines(2, "m")).await;
     s.api().wait_for(&id, &["completed"], Duration::from_secs(30)).await;
     assert!(s.sigterm());

@@ -1,4 +1,5 @@
-//! Test helpers: start the real `batchd` binary on a random port with a temporary data dir,
+//! Test helpers: start a batchd node on a random port with a temporary data dir — the real
+//! `batchd` binary ([`Server::start`]) or the same app in this process ([`spawn_app`]) —,
 //! talk to it with the HTTP shapes the openai SDK sends, and build input files.
 
 use std::io::{BufRead, BufReader, Read};
@@ -10,11 +11,16 @@ use serde_json::{json, Value};
 
 pub use batchd::mock::{MockArgs, MockServer};
 
+use crate::app::InProcess;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_batchd");
 
-/// A running `batchd serve` child process.
+/// A running batchd node: a `batchd serve` child process, or the same app in this process.
 pub struct Server {
     child: Option<Child>,
+    /// The node when it runs in this process ([`spawn_app`]).
+    app: Option<InProcess>,
+    in_process: bool,
     pub url: String,
     pub dir: PathBuf,
     /// The data directory (`dir/data` unless started with [`Server::start_with_data`]).
@@ -23,6 +29,9 @@ pub struct Server {
     pub extra_args: Vec<String>,
     /// Extra environment of the child (e.g. the `AWS_*` keys of a shared bucket).
     pub env: Vec<(String, String)>,
+    /// One HTTP client for every [`Api`] of this server (a client costs tens of milliseconds
+    /// to make: its TLS roots).
+    http: reqwest::Client,
 }
 
 impl Server {
@@ -33,27 +42,34 @@ impl Server {
 
     /// Starts a server whose data directory is `data` (e.g. on a small filesystem).
     pub fn start_with_data(config: &str, data: Option<PathBuf>) -> Server {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        std::fs::write(dir.join("batchd.toml"), config).unwrap();
-        let data = data.unwrap_or_else(|| dir.join("data"));
-        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: vec![], env: vec![] };
-        s.spawn();
-        s
+        Self::launch(config, data, &[], &[], false)
     }
 
     /// Starts a server with `config`, extra flags (`--database`, `--blob`, …) and environment.
     pub fn start_with(config: &str, args: &[String], env: &[(String, String)]) -> Server {
+        Self::launch(config, None, args, env, false)
+    }
+
+    fn launch(config: &str, data: Option<PathBuf>, args: &[String], env: &[(String, String)], in_process: bool) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("batchd.toml"), config).unwrap();
-        let data = dir.join("data");
-        let mut s = Server { child: None, url: String::new(), dir, data, _tmp: Some(tmp), extra_args: args.to_vec(), env: env.to_vec() };
+        let data = data.unwrap_or_else(|| dir.join("data"));
+        let (extra_args, env, http) = (args.to_vec(), env.to_vec(), reqwest::Client::new());
+        let mut s = Server { child: None, app: None, in_process, url: String::new(), dir, data, _tmp: Some(tmp), extra_args, env, http };
         s.spawn();
         s
     }
 
+    /// Starts the node again (after [`Server::sigterm`] or [`Server::kill9`]) on the same data.
     pub fn spawn(&mut self) {
+        if self.in_process {
+            let cfg = InProcess::config(&self.data, &self.dir.join("batchd.toml"), &self.extra_args, &self.env);
+            let app = InProcess::start(cfg, &self.dir.join("batchd.log"));
+            self.url = app.url.clone();
+            self.app = Some(app);
+            return;
+        }
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--listen")
@@ -73,15 +89,21 @@ impl Server {
     }
 
     pub fn api(&self) -> Api {
-        Api::new(&self.url, None)
+        Api::with_client(self.http(), &self.url, None)
     }
 
     pub fn api_with_key(&self, key: &str) -> Api {
-        Api::new(&self.url, Some(key))
+        Api::with_client(self.http(), &self.url, Some(key))
     }
 
-    /// SIGKILL: no chance to flush or clean up.
+    /// The HTTP client this server's [`Api`]s share.
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    /// SIGKILL: no chance to flush or clean up (the binary only: a crash is a process's).
     pub fn kill9(&mut self) {
+        assert!(!self.in_process, "kill -9 needs a process: start this test's server with Server::start");
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
@@ -90,6 +112,9 @@ impl Server {
 
     /// SIGTERM and wait for a graceful exit; returns whether it exited 0.
     pub fn sigterm(&mut self) -> bool {
+        if let Some(app) = self.app.take() {
+            return app.stop();
+        }
         let Some(mut c) = self.child.take() else { return false };
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -105,7 +130,7 @@ impl Server {
         }
     }
 
-    /// The pid of the running child.
+    /// The pid of the running child (`None` in process).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -115,6 +140,11 @@ impl Server {
         self.spawn();
     }
 
+    /// `GET /metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("batchd.log")).unwrap_or_default()
     }
@@ -122,8 +152,23 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill9();
+        // An in-process node ends with its `InProcess`.
+        if !self.in_process {
+            self.kill9();
+        }
     }
+}
+
+/// Starts the app `batchd serve` runs with `config` (TOML) in this process, in a fresh
+/// temporary directory, on a runtime of its own (see [`crate::app`]): for tests where no
+/// process boundary is under test. The handle reads as [`Server::start`]'s.
+pub fn spawn_app(config: &str) -> Server {
+    Server::launch(config, None, &[], &[], true)
+}
+
+/// [`spawn_app`] with extra `serve` flags and the upstreams' key variables.
+pub fn spawn_app_with(config: &str, args: &[String], env: &[(String, String)]) -> Server {
+    Server::launch(config, None, args, env, true)
 }
 
 fn log_file(dir: &Path) -> std::fs::File {
@@ -165,7 +210,11 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, key: Option<&str>) -> Api {
-        Api { http: reqwest::Client::new(), base: format!("{url}/v1"), key: key.map(str::to_owned) }
+        Self::with_client(reqwest::Client::new(), url, key)
+    }
+
+    pub fn with_client(http: reqwest::Client, url: &str, key: Option<&str>) -> Api {
+        Api { http, base: format!("{url}/v1"), key: key.map(str::to_owned) }
     }
 
     fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -382,6 +431,40 @@ pub fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
     })
 }
 
+/// A pipe read on a thread as it arrives: what came so far can be looked at while the child
+/// runs (to wait for a line it prints), and the whole of it once the pipe ends.
+pub struct Tail {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Tail {
+    pub fn new(mut r: impl Read + Send + 'static) -> Tail {
+        let text = std::sync::Arc::<std::sync::Mutex<String>>::default();
+        let into = text.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Tail { text, reader }
+    }
+
+    /// What the pipe carried so far.
+    pub fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Everything, once the pipe ends.
+    pub fn join(self) -> String {
+        let Tail { text, reader } = self;
+        reader.join().unwrap();
+        let all = text.lock().unwrap().clone();
+        all
+    }
+}
+
 /// Waits for a child spawned with piped stdout/stderr; kills it after `timeout`.
 pub fn wait_out(mut child: Child, timeout: Duration) -> Out {
     let out = drain(child.stdout.take().unwrap());
@@ -441,4 +524,16 @@ pub fn assert_envelope(v: &Value) {
     for k in ["type", "param", "code"] {
         assert!(e.as_object().unwrap().contains_key(k), "error.{k} missing: {v}");
     }
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmHWM:` the peak resident set, `VmRSS:` the current).
+pub fn proc_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// [`proc_kb`] in MiB.
+pub fn proc_mb(pid: u32, field: &str) -> u64 {
+    proc_kb(pid, field) / 1024
 }

@@ -20,7 +20,7 @@ fn validate_body(file: &str) -> Value {
 async fn validate_reports_what_the_engine_would_and_creates_nothing() {
     let m = mock(MockArgs::default()).await;
     let cfg = config(&m.base_url(), "models = [\"m\"]", TENANTS).replace("models = [\"*\"]\n", "");
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let (a, b) = (s.api_with_key("sk-a"), s.api_with_key("sk-b"));
 
     let bad = [
@@ -72,7 +72,7 @@ async fn validate_reports_what_the_engine_would_and_creates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_list_filters_by_status_and_searches_ids_and_metadata_values() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", TENANTS));
+    let s = spawn_app(&config(&m.base_url(), "", TENANTS));
     let (a, b) = (s.api_with_key("sk-a"), s.api_with_key("sk-b"));
     let good = a.upload(&chat_lines(2, "m")).await;
     let mut ids = vec![];
@@ -127,7 +127,7 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_is_served_at_the_root_with_strict_headers() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", TENANTS));
+    let s = spawn_app(&config(&m.base_url(), "", TENANTS));
     let html = "text/html,application/xhtml+xml";
 
     let r = get(&format!("{}/", s.url), &[]).await;
@@ -176,7 +176,7 @@ async fn the_console_is_served_at_the_root_with_strict_headers() {
     let r = get(&format!("{}/console/config", s.url), &[("authorization", "Bearer wrong")]).await;
     assert_eq!(r.status().as_u16(), 401);
 
-    let open = Server::start(&config(&m.base_url(), "", ""));
+    let open = spawn_app(&config(&m.base_url(), "", ""));
     let v: Value = get(&format!("{}/console/config", open.url), &[]).await.json().await.unwrap();
     assert_eq!((v["auth_required"].as_bool(), v["tenant"].as_str()), (Some(false), Some("default")), "{v}");
 }

@@ -33,7 +33,7 @@ fn id_counts(m: &MockServer) -> std::collections::BTreeMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_limit_is_reached_and_never_exceeded() {
     let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", ""));
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(60, "m")).await;
@@ -53,7 +53,7 @@ async fn rpm_limit_spaces_requests() {
     // rpm 120: the bucket refills 120/61 ≈ 1.97 per second and holds at most that much, so
     // 8 lines go out as a burst of ~2 and then one every ~0.51 s: ≈ 3.05 s in all.
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "rpm = 120", ""));
+    let s = spawn_app(&config(&m.base_url(), "rpm = 120", ""));
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(8, "m")).await;
@@ -74,7 +74,7 @@ async fn tpm_limit_spaces_requests() {
     // (bytes/4 + max_tokens 100) and really costs ~130 (prompt bytes/4 + 100 completion
     // tokens), so after the first one each line waits ≥ 1.2 s for the bucket.
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "tpm = 6100", ""));
+    let s = spawn_app(&config(&m.base_url(), "tpm = 6100", ""));
     let api = s.api();
     let lines: Vec<String> = (0..4).map(|i| line_with(&format!("t-{i}"), "m", json!({"max_tokens": 100, "mock": {"completion_tokens": 100}}))).collect();
     let t0 = Instant::now();
@@ -98,7 +98,7 @@ async fn tpm_limit_spaces_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let line = chat_line("ra", "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 2})));
     let t0 = Instant::now();
@@ -118,7 +118,7 @@ async fn retry_after_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_attempts_is_respected_and_4xx_is_final() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_attempts = 3", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_attempts = 3", ""));
     let api = s.api();
     let lines = vec![
         chat_line("always-500", "m", Some(json!({"status": 500}))),
@@ -159,7 +159,7 @@ async fn max_attempts_is_respected_and_4xx_is_final() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_request_is_cut_at_timeout_and_retried() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "timeout_s = 1\nmax_attempts = 2", ""));
+    let s = spawn_app(&config(&m.base_url(), "timeout_s = 1\nmax_attempts = 2", ""));
     let api = s.api();
     let lines = vec![chat_line("hang", "m", Some(json!({"hang": true}))), chat_line("ok", "m", None)];
     let t0 = Instant::now();
@@ -183,7 +183,7 @@ async fn hanging_request_is_cut_at_timeout_and_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_json_upstream_body_becomes_an_error_message() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_attempts = 2", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_attempts = 2", ""));
     let api = s.api();
     let text = "<html>upstream exploded\n\"badly\"</html>";
     let lines = vec![
@@ -212,7 +212,7 @@ async fn non_json_upstream_body_becomes_an_error_message() {
 async fn soak_with_random_faults_is_exactly_once() {
     const N: usize = 600;
     let m = mock(MockArgs { latency_ms: 5, error_rate: 0.05, rate_429: 0.05, hang_rate: 0.005, retry_after_s: 0.2, seed: Some(7), ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "timeout_s = 1\nmax_attempts = 6\nmax_concurrency = 32", ""));
+    let s = spawn_app(&config(&m.base_url(), "timeout_s = 1\nmax_attempts = 6\nmax_concurrency = 32", ""));
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(N, "m")).await;
@@ -248,7 +248,7 @@ async fn soak_with_random_faults_is_exactly_once() {
 async fn cancel_mid_run_aborts_in_flight_and_keeps_finished_lines() {
     const N: usize = 40;
     let m = mock(MockArgs { latency_ms: 1000, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(N, "m")).await;
     eventually("the batch runs with ≥ 1 finished line", secs(20), || {
@@ -269,6 +269,7 @@ async fn cancel_mid_run_aborts_in_flight_and_keeps_finished_lines() {
     wait_idle(&m, secs(2), "in-flight calls are aborted within 2 s").await;
     println!("in-flight calls aborted {:?} after cancel", t_cancel.elapsed());
     let before = m.stats().requests;
+    // Under test: nothing happens — no call in the second after the cancel.
     tokio::time::sleep(secs(1)).await;
     assert_eq!(m.stats().requests, before, "no request may be sent after a cancel");
     let b = api.wait_for(&id, &["cancelled"], secs(10)).await;
@@ -290,13 +291,14 @@ async fn cancel_mid_run_aborts_in_flight_and_keeps_finished_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_completed_batch_returns_it_unchanged() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(3, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(20)).await;
     let (st, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(st, 200, "{c}");
     assert_eq!(c, b, "a final batch never changes");
+    // Under test: nothing happens after the cancel either.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.batch(&id).await, b);
 }
@@ -305,7 +307,7 @@ async fn cancelling_a_completed_batch_returns_it_unchanged() {
 async fn expiry_keeps_finished_lines_and_marks_the_rest_expired() {
     const N: usize = 30;
     let m = mock(MockArgs { latency_ms: 1000, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 2", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 2", ""));
     let api = s.api();
     let f = api.upload(&chat_lines(N, "m")).await;
     let t0 = Instant::now();
@@ -326,6 +328,7 @@ async fn expiry_keeps_finished_lines_and_marks_the_rest_expired() {
     }
     wait_idle(&m, secs(3), "in-flight calls are aborted at expiry").await;
     let before = m.stats().requests;
+    // Under test: nothing happens — no call in the half second after expiry.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(m.stats().requests, before, "nothing is sent after expiry");
 }
@@ -337,7 +340,7 @@ async fn expiry_keeps_finished_lines_and_marks_the_rest_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_batch_is_not_stuck_behind_a_big_one() {
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 8", ""));
     let api = s.api();
     let big = api.submit(&chat_lines(3000, "m")).await;
     eventually("the big batch is under way", secs(20), || {
@@ -360,7 +363,7 @@ async fn small_batch_is_not_stuck_behind_a_big_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_gets_a_larger_share() {
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", "[engine]\nunit_lines = 50"));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", "[engine]\nunit_lines = 50"));
     let api = s.api();
     let f1 = api.upload(&chat_lines(1500, "m")).await;
     let f2 = api.upload(&chat_lines(1500, "m")).await;
@@ -368,6 +371,7 @@ async fn priority_gets_a_larger_share() {
     let high = api.create_batch(&f2, json!({"priority": 4})).await["id"].as_str().unwrap().to_string();
     api.wait_for(&low, &["in_progress"], secs(20)).await;
     api.wait_for(&high, &["in_progress"], secs(20)).await;
+    // A measurement: what each batch got in 3 s.
     tokio::time::sleep(secs(3)).await;
     let (l, h) = (api.batch(&low).await, api.batch(&high).await);
     let (dl, dh) = (done(&l), done(&h));
@@ -394,7 +398,7 @@ async fn models_route_to_their_upstream_with_aliases_rewritten() {
     let (m1, m2) = (mock(MockArgs::default()).await, mock(MockArgs::default()).await);
     let cfg =
         upstream("one", &m1.base_url(), "models = [\"m-a\"]\naliases = { a = \"m-a\" }") + &upstream("two", &m2.base_url(), "models = [\"m-b\"]") + WINDOWS;
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let api = s.api();
     let mut lines: Vec<String> = (0..10).map(|i| chat_line(&format!("a-{i}"), "a", None)).collect();
     lines.extend((0..10).map(|i| chat_line(&format!("b-{i}"), "m-b", None)));
@@ -428,7 +432,7 @@ async fn upstreams_serving_one_model_share_the_load() {
     let cfg = upstream("one", &m1.base_url(), "models = [\"m\"]\nmax_concurrency = 2")
         + &upstream("two", &m2.base_url(), "models = [\"m\"]\nmax_concurrency = 2")
         + WINDOWS;
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let api = s.api();
     let id = api.submit(&chat_lines(40, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(20)).await;
@@ -449,7 +453,7 @@ async fn lines_fail_over_from_a_dead_upstream() {
         let cfg = upstream("first", order[0], "models = [\"m\"]\nmax_concurrency = 4")
             + &upstream("second", order[1], "models = [\"m\"]\nmax_concurrency = 4")
             + WINDOWS;
-        let s = Server::start(&cfg);
+        let s = spawn_app(&cfg);
         let api = s.api();
         let id = api.submit(&chat_lines(30, "m")).await;
         let b = api.wait_for(&id, &["completed"], secs(30)).await;
@@ -467,10 +471,9 @@ async fn lines_fail_over_from_a_dead_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_and_api_key_are_sent_and_the_key_never_leaks() {
     const KEY: &str = "sk-engine-test-Zq8vX1secretvalue";
-    // SAFETY of set_var: a name used by this test only, set before the server process starts.
-    std::env::set_var("BATCHD_ENGINE_TEST_UPSTREAM_KEY", KEY);
     let m = mock(MockArgs { api_key: Some(KEY.into()), ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "api_key_env = \"BATCHD_ENGINE_TEST_UPSTREAM_KEY\"", ""));
+    let key_env = [("BATCHD_ENGINE_TEST_UPSTREAM_KEY".to_string(), KEY.to_string())];
+    let s = spawn_app_with(&config(&m.base_url(), "api_key_env = \"BATCHD_ENGINE_TEST_UPSTREAM_KEY\"", ""), &[], &key_env);
     let api = s.api();
     let mut lines = chat_lines(20, "m");
     lines.push(chat_line("fails", "m", Some(json!({"status": 400}))));
@@ -498,7 +501,7 @@ async fn request_id_and_api_key_are_sent_and_the_key_never_leaks() {
 async fn request_counts_and_progress_are_live() {
     const N: usize = 200;
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(N, "m")).await;
     let (mut increases, mut last, mut rps_seen, mut eta_seen) = (0, 0, 0.0f64, false);
@@ -539,7 +542,7 @@ async fn tpm_estimate_is_corrected_by_actual_usage() {
     // really uses ~50. Once the first answer has corrected the estimate, the next line may go
     // within about a second; 6 lines should take a few seconds, not 6 × 10 s.
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "tpm = 6100", ""));
+    let s = spawn_app(&config(&m.base_url(), "tpm = 6100", ""));
     let api = s.api();
     let lines: Vec<String> = (0..6).map(|i| line_with(&format!("t-{i}"), "m", json!({"max_tokens": 1000}))).collect();
     let t0 = Instant::now();
@@ -561,7 +564,7 @@ async fn a_slow_second_upstream_does_not_stall_a_fast_one() {
     let cfg = upstream("fast", &fast.base_url(), "models = [\"m\"]\nmax_concurrency = 2")
         + &upstream("slow", &slow.base_url(), "models = [\"m\"]\nmax_concurrency = 2")
         + WINDOWS;
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(60, "m")).await;
@@ -576,7 +579,7 @@ async fn a_slow_second_upstream_does_not_stall_a_fast_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bare_lines_with_blank_lines_and_crlf_are_sent_as_written() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let body = |t: &str| json!({"model": "m", "messages": [{"role": "user", "content": t}]}).to_string();
     let text = format!("{}\r\n\r\n{}\r\n   \n{}", body("first"), body("third"), body("fifth"));
@@ -595,7 +598,7 @@ async fn bare_lines_with_blank_lines_and_crlf_are_sent_as_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_and_responses_go_to_their_paths_with_usage_summed() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     for (endpoint, body) in [
         ("/v1/embeddings", json!({"model": "e", "input": "some text to embed"})),
@@ -625,7 +628,7 @@ async fn embeddings_and_responses_go_to_their_paths_with_usage_summed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_line_json_answers_stay_one_jsonl_line() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_attempts = 1", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_attempts = 1", ""));
     let api = s.api();
     let pretty = "{\n  \"id\": \"x\",\n  \"note\": \"line\\nbreak\",\n  \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 4, \"total_tokens\": 7}\n}";
     let lines = vec![
@@ -644,7 +647,7 @@ async fn multi_line_json_answers_stay_one_jsonl_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream_gives_upstream_unavailable_after_max_attempts() {
-    let s = Server::start(&config(&dead_base_url(), "max_attempts = 2", ""));
+    let s = spawn_app(&config(&dead_base_url(), "max_attempts = 2", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(3, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(20)).await;
@@ -663,7 +666,7 @@ async fn cancel_can_let_in_flight_lines_finish() {
     const N: usize = 40;
     let m = mock(MockArgs { latency_ms: 1000, ..Default::default() }).await;
     // `extra` lands in the [batches] table that `config` ends with.
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", "finish_in_flight_on_cancel = true"));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", "finish_in_flight_on_cancel = true"));
     let api = s.api();
     let id = api.submit(&chat_lines(N, "m")).await;
     api.wait_for(&id, &["in_progress"], secs(20)).await;
@@ -684,13 +687,15 @@ async fn cancel_can_let_in_flight_lines_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_does_not_wait_for_lines_held_by_an_upstream_pause() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", "finish_in_flight_on_cancel = true"));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", "finish_in_flight_on_cancel = true"));
     let api = s.api();
     let lines: Vec<String> = (0..8).map(|i| chat_line(&format!("r{i}"), "m", Some(json!({"status": 429, "retry_after_s": 30})))).collect();
     let id = api.submit(&lines).await;
-    let mr = &m;
-    eventually("the upstream said slow down", secs(10), || async move { (mr.stats().requests >= 1).then_some(()) }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the upstream said slow down: lines wait for another attempt, no call is open", secs(10), || async {
+        let c = api.get(&format!("/batches/{id}/progress")).await.1["counts"].clone();
+        (c["retrying"].as_i64() >= Some(1) && m.stats().in_flight == 0).then_some(())
+    })
+    .await;
     let t0 = Instant::now();
     let (_, c) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(c["status"], "cancelling", "{c}");
@@ -704,7 +709,7 @@ async fn cancel_does_not_wait_for_lines_held_by_an_upstream_pause() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_window_recovers_after_429s() {
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 8", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 8", ""));
     let api = s.api();
     let storm: Vec<String> = (0..24).map(|i| chat_line(&format!("s-{i}"), "m", Some(json!({"status": 429, "fail_times": 1, "retry_after_s": 0.05})))).collect();
     let id = api.submit(&storm).await;
@@ -723,7 +728,7 @@ async fn concurrency_window_recovers_after_429s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_body_bytes_pass_through_unchanged() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let body = format!(r#"{{ "model" : "m",{}"messages":[{{"role":"user","content":"caf\u00e9 \ud83d\ude00"}}] , "temperature":1.50 }}"#, " ".repeat(400));
     let line = format!(r#"{{"custom_id":"w","method":"POST","url":"/v1/chat/completions","body":{body}}}"#);
@@ -740,7 +745,7 @@ async fn a_cancel_racing_completion_never_ends_completed() {
     // batch whose cancel was acknowledged (`cancelling`) must end `cancelled`: the state
     // machine has no cancelling → completed edge.
     let m = mock(MockArgs { latency_ms: 60, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let f = api.upload(&chat_lines(1, "m")).await;
     // Calibrate: how long a 1-line batch takes from create to final, here and now.
@@ -840,7 +845,7 @@ async fn https_upstream_with_a_private_ca_is_trusted_only_through_ca_file() {
     let url = format!("https://localhost:{port}/v1");
 
     // With the CA in ca_file: every line runs over TLS, on kept-alive connections.
-    let s = Server::start(&config(&url, &format!("max_concurrency = 4\nca_file = {:?}", ca_file.display().to_string()), ""));
+    let s = spawn_app(&config(&url, &format!("max_concurrency = 4\nca_file = {:?}", ca_file.display().to_string()), ""));
     let api = s.api();
     let id = api.submit(&chat_lines(20, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(30)).await;
@@ -852,7 +857,7 @@ async fn https_upstream_with_a_private_ca_is_trusted_only_through_ca_file() {
     // Without it the server's certificate is not trusted: no line reaches the upstream, and
     // the error says why.
     m.reset_stats();
-    let s = Server::start(&config(&url, "max_attempts = 1", ""));
+    let s = spawn_app(&config(&url, "max_attempts = 1", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(2, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(30)).await;
@@ -886,7 +891,7 @@ async fn deadline_setup() -> (MockServer, Server) {
         "[[upstreams]]\nname = \"slow\"\nbase_url = \"{}\"\nmax_concurrency = 4\n\n[batches]\ncompletion_windows = [\"24h\", \"16s\", \"6s\"]\n\n[engine]\nunit_lines = 50\n",
         m.base_url()
     );
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     (m, s)
 }
 

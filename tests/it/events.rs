@@ -32,7 +32,7 @@ async fn read_stream(api: &Api, path: &str, last_event_id: Option<i64>, timeout:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_tells_counts_rates_and_upstreams_while_running() {
     let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 4", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 4", ""));
     let api = s.api();
     let id = api.submit(&chat_lines(80, "m")).await;
     let p = eventually("a rate while running", secs(30), || {
@@ -68,7 +68,7 @@ async fn progress_tells_counts_rates_and_upstreams_while_running() {
 async fn a_stalled_batch_says_why_and_recovers_when_its_upstream_returns() {
     let dead = dead_base_url();
     let port: u16 = dead.trim_start_matches("http://127.0.0.1:").trim_end_matches("/v1").parse().unwrap();
-    let s = Server::start(&config(&dead, "max_attempts = 100\nmax_concurrency = 1", "").replace("[batches]", "[batches]\nstall_after_s = 1.5"));
+    let s = spawn_app(&config(&dead, "max_attempts = 100\nmax_concurrency = 1", "").replace("[batches]", "[batches]\nstall_after_s = 1.5"));
     let api = s.api();
     let t0 = Instant::now();
     let id = api.submit(&chat_lines(6, "m")).await;
@@ -113,13 +113,15 @@ fn crate_now() -> i64 {
 async fn event_streams_resume_after_a_cursor_end_at_the_final_status_and_keep_tenants_apart() {
     let m = mock(MockArgs { latency_ms: 60, ..Default::default() }).await;
     let tenants = "[[tenants]]\nname = \"a\"\napi_keys = [\"sk-a\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"sk-b\"]";
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 2", tenants));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 2", tenants));
     let (a, b) = (s.api_with_key("sk-a"), s.api_with_key("sk-b"));
     // The tenant stream, opened before the batch exists, sees it from its first status.
+    let (opened, open) = tokio::sync::oneshot::channel();
     let tenant_stream = {
         let a = a.clone();
         tokio::spawn(async move {
             let resp = a.request(reqwest::Method::GET, "/events").send().await.unwrap();
+            let _ = opened.send(());
             let mut body = resp.bytes_stream();
             let mut text = String::new();
             use futures::StreamExt;
@@ -132,7 +134,7 @@ async fn event_streams_resume_after_a_cursor_end_at_the_final_status_and_keep_te
             text
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(secs(10), open).await.expect("the tenant stream opens").unwrap();
     let id = a.submit(&chat_lines(40, "m")).await;
     let all = read_stream(&a, &format!("/batches/{id}/events"), None, secs(60)).await;
     let kinds: Vec<&str> = all.iter().map(|(_, k, _)| k.as_str()).collect();
@@ -169,7 +171,7 @@ async fn event_streams_resume_after_a_cursor_end_at_the_final_status_and_keep_te
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_makes_a_batch_of_exactly_the_failed_lines() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_attempts = 1", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_attempts = 1", ""));
     let api = s.api();
     let lines = vec![
         chat_line("ok-1", "m", None),
@@ -228,7 +230,7 @@ async fn retry_makes_a_batch_of_exactly_the_failed_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_of_a_cancelled_batch_takes_exactly_its_cancelled_lines() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1\nmax_attempts = 1", ""));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 1\nmax_attempts = 1", ""));
     let api = s.api();
     // One line fails at once, one succeeds, then slow lines run one at a time: cancelled
     // once the failure is in, most slow lines never run.
@@ -270,7 +272,7 @@ async fn retry_of_a_cancelled_batch_takes_exactly_its_cancelled_lines() {
 async fn usage_cost_and_quotas() {
     let m = mock(MockArgs { latency_ms: 100, ..Default::default() }).await;
     let extra = "[[tenants]]\nname = \"q\"\napi_keys = [\"sk-q\"]\nmax_queued_requests = 25\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5";
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1", extra));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 1", extra));
     let api = s.api_with_key("sk-q");
     let id = api.submit(&chat_lines(20, "m")).await;
     api.wait_for(&id, &["in_progress"], secs(20)).await;
@@ -319,7 +321,7 @@ async fn create(api: &Api, file: &str) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_sent_together_cannot_together_go_over_the_request_quota() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", "[[tenants]]\nname = \"qr\"\napi_keys = [\"sk-qr\"]\nmax_queued_requests = 5\n"));
+    let s = spawn_app(&config(&m.base_url(), "", "[[tenants]]\nname = \"qr\"\napi_keys = [\"sk-qr\"]\nmax_queued_requests = 5\n"));
 
     // Two creates of 3 lines sent together against a limit of 5. Whichever comes
     // second sees the first, still validating, holding its 3 lines: exactly one is created.
@@ -351,7 +353,7 @@ async fn max_queued_tokens_refuses_a_create_and_shows_in_quota() {
     let one_file_tokens = (jsonl(&slow_lines("a", 3, 1500)).len() / 4) as i64;
     let token_limit = one_file_tokens * 3 / 2;
     let extra = format!("[[tenants]]\nname = \"qt\"\napi_keys = [\"sk-qt\"]\nmax_queued_tokens = {token_limit}\n");
-    let s = Server::start(&config(&m.base_url(), "", &extra));
+    let s = spawn_app(&config(&m.base_url(), "", &extra));
 
     // One file's estimated input tokens fit under the limit, a second does not.
     let tq = s.api_with_key("sk-qt");
@@ -381,7 +383,7 @@ async fn max_queued_tokens_refuses_a_create_and_shows_in_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_follows_the_stream_and_shows_a_stall() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", "").replace("[batches]", "[batches]\nstall_after_s = 1"));
+    let s = spawn_app(&config(&m.base_url(), "", "").replace("[batches]", "[batches]\nstall_after_s = 1"));
     let api = s.api();
     // Two lines answer at once, one hangs for 4 s: the batch stalls, then ends.
     let lines = vec![chat_line("a", "m", None), chat_line("b", "m", None), chat_line("slow", "m", Some(json!({"latency_ms": 4000})))];
@@ -424,7 +426,7 @@ async fn alice_sees(s: &Server, alice: &Api, id: &str, markers: &[&str], limit: 
     while t.elapsed() < limit && !markers.iter().all(|m| seen.contains(m)) {
         seen += &alice.get(&format!("/batches/{id}/progress")).await.1.to_string();
         seen += &alice.batch(id).await.to_string();
-        seen += &reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+        seen += &s.metrics().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();
@@ -442,7 +444,7 @@ async fn an_upstreams_error_text_stays_with_the_line_that_caused_it() {
     let m = mock(MockArgs::default()).await;
     let tenants = "[[tenants]]\nname = \"alice\"\napi_keys = [\"sk-alice\"]\n[[tenants]]\nname = \"bob\"\napi_keys = [\"sk-bob\"]";
     let cfg = config(&m.base_url(), "max_attempts = 2\nmax_concurrency = 4", tenants).replace("[batches]", "[batches]\nstall_after_s = 1");
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let (alice, bob) = (s.api_with_key("sk-alice"), s.api_with_key("sk-bob"));
     let echo = |status: u16| format!(r#"{{"error":{{"message":"upstream error {status} while processing prompt: {SECRET}","type":"server_error"}}}}"#);
     let mut lines: Vec<String> = (0..3).map(|i| chat_line(&format!("{SECRET}-{i}"), "m", Some(json!({"status": 500, "body_text": echo(500)})))).collect();
@@ -479,7 +481,7 @@ async fn an_upstreams_error_text_stays_with_the_line_that_caused_it() {
 async fn streams_end_at_their_lifetime_and_resume_without_a_gap() {
     let m = mock(MockArgs::default()).await;
     let cfg = config(&m.base_url(), "max_concurrency = 1", "[server]\nstream_lifetime_s = 3\nidle_timeout_s = 1.5");
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let api = s.api();
     let t = Instant::now();
     let quiet = read_stream(&api, "/events", None, secs(10)).await;
@@ -519,7 +521,7 @@ async fn streams_end_at_their_lifetime_and_resume_without_a_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_resumes_streams_that_end_at_their_lifetime() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "max_concurrency = 1", "[server]\nstream_lifetime_s = 1"));
+    let s = spawn_app(&config(&m.base_url(), "max_concurrency = 1", "[server]\nstream_lifetime_s = 1"));
     let lines: Vec<String> = (0..3).map(|i| chat_line(&format!("w-{i}"), "m", Some(json!({"latency_ms": 1200})))).collect();
     let id = s.api().submit(&lines).await;
     let mut c = std::process::Command::new(BIN);
@@ -575,14 +577,16 @@ async fn webhooks_never_follow_redirects() {
     let internal_admin = internal.replace("/hook", "/internal-admin");
     let redirect: &'static str = Box::leak(format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: {internal_admin}").into_boxed_str());
     let (hook, hits) = receiver(redirect, false).await;
-    let s = Server::start(&config(&m.base_url(), "", &webhook_tenant("t", &hook)));
+    let s = spawn_app(&config(&m.base_url(), "", &webhook_tenant("t", &hook)));
     let api = s.api_with_key("sk-t");
     let id = api.submit(&chat_lines(2, "m")).await;
     api.wait_for(&id, &["completed"], secs(30)).await;
     eventually("a second attempt, on the retry schedule", secs(20), || async { (hits.lock().unwrap().len() >= 2).then_some(()) }).await;
+    // What is under test is that nothing happens: no POST reaches the redirect's target in
+    // the half second after the second attempt either.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(touched.lock().unwrap().is_empty(), "the redirect was followed: {:?}", touched.lock().unwrap());
-    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains("batchd_webhook_deliveries_total{outcome=\"delivered\"} 0"), "a redirect is not a delivery:\n{metrics}");
     assert!(!metrics.contains("batchd_webhook_deliveries_total{outcome=\"retrying\"} 0"), "it is a failed attempt, retried");
 }
@@ -594,7 +598,7 @@ async fn a_hanging_receiver_delays_only_its_own_webhooks() {
     let m = mock(MockArgs::default()).await;
     let (hanging, stuck) = receiver("HTTP/1.1 200 OK", true).await;
     let (fast, arrived) = receiver("HTTP/1.1 200 OK", false).await;
-    let s = Server::start(&config(&m.base_url(), "", &(webhook_tenant("slow", &hanging) + &webhook_tenant("quick", &fast))));
+    let s = spawn_app(&config(&m.base_url(), "", &(webhook_tenant("slow", &hanging) + &webhook_tenant("quick", &fast))));
     let slow = s.api_with_key("sk-slow");
     for _ in 0..3 {
         let id = slow.submit(&chat_lines(1, "m")).await;

@@ -489,13 +489,6 @@ fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io
 
 // ---- issue #19: decoded size is what counts; a paid answer stays an answer ----
 
-/// A peak-memory figure of a process, in MiB, from `/proc/PID/status` (`VmHWM:` the peak
-/// resident set).
-fn peak_rss_mb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).unwrap() / 1024
-}
-
 /// Compression bombs among ordinary answers — gzip decoding to 200 MB, zstd to 1 GB, at the
 /// default `max_response_bytes` (32 MB) — fail at once as `response_too_large`, each asked
 /// for once, in bounded memory (four in flight at most: 4 × 32 MB), and the batch finishes
@@ -513,7 +506,7 @@ async fn compression_bombs_fail_at_once_in_bounded_memory() {
     let id = api.submit(&lines).await;
     let b = api.wait_for(&id, &["completed"], secs(90)).await;
     let took = t.elapsed();
-    let peak = peak_rss_mb(s.pid().unwrap());
+    let peak = proc_mb(s.pid().unwrap(), "VmHWM:");
     eprintln!("24 bombs (gzip {gzip} B → 200 MiB, zstd {zstd} B → 1 GiB) among 60 lines, concurrency 4: done in {took:?}, server peak RSS {peak} MiB");
     let (out, err) = final_results(&api, &b, 60).await;
     assert_eq!((out.len(), err.len()), (36, 24), "{b}");
@@ -549,7 +542,7 @@ async fn usage_beyond_f64_stays_an_answer_and_metrics_saturate() {
     let sent = String::from_utf8(hostile_answer("beyond_f64_usage").unwrap().1).unwrap();
     assert!(text.contains(&format!("\"body\":{sent}}}")), "the answer is kept byte for byte");
     assert_eq!(b["usage"]["output_tokens"].as_i64(), Some(i64::MAX), "{b}");
-    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    let metrics = s.metrics().await;
     let tokens = metrics.lines().find_map(|l| l.strip_prefix("batchd_output_tokens_total ")).unwrap_or_else(|| panic!("{metrics}"));
     assert_eq!(tokens, u64::MAX.to_string(), "the output-token counter saturates");
 }

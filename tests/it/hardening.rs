@@ -15,17 +15,21 @@ use tokio::net::TcpStream;
 
 const MB: u64 = 1 << 20;
 
-/// A `/proc/PID/status` figure in MiB (`VmHWM`: peak resident set, `VmRSS`: current).
-fn proc_mb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"));
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
-}
-
 /// Open sockets of a process (files such as SQLite's come and go with its pool).
 fn open_fds(pid: u32) -> usize {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
     dir.flatten().filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))).count()
+}
+
+/// How many connections wait in the accept queue of the listener on `addr` (`127.0.0.1:PORT`),
+/// from `/proc/net/tcp` (a listening socket's `rx_queue`).
+fn accept_queue(addr: &str) -> Option<u64> {
+    let port: u16 = addr.rsplit(':').next()?.parse().ok()?;
+    let local = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").ok()?.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A")).then(|| u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())?
+    })
 }
 
 fn host(s: &Server) -> String {
@@ -200,7 +204,7 @@ fn addr_of(head: &str) -> String {
 #[tokio::test]
 async fn bodies_over_the_small_limits_get_envelopes() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let big = json!({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"k": "v".repeat(300_000)}});
     for _ in 0..5 {
@@ -295,8 +299,10 @@ async fn slowloris_and_idle_crowds_are_closed_and_cost_little() {
     assert!(slow_longest < Duration::from_secs(5), "a slowloris connection lived {slow_longest:?}");
     assert!(peak < rss0 + 60, "RSS grew from {rss0} to {peak} MiB");
     eventually("sockets released", Duration::from_secs(10), || async { (open_fds(pid) <= fds0 + 2).then_some(()) }).await;
+    let before = open_fds(pid);
     let late: Vec<_> = (0..50).map(|_| tokio::spawn(held_open(addr.clone(), Duration::from_secs(20), true))).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Most of them held by the server is enough (one of its own sockets may close meanwhile).
+    eventually("the late slow clients are connected", Duration::from_secs(10), || async { (open_fds(pid) >= before + 40).then_some(()) }).await;
     let t = Instant::now();
     assert!(s.sigterm(), "SIGTERM with slow clients connected exits 0");
     assert!(t.elapsed() < Duration::from_secs(15), "shutdown took {:?}", t.elapsed());
@@ -311,16 +317,12 @@ async fn slowloris_and_idle_crowds_are_closed_and_cost_little() {
 #[tokio::test]
 async fn connections_are_capped_and_waiting_ones_make_room() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 20\nmax_connections = 4"));
+    let s = spawn_app(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 20\nmax_connections = 4"));
     let addr = host(&s);
     let mut uploads = Vec::new();
     for _ in 0..4 {
-        let mut c = TcpStream::connect(&addr).await.unwrap();
-        c.write_all(multipart_head(&addr, Some(10_000)).as_bytes()).await.unwrap();
-        c.write_all(format!("--{BOUNDARY}\r\n").as_bytes()).await.unwrap();
-        uploads.push(c);
+        uploads.push(upload_being_served(&addr).await);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let http = reqwest::Client::new();
     let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_millis(1500)).send().await;
     assert!(r.is_err(), "a fifth connection is not served while four are serving");
@@ -328,18 +330,37 @@ async fn connections_are_capped_and_waiting_ones_make_room() {
     let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_secs(10)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "served once the uploads went");
 
+    // Four idle connections of different ages (what is under test: the oldest goes first).
+    // The server accepts in order, so each is in the crowd before the request below.
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(TcpStream::connect(&addr).await.unwrap());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
     let r = http.get(format!("{}/healthz", s.url)).timeout(Duration::from_secs(10)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(t.elapsed() < Duration::from_secs(1), "served after {:?} with four idle connections open", t.elapsed());
     let (first, rest) = idle.split_at_mut(1);
     assert_shed_oldest_first(&mut first[0], &mut rest[2]).await;
+}
+
+/// A stalled upload the server is serving: its head asks `Expect: 100-continue`, and the
+/// server's `100 Continue` (sent once the handler reads the body) says it is served.
+async fn upload_being_served(addr: &str) -> TcpStream {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let head = multipart_head(addr, Some(10_000)).replacen("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1);
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.expect("100 Continue within 10 s").unwrap();
+        assert!(n > 0, "closed before 100 Continue: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 100 "), "{:?}", String::from_utf8_lossy(&got));
+    c.write_all(format!("--{BOUNDARY}\r\n").as_bytes()).await.unwrap();
+    c
 }
 
 /// The connection that waited longest was closed to make room; the youngest is still open.
@@ -356,7 +377,7 @@ async fn assert_shed_oldest_first(oldest: &mut TcpStream, youngest: &mut TcpStre
 #[tokio::test]
 async fn stalled_and_idle_connections_are_closed() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 1\nidle_timeout_s = 2\nrequest_timeout_s = 1"));
+    let s = spawn_app(&config(&m.base_url(), "", "[server]\nheader_read_timeout_s = 1\nidle_timeout_s = 2\nrequest_timeout_s = 1"));
     let api = s.api();
     let addr = host(&s);
     let big = vec![b'x'; 32 << 20];
@@ -364,10 +385,12 @@ async fn stalled_and_idle_connections_are_closed() {
     assert_eq!(st, 200, "{f}");
     let fid = f["id"].as_str().unwrap().to_string();
 
-    // A download nobody reads is cut once nothing moves for the idle timeout.
+    // A download nobody reads is cut once nothing moves for the idle timeout (the server
+    // says so in its log); only then does the client read.
     let mut c = TcpStream::connect(&addr).await.unwrap();
     c.write_all(format!("GET /v1/files/{fid}/content HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cut = "closing a connection on which nothing moved for the idle timeout";
+    eventually("the stalled download is cut", Duration::from_secs(10), || async { s.log().contains(cut).then_some(()) }).await;
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
     assert!(read.is_ok(), "the stalled download was not closed");
@@ -415,7 +438,7 @@ async fn stalled_and_idle_connections_are_closed() {
 #[tokio::test]
 async fn every_answer_has_a_request_id_that_is_logged() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let http = &api.http;
     let mut seen = std::collections::HashSet::new();
@@ -443,7 +466,7 @@ async fn every_answer_has_a_request_id_that_is_logged() {
 #[tokio::test]
 async fn idempotency_and_duplicate_keys() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let f = api.upload(&chat_lines(2, "m")).await;
     let send = |body: String| {
@@ -497,7 +520,7 @@ async fn idempotency_and_duplicate_keys() {
 #[tokio::test]
 async fn ranges_and_content_disposition() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let data = b"0123456789".to_vec();
     let name = "données ✓.txt";
@@ -546,7 +569,7 @@ async fn ranges_and_content_disposition() {
 #[tokio::test]
 async fn default_expiry_and_new_endpoints() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let (_, f) = api.upload_as(jsonl(&chat_lines(1, "m")).into_bytes(), "batch", "a.jsonl").await;
     assert_eq!(f["expires_at"].as_i64().unwrap() - f["created_at"].as_i64().unwrap(), 30 * 86_400, "{f}");
@@ -576,7 +599,7 @@ async fn models_of_catch_all_upstreams_are_listed() {
     let m = mock(MockArgs::default()).await;
     let dead = dead_base_url();
     let extra = format!("[[upstreams]]\nname = \"gone\"\nbase_url = \"{dead}\"\nmodels = [\"*\"]\n\n[[upstreams]]\nname = \"fixed\"\nbase_url = \"{dead}\"\nmodels = [\"only-this\"]\n");
-    let s = Server::start(&config(&m.base_url(), "", &extra));
+    let s = spawn_app(&config(&m.base_url(), "", &extra));
     let api = s.api();
     let (st, v) = api.get("/models").await;
     assert_eq!(st, 200, "{v}");
@@ -593,7 +616,7 @@ async fn models_of_catch_all_upstreams_are_listed() {
 #[tokio::test]
 async fn a_file_with_a_bom_runs() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let mut bytes = b"\xEF\xBB\xBF".to_vec();
     bytes.extend_from_slice(jsonl(&chat_lines(5, "m")).replace('\n', "\r\n").as_bytes());
@@ -611,7 +634,7 @@ async fn tenant_keys_never_print() {
     const KEY: &str = "sk-hardening-tenant-key-9f3";
     let m = mock(MockArgs::default()).await;
     let cfg = config(&m.base_url(), "", &format!("[[tenants]]\nname = \"team\"\napi_keys = [\"{KEY}\"]"));
-    let s = Server::start(&cfg);
+    let s = spawn_app(&cfg);
     let api = s.api_with_key(KEY);
     api.submit(&chat_lines(1, "m")).await;
     let (st, _) = s.api_with_key("sk-wrong").get("/files").await;
@@ -721,11 +744,15 @@ async fn an_idle_crowd_makes_room_for_a_real_request_at_once() {
     let m = mock(MockArgs::default()).await;
     let s = Server::start(&config(&m.base_url(), "", ""));
     let addr = host(&s);
+    let pid = s.pid().unwrap();
     let mut crowd = Vec::new();
     for _ in 0..1100 {
         crowd.push(TcpStream::connect(&addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The whole crowd accepted (none left in the listener's queue), every connection slot
+    // (1,024 by default) taken.
+    eventually("the crowd takes every slot", Duration::from_secs(20), || async { (accept_queue(&addr) == Some(0) && open_fds(pid) >= 1024).then_some(()) })
+        .await;
     let http = reqwest::Client::new();
     for round in 0..3 {
         let t = Instant::now();
@@ -745,7 +772,7 @@ async fn an_idle_crowd_makes_room_for_a_real_request_at_once() {
 #[tokio::test]
 async fn requests_the_parser_refuses_get_the_envelope_and_a_request_id() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let addr = host(&s);
     let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
     let cases = [
@@ -772,7 +799,7 @@ async fn requests_the_parser_refuses_get_the_envelope_and_a_request_id() {
 #[tokio::test]
 async fn unknown_create_parameters_are_refused_and_extensions_accepted() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     let file = api.upload(&chat_lines(2, "m")).await;
     let body = |extra: Value| {
@@ -798,9 +825,10 @@ async fn unknown_create_parameters_are_refused_and_extensions_accepted() {
 #[tokio::test]
 async fn models_are_retrieved_one_by_one_with_a_stable_created() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "aliases = { \"org/fast-model\" = \"gpt-4o-mini\" }", ""));
+    let s = spawn_app(&config(&m.base_url(), "aliases = { \"org/fast-model\" = \"gpt-4o-mini\" }", ""));
     let api = s.api();
     let (_, first) = api.get("/models").await;
+    // Under test: `created` does not move when the clock passes a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, second) = api.get("/models").await;
     assert_eq!(first, second, "the list, created included, is the same a second later");
@@ -822,7 +850,7 @@ async fn models_are_retrieved_one_by_one_with_a_stable_created() {
 #[tokio::test]
 async fn usage_times_out_of_range_are_refused() {
     let m = mock(MockArgs::default()).await;
-    let s = Server::start(&config(&m.base_url(), "", ""));
+    let s = spawn_app(&config(&m.base_url(), "", ""));
     let api = s.api();
     api.wait_for(&api.submit(&chat_lines(2, "m")).await, &["completed"], secs(20)).await;
     for q in ["start_time=-9223372036854775808", "start_time=-1", "start_time=0&end_time=9223372036854775807"] {

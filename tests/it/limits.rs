@@ -204,6 +204,7 @@ async fn lines_told_to_slow_down_forever_end_at_the_completion_window() {
     let mr = &m;
     eventually("in-flight calls end at expiry", secs(3), || async move { (mr.stats().in_flight == 0).then_some(()) }).await;
     let before = m.stats().requests;
+    // Under test: nothing happens — no call in the half second after expiry.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(m.stats().requests, before, "nothing is sent after expiry");
 }
@@ -415,6 +416,7 @@ async fn out_of_quota_alone_the_batch_waits_and_status_and_run_say_why() {
         }
     })
     .await;
+    // Under test: nothing moves during the pause — no line burnt, no call, for half a second.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let b2 = api.batch(&id).await;
     assert_eq!(b2["status"], "in_progress", "{b2}");
@@ -445,12 +447,13 @@ async fn out_of_quota_alone_the_batch_waits_and_status_and_run_say_why() {
         c.env_remove(k);
     }
     let mut child = c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let stderr = drain(child.stderr.take().unwrap());
+    let stderr = Tail::new(child.stderr.take().unwrap());
     let _stdout = drain(child.stdout.take().unwrap());
-    std::thread::sleep(Duration::from_millis(4500));
+    let paused = "paused: default out of quota, ";
+    eventually("batchd run's progress line says it is paused", secs(20), || async { stderr.text().contains(paused).then_some(()) }).await;
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let code = wait_code(&mut child, secs(20));
-    let err = stderr.join().unwrap();
+    let err = stderr.join();
     println!("{err}");
     assert_eq!(code, 130, "interrupted: {err}");
     assert!(err.contains("paused: default out of quota, "), "the progress line says why nothing moves: {err}");
@@ -527,6 +530,7 @@ async fn standby_yields_to_online_users_and_still_gets_most_of_the_server() {
     let m = mock(MockArgs { latency_ms: 100, slots: 16, ..Default::default() }).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let alone = online_clients(&m.base_url(), 4, stop.clone());
+    // A measurement: the online clients' latency alone, over 1.2 s.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     stop.cancel();
     let unloaded = median(alone.await.unwrap().into_iter().map(|x| x.1).collect());
@@ -537,6 +541,7 @@ async fn standby_yields_to_online_users_and_still_gets_most_of_the_server() {
     let online = online_clients(&m.base_url(), 4, stop.clone());
     let id = api.submit(&chat_lines(3000, "m")).await;
     api.wait_for(&id, &["in_progress"], secs(20)).await;
+    // Standby's control loop settles (no one signal says it has: part of the measurement).
     tokio::time::sleep(secs(2)).await;
     // The measured span: 5 s once standby has found its level.
     let (b0, t0) = (api.batch(&id).await, Instant::now());
@@ -576,7 +581,7 @@ async fn standby_backs_off_while_the_upstream_reports_a_queue() {
     .await;
     let backed_off = t0.elapsed();
     // Requests sent before the window shrank finish within a few latencies.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    eventually("the calls sent before the window shrank end", secs(5), || async move { (mr.stats().in_flight <= 2).then_some(()) }).await;
     let mut queued_peak = 0;
     for _ in 0..20 {
         queued_peak = queued_peak.max(m.stats().in_flight);

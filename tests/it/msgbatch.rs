@@ -17,20 +17,28 @@ const ALICE: &str = "sk-alice";
 const BOB: &str = "sk-bob";
 
 /// `claude-x` on an Anthropic-speaking upstream, `local-x` on an OpenAI-compatible one (both
-/// the same mock), tenants alice and bob.
+/// the same mock), tenants alice and bob; in this process.
 fn server(m: &MockServer, upstream_extra: &str, extra: &str) -> Server {
+    spawn_app_with(&server_config(m, upstream_extra, extra), &[], &[(KEY_ENV.into(), UPSTREAM_KEY.into())])
+}
+
+/// [`server`] as the real binary (for a kill -9 or the process's memory).
+fn server_process(m: &MockServer, upstream_extra: &str, extra: &str) -> Server {
+    Server::start_with(&server_config(m, upstream_extra, extra), &[], &[(KEY_ENV.into(), UPSTREAM_KEY.into())])
+}
+
+fn server_config(m: &MockServer, upstream_extra: &str, extra: &str) -> String {
     let up = |name: &str, api: &str, model: &str| {
         format!(
             "[[upstreams]]\nname = \"{name}\"\nbase_url = \"{}\"\napi = \"{api}\"\napi_key_env = \"{KEY_ENV}\"\nmodels = [\"{model}\"]\n{upstream_extra}\n",
             m.base_url()
         )
     };
-    let cfg = format!(
+    format!(
         "{}{}\n[batches]\ncompletion_windows = [\"24h\", \"3s\"]\n\n[[tenants]]\nname = \"alice\"\napi_keys = [\"{ALICE}\"]\n[[tenants]]\nname = \"bob\"\napi_keys = [\"{BOB}\"]\n{extra}\n",
         up("claude", "anthropic", "claude-x"),
         up("local", "openai", "local-x"),
-    );
-    Server::start_with(&cfg, &[], &[(KEY_ENV.into(), UPSTREAM_KEY.into())])
+    )
 }
 
 async fn upstream(args: MockArgs) -> MockServer {
@@ -52,7 +60,7 @@ struct Answer {
 
 impl Msg {
     fn new(s: &Server, key: &str) -> Msg {
-        Msg { http: reqwest::Client::new(), base: format!("{}/v1/messages/batches", s.url), key: key.into() }
+        Msg { http: s.http(), base: format!("{}/v1/messages/batches", s.url), key: key.into() }
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Answer {
@@ -257,7 +265,7 @@ async fn tenants_lists_both_ways_and_delete() {
     let openai_id = s.api_with_key(ALICE).submit(&[chat_line("c", "local-x", None)]).await;
     assert_eq!(alice.get(&format!("/{openai_id}")).await.status, 404);
     // Bearer is the same tenant as x-api-key.
-    let bearer = reqwest::Client::new().get(format!("{}/v1/messages/batches?limit=2", s.url)).bearer_auth(ALICE).send().await.unwrap();
+    let bearer = s.http().get(format!("{}/v1/messages/batches?limit=2", s.url)).bearer_auth(ALICE).send().await.unwrap();
     let page: Value = bearer.json().await.unwrap();
     let names = |p: &Value| p["data"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!((names(&page), page["has_more"].clone()), (ids[0..2].to_vec(), json!(true)));
@@ -334,7 +342,7 @@ async fn an_expired_batch_keeps_what_finished_and_tells_the_rest_expired() {
 async fn kill9_mid_batch_every_custom_id_once() {
     const N: usize = 400;
     let m = upstream(MockArgs { latency_ms: 60, ..Default::default() }).await;
-    let mut s = server(&m, "max_concurrency = 8", "[engine]\nunit_lines = 25\n");
+    let mut s = server_process(&m, "max_concurrency = 8", "[engine]\nunit_lines = 25\n");
     let requests: Vec<Value> = (0..N).map(|i| request(&format!("r{i}"), if i % 3 == 0 { "local-x" } else { "claude-x" }, json!({}))).collect();
     let id = Msg::new(&s, ALICE).created(requests).await["id"].as_str().unwrap().to_string();
     let mut kills = 0;
@@ -408,9 +416,7 @@ async fn batchd_run_takes_and_writes_anthropics_format() {
 
 /// The server's peak resident memory (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
-    kb * 1024
+    proc_kb(pid, "VmHWM:") * 1024
 }
 
 /// A create is read as it arrives: a 24 MB body of 12,000 requests raises the server's peak
@@ -420,7 +426,7 @@ fn peak_rss(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_are_streamed_and_bounded() {
     let m = upstream(MockArgs::default()).await;
-    let s = server(&m, "", "[limits]\nmax_lines = 12000\nmax_file_bytes = 26000000\n");
+    let s = server_process(&m, "", "[limits]\nmax_lines = 12000\nmax_file_bytes = 26000000\n");
     let alice = Msg::new(&s, ALICE);
     let pad = "x".repeat(1900);
     let body = |n: usize| {

@@ -1,10 +1,13 @@
-//! Batch-kind upstreams (`kind = "openai-batch"`): a second `batchd serve` (its own data dir,
-//! the mock upstream behind it) plays the hosted provider, a real implementation of the
-//! OpenAI Batch + Files API. Shards are small (`max_lines = 100`) so a batch spans many
-//! remote batches. Every test counts the remote batches on the remote itself: none is ever
-//! created twice, and every custom_id comes back exactly once locally.
+//! Batch-kind upstreams (`kind = "openai-batch"` and `kind = "anthropic-batch"`): a second
+//! `batchd serve` (its own data dir, the mock upstream behind it) plays the hosted provider, a
+//! real implementation of the OpenAI Batch + Files API and of Anthropic's Message Batches API.
+//! Shards are small (`max_lines = 100`) so a batch spans many remote batches. Every test
+//! counts the remote batches on the remote itself: none is ever created twice (by its tag:
+//! the metadata tag at OpenAI's API, the custom_ids' shard tag in the results at
+//! Anthropic's), and every custom_id comes back exactly once locally. The scenarios that
+//! both kinds share run once per kind.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,36 +21,101 @@ fn provider(m: &MockServer, extra_upstream: &str) -> Server {
     Server::start(&config(&m.base_url(), &format!("max_attempts = 1\n{extra_upstream}"), ""))
 }
 
-/// A local batchd whose only upstream is the batch API at `base` (`…/v1`).
-fn local_config(base: &str, extra: &str) -> String {
-    let shard = if extra.contains("max_lines") { "" } else { "max_lines = 100\n" };
-    config(base, &format!("kind = \"openai-batch\"\n{shard}poll_interval_s = 0.1\n{extra}"), "")
+/// The API the provider is spoken to in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    OpenAi,
+    Anthropic,
 }
 
-fn local(base: &str, extra: &str) -> Server {
-    Server::start(&local_config(base, extra))
-}
+impl Kind {
+    /// The local upstream's settings for the kind (chat lines carry no `max_tokens`, which
+    /// Anthropic's API requires: the upstream's default fills it in).
+    fn upstream(self) -> &'static str {
+        match self {
+            Kind::OpenAi => "kind = \"openai-batch\"\n",
+            Kind::Anthropic => "kind = \"anthropic-batch\"\ndefault_max_tokens = 64\n",
+        }
+    }
 
-/// Every batch the provider holds, newest first.
-async fn remote_batches(api: &Api) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
-        let (st, page) = api.get(&format!("/batches?limit=100{q}")).await;
-        assert_eq!(st, 200, "{page}");
-        let items = page["data"].as_array().unwrap().clone();
-        after = items.last().and_then(|b| b["id"].as_str()).map(str::to_owned);
-        all.extend(items);
-        if !page["has_more"].as_bool().unwrap_or(false) {
-            return all;
+    /// Every batch the provider holds, newest first, in one shape: `id`, `status` (OpenAI's
+    /// words), `request_counts` `total` and `completed`, and `tag`, what ties it to the local
+    /// record (the metadata tag, or the shard tag its results' custom_ids start with; `None`
+    /// for an Anthropic batch still running).
+    async fn remote_batches(self, api: &Api) -> Vec<Value> {
+        let (path, cursor) = match self {
+            Kind::OpenAi => ("/batches", "after"),
+            Kind::Anthropic => ("/messages/batches", "after_id"),
+        };
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let q = after.as_ref().map_or(String::new(), |a| format!("&{cursor}={a}"));
+            let (st, page) = api.get(&format!("{path}?limit=100{q}")).await;
+            assert_eq!(st, 200, "{page}");
+            let items = page["data"].as_array().unwrap().clone();
+            after = items.last().and_then(|b| b["id"].as_str()).map(str::to_owned);
+            for b in items {
+                all.push(match self {
+                    Kind::OpenAi => json!({"id": b["id"], "status": b["status"], "request_counts": b["request_counts"], "tag": b["metadata"]["batchd_key"]}),
+                    Kind::Anthropic => anthropic_shape(api, &b).await,
+                });
+            }
+            if !page["has_more"].as_bool().unwrap_or(false) {
+                return all;
+            }
         }
     }
 }
 
-/// No two remote batches carry the same tag, and each carries one.
+/// A Message Batch in the shape [`Kind::remote_batches`] gives.
+async fn anthropic_shape(api: &Api, b: &Value) -> Value {
+    let c = &b["request_counts"];
+    let n = |k: &str| c[k].as_u64().unwrap();
+    let total = n("processing") + n("succeeded") + n("errored") + n("canceled") + n("expired");
+    let ended = b["processing_status"] == "ended";
+    let status = match () {
+        _ if !ended => "in_progress",
+        _ if !b["cancel_initiated_at"].is_null() => "cancelled",
+        _ if n("expired") > 0 => "expired",
+        _ => "completed",
+    };
+    let tag = if ended {
+        let id = b["id"].as_str().unwrap();
+        let text = api.request(reqwest::Method::GET, &format!("/messages/batches/{id}/results")).send().await.unwrap().text().await.unwrap();
+        let tags: std::collections::HashSet<String> =
+            text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["custom_id"].as_str().unwrap().split("-L").next().unwrap().to_string()).collect();
+        assert_eq!(tags.len(), 1, "every request of a remote batch carries its shard's tag: {tags:?}");
+        json!(tags.into_iter().next())
+    } else {
+        Value::Null
+    };
+    json!({"id": b["id"], "status": status, "request_counts": {"total": total, "completed": n("succeeded")}, "tag": tag})
+}
+
+/// A local batchd whose only upstream is the batch API at `base` (`…/v1`).
+fn local_config_of(kind: Kind, base: &str, extra: &str) -> String {
+    let shard = if extra.contains("max_lines") { "" } else { "max_lines = 100\n" };
+    config(base, &format!("{}{shard}poll_interval_s = 0.1\n{extra}", kind.upstream()), "")
+}
+
+fn local_config(base: &str, extra: &str) -> String {
+    local_config_of(Kind::OpenAi, base, extra)
+}
+
+fn local_of(kind: Kind, base: &str, extra: &str) -> Server {
+    Server::start(&local_config_of(kind, base, extra))
+}
+
+/// Every batch the provider holds at OpenAI's API, newest first.
+async fn remote_batches(api: &Api) -> Vec<Value> {
+    Kind::OpenAi.remote_batches(api).await
+}
+
+/// No two remote batches carry the same tag, and each ended one carries one.
 fn assert_no_duplicate_remote(batches: &[Value]) {
-    let mut keys: Vec<&str> = batches.iter().map(|b| b["metadata"]["batchd_key"].as_str().expect("every remote batch is tagged")).collect();
+    let mut keys: Vec<&str> =
+        batches.iter().filter(|b| b["status"] != "in_progress").map(|b| b["tag"].as_str().expect("every remote batch is tagged")).collect();
     keys.sort();
     let n = keys.len();
     keys.dedup();
@@ -65,34 +133,64 @@ fn assert_answers_match(out: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_spans_many_remote_batches_and_comes_back_whole() {
+    spans_many_remote_batches(Kind::OpenAi, 1000).await;
+}
+
+/// Chat lines go to Anthropic's Message Batches API as Messages requests, inline, and come
+/// back chat completions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_a_batch_spans_many_message_batches_and_comes_back_as_chat_completions() {
+    spans_many_remote_batches(Kind::Anthropic, 300).await;
+}
+
+async fn spans_many_remote_batches(kind: Kind, n: usize) {
     let m = mock(MockArgs::default()).await;
     let p = provider(&m, "");
     let prices = "[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n";
-    let s = Server::start(&config(&format!("{}/v1", p.url), "kind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1", prices));
+    let s = Server::start(&config(&format!("{}/v1", p.url), &format!("{}max_lines = 100\npoll_interval_s = 0.1", kind.upstream()), prices));
     let api = s.api();
-    let id = api.submit(&chat_lines(1000, "m")).await;
+    let id = api.submit(&chat_lines(n, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(120)).await;
-    let (out, err) = final_results(&api, &b, 1000).await;
-    assert_eq!((out.len(), err.len()), (1000, 0));
+    let (out, err) = final_results(&api, &b, n).await;
+    assert_eq!((out.len(), err.len()), (n, 0));
     assert_answers_match(&out);
+    assert!(out.iter().all(|l| l["response"]["body"]["object"] == "chat.completion"), "answers in the lines' own API: {:?}", out[0]);
     let u = &b["usage"];
     let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
     assert!(input > 0.0 && output > 0.0, "usage comes back with the results: {b}");
     let cost = b["cost"].as_f64().expect("a priced batch has a cost");
     assert!((cost - (input * 2.0 + output * 8.0) / 1e6 * 0.5).abs() < 1e-5, "the batch price: {cost} for {u}");
-    let remote = remote_batches(&p.api()).await;
-    assert_eq!(remote.len(), 10, "1,000 lines in ⌈1000/100⌉ remote batches");
+    let shards = b["remote_batches"].as_array().expect("the batch lists its remote batches");
+    assert_eq!(shards.len(), n.div_ceil(100), "{shards:?}");
+    let (shard_cost, shard_output): (f64, f64) =
+        shards.iter().fold((0.0, 0.0), |(c, o), r| (c + r["cost"].as_f64().unwrap(), o + r["output_tokens"].as_f64().unwrap()));
+    assert!(shards.iter().all(|r| r["state"] == "collected" && r["lines"] == 100 && r["output_tokens"].as_i64() > Some(0)), "{shards:?}");
+    assert!((shard_cost - cost).abs() < 1e-5 && shard_output == output, "each remote batch's cost at the batch price, summing to the batch's: {shards:?}");
+    let remote = kind.remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), n.div_ceil(100), "{n} lines in ⌈{n}/100⌉ remote batches");
     assert_no_duplicate_remote(&remote);
     assert!(remote.iter().all(|r| r["request_counts"]["total"] == 100 && r["status"] == "completed"), "{remote:?}");
-    assert_eq!(m.stats().requests, 1000, "the provider's upstream saw each line once");
+    assert_eq!(m.stats().requests, n as u64, "the provider's upstream saw each line once");
     assert!(remote.iter().all(|r| !r["id"].as_str().unwrap().contains(&id[6..])), "remote ids are the provider's own");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_after_the_remote_create_adopts_the_batch_instead_of_creating_it_again() {
+    kill9_after_the_create(Kind::OpenAi).await;
+}
+
+/// Anthropic's API has no metadata and no idempotency key: the restart finds the Message
+/// Batch it created by the shard tag its requests' custom_ids carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_kill9_after_the_create_adopts_the_message_batch_by_its_custom_ids() {
+    kill9_after_the_create(Kind::Anthropic).await;
+}
+
+async fn kill9_after_the_create(kind: Kind) {
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
     let p = provider(&m, "");
-    let mut s = Server::start_with(&local_config(&format!("{}/v1", p.url), ""), &[], &[("BATCHD_FAILPOINT".into(), "remote-created-unrecorded".into())]);
+    let cfg = local_config_of(kind, &format!("{}/v1", p.url), "");
+    let mut s = Server::start_with(&cfg, &[], &[("BATCHD_FAILPOINT".into(), "remote-created-unrecorded".into())]);
     let api = s.api();
     let id = api.submit(&chat_lines(300, "m")).await;
     // The failpoint kills the local batchd (SIGKILL) right after the first create answered.
@@ -100,7 +198,7 @@ async fn kill9_after_the_remote_create_adopts_the_batch_instead_of_creating_it_a
         api.request(reqwest::Method::GET, "/batches").send().await.is_err().then_some(())
     })
     .await;
-    let before = remote_batches(&p.api()).await;
+    let before = kind.remote_batches(&p.api()).await;
     assert!(!before.is_empty(), "the remote holds the batch created before the kill");
     s.env.clear();
     s.restart();
@@ -109,33 +207,38 @@ async fn kill9_after_the_remote_create_adopts_the_batch_instead_of_creating_it_a
     let (out, _) = final_results(&api, &b, 300).await;
     assert_eq!(out.len(), 300);
     assert_answers_match(&out);
-    let remote = remote_batches(&p.api()).await;
+    let remote = kind.remote_batches(&p.api()).await;
     assert_no_duplicate_remote(&remote);
     assert_eq!(remote.len(), 3, "300 lines, 3 remote batches, none created twice: {remote:?}");
     assert_eq!(m.stats().requests, 300, "no line paid twice at the provider");
-    assert!(s.log().contains("adopted a remote batch created before a restart"), "the restart reconciled by tag");
+    assert!(s.log().contains("adopted a remote batch created before a restart"), "the restart reconciled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_propagates_and_keeps_finished_work() {
+    cancel_mid_run(Kind::OpenAi).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_cancel_propagates_and_keeps_finished_work() {
+    cancel_mid_run(Kind::Anthropic).await;
+}
+
+async fn cancel_mid_run(kind: Kind) {
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
     let p = provider(&m, "max_concurrency = 2");
-    let s = local(&format!("{}/v1", p.url), "max_lines = 50");
+    let s = local_of(kind, &format!("{}/v1", p.url), "max_lines = 50");
     let api = s.api();
     let id = api.submit(&chat_lines(250, "m")).await;
     let premote = p.api();
-    eventually("the remote to finish some lines", secs(60), || async {
-        let done: u64 = remote_batches(&premote).await.iter().map(|r| r["request_counts"]["completed"].as_u64().unwrap_or(0)).sum();
-        (done >= 20).then_some(())
-    })
-    .await;
+    eventually("the remote to finish some lines", secs(60), || async { (m.stats().requests >= 20).then_some(()) }).await;
     let (st, _) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(st, 200);
     let b = api.wait_for(&id, &["cancelled"], secs(60)).await;
     let (out, err) = api.results(&b).await;
     assert_exactly_once(&out, &err, 250);
     assert!(err.iter().all(|l| l["error"]["code"] == "batch_cancelled"), "{err:?}");
-    let remote = remote_batches(&premote).await;
+    let remote = kind.remote_batches(&premote).await;
     assert_no_duplicate_remote(&remote);
     assert_eq!(remote.len(), 5, "250 lines in remote batches of 50: {remote:?}");
     assert!(remote.iter().all(|r| r["status"] == "cancelled" || r["status"] == "completed"), "the cancel reached the remote: {remote:?}");
@@ -150,9 +253,20 @@ async fn cancel_propagates_and_keeps_finished_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_line_failures_go_into_a_follow_up_remote_batch() {
+    failures_follow_up(Kind::OpenAi).await;
+}
+
+/// Anthropic's results give an error's type, not its status: `api_error` (a 500 or 502 at
+/// the provider's upstream) is retried, `invalid_request_error` (a 400) is final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_remote_line_failures_go_into_a_follow_up_message_batch() {
+    failures_follow_up(Kind::Anthropic).await;
+}
+
+async fn failures_follow_up(kind: Kind) {
     let m = mock(MockArgs::default()).await;
     let p = provider(&m, "");
-    let s = local(&format!("{}/v1", p.url), "");
+    let s = local_of(kind, &format!("{}/v1", p.url), "");
     let api = s.api();
     let lines: Vec<String> = (0..200)
         .map(|i| {
@@ -170,33 +284,41 @@ async fn remote_line_failures_go_into_a_follow_up_remote_batch() {
     let (out, err) = final_results(&api, &b, 200).await;
     assert_eq!((out.len(), err.len()), (180, 20), "the 500s and 502s succeed on the follow-up; a 400 is final");
     assert!(err.iter().all(|l| l["response"]["status_code"] == 400), "{err:?}");
+    assert!(err.iter().all(|l| l["response"]["body"]["error"]["message"].is_string()), "errors in OpenAI's envelope: {:?}", err[0]);
     assert_answers_match(&out);
-    let remote = remote_batches(&p.api()).await;
+    let remote = kind.remote_batches(&p.api()).await;
     assert_no_duplicate_remote(&remote);
     assert_eq!(remote.len(), 3, "two remote batches, then one follow-up of the 40 failed lines: {remote:?}");
     assert_eq!(remote[0]["request_counts"]["total"], 40, "the follow-up holds only the retryable failures");
 }
 
-/// A proxy in front of the provider that can answer 500 to polls and follow the provider
-/// to a new port after a restart.
+/// A proxy in front of the provider that can answer 500 to polls, lose the answers of
+/// creates it did pass on (the remote created the batch; the local batchd sees a 500), and
+/// follow the provider to a new port after a restart.
+#[derive(Clone)]
 struct Proxy {
     url: String,
     target: Arc<Mutex<String>>,
     fail_polls: Arc<AtomicBool>,
-    polls_failed: Arc<std::sync::atomic::AtomicU64>,
+    polls_failed: Arc<AtomicU64>,
+    /// Creates whose answer is still to be lost.
+    lose_creates: Arc<AtomicU64>,
 }
 
 async fn proxy(target: &str) -> Proxy {
     use axum::extract::{Request, State};
     use axum::response::IntoResponse;
-    type St = (Arc<Mutex<String>>, Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>, reqwest::Client);
-    async fn forward(State((target, fail, failed, http)): State<St>, req: Request) -> axum::response::Response {
+    fn boom() -> axum::response::Response {
+        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"boom\"}}").into_response()
+    }
+    async fn forward(State((px, http)): State<(Proxy, reqwest::Client)>, req: Request) -> axum::response::Response {
         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-        if fail.load(Ordering::SeqCst) && req.method() == axum::http::Method::GET && path.starts_with("/v1/batches/") {
-            failed.fetch_add(1, Ordering::SeqCst);
-            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"boom\"}}").into_response();
+        if px.fail_polls.load(Ordering::SeqCst) && req.method() == axum::http::Method::GET && path.starts_with("/v1/batches/") {
+            px.polls_failed.fetch_add(1, Ordering::SeqCst);
+            return boom();
         }
-        let url = format!("{}{path}", target.lock().unwrap());
+        let create = req.method() == axum::http::Method::POST && (path == "/v1/batches" || path == "/v1/messages/batches");
+        let url = format!("{}{path}", px.target.lock().unwrap());
         let (parts, body) = req.into_parts();
         let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
         let mut r = http.request(parts.method.clone(), url).body(body);
@@ -204,6 +326,7 @@ async fn proxy(target: &str) -> Proxy {
             r = r.header(k, v);
         }
         match r.send().await {
+            Ok(_) if create && px.lose_creates.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() => boom(),
             Ok(resp) => {
                 let status = resp.status();
                 let ct = resp.headers().get("content-type").cloned();
@@ -217,13 +340,41 @@ async fn proxy(target: &str) -> Proxy {
             Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
         }
     }
-    let target = Arc::new(Mutex::new(target.to_string()));
-    let (fail_polls, polls_failed) = (Arc::new(AtomicBool::new(false)), Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let app = axum::Router::new().fallback(forward).with_state((target.clone(), fail_polls.clone(), polls_failed.clone(), reqwest::Client::new()));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
+    let px = Proxy {
+        url: format!("http://{}", l.local_addr().unwrap()),
+        target: Arc::new(Mutex::new(target.to_string())),
+        fail_polls: Default::default(),
+        polls_failed: Default::default(),
+        lose_creates: Default::default(),
+    };
+    let app = axum::Router::new().fallback(forward).with_state((px.clone(), reqwest::Client::new()));
     tokio::spawn(async move { axum::serve(l, app).await });
-    Proxy { url, target, fail_polls, polls_failed }
+    px
+}
+
+/// Anthropic's create has no idempotency key: a create that reached the remote but whose
+/// answer was lost (a 500 here) is looked for before it is sent again, and adopted once the
+/// batch it made has ended and shows its tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_a_create_whose_answer_was_lost_is_adopted_not_made_twice() {
+    let m = mock(MockArgs { latency_ms: 10, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 4");
+    let px = proxy(&p.url).await;
+    px.lose_creates.store(2, Ordering::SeqCst);
+    let s = local_of(Kind::Anthropic, &format!("{}/v1", px.url), "");
+    let api = s.api();
+    let id = api.submit(&chat_lines(300, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(120)).await;
+    let (out, err) = final_results(&api, &b, 300).await;
+    assert_eq!((out.len(), err.len()), (300, 0));
+    assert_answers_match(&out);
+    assert_eq!(px.lose_creates.load(Ordering::SeqCst), 0, "two create answers were lost");
+    let remote = Kind::Anthropic.remote_batches(&p.api()).await;
+    assert_no_duplicate_remote(&remote);
+    assert_eq!(remote.len(), 3, "300 lines, 3 Message Batches, none created twice: {remote:?}");
+    assert_eq!(m.stats().requests, 300, "no line paid twice at the provider");
+    assert_eq!(s.log().matches("adopted a remote batch created before a restart").count(), 2, "both lost creates were found again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +382,7 @@ async fn polls_answered_500_and_a_remote_killed_mid_run_are_waited_out() {
     let m = mock(MockArgs { latency_ms: 10, ..Default::default() }).await;
     let mut p = provider(&m, "max_concurrency = 4");
     let px = proxy(&p.url).await;
-    let s = local(&format!("{}/v1", px.url), "");
+    let s = local_of(Kind::OpenAi, &format!("{}/v1", px.url), "");
     let api = s.api();
     let id = api.submit(&chat_lines(400, "m")).await;
     eventually("the remote batches to be created", secs(30), || async { (remote_batches(&p.api()).await.len() == 4).then_some(()) }).await;
@@ -253,14 +404,26 @@ async fn polls_answered_500_and_a_remote_killed_mid_run_are_waited_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_remote_batch_is_followed_up_within_the_window() {
+    expired_remote_followed_up(Kind::OpenAi).await;
+}
+
+/// The window reaches a batchd provider as its `completion_window` extension; the expired
+/// requests come back as `expired` results and run in a follow-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_an_expired_message_batch_is_followed_up_within_the_window() {
+    expired_remote_followed_up(Kind::Anthropic).await;
+}
+
+async fn expired_remote_followed_up(kind: Kind) {
     let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
     let p = provider(&m, "max_concurrency = 2");
-    let s = local(&format!("{}/v1", p.url), "completion_window = \"3s\"");
+    let s = local_of(kind, &format!("{}/v1", p.url), "completion_window = \"3s\"");
     let api = s.api();
     let id = api.submit(&chat_lines(60, "m")).await;
-    let expired =
-        eventually("the first remote batch to expire", secs(60), || async { remote_batches(&p.api()).await.into_iter().find(|r| r["status"] == "expired") })
-            .await;
+    let expired = eventually("the first remote batch to expire", secs(60), || async {
+        kind.remote_batches(&p.api()).await.into_iter().find(|r| r["status"] == "expired")
+    })
+    .await;
     let ran = expired["request_counts"]["completed"].as_u64().unwrap();
     assert!(ran < 60, "the remote ran only part of it before its window closed: {expired}");
     reqwest::Client::new().post(format!("{}/config", m.base_url().trim_end_matches("/v1"))).json(&json!({"latency_ms": 0})).send().await.unwrap();
@@ -268,9 +431,50 @@ async fn an_expired_remote_batch_is_followed_up_within_the_window() {
     let (out, err) = final_results(&api, &b, 60).await;
     assert_eq!((out.len(), err.len()), (60, 0), "the expired lines ran in a follow-up");
     assert_answers_match(&out);
-    let remote = remote_batches(&p.api()).await;
+    let remote = kind.remote_batches(&p.api()).await;
     assert_no_duplicate_remote(&remote);
     assert!(remote.len() >= 2, "{remote:?}");
+}
+
+/// `fallback = "online"`: what an expired remote batch left unfinished runs online at the
+/// fallback upstream (a second mock, to count it) instead of in a follow-up remote batch, and
+/// the batch's cost prices those lines in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_remote_batch_falls_back_to_an_online_upstream_at_full_price() {
+    let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let online = mock(MockArgs::default()).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let cfg = format!(
+        "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
+         completion_window = \"3s\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\n\
+         [batches]\ncompletion_windows = [\"24h\", \"3s\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n",
+        p.url,
+        online.base_url()
+    );
+    let s = Server::start(&cfg);
+    let api = s.api();
+    let id = api.submit(&chat_lines(60, "m")).await;
+    let b = api.wait_for(&id, &["completed"], secs(90)).await;
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 1, "no follow-up remote batch: the fallback took the rest: {remote:?}");
+    assert_eq!(remote[0]["status"], "expired");
+    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
+    assert!(ran < 60, "{remote:?}");
+    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not");
+    let shards = b["remote_batches"].as_array().unwrap();
+    let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
+    assert_eq!(fb.len(), 1, "{shards:?}");
+    assert_eq!((fb[0]["upstream"].as_str(), fb[0]["lines"].as_u64()), (Some("online"), Some(60 - ran)), "{fb:?}");
+    let (fin, fout) = (fb[0]["input_tokens"].as_f64().unwrap(), fb[0]["output_tokens"].as_f64().unwrap());
+    assert!(fout > 0.0, "{fb:?}");
+    assert!((fb[0]["cost"].as_f64().unwrap() - (fin * 2.0 + fout * 8.0) / 1e6).abs() < 1e-6, "full price: {fb:?}");
+    let u = &b["usage"];
+    let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
+    let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5 + (fin * 2.0 + fout * 8.0) / 1e6 * 0.5;
+    assert!((b["cost"].as_f64().unwrap() - expected).abs() < 1e-5, "batch price for the remote's lines, full price for the fallback's: {b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,6 +488,13 @@ async fn a_remote_token_limit_is_learned_and_respected() {
         Server::start_with(&local_config(&format!("{}/v1", p.url), "api_key_env = \"PROVIDER_KEY\""), &[], &[("PROVIDER_KEY".into(), "sk-provider".into())]);
     let api = s.api();
     let id = api.submit(&chat_lines(800, "m")).await;
+    let queued = eventually("tokens enqueued at the remote, shown in /v1/quota", secs(60), || async {
+        let (_, q) = api.get("/quota").await;
+        let r = q["remote_upstreams"][0].clone();
+        (r["queued_tokens"].as_u64().unwrap_or(0) > 0).then_some(r)
+    })
+    .await;
+    assert_eq!((queued["upstream"].as_str(), queued["kind"].as_str()), (Some("mock"), Some("openai-batch")), "{queued}");
     let b = api.wait_for(&id, &["completed"], secs(180)).await;
     let (out, _) = final_results(&api, &b, 800).await;
     assert_eq!(out.len(), 800);
@@ -293,6 +504,11 @@ async fn a_remote_token_limit_is_learned_and_respected() {
     assert!(s.log().contains("its limit is learned"), "the refusal was learned");
     let refusals = s.log().matches("its limit is learned").count();
     assert!(refusals < 8, "once learned, creates wait for room instead of being refused each time ({refusals} refusals)");
+    let (_, q) = api.get("/quota").await;
+    let r = &q["remote_upstreams"][0];
+    let limit = r["learned_limit"].as_u64().expect("the learned limit is shown");
+    assert!(limit > 0, "{r}");
+    assert_eq!((r["queued_tokens"].as_u64(), r["room"].as_u64()), (Some(0), Some(limit)), "nothing left enqueued once every remote batch ended: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,4 +539,28 @@ async fn batchd_run_over_a_batch_upstream_resumes_after_ctrl_c_without_creating_
     let remote = remote_batches(&papi).await;
     assert_no_duplicate_remote(&remote);
     assert_eq!(remote.len(), 3, "the resumed run followed the remote batches the first one created: {remote:?}");
+}
+
+/// `batchd run`'s progress moves with the remote's own counts while its remote batches run
+/// (their results come back only when each ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_run_over_a_batch_upstream_shows_the_remote_counts_as_progress() {
+    let m = mock(MockArgs { latency_ms: 60, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("in.jsonl"), jsonl(&chat_lines(200, "m"))).unwrap();
+    std::fs::write(d.join("local.toml"), local_config(&format!("{}/v1", p.url), "max_lines = 200")).unwrap();
+    let mut c = std::process::Command::new(BIN);
+    c.current_dir(d).args(["run", "in.jsonl", "--config", "local.toml", "-o", "out.jsonl", "--errors", "err.jsonl"]);
+    let out = finish(c, secs(120));
+    assert_eq!(out.code, 0, "{out:?}");
+    let at_remote: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("progress:") && l.contains("done at the remote")).collect();
+    let line = at_remote.first().unwrap_or_else(|| panic!("no progress line fed by the remote's counts: {}", out.stderr));
+    let figure = |prefix: &str| -> u64 { line.split(prefix).nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap() };
+    let (position, done, failed) = (figure("progress: "), figure("done "), figure("failed "));
+    assert!(position > done + failed, "the bar counts the lines done at the remote: {line}");
+    let remote: u64 = line.split(" done at the remote").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(position, done + failed + remote, "{line}");
+    assert_eq!(std::fs::read_to_string(d.join("out.jsonl")).unwrap().lines().count(), 200);
 }

@@ -1,22 +1,13 @@
 //! A remote batch's result lines brought back: each mapped to its local line by the stable
-//! custom_id batchd gave it (`L<line>`), turned into the local record (the user's custom_id,
-//! batchd's request id), and sorted into final results and lines worth a follow-up remote
-//! batch (429, 5xx, `batch_expired`).
+//! custom_id batchd gave it (`<shard tag>-L<line>`), turned into the local record (the user's
+//! custom_id, batchd's request id), and sorted into final results and lines worth a follow-up
+//! remote batch (429, 5xx, `batch_expired`, a line the remote cancelled).
 
 use std::collections::{HashMap, HashSet};
 
 use super::super::dispatch::{self, Prepared};
 use crate::store::ResultRecord;
-use crate::upstream::remote::{RemoteLine, RemoteStatus};
-
-/// The custom_id a local line carries at the remote.
-pub fn remote_custom_id(line: u64) -> String {
-    format!("L{line}")
-}
-
-fn line_of(custom_id: &str) -> Option<u64> {
-    custom_id.strip_prefix('L')?.parse().ok()
-}
+use crate::upstream::remote::{line_of, RemoteLine, RemoteStatus};
 
 /// What came back of one remote batch.
 #[derive(Default)]
@@ -81,7 +72,7 @@ fn missing_reason(st: &RemoteStatus) -> (&'static str, String, bool) {
 fn retryable(rl: &RemoteLine) -> bool {
     match (rl.status_code, &rl.error) {
         (Some(s), _) => s == 408 || s == 429 || s >= 500,
-        (None, Some((code, _))) => code == "batch_expired",
+        (None, Some((code, _))) => code == "batch_expired" || code == "batch_cancelled",
         (None, None) => false,
     }
 }
@@ -118,7 +109,7 @@ mod tests {
 
     fn answer(line: u64, status: u16) -> RemoteLine {
         RemoteLine {
-            custom_id: remote_custom_id(line),
+            custom_id: crate::upstream::remote::custom_id("k", line),
             status_code: Some(status),
             request_id: Some("rr".into()),
             body: Some(r#"{"usage":{"prompt_tokens":2,"completion_tokens":3}}"#.into()),
@@ -127,22 +118,14 @@ mod tests {
     }
 
     fn status(s: &str) -> RemoteStatus {
-        RemoteStatus {
-            id: "rb".into(),
-            status: s.into(),
-            output_file_id: None,
-            error_file_id: None,
-            errors: vec![],
-            completed: 0,
-            failed: 0,
-            metadata: serde_json::Value::Null,
-        }
+        RemoteStatus { id: "rb".into(), status: s.into(), ..Default::default() }
     }
 
     #[test]
     fn answers_map_back_and_failures_sort() {
         let ps: Vec<_> = (0..6).map(prepared).collect();
         let lines: HashMap<u64, &Prepared> = ps.iter().map(|p| (p.line, p)).collect();
+        // `L3`: the form written before shard tags still maps back.
         let expired = RemoteLine { custom_id: "L3".into(), status_code: None, request_id: None, body: None, error: Some(("batch_expired".into(), "x".into())) };
         let got = vec![answer(0, 200), answer(0, 200), answer(1, 500), answer(2, 400), expired, answer(99, 200)];
         let c = collect(&status("completed"), got, &lines, false);

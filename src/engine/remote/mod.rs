@@ -1,18 +1,24 @@
 //! Remote batches: the lines of a unit routed to a batch-kind upstream (`kind =
-//! "openai-batch"`) are not sent one by one but gathered into remote batches at the hosted
-//! Batch API, followed there, and their results brought back into the same result log as
-//! online answers (so progress, events, cancel, expiry and the output and error files are the
-//! batch's own).
+//! "openai-batch"` or `"anthropic-batch"`) are not sent one by one but gathered into remote
+//! batches at the hosted Batch API, followed there, and their results brought back into the
+//! same result log as online answers (so progress, events, cancel, expiry and the output and
+//! error files are the batch's own). Each line goes in the pool's API (translated as for an
+//! online call, `Pool::outgoing`) and its answer comes back in the line's own
+//! (`Pool::remote_answer_back`).
 //!
 //! A remote batch is a record of the store ([`RemoteBatch`]) that moves
 //! `planned → uploaded → created → collected`, each state written before the next step's side
 //! effect:
 //! - `planned`: its lines are chosen ([`shard`]: one model, within `max_lines`/`max_bytes`);
-//! - `uploaded`: its input file is at the remote (its id recorded);
-//! - `created`: the remote created it under the record's key, sent as the `Idempotency-Key`
-//!   and as the metadata tag `batchd_key`. A restart that finds a record still `planned` or
-//!   `uploaded` first lists the remote's batches for that tag ([`BatchApi::find_tagged`]) and
-//!   adopts the one a crash left unrecorded instead of creating it again;
+//! - `uploaded`: its input file is at the remote (its id recorded; an API that takes the
+//!   requests inline skips this state);
+//! - `created`: the remote created it for the record's key (an `Idempotency-Key` and a
+//!   metadata tag where the API has them; every request's custom_id carries the key's tag).
+//!   The moment of each create is recorded just before it. A restart that finds a record not
+//!   yet `created` first asks the remote for a batch created for it then
+//!   ([`BatchApi::find_created`](crate::upstream::remote::BatchApi::find_created), told which
+//!   remote ids the store already knows) and adopts the one a crash left unrecorded instead
+//!   of creating it again;
 //! - `collected`: it ended at the remote and its results are durable here ([`collect`]).
 //!
 //! A unit's lines are driven in rounds: each round records remote batches for the lines with
@@ -27,6 +33,7 @@
 //! refusal for too many enqueued tokens is learned and respected (`TokenQueue`).
 
 mod collect;
+mod fallback;
 mod shard;
 
 use std::collections::{HashMap, HashSet};
@@ -41,8 +48,8 @@ use super::dispatch::{self, Prepared};
 use super::error::{Context, Error, Result};
 use super::feeder::RunCtx;
 use crate::store::{RemoteBatch, RemoteState, WorkUnit};
-use crate::upstream::remote::{RemoteError, RemoteStatus, RemoteUpstream};
-use crate::upstream::{Pool, Route, Translation};
+use crate::upstream::remote::{self, Input, Lookup, RemoteError, RemoteLine, RemoteRequest, RemoteStatus, RemoteUpstream, CLOCK_SLACK_S};
+use crate::upstream::{Pool, Route};
 
 /// Rounds of follow-up remote batches a unit's lines get before their failure stands.
 pub const MAX_ROUNDS: u32 = 4;
@@ -53,6 +60,49 @@ const FOLLOW_UP_MARGIN_S: i64 = 2;
 /// The test-only failpoint: with `BATCHD_FAILPOINT=remote-created-unrecorded` the process
 /// kills itself (SIGKILL) right after a remote create answered and before it is recorded.
 const FAILPOINT_ENV: &str = "BATCHD_FAILPOINT";
+
+/// What a reconciliation found.
+enum Reconciled {
+    /// The remote batch a crash left unrecorded, recorded now.
+    Adopted(Box<RemoteStatus>),
+    /// None: the record's batch was never created.
+    Absent,
+    /// The unit stops here before it could tell.
+    Stopped,
+}
+
+/// A reconciliation's step that failed: reading the known remote ids, or the remote.
+#[derive(Debug, thiserror::Error)]
+enum FindError {
+    #[error("reading the recorded remote batches failed")]
+    Store(#[source] crate::store::Error),
+    #[error(transparent)]
+    Remote(RemoteError),
+}
+
+/// The lines a remote batch counts done, in [`EngineStats::remote_done`](super::EngineStats)
+/// while it is open (progress fed by the remote's counts), taken out again when dropped: once
+/// its results are durable (they count then as the batch's own), or the unit leaves it.
+struct SeenDone<'a> {
+    stat: &'a std::sync::atomic::AtomicU64,
+    n: u64,
+}
+
+impl SeenDone<'_> {
+    fn see(&mut self, st: &RemoteStatus) {
+        let now = st.completed + st.failed;
+        if now > self.n {
+            super::count(self.stat, now - self.n);
+            self.n = now;
+        }
+    }
+}
+
+impl Drop for SeenDone<'_> {
+    fn drop(&mut self) {
+        let _ = self.stat.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |v| Some(v.saturating_sub(self.n)));
+    }
+}
 
 /// A pool and the model id it expects.
 type Target = (Arc<Pool>, Arc<str>);
@@ -204,9 +254,14 @@ impl Driver<'_> {
             fresh.sort_unstable();
             let mut planned = Vec::new();
             if !fresh.is_empty() && self.mode() == Mode::Run {
-                if round < MAX_ROUNDS && self.window_allows() {
+                let in_time = round < MAX_ROUNDS && self.window_allows();
+                let expired = rows.iter().any(|r| r.remote_status.as_deref() == Some("expired"));
+                if (expired || !in_time) && self.has_fallback(&fresh) {
+                    fresh = self.fall_back(&fresh, rows.len()).await?;
+                }
+                if !fresh.is_empty() && in_time {
                     planned = self.plan(rows.len(), &fresh).await?;
-                } else {
+                } else if !fresh.is_empty() {
                     self.give_up(&fresh, &mut failures).await?;
                 }
             }
@@ -271,6 +326,8 @@ impl Driver<'_> {
                 remote_status: None,
                 created_at: now,
                 updated_at: now,
+                input_tokens: 0,
+                output_tokens: 0,
             };
             self.ctx.inner.store.plan_remote(&row).await.ctx("recording a remote batch")?;
             out.push(row);
@@ -298,28 +355,29 @@ impl Driver<'_> {
                 None => return Ok(HashMap::new()),
             },
         };
-        let Some(st) = self.follow(&up, &row, st).await else { return Ok(HashMap::new()) };
+        let mut seen = SeenDone { stat: &self.ctx.inner.stats.remote_done, n: 0 };
+        let Some(st) = self.follow(&up, &row, st, &mut seen).await else { return Ok(HashMap::new()) };
         up.queue.release(row.est_tokens as u64);
         self.bring_back(&up, &row, st).await
     }
 
-    fn upstream(&self, name: &str) -> Option<RemoteUpstream> {
-        self.ctx.inner.router.pools().iter().find(|p| p.cfg.name == name).and_then(|p| p.remote.clone())
+    fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.ctx.inner.router.pools().iter().find(|p| p.cfg.name == name)
     }
 
-    /// A remote batch not known to be created: adopted when the remote holds one with its tag
-    /// (a crash came between the create and its record), else uploaded and created.
+    fn upstream(&self, name: &str) -> Option<RemoteUpstream> {
+        self.pool(name).and_then(|p| p.remote.clone())
+    }
+
+    /// A remote batch not known to be created: adopted when the remote holds one created for
+    /// it (a crash came between the create and its record), else (uploaded and) created.
     async fn start(&self, up: &RemoteUpstream, row: &RemoteBatch, fresh: bool) -> Result<Option<RemoteStatus>> {
         let store = &self.ctx.inner.store;
         if !fresh {
-            let Some(found) = self.call(|| up.api.find_tagged(&row.key, row.created_at)).await else { return Ok(None) };
-            if let Some(st) = found {
-                tracing::info!(key = %row.key, remote = %st.id, "adopted a remote batch created before a restart");
-                store
-                    .update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), crate::now_unix())
-                    .await
-                    .ctx("recording a remote batch")?;
-                return Ok(Some(st));
+            match self.reconcile(up, row, row.updated_at).await? {
+                Reconciled::Adopted(st) => return Ok(Some(*st)),
+                Reconciled::Stopped => return Ok(None),
+                Reconciled::Absent => {}
             }
         }
         if self.mode() != Mode::Run {
@@ -327,51 +385,71 @@ impl Driver<'_> {
             store.update_remote(&row.key, RemoteState::Collected, None, None, Some("not_created"), crate::now_unix()).await.ctx("recording a remote batch")?;
             return Ok(None);
         }
+        let requests = self.requests(row).await?;
+        if requests.is_empty() {
+            // Every line failed before it could be sent (its error is recorded): nothing to create.
+            store.update_remote(&row.key, RemoteState::Collected, None, None, Some("empty"), crate::now_unix()).await.ctx("recording a remote batch")?;
+            return Ok(None);
+        }
+        let endpoint = format!("/v1{}", requests[0].path);
+        if !up.api.uploads() {
+            return self.create(up, row, RemoteState::Planned, Input::Inline(&requests), &endpoint).await;
+        }
         let file_id = match &row.input_file_id {
             Some(id) => id.clone(),
             None => {
-                let jsonl = self.input(row).await?;
                 let name = format!("{}.jsonl", row.key);
-                let Some(id) = self.call(|| up.api.upload(&name, jsonl.clone())).await else { return Ok(None) };
+                let Some(id) = self.call(|| up.api.upload(&name, &requests)).await else { return Ok(None) };
                 store.update_remote(&row.key, RemoteState::Uploaded, Some(&id), None, None, crate::now_unix()).await.ctx("recording a remote upload")?;
                 id
             }
         };
-        self.create(up, row, &file_id).await
+        self.create(up, row, RemoteState::Uploaded, Input::File(&file_id), &endpoint).await
     }
 
-    /// The remote batch's input: each line with batchd's stable custom_id, its body as the
-    /// pool sends it (aliases resolved). Lines the pool cannot be sent get their error here.
-    async fn input(&self, row: &RemoteBatch) -> Result<Bytes> {
+    /// Looks at the remote for a batch created for `row` from `since` (the moment it was
+    /// about to be created) on, and adopts (records) the one found.
+    async fn reconcile(&self, up: &RemoteUpstream, row: &RemoteBatch, since: i64) -> Result<Reconciled> {
+        let store = &self.ctx.inner.store;
+        let until = since + self.pool(&row.upstream).map_or(600, |p| p.cfg.timeout.as_secs() as i64);
+        let find = || async {
+            let known: HashSet<String> = store.remote_ids(&row.upstream, since - 2 * CLOCK_SLACK_S).await.map_err(FindError::Store)?.into_iter().collect();
+            up.api.find_created(Lookup { key: &row.key, since, until, known: &known }).await.map_err(FindError::Remote)
+        };
+        let Some(found) = self.call(find).await else { return Ok(Reconciled::Stopped) };
+        let Some(st) = found else { return Ok(Reconciled::Absent) };
+        tracing::info!(key = %row.key, remote = %st.id, "adopted a remote batch created before a restart or a lost answer");
+        store.update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), crate::now_unix()).await.ctx("recording a remote batch")?;
+        Ok(Reconciled::Adopted(Box::new(st)))
+    }
+
+    /// The remote batch's requests: each line with its stable custom_id (the shard's tag and
+    /// the line number), its body as the pool sends it (aliases resolved, translated into the
+    /// pool's API). Lines the pool cannot be sent get their error here.
+    async fn requests(&self, row: &RemoteBatch) -> Result<Vec<RemoteRequest>> {
         let mut out = Vec::new();
         let lines = row.line_numbers();
         let prepared = self.prepared(&lines).await?;
         for l in lines {
             let (Some(p), Some((pool, target))) = (prepared.get(&l), self.target(l)) else { continue };
-            let body = match pool.outgoing(&p.path, &p.body, &p.model, target) {
-                Ok(o) if o.translation == Translation::None => o.body,
-                _ => {
-                    let msg = format!("/v1{} lines cannot be sent to the batch upstream {:?}", p.path, pool.cfg.name);
-                    self.ctx.inner.writer.send(dispatch::error_record(p, "unsupported_value", &msg)).await;
-                    continue;
+            match pool.outgoing(&p.path, &p.body, &p.model, target) {
+                Ok(o) => out.push(RemoteRequest { custom_id: remote::custom_id(&row.key, l), path: o.path.to_string(), body: o.body }),
+                Err(refused) => {
+                    let msg = format!("this /v1{} line cannot be sent to the batch upstream {:?}: {refused}", p.path, pool.cfg.name);
+                    self.ctx.inner.writer.send(dispatch::error_record(p, refused.code(), &msg)).await;
                 }
-            };
-            let line = serde_json::json!({
-                "custom_id": collect::remote_custom_id(l),
-                "method": "POST",
-                "url": format!("/v1{}", p.path),
-                "body": serde_json::from_slice::<serde_json::Value>(&body).unwrap_or(serde_json::Value::Null),
-            });
-            out.extend_from_slice(line.to_string().as_bytes());
-            out.push(b'\n');
+            }
         }
-        Ok(Bytes::from(out))
+        self.ctx.inner.writer.flush().await;
+        Ok(out)
     }
 
-    /// Creates the remote batch within the learned token limit, then records it.
-    async fn create(&self, up: &RemoteUpstream, row: &RemoteBatch, file_id: &str) -> Result<Option<RemoteStatus>> {
+    /// Creates the remote batch within the learned token limit, then records it. `state` is
+    /// the record's state until then; the moment of each try is recorded first, so that a
+    /// reconciliation knows when to look.
+    async fn create(&self, up: &RemoteUpstream, row: &RemoteBatch, state: RemoteState, input: Input<'_>, endpoint: &str) -> Result<Option<RemoteStatus>> {
+        let store = &self.ctx.inner.store;
         let tokens = row.est_tokens as u64;
-        let endpoint = format!("/v1{}", self.ctx.path);
         let window = self.upstream_window(&row.upstream);
         let mut wait = Duration::from_millis(200);
         loop {
@@ -379,14 +457,16 @@ impl Driver<'_> {
                 _ = up.queue.enqueue(tokens) => {}
                 _ = self.stopped() => return Ok(None),
             }
-            match up.api.create(&row.key, file_id, &endpoint, &window).await {
+            let tried = crate::now_unix();
+            if let Err(e) = store.update_remote(&row.key, state, None, None, Some("creating"), tried).await {
+                up.queue.release(tokens);
+                return Err(Error::from(e).context("recording a remote create"));
+            }
+            match up.api.create(&row.key, input, endpoint, &window).await {
                 Ok(st) => {
                     failpoint("remote-created-unrecorded");
-                    let now = crate::now_unix();
-                    self.ctx
-                        .inner
-                        .store
-                        .update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), now)
+                    store
+                        .update_remote(&row.key, RemoteState::Created, None, Some(&st.id), Some(&st.status), crate::now_unix())
                         .await
                         .ctx("recording a remote batch")?;
                     tracing::info!(key = %row.key, remote = %st.id, lines = row.line_count, "remote batch created");
@@ -396,6 +476,14 @@ impl Driver<'_> {
                 Err(e) if e.is_retryable() => {
                     up.queue.release(tokens);
                     tracing::warn!(key = %row.key, error = %crate::Chain(&e), "creating a remote batch failed; trying again");
+                    if !up.api.idempotent() {
+                        // The create may have happened all the same: look before sending it again.
+                        match self.reconcile(up, row, tried).await? {
+                            Reconciled::Adopted(st) => return Ok(Some(*st)),
+                            Reconciled::Stopped => return Ok(None),
+                            Reconciled::Absent => {}
+                        }
+                    }
                 }
                 Err(e) => {
                     up.queue.release(tokens);
@@ -409,16 +497,17 @@ impl Driver<'_> {
     }
 
     fn upstream_window(&self, name: &str) -> String {
-        self.ctx.inner.router.pools().iter().find(|p| p.cfg.name == name).map_or_else(|| "24h".into(), |p| p.cfg.remote.completion_window.clone())
+        self.pool(name).map_or_else(|| "24h".into(), |p| p.cfg.remote.completion_window.clone())
     }
 
     /// Polls until the remote batch ends (cancelling it at the remote on a user's cancel);
     /// `None` when this node leaves it to another run.
-    async fn follow(&self, up: &RemoteUpstream, row: &RemoteBatch, mut st: RemoteStatus) -> Option<RemoteStatus> {
+    async fn follow(&self, up: &RemoteUpstream, row: &RemoteBatch, mut st: RemoteStatus, seen: &mut SeenDone<'_>) -> Option<RemoteStatus> {
         let first = self.poll_interval(&row.upstream);
         let mut wait = first;
         let mut cancel_sent = false;
         loop {
+            seen.see(&st);
             if st.is_final() {
                 return Some(st);
             }
@@ -470,7 +559,7 @@ impl Driver<'_> {
     }
 
     fn poll_interval(&self, name: &str) -> Duration {
-        self.ctx.inner.router.pools().iter().find(|p| p.cfg.name == name).map_or(Duration::from_secs(5), |p| p.cfg.remote.poll_interval)
+        self.pool(name).map_or(Duration::from_secs(5), |p| p.cfg.remote.poll_interval)
     }
 
     /// Downloads a final remote batch's results, records the final ones durably, then marks
@@ -479,31 +568,42 @@ impl Driver<'_> {
         let Some(got) = self.call(|| up.api.results(&st)).await else { return Ok(HashMap::new()) };
         let prepared = self.prepared(&row.line_numbers()).await?;
         let lines: HashMap<u64, &Prepared> = prepared.iter().map(|(l, p)| (*l, p)).collect();
+        let got = got.into_iter().map(|rl| self.in_the_lines_api(rl, &lines)).collect();
         let c = collect::collect(&st, got, &lines, self.mode() == Mode::Cancel);
         if st.errors.iter().any(|(code, _)| code == "token_limit_exceeded") {
             up.queue.refused(0);
         }
         tracing::info!(key = %row.key, remote = %st.id, status = %st.status, results = c.results.len(), follow_up = c.retry.len(), "remote batch collected");
+        // What the remote billed: every answer it gave, those followed up included.
+        let (input, output) =
+            c.results.iter().chain(c.retry.values()).fold((0i64, 0i64), |(i, o), r| (i + r.usage.input_tokens.max(0), o + r.usage.output_tokens.max(0)));
         for r in c.results {
             super::count(&self.ctx.inner.stats.output_tokens, r.usage.output_tokens.max(0) as u64);
             self.ctx.inner.writer.send(r).await;
         }
         self.ctx.inner.writer.flush().await;
-        self.ctx
-            .inner
-            .store
-            .update_remote(&row.key, RemoteState::Collected, None, None, Some(&st.status), crate::now_unix())
-            .await
-            .ctx("recording a remote batch")?;
+        self.ctx.inner.store.collect_remote(&row.key, &st.status, input, output, crate::now_unix()).await.ctx("recording a remote batch")?;
         Ok(c.retry)
+    }
+
+    /// A remote line's answer translated back into the API its line was written in (a chat
+    /// line sent to an Anthropic remote as Messages comes back a chat completion).
+    fn in_the_lines_api(&self, mut rl: RemoteLine, lines: &HashMap<u64, &Prepared>) -> RemoteLine {
+        let Some(n) = remote::line_of(&rl.custom_id) else { return rl };
+        let (Some(p), Some((pool, _)), Some(status), Some(body)) = (lines.get(&n), self.target(n), rl.status_code, rl.body.take()) else { return rl };
+        let (status, body) = pool.remote_answer_back(&p.path, status, Bytes::from(body), &p.request_id);
+        rl.status_code = Some(status);
+        rl.body = Some(String::from_utf8_lossy(&body).into_owned());
+        rl
     }
 
     /// Calls the remote until it answers, backing off on failures; `None` once the unit stops
     /// here (shutdown, lost lease, expiry).
-    async fn call<T, F, Fut>(&self, f: F) -> Option<T>
+    async fn call<T, E, F, Fut>(&self, f: F) -> Option<T>
     where
+        E: std::error::Error + 'static,
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, RemoteError>>,
+        Fut: std::future::Future<Output = Result<T, E>>,
     {
         let mut wait = Duration::from_millis(200);
         loop {

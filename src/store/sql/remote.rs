@@ -42,8 +42,7 @@ impl<D: Dialect> Remote for SqlStore<D> {
         remote_status: Option<&str>,
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.write().await?;
-        let n = D::sql(
+        let stmt = D::sql(
             "UPDATE remote_batches SET state = $1, input_file_id = COALESCE($2, input_file_id), remote_id = COALESCE($3, remote_id),
                  remote_status = COALESCE($4, remote_status), updated_at = $5
              WHERE key = $6",
@@ -53,22 +52,47 @@ impl<D: Dialect> Remote for SqlStore<D> {
         .bind(remote_id)
         .bind(remote_status)
         .bind(now)
-        .bind(key)
-        .execute(&mut tx)
-        .await?;
-        if n == 0 {
-            return Err(Error::NotFound);
-        }
-        self.commit(tx).await
+        .bind(key);
+        self.update_one(stmt).await
+    }
+
+    async fn collect_remote(&self, key: &str, remote_status: &str, input_tokens: i64, output_tokens: i64, now: i64) -> Result<()> {
+        let stmt = D::sql("UPDATE remote_batches SET state = $1, remote_status = $2, input_tokens = $3, output_tokens = $4, updated_at = $5 WHERE key = $6")
+            .bind(RemoteState::Collected.as_str())
+            .bind(remote_status)
+            .bind(input_tokens)
+            .bind(output_tokens)
+            .bind(now)
+            .bind(key);
+        self.update_one(stmt).await
     }
 
     async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
         let stmt = D::sql(
-            "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at
+            "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at,
+                 input_tokens, output_tokens
              FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key",
         )
         .bind(batch_id)
         .bind(unit_idx);
         stmt.fetch_all(&mut *self.conn().await?).await
+    }
+
+    async fn remote_ids(&self, upstream: &str, since: i64) -> Result<Vec<String>> {
+        let stmt = D::sql("SELECT remote_id FROM remote_batches WHERE upstream = $1 AND remote_id IS NOT NULL AND updated_at >= $2").bind(upstream).bind(since);
+        let rows: Vec<(String,)> = stmt.fetch_all(&mut *self.conn().await?).await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+}
+
+impl<D: Dialect> SqlStore<D> {
+    /// Runs an update of one remote batch's row in its own transaction; `NotFound` when no
+    /// row has its key.
+    async fn update_one(&self, stmt: super::Stmt<'_, D>) -> Result<()> {
+        let mut tx = self.write().await?;
+        if stmt.execute(&mut tx).await? == 0 {
+            return Err(Error::NotFound);
+        }
+        self.commit(tx).await
     }
 }

@@ -21,6 +21,23 @@ pub fn anthropic_error_type(status: u16) -> &'static str {
     }
 }
 
+/// The HTTP status an Anthropic error type stands for (the inverse of
+/// [`anthropic_error_type`]; Anthropic's batch results give the type, not the status).
+pub fn anthropic_error_status(kind: &str) -> u16 {
+    match kind {
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "billing_error" => 402,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error" => 429,
+        "timeout_error" => 504,
+        "overloaded_error" => 529,
+        _ => 500,
+    }
+}
+
 /// The message of an error body in either envelope (or the body's own text).
 fn message_of(body: &[u8]) -> String {
     const EXCERPT: usize = 200;

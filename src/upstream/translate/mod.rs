@@ -28,7 +28,7 @@ mod from_messages;
 
 use serde_json::{Map, Value};
 
-pub use errors::{anthropic_error_to_openai, anthropic_error_type, openai_error_to_anthropic};
+pub use errors::{anthropic_error_status, anthropic_error_to_openai, anthropic_error_type, openai_error_to_anthropic};
 pub use from_chat::{chat_answer_to_message, chat_to_messages, ToMessages};
 pub use from_messages::{message_to_chat_answer, messages_to_chat};
 

@@ -641,6 +641,8 @@ pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
         remote_status: None,
         created_at: at,
         updated_at: at,
+        input_tokens: 0,
+        output_tokens: 0,
     };
     assert!(store.plan_remote(&row("k0", 0, 10)).await.unwrap());
     assert!(!store.plan_remote(&RemoteBatch { lines: "9".into(), ..row("k0", 0, 10) }).await.unwrap(), "a key is planned once");
@@ -656,6 +658,13 @@ pub async fn remote_batches_are_recorded_once_and_move_on(store: &dyn Store) {
     assert_eq!((k0.line_numbers(), k0.est_tokens, k0.updated_at), (vec![1, 2, 5], 42, 21));
     assert_eq!(store.remote_batches(&"batch_remote".into(), None).await.unwrap().len(), 3);
     assert!(store.remote_batches(&"batch_other".into(), None).await.unwrap().is_empty());
+    assert_eq!(store.remote_ids("hosted", 21).await.unwrap(), ["rb-1"], "recorded remote ids, touched since");
+    store.collect_remote("k0", "completed", 300, 70, 30).await.unwrap();
+    let k0 = store.remote_batches(&"batch_remote".into(), Some(0)).await.unwrap().remove(0);
+    assert_eq!((k0.state(), k0.remote_status.as_deref(), k0.input_tokens, k0.output_tokens), (RemoteState::Collected, Some("completed"), 300, 70));
+    assert!(matches!(store.collect_remote("nope", "completed", 0, 0, 1).await, Err(Error::NotFound)));
+    assert!(store.remote_ids("hosted", 31).await.unwrap().is_empty());
+    assert!(store.remote_ids("other", 0).await.unwrap().is_empty());
 }
 
 /// Anthropic's Message Batches: listed apart from OpenAI's batches, newest first, a page

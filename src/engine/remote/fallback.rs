@@ -1,0 +1,100 @@
+//! The lines a remote could not finish in the user's window, sent online instead: when a
+//! batch upstream names a `fallback` (an online upstream serving the same models), a unit's
+//! lines that a remote batch left unfinished because it expired, or that the window leaves
+//! no room for another remote round, run there line by line (the same `run_line` as any
+//! online line: retries, limits, cancel), at full price. They are then recorded as a
+//! remote-batch record with status [`RemoteBatch::ONLINE_FALLBACK`] and the tokens they
+//! used, which the batch's cost prices without the batch discount.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::super::dispatch::{self, Prepared};
+use super::super::error::{Context, Result};
+use super::super::feeder::acquire_writable;
+use super::Driver;
+use crate::store::{RemoteBatch, RemoteState};
+use crate::upstream::{Pool, Route};
+
+impl Driver<'_> {
+    /// The fallback route of `line`: its batch upstream's `fallback` pool, serving its model.
+    fn fallback_route(&self, p: &Prepared) -> Option<(Arc<Pool>, Route)> {
+        let (pool, _) = self.target(p.line)?;
+        let name = pool.cfg.remote.fallback.as_deref()?;
+        let route = self.ctx.inner.router.resolve(&p.model)?;
+        let (fb, target) = route.targets.into_iter().find(|(fb, _)| fb.cfg.name == name)?;
+        Some((fb.clone(), Route { targets: vec![(fb, target)] }))
+    }
+
+    /// Whether any of `lines` has a fallback to go to.
+    pub(super) fn has_fallback(&self, lines: &[u64]) -> bool {
+        lines.iter().filter_map(|l| self.target(*l)).any(|(pool, _)| pool.cfg.remote.fallback.is_some())
+    }
+
+    /// Runs `lines` online at their fallback; returns those without one (their failure
+    /// stands). `known` is how many remote-batch records the unit has (the record's key is
+    /// `…-f<n>`, apart from the remote batches' `…-<n>`).
+    pub(super) async fn fall_back(&self, lines: &[u64], known: usize) -> Result<Vec<u64>> {
+        let prepared = self.prepared(lines).await?;
+        let mut groups: BTreeMap<String, Vec<(&Prepared, Route)>> = BTreeMap::new();
+        let mut rest = Vec::new();
+        for l in lines {
+            match prepared.get(l).map(|p| (p, self.fallback_route(p))) {
+                Some((p, Some((pool, route)))) => groups.entry(pool.cfg.name.clone()).or_default().push((p, route)),
+                Some((_, None)) => rest.push(*l),
+                None => {}
+            }
+        }
+        for (i, (name, items)) in groups.into_iter().enumerate() {
+            tracing::info!(upstream = %name, lines = items.len(), "the remote cannot finish these lines in time; they run online at the fallback, at full price");
+            let runs = items.iter().map(|(p, route)| self.run_online(p, route));
+            let records: Vec<_> = futures::future::join_all(runs).await.into_iter().flatten().collect();
+            let (input, output) = records.iter().fold((0i64, 0i64), |(i, o), r| (i + r.usage.input_tokens.max(0), o + r.usage.output_tokens.max(0)));
+            let line_numbers: Vec<u64> = records.iter().map(|r| r.line).collect();
+            let model = items[0].1.targets[0].1.to_string();
+            for r in records {
+                self.ctx.inner.writer.send(r).await;
+            }
+            self.ctx.inner.writer.flush().await;
+            self.record(&format!("{}-u{}-f{}", self.ctx.batch_id, self.unit.idx, known + i), &name, &model, &line_numbers, (input, output)).await?;
+        }
+        Ok(rest)
+    }
+
+    /// One line through the fallback route, as the feeder runs an online line; `None` when
+    /// the batch stops first.
+    async fn run_online(&self, p: &Prepared, route: &Route) -> Option<crate::store::ResultRecord> {
+        let inner = &self.ctx.inner;
+        let (pool, target, permit) = acquire_writable(inner, route, p.est_tokens, self.token).await?;
+        tokio::select! {
+            r = dispatch::run_line(inner, p, route, pool, target, permit, &self.ctx.h.cancelled) => r,
+            _ = self.ctx.h.abort.cancelled() => None,
+        }
+    }
+
+    /// The record of lines run at a fallback: collected at once, with the tokens they used.
+    async fn record(&self, key: &str, upstream: &str, model: &str, lines: &[u64], (input, output): (i64, i64)) -> Result<()> {
+        let store = &self.ctx.inner.store;
+        let now = crate::now_unix();
+        let row = RemoteBatch {
+            key: key.to_string(),
+            batch_id: self.ctx.batch_id.clone(),
+            unit_idx: self.unit.idx,
+            upstream: upstream.to_string(),
+            model: model.to_string(),
+            lines: RemoteBatch::join_lines(lines),
+            line_count: lines.len() as i64,
+            est_tokens: 0,
+            state: RemoteState::Collected.as_str().into(),
+            input_file_id: None,
+            remote_id: None,
+            remote_status: Some(RemoteBatch::ONLINE_FALLBACK.into()),
+            created_at: now,
+            updated_at: now,
+            input_tokens: 0,
+            output_tokens: 0,
+        };
+        store.plan_remote(&row).await.ctx("recording lines run at a fallback")?;
+        store.collect_remote(key, RemoteBatch::ONLINE_FALLBACK, input, output, now).await.ctx("recording lines run at a fallback")
+    }
+}

@@ -6,7 +6,8 @@
 //!
 //! Throughput mode is loss-based, as TCP and Netflix's AIMD limit are:
 //! - a new upstream (or one idle for [`FORGET_AFTER`]) starts with a small window that grows
-//!   while it is full, doubling every [`SLOW_START_STEP`] and with every answer (slow start),
+//!   while it is full, doubling every [`SLOW_START_STEP`] until the first answer comes back
+//!   and with every answer (slow start),
 //!   until the first overload: first contact draws the refusals of a few milliseconds of
 //!   sending, not of a whole window;
 //! - a success grows the window by `1/window` when the window was full (about one slot per
@@ -287,6 +288,9 @@ pub struct Controller {
     last_error: Option<(Instant, String)>,
     /// Slow start's time ramp: since when, from which window, the window has been full.
     ramp: Option<(Instant, f64)>,
+    /// An answer came back since slow start began: from then on the answers pace its growth
+    /// (a slot each), not the clock.
+    heard: bool,
     /// Answers and overloads of the last second or two (for clusters of overloads).
     answers: Accumulator,
     overloads: Accumulator,
@@ -343,6 +347,7 @@ impl Controller {
             counters: Counters::new(now),
             last_error: None,
             ramp: None,
+            heard: false,
             answers: Accumulator::new(now, Duration::from_secs(1)),
             overloads: Accumulator::new(now, Duration::from_secs(1)),
             stray_until: None,
@@ -425,7 +430,7 @@ impl Controller {
     /// Whether slow start is growing the window by time: a waiter for a slot should look
     /// again soon ([`Controller::tick`]).
     pub fn ramping(&self) -> bool {
-        self.slow_start && self.bounds.mode == UpstreamMode::Throughput && self.window < self.max()
+        self.slow_start && !self.heard && self.bounds.mode == UpstreamMode::Throughput && self.window < self.max()
     }
 
     /// Slow start's time ramp: while the window is full, it doubles every
@@ -456,7 +461,7 @@ impl Controller {
             (self.header_requests, self.header_tokens, self.headers_at) = (None, None, None);
         }
         if self.bounds.mode == UpstreamMode::Throughput && stale(self.last_send) {
-            (self.window, self.slow_start, self.window_at_loss, self.ramp) = (INITIAL_WINDOW.min(self.max()), true, 0.0, None);
+            (self.window, self.slow_start, self.window_at_loss, self.ramp, self.heard) = (INITIAL_WINDOW.min(self.max()), true, 0.0, None, false);
         }
     }
 
@@ -550,6 +555,7 @@ impl Controller {
         }
         if obs.signal != Signal::Unreachable {
             self.unreachable_strikes = 0;
+            self.heard = true;
         }
     }
 

@@ -56,11 +56,14 @@ struct Capacity {
     busy: Vec<Instant>,
     rng: Lcg,
     refusal: Signal,
+    /// How long a refusal takes to come back (the server answers at once; the network and
+    /// a busy client add to it).
+    refusal_after: Duration,
 }
 
 impl Capacity {
     fn new(cap: usize, latency: Duration, refusal: Signal) -> Capacity {
-        Capacity { cap, latency, busy: Vec::new(), rng: Lcg(1), refusal }
+        Capacity { cap, latency, busy: Vec::new(), rng: Lcg(1), refusal, refusal_after: Duration::from_micros(300) }
     }
 }
 
@@ -68,7 +71,7 @@ impl Upstream for Capacity {
     fn send(&mut self, now: Instant) -> Reply {
         self.busy.retain(|t| *t > now);
         if self.busy.len() >= self.cap {
-            return Reply { at: now + Duration::from_micros(300), signal: self.refusal, retry_after: None, headers: RateHeaders::default() };
+            return Reply { at: now + self.refusal_after, signal: self.refusal, retry_after: None, headers: RateHeaders::default() };
         }
         let at = now + self.rng.around(self.latency);
         self.busy.push(at);
@@ -700,21 +703,26 @@ fn refusals_of_503_are_learned_as_429s_are() {
 #[test]
 fn first_contact_draws_a_handful_of_refusals() {
     // Issue #20 (4): a fresh pool of 64 used to open at 64 in flight: 123 429s (nginx) in the
-    // first second. Slow start opens at 4 and doubles every 10 ms while the window is full;
-    // nginx without a burst refuses any two requests within 50 ms, so learning its rate takes
-    // a few more.
-    let mut refused = Vec::new();
+    // first second. Slow start opens at 4 and doubles every 10 ms while the window is full,
+    // until the first answer: from then on each answer adds a slot, so what is sent past a
+    // cap before its first refusal comes back is a few requests, not the clock's doublings
+    // (with the clock ramping on, a refusal 5 ms on its way back cost 10 in the first 100 ms).
+    // nginx without a burst refuses any two requests within 50 ms, so learning its rate
+    // takes a few more.
     for refusal in [REFUSED_429, REFUSED_503] {
         let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
         let mut up = Nginx::new(20.0, sim.now, refusal);
-        let nginx = sim.run(&mut up, Duration::ZERO, Duration::from_secs(1));
-        let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
-        let cap = sim.run(&mut Capacity::new(16, Duration::from_millis(20), refusal), Duration::ZERO, Duration::from_secs(1));
-        refused.push((nginx.limited, cap.limited));
-    }
-    println!("refusals in the first second (nginx 20 r/s, cap 16), 429 then 503: {refused:?}");
-    for (nginx, cap) in refused {
-        assert!(nginx <= 15 && cap <= 10, "a handful at most: {nginx} from nginx, {cap} from the cap");
+        let nginx = sim.run(&mut up, Duration::ZERO, Duration::from_secs(1)).limited;
+        assert!(nginx <= 15, "{refusal:?}: a handful at most from nginx: {nginx}");
+        for back_after_ms in [0.3, 1.0, 2.0, 5.0] {
+            let mut sim = Sim::new(Sim::bounds(UpstreamMode::Throughput, 64));
+            let refusal_after = Duration::from_secs_f64(back_after_ms / 1000.0);
+            let mut up = Capacity { refusal_after, ..Capacity::new(16, Duration::from_millis(20), refusal) };
+            let per_100ms: Vec<u64> = (0..10).map(|_| sim.run(&mut up, Duration::ZERO, Duration::from_millis(100)).limited).collect();
+            let cap: u64 = per_100ms.iter().sum();
+            println!("{refusal:?}: nginx 20 r/s {nginx} in the first second; cap 16, refusals back after {back_after_ms} ms: {cap} ({per_100ms:?} per 100 ms)");
+            assert!(cap <= 10, "{refusal:?}, refusals back after {back_after_ms} ms: a handful at most from the cap: {cap} ({per_100ms:?})");
+        }
     }
 }
 
@@ -769,4 +777,103 @@ fn pace_formatting() {
     assert_eq!(human(Duration::from_millis(1500)), "1.5 s");
     assert_eq!(human(Duration::from_millis(1999)), "2 s");
     assert_eq!(human(Duration::from_millis(239_700)), "240 s");
+}
+
+/// What one batch against the engine simulator showed: lines per simulated second, the
+/// server's preemptions, and the most requests batchd had in flight.
+#[derive(Debug, Clone, Copy)]
+struct GpuRun {
+    lines_per_s: f64,
+    preemptions: u64,
+    peak_in_flight: usize,
+}
+
+/// A batch of `lines` requests (prompts of `prompt` tokens with nothing in common, `output`
+/// tokens generated each) against the mock's engine simulator with `blocks` KV blocks of 16
+/// tokens and no prefix cache, stepped in simulated time: a request joins the engine at its
+/// next step and is answered when the engine finishes it. With `follow`, the server's figures
+/// are read every 500 ms (as the probe reads `metrics_url`) and cap the window; `max` is
+/// `max_concurrency` (a fixed window when nothing caps it: nothing here is ever refused).
+fn gpu_batch(blocks: u32, lines: u64, prompt: u32, output: u32, max: usize, follow: bool) -> GpuRun {
+    use crate::mock::sim::engine::{Engine, Params};
+    use crate::upstream::kvwindow::KvWindow;
+    use crate::upstream::EngineMetrics;
+    const PROBE_EVERY: Duration = Duration::from_millis(500);
+    let mut engine = Engine::new(Params { num_blocks: blocks, prefix_caching: false, ..Params::default() });
+    let start = Instant::now();
+    let (mut now, mut next_probe) = (start, start);
+    let mut ctl = Controller::new(Sim::bounds(UpstreamMode::Throughput, max), now);
+    let mut kv = KvWindow::default();
+    if follow {
+        ctl.set_cap(Some(KvWindow::before_first_sample()));
+    }
+    let mut tickets = std::collections::HashMap::new();
+    let (mut sent, mut done, mut peak) = (0u64, 0u64, 0usize);
+    let ok = Observation { signal: Signal::Ok, retry_after: None, headers: &RateHeaders::default(), detail: "" };
+    while done < lines {
+        ctl.tick(now, tickets.len());
+        while sent < lines && tickets.len() < ctl.slots() {
+            let Ok(t) = ctl.gate(now, 0, tickets.len()) else { break };
+            let tokens = (0..prompt).map(|i| (sent as u32) << 12 | i).collect();
+            engine.add(sent, tokens, output).expect("the request fits the server");
+            tickets.insert(sent, t);
+            sent += 1;
+        }
+        peak = peak.max(tickets.len());
+        // The server's figures as it starts its next step, the lines refilled.
+        if follow && now >= next_probe {
+            let s = engine.snapshot();
+            let m = EngineMetrics {
+                kv_cache_usage: Some(s.kv_usage),
+                waiting: Some(f64::from(s.waiting)),
+                running: Some(f64::from(s.running)),
+                preemptions: Some(s.counters.preemptions as f64),
+                prefix_cache_hit_rate: None,
+            };
+            ctl.set_cap(kv.update(&m, tickets.len(), max as f64));
+            next_probe = now + PROBE_EVERY;
+        }
+        match engine.step() {
+            Some(step) => {
+                now += step.duration;
+                for d in step.finished {
+                    let t = tickets.remove(&d.id).expect("a request batchd sent");
+                    ctl.record(now, &t, &ok, tickets.len() + 1);
+                    done += 1;
+                }
+            }
+            None => now += Duration::from_millis(1),
+        }
+    }
+    let preemptions = engine.snapshot().counters.preemptions;
+    GpuRun { lines_per_s: lines as f64 / (now - start).as_secs_f64(), preemptions, peak_in_flight: peak }
+}
+
+#[test]
+fn a_window_that_follows_the_kv_cache_never_preempts() {
+    // Issue #26: requests of 190 prompt tokens and 16 generated take 13 blocks of 16 at their
+    // end; the server admits a request on its prompt's 12 and preempts when the running ones
+    // cannot grow. A fixed window above what the cache holds preempts; below, it leaves the
+    // server idle. The window that follows the server's figures keeps the cache under 0.9
+    // full: on a cache of 160 blocks (12 such requests) that is 11, one request short of
+    // the best fixed window (a whole request is 8 % of this cache: 0.95 of its throughput);
+    // on 2,000 blocks (153) about 140, 0.99 of the best fixed window (128). It once stuck at
+    // 1 there: a first reading before any request had arrived, and a cache under 1 % full
+    // read as empty.
+    let (lines, prompt, output) = (3000, 190, 16);
+    for (blocks, windows, near) in [(160, &[4, 8, 12, 16, 32][..], 0.93), (2000, &[32, 64, 128, 160, 256][..], 0.97)] {
+        let fixed: Vec<(usize, GpuRun)> = windows.iter().map(|&w| (w, gpu_batch(blocks, lines, prompt, output, w, false))).collect();
+        let followed = gpu_batch(blocks, lines, prompt, output, 256, true);
+        for (w, r) in &fixed {
+            println!("{blocks} blocks, fixed window {w}: {r:?}");
+        }
+        println!("{blocks} blocks, followed (max 256): {followed:?}");
+        let (best_window, best) = fixed.iter().map(|(w, r)| (*w, r.lines_per_s)).fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+        assert!(fixed.iter().any(|(_, r)| r.preemptions > 0), "{blocks} blocks: an oversize fixed window preempts");
+        assert_eq!(followed.preemptions, 0, "{blocks} blocks: {followed:?}");
+        assert!(followed.peak_in_flight * 10 >= best_window * 9, "{blocks} blocks: the cap grows near the best fixed window ({best_window}): {followed:?}");
+        let ratio = followed.lines_per_s / best;
+        println!("{blocks} blocks: followed ÷ best fixed {ratio:.3}");
+        assert!(ratio >= near, "{blocks} blocks: {:.1} lines/s against the best fixed window's {best:.1} ({ratio:.3})", followed.lines_per_s);
+    }
 }

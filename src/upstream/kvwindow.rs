@@ -10,11 +10,14 @@
 //!   cap only passes again while the cache shows plenty of room (under [`ROOM`]);
 //! - a long waiting queue (more than [`queue_long`] of the running) stops growth, a very long
 //!   one (twice that) shrinks the cap by [`SHRINK`]; a short but non-empty queue holds it:
-//!   that is the aim, the server full with work ready;
+//!   that is the aim, the server full with work ready. A queue beside a cache under
+//!   [`NEARLY_EMPTY`] is requests that just arrived, not a full server: it does nothing (at
+//!   first contact it held the cap at 4 for a second of a 9-second benchmark);
 //! - an empty queue with the cache below the point grows the cap towards the requests the
 //!   cache would hold at the point: at most [`MAX_GROWTH`] times per sample while the cache is
-//!   nearly empty, twice once it holds something, and only while batchd uses the cap (nothing
-//!   is learned from a cap nobody fills).
+//!   nearly empty, twice once it holds something, never while the point has room for less
+//!   than one more request (one more would pass it), and only while batchd uses the cap
+//!   (nothing is learned from a cap nobody fills).
 //!
 //! Without the figures (no `metrics_url`, or a page naming neither the KV cache nor the
 //! queue) there is no cap: the learned window alone rules, as it did before.
@@ -110,13 +113,17 @@ impl KvWindow {
         }
         let in_flight = in_flight as f64;
         let running = m.running.unwrap_or(in_flight).max(1.0);
-        let base = self.cap.unwrap_or(in_flight.max(1.0));
+        // Before the first sample the cap is the first one (or, figures back after a gap,
+        // what was in flight under the learned window).
+        let base = self.cap.unwrap_or(in_flight.max(FIRST_CAP));
         let preempted = matches!((self.preemptions, m.preemptions), (Some(a), Some(b)) if b > a);
         if m.preemptions.is_some() {
             self.preemptions = m.preemptions;
         }
         let kv = m.kv_cache_usage.unwrap_or(0.0);
-        let waiting = m.waiting.unwrap_or(0.0);
+        // A queue beside a nearly empty cache is requests that just arrived (the step under
+        // way prefills others), not a full server: it neither holds nor shrinks the cap.
+        let waiting = if m.kv_cache_usage.is_some_and(|kv| kv < NEARLY_EMPTY) { 0.0 } else { m.waiting.unwrap_or(0.0) };
         let (slots, reason) = if preempted {
             let c = (SHRINK * base.min(running)).max(1.0);
             self.ceiling = Some(c);
@@ -142,13 +149,17 @@ impl KvWindow {
     /// the point (at most [`MAX_GROWTH`] or [`GROWTH`] times the cap), no further than a
     /// remembered ceiling unless the cache has plenty of room.
     fn grow(&self, base: f64, running: f64, kv: f64) -> (f64, WindowReason) {
-        if kv <= 0.01 {
+        if kv <= 0.0 {
             // Nothing in the cache (an idle moment between requests): no figure to project from.
             return (base, WindowReason::KvCache);
         }
         let at_point = running * KV_POINT / kv;
         let growth = if kv < NEARLY_EMPTY { MAX_GROWTH } else { GROWTH };
-        let target = at_point.min(base * growth).max(base + 1.0);
+        let target = at_point.min(base * growth);
+        if target < base + 1.0 {
+            // Room for less than one more request at the point: one more would pass it.
+            return (base, WindowReason::KvCache);
+        }
         if let Some(ceiling) = self.ceiling.filter(|_| kv >= ROOM) {
             if target > ceiling {
                 return (base.max(ceiling), WindowReason::KvCache);
@@ -217,6 +228,13 @@ mod tests {
         let c = w.update(&m(0.99, 0.0, 100.0, 0.0), 100, 256.0).unwrap();
         assert!((c.slots - 100.0 * 0.9 / 0.99).abs() < 1e-9, "{}", c.slots);
         assert_eq!(c.reason, WindowReason::KvCache);
+    }
+
+    #[test]
+    fn a_queue_beside_a_nearly_empty_cache_is_no_reason_to_hold() {
+        let mut w = KvWindow::default();
+        let c = w.update(&m(0.02, 3.0, 1.0, 0.0), 4, 256.0).unwrap();
+        assert_eq!((c.slots, c.reason), (32.0, WindowReason::KvCache), "3 just arrived beside 1 running, 2 % of the cache: grow");
     }
 
     #[test]

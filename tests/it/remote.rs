@@ -436,6 +436,17 @@ async fn expired_remote_followed_up(kind: Kind) {
     assert!(remote.len() >= 2, "{remote:?}");
 }
 
+/// A local batchd whose batch upstream `hosted` (the provider at `provider`, its remote
+/// batches given `remote_window`) names `online` (at `online`) its `fallback`; batches may
+/// also be created with `user_window`; `m` is priced, at half for batches.
+fn fallback_config(provider: &str, online: &str, remote_window: &str, user_window: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{provider}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
+         completion_window = \"{remote_window}\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{online}\"\nmodels = [\"m\"]\n\n\
+         [batches]\ncompletion_windows = [\"24h\", \"{user_window}\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n"
+    )
+}
+
 /// `fallback = "online"`: what an expired remote batch left unfinished runs online at the
 /// fallback upstream (a second mock, to count it) instead of in a follow-up remote batch, and
 /// the batch's cost prices those lines in full.
@@ -444,14 +455,7 @@ async fn an_expired_remote_batch_falls_back_to_an_online_upstream_at_full_price(
     let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
     let online = mock(MockArgs::default()).await;
     let p = provider(&m, "max_concurrency = 2");
-    let cfg = format!(
-        "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
-         completion_window = \"3s\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\n\
-         [batches]\ncompletion_windows = [\"24h\", \"3s\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n",
-        p.url,
-        online.base_url()
-    );
-    let s = Server::start(&cfg);
+    let s = Server::start(&fallback_config(&p.url, &online.base_url(), "3s", "3s"));
     let api = s.api();
     let id = api.submit(&chat_lines(60, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(90)).await;
@@ -475,6 +479,35 @@ async fn an_expired_remote_batch_falls_back_to_an_online_upstream_at_full_price(
     let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
     let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5 + (fin * 2.0 + fout * 8.0) / 1e6 * 0.5;
     assert!((b["cost"].as_f64().unwrap() - expected).abs() < 1e-5, "batch price for the remote's lines, full price for the fallback's: {b}");
+}
+
+/// A remote batch too slow for the user's window (its own window is a day) is cut short
+/// while it runs, before the batch expires: cancelled at the remote, what it finished kept,
+/// the rest run at the fallback, each line paid once; the batch completes in its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_batch_at_risk_of_missing_the_window_falls_back_before_it_expires() {
+    let m = mock(MockArgs { latency_ms: 400, ..Default::default() }).await;
+    let online = mock(MockArgs::default()).await;
+    let p = provider(&m, "max_concurrency = 1");
+    let s = Server::start(&fallback_config(&p.url, &online.base_url(), "24h", "12s"));
+    let api = s.api();
+    let f = api.upload(&chat_lines(60, "m")).await;
+    let id = api.create_batch(&f, json!({"completion_window": "12s"})).await["id"].as_str().unwrap().to_string();
+    let b = api.wait_for(&id, &["completed", "expired", "failed"], secs(60)).await;
+    assert_eq!(b["status"], "completed", "the fallback took the rest in time: {b}");
+    assert!(b["completed_at"].as_i64().unwrap() <= b["expires_at"].as_i64().unwrap(), "{b}");
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 1, "no follow-up remote batch: {remote:?}");
+    assert_eq!(remote[0]["status"], "cancelled", "cut short at the remote: {remote:?}");
+    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
+    assert!(ran > 0 && ran < 60, "the remote ran part of it: {remote:?}");
+    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not finish: no line paid twice");
+    let shards = b["remote_batches"].as_array().unwrap();
+    let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
+    assert_eq!((fb.len(), fb[0]["lines"].as_u64()), (1, Some(60 - ran)), "{shards:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

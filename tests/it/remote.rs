@@ -440,9 +440,14 @@ async fn expired_remote_followed_up(kind: Kind) {
 /// batches given `remote_window`) names `online` (at `online`) its `fallback`; batches may
 /// also be created with `user_window`; `m` is priced, at half for batches.
 fn fallback_config(provider: &str, online: &str, remote_window: &str, user_window: &str) -> String {
+    fallback_config_with(provider, online, remote_window, user_window, "")
+}
+
+/// [`fallback_config`] with `online_extra` in the fallback upstream's settings.
+fn fallback_config_with(provider: &str, online: &str, remote_window: &str, user_window: &str, online_extra: &str) -> String {
     format!(
         "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{provider}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
-         completion_window = \"{remote_window}\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{online}\"\nmodels = [\"m\"]\n\n\
+         completion_window = \"{remote_window}\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{online}\"\nmodels = [\"m\"]\n{online_extra}\n\
          [batches]\ncompletion_windows = [\"24h\", \"{user_window}\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n"
     )
 }
@@ -508,6 +513,46 @@ async fn a_remote_batch_at_risk_of_missing_the_window_falls_back_before_it_expir
     let shards = b["remote_batches"].as_array().unwrap();
     let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
     assert_eq!((fb.len(), fb[0]["lines"].as_u64()), (1, Some(60 - ran)), "{shards:?}");
+}
+
+/// `kill -9` while lines run at the fallback: the fallback's record was written before they
+/// ran and counted each answer as it came, so no surcharge is lost; after the restart the
+/// rest runs there too, and `/v1/usage` prices the fallback's lines in full, as the batch's
+/// `cost` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_while_lines_run_at_the_fallback_loses_no_surcharge_and_usage_shows_it() {
+    let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let online = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let mut s = Server::start(&fallback_config_with(&p.url, &online.base_url(), "3s", "3s", "max_concurrency = 2\n"));
+    let api = s.api();
+    let id = api.submit(&chat_lines(60, "m")).await;
+    eventually("some lines to run at the fallback", secs(60), || async { (online.stats().requests >= 10).then_some(()) }).await;
+    s.kill9();
+    let before = online.stats().requests;
+    assert!(before < 50, "killed while the fallback still had lines to run: {before}");
+    s.restart();
+    let api = s.api();
+    let b = api.wait_for(&id, &["completed"], secs(90)).await;
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 1, "{remote:?}");
+    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
+    let fb: Vec<&Value> = b["remote_batches"].as_array().unwrap().iter().filter(|r| r["status"] == "online_fallback").collect();
+    assert_eq!(fb.len(), 2, "one record before the kill, one for the rest after it: {fb:?}");
+    assert!(fb.iter().all(|r| r["output_tokens"].as_i64().unwrap() > 0), "the record cut by the kill kept what it counted: {fb:?}");
+    let per_line = out.iter().map(|l| l["response"]["body"]["usage"]["completion_tokens"].as_i64().unwrap()).min().unwrap();
+    let counted: i64 = fb.iter().map(|r| r["output_tokens"].as_i64().unwrap()).sum();
+    assert!(counted >= (60 - ran as i64) * per_line, "every line the fallback answered is counted ({counted} tokens, {} lines of at least {per_line}): {fb:?}", 60 - ran);
+    let surcharge: f64 = fb.iter().map(|r| (r["input_tokens"].as_f64().unwrap() * 2.0 + r["output_tokens"].as_f64().unwrap() * 8.0) / 1e6 * 0.5).sum();
+    let (st, usage) = api.get("/usage?start_time=0").await;
+    assert_eq!(st, 200, "{usage}");
+    let t = &usage["total"];
+    let at_batch_price = (t["input_tokens"].as_f64().unwrap() * 2.0 + t["output_tokens"].as_f64().unwrap() * 8.0) / 1e6 * 0.5;
+    assert!((t["cost"].as_f64().unwrap() - (at_batch_price + surcharge)).abs() < 1e-5, "/v1/usage adds the fallback's surcharge ({surcharge}): {usage}");
+    assert!((t["cost"].as_f64().unwrap() - b["cost"].as_f64().unwrap()).abs() < 1e-5, "as the batch's cost does: {usage} {b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,10 +21,10 @@ use crate::upstream::remote::RemoteStatus;
 use crate::upstream::{Pool, Route};
 
 /// Whether the unit's remote batches include one that ended before all its lines ran
-/// (`expired`, or `cancelled` while the batch runs on: cut short when at risk): its rest is
-/// for the fallback.
+/// (`expired`, or `cancelled` while the batch runs on: cut short when at risk), or a
+/// fallback already ran some: the rest is for the fallback.
 pub(super) fn cut_short(rows: &[RemoteBatch]) -> bool {
-    rows.iter().any(|r| matches!(r.remote_status.as_deref(), Some("expired" | "cancelled")))
+    rows.iter().any(|r| matches!(r.remote_status.as_deref(), Some("expired" | "cancelled" | RemoteBatch::ONLINE_FALLBACK)))
 }
 
 /// Whether a remote batch started at `started`, `done` of its `total` lines finished at
@@ -97,18 +97,40 @@ impl Driver<'_> {
         }
         for (i, (name, items)) in groups.into_iter().enumerate() {
             tracing::info!(upstream = %name, lines = items.len(), "the remote cannot finish these lines in time; they run online at the fallback, at full price");
-            let runs = items.iter().map(|(p, route)| self.run_online(p, route));
-            let records: Vec<_> = futures::future::join_all(runs).await.into_iter().flatten().collect();
-            let (input, output) = records.iter().fold((0i64, 0i64), |(i, o), r| (i + r.usage.input_tokens.max(0), o + r.usage.output_tokens.max(0)));
-            let line_numbers: Vec<u64> = records.iter().map(|r| r.line).collect();
-            let model = items[0].1.targets[0].1.to_string();
-            for r in records {
-                self.ctx.inner.writer.send(r).await;
+            let key = format!("{}-u{}-f{}", self.ctx.batch_id, self.unit.idx, known + i);
+            let line_numbers: Vec<u64> = items.iter().map(|(p, _)| p.line).collect();
+            self.begin(&key, &name, &items[0].1.targets[0].1, &line_numbers).await?;
+            let runs = items.iter().map(|(p, route)| self.run_counted(&key, p, route));
+            for r in futures::future::join_all(runs).await {
+                r?;
             }
             self.ctx.inner.writer.flush().await;
-            self.record(&format!("{}-u{}-f{}", self.ctx.batch_id, self.unit.idx, known + i), &name, &model, &line_numbers, (input, output)).await?;
+            let store = &self.ctx.inner.store;
+            store.update_remote(&key, RemoteState::Collected, None, None, None, crate::now_unix()).await.ctx("recording lines run at a fallback")?;
         }
         Ok(rest)
+    }
+
+    /// One line at the fallback: its tokens are added to the record `key` as its answer
+    /// comes, before its result is written (a crash in between runs it again, and it is paid
+    /// again: the record counts what the fallback billed).
+    async fn run_counted(&self, key: &str, p: &Prepared, route: &Route) -> Result<()> {
+        let Some(r) = self.run_online(p, route).await else { return Ok(()) };
+        let store = &self.ctx.inner.store;
+        store.add_remote_usage(key, r.usage.input_tokens.max(0), r.usage.output_tokens.max(0)).await.ctx("counting a line run at a fallback")?;
+        self.ctx.inner.writer.send(r).await;
+        Ok(())
+    }
+
+    /// Closes the records of fallback runs a crash or a stop interrupted: what they counted
+    /// stands, and their lines with no result are the fallback's again.
+    pub(super) async fn close_interrupted(&self, rows: &[RemoteBatch]) -> Result<()> {
+        let open = rows.iter().filter(|r| r.remote_status.as_deref() == Some(RemoteBatch::ONLINE_FALLBACK) && r.state() != RemoteState::Collected);
+        for r in open {
+            let store = &self.ctx.inner.store;
+            store.update_remote(&r.key, RemoteState::Collected, None, None, None, crate::now_unix()).await.ctx("closing an interrupted fallback record")?;
+        }
+        Ok(())
     }
 
     /// One line through the fallback route, as the feeder runs an online line; `None` when
@@ -122,9 +144,10 @@ impl Driver<'_> {
         }
     }
 
-    /// The record of lines run at a fallback: collected at once, with the tokens they used.
-    async fn record(&self, key: &str, upstream: &str, model: &str, lines: &[u64], (input, output): (i64, i64)) -> Result<()> {
-        let store = &self.ctx.inner.store;
+    /// The record of lines about to run at a fallback, written before the first runs (with
+    /// the fallback's status: it is never driven as a remote batch); tokens are added as
+    /// their answers come.
+    async fn begin(&self, key: &str, upstream: &str, model: &str, lines: &[u64]) -> Result<()> {
         let now = crate::now_unix();
         let row = RemoteBatch {
             key: key.to_string(),
@@ -135,7 +158,7 @@ impl Driver<'_> {
             lines: RemoteBatch::join_lines(lines),
             line_count: lines.len() as i64,
             est_tokens: 0,
-            state: RemoteState::Collected.as_str().into(),
+            state: RemoteState::Planned.as_str().into(),
             input_file_id: None,
             remote_id: None,
             remote_status: Some(RemoteBatch::ONLINE_FALLBACK.into()),
@@ -144,8 +167,8 @@ impl Driver<'_> {
             input_tokens: 0,
             output_tokens: 0,
         };
-        store.plan_remote(&row).await.ctx("recording lines run at a fallback")?;
-        store.collect_remote(key, RemoteBatch::ONLINE_FALLBACK, input, output, now).await.ctx("recording lines run at a fallback")
+        self.ctx.inner.store.plan_remote(&row).await.ctx("recording lines run at a fallback")?;
+        Ok(())
     }
 }
 

@@ -149,7 +149,8 @@ pub async fn get(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Q
     for r in &rows {
         buckets.entry(bucket_of(r.hour)).or_default().entry(by_model.then_some(r.model.as_str())).or_default().push(r);
     }
-    let fallbacks = if st.router.pools().iter().any(|p| p.cfg.remote.fallback.is_some()) { st.store.fallback_usage(&tenant, from, end).await? } else { Vec::new() };
+    let fallbacks =
+        if st.router.pools().iter().any(|p| p.cfg.remote.fallback.is_some()) { st.store.fallback_usage(&tenant, from, end).await? } else { Vec::new() };
     let mut surcharges: BTreeMap<(i64, Option<&str>), f64> = BTreeMap::new();
     for r in &fallbacks {
         let hour = r.created_at - r.created_at.rem_euclid(3_600);

@@ -545,7 +545,11 @@ async fn kill9_while_lines_run_at_the_fallback_loses_no_surcharge_and_usage_show
     assert!(fb.iter().all(|r| r["output_tokens"].as_i64().unwrap() > 0), "the record cut by the kill kept what it counted: {fb:?}");
     let per_line = out.iter().map(|l| l["response"]["body"]["usage"]["completion_tokens"].as_i64().unwrap()).min().unwrap();
     let counted: i64 = fb.iter().map(|r| r["output_tokens"].as_i64().unwrap()).sum();
-    assert!(counted >= (60 - ran as i64) * per_line, "every line the fallback answered is counted ({counted} tokens, {} lines of at least {per_line}): {fb:?}", 60 - ran);
+    assert!(
+        counted >= (60 - ran as i64) * per_line,
+        "every line the fallback answered is counted ({counted} tokens, {} lines of at least {per_line}): {fb:?}",
+        60 - ran
+    );
     let surcharge: f64 = fb.iter().map(|r| (r["input_tokens"].as_f64().unwrap() * 2.0 + r["output_tokens"].as_f64().unwrap() * 8.0) / 1e6 * 0.5).sum();
     let (st, usage) = api.get("/usage?start_time=0").await;
     assert_eq!(st, 200, "{usage}");

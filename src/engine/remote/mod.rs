@@ -249,8 +249,11 @@ impl Driver<'_> {
             let rows = store.remote_batches(batch_id, Some(self.unit.idx)).await.ctx("reading the unit's remote batches")?;
             self.close_interrupted(&rows).await?;
             let done: HashSet<u64> = store.done_among(batch_id, &all).await.ctx("reading the unit's finished lines")?.into_iter().collect();
-            let open: Vec<RemoteBatch> =
-                rows.iter().filter(|r| r.state() != RemoteState::Collected && r.remote_status.as_deref() != Some(RemoteBatch::ONLINE_FALLBACK)).cloned().collect();
+            let open: Vec<RemoteBatch> = rows
+                .iter()
+                .filter(|r| r.state() != RemoteState::Collected && r.remote_status.as_deref() != Some(RemoteBatch::ONLINE_FALLBACK))
+                .cloned()
+                .collect();
             let covered: HashSet<u64> = open.iter().flat_map(RemoteBatch::line_numbers).collect();
             let mut fresh: Vec<u64> = all.iter().copied().filter(|l| !done.contains(l) && !covered.contains(l)).collect();
             fresh.sort_unstable();

@@ -6,7 +6,8 @@ use super::{Dialect, SqlStore};
 use crate::store::*;
 
 /// A remote batch's columns, as [`RemoteBatch`] reads them.
-const COLUMNS: &str = "key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at,
+const COLUMNS: &str =
+    "key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at,
      input_tokens, output_tokens";
 
 #[async_trait]
@@ -93,9 +94,11 @@ impl<D: Dialect> Remote for SqlStore<D> {
     }
 
     async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
-        let stmt = D::sql(format!("SELECT {COLUMNS} FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key"))
-            .bind(batch_id)
-            .bind(unit_idx);
+        let stmt = D::sql(format!(
+            "SELECT {COLUMNS} FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key"
+        ))
+        .bind(batch_id)
+        .bind(unit_idx);
         stmt.fetch_all(&mut *self.conn().await?).await
     }
 

@@ -13,7 +13,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use rand::distributions::Alphanumeric;
+use rand::distr::Alphanumeric;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sqlx::encode::IsNull;
@@ -146,7 +146,7 @@ string_id!(
 );
 
 fn random_suffix(len: usize) -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
 
 /// A new file id, `file-` followed by 24 random alphanumerics.

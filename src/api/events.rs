@@ -115,7 +115,7 @@ fn sse(reader: Reader, keep_alive: Duration) -> Sse<impl Stream<Item = Result<Ss
 
 /// When a stream opened now ends: its lifetime, less up to a tenth.
 fn end_of_life(lifetime: Duration) -> tokio::time::Instant {
-    tokio::time::Instant::now() + lifetime.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.9..=1.0))
+    tokio::time::Instant::now() + lifetime.mul_f64(rand::random_range(0.9..=1.0))
 }
 
 /// Follows the outbox after a cursor.

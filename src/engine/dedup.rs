@@ -169,7 +169,7 @@ mod tests {
 
     fn random_ids(n: usize, distinct: u64, seed: u64) -> Vec<String> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| format!("id-{}", rng.gen_range(0..distinct))).collect()
+        (0..n).map(|_| format!("id-{}", rng.random_range(0..distinct))).collect()
     }
 
     #[test]

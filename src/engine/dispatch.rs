@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +100,7 @@ pub async fn run_line(
 /// A line told to slow down waits for its pool's pause (in `acquire`), plus up to this much
 /// so that the lines of one pause do not all come back in the same instant.
 fn slow_down_jitter() -> Duration {
-    Duration::from_millis(rand::thread_rng().gen_range(0..=SLOW_DOWN_JITTER_MS))
+    Duration::from_millis(rand::random_range(0..=SLOW_DOWN_JITTER_MS))
 }
 
 /// Counts one retry waiting for its back-off, for as long as it lives (an aborted line
@@ -124,7 +123,7 @@ impl Drop for Waiting<'_> {
 /// Full-jitter exponential back-off, but never sooner than the upstream asked.
 pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
     let ceiling = BACKOFF_BASE.saturating_mul(1 << attempt.min(16).saturating_sub(1)).min(BACKOFF_CAP);
-    let jitter = Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=ceiling.as_secs_f64()));
+    let jitter = Duration::from_secs_f64(rand::random_range(0.0..=ceiling.as_secs_f64()));
     retry_after.map_or(jitter, |r| r.max(jitter.min(r + BACKOFF_BASE)))
 }
 

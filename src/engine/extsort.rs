@@ -13,10 +13,12 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Run buffer and its sort index together stay below this by default.
 pub const RUN_BYTES: usize = 4 << 20;
@@ -48,6 +50,45 @@ struct Spill {
     file: File,
     runs: Vec<(u64, u64)>,
     len: u64,
+}
+
+/// A new temporary file without a name, in `dir` (made when missing) or else the system's
+/// temporary directory: gone when its handle closes, even after a crash. On Linux it never
+/// has a name (`O_TMPFILE`); elsewhere, or on a file system without `O_TMPFILE`, it is made
+/// under a fresh name and unlinked at once. Readable and writable by its owner only.
+pub fn anonymous_file(dir: Option<&Path>) -> io::Result<File> {
+    let dir = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.to_path_buf()
+        }
+        None => std::env::temp_dir(),
+    };
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).mode(0o600);
+    #[cfg(target_os = "linux")]
+    if let Ok(file) = opts.clone().custom_flags(libc::O_TMPFILE).open(&dir) {
+        return Ok(file);
+    }
+    unlinked_at_once(&dir, &opts)
+}
+
+/// [`anonymous_file`] where `O_TMPFILE` is not there: a file made under a name no one else
+/// uses, unlinked as soon as it is open.
+fn unlinked_at_once(dir: &Path, opts: &OpenOptions) -> io::Result<File> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let path = dir.join(format!(".batchd-tmp-{}-{}-{nanos}", std::process::id(), NEXT.fetch_add(1, Relaxed)));
+        match opts.clone().create_new(true).open(&path) {
+            Ok(file) => {
+                std::fs::remove_file(&path)?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Makes room for `extra` more bytes in `buf`, doubling as a `Vec` does but never past `limit`
@@ -98,13 +139,7 @@ impl ExtSort {
 
     fn spill_file(&mut self) -> io::Result<&mut Spill> {
         if self.spill.is_none() {
-            let file = match &self.dir {
-                Some(d) => {
-                    std::fs::create_dir_all(d)?;
-                    tempfile::tempfile_in(d)?
-                }
-                None => tempfile::tempfile()?,
-            };
+            let file = anonymous_file(self.dir.as_deref())?;
             self.spill = Some(Spill { file, runs: Vec::new(), len: 0 });
         }
         Ok(self.spill.as_mut().expect("just made"))
@@ -246,6 +281,7 @@ fn merge(spill: &Spill, cmp: Compare, mut each: impl FnMut(&[u8])) -> io::Result
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     /// By the first byte only, so that stability shows.
     fn first_byte(a: &[u8], b: &[u8]) -> Ordering {
@@ -265,13 +301,34 @@ mod tests {
     fn spilled_and_in_memory_sorts_agree_with_a_stable_sort() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let recs: Vec<Vec<u8>> =
-            (0..5000u32).map(|i| (0..rng.gen_range(1..40)).map(|j| if j == 0 { rng.gen_range(0..20) } else { (i >> (j % 4)) as u8 }).collect()).collect();
+            (0..5000u32).map(|i| (0..rng.random_range(1..40)).map(|j| if j == 0 { rng.random_range(0..20) } else { (i >> (j % 4)) as u8 }).collect()).collect();
         let mut want = recs.clone();
         want.sort_by(|a, b| first_byte(a, b));
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(sorted(ExtSort::new(Some(dir.path().into()), first_byte, 700), &recs), want, "dozens of runs");
         assert_eq!(sorted(ExtSort::new(None, first_byte, usize::MAX), &recs), want, "one run in memory");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the spill file leaves no name behind");
+    }
+
+    /// Both ways of making the spill file: readable, writable, private, made in a missing
+    /// directory, and nameless once open.
+    #[test]
+    fn the_spill_file_has_no_name_and_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("made/on/demand");
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).mode(0o600);
+        let files = [anonymous_file(Some(&sub)).unwrap(), unlinked_at_once(dir.path(), &opts).unwrap(), anonymous_file(None).unwrap()];
+        for (i, mut f) in files.into_iter().enumerate() {
+            f.write_all(b"spilled run").unwrap();
+            let mut back = [0u8; 7];
+            f.read_exact_at(&mut back, 4).unwrap();
+            assert_eq!(&back, b"led run", "file {i}");
+            assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600, "file {i}");
+            assert_eq!(f.metadata().unwrap().nlink(), 0, "file {i} has no name");
+        }
+        assert_eq!(std::fs::read_dir(&sub).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the made directory");
     }
 
     #[test]

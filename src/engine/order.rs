@@ -21,7 +21,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
-use super::extsort::{ExtSort, RUN_BYTES};
+use super::extsort::{anonymous_file, ExtSort, RUN_BYTES};
 use super::prefix::PrefixKey;
 use crate::store::{BatchId, WorkUnit};
 
@@ -139,13 +139,7 @@ impl OrderBuilder {
     /// The order, when [`worth_it`]; `None` when the lines share (almost) nothing. Units are
     /// numbered from 0 and cut by `cut`.
     pub fn finish(self, batch_id: &str, cut: Cut, dir: Option<PathBuf>) -> io::Result<Option<Ordered>> {
-        let file = match dir {
-            Some(d) => {
-                std::fs::create_dir_all(&d)?;
-                tempfile::tempfile_in(d)?
-            }
-            None => tempfile::tempfile()?,
-        };
+        let file = anonymous_file(dir.as_deref())?;
         let mut w = Writer { out: BufWriter::with_capacity(64 << 10, file), units: Units::new(batch_id, cut), prev: Vec::new(), shared: 0, lines: 0 };
         let mut failed = None;
         self.sort.finish(|rec| {

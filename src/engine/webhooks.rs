@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rand::Rng;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -140,7 +139,7 @@ pub fn signature(hook: &Webhook, id: &str, timestamp: i64, body: &str) -> String
 /// When to try again after `attempts` failed attempts (`None`: give up).
 fn retry_at_ms(attempts: i64) -> Option<i64> {
     let wait = *RETRY_AFTER.get(usize::try_from(attempts).ok()?.checked_sub(1)?)?;
-    let jitter = rand::thread_rng().gen_range(0.9..1.1);
+    let jitter = rand::random_range(0.9..1.1);
     Some((crate::now_unix_f64() * 1000.0) as i64 + (wait as f64 * 1000.0 * jitter) as i64)
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::ids::{BatchId, FileId};
 
 /// A stored file's metadata; its bytes live in the blob store under `blob_key`.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx_macros::FromRow)]
 pub struct FileRecord {
     pub id: FileId,
     pub tenant: String,
@@ -69,7 +69,7 @@ impl BatchStatus {
 }
 
 /// Token usage, summed from upstream `usage` objects.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, sqlx_macros::FromRow)]
 pub struct Usage {
     pub input_tokens: i64,
     pub cached_tokens: i64,
@@ -199,24 +199,20 @@ impl BatchRecord {
 }
 
 /// A range of input lines, leased and run as one piece of work; or, for a batch dispatched in
-/// prefix order (`ordered`), a range of its order file (`engine::order`).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// prefix order (`ordered`), a range of its order file (`engine::order`). Read from a row by
+/// `sql::rows` (its `u64`s are checked `BIGINT`s).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkUnit {
     pub batch_id: BatchId,
     pub idx: i64,
     /// Physical 1-based number of the unit's first line (ordered: its lowest line).
-    #[sqlx(try_from = "i64")]
     pub first_line: u64,
     /// Physical 1-based number one past the unit's last line (ordered: past its highest).
-    #[sqlx(try_from = "i64")]
     pub end_line: u64,
     /// Number of request lines (blank lines excluded) in the unit.
-    #[sqlx(try_from = "i64")]
     pub line_count: u64,
     /// The unit's bytes: of the input file, or (ordered) of the batch's order file.
-    #[sqlx(try_from = "i64")]
     pub byte_offset: u64,
-    #[sqlx(try_from = "i64")]
     pub byte_len: u64,
     /// The unit lists its lines in the batch's order file rather than holding a range of
     /// the input (`engine::order`).
@@ -288,7 +284,7 @@ pub struct Finish {
 }
 
 /// One entry of the event outbox: written in the same transaction as the change it tells of.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx_macros::FromRow)]
 pub struct Event {
     /// Increasing in commit order within one store; the SSE `id` and the resume cursor.
     pub id: i64,
@@ -342,7 +338,7 @@ pub struct Membership {
 }
 
 /// A live node, as its last heartbeat described it.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx_macros::FromRow)]
 pub struct NodeInfo {
     pub id: String,
     pub started_at: i64,
@@ -352,7 +348,7 @@ pub struct NodeInfo {
 }
 
 /// Usage of one model within one batch during one hour.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx_macros::FromRow)]
 pub struct UsageRow {
     pub batch_id: BatchId,
     pub model: String,
@@ -364,7 +360,7 @@ pub struct UsageRow {
 }
 
 /// What a tenant (or everyone) has queued: see [`super::Batches::queued`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx_macros::FromRow)]
 pub struct Queued {
     /// Batches `validating` or `in_progress`.
     pub batches: i64,
@@ -444,7 +440,7 @@ impl RemoteState {
 }
 
 /// One remote batch: a shard of a unit's lines, of one model, at one batch-kind upstream.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx_macros::FromRow)]
 pub struct RemoteBatch {
     /// The idempotency key, also the `batchd_key` metadata tag at the remote.
     pub key: String,

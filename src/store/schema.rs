@@ -23,8 +23,8 @@ use sqlx::{Connection, Sqlite};
 use super::sql::Dialect;
 use super::{Error, Result};
 
-pub static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
-pub static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
+pub static SQLITE: Migrator = sqlx_macros::migrate!("migrations/sqlite");
+pub static POSTGRES: Migrator = sqlx_macros::migrate!("migrations/postgres");
 
 /// The last `PRAGMA user_version` the hand-kept SQLite migrator wrote (release 2).
 pub const LAST_USER_VERSION: i64 = 5;

@@ -45,11 +45,11 @@ async fn kill9_loop() -> KillRun {
     let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
     let mut s = Server::start(&config(&m.base_url(), &format!("max_concurrency = {KILL_CONCURRENCY}"), ""));
     let id = s.api().submit(&chat_lines(KILL_LINES, "m")).await;
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rng();
     let mut run = KillRun { kills: 0, in_flight: 0, sent_not_durable: 0, duplicates: 0 };
     let t0 = Instant::now();
     while run.kills < MAX_KILLS {
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..900))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
         let before = s.api().batch(&id).await;
         if before["status"] != "in_progress" && before["status"] != "validating" {
             break;
@@ -308,7 +308,7 @@ async fn kill9_with_upstream_faults_keeps_final_answers_exactly_once() {
     let id = s.api().submit(&lines).await;
     let mut kills = 0;
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(rand::thread_rng().gen_range(300..700))).await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(300..700))).await;
         if s.api().batch(&id).await["status"] != "in_progress" {
             break;
         }

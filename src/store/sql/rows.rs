@@ -1,5 +1,6 @@
 //! The rows the store reads that are not records as they are (see the store's `model`):
-//! `sqlx::FromRow` types shared by both databases, and how each becomes a record.
+//! `sqlx::FromRow` types shared by both databases, and how each becomes a record; and the
+//! reading of a [`WorkUnit`], whose numbers are checked.
 //!
 //! Reads are tolerant where an old build may have left odd values: a counter that an older
 //! SQLite build let overflow into a REAL reads clamped ([`Count`]), an unreadable JSON column
@@ -8,7 +9,7 @@
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgTypeInfo, PgValueRef, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteTypeInfo, SqliteValueRef};
-use sqlx::{Decode, Type};
+use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
 use crate::store::*;
 
@@ -54,7 +55,8 @@ impl<'r> Decode<'r, Postgres> for Count {
     }
 }
 
-#[derive(sqlx::FromRow)]
+/// A `batches` row as read; its counters are [`Count`]s.
+#[derive(sqlx_macros::FromRow)]
 pub(super) struct BatchRow {
     id: BatchId,
     tenant: String,
@@ -67,8 +69,7 @@ pub(super) struct BatchRow {
     output_file_id: Option<FileId>,
     error_file_id: Option<FileId>,
     errors: Option<String>,
-    #[sqlx(try_from = "Count")]
-    created_at: i64,
+    created_at: Count,
     in_progress_at: Option<i64>,
     expires_at: Option<i64>,
     finalizing_at: Option<i64>,
@@ -77,34 +78,51 @@ pub(super) struct BatchRow {
     expired_at: Option<i64>,
     cancelling_at: Option<i64>,
     cancelled_at: Option<i64>,
-    #[sqlx(try_from = "Count")]
-    total: i64,
-    #[sqlx(try_from = "Count")]
-    completed: i64,
-    #[sqlx(try_from = "Count")]
-    failed: i64,
-    #[sqlx(try_from = "Count")]
-    input_tokens: i64,
-    #[sqlx(try_from = "Count")]
-    cached_tokens: i64,
-    #[sqlx(try_from = "Count")]
-    output_tokens: i64,
-    #[sqlx(try_from = "Count")]
-    reasoning_tokens: i64,
-    #[sqlx(try_from = "Count")]
-    total_tokens: i64,
-    #[sqlx(try_from = "Count")]
-    priority: i64,
+    total: Count,
+    completed: Count,
+    failed: Count,
+    input_tokens: Count,
+    cached_tokens: Count,
+    output_tokens: Count,
+    reasoning_tokens: Count,
+    total_tokens: Count,
+    priority: Count,
     input_format: Option<String>,
     output_expires_after: Option<i64>,
     finalize_as: Option<String>,
-    #[sqlx(try_from = "Count")]
-    est_tokens: i64,
-    #[sqlx(try_from = "Count")]
-    est_requests: i64,
+    est_tokens: Count,
+    est_requests: Count,
     idempotency_hash: Option<String>,
     api: String,
     unrun: Option<i64>,
+}
+
+/// A work unit as read from either database: its line and byte numbers are `BIGINT`s that
+/// must fit a `u64`.
+impl<'r, R: Row> FromRow<'r, R> for WorkUnit
+where
+    &'r str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> sqlx::Result<WorkUnit> {
+        let unsigned = |column: &'r str| -> sqlx::Result<u64> {
+            let n: i64 = row.try_get(column)?;
+            u64::try_from(n).map_err(|e| sqlx::Error::ColumnDecode { index: column.to_string(), source: Box::new(e) })
+        };
+        Ok(WorkUnit {
+            batch_id: row.try_get("batch_id")?,
+            idx: row.try_get("idx")?,
+            first_line: unsigned("first_line")?,
+            end_line: unsigned("end_line")?,
+            line_count: unsigned("line_count")?,
+            byte_offset: unsigned("byte_offset")?,
+            byte_len: unsigned("byte_len")?,
+            ordered: row.try_get("ordered")?,
+            epoch: row.try_get("epoch")?,
+        })
+    }
 }
 
 fn json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Option<T> {
@@ -129,7 +147,7 @@ impl TryFrom<BatchRow> for BatchRecord {
             output_file_id: r.output_file_id,
             error_file_id: r.error_file_id,
             errors: json(r.errors),
-            created_at: r.created_at,
+            created_at: r.created_at.0,
             in_progress_at: r.in_progress_at,
             expires_at: r.expires_at,
             finalizing_at: r.finalizing_at,
@@ -138,22 +156,22 @@ impl TryFrom<BatchRow> for BatchRecord {
             expired_at: r.expired_at,
             cancelling_at: r.cancelling_at,
             cancelled_at: r.cancelled_at,
-            total: r.total,
-            completed: r.completed,
-            failed: r.failed,
+            total: r.total.0,
+            completed: r.completed.0,
+            failed: r.failed.0,
             usage: Usage {
-                input_tokens: r.input_tokens,
-                cached_tokens: r.cached_tokens,
-                output_tokens: r.output_tokens,
-                reasoning_tokens: r.reasoning_tokens,
-                total_tokens: r.total_tokens,
+                input_tokens: r.input_tokens.0,
+                cached_tokens: r.cached_tokens.0,
+                output_tokens: r.output_tokens.0,
+                reasoning_tokens: r.reasoning_tokens.0,
+                total_tokens: r.total_tokens.0,
             },
-            priority: r.priority.max(1),
+            priority: r.priority.0.max(1),
             input_format: r.input_format.and_then(|s| serde_json::from_value(s.into()).ok()),
             output_expires_after: r.output_expires_after,
             finalize_as: r.finalize_as.and_then(|s| BatchStatus::parse(&s)),
-            est_tokens: r.est_tokens,
-            est_requests: r.est_requests,
+            est_tokens: r.est_tokens.0,
+            est_requests: r.est_requests.0,
             idempotency_hash: r.idempotency_hash,
             api,
             unrun: r.unrun,
@@ -161,7 +179,7 @@ impl TryFrom<BatchRow> for BatchRecord {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx_macros::FromRow)]
 pub(super) struct AttemptRow {
     event_id: i64,
     status: Option<i64>,

@@ -231,7 +231,8 @@ async fn cancel_mid_run(kind: Kind) {
     let api = s.api();
     let id = api.submit(&chat_lines(250, "m")).await;
     let premote = p.api();
-    eventually("the remote to finish some lines", secs(60), || async { (m.stats().requests >= 20).then_some(()) }).await;
+    // 22 calls seen with 2 in flight at most: 20 answered.
+    eventually("the remote to finish some lines", secs(60), || async { (m.stats().requests >= 22).then_some(()) }).await;
     let (st, _) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(st, 200);
     let b = api.wait_for(&id, &["cancelled"], secs(60)).await;
@@ -467,19 +468,10 @@ async fn an_expired_remote_batch_falls_back_to_an_online_upstream_at_full_price(
     let (out, err) = final_results(&api, &b, 60).await;
     assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
     assert_answers_match(&out);
-    let remote = remote_batches(&p.api()).await;
-    assert_eq!(remote.len(), 1, "no follow-up remote batch: the fallback took the rest: {remote:?}");
-    assert_eq!(remote[0]["status"], "expired");
-    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
-    assert!(ran < 60, "{remote:?}");
-    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not");
-    let shards = b["remote_batches"].as_array().unwrap();
-    let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
-    assert_eq!(fb.len(), 1, "{shards:?}");
-    assert_eq!((fb[0]["upstream"].as_str(), fb[0]["lines"].as_u64()), (Some("online"), Some(60 - ran)), "{fb:?}");
-    let (fin, fout) = (fb[0]["input_tokens"].as_f64().unwrap(), fb[0]["output_tokens"].as_f64().unwrap());
+    let (_, fb) = the_fallback_took_the_rest(&p, &online, &b, "expired").await;
+    let (fin, fout) = (fb["input_tokens"].as_f64().unwrap(), fb["output_tokens"].as_f64().unwrap());
     assert!(fout > 0.0, "{fb:?}");
-    assert!((fb[0]["cost"].as_f64().unwrap() - (fin * 2.0 + fout * 8.0) / 1e6).abs() < 1e-6, "full price: {fb:?}");
+    assert!((fb["cost"].as_f64().unwrap() - (fin * 2.0 + fout * 8.0) / 1e6).abs() < 1e-6, "full price: {fb:?}");
     let u = &b["usage"];
     let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
     let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5 + (fin * 2.0 + fout * 8.0) / 1e6 * 0.5;
@@ -504,15 +496,24 @@ async fn a_remote_batch_at_risk_of_missing_the_window_falls_back_before_it_expir
     let (out, err) = final_results(&api, &b, 60).await;
     assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
     assert_answers_match(&out);
+    let (ran, _) = the_fallback_took_the_rest(&p, &online, &b, "cancelled").await;
+    assert!(ran > 0, "the remote ran part of it, kept");
+}
+
+/// Of a 60-line batch, one remote batch ran part (it ended `status`: expired, or cut short)
+/// and the fallback exactly the rest, in one record; the lines the remote ran and the record.
+async fn the_fallback_took_the_rest(p: &Server, online: &MockServer, b: &Value, status: &str) -> (u64, Value) {
     let remote = remote_batches(&p.api()).await;
-    assert_eq!(remote.len(), 1, "no follow-up remote batch: {remote:?}");
-    assert_eq!(remote[0]["status"], "cancelled", "cut short at the remote: {remote:?}");
+    assert_eq!(remote.len(), 1, "no follow-up remote batch: the fallback took the rest: {remote:?}");
+    assert_eq!(remote[0]["status"], status, "{remote:?}");
     let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
-    assert!(ran > 0 && ran < 60, "the remote ran part of it: {remote:?}");
-    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not finish: no line paid twice");
+    assert!(ran < 60, "{remote:?}");
+    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not: no line paid twice");
     let shards = b["remote_batches"].as_array().unwrap();
     let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
-    assert_eq!((fb.len(), fb[0]["lines"].as_u64()), (1, Some(60 - ran)), "{shards:?}");
+    assert_eq!(fb.len(), 1, "{shards:?}");
+    assert_eq!((fb[0]["upstream"].as_str(), fb[0]["lines"].as_u64()), (Some("online"), Some(60 - ran)), "{fb:?}");
+    (ran, fb[0].clone())
 }
 
 /// `kill -9` while lines run at the fallback: the fallback's record was written before they

@@ -45,7 +45,8 @@ pub struct Prepared {
 
 /// Runs every attempt of one line, starting with a slot already taken on `pool`; `None` when
 /// the batch is cancelled while the line waits for another attempt (the line then ends as
-/// `batch_cancelled`; a call on the wire is never cut here).
+/// `batch_cancelled`; a call on the wire is never cut here), or when its unit's lease is
+/// found gone before a call is sent (another node runs the line).
 pub async fn run_line(
     inner: &Inner,
     p: &Prepared,
@@ -62,6 +63,19 @@ pub async fn run_line(
             Ok(out) => out,
             Err(refused) => return Some(refused_record(p, &pool, &refused)),
         };
+        if !lease_holds(inner, p, cancelled).await {
+            tracing::debug!(batch = %p.batch_id, unit = p.unit_idx, line = p.line, "the unit's lease is gone; the call is dropped unsent");
+            return None;
+        }
+        while !permit.current() {
+            // Taken before this node's claim lapsed (it was frozen): the slot may be another
+            // node's by now.
+            drop(permit);
+            (pool, target, permit) = tokio::select! {
+                got = route.acquire(p.est_tokens, None) => got,
+                _ = cancelled.cancelled() => return None,
+            };
+        }
         count(&inner.stats.sent, 1);
         let sent_at = std::time::Instant::now();
         let span = tracing::debug_span!("attempt", n = attempt, upstream = %pool.cfg.name, model = %target);
@@ -95,6 +109,16 @@ pub async fn run_line(
             attempt += 1;
         }
     }
+}
+
+/// Whether the lease of the unit `p` was fed under still holds (see `leases`); a line
+/// outside any lease, or on a store no other node shares, needs none.
+async fn lease_holds(inner: &Inner, p: &Prepared, cancelled: &CancellationToken) -> bool {
+    if p.epoch.is_none() || inner.exclusive {
+        return true;
+    }
+    let key = crate::store::UnitKey { batch_id: p.batch_id.clone(), idx: p.unit_idx };
+    inner.leases.hold(&key, cancelled).await
 }
 
 /// A line told to slow down waits for its pool's pause (in `acquire`), plus up to this much

@@ -75,8 +75,12 @@ async fn feed(ctx: Arc<RunCtx>) -> Result<()> {
     let mut failures = 0;
     while !ctx.h.stop.is_cancelled() {
         inner.health.writable().await;
+        let asked = std::time::Instant::now();
         let unit = match inner.store.lease_unit(&ctx.batch_id, &inner.node, inner.cfg.engine.lease_ttl).await {
-            Ok(Some(u)) => u,
+            Ok(Some(u)) => {
+                inner.leases.leased(u.key(), asked, inner.cfg.engine.lease_ttl);
+                u
+            }
             Ok(None) => return Ok(()),
             Err(e) => {
                 pause_or_fail(&ctx, Error::from(e).context("leasing a unit"), &mut failures).await?;

@@ -21,7 +21,8 @@
 //!   [`health`] gate holds every new upstream call;
 //! - `finalizer` streams the result log into the output and error files;
 //! - `cluster` keeps this node's heartbeat, leases and claims alive and stops the feeders
-//!   of units it lost; `statuses` applies every node's status changes (a cancel, an
+//!   of units it lost (`leases` drops their calls not yet sent); `shares` splits each
+//!   upstream's `max_concurrency` between the nodes by demand; `statuses` applies every node's status changes (a cancel, an
 //!   expiry, a failure) to this node's runs as they commit; `janitor` removes expired
 //!   files and crash debris.
 //!
@@ -42,6 +43,7 @@ mod feeder;
 mod finalizer;
 pub mod health;
 mod janitor;
+mod leases;
 pub mod lines;
 mod live;
 pub mod order;
@@ -52,6 +54,7 @@ mod remote;
 mod retry;
 mod runner;
 mod scheduler;
+mod shares;
 pub mod stall;
 mod statuses;
 mod supervisor;
@@ -151,8 +154,12 @@ pub(crate) struct Inner {
     held: Held,
     /// Live nodes sharing the store, as of the last heartbeat (1 for an embedded store).
     live_nodes: AtomicUsize,
-    /// This node's rank among them (oldest first), for its share of upstream limits.
-    rank: AtomicUsize,
+    /// How long each of this node's unit leases is known to hold (see `leases`).
+    leases: leases::Leases,
+    /// This node's stakes in the upstreams' slots, as last published (see `shares`).
+    stakes: shares::Stakes,
+    /// The store belongs to this process alone: no other node can take slots or units.
+    exclusive: bool,
     /// The store's status feed is open: other nodes' changes arrive as they commit.
     listening: AtomicBool,
     /// The last heartbeat (a write) went through: with the writer's health, what
@@ -214,7 +221,9 @@ impl Engine {
             book,
             held,
             live_nodes: AtomicUsize::new(1),
-            rank: AtomicUsize::new(0),
+            leases: leases::Leases::default(),
+            stakes: shares::Stakes::default(),
+            exclusive,
             listening: AtomicBool::new(false),
             beat_writes: AtomicBool::new(true),
             failures: Mutex::default(),

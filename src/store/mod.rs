@@ -202,12 +202,18 @@ pub trait Work: Send + Sync {
     async fn result_by_custom_id(&self, batch_id: &BatchId, custom_id: &str) -> Result<StoredResult>;
 }
 
+/// What a node publishes with its heartbeat, from what the other live nodes published (see
+/// [`Cluster::heartbeat`]).
+pub type Publish<'a> = &'a (dyn Fn(&[NodeInfo]) -> String + Send + Sync);
+
 #[async_trait]
 pub trait Cluster: Send + Sync {
     /// Records that `node` is alive until `ttl` from now (store clock), with what it
-    /// publishes (`info`, JSON text); forgets nodes whose heartbeat lapsed; returns the live
-    /// nodes, `node` included, and the store's clock.
-    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, info: &str) -> Result<Membership>;
+    /// publishes (`publish` of the other live nodes: JSON text); forgets nodes whose
+    /// heartbeat lapsed; returns the live nodes, `node` included, and the store's clock.
+    /// Heartbeats take turns: between reading the others and writing its own, no other
+    /// heartbeat writes (what one publishes may depend on what the others published).
+    async fn heartbeat(&self, node: &str, started_at: i64, ttl: Duration, publish: Publish<'_>) -> Result<Membership>;
     /// A node leaving gracefully: its row, leases and claims go at once.
     async fn leave(&self, node: &str) -> Result<()>;
     /// Every node's batch status changes as they commit, where the database can push them

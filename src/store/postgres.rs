@@ -7,7 +7,8 @@
 //!   on each other and never get the same one; a commit of results locks its batches' rows
 //!   first (in id order), so it never races a transition of the same batch;
 //! - admissions of one tenant take turns under a transaction-scoped advisory lock, and so do
-//!   appends to the outbox (its ids become visible in commit order);
+//!   appends to the outbox (its ids become visible in commit order) and heartbeats (what a
+//!   node publishes, its claim on upstream slots, follows what the others published);
 //! - results are inserted with one `UNNEST … ON CONFLICT DO NOTHING RETURNING` statement,
 //!   which tells exactly which lines were new; the log is keyed by (batch id, line);
 //! - every status change is told to the other nodes with `pg_notify` in the transition's
@@ -49,6 +50,8 @@ const QUOTA_LOCK: i32 = 0x7175_6f74;
 pub const STATUS_CHANNEL: &str = "batchd_status";
 /// The advisory lock key of the outbox (an arbitrary constant: "batchd" in ASCII).
 const OUTBOX_LOCK: i64 = 0x6261_7463_6864;
+/// The advisory lock key that heartbeats take turns under ("nodes" in ASCII).
+const NODES_LOCK: i64 = 0x006e_6f64_6573;
 
 impl SqlStore<Postgres> {
     /// Connects to `url` (`postgres://user@host:5432/db`) and migrates the schema.
@@ -122,6 +125,10 @@ impl Dialect for Postgres {
 
     async fn lock_tenant(conn: &mut PgConnection, tenant: &str) -> Result<()> {
         Self::sql("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(QUOTA_LOCK).bind(tenant).execute(conn).await.map(|_| ())
+    }
+
+    async fn lock_nodes(conn: &mut PgConnection) -> Result<()> {
+        Self::sql("SELECT pg_advisory_xact_lock($1)").bind(NODES_LOCK).execute(conn).await.map(|_| ())
     }
 
     async fn lock_outbox(conn: &mut PgConnection) -> Result<()> {

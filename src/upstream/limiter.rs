@@ -16,6 +16,12 @@
 //!
 //! Waiters on the semaphore are served first come first served, which is what makes batches
 //! share an upstream fairly (see `engine::runner`).
+//!
+//! In a cluster, this node's share of `max_concurrency` is a *claim* (`set_claim`) that the
+//! heartbeat sets from every node's demand (`engine::shares`): slots taken plus lines waiting
+//! for one, the peak since the last look (`take_demand`). A claim may be 0, and it lapses:
+//! past its `until` no request passes the gate until a heartbeat renews it (a node resuming
+//! after SIGSTOP, whose slots the others may have taken, sends nothing before it knows).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +48,15 @@ pub struct Limiter {
     debt: AtomicUsize,
     /// Requests on the wire (past the gate, not yet answered).
     in_flight: AtomicUsize,
+    /// Slots taken (a permit exists for them), on the wire or about to be.
+    held: AtomicUsize,
+    /// Requests waiting for a slot.
+    waiting: AtomicUsize,
+    /// The most of `held + waiting` since the last [`Limiter::take_demand`].
+    peak_demand: AtomicUsize,
+    /// Times this node's claim lapsed before it was renewed: a permit taken before a lapse
+    /// is stale (see [`Permit::current`]).
+    lapses: AtomicUsize,
     /// One waiter at a time at the gate.
     gate: tokio::sync::Mutex<()>,
     state: Mutex<State>,
@@ -67,6 +82,8 @@ struct State {
     tpm: Option<Bucket>,
     /// Throughput: the cap the server's figures put on the window.
     kv: KvWindow,
+    /// When this node's claim on `max` lapses (`None`: never, a node alone by construction).
+    claim_until: Option<Instant>,
 }
 
 /// A slot of the upstream's concurrency; returned on drop. [`Limiter::settle`] tells the
@@ -75,6 +92,19 @@ pub struct Permit {
     inner: Option<OwnedSemaphorePermit>,
     ticket: Option<Ticket>,
     limiter: Arc<Limiter>,
+    /// The limiter's lapses when the slot was taken.
+    lapses: usize,
+}
+
+impl Permit {
+    /// Whether the permit may still be used: this node's claim has not lapsed since it was
+    /// taken. A node frozen (SIGSTOP) with permits in hand must not use them on resuming:
+    /// the other nodes may have taken its slots meanwhile; it gives them back and waits
+    /// for new ones within its renewed claim.
+    pub fn current(&self) -> bool {
+        let l = &self.limiter;
+        l.lapses.load(Ordering::Acquire) == self.lapses && l.lock().claim_until.is_none_or(|u| u > Instant::now())
+    }
 }
 
 impl Drop for Permit {
@@ -83,6 +113,7 @@ impl Drop for Permit {
             self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(p) = self.inner.take() {
+            self.limiter.held.fetch_sub(1, Ordering::Relaxed);
             let paid = self.limiter.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok();
             if paid {
                 p.forget();
@@ -102,11 +133,15 @@ impl Limiter {
             ctl.set_cap(Some(KvWindow::before_first_sample()));
         }
         let capacity = ctl.slots();
-        let state = State { ctl, capacity, max: base.max_concurrency, share: 1, rpm: None, tpm: None, kv: KvWindow::default() };
+        let state = State { ctl, capacity, max: base.max_concurrency, share: 1, rpm: None, tpm: None, kv: KvWindow::default(), claim_until: None };
         let l = Limiter {
             sem: Arc::new(Semaphore::new(capacity)),
             debt: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            peak_demand: AtomicUsize::new(0),
+            lapses: AtomicUsize::new(0),
             gate: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
             base,
@@ -122,14 +157,75 @@ impl Limiter {
     /// and `tpm` evenly.
     pub fn set_share(&self, live_nodes: usize, rank: usize) {
         let n = live_nodes.max(1);
+        self.set_rate_share(n);
+        self.set_claim(share_of(self.base.max_concurrency, n, rank));
+    }
+
+    /// Works within this node's share of `rpm` and `tpm`, split evenly between `live_nodes`.
+    pub fn set_rate_share(&self, live_nodes: usize) {
+        let n = live_nodes.max(1);
         let mut st = self.lock();
+        if st.share == n && st.rpm.is_some() == (self.base.rpm > 0) && st.tpm.is_some() == (self.base.tpm > 0) {
+            return;
+        }
         st.share = n;
-        st.max = share_of(self.base.max_concurrency, n, rank);
         st.rpm = Bucket::share_of(st.rpm.take(), self.base.rpm, n);
         st.tpm = Bucket::share_of(st.tpm.take(), self.base.tpm, n);
         let max = st.max;
         st.ctl.set_bounds(bounds(&self.base, n, max));
         self.resize(&mut st);
+    }
+
+    /// Works within `slots` of `max_concurrency` (0: sends nothing). Slots taken beyond a
+    /// lowered claim are destroyed as they come back; what this node may still have in
+    /// flight, the claim or the slots taken if more, is returned (what the node must
+    /// publish: the others may use only the rest).
+    pub fn set_claim(&self, slots: usize) -> usize {
+        let slots = slots.min(self.base.max_concurrency);
+        let mut st = self.lock();
+        if st.max != slots {
+            st.max = slots;
+            let n = st.share;
+            st.ctl.set_bounds(bounds(&self.base, n, slots));
+            self.resize(&mut st);
+        }
+        slots.max(self.held())
+    }
+
+    /// The claim holds until `until` (`None`: for good); past it, no request passes the gate.
+    pub fn claim_until(&self, until: Option<std::time::Instant>) {
+        let mut st = self.lock();
+        if st.claim_until.is_some_and(|u| u <= Instant::now()) {
+            self.lapses.fetch_add(1, Ordering::AcqRel);
+        }
+        st.claim_until = until.map(Instant::from_std);
+    }
+
+    /// Slots taken (on the wire or about to be).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// The configured cluster-wide `max_concurrency`.
+    pub fn cluster_limit(&self) -> usize {
+        self.base.max_concurrency
+    }
+
+    /// Slots this node could use: the most of slots taken plus requests waiting for one since
+    /// the last call (which starts a new period), at most the cluster's limit.
+    pub fn take_demand(&self) -> usize {
+        let now = self.held.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire);
+        self.peak_demand.swap(now, Ordering::AcqRel).max(now).min(self.base.max_concurrency)
+    }
+
+    fn note_demand(&self) {
+        let now = self.held.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire);
+        self.peak_demand.fetch_max(now, Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -139,8 +235,15 @@ impl Limiter {
     /// Waits for a concurrency slot, then for the rate buckets, then for the controller's
     /// gate (a slot is taken first so that a send never lags its rate token).
     pub async fn acquire(self: &Arc<Self>, est_tokens: u64) -> Permit {
-        let inner = self.slot().await;
-        let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone() };
+        let inner = {
+            let _waiting = Waiter::new(self);
+            let slot = self.slot().await;
+            self.held.fetch_add(1, Ordering::AcqRel);
+            slot
+        };
+        // Stamped when the slot is taken: a slot taken before a lapse is known is stale.
+        let lapses = self.lapses.load(Ordering::Acquire);
+        let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone(), lapses };
         self.take_bucket(|st| st.rpm.as_mut(), 1.0).await;
         self.take_bucket(|st| st.tpm.as_mut(), est_tokens as f64).await;
         let _turn = self.gate.lock().await;
@@ -148,10 +251,16 @@ impl Limiter {
             let now = Instant::now();
             let res = {
                 let mut st = self.lock();
-                let res = st.ctl.gate(now, est_tokens, self.in_flight.load(Ordering::Relaxed));
-                // A pool idle for long starts slowly again: the gate may have shrunk the window.
-                self.resize(&mut st);
-                res
+                if st.claim_until.is_some_and(|u| u <= now) {
+                    // The claim lapsed (the node was stopped, or its heartbeats fail): the
+                    // others may have its slots; wait for a heartbeat to renew it.
+                    Err(now + MAX_BUCKET_SLEEP)
+                } else {
+                    let res = st.ctl.gate(now, est_tokens, self.in_flight.load(Ordering::Relaxed));
+                    // A pool idle for long starts slowly again: the gate may have shrunk the window.
+                    self.resize(&mut st);
+                    res
+                }
             };
             match res {
                 Ok(t) => {
@@ -272,9 +381,9 @@ impl Limiter {
         f(&st.ctl, st.max)
     }
 
-    /// Brings the semaphore's permits to the controller's window.
+    /// Brings the semaphore's permits to the controller's window (none for a claim of 0).
     fn resize(&self, st: &mut State) {
-        let target = st.ctl.slots().clamp(1, st.max);
+        let target = if st.max == 0 { 0 } else { st.ctl.slots().clamp(1, st.max) };
         if target < st.capacity {
             let cut = st.capacity - target;
             let forgotten = self.sem.forget_permits(cut);
@@ -287,6 +396,25 @@ impl Limiter {
             self.sem.add_permits(grow);
         }
         st.capacity = target;
+    }
+}
+
+/// Counts a request waiting for a slot, for as long as it waits (a waiter dropped mid-wait
+/// stops counting).
+struct Waiter<'a>(&'a Limiter);
+
+impl<'a> Waiter<'a> {
+    fn new(l: &'a Limiter) -> Self {
+        l.waiting.fetch_add(1, Ordering::AcqRel);
+        l.note_demand();
+        Waiter(l)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.note_demand();
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -406,6 +534,42 @@ mod tests {
         assert_eq!(l.window(), 8.0);
         assert_eq!(l.free(), 8);
         assert_eq!(l.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_claim_bounds_the_slots_and_a_lapsed_one_sends_nothing() {
+        let l = Arc::new(Limiter::new(&cfg(8, 0)));
+        assert_eq!(l.set_claim(0), 0);
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "a claim of 0 sends nothing");
+        assert_eq!((l.waiting(), l.take_demand()), (1, 1), "a waiter is demand");
+        assert_eq!(l.set_claim(2), 2);
+        let first = waiter.await.unwrap();
+        assert!(first.current());
+        assert_eq!(l.set_claim(0), 1, "a lowered claim publishes the slot still taken");
+        drop(first);
+        assert_eq!((l.held(), l.free()), (0, 0), "the slot taken beyond the claim is destroyed as it comes back");
+
+        l.set_claim(2);
+        l.claim_until(Some(std::time::Instant::now() + Duration::from_millis(30)));
+        let stale = l.acquire(0).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(!stale.current(), "past its claim, a slot is not used");
+        let blocked = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!blocked.is_finished(), "a lapsed claim lets nothing through the gate");
+        l.claim_until(Some(std::time::Instant::now() + Duration::from_secs(30)));
+        let waited = blocked.await.unwrap();
+        assert!(!waited.current() && !stale.current(), "slots taken before the renewal are stale: they must be taken again");
+        drop((waited, stale));
+        assert!(l.acquire(0).await.current(), "a slot taken within the renewed claim is used");
     }
 
     #[tokio::test]

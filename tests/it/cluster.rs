@@ -341,44 +341,85 @@ async fn backends_from_the_environment_or_the_config_file_need_no_data_dir() {
     }
 }
 
-/// A TCP proxy in front of PostgreSQL that the test can break (every connection dropped,
-/// new ones closed at once) and restore: a database restart or a network cut, crates.io-style.
+/// A TCP proxy in front of PostgreSQL or the S3 server that the test can break (every
+/// connection dropped, new ones closed at once: a restart), make hang (connections kept open,
+/// nothing forwarded: a network cut that drops packets) and restore.
 struct ChaosProxy {
     port: u16,
-    broken: tokio::sync::watch::Sender<bool>,
+    mode: tokio::sync::watch::Sender<Mode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Up,
+    Refused,
+    Hanging,
 }
 
 impl ChaosProxy {
     async fn start(target: std::net::SocketAddr) -> ChaosProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let broken = tokio::sync::watch::Sender::new(false);
-        let rx = broken.subscribe();
+        let mode = tokio::sync::watch::Sender::new(Mode::Up);
+        let rx = mode.subscribe();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let mut rx = rx.clone();
                 tokio::spawn(async move {
-                    if *rx.borrow_and_update() {
+                    let now = *rx.borrow_and_update();
+                    if now == Mode::Refused {
+                        return;
+                    }
+                    if now == Mode::Hanging {
+                        // Held open, silent, until the proxy is restored.
+                        let _ = rx.wait_for(|m| *m == Mode::Up).await;
                         return;
                     }
                     let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = rx.wait_for(|broken| *broken) => {}
+                    let cut = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        m = rx.wait_for(|m| *m != Mode::Up) => m.map(|m| *m).unwrap_or(Mode::Refused),
+                    };
+                    if cut == Mode::Hanging {
+                        let _ = rx.wait_for(|m| *m == Mode::Up).await;
                     }
                 });
             }
         });
-        ChaosProxy { port, broken }
+        ChaosProxy { port, mode }
     }
 
     fn cut(&self) {
-        self.broken.send_replace(true);
+        self.mode.send_replace(Mode::Refused);
+    }
+
+    fn hang(&self) {
+        self.mode.send_replace(Mode::Hanging);
     }
 
     fn restore(&self) {
-        self.broken.send_replace(false);
+        self.mode.send_replace(Mode::Up);
     }
+}
+
+/// A proxy in front of the shared database, and the URL that goes through it.
+async fn database_proxy(shared: &Shared) -> (ChaosProxy, String) {
+    let (_, target) = via_proxy(&shared.db.url, 0);
+    let proxy = ChaosProxy::start(target).await;
+    let (url, _) = via_proxy(&shared.db.url, proxy.port);
+    (proxy, url)
+}
+
+/// A proxy in front of the shared bucket's S3 server, and the environment that sends a node
+/// through it.
+async fn bucket_proxy(shared: &Shared, bucket: &TestBucket) -> (ChaosProxy, Vec<(String, String)>) {
+    let endpoint = bucket.endpoint.trim_start_matches("http://");
+    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
+    let proxy = ChaosProxy::start(target).await;
+    let mut env = shared.env();
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    (proxy, env)
 }
 
 fn via_proxy(url: &str, port: u16) -> (String, std::net::SocketAddr) {
@@ -395,9 +436,7 @@ async fn database_connection_cut_mid_batch_pauses_and_resumes_exactly_once() {
     const N: usize = 1500;
     let Some(shared) = Shared::new("database_connection_cut_mid_batch_pauses_and_resumes_exactly_once").await else { return };
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
-    let (_, target) = via_proxy(&shared.db.url, 0);
-    let proxy = ChaosProxy::start(target).await;
-    let (url, _) = via_proxy(&shared.db.url, proxy.port);
+    let (proxy, url) = database_proxy(&shared).await;
     let node = shared.node_on(&cluster_config(&m.base_url(), 8), &url);
     let api = node.api();
     let id = api.submit(&chat_lines(N, "m")).await;
@@ -450,12 +489,7 @@ async fn object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost() {
     const N: usize = 1500;
     let Some(shared) = Shared::new("object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost").await else { return };
     let Some(bucket) = &shared.bucket else { return };
-    let endpoint = bucket.endpoint.trim_start_matches("http://");
-    let target = std::net::ToSocketAddrs::to_socket_addrs(endpoint).unwrap().next().unwrap();
-    let proxy = ChaosProxy::start(target).await;
-    let mut env = shared.env();
-    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
-    env.push(("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    let (proxy, env) = bucket_proxy(&shared, bucket).await;
     let m = mock(MockArgs { latency_ms: 20, ..Default::default() }).await;
     let node = Server::start_with(&cluster_config(&m.base_url(), 8), &shared.args(&shared.db.url), &env);
     let api = node.api();
@@ -482,6 +516,126 @@ async fn object_store_cut_mid_batch_reads_keep_answering_and_nothing_is_lost() {
     assert_eq!(out.len(), N);
     let st = m.stats();
     assert_eq!((st.unique_request_ids, st.duplicate_request_ids), (N as u64, 0), "every line sent once: nothing lost, nothing re-sent");
+}
+
+/// Calls one node has in flight, from its `/metrics`.
+async fn node_in_flight(s: &Server) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("batchd_upstream_in_flight"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+/// The most times any unit of `batch` was leased (1: no lease was ever lost).
+async fn max_epoch(db: &sqlx::PgPool, batch: &str) -> i64 {
+    sqlx::query_scalar("SELECT max(epoch) FROM units WHERE batch_id = $1").bind(batch).fetch_one(db).await.unwrap()
+}
+
+/// Issue #21: a node frozen (SIGSTOP) past `lease_ttl` while the other takes its units and
+/// its slots over, then resumed (SIGCONT), sends nothing for the units it lost (its calls
+/// waiting for a slot or a retry are dropped before they are sent) and nothing beyond the
+/// cluster's `max_concurrency`, from its first call on. Before, it went on with its old share
+/// for up to a renewal period: about 30 calls made twice here, and 18 in flight against 12.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_resumed_after_sigstop_drops_the_calls_of_units_it_lost_and_keeps_the_limit() {
+    const LIMIT: usize = 12;
+    const N: usize = 900;
+    let Some(shared) = Shared::new("a_node_resumed_after_sigstop_drops_the_calls_of_units_it_lost").await else { return };
+    let m = mock(MockArgs { latency_ms: 200, ..Default::default() }).await;
+    let cfg = cluster_config(&m.base_url(), LIMIT);
+    let (first, second) = (shared.node(&cfg), shared.node(&cfg));
+    let api = first.api();
+    let id = api.submit(&chat_lines(N, "m")).await;
+    for n in [&first, &second] {
+        eventually("both nodes send", secs(30), || async move { (node_requests(n).await > 20).then_some(()) }).await;
+    }
+    let in_flight = node_in_flight(&second).await;
+    second.freeze(true);
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    eventually("the frozen node's heartbeat lapses", secs(15), || {
+        let db = db.clone();
+        async move { (live_nodes(&db).await.len() == 1).then_some(()) }
+    })
+    .await;
+    // The first node takes the frozen one's units and slots over.
+    tokio::time::sleep(secs(2)).await;
+    let durable = done(&api.batch(&id).await);
+    assert!(durable < N as u64 - 200, "the batch is nearly done before the frozen node resumes: {durable}");
+    second.freeze(false);
+    let b = api.wait_for(&id, &["completed", "failed", "expired", "cancelled"], secs(120)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (out, _) = final_results(&api, &b, N).await;
+    assert_eq!(out.len(), N);
+    let st = m.stats();
+    println!("{} calls in flight on the frozen node; {} lines sent twice; peak in flight {}", in_flight, st.duplicate_request_ids, st.peak_in_flight);
+    assert!(st.peak_in_flight as usize <= LIMIT, "the resumed node kept its old share: {} in flight against {LIMIT}", st.peak_in_flight);
+    // Lines sent twice: those the frozen node had in flight or not yet committed (about a
+    // commit interval's worth), which the other node sent again; no call after resuming.
+    let bound = in_flight + 8;
+    assert!(
+        st.duplicate_request_ids <= bound,
+        "{} lines sent twice, more than the frozen node's {in_flight} in flight (+8 uncommitted)",
+        st.duplicate_request_ids
+    );
+}
+
+/// Issue #21: a database outage shorter than `lease_ttl` loses no lease: renewal is tried
+/// again a second after a failure (before, only every third of `lease_ttl`, so a 5 s cut
+/// with `lease_ttl_s = 8` let leases expire and the units were leased again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_shorter_than_the_lease_ttl_loses_no_lease() {
+    const N: usize = 1500;
+    let Some(shared) = Shared::new("a_database_outage_shorter_than_the_lease_ttl_loses_no_lease").await else { return };
+    let m = mock(MockArgs { latency_ms: 50, ..Default::default() }).await;
+    let (proxy, url) = database_proxy(&shared).await;
+    let cfg = config(&m.base_url(), "max_concurrency = 8", "[engine]\nlease_ttl_s = 8\nunit_lines = 100\ncommit_interval_ms = 100");
+    let (first, second) = (shared.node_on(&cfg, &url), shared.node_on(&cfg, &url));
+    let api = first.api();
+    let id = api.submit(&chat_lines(N, "m")).await;
+    for n in [&first, &second] {
+        eventually("both nodes send", secs(30), || async move { (node_requests(n).await > 20).then_some(()) }).await;
+    }
+    proxy.cut();
+    tokio::time::sleep(secs(5)).await;
+    proxy.restore();
+    let b = api.wait_for(&id, &["completed", "failed", "expired", "cancelled"], secs(120)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    let (epoch, st) = (max_epoch(&db, &id).await, m.stats());
+    println!("after a 5 s cut: units leased at most {epoch} times, {} lines sent twice", st.duplicate_request_ids);
+    assert_eq!(epoch, 1, "a unit was leased again: a lease was lost in an outage shorter than lease_ttl");
+    assert_eq!((st.unique_request_ids, st.duplicate_request_ids), (N as u64, 0), "every line sent once");
+}
+
+/// Issue #21: how soon a call that needs the object store answers 503 while the S3 server is
+/// cut off, refused (a restart) or hanging (packets dropped) — the figures docs/deploy.md
+/// gives — and that it does answer, in the error envelope, well before a client's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_cut_answers_503_in_seconds_refused_or_hanging() {
+    let Some(shared) = Shared::new("an_object_store_cut_answers_503_in_seconds").await else { return };
+    let Some(bucket) = &shared.bucket else { return };
+    let (proxy, env) = bucket_proxy(&shared, bucket).await;
+    let m = mock(MockArgs::default()).await;
+    let node = Server::start_with(&cluster_config(&m.base_url(), 8), &shared.args(&shared.db.url), &env);
+    let api = node.api();
+    let file = api.upload(&chat_lines(10, "m")).await;
+    for (kind, cut) in [("refused", Mode::Refused), ("hanging", Mode::Hanging)] {
+        if cut == Mode::Hanging {
+            proxy.hang()
+        } else {
+            proxy.cut()
+        }
+        let t0 = Instant::now();
+        let r = api.request(reqwest::Method::GET, &format!("/files/{file}/content")).send().await.unwrap();
+        let (st, body) = (r.status().as_u16(), r.text().await.unwrap());
+        let took = t0.elapsed();
+        println!("S3 {kind}: GET /files/{{id}}/content answered {st} after {took:?}");
+        proxy.restore();
+        assert_eq!(st, 503, "{kind}: {body}");
+        assert!(took < secs(40), "{kind}: a download waits {took:?} for an unreachable object store");
+        tokio::time::sleep(secs(1)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,6 +736,33 @@ async fn failed_starts_never_join_the_cluster() {
     }
 }
 
+/// Issue #21: a node older than the schema (a newer batchd migrated the database during a
+/// rolling upgrade) refuses to start with a message that says so and what to do, instead of
+/// sqlx's "migration N was previously applied but is missing"; the running nodes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_older_than_the_schema_says_so_and_the_others_go_on() {
+    let Some(shared) = Shared::new("a_node_older_than_the_schema_says_so").await else { return };
+    let m = mock(MockArgs::default()).await;
+    let cfg = cluster_config(&m.base_url(), 8);
+    let running = shared.node(&cfg);
+    let db = sqlx::PgPool::connect(&shared.db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'from a newer batchd', TRUE, '\\x00', 1)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let mut c = std::process::Command::new(BIN);
+    c.args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(running.dir.join("batchd.toml")).args(shared.args(&shared.db.url));
+    c.envs(shared.env()).env_remove("BATCHD_LOG");
+    let out = finish(c, secs(60));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("newer than this batchd knows") && out.stderr.contains("upgrade this batchd"), "{out:?}");
+    assert!(!out.stderr.contains("previously applied but is missing"), "{out:?}");
+    let id = running.api().submit(&chat_lines(20, "m")).await;
+    assert_eq!(running.api().wait_for(&id, &["completed", "failed"], secs(60)).await["status"], "completed", "the running node goes on");
+}
+
 /// Debian's libfaketime (the thread-safe build), when installed (`scripts/test.sh` installs it).
 fn libfaketime() -> Option<&'static str> {
     ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1"]
@@ -667,7 +848,7 @@ fn now_secs() -> i64 {
 }
 
 /// The least rate of three nodes, as a fraction of one node's, that the throughput test accepts.
-const KEEP_UP: f64 = 0.8;
+const KEEP_UP: f64 = 0.9;
 
 /// Lines a second of one batch of `n` lines through `api`, from its creation to its end
 /// (`completed`), and the peak of calls in flight at the mock meanwhile.
@@ -681,18 +862,19 @@ async fn timed_batch(api: &Api, m: &MockServer, file: &str, n: u64) -> (f64, u64
 }
 
 /// Issue #21: three nodes keep up with one on an upstream that is the bottleneck (24 calls
-/// at once at 100 ms, `max_concurrency = 24` for the cluster, default `unit_lines`): one
+/// at once at 150 ms, `max_concurrency = 24` for the cluster, default `unit_lines`): one
 /// 2,000-line batch, one 6,000-line batch, and a 6,000-line batch that a third node joins
 /// mid-way; in-flight at the mock reaches the cluster limit on three nodes. Units shrink late
-/// in a batch, so every node has lines until the end (before, a 2,000-line batch was one unit
-/// and ran on one node of three, with a third of the limit: about 0.35 of one node's rate).
-/// The issue asks ≥ 0.9; on the shared 2-core machine (debug builds, load average ~13)
-/// three nodes measured 0.84–0.86 of one, so this holds them to [`KEEP_UP`].
+/// in a batch, so every node has lines until the end, and slots follow demand (`shares`), so
+/// a node without lines lends its slots to those with lines. At 100 ms the debug build on
+/// the shared 2-core machine is itself near its limit (one node 174–218 lines/s of 240 from
+/// run to run), which the ratio then measures; at 150 ms both make 146–148 of 160, and three
+/// nodes measured 0.99–1.01 of one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_keep_up_with_one_on_a_bound_upstream() {
     const LIMIT: u64 = 24;
     let Some(shared) = Shared::new("three_nodes_keep_up_with_one_on_a_bound_upstream").await else { return };
-    let m = mock(MockArgs { latency_ms: 100, slots: LIMIT, ..Default::default() }).await;
+    let m = mock(MockArgs { latency_ms: 150, slots: LIMIT, ..Default::default() }).await;
     let cfg = config(&m.base_url(), &format!("max_concurrency = {LIMIT}"), "");
     let first = shared.node(&cfg);
     let api = first.api();

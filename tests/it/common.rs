@@ -130,6 +130,13 @@ impl Server {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): the process freezes, or goes on, as a paused
+    /// VM or a long GC pause would.
+    pub fn freeze(&self, stop: bool) {
+        let pid = self.pid().expect("a running child") as i32;
+        unsafe { libc::kill(pid, if stop { libc::SIGSTOP } else { libc::SIGCONT }) };
+    }
+
     /// The pid of the running child (`None` in process).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -202,7 +202,7 @@ async fn run_unit(ctx: &Arc<RunCtx>, unit: &WorkUnit, token: &CancellationToken,
     loop {
         match d.run().await {
             Ok(()) => return Ok(()),
-            Err(e @ Error::Unavailable(_)) => tracing::warn!(error = %crate::Chain(&e), "the store is unavailable; remote batches wait"),
+            Err(e @ Error::Unavailable(_)) => tracing::warn!(error = %crate::Chain(&e), "{} is unavailable; remote batches wait", e.outage()),
             Err(e @ Error::Retry(_)) if failures < DRIVER_RETRIES => {
                 failures += 1;
                 tracing::warn!(error = %crate::Chain(&e), "driving remote batches failed; retrying");

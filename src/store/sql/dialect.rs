@@ -74,6 +74,12 @@ pub trait Dialect: Database + Sized {
     /// Inside a write transaction: waits until no other transaction (on any node) admits a
     /// batch of `tenant`, and keeps the others waiting until the commit.
     async fn lock_tenant(conn: &mut Self::Connection, tenant: &str) -> Result<()>;
+    /// Inside a write transaction: waits until no other transaction (on any node) writes a
+    /// heartbeat, and keeps the others waiting until the commit (nothing where the write
+    /// transaction holds the whole database).
+    async fn lock_nodes(_conn: &mut Self::Connection) -> Result<()> {
+        Ok(())
+    }
     /// Inside a write transaction, just before appending an event: event ids become visible
     /// in the order they were taken (see [`super::outbox`]).
     async fn lock_outbox(conn: &mut Self::Connection) -> Result<()>;

@@ -464,20 +464,22 @@ pub async fn webhook_deliveries_are_durable_and_claimed(store: &dyn Store) {
 
 pub async fn nodes_heartbeat_and_leave(store: &dyn Store) {
     let ids = |m: Membership| m.nodes.into_iter().map(|n| n.id).filter(|i| i.starts_with("hb-")).collect::<Vec<_>>();
-    let first = store.heartbeat("hb-1", 10, LONG, "{}").await.unwrap();
+    let first = store.heartbeat("hb-1", 10, LONG, &|_| "{}".into()).await.unwrap();
     assert!((first.clock_ms - batchd::clock::host_ms()).abs() < 5_000, "the store's clock is read: {}", first.clock_ms);
     ids(first);
-    let both = ids(store.heartbeat("hb-2", 20, LONG, r#"{"x":1}"#).await.unwrap());
-    assert_eq!(both, ["hb-1", "hb-2"], "live nodes, oldest first");
-    store.heartbeat("hb-1", 10, GONE, "{}").await.unwrap();
-    assert_eq!(ids(store.heartbeat("hb-2", 20, LONG, "{}").await.unwrap()), ["hb-2"], "a lapsed node is forgotten");
+    let both = store.heartbeat("hb-2", 20, LONG, &|others| format!(r#"{{"saw":{}}}"#, others.iter().filter(|n| n.id == "hb-1").count())).await.unwrap();
+    let mine = both.nodes.iter().find(|n| n.id == "hb-2").map(|n| n.info.clone());
+    assert_eq!(mine.as_deref(), Some(r#"{"saw":1}"#), "a node publishes what it made of the others' rows");
+    assert_eq!(ids(both), ["hb-1", "hb-2"], "live nodes, oldest first");
+    store.heartbeat("hb-1", 10, GONE, &|_| "{}".into()).await.unwrap();
+    assert_eq!(ids(store.heartbeat("hb-2", 20, LONG, &|_| "{}".into()).await.unwrap()), ["hb-2"], "a lapsed node is forgotten");
     running_batch(store, "hb", "batch_hb", 1).await;
     store.lease_unit(&"batch_hb".into(), "hb-2", LONG).await.unwrap().unwrap();
     store.claim_batch(&"batch_hb".into(), "hb-2", LONG).await.unwrap();
     store.leave("hb-2").await.unwrap();
     assert!(store.lease_unit(&"batch_hb".into(), "hb-3", LONG).await.unwrap().is_some(), "a leaving node hands its leases back");
     assert!(store.claim_batch(&"batch_hb".into(), "hb-3", LONG).await.unwrap(), "and its claims");
-    assert!(ids(store.heartbeat("hb-3", 30, LONG, "{}").await.unwrap()).iter().all(|i| i != "hb-2"));
+    assert!(ids(store.heartbeat("hb-3", 30, LONG, &|_| "{}".into()).await.unwrap()).iter().all(|i| i != "hb-2"));
     store.leave("hb-3").await.unwrap();
 }
 

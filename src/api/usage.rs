@@ -83,10 +83,12 @@ async fn fallback_surcharge(st: &AppState, batch_id: &BatchId) -> f64 {
         return 0.0;
     }
     let rows = st.store.remote_batches(batch_id, None).await.unwrap_or_default();
-    rows.iter()
-        .filter(|r| r.remote_status.as_deref() == Some(RemoteBatch::ONLINE_FALLBACK))
-        .filter_map(|r| price_of(st, &r.model).map(|p| p.full_cost(r.input_tokens, r.output_tokens) - p.cost(r.input_tokens, r.output_tokens)))
-        .sum()
+    rows.iter().filter(|r| r.remote_status.as_deref() == Some(RemoteBatch::ONLINE_FALLBACK)).map(|r| surcharge(st, r)).sum()
+}
+
+/// What the lines of a fallback record cost above the batch price (0 without a price).
+fn surcharge(st: &AppState, r: &RemoteBatch) -> f64 {
+    price_of(st, &r.model).map_or(0.0, |p| p.full_cost(r.input_tokens, r.output_tokens) - p.cost(r.input_tokens, r.output_tokens))
 }
 
 /// The `cost` of a batch so far; `None` when no price applies (or none is configured).
@@ -140,25 +142,36 @@ pub async fn get(State(st): State<AppState>, Tenant(tenant): Tenant, Query(p): Q
         Some(_) => return Err(ApiError::invalid("group_by", "group_by supports only model.")),
     };
     // Hours overlapping [start, end): the store keeps usage per hour.
-    let rows = st.store.usage(&tenant, start - start.rem_euclid(3_600), end).await?;
+    let from = start - start.rem_euclid(3_600);
+    let rows = st.store.usage(&tenant, from, end).await?;
+    let bucket_of = |hour: i64| start + (hour.max(start) - start) / width * width;
     let mut buckets: BTreeMap<i64, BTreeMap<Option<&str>, Vec<&UsageRow>>> = BTreeMap::new();
     for r in &rows {
-        let b = start + (r.hour.max(start) - start) / width * width;
-        buckets.entry(b).or_default().entry(by_model.then_some(r.model.as_str())).or_default().push(r);
+        buckets.entry(bucket_of(r.hour)).or_default().entry(by_model.then_some(r.model.as_str())).or_default().push(r);
+    }
+    let fallbacks =
+        if st.router.pools().iter().any(|p| p.cfg.remote.fallback.is_some()) { st.store.fallback_usage(&tenant, from, end).await? } else { Vec::new() };
+    let mut surcharges: BTreeMap<(i64, Option<&str>), f64> = BTreeMap::new();
+    for r in &fallbacks {
+        let hour = r.created_at - r.created_at.rem_euclid(3_600);
+        *surcharges.entry((bucket_of(hour), by_model.then_some(r.model.as_str()))).or_default() += surcharge(&st, r);
     }
     let data: Vec<Value> = buckets
         .iter()
         .map(|(b, groups)| {
-            let results: Vec<Value> = groups.iter().map(|(model, rows)| result(&st, *model, rows)).collect();
+            let results: Vec<Value> =
+                groups.iter().map(|(model, rows)| result(&st, *model, rows, surcharges.get(&(*b, *model)).copied().unwrap_or(0.0))).collect();
             json!({"object": "bucket", "start_time": b, "end_time": (b + width).min(end), "results": results})
         })
         .collect();
     let all: Vec<&UsageRow> = rows.iter().collect();
-    Ok(Json(json!({"object": "page", "data": data, "has_more": false, "next_page": null, "total": result(&st, None, &all)})))
+    let total = result(&st, None, &all, surcharges.values().sum());
+    Ok(Json(json!({"object": "page", "data": data, "has_more": false, "next_page": null, "total": total})))
 }
 
-/// One result: sums of `rows`, OpenAI's usage field names, and their cost.
-fn result(st: &AppState, model: Option<&str>, rows: &[&UsageRow]) -> Value {
+/// One result: sums of `rows`, OpenAI's usage field names, and their cost (with `surcharge`,
+/// what lines run at a fallback cost above the batch price).
+fn result(st: &AppState, model: Option<&str>, rows: &[&UsageRow], surcharge: f64) -> Value {
     let mut u = Usage::default();
     let mut requests = 0i64;
     for r in rows {
@@ -174,6 +187,6 @@ fn result(st: &AppState, model: Option<&str>, rows: &[&UsageRow]) -> Value {
         "output_reasoning_tokens": u.reasoning_tokens,
         "total_tokens": u.total_tokens,
         "num_model_requests": requests,
-        "cost": cost_of(st, rows),
+        "cost": cost_of(st, rows).map(|c| round6(c + surcharge)),
     })
 }

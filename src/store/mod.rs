@@ -278,6 +278,11 @@ pub trait Remote: Send + Sync {
     /// Marks a remote batch collected: its results are durable, its final remote status and
     /// the tokens they reported recorded.
     async fn collect_remote(&self, key: &str, remote_status: &str, input_tokens: i64, output_tokens: i64, now: i64) -> Result<()>;
+    /// Adds tokens to a remote batch's (the lines its fallback ran, each as its answer came).
+    async fn add_remote_usage(&self, key: &str, input_tokens: i64, output_tokens: i64) -> Result<()>;
+    /// The records of lines `tenant`'s batches ran at a fallback
+    /// ([`RemoteBatch::ONLINE_FALLBACK`]), begun in `[start, end)`.
+    async fn fallback_usage(&self, tenant: &str, start: i64, end: i64) -> Result<Vec<RemoteBatch>>;
     /// The remote batches of a batch (of one unit, when given), oldest first.
     async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>>;
     /// The remote ids recorded for `upstream`'s remote batches touched at or after `since`

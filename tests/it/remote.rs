@@ -231,7 +231,8 @@ async fn cancel_mid_run(kind: Kind) {
     let api = s.api();
     let id = api.submit(&chat_lines(250, "m")).await;
     let premote = p.api();
-    eventually("the remote to finish some lines", secs(60), || async { (m.stats().requests >= 20).then_some(()) }).await;
+    // 22 calls seen with 2 in flight at most: 20 answered.
+    eventually("the remote to finish some lines", secs(60), || async { (m.stats().requests >= 22).then_some(()) }).await;
     let (st, _) = api.post(&format!("/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(st, 200);
     let b = api.wait_for(&id, &["cancelled"], secs(60)).await;
@@ -436,6 +437,22 @@ async fn expired_remote_followed_up(kind: Kind) {
     assert!(remote.len() >= 2, "{remote:?}");
 }
 
+/// A local batchd whose batch upstream `hosted` (the provider at `provider`, its remote
+/// batches given `remote_window`) names `online` (at `online`) its `fallback`; batches may
+/// also be created with `user_window`; `m` is priced, at half for batches.
+fn fallback_config(provider: &str, online: &str, remote_window: &str, user_window: &str) -> String {
+    fallback_config_with(provider, online, remote_window, user_window, "")
+}
+
+/// [`fallback_config`] with `online_extra` in the fallback upstream's settings.
+fn fallback_config_with(provider: &str, online: &str, remote_window: &str, user_window: &str, online_extra: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{provider}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
+         completion_window = \"{remote_window}\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{online}\"\nmodels = [\"m\"]\n{online_extra}\n\
+         [batches]\ncompletion_windows = [\"24h\", \"{user_window}\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n"
+    )
+}
+
 /// `fallback = "online"`: what an expired remote batch left unfinished runs online at the
 /// fallback upstream (a second mock, to count it) instead of in a follow-up remote batch, and
 /// the batch's cost prices those lines in full.
@@ -444,37 +461,103 @@ async fn an_expired_remote_batch_falls_back_to_an_online_upstream_at_full_price(
     let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
     let online = mock(MockArgs::default()).await;
     let p = provider(&m, "max_concurrency = 2");
-    let cfg = format!(
-        "[[upstreams]]\nname = \"hosted\"\nbase_url = \"{}/v1\"\nmodels = [\"m\"]\nkind = \"openai-batch\"\nmax_lines = 100\npoll_interval_s = 0.1\n\
-         completion_window = \"3s\"\nfallback = \"online\"\n\n[[upstreams]]\nname = \"online\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\n\
-         [batches]\ncompletion_windows = [\"24h\", \"3s\"]\n\n[prices.\"m\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\nbatch_discount = 0.5\n",
-        p.url,
-        online.base_url()
-    );
-    let s = Server::start(&cfg);
+    let s = Server::start(&fallback_config(&p.url, &online.base_url(), "3s", "3s"));
     let api = s.api();
     let id = api.submit(&chat_lines(60, "m")).await;
     let b = api.wait_for(&id, &["completed"], secs(90)).await;
     let (out, err) = final_results(&api, &b, 60).await;
     assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
     assert_answers_match(&out);
-    let remote = remote_batches(&p.api()).await;
-    assert_eq!(remote.len(), 1, "no follow-up remote batch: the fallback took the rest: {remote:?}");
-    assert_eq!(remote[0]["status"], "expired");
-    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
-    assert!(ran < 60, "{remote:?}");
-    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not");
-    let shards = b["remote_batches"].as_array().unwrap();
-    let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
-    assert_eq!(fb.len(), 1, "{shards:?}");
-    assert_eq!((fb[0]["upstream"].as_str(), fb[0]["lines"].as_u64()), (Some("online"), Some(60 - ran)), "{fb:?}");
-    let (fin, fout) = (fb[0]["input_tokens"].as_f64().unwrap(), fb[0]["output_tokens"].as_f64().unwrap());
+    let (_, fb) = the_fallback_took_the_rest(&p, &online, &b, "expired").await;
+    let (fin, fout) = (fb["input_tokens"].as_f64().unwrap(), fb["output_tokens"].as_f64().unwrap());
     assert!(fout > 0.0, "{fb:?}");
-    assert!((fb[0]["cost"].as_f64().unwrap() - (fin * 2.0 + fout * 8.0) / 1e6).abs() < 1e-6, "full price: {fb:?}");
+    assert!((fb["cost"].as_f64().unwrap() - (fin * 2.0 + fout * 8.0) / 1e6).abs() < 1e-6, "full price: {fb:?}");
     let u = &b["usage"];
     let (input, output) = (u["input_tokens"].as_f64().unwrap(), u["output_tokens"].as_f64().unwrap());
     let expected = (input * 2.0 + output * 8.0) / 1e6 * 0.5 + (fin * 2.0 + fout * 8.0) / 1e6 * 0.5;
     assert!((b["cost"].as_f64().unwrap() - expected).abs() < 1e-5, "batch price for the remote's lines, full price for the fallback's: {b}");
+}
+
+/// A remote batch too slow for the user's window (its own window is a day) is cut short
+/// while it runs, before the batch expires: cancelled at the remote, what it finished kept,
+/// the rest run at the fallback, each line paid once; the batch completes in its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_batch_at_risk_of_missing_the_window_falls_back_before_it_expires() {
+    let m = mock(MockArgs { latency_ms: 400, ..Default::default() }).await;
+    let online = mock(MockArgs::default()).await;
+    let p = provider(&m, "max_concurrency = 1");
+    let s = Server::start(&fallback_config(&p.url, &online.base_url(), "24h", "12s"));
+    let api = s.api();
+    let f = api.upload(&chat_lines(60, "m")).await;
+    let id = api.create_batch(&f, json!({"completion_window": "12s"})).await["id"].as_str().unwrap().to_string();
+    let b = api.wait_for(&id, &["completed", "expired", "failed"], secs(60)).await;
+    assert_eq!(b["status"], "completed", "the fallback took the rest in time: {b}");
+    assert!(b["completed_at"].as_i64().unwrap() <= b["expires_at"].as_i64().unwrap(), "{b}");
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
+    assert_answers_match(&out);
+    let (ran, _) = the_fallback_took_the_rest(&p, &online, &b, "cancelled").await;
+    assert!(ran > 0, "the remote ran part of it, kept");
+}
+
+/// Of a 60-line batch, one remote batch ran part (it ended `status`: expired, or cut short)
+/// and the fallback exactly the rest, in one record; the lines the remote ran and the record.
+async fn the_fallback_took_the_rest(p: &Server, online: &MockServer, b: &Value, status: &str) -> (u64, Value) {
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 1, "no follow-up remote batch: the fallback took the rest: {remote:?}");
+    assert_eq!(remote[0]["status"], status, "{remote:?}");
+    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
+    assert!(ran < 60, "{remote:?}");
+    assert_eq!(online.stats().requests, 60 - ran, "the fallback ran exactly the lines the remote did not: no line paid twice");
+    let shards = b["remote_batches"].as_array().unwrap();
+    let fb: Vec<&Value> = shards.iter().filter(|r| r["status"] == "online_fallback").collect();
+    assert_eq!(fb.len(), 1, "{shards:?}");
+    assert_eq!((fb[0]["upstream"].as_str(), fb[0]["lines"].as_u64()), (Some("online"), Some(60 - ran)), "{fb:?}");
+    (ran, fb[0].clone())
+}
+
+/// `kill -9` while lines run at the fallback: the fallback's record was written before they
+/// ran and counted each answer as it came, so no surcharge is lost; after the restart the
+/// rest runs there too, and `/v1/usage` prices the fallback's lines in full, as the batch's
+/// `cost` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_while_lines_run_at_the_fallback_loses_no_surcharge_and_usage_shows_it() {
+    let m = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let online = mock(MockArgs { latency_ms: 300, ..Default::default() }).await;
+    let p = provider(&m, "max_concurrency = 2");
+    let mut s = Server::start(&fallback_config_with(&p.url, &online.base_url(), "3s", "3s", "max_concurrency = 2\n"));
+    let api = s.api();
+    let id = api.submit(&chat_lines(60, "m")).await;
+    eventually("some lines to run at the fallback", secs(60), || async { (online.stats().requests >= 10).then_some(()) }).await;
+    s.kill9();
+    let before = online.stats().requests;
+    assert!(before < 50, "killed while the fallback still had lines to run: {before}");
+    s.restart();
+    let api = s.api();
+    let b = api.wait_for(&id, &["completed"], secs(90)).await;
+    let (out, err) = final_results(&api, &b, 60).await;
+    assert_eq!((out.len(), err.len()), (60, 0), "{err:?}");
+    assert_answers_match(&out);
+    let remote = remote_batches(&p.api()).await;
+    assert_eq!(remote.len(), 1, "{remote:?}");
+    let ran = remote[0]["request_counts"]["completed"].as_u64().unwrap();
+    let fb: Vec<&Value> = b["remote_batches"].as_array().unwrap().iter().filter(|r| r["status"] == "online_fallback").collect();
+    assert_eq!(fb.len(), 2, "one record before the kill, one for the rest after it: {fb:?}");
+    assert!(fb.iter().all(|r| r["output_tokens"].as_i64().unwrap() > 0), "the record cut by the kill kept what it counted: {fb:?}");
+    let per_line = out.iter().map(|l| l["response"]["body"]["usage"]["completion_tokens"].as_i64().unwrap()).min().unwrap();
+    let counted: i64 = fb.iter().map(|r| r["output_tokens"].as_i64().unwrap()).sum();
+    assert!(
+        counted >= (60 - ran as i64) * per_line,
+        "every line the fallback answered is counted ({counted} tokens, {} lines of at least {per_line}): {fb:?}",
+        60 - ran
+    );
+    let surcharge: f64 = fb.iter().map(|r| (r["input_tokens"].as_f64().unwrap() * 2.0 + r["output_tokens"].as_f64().unwrap() * 8.0) / 1e6 * 0.5).sum();
+    let (st, usage) = api.get("/usage?start_time=0").await;
+    assert_eq!(st, 200, "{usage}");
+    let t = &usage["total"];
+    let at_batch_price = (t["input_tokens"].as_f64().unwrap() * 2.0 + t["output_tokens"].as_f64().unwrap() * 8.0) / 1e6 * 0.5;
+    assert!((t["cost"].as_f64().unwrap() - (at_batch_price + surcharge)).abs() < 1e-5, "/v1/usage adds the fallback's surcharge ({surcharge}): {usage}");
+    assert!((t["cost"].as_f64().unwrap() - b["cost"].as_f64().unwrap()).abs() < 1e-5, "as the batch's cost does: {usage} {b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

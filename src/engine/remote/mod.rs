@@ -247,16 +247,20 @@ impl Driver<'_> {
                 return Ok(());
             }
             let rows = store.remote_batches(batch_id, Some(self.unit.idx)).await.ctx("reading the unit's remote batches")?;
+            self.close_interrupted(&rows).await?;
             let done: HashSet<u64> = store.done_among(batch_id, &all).await.ctx("reading the unit's finished lines")?.into_iter().collect();
-            let open: Vec<RemoteBatch> = rows.iter().filter(|r| r.state() != RemoteState::Collected).cloned().collect();
+            let open: Vec<RemoteBatch> = rows
+                .iter()
+                .filter(|r| r.state() != RemoteState::Collected && r.remote_status.as_deref() != Some(RemoteBatch::ONLINE_FALLBACK))
+                .cloned()
+                .collect();
             let covered: HashSet<u64> = open.iter().flat_map(RemoteBatch::line_numbers).collect();
             let mut fresh: Vec<u64> = all.iter().copied().filter(|l| !done.contains(l) && !covered.contains(l)).collect();
             fresh.sort_unstable();
             let mut planned = Vec::new();
             if !fresh.is_empty() && self.mode() == Mode::Run {
                 let in_time = round < MAX_ROUNDS && self.window_allows();
-                let expired = rows.iter().any(|r| r.remote_status.as_deref() == Some("expired"));
-                if (expired || !in_time) && self.has_fallback(&fresh) {
+                if (fallback::cut_short(&rows) || !in_time) && self.has_fallback(&fresh) {
                     fresh = self.fall_back(&fresh, rows.len()).await?;
                 }
                 if !fresh.is_empty() && in_time {
@@ -500,8 +504,9 @@ impl Driver<'_> {
         self.pool(name).map_or_else(|| "24h".into(), |p| p.cfg.remote.completion_window.clone())
     }
 
-    /// Polls until the remote batch ends (cancelling it at the remote on a user's cancel);
-    /// `None` when this node leaves it to another run.
+    /// Polls until the remote batch ends (cancelling it at the remote on a user's cancel, or
+    /// when it is [at risk](Self::at_risk) and a fallback can take its rest); `None` when
+    /// this node leaves it to another run.
     async fn follow(&self, up: &RemoteUpstream, row: &RemoteBatch, mut st: RemoteStatus, seen: &mut SeenDone<'_>) -> Option<RemoteStatus> {
         let first = self.poll_interval(&row.upstream);
         let mut wait = first;
@@ -511,17 +516,21 @@ impl Driver<'_> {
             if st.is_final() {
                 return Some(st);
             }
-            match self.mode() {
+            let cut = match self.mode() {
                 Mode::Leave => return None,
-                Mode::Cancel if !cancel_sent => {
-                    cancel_sent = true;
-                    match up.api.cancel(&st.id).await {
-                        Ok(s) => st = s,
-                        Err(e) => tracing::warn!(remote = %st.id, error = %crate::Chain(&e), "cancelling a remote batch failed; polling on"),
-                    }
-                    continue;
+                Mode::Cancel => !cancel_sent,
+                Mode::Run => !cancel_sent && self.at_risk(row, &st),
+            };
+            if cut {
+                cancel_sent = true;
+                if self.mode() == Mode::Run {
+                    tracing::info!(key = %row.key, remote = %st.id, done = st.completed + st.failed, lines = row.line_count, "the remote cannot finish in the batch's window at its pace: cancelling it there, keeping what it finished; the rest goes to the fallback");
                 }
-                _ => {}
+                match up.api.cancel(&st.id).await {
+                    Ok(s) => st = s,
+                    Err(e) => tracing::warn!(remote = %st.id, error = %crate::Chain(&e), "cancelling a remote batch failed; polling on"),
+                }
+                continue;
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -535,11 +544,11 @@ impl Driver<'_> {
             match up.api.get(&st.id).await {
                 Ok(s) => {
                     st = s;
-                    wait = (wait * 3 / 2).min(POLL_CAP);
+                    wait = (wait * 3 / 2).min(self.poll_cap(row, first));
                 }
                 Err(e) => {
                     tracing::warn!(remote = %st.id, error = %crate::Chain(&e), "polling a remote batch failed; backing off");
-                    wait = (wait * 2).min(POLL_CAP);
+                    wait = (wait * 2).min(self.poll_cap(row, first));
                 }
             }
         }

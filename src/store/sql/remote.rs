@@ -5,6 +5,11 @@ use async_trait::async_trait;
 use super::{Dialect, SqlStore};
 use crate::store::*;
 
+/// A remote batch's columns, as [`RemoteBatch`] reads them.
+const COLUMNS: &str =
+    "key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at,
+     input_tokens, output_tokens";
+
 #[async_trait]
 impl<D: Dialect> Remote for SqlStore<D> {
     async fn plan_remote(&self, r: &RemoteBatch) -> Result<bool> {
@@ -67,12 +72,31 @@ impl<D: Dialect> Remote for SqlStore<D> {
         self.update_one(stmt).await
     }
 
+    async fn add_remote_usage(&self, key: &str, input_tokens: i64, output_tokens: i64) -> Result<()> {
+        let stmt = D::sql("UPDATE remote_batches SET input_tokens = input_tokens + $1, output_tokens = output_tokens + $2 WHERE key = $3")
+            .bind(input_tokens)
+            .bind(output_tokens)
+            .bind(key);
+        self.update_one(stmt).await
+    }
+
+    async fn fallback_usage(&self, tenant: &str, start: i64, end: i64) -> Result<Vec<RemoteBatch>> {
+        let stmt = D::sql(format!(
+            "SELECT {COLUMNS} FROM remote_batches
+             WHERE batch_id IN (SELECT id FROM batches WHERE tenant = $1) AND remote_status = $2 AND created_at >= $3 AND created_at < $4
+             ORDER BY created_at, key"
+        ))
+        .bind(tenant)
+        .bind(RemoteBatch::ONLINE_FALLBACK)
+        .bind(start)
+        .bind(end);
+        stmt.fetch_all(&mut *self.conn().await?).await
+    }
+
     async fn remote_batches(&self, batch_id: &BatchId, unit_idx: Option<i64>) -> Result<Vec<RemoteBatch>> {
-        let stmt = D::sql(
-            "SELECT key, batch_id, unit_idx, upstream, model, lines, line_count, est_tokens, state, input_file_id, remote_id, remote_status, created_at, updated_at,
-                 input_tokens, output_tokens
-             FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key",
-        )
+        let stmt = D::sql(format!(
+            "SELECT {COLUMNS} FROM remote_batches WHERE batch_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR unit_idx = $2) ORDER BY created_at, key"
+        ))
         .bind(batch_id)
         .bind(unit_idx);
         stmt.fetch_all(&mut *self.conn().await?).await

@@ -92,7 +92,7 @@ pub struct Permit {
     inner: Option<OwnedSemaphorePermit>,
     ticket: Option<Ticket>,
     limiter: Arc<Limiter>,
-    /// The limiter's lapses when the slot was taken.
+    /// The limiter's lapses when the wait for the slot began.
     lapses: usize,
 }
 
@@ -235,14 +235,18 @@ impl Limiter {
     /// Waits for a concurrency slot, then for the rate buckets, then for the controller's
     /// gate (a slot is taken first so that a send never lags its rate token).
     pub async fn acquire(self: &Arc<Self>, est_tokens: u64) -> Permit {
+        // Stamped before waiting for the slot, not once it is taken: the semaphore hands a
+        // returned slot to a waiter at once, but the waiter reads the stamp only when next
+        // polled. A slot handed over under a lapsed claim, its waiter polled after the
+        // renewal (a node resuming from SIGSTOP wakes everything at once), would otherwise
+        // read the renewed count and be used on top of the claim the others were granted.
+        let lapses = self.lapses.load(Ordering::Acquire);
         let inner = {
             let _waiting = Waiter::new(self);
             let slot = self.slot().await;
             self.held.fetch_add(1, Ordering::AcqRel);
             slot
         };
-        // Stamped when the slot is taken: a slot taken before a lapse is known is stale.
-        let lapses = self.lapses.load(Ordering::Acquire);
         let mut permit = Permit { inner: Some(inner), ticket: None, limiter: self.clone(), lapses };
         self.take_bucket(|st| st.rpm.as_mut(), 1.0).await;
         self.take_bucket(|st| st.tpm.as_mut(), est_tokens as f64).await;
@@ -273,9 +277,24 @@ impl Limiter {
         }
     }
 
-    /// A concurrency slot. While slow start grows the window by time, a waiter looks again
-    /// every [`RAMP_TICK`] and lets the window grow ([`Controller::tick`]).
+    /// A concurrency slot, within the window: a permit that comes out of the semaphore while
+    /// the window owes permits (a debt) is destroyed instead. Most of the debt is paid as
+    /// slots come back ([`Permit`]'s drop), but a slot handed to a waiter that is dropped
+    /// before it runs (a feeder stopped because its unit was lost, a line cancelled) goes
+    /// straight back into the semaphore: used, it would put a node above its lowered claim.
     async fn slot(&self) -> OwnedSemaphorePermit {
+        loop {
+            let p = self.permit().await;
+            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_err() {
+                return p;
+            }
+            p.forget();
+        }
+    }
+
+    /// A permit of the semaphore. While slow start grows the window by time, a waiter looks
+    /// again every [`RAMP_TICK`] and lets the window grow ([`Controller::tick`]).
+    async fn permit(&self) -> OwnedSemaphorePermit {
         loop {
             if !self.lock().ctl.ramping() {
                 return self.sem.clone().acquire_owned().await.expect("the semaphore is never closed");
@@ -570,6 +589,46 @@ mod tests {
         assert!(!waited.current() && !stale.current(), "slots taken before the renewal are stale: they must be taken again");
         drop((waited, stale));
         assert!(l.acquire(0).await.current(), "a slot taken within the renewed claim is used");
+    }
+
+    #[tokio::test]
+    async fn a_slot_handed_over_before_a_renewal_is_stale_however_late_its_waiter_runs() {
+        let l = Arc::new(Limiter::new(&cfg(1, 0)));
+        l.claim_until(Some(std::time::Instant::now() + Duration::from_millis(20)));
+        let held = l.acquire(0).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire(0).await.current() }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(l.waiting(), 1, "the waiter waits for the only slot");
+        // The slot comes back while the claim has lapsed and goes to the waiter; the claim is
+        // renewed before the waiter runs again (no await in between on this one thread).
+        drop(held);
+        l.claim_until(Some(std::time::Instant::now() + Duration::from_secs(30)));
+        assert!(!waiter.await.unwrap(), "a slot handed over under the lapsed claim is stale, though its waiter ran after the renewal");
+        assert!(l.acquire(0).await.current(), "a slot waited for within the renewed claim is used");
+    }
+
+    #[tokio::test]
+    async fn a_slot_given_back_by_a_dropped_waiter_pays_the_debt_of_a_lowered_claim() {
+        let l = Arc::new(Limiter::new(&cfg(2, 0)));
+        let (first, second) = (l.acquire(0).await, l.acquire(0).await);
+        let mut dropped = Box::pin(l.acquire(0));
+        assert!(futures::poll!(dropped.as_mut()).is_pending(), "no third slot of 2");
+        // The first slot comes back and is handed to the waiter; the claim is lowered to 1
+        // (a debt: the waiter's slot is not in the semaphore); the waiter is dropped before
+        // it runs, so the slot goes back into the semaphore without paying the debt.
+        drop(first);
+        assert_eq!(l.set_claim(1), 1);
+        drop(dropped);
+        let third = tokio::time::timeout(Duration::from_millis(30), l.acquire(0)).await;
+        assert!(third.is_err(), "a second slot in use on a claim of 1");
+        drop(second);
+        let alone = l.acquire(0).await;
+        assert_eq!((l.held(), l.free()), (1, 0), "one slot, the claim's");
+        drop(alone);
     }
 
     #[tokio::test]

@@ -538,7 +538,6 @@ async fn max_epoch(db: &sqlx::PgPool, batch: &str) -> i64 {
 /// cluster's `max_concurrency`, from its first call on. Before, it went on with its old share
 /// for up to a renewal period: about 30 calls made twice here, and 18 in flight against 12.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue #21, open: after the round's merges the mock saw 15-16 in flight against 12 in 3 of 4 runs (12 in 5 of 5 on the branch before them); run with --ignored"]
 async fn a_node_resumed_after_sigstop_drops_the_calls_of_units_it_lost_and_keeps_the_limit() {
     const LIMIT: usize = 12;
     const N: usize = 900;

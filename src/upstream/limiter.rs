@@ -114,7 +114,7 @@ impl Drop for Permit {
         }
         if let Some(p) = self.inner.take() {
             self.limiter.held.fetch_sub(1, Ordering::Relaxed);
-            let paid = self.limiter.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok();
+            let paid = self.limiter.pay_debt();
             if paid {
                 p.forget();
             }
@@ -219,13 +219,22 @@ impl Limiter {
     /// Slots this node could use: the most of slots taken plus requests waiting for one since
     /// the last call (which starts a new period), at most the cluster's limit.
     pub fn take_demand(&self) -> usize {
-        let now = self.held.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire);
+        let now = self.demand_now();
         self.peak_demand.swap(now, Ordering::AcqRel).max(now).min(self.base.max_concurrency)
     }
 
+    /// Slots taken plus requests waiting for one, at this moment.
+    fn demand_now(&self) -> usize {
+        self.held.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Pays one permit of the debt a lowered window owes, if it owes any (`false`: none owed).
+    fn pay_debt(&self) -> bool {
+        self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok()
+    }
+
     fn note_demand(&self) {
-        let now = self.held.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire);
-        self.peak_demand.fetch_max(now, Ordering::AcqRel);
+        self.peak_demand.fetch_max(self.demand_now(), Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -285,7 +294,7 @@ impl Limiter {
     async fn slot(&self) -> OwnedSemaphorePermit {
         loop {
             let p = self.permit().await;
-            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_err() {
+            if !self.pay_debt() {
                 return p;
             }
             p.forget();
@@ -409,7 +418,7 @@ impl Limiter {
             self.debt.fetch_add(cut - forgotten, Ordering::AcqRel);
         } else if target > st.capacity {
             let mut grow = target - st.capacity;
-            while grow > 0 && self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
+            while grow > 0 && self.pay_debt() {
                 grow -= 1;
             }
             self.sem.add_permits(grow);
